@@ -1,0 +1,45 @@
+# compressor: set-up, tests, quality checks, demo and benchmarks.
+# Every target that runs code installs what it needs first (a .venv beside this file).
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# torch goes in first and pinned: on these machines 2.13.0 is a CPU wheel on disk, and a
+# looser requirement installed first would pull a CUDA build of several GB.
+TORCH  ?= torch==2.13.0
+STAMP  := $(VENV)/.install-stamp
+SUITE  ?= all
+SIZE   ?= quick
+
+.PHONY: install test quality style demo bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+test: install
+	$(BIN)/python -m pytest
+
+quality: install
+	$(BIN)/ruff check src tests examples
+	$(BIN)/ruff format --check src tests examples
+	$(BIN)/mypy src/compressor/core src/compressor/recipe
+
+style: install
+	$(BIN)/ruff format src tests examples
+	$(BIN)/ruff check --fix src tests examples
+
+demo: install
+	$(BIN)/python examples/lifecycle_demo.py
+
+bench: install
+	@echo "make bench: the benchmark harness is not built yet (issue 8)"; exit 1
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

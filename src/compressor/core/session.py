@@ -1,0 +1,288 @@
+"""The session: holds the state and the modifiers and dispatches every event to them."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from loguru import logger
+
+from compressor.core.events import Event, EventType
+from compressor.core.lifecycle import Lifecycle
+from compressor.core.state import State
+
+if TYPE_CHECKING:
+    from compressor.modifiers.base import Modifier
+    from compressor.recipe.recipe import Recipe
+
+__all__ = ["CompressionSession", "active_session", "create_session"]
+
+
+def resolve_recipe(recipe: Any) -> Recipe:
+    """Accept a Recipe, a list of modifiers, a dict, or a ``pathlib.Path`` to a YAML file."""
+    from compressor.modifiers.base import Modifier
+    from compressor.recipe.recipe import Recipe
+
+    if isinstance(recipe, Recipe):
+        return recipe
+    if isinstance(recipe, Path):
+        return Recipe.from_file(recipe)
+    if isinstance(recipe, dict):
+        return Recipe.from_dict(recipe)
+    if isinstance(recipe, Modifier):
+        return Recipe.from_modifiers([recipe])
+    if isinstance(recipe, Sequence) and not isinstance(recipe, str | bytes):
+        return Recipe.from_modifiers(list(recipe))
+    if isinstance(recipe, str):
+        raise TypeError(
+            "recipe is a str: pass pathlib.Path(...) for a YAML file or Recipe.from_yaml(text) "
+            "for YAML text (a string is never guessed to be one or the other)"
+        )
+    raise TypeError(
+        "recipe must be a Recipe, a list of Modifier objects, a dict or a pathlib.Path; "
+        f"got {type(recipe).__name__}"
+    )
+
+
+class CompressionSession:
+    """Runs a recipe's modifiers over a training or calibration run.
+
+    Call ``initialize`` once, then one method per event, then ``finalize``. The session owns
+    the counters: every event it sends carries ``global_step`` (optimizer steps) and
+    ``global_batch`` (batches). When an optimizer is given, OPTIM_PRE_STEP and
+    OPTIM_POST_STEP fire around ``optimizer.step()`` through torch's step hooks.
+    """
+
+    def __init__(self) -> None:
+        self.state: State | None = None
+        self.recipe: Recipe | None = None
+        self._lifecycle: Lifecycle | None = None
+        self._optim_handles: list[Any] = []
+        self._finalized = False
+
+    # ---------------------------------------------------------------- properties
+    @property
+    def modifiers(self) -> list[Modifier]:
+        return list(self.recipe.modifiers) if self.recipe is not None else []
+
+    @property
+    def initialized(self) -> bool:
+        return self._lifecycle is not None
+
+    @property
+    def finalized(self) -> bool:
+        return self._finalized
+
+    @property
+    def event(self) -> Event:
+        """The current counters (still readable after finalize)."""
+        if self._lifecycle is None:
+            raise RuntimeError("session is not initialized: call initialize(model, recipe) first")
+        return self._lifecycle.event
+
+    # ---------------------------------------------------------------- setup
+    def initialize(
+        self,
+        model: torch.nn.Module,
+        recipe: Any,
+        *,
+        optimizer: torch.optim.Optimizer | None = None,
+        teacher_model: torch.nn.Module | None = None,
+        steps_per_epoch: int | None = None,
+        batches_per_step: int | None = None,
+        start: float | None = None,
+        train_data: Any = None,
+        val_data: Any = None,
+        test_data: Any = None,
+        calib_data: Any = None,
+        device: str | torch.device | None = None,
+        loggers: Any = None,
+        model_log_cadence: float | None = None,
+    ) -> State:
+        """Attach a recipe to a model and initialize every modifier.
+
+        :param model: the model to compress
+        :param recipe: a Recipe, a list of Modifier objects, a dict or a ``pathlib.Path``
+        :param optimizer: the training optimizer; its steps then advance the schedule
+        :param teacher_model: the teacher for distillation modifiers
+        :param steps_per_epoch: optimizer steps per epoch; offsets are then in epochs
+        :param batches_per_step: batches per optimizer step (gradient accumulation)
+        :param start: the step (or epoch) the run starts at, for resumed runs
+        :return: the state the modifiers share
+        """
+        if self._lifecycle is not None:
+            raise RuntimeError("session is already initialized; call finalize() or use a new one")
+        if model is None:
+            raise ValueError("model is required")
+        self.recipe = resolve_recipe(recipe)
+        self.state = State().update(
+            model=model,
+            teacher_model=teacher_model,
+            optimizer=optimizer,
+            train_data=train_data,
+            val_data=val_data,
+            test_data=test_data,
+            calib_data=calib_data,
+            device=device,
+            loggers=loggers,
+            model_log_cadence=model_log_cadence,
+        )
+        self._lifecycle = Lifecycle(
+            steps_per_epoch=steps_per_epoch,
+            batches_per_step=batches_per_step,
+            start=start,
+            counts_optimizer_steps=optimizer is not None,
+        )
+        if optimizer is not None:
+            self._watch_optimizer(optimizer)
+        event = self._lifecycle.event.new_instance(type_=EventType.INITIALIZE)
+        done: list[Modifier] = []
+        try:
+            for modifier in self.recipe.modifiers:
+                modifier.initialize(self.state, event)
+                done.append(modifier)
+        except BaseException:
+            for modifier in done:
+                with contextlib.suppress(Exception):
+                    modifier.finalize(self.state)
+            self._unwatch_optimizer()
+            self._lifecycle = None
+            raise
+        logger.info(
+            "session initialized with {} modifier(s): {}",
+            len(done),
+            ", ".join(type(m).__name__ for m in done) or "none",
+        )
+        return self.state
+
+    def _watch_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        def pre(_opt: Any, _args: Any, _kwargs: Any) -> None:
+            self._dispatch(EventType.OPTIM_PRE_STEP)
+
+        def post(_opt: Any, _args: Any, _kwargs: Any) -> None:
+            self._dispatch(EventType.OPTIM_POST_STEP)
+
+        self._optim_handles = [
+            optimizer.register_step_pre_hook(pre),
+            optimizer.register_step_post_hook(post),
+        ]
+
+    def _unwatch_optimizer(self) -> None:
+        while self._optim_handles:
+            self._optim_handles.pop().remove()
+
+    # ---------------------------------------------------------------- events
+    def _require_lifecycle(self) -> Lifecycle:
+        if self._lifecycle is None:
+            raise RuntimeError("session is not initialized: call initialize(model, recipe) first")
+        if self._finalized:
+            raise RuntimeError("session is finalized: create a new session for another run")
+        return self._lifecycle
+
+    def _dispatch(self, type_: EventType, global_step: int | None = None) -> Event:
+        event = self._require_lifecycle().advance(type_, global_step=global_step)
+        assert self.state is not None and self.recipe is not None
+        for modifier in self.recipe.modifiers:
+            modifier.update_event(self.state, event)
+        return event
+
+    def batch_start(self, batch_data: Any = None, *, global_step: int | None = None) -> Event:
+        """A batch begins; ``global_step`` lets a trainer impose its own count."""
+        if batch_data is not None:
+            self._require_state().batch_data = batch_data
+        return self._dispatch(EventType.BATCH_START, global_step)
+
+    def loss_calculated(self, loss: Any) -> Any:
+        """The loss is known; returns it, possibly changed by modifiers (distillation)."""
+        self._require_state().loss = loss
+        self._dispatch(EventType.LOSS_CALCULATED)
+        return self._require_state().loss
+
+    def optim_pre_step(self) -> Event:
+        """Before the optimizer steps; only for optimizers the session does not watch."""
+        return self._dispatch(EventType.OPTIM_PRE_STEP)
+
+    def optim_post_step(self) -> Event:
+        """After the optimizer steps; only for optimizers the session does not watch."""
+        return self._dispatch(EventType.OPTIM_POST_STEP)
+
+    def batch_end(self, *, global_step: int | None = None) -> Event:
+        """A batch ended; ``global_step`` lets a trainer impose its own count."""
+        return self._dispatch(EventType.BATCH_END, global_step)
+
+    def calibration_epoch_start(self) -> Event:
+        return self._dispatch(EventType.CALIBRATION_EPOCH_START)
+
+    def sequential_epoch_end(self, modules: Any = None) -> Event:
+        """One part of the model (a decoder layer) finished calibrating.
+
+        :param modules: the module(s) just calibrated, kept on the state's batch_data slot
+            for modifiers that compress them now
+        """
+        state = self._require_state()
+        previous = state.batch_data
+        state.batch_data = modules
+        try:
+            return self._dispatch(EventType.SEQUENTIAL_EPOCH_END)
+        finally:
+            state.batch_data = previous
+
+    def calibration_epoch_end(self) -> Event:
+        return self._dispatch(EventType.CALIBRATION_EPOCH_END)
+
+    def finalize(self) -> State:
+        """Finalize every modifier (all of them, even when one fails) and detach."""
+        self._require_lifecycle()
+        state = self._require_state()
+        assert self.recipe is not None
+        errors: list[BaseException] = []
+        for modifier in self.recipe.modifiers:
+            try:
+                modifier.finalize(state)
+            except Exception as err:  # finalize the others, then raise the first
+                errors.append(err)
+        self._unwatch_optimizer()
+        self._finalized = True
+        if errors:
+            raise errors[0]
+        logger.info("session finalized")
+        return state
+
+    def _require_state(self) -> State:
+        self._require_lifecycle()
+        assert self.state is not None
+        return self.state
+
+
+_local = threading.local()
+_default_lock = threading.Lock()
+_default: dict[str, CompressionSession] = {}
+
+
+def active_session() -> CompressionSession:
+    """The session of this thread's innermost ``create_session`` block, else a shared one."""
+    stack = getattr(_local, "stack", None)
+    if stack:
+        return stack[-1]
+    with _default_lock:
+        if "session" not in _default:
+            _default["session"] = CompressionSession()
+        return _default["session"]
+
+
+@contextlib.contextmanager
+def create_session() -> Iterator[CompressionSession]:
+    """A fresh session, active for this thread inside the block."""
+    session = CompressionSession()
+    stack = getattr(_local, "stack", None)
+    if stack is None:
+        stack = _local.stack = []
+    stack.append(session)
+    try:
+        yield session
+    finally:
+        stack.pop()

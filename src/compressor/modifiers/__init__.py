@@ -1,0 +1,17 @@
+"""Every modifier, registered for recipes by the imports below (explicit, never discovered)."""
+
+from compressor.modifiers.base import (
+    Modifier,
+    UnknownModifierError,
+    get_modifier_class,
+    registered_modifiers,
+)
+from compressor.modifiers.hooks import HooksMixin
+
+__all__ = [
+    "HooksMixin",
+    "Modifier",
+    "UnknownModifierError",
+    "get_modifier_class",
+    "registered_modifiers",
+]

@@ -1,0 +1,101 @@
+"""One place through which modifiers add hooks, so that every hook is removed again."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any, Literal
+
+import torch
+from torch.utils.hooks import RemovableHandle
+
+__all__ = ["HooksMixin", "HookKind"]
+
+HookKind = Literal["forward", "forward_pre", "backward", "tensor"]
+
+
+class HooksMixin:
+    """Registers module, parameter and optimizer hooks and removes them all at once.
+
+    Hooks can be paused for a while (``disable_hooks``), for example while a calibration
+    pipeline replays a layer to produce its compressed outputs.
+    """
+
+    # class-level: a pause applies to every modifier's hooks at once
+    _HOOKS_DISABLED: bool = False
+
+    _handles: list[RemovableHandle]
+
+    def _hook_handles(self) -> list[RemovableHandle]:
+        try:
+            return self._handles
+        except AttributeError:
+            self._handles = []
+            return self._handles
+
+    def register_hook(
+        self,
+        target: torch.nn.Module | torch.Tensor,
+        hook: Callable[..., Any],
+        kind: HookKind,
+        **kwargs: Any,
+    ) -> RemovableHandle:
+        """Register ``hook`` on ``target`` and remember it for ``remove_hooks``.
+
+        :param target: a module (``forward``, ``forward_pre``, ``backward``) or a tensor
+            (``tensor``: a gradient hook)
+        :param hook: the function; it is skipped while hooks are disabled
+        :param kind: which torch hook to use
+        :param kwargs: passed to torch's register function (``with_kwargs``, ``prepend``)
+        """
+
+        def wrapped(*args: Any, **kw: Any) -> Any:
+            if HooksMixin._HOOKS_DISABLED:
+                return None
+            return hook(*args, **kw)
+
+        if kind == "tensor":
+            if not isinstance(target, torch.Tensor):
+                raise TypeError(f"a 'tensor' hook needs a tensor, got {type(target).__name__}")
+            handle = target.register_hook(wrapped)
+        elif isinstance(target, torch.nn.Module):
+            register = {
+                "forward": target.register_forward_hook,
+                "forward_pre": target.register_forward_pre_hook,
+                "backward": target.register_full_backward_hook,
+            }.get(kind)
+            if register is None:
+                raise ValueError(
+                    f"hook kind must be one of forward, forward_pre, backward, tensor; got {kind!r}"
+                )
+            handle = register(wrapped, **kwargs)
+        else:
+            raise TypeError(f"a {kind!r} hook needs a module, got {type(target).__name__}")
+        self._hook_handles().append(handle)
+        return handle
+
+    def track_handle(self, handle: RemovableHandle) -> RemovableHandle:
+        """Remember a handle registered elsewhere (an optimizer hook, a parametrization)."""
+        self._hook_handles().append(handle)
+        return handle
+
+    def remove_hooks(self) -> None:
+        """Remove every hook this object registered."""
+        handles = self._hook_handles()
+        while handles:
+            handles.pop().remove()
+
+    @property
+    def num_hooks(self) -> int:
+        return len(self._hook_handles())
+
+    @staticmethod
+    @contextlib.contextmanager
+    def disable_hooks() -> Iterator[None]:
+        """Pause every hook registered through this mixin, by any object, inside the block."""
+        previous = HooksMixin._HOOKS_DISABLED
+        HooksMixin._HOOKS_DISABLED = True
+        try:
+            yield
+        finally:
+            HooksMixin._HOOKS_DISABLED = previous

@@ -1,0 +1,254 @@
+"""Recipes: YAML <-> Recipe <-> modifiers.
+
+Grammar (the stage layout llm-compressor users write)::
+
+    <name>_stage:
+      <group>_modifiers:
+        ModifierName: {arg: value, ...}
+
+or, for short recipes, a flat list::
+
+    modifiers:
+      - ModifierName: {arg: value}
+
+Every stage is kept, in order. A group may also be a list of one-key mappings, which allows
+the same modifier twice in one group.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from compressor.modifiers.base import Modifier, UnknownModifierError, get_modifier_class
+
+__all__ = ["Recipe", "RecipeError", "RecipeGroup", "RecipeStage"]
+
+STAGE_SUFFIX = "_stage"
+GROUP_SUFFIX = "_modifiers"
+FLAT_KEY = "modifiers"
+DEFAULT_STAGE = "default"
+DEFAULT_GROUP = "default"
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be parsed; the message names where and what was expected."""
+
+
+@dataclass
+class RecipeGroup:
+    name: str
+    modifiers: list[Modifier] = field(default_factory=list)
+
+
+@dataclass
+class RecipeStage:
+    name: str
+    groups: list[RecipeGroup] = field(default_factory=list)
+
+    @property
+    def modifiers(self) -> list[Modifier]:
+        return [m for group in self.groups for m in group.modifiers]
+
+
+class Recipe:
+    """An ordered list of stages, each holding groups of modifiers.
+
+    Build one with ``from_yaml`` (text), ``from_file`` (a path), ``from_dict`` or
+    ``from_modifiers``; ``to_yaml`` writes it back so that it re-parses to equal modifiers.
+    """
+
+    def __init__(self, stages: Sequence[RecipeStage]) -> None:
+        self.stages = list(stages)
+        for index, modifier in enumerate(self.modifiers):
+            modifier.index = index
+
+    # ---------------------------------------------------------------- reading
+    @classmethod
+    def from_yaml(cls, text: str) -> Recipe:
+        """Parse YAML text (safe loader only)."""
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise RecipeError(f"recipe is not valid YAML: {err}") from err
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> Recipe:
+        """Read a YAML recipe file."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"recipe file not found: {path}")
+        try:
+            return cls.from_yaml(path.read_text(encoding="utf-8"))
+        except RecipeError as err:
+            raise RecipeError(f"{path}: {err}") from err
+
+    @classmethod
+    def from_modifiers(
+        cls,
+        modifiers: Iterable[Modifier],
+        stage: str = DEFAULT_STAGE,
+        group: str = DEFAULT_GROUP,
+    ) -> Recipe:
+        """Wrap modifier objects in a one-stage, one-group recipe."""
+        modifiers = list(modifiers)
+        for position, modifier in enumerate(modifiers):
+            if not isinstance(modifier, Modifier):
+                raise TypeError(
+                    f"modifiers[{position}] is a {type(modifier).__name__}, expected a Modifier"
+                )
+            modifier.group = group
+        return cls([RecipeStage(stage, [RecipeGroup(group, modifiers)])])
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Recipe:
+        """Parse the dict form of a recipe (what ``yaml.safe_load`` returns)."""
+        if not isinstance(data, dict) or not data:
+            raise RecipeError(
+                "a recipe must be a mapping with '<name>_stage' keys or a 'modifiers' list; "
+                f"got {_describe(data)}"
+            )
+        if FLAT_KEY in data:
+            if len(data) > 1:
+                others = sorted(k for k in data if k != FLAT_KEY)
+                raise RecipeError(
+                    f"a recipe has either a 'modifiers' list or stages, not both; also found {others}"
+                )
+            group = _parse_group(data[FLAT_KEY], path=[FLAT_KEY], group=DEFAULT_GROUP)
+            return cls([RecipeStage(DEFAULT_STAGE, [group])])
+        stages = []
+        for key, body in data.items():
+            if not isinstance(key, str) or not key.endswith(STAGE_SUFFIX):
+                raise RecipeError(
+                    f"top-level key {key!r} is not a stage: expected '<name>{STAGE_SUFFIX}' "
+                    f"keys or a single '{FLAT_KEY}' list"
+                )
+            stages.append(_parse_stage(key, body))
+        return cls(stages)
+
+    # ---------------------------------------------------------------- writing
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for stage in self.stages:
+            groups: dict[str, Any] = {}
+            for group in stage.groups:
+                entries = [{type(m).__name__: m.recipe_args()} for m in group.modifiers]
+                names = [next(iter(e)) for e in entries]
+                if len(set(names)) == len(names):
+                    groups[group.name + GROUP_SUFFIX] = {
+                        k: v for e in entries for k, v in e.items()
+                    }
+                else:
+                    groups[group.name + GROUP_SUFFIX] = entries
+            out[stage.name + STAGE_SUFFIX] = groups
+        return out
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.write_text(self.to_yaml(), encoding="utf-8")
+        return path
+
+    # ---------------------------------------------------------------- access
+    @property
+    def modifiers(self) -> list[Modifier]:
+        return [m for stage in self.stages for m in stage.modifiers]
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Recipe):
+            return NotImplemented
+        return self.to_dict() == other.to_dict()
+
+    def __repr__(self) -> str:
+        names = ", ".join(type(m).__name__ for m in self.modifiers)
+        return f"Recipe(stages={[s.name for s in self.stages]}, modifiers=[{names}])"
+
+
+def _describe(value: Any) -> str:
+    return f"{type(value).__name__} {value!r}"[:120]
+
+
+def _parse_stage(key: str, body: Any) -> RecipeStage:
+    name = key[: -len(STAGE_SUFFIX)]
+    if not isinstance(body, dict) or not body:
+        raise RecipeError(
+            f"{key}: a stage must map '<group>{GROUP_SUFFIX}' keys to modifiers; got {_describe(body)}"
+        )
+    groups = []
+    for group_key, group_body in body.items():
+        if not isinstance(group_key, str) or not group_key.endswith(GROUP_SUFFIX):
+            raise RecipeError(
+                f"{key} -> {group_key!r}: expected a '<group>{GROUP_SUFFIX}' key inside a stage"
+            )
+        group_name = group_key[: -len(GROUP_SUFFIX)]
+        groups.append(_parse_group(group_body, path=[key, group_key], group=group_name))
+    return RecipeStage(name, groups)
+
+
+def _parse_group(body: Any, path: list[str], group: str) -> RecipeGroup:
+    where = " -> ".join(path)
+    if isinstance(body, dict):
+        entries = list(body.items())
+    elif isinstance(body, list):
+        entries = []
+        for position, item in enumerate(body):
+            if not isinstance(item, dict) or len(item) != 1:
+                raise RecipeError(
+                    f"{where}[{position}]: expected a mapping of one modifier name to its "
+                    f"arguments, got {_describe(item)}"
+                )
+            entries.append(next(iter(item.items())))
+    else:
+        raise RecipeError(
+            f"{where}: expected a mapping of modifier names to arguments (or a list of such "
+            f"mappings); got {_describe(body)}"
+        )
+    if not entries:
+        raise RecipeError(f"{where}: the group holds no modifiers")
+    modifiers = [_build_modifier(name, args, f"{where} -> {name}", group) for name, args in entries]
+    return RecipeGroup(group, modifiers)
+
+
+def _build_modifier(name: Any, args: Any, where: str, group: str) -> Modifier:
+    if not isinstance(name, str):
+        raise RecipeError(f"{where}: a modifier name must be a string, got {_describe(name)}")
+    try:
+        modifier_cls = get_modifier_class(name)
+    except UnknownModifierError as err:
+        raise RecipeError(f"{where}: {err}") from None
+    if args is None:
+        args = {}
+    if not isinstance(args, dict):
+        raise RecipeError(f"{where}: arguments must be a mapping, got {_describe(args)}")
+    for reserved in ("index", "group"):
+        if reserved in args:
+            raise RecipeError(f"{where} -> {reserved}: set by the recipe's layout, not an argument")
+    try:
+        modifier = modifier_cls.model_validate(args)
+    except ValidationError as err:
+        raise RecipeError(_format_validation(err, where, modifier_cls)) from None
+    modifier.group = group
+    return modifier
+
+
+def _format_validation(err: ValidationError, where: str, modifier_cls: type[Modifier]) -> str:
+    lines = []
+    for problem in err.errors():
+        field_path = " -> ".join(str(part) for part in problem["loc"])
+        target = f"{where} -> {field_path}" if field_path else where
+        if problem["type"] == "extra_forbidden":
+            allowed = ", ".join(
+                n for n, f in modifier_cls.model_fields.items() if n not in ("index", "group")
+            )
+            lines.append(f"{target}: unknown field; {modifier_cls.__name__} accepts: {allowed}")
+        else:
+            lines.append(f"{target}: got {problem.get('input')!r}; {problem['msg']}")
+    return "invalid recipe:\n  " + "\n  ".join(lines)

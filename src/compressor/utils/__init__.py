@@ -1,0 +1,1 @@
+"""Thin helpers; reuse compressed-tensors' before adding one here."""
