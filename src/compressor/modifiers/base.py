@@ -218,6 +218,12 @@ class Modifier(BaseModel, HooksMixin):
     def on_finalize(self, state: State) -> None:
         """Leave the model in its final, compressed form; called once."""
 
+    # ---------------------------------------------------------------- calibration needs
+    def requires_calibration_data(self) -> bool:
+        """Whether post-training calibration must run data through the model (observers,
+        Hessians). Entry points use it to pick a pipeline and to fail early without data."""
+        return False
+
     # ---------------------------------------------------------------- recipe form
     def recipe_args(self) -> dict[str, Any]:
         """The arguments that rebuild this modifier from a recipe (defaults left out)."""
