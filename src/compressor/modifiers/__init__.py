@@ -7,10 +7,13 @@ from compressor.modifiers.base import (
     registered_modifiers,
 )
 from compressor.modifiers.hooks import HooksMixin
+from compressor.modifiers.quantization import QuantizationModifier, QuantizationSchemeMixin
 
 __all__ = [
     "HooksMixin",
     "Modifier",
+    "QuantizationModifier",
+    "QuantizationSchemeMixin",
     "UnknownModifierError",
     "get_modifier_class",
     "registered_modifiers",
