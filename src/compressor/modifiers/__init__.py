@@ -7,10 +7,12 @@ from compressor.modifiers.base import (
     registered_modifiers,
 )
 from compressor.modifiers.hooks import HooksMixin
+from compressor.modifiers.pruning import SparsePruningModifier
 
 __all__ = [
     "HooksMixin",
     "Modifier",
+    "SparsePruningModifier",
     "UnknownModifierError",
     "get_modifier_class",
     "registered_modifiers",
