@@ -7,11 +7,12 @@ from compressor.modifiers.base import (
     registered_modifiers,
 )
 from compressor.modifiers.hooks import HooksMixin
-from compressor.modifiers.pruning import SparsePruningModifier
+from compressor.modifiers.pruning import RowPruningModifier, SparsePruningModifier
 
 __all__ = [
     "HooksMixin",
     "Modifier",
+    "RowPruningModifier",
     "SparsePruningModifier",
     "UnknownModifierError",
     "get_modifier_class",
