@@ -7,6 +7,7 @@ from compressor.modifiers.base import (
     registered_modifiers,
 )
 from compressor.modifiers.hooks import HooksMixin
+from compressor.modifiers.pruning import RowPruningModifier, SparsePruningModifier
 from compressor.modifiers.quantization import QuantizationModifier, QuantizationSchemeMixin
 
 __all__ = [
@@ -14,6 +15,8 @@ __all__ = [
     "Modifier",
     "QuantizationModifier",
     "QuantizationSchemeMixin",
+    "RowPruningModifier",
+    "SparsePruningModifier",
     "UnknownModifierError",
     "get_modifier_class",
     "registered_modifiers",
