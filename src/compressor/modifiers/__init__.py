@@ -7,10 +7,12 @@ from compressor.modifiers.base import (
     registered_modifiers,
 )
 from compressor.modifiers.hooks import HooksMixin
+from compressor.modifiers.transform import SpinQuantModifier
 
 __all__ = [
     "HooksMixin",
     "Modifier",
+    "SpinQuantModifier",
     "UnknownModifierError",
     "get_modifier_class",
     "registered_modifiers",
