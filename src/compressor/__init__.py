@@ -2,6 +2,7 @@
 
 from compressor.core import Event, EventType, State
 from compressor.core.session import CompressionSession, active_session, create_session
+from compressor.entrypoints.oneshot import oneshot
 from compressor.modifiers import Modifier
 from compressor.recipe import Recipe, RecipeError
 
@@ -18,4 +19,5 @@ __all__ = [
     "__version__",
     "active_session",
     "create_session",
+    "oneshot",
 ]
