@@ -9,6 +9,7 @@ from compressor.modifiers.base import (
 from compressor.modifiers.hooks import HooksMixin
 from compressor.modifiers.pruning import RowPruningModifier, SparsePruningModifier
 from compressor.modifiers.quantization import QuantizationModifier, QuantizationSchemeMixin
+from compressor.modifiers.transform import SpinQuantModifier
 
 __all__ = [
     "HooksMixin",
@@ -17,6 +18,7 @@ __all__ = [
     "QuantizationSchemeMixin",
     "RowPruningModifier",
     "SparsePruningModifier",
+    "SpinQuantModifier",
     "UnknownModifierError",
     "get_modifier_class",
     "registered_modifiers",
