@@ -80,8 +80,12 @@ def _write(
 
 
 def _save_model(model: Any, directory: Path, recipe: Recipe, compressed: bool) -> None:
-    # TODO(quant): compressor.save_compressed(model, directory, recipe) when compressed
-    model.save_pretrained(directory)
+    if compressed:
+        from compressor.entrypoints.save import save_compressed
+
+        save_compressed(model, directory, recipe)
+    else:
+        model.save_pretrained(directory)
 
 
 def _swap_into_place(partial: Path, output_dir: Path, overwrite: bool) -> None:
