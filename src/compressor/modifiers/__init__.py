@@ -7,9 +7,14 @@ from compressor.modifiers.base import (
     registered_modifiers,
 )
 from compressor.modifiers.hooks import HooksMixin
-from compressor.modifiers.pruning import RowPruningModifier, SparsePruningModifier
+from compressor.modifiers.pruning import (
+    HeadPruningModifier,
+    RowPruningModifier,
+    SparsePruningModifier,
+)
 
 __all__ = [
+    "HeadPruningModifier",
     "HooksMixin",
     "Modifier",
     "RowPruningModifier",
