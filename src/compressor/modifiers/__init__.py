@@ -8,12 +8,14 @@ from compressor.modifiers.base import (
 )
 from compressor.modifiers.hooks import HooksMixin
 from compressor.modifiers.pruning import (
+    ChannelPruningModifier,
     HeadPruningModifier,
     RowPruningModifier,
     SparsePruningModifier,
 )
 
 __all__ = [
+    "ChannelPruningModifier",
     "HeadPruningModifier",
     "HooksMixin",
     "Modifier",
