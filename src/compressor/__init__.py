@@ -2,7 +2,9 @@
 
 from compressor.core import Event, EventType, State
 from compressor.core.session import CompressionSession, active_session, create_session
-from compressor.modifiers import Modifier
+from compressor.entrypoints.oneshot import oneshot
+from compressor.entrypoints.save import save_compressed
+from compressor.modifiers import Modifier, QuantizationModifier
 from compressor.recipe import Recipe, RecipeError
 
 __version__ = "0.1.0"
@@ -14,12 +16,15 @@ __all__ = [
     "Event",
     "EventType",
     "Modifier",
+    "QuantizationModifier",
     "Recipe",
     "RecipeError",
     "State",
     "__version__",
     "active_session",
     "create_session",
+    "save_compressed",
+    "oneshot",
 ]
 
 
