@@ -1,0 +1,13 @@
+"""Pruning: sparse (unstructured, N:M), rows, attention heads and convolution channels."""
+
+from compressor.modifiers.pruning.base import PruningModifierBase
+from compressor.modifiers.pruning.mappings import StructureMapping
+from compressor.modifiers.pruning.row import RowPruningModifier
+from compressor.modifiers.pruning.sparse import SparsePruningModifier
+
+__all__ = [
+    "PruningModifierBase",
+    "RowPruningModifier",
+    "SparsePruningModifier",
+    "StructureMapping",
+]
