@@ -65,11 +65,7 @@ def fake_quantize_weight(
             raise ValueError("stochastic rounding is defined for int quantization only")
         step = expand_to_weight(scale, matrix.shape, args)
         matrix = matrix + (torch.rand_like(matrix) - 0.5) * step
-    if args.strategy == QuantizationStrategy.BLOCK:
-        # compressed-tensors pads blocks itself; scales keep their block shape
-        out = fake_quantize(matrix, scale, zero_point, args)
-    else:
-        out = fake_quantize(matrix, scale, zero_point, args)
+    out = fake_quantize(matrix, scale, zero_point, args)
     return out.reshape(weight.shape).to(weight.dtype)
 
 
