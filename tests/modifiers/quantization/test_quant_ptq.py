@@ -214,3 +214,44 @@ def test_embedding_gets_one_scale_per_token_row(tiny_llama):
         codes = row / own_scale
         assert torch.allclose(codes, codes.round(), atol=1e-4)
         assert codes.min() >= -8 and codes.max() <= 7
+
+
+class _TinyConvNet(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3)
+        self.head = torch.nn.Linear(8 * 6 * 6, 4)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.conv(x)).flatten(1))
+
+
+def test_conv2d_weights_take_their_quantized_values(token_batches):
+    torch.manual_seed(0)
+    model = _TinyConvNet()
+    weight = model.conv.weight.detach().clone()
+    groups = {
+        "g": {"targets": ["Conv2d", "Linear"], "weights": {"num_bits": 4, "strategy": "channel"}}
+    }
+    modifier = QuantizationModifier(config_groups=groups, ignore=[])
+    _calibrate(model, modifier, [{"x": torch.randn(2, 3, 8, 8)}])
+    conv = model.conv.weight.detach()
+    for channel in range(8):
+        scale = weight[channel].abs().max() / 7.5
+        codes = conv[channel] / scale
+        assert torch.allclose(codes, codes.round(), atol=1e-4)
+        assert len(torch.unique(codes.round())) <= 16
+    assert model.head.quantization_status == QuantizationStatus.FROZEN
+    assert modifier.num_hooks == 0
+
+
+def test_conv2d_activations_are_rejected():
+    groups = {
+        "g": {
+            "targets": ["Conv2d"],
+            "weights": {"num_bits": 8},
+            "input_activations": {"num_bits": 8, "dynamic": True, "strategy": "token"},
+        }
+    }
+    with create_session() as session, pytest.raises(ValueError, match="conv.*weights-only"):
+        session.initialize(_TinyConvNet(), [QuantizationModifier(config_groups=groups)])

@@ -198,3 +198,31 @@ def test_low_bit_weights_need_2_bit_channel_weights():
     args = {"scheme": "W4A16", "start": 0, "low_bit_weights": "ternary"}
     with pytest.raises(RecipeError, match="num_bits 2"):
         Recipe.from_dict({"modifiers": [{"QuantizationModifier": args}]})
+
+
+def test_conv2d_weights_train_with_straight_through_gradients():
+    torch.manual_seed(0)
+    conv = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 36, 2)
+    )
+    x, y = torch.randn(8, 3, 8, 8), torch.randint(0, 2, (8,))
+    groups = {"g": {"targets": ["Conv2d"], "weights": {"num_bits": 4, "strategy": "channel"}}}
+    modifier = QuantizationModifier(config_groups=groups, ignore=[], start=0)
+    optimizer = torch.optim.Adam(conv.parameters(), lr=0.01)
+    original = conv[0].weight
+    losses = []
+    with create_session() as session:
+        session.initialize(conv, [modifier], optimizer=optimizer)
+        for _ in range(15):
+            session.batch_start()
+            loss = torch.nn.functional.cross_entropy(conv(x), y)
+            loss.backward()
+            assert original.grad.abs().sum() > 0
+            optimizer.step()
+            optimizer.zero_grad()
+            session.batch_end()
+            losses.append(loss.item())
+        session.finalize()
+    assert losses[-1] < losses[0]
+    assert conv[0].weight is original
+    assert all(len(torch.unique(conv[0].weight[c].detach())) <= 16 for c in range(4))

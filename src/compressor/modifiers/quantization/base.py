@@ -14,6 +14,7 @@ from compressor.core.events import Event, EventType
 from compressor.core.state import State
 from compressor.modifiers.base import Modifier
 from compressor.modifiers.quantization.calibration import (
+    bake_quantized_weight,
     freeze_quantization,
     set_qparams,
     static_activation_roles,
@@ -33,6 +34,7 @@ from compressor.modifiers.quantization.observers import (
 )
 from compressor.modifiers.quantization.progressive import progressive_bits
 from compressor.modifiers.quantization.scheme import (
+    QUANTIZABLE_MODULE_TYPES,
     QuantizationSchemeMixin,
     apply_quantization,
     match_quantizable_modules,
@@ -81,7 +83,8 @@ class QuantizationModifier(QuantizationSchemeMixin, Modifier):
     - ``on_end``: calibration: freeze the scales; training: stop updating activation ranges
     - ``on_finalize``: training (or never started, when no calibration is needed): remove
       the fake quantization, attach compressed-tensors quantization with scales from the
-      final weights and observed ranges, frozen
+      final weights and observed ranges, frozen; from then on
+      ``model.save_pretrained`` writes the compressed-tensors format
 
     :param targets: see QuantizationSchemeMixin
     :param ignore: see QuantizationSchemeMixin
@@ -111,6 +114,7 @@ class QuantizationModifier(QuantizationSchemeMixin, Modifier):
 
     _config: QuantizationConfig | None = PrivateAttr(default=None)
     _modules: dict[str, torch.nn.Module] = PrivateAttr(default_factory=dict)
+    _convs: dict[str, torch.nn.Module] = PrivateAttr(default_factory=dict)
     _observers: dict[tuple[str, str], RangeObserver] = PrivateAttr(default_factory=dict)
     _pathway: Literal["calibration", "training"] | None = PrivateAttr(default=None)
     _active_handles: list[Any] = PrivateAttr(default_factory=list)
@@ -147,7 +151,17 @@ class QuantizationModifier(QuantizationSchemeMixin, Modifier):
         if state.model is None:
             raise ValueError("QuantizationModifier needs a model in the state")
         self._config = self.resolve_quantization_config()
-        self._modules = match_quantizable_modules(state.model, self._config)
+        self._modules = match_quantizable_modules(
+            state.model, self._config, (*QUANTIZABLE_MODULE_TYPES, torch.nn.Conv2d)
+        )
+        self._convs = {n: m for n, m in self._modules.items() if isinstance(m, torch.nn.Conv2d)}
+        if self._convs:
+            logger.info(
+                "{}: {} convolution(s) get quantized weight values but stay dense in checkpoints "
+                "(compressed-tensors has no convolution format)",
+                type(self).__name__,
+                len(self._convs),
+            )
         logger.info("{} will quantize {} module(s)", type(self).__name__, len(self._modules))
 
     def on_start(self, state: State, event: Event) -> None:
@@ -175,8 +189,13 @@ class QuantizationModifier(QuantizationSchemeMixin, Modifier):
             )
 
     def on_finalize(self, state: State) -> None:
-        if self._pathway == "calibration":
-            return
+        from compressor.entrypoints.save import enable_compressed_save_pretrained
+
+        if self._pathway != "calibration":
+            self._finalize_weights_and_ranges(state)
+        enable_compressed_save_pretrained(state.model)
+
+    def _finalize_weights_and_ranges(self, state: State) -> None:
         if self._pathway is None and self.requires_calibration_data():
             raise RuntimeError(
                 f"{type(self).__name__} has static activation ranges to observe but no "
@@ -186,7 +205,8 @@ class QuantizationModifier(QuantizationSchemeMixin, Modifier):
         self._remove_active_handles()
         assert self._config is not None
         apply_quantization(state.model, self._config, self._modules)
-        for name, module in self._modules.items():
+        self._bake_convolutions()
+        for name, module in self._ct_modules().items():
             self._final_weight_qparams(name, module)
             for base, args in static_activation_roles(module).items():
                 observer = self._observers.get((name, base))
@@ -199,6 +219,16 @@ class QuantizationModifier(QuantizationSchemeMixin, Modifier):
         logger.info(
             "{}: {} module(s) quantized and frozen", type(self).__name__, len(self._modules)
         )
+
+    def _ct_modules(self) -> dict[str, torch.nn.Module]:
+        """The modules compressed-tensors holds (all but convolutions)."""
+        return {n: m for n, m in self._modules.items() if n not in self._convs}
+
+    def _bake_convolutions(self) -> None:
+        schemes = self._schemes_by_module()
+        levels = self.low_bit_weights if self._pathway == "training" else None
+        for name, module in self._convs.items():
+            bake_quantized_weight(module, schemes[name].weights, name, levels)
 
     def _final_weight_qparams(self, name: str, module: torch.nn.Module) -> None:
         if self.low_bit_weights is None or self._pathway != "training":
@@ -218,7 +248,7 @@ class QuantizationModifier(QuantizationSchemeMixin, Modifier):
     def _start_calibration(self, state: State) -> None:
         assert self._config is not None
         apply_quantization(state.model, self._config, self._modules)
-        for name, module in self._modules.items():
+        for name, module in self._ct_modules().items():
             update_weight_qparams(module, name)
             roles = static_activation_roles(module)
             if "output" in roles:  # its scale is unknown until the first output is seen
@@ -273,7 +303,8 @@ class QuantizationModifier(QuantizationSchemeMixin, Modifier):
         for module in self._disabled_qdq:
             module.quantization_enabled = True
         self._disabled_qdq.clear()
-        for module in self._modules.values():
+        self._bake_convolutions()
+        for module in self._ct_modules().values():
             freeze_quantization(module)
         logger.info(
             "{}: calibration done, {} module(s) frozen ({} activation range(s) observed)",
