@@ -7,11 +7,18 @@ from compressor.modifiers.base import (
     registered_modifiers,
 )
 from compressor.modifiers.hooks import HooksMixin
-from compressor.modifiers.pruning import RowPruningModifier, SparsePruningModifier
+from compressor.modifiers.pruning import (
+    ChannelPruningModifier,
+    HeadPruningModifier,
+    RowPruningModifier,
+    SparsePruningModifier,
+)
 from compressor.modifiers.quantization import QuantizationModifier, QuantizationSchemeMixin
 from compressor.modifiers.transform import SpinQuantModifier
 
 __all__ = [
+    "ChannelPruningModifier",
+    "HeadPruningModifier",
     "HooksMixin",
     "Modifier",
     "QuantizationModifier",

@@ -7,7 +7,7 @@ from compressed_tensors.quantization.lifecycle.forward import fake_quantize
 from loguru import logger
 from transformers import AutoTokenizer, LlamaForCausalLM
 
-from compressor.modifiers.quantization.gptq.gptq import (
+from compressor.modifiers.quantization.gptq import (
     accumulate_hessian,
     gptq_quantize_weight,
     inverse_hessian_cholesky,

@@ -2,10 +2,12 @@
 
 from compressor.modifiers.quantization.gptq.gptq import (
     GPTQResult,
-    accumulate_hessian,
     gptq_quantize_weight,
-    inverse_hessian_cholesky,
     round_to_nearest,
+)
+from compressor.modifiers.quantization.gptq.hessian import (
+    accumulate_hessian,
+    inverse_hessian_cholesky,
 )
 
 __all__ = [
