@@ -8,10 +8,15 @@ from compressor.modifiers.base import (
 )
 from compressor.modifiers.hooks import HooksMixin
 from compressor.modifiers.pruning import RowPruningModifier, SparsePruningModifier
-from compressor.modifiers.quantization import QuantizationModifier, QuantizationSchemeMixin
+from compressor.modifiers.quantization import (
+    GPTQModifier,
+    QuantizationModifier,
+    QuantizationSchemeMixin,
+)
 from compressor.modifiers.transform import SpinQuantModifier
 
 __all__ = [
+    "GPTQModifier",
     "HooksMixin",
     "Modifier",
     "QuantizationModifier",
