@@ -13,12 +13,17 @@ from compressor.modifiers.pruning import (
     RowPruningModifier,
     SparsePruningModifier,
 )
-from compressor.modifiers.quantization import QuantizationModifier, QuantizationSchemeMixin
+from compressor.modifiers.quantization import (
+    GPTQModifier,
+    QuantizationModifier,
+    QuantizationSchemeMixin,
+)
 from compressor.modifiers.transform import SpinQuantModifier
 
 __all__ = [
     "ChannelPruningModifier",
     "HeadPruningModifier",
+    "GPTQModifier",
     "HooksMixin",
     "Modifier",
     "QuantizationModifier",
