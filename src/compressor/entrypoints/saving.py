@@ -85,7 +85,8 @@ def _save_model(model: Any, directory: Path, recipe: Recipe, compressed: bool) -
 
         save_compressed(model, directory, recipe)
     else:
-        model.save_pretrained(directory)
+        # the class's own method: a quantizing run makes the instance's save compressed
+        type(model).save_pretrained(model, directory)
 
 
 def _swap_into_place(partial: Path, output_dir: Path, overwrite: bool) -> None:
