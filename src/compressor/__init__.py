@@ -10,7 +10,9 @@ from compressor.recipe import Recipe, RecipeError
 __version__ = "0.1.0"
 
 __all__ = [
+    "CompressionCallback",
     "CompressionSession",
+    "CompressionTrainer",
     "Event",
     "EventType",
     "Modifier",
@@ -24,3 +26,17 @@ __all__ = [
     "save_compressed",
     "oneshot",
 ]
+
+
+_LAZY = {  # imported on first use: they pull in transformers' Trainer
+    "CompressionCallback": "compressor.entrypoints.trainer",
+    "CompressionTrainer": "compressor.entrypoints.trainer",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'compressor' has no attribute {name!r}")

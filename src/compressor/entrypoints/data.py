@@ -100,7 +100,8 @@ def sample_from_model(
     ``max_seq_length`` tokens (end-of-sequence is suppressed). The caller's random state is
     left untouched; ``args.seed`` makes the samples reproducible.
     """
-    if not callable(getattr(model, "generate", None)):
+    generate: Any = getattr(model, "generate", None)
+    if not callable(generate):
         raise TypeError(
             f"dataset='self' needs a model that can generate text; {type(model).__name__} cannot"
         )
@@ -118,7 +119,7 @@ def sample_from_model(
             for done in tqdm(range(0, total, group), desc="sampling calibration text"):
                 count = min(group, total - done)
                 start = torch.full((count, 1), start_id, dtype=torch.long, device=device)
-                out = model.generate(
+                out = generate(
                     input_ids=start,
                     attention_mask=torch.ones_like(start),
                     do_sample=True,
@@ -139,8 +140,8 @@ def _sequences_from_file(path: Path, args: CalibrationArguments, tokenizer: Any)
     if not path.is_file():
         raise FileNotFoundError(f"dataset file not found: {path}")
     text = path.read_text(encoding="utf-8")
-    ids = _require_tokenizer(tokenizer, f"the text file {path}")(text, return_tensors="pt")
-    ids = ids["input_ids"][0]
+    tokenize = _require_tokenizer(tokenizer, f"the text file {path}")
+    ids = tokenize(text, return_tensors="pt")["input_ids"][0]
     length = args.max_seq_length
     # consecutive windows of the file; a short file gives one shorter sequence
     windows = [ids[i : i + length] for i in range(0, max(ids.numel() - length, 0) + 1, length)]

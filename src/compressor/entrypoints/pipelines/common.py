@@ -14,7 +14,7 @@ __all__ = ["calibration_mode", "model_device", "to_device"]
 @contextlib.contextmanager
 def calibration_mode(model: torch.nn.Module) -> Iterator[None]:
     """Evaluation mode, no gradients and no key/value cache; restored on exit."""
-    config = getattr(model, "config", None)
+    config: Any = getattr(model, "config", None)
     use_cache = getattr(config, "use_cache", None)
     was_training = model.training
     model.eval()
