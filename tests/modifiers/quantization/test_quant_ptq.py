@@ -123,11 +123,12 @@ def test_moving_average_observer_weights_the_running_range(tiny_llama, token_bat
     modifier = QuantizationModifier(scheme="FP8", observer="moving_average", momentum=0.5)
     _calibrate(tiny_llama, modifier, token_batches[:2])
     handle.remove()
-    # symmetric FP8: scale = max(|min|, |max|) of the averaged range / 448; check it lies
-    # strictly between the two batches' extremes when they differ
+    # symmetric FP8: scale = max(|min|, |max|) of the averaged range / 448, which is at most
+    # the mean of the two batches' peaks (min-max would give the larger peak)
     low, high = sorted(r.item() for r in ranges)
+    assert low < high
     value = module.input_scale.item() * 448.0
-    assert low <= value <= high
+    assert value <= (low + high) / 2 * (1 + 1e-5)
 
 
 def test_static_ranges_without_calibration_is_an_error(tiny_llama):

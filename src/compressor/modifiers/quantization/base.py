@@ -91,7 +91,7 @@ class QuantizationModifier(QuantizationSchemeMixin, Modifier):
     :param scheme: see QuantizationSchemeMixin
     :param config_groups: see QuantizationSchemeMixin
     :param observer: how static activation ranges accumulate: ``minmax`` (extremes) or
-        ``moving_average``
+        ``moving_average`` (an explicit config group's own ``observer`` wins over it)
     :param momentum: weight of the running range in the moving average
     :param rounding: ``nearest``, or ``stochastic`` (training only) for weights
     :param start_bits: progressive bit reduction: weight bits when training starts
@@ -265,7 +265,7 @@ class QuantizationModifier(QuantizationSchemeMixin, Modifier):
         args: Any,
         write_qparams: bool,
     ) -> RangeObserver:
-        observer = make_observer(args, self.observer, self.momentum)
+        observer = self._make_observer(args)
         self._observers[(name, base)] = observer
 
         def update(value: torch.Tensor) -> None:
@@ -289,6 +289,10 @@ class QuantizationModifier(QuantizationSchemeMixin, Modifier):
 
             self._active_handles.append(self.register_hook(module, observe_output, "forward"))
         return observer
+
+    def _make_observer(self, args: Any) -> RangeObserver:
+        # a preset's own observer name is its default; the modifier's observer field wins
+        return make_observer(args, self.observer, self.momentum, prefer_args=self.scheme is None)
 
     def _end_calibration(self) -> None:
         self._remove_active_handles()
@@ -359,7 +363,7 @@ class QuantizationModifier(QuantizationSchemeMixin, Modifier):
     def _fake_quantize_activations(
         self, name: str, module: torch.nn.Module, base: str, args: Any
     ) -> None:
-        observer = None if args.dynamic else make_observer(args, self.observer, self.momentum)
+        observer = None if args.dynamic else self._make_observer(args)
         if observer is not None:
             self._observers[(name, base)] = observer
         quantize = ActivationFakeQuantizer(args, observer, f"{name} ({base} activations)")

@@ -132,12 +132,20 @@ class RangeObserver:
         return self.lo, self.hi
 
 
-def make_observer(args: QuantizationArgs, kind: ObserverKind, momentum: float) -> RangeObserver:
-    """An observer for ``args``; ``args.observer`` / ``observer_kwargs`` win when set."""
-    chosen = _OBSERVER_ALIASES.get(args.observer or kind, args.observer or kind)
+def make_observer(
+    args: QuantizationArgs, kind: ObserverKind, momentum: float, prefer_args: bool = True
+) -> RangeObserver:
+    """An observer for ``args``.
+
+    :param kind: the observer when ``args`` names none
+    :param prefer_args: whether ``args.observer`` / ``observer_kwargs`` win over ``kind``
+        and ``momentum`` (they do for explicit config groups, not for a preset's defaults)
+    """
+    named = args.observer if prefer_args else None
+    chosen = _OBSERVER_ALIASES.get(named or kind, named or kind)
     if chosen not in ("minmax", "moving_average"):
         raise ValueError(f"observer={chosen!r} is not supported; use 'minmax' or 'moving_average'")
     return RangeObserver(
         kind=chosen,  # type: ignore[arg-type]
-        momentum=float(args.observer_kwargs.get("momentum", momentum)),
+        momentum=float(args.observer_kwargs.get("momentum", momentum) if prefer_args else momentum),
     )
