@@ -33,12 +33,13 @@ from typing import Any, Literal
 
 import torch
 from loguru import logger
+from torch.nn.utils import parametrize
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from compressor.core.events import EventType
 from compressor.core.session import CompressionSession, resolve_recipe
 from compressor.utils import distributed
-from compressor.utils.optim import add_param_group
+from compressor.utils.optim import add_param_group, extend_lr_scheduler
 
 __all__ = [
     "COMPRESSOR_STATE_NAME",
@@ -69,8 +70,9 @@ class CompressionCallback(TrainerCallback):
     :param recipe: a Recipe, a list of modifiers, a dict or a ``pathlib.Path`` to YAML
     :param teacher_model: the teacher for distillation modifiers
     :param offsets: ``steps`` (optimizer steps) or ``epochs``
-    :param resume_from: the checkpoint folder to restore the modifiers from, only needed when
-        resuming from a checkpoint outside ``args.output_dir``
+    :param resume_from: the checkpoint folder to restore the modifiers from, only needed with
+        a plain ``Trainer`` resuming from a checkpoint outside ``args.output_dir``
+        (``CompressionTrainer.train(resume_from_checkpoint=...)`` tells the callback itself)
     """
 
     def __init__(
@@ -87,6 +89,7 @@ class CompressionCallback(TrainerCallback):
         self.offsets = offsets
         self.resume_from = Path(resume_from) if resume_from is not None else None
         self.session: CompressionSession | None = None
+        self._checkpoint_hint: Path | None = None  # set by CompressionTrainer.train
         self._known_params: set[int] = set()
         self._grad_hooks: list[Any] = []
         self._model: torch.nn.Module | None = None
@@ -157,7 +160,11 @@ class CompressionCallback(TrainerCallback):
         )
 
     def _restore(self, args: TrainingArguments, global_step: int) -> None:
-        folder = self.resume_from or Path(args.output_dir) / f"checkpoint-{global_step}"
+        folder = (
+            self.resume_from
+            or self._checkpoint_hint
+            or Path(args.output_dir) / f"checkpoint-{global_step}"
+        )
         path = folder / COMPRESSOR_STATE_NAME
         if not path.is_file():
             raise FileNotFoundError(
@@ -166,7 +173,7 @@ class CompressionCallback(TrainerCallback):
                 "(then pass CompressionCallback(..., resume_from=checkpoint_folder))"
             )
         assert self.session is not None
-        self.session.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))
+        self.session.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         logger.info("compression state restored from {} at step {}", path, global_step)
 
     def _sync_parameters(self) -> None:
@@ -180,13 +187,17 @@ class CompressionCallback(TrainerCallback):
         new = [p for p in self._model.parameters() if id(p) not in self._known_params]
         self._known_params.update(id(p) for p in new)
         trainable = [p for p in new if p.requires_grad]
-        if not trainable or add_param_group(self._optimizer, trainable, self._lr_scheduler) is None:
+        # a modifier may have added its parameters to the optimizer itself; either way the
+        # learning-rate schedule must cover every group
+        add_param_group(self._optimizer, trainable, self._lr_scheduler)
+        extend_lr_scheduler(self._optimizer, self._lr_scheduler)
+        if not trainable:
             return
         if distributed.is_distributed():
             distributed.broadcast_(trainable)
             for param in trainable:
                 self._grad_hooks.append(param.register_hook(_average_over_ranks))
-        logger.info("{} parameter(s) added by modifiers join the optimizer", len(trainable))
+        logger.info("{} parameter(s) added by modifiers are trained", len(trainable))
 
     # ---------------------------------------------------------------- steps
     def _require_session(self) -> CompressionSession:
@@ -272,12 +283,20 @@ def _steps_per_epoch(train_dataloader: Any, accumulation: int) -> int:
 
 
 class CompressionTrainerMixin:
-    """Adds LOSS_CALCULATED to a Trainer's ``compute_loss``, for modifiers that change the loss
-    (distillation). Mix it in before your Trainer class:
-    ``class MyTrainer(CompressionTrainerMixin, Trainer)``; a ``CompressionCallback`` must be
-    among the Trainer's callbacks. During training the batch reaches modifiers as
-    ``state.batch_data`` before the forward pass, and the loss they return is the one the
-    Trainer back-propagates. Evaluation losses are left alone.
+    """What a Trainer needs beyond the callback for every modifier. Mix it in before your
+    Trainer class: ``class MyTrainer(CompressionTrainerMixin, Trainer)``; a
+    ``CompressionCallback`` must be among the Trainer's callbacks.
+
+    - Loss: ``compute_loss`` emits LOSS_CALCULATED, for modifiers that change the loss
+      (distillation). The batch reaches modifiers as ``state.batch_data`` before the forward
+      pass, and the loss they return is the one the Trainer back-propagates. Evaluation
+      losses are left alone.
+    - Checkpoints during training: weights that modifiers parametrize (fake quantization,
+      TopK scores) are saved under their own names with their latent values, so a checkpoint
+      loads into the plain model when training resumes.
+    - ``save_model`` after training: a quantized model is written in compressed-tensors
+      format (``compressor.entrypoints.save.save_compressed``), which reloads with
+      ``from_pretrained``.
     """
 
     def compute_loss(
@@ -300,6 +319,37 @@ class CompressionTrainerMixin:
             loss = callback.session.loss_calculated(loss)
         return (loss, outputs) if return_outputs else loss
 
+    def train(self, resume_from_checkpoint: Any = None, *args: Any, **kwargs: Any) -> Any:
+        """``Trainer.train``; a checkpoint folder given here is where the callback finds the
+        modifiers' state."""
+        callback = self._compression_callback()
+        callback._checkpoint_hint = (
+            Path(resume_from_checkpoint)
+            if isinstance(resume_from_checkpoint, str | os.PathLike)
+            else None
+        )
+        return super().train(resume_from_checkpoint, *args, **kwargs)  # type: ignore[misc]
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        model = self.model  # type: ignore[attr-defined]
+        args = self.args  # type: ignore[attr-defined]
+        if state_dict is None and _is_parametrized(model):
+            state_dict = latent_state_dict(model)
+        callback = self._compression_callback()
+        if state_dict is None and not callback.active and _is_quantized(model):
+            if args.should_save:
+                from compressor.entrypoints.save import save_compressed
+
+                recipe = callback.session.recipe if callback.session is not None else None
+                save_compressed(
+                    model,
+                    output_dir or args.output_dir,
+                    recipe=recipe,
+                    tokenizer=self.processing_class,  # type: ignore[attr-defined]
+                )
+            return
+        super()._save(output_dir, state_dict=state_dict)  # type: ignore[misc]
+
     def _compression_callback(self) -> CompressionCallback:
         handler = self.callback_handler  # type: ignore[attr-defined]
         found = [cb for cb in handler.callbacks if isinstance(cb, CompressionCallback)]
@@ -309,6 +359,32 @@ class CompressionTrainerMixin:
                 f"found {len(found)}"
             )
         return found[0]
+
+
+def _is_parametrized(model: torch.nn.Module) -> bool:
+    return any(parametrize.is_parametrized(m) for m in model.modules())
+
+
+def _is_quantized(model: torch.nn.Module) -> bool:
+    from compressed_tensors.quantization.utils import is_model_quantized
+
+    return bool(is_model_quantized(model))
+
+
+def latent_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` with parametrized tensors under their plain names, holding the
+    latent (un-parametrized) values; tensors owned by the parametrizations themselves (such as
+    TopK scores) are left out: modifiers save those in their own ``state_dict``."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in model.state_dict().items():
+        if ".parametrizations." not in key:
+            out[key] = value
+            continue
+        prefix, rest = key.split(".parametrizations.", 1)
+        name, _, tail = rest.partition(".")
+        if tail == "original":
+            out[f"{prefix}.{name}"] = value
+    return out
 
 
 class CompressionTrainer(CompressionTrainerMixin, Trainer):

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["add_param_group"]
+__all__ = ["add_param_group", "extend_lr_scheduler"]
 
 
 def add_param_group(
@@ -42,10 +42,29 @@ def add_param_group(
         group["initial_lr"] = base_lr
     group["params"] = fresh
     optimizer.add_param_group(group)
-    if lr_scheduler is not None and hasattr(lr_scheduler, "base_lrs"):
-        lr_scheduler.base_lrs.append(base_lr)
-        if hasattr(lr_scheduler, "lr_lambdas"):
-            lr_scheduler.lr_lambdas.append(lr_scheduler.lr_lambdas[0])
-        if hasattr(lr_scheduler, "_last_lr"):
-            lr_scheduler._last_lr.append(group["lr"])
+    extend_lr_scheduler(optimizer, lr_scheduler)
     return optimizer.param_groups[-1]
+
+
+def extend_lr_scheduler(optimizer: torch.optim.Optimizer, lr_scheduler: Any) -> int:
+    """Make a torch scheduler built before some of ``optimizer``'s groups schedule them too,
+    like its first group (torch's schedulers keep one base rate, and one factor function for
+    LambdaLR, per group and fail when the counts differ).
+
+    :return: how many groups were added to the schedule
+    """
+    base_lrs = getattr(lr_scheduler, "base_lrs", None)
+    if base_lrs is None:
+        return 0
+    groups = optimizer.param_groups
+    added = 0
+    for group in groups[len(base_lrs) :]:
+        base_lrs.append(group.setdefault("initial_lr", group["lr"]))
+        lambdas = getattr(lr_scheduler, "lr_lambdas", None)
+        if lambdas is not None and len(lambdas) < len(base_lrs):
+            lambdas.append(lambdas[0])
+        last = getattr(lr_scheduler, "_last_lr", None)
+        if last is not None and len(last) < len(base_lrs):
+            last.append(group["lr"])
+        added += 1
+    return added

@@ -396,3 +396,31 @@ class QuantizationModifier(QuantizationSchemeMixin, Modifier):
         while self._active_handles:
             self._active_handles.pop().remove()
         self._quantizers.clear()
+
+    # ---------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """Training state for a resumed run: the step the bit schedule counts from, whether
+        the activation ranges are frozen, and every observer's range."""
+        return {
+            "start_step": self._start_step,
+            "ranges_frozen": self._ranges_frozen,
+            "observers": {
+                f"{name}|{base}": {"lo": obs.lo, "hi": obs.hi, "batches": obs.batches}
+                for (name, base), obs in self._observers.items()
+            },
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore ``state_dict()`` after the resumed run has started the modifier again."""
+        self._start_step = int(state_dict.get("start_step", self._start_step))
+        self._ranges_frozen = bool(state_dict.get("ranges_frozen", self._ranges_frozen))
+        observers = {f"{name}|{base}": obs for (name, base), obs in self._observers.items()}
+        unknown = sorted(set(state_dict.get("observers", {})) - set(observers))
+        if unknown:
+            raise ValueError(
+                f"{type(self).__name__}: the checkpoint has observers {unknown} that this run "
+                "does not have (was it saved with another scheme or targets?)"
+            )
+        for key, saved in state_dict.get("observers", {}).items():
+            observer = observers[key]
+            observer.lo, observer.hi, observer.batches = saved["lo"], saved["hi"], saved["batches"]
