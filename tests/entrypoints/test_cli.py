@@ -1,3 +1,4 @@
+import recording  # noqa: F401  (registers RecordingModifier for the recipes below)
 from compressor.entrypoints.cli import main
 
 RECIPE = """

@@ -82,7 +82,8 @@ class Event:
     @current_index.setter
     def current_index(self, value: float) -> None:
         if self.epoch_based:
-            self.global_step = int(value * self._require_epochs())
+            # a step given as a fraction of an epoch (3 / 7 * 7) must not round down
+            self.global_step = int(value * self._require_epochs() + 1e-9)
         else:
             self.global_step = int(value)
         if self.batches_per_step is not None and self.batches_per_step >= 2:

@@ -61,6 +61,16 @@ class Lifecycle:
         """A copy of the current counters."""
         return self._event.new_instance()
 
+    def set_counters(self, global_step: int, global_batch: int) -> None:
+        """Set the counters, for a run restored from a checkpoint."""
+        if global_step < 0 or global_batch < 0:
+            raise ValueError(
+                f"counters must not be negative, got global_step={global_step}, "
+                f"global_batch={global_batch}"
+            )
+        self._event.global_step = global_step
+        self._event.global_batch = global_batch
+
     @property
     def last(self) -> EventType | None:
         return self._last

@@ -54,7 +54,10 @@ class CompressionSession:
     Call ``initialize`` once, then one method per event, then ``finalize``. The session owns
     the counters: every event it sends carries ``global_step`` (optimizer steps) and
     ``global_batch`` (batches). When an optimizer is given, OPTIM_PRE_STEP and
-    OPTIM_POST_STEP fire around ``optimizer.step()`` through torch's step hooks.
+    OPTIM_POST_STEP fire around ``optimizer.step()`` through torch's step hooks, unless
+    ``watch_optimizer=False``: then the caller (a Trainer callback) sends them itself.
+    ``state_dict()`` / ``load_state_dict()`` save and restore the counters and every
+    modifier's state, so a resumed run continues its schedule.
     """
 
     def __init__(self) -> None:
@@ -84,6 +87,13 @@ class CompressionSession:
             raise RuntimeError("session is not initialized: call initialize(model, recipe) first")
         return self._lifecycle.event
 
+    @property
+    def last_event(self) -> EventType | None:
+        """The type of the last event sent (None right after initialize)."""
+        if self._lifecycle is None:
+            raise RuntimeError("session is not initialized: call initialize(model, recipe) first")
+        return self._lifecycle.last
+
     # ---------------------------------------------------------------- setup
     def initialize(
         self,
@@ -91,6 +101,7 @@ class CompressionSession:
         recipe: Any,
         *,
         optimizer: torch.optim.Optimizer | None = None,
+        watch_optimizer: bool = True,
         teacher_model: torch.nn.Module | None = None,
         steps_per_epoch: int | None = None,
         batches_per_step: int | None = None,
@@ -108,6 +119,8 @@ class CompressionSession:
         :param model: the model to compress
         :param recipe: a Recipe, a list of Modifier objects, a dict or a ``pathlib.Path``
         :param optimizer: the training optimizer; its steps then advance the schedule
+        :param watch_optimizer: fire the optimizer events from torch's step hooks; False when
+            the caller sends them itself with ``optim_pre_step`` / ``optim_post_step``
         :param teacher_model: the teacher for distillation modifiers
         :param steps_per_epoch: optimizer steps per epoch; offsets are then in epochs
         :param batches_per_step: batches per optimizer step (gradient accumulation)
@@ -137,7 +150,7 @@ class CompressionSession:
             start=start,
             counts_optimizer_steps=optimizer is not None,
         )
-        if optimizer is not None:
+        if optimizer is not None and watch_optimizer:
             self._watch_optimizer(optimizer)
         event = self._lifecycle.event.new_instance(type_=EventType.INITIALIZE)
         done: list[Modifier] = []
@@ -202,13 +215,25 @@ class CompressionSession:
         self._dispatch(EventType.LOSS_CALCULATED)
         return self._require_state().loss
 
-    def optim_pre_step(self) -> Event:
+    def optim_pre_step(self, *, global_step: int | None = None) -> Event:
         """Before the optimizer steps; only for optimizers the session does not watch."""
-        return self._dispatch(EventType.OPTIM_PRE_STEP)
+        self._require_unwatched("optim_pre_step")
+        return self._dispatch(EventType.OPTIM_PRE_STEP, global_step)
 
-    def optim_post_step(self) -> Event:
-        """After the optimizer steps; only for optimizers the session does not watch."""
-        return self._dispatch(EventType.OPTIM_POST_STEP)
+    def optim_post_step(self, *, global_step: int | None = None) -> Event:
+        """After the optimizer steps; only for optimizers the session does not watch.
+
+        :param global_step: the step count after this step (the session adds one otherwise)
+        """
+        self._require_unwatched("optim_post_step")
+        return self._dispatch(EventType.OPTIM_POST_STEP, global_step)
+
+    def _require_unwatched(self, name: str) -> None:
+        if self._optim_handles:
+            raise RuntimeError(
+                f"{name}() was called, but the session watches the optimizer and sends this "
+                "event by itself; initialize with watch_optimizer=False to send it yourself"
+            )
 
     def batch_end(self, *, global_step: int | None = None) -> Event:
         """A batch ended; ``global_step`` lets a trainer impose its own count."""
@@ -251,6 +276,35 @@ class CompressionSession:
             raise errors[0]
         logger.info("session finalized")
         return state
+
+    # ---------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """The counters and each modifier's ``state_dict()``, for a checkpoint."""
+        event = self.event
+        return {
+            "global_step": event.global_step,
+            "global_batch": event.global_batch,
+            "modifiers": [
+                {"type": type(m).__name__, "state": m.state_dict()} for m in self.modifiers
+            ],
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore what ``state_dict()`` saved into this initialized session (same recipe)."""
+        lifecycle = self._require_lifecycle()
+        saved = state_dict.get("modifiers")
+        if not isinstance(saved, list):
+            raise ValueError("session state_dict has no 'modifiers' list")
+        names = [type(m).__name__ for m in self.modifiers]
+        saved_names = [entry.get("type") for entry in saved]
+        if saved_names != names:
+            raise ValueError(
+                f"session state_dict was saved for modifiers {saved_names}, but this recipe "
+                f"has {names}; resume with the recipe the checkpoint was trained with"
+            )
+        for modifier, entry in zip(self.modifiers, saved, strict=True):
+            modifier.load_state_dict(entry.get("state", {}))
+        lifecycle.set_counters(int(state_dict["global_step"]), int(state_dict["global_batch"]))
 
     def _require_state(self) -> State:
         self._require_lifecycle()

@@ -36,6 +36,57 @@ def _recipe_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _oneshot(args: argparse.Namespace) -> int:
+    import time
+
+    from compressor.entrypoints.oneshot import oneshot
+
+    began = time.perf_counter()
+    dataset = (
+        None if args.dataset is None else "self" if args.dataset == "self" else Path(args.dataset)
+    )
+    oneshot(
+        args.model,
+        Path(args.recipe),
+        dataset,
+        num_calibration_samples=args.num_samples,
+        max_seq_length=args.max_seq_length,
+        batch_size=args.batch_size,
+        pipeline=args.pipeline,
+        output_dir=Path(args.output),
+        save_compressed=not args.dense,
+        overwrite=args.overwrite,
+        device=args.device,
+    )
+    print(f"saved the compressed model to {args.output} in {time.perf_counter() - began:.1f} s")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from compressor.entrypoints.loading import load_model, load_tokenizer
+    from compressor.utils.eval import perplexity
+
+    data = Path(args.data)
+    if not data.is_file():
+        raise FileNotFoundError(f"--data file not found: {data}")
+    tokenizer = load_tokenizer(args.model)
+    if tokenizer is None:
+        raise ValueError(f"--model {args.model}: no tokenizer found beside the model")
+    model = load_model(args.model)
+    ids = tokenizer(data.read_text(encoding="utf-8"), return_tensors="pt")["input_ids"][0]
+    ppl = perplexity(model, ids, window=args.window, max_windows=args.max_windows)
+    windows = min(ids.numel() // args.window, args.max_windows or ids.numel())
+    print(f"perplexity {ppl:.4f} over {windows} window(s) of {args.window} tokens of {data}")
+    return 0
+
+
+def _positive(value: str) -> int:
+    number = int(value)
+    if number <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return number
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="compressor", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
@@ -46,6 +97,31 @@ def build_parser() -> argparse.ArgumentParser:
     check = recipe_commands.add_parser("check", help="validate a recipe and show its schedule")
     check.add_argument("file", help="path to a YAML recipe")
     check.set_defaults(handler=_recipe_check)
+
+    one = commands.add_parser("oneshot", help="compress a model with a recipe after training")
+    one.add_argument("--model", required=True, help="checkpoint directory or .gguf file")
+    one.add_argument("--recipe", required=True, help="path to a YAML recipe")
+    one.add_argument(
+        "--dataset", help="text file to calibrate on, or 'self' for text sampled from the model"
+    )
+    one.add_argument("--output", required=True, help="directory for the compressed checkpoint")
+    one.add_argument("--num-samples", type=_positive, default=256, help="calibration sequences")
+    one.add_argument("--max-seq-length", type=_positive, default=512, help="tokens per sequence")
+    one.add_argument("--batch-size", type=_positive, default=1, help="sequences per forward")
+    one.add_argument(
+        "--pipeline", default="auto", choices=["auto", "datafree", "basic", "sequential"]
+    )
+    one.add_argument("--device", help="compute device of the sequential pipeline (e.g. cuda)")
+    one.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    one.add_argument("--dense", action="store_true", help="save dense rather than packed weights")
+    one.set_defaults(handler=_oneshot)
+
+    ev = commands.add_parser("eval", help="perplexity of a model over fixed windows of a text")
+    ev.add_argument("--model", required=True, help="checkpoint directory or .gguf file")
+    ev.add_argument("--data", required=True, help="a text file")
+    ev.add_argument("--window", type=_positive, default=512, help="tokens per window")
+    ev.add_argument("--max-windows", type=_positive, help="score only the first N windows")
+    ev.set_defaults(handler=_eval)
     return parser
 
 
@@ -57,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logger.enable("compressor")
     try:
         return int(args.handler(args))
-    except (ValueError, TypeError, FileNotFoundError, KeyError) as err:
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, KeyError) as err:
         print(f"compressor: error: {err}", file=sys.stderr)
         return 2
 

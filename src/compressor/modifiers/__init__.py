@@ -7,10 +7,25 @@ from compressor.modifiers.base import (
     registered_modifiers,
 )
 from compressor.modifiers.hooks import HooksMixin
+from compressor.modifiers.pruning import (
+    ChannelPruningModifier,
+    HeadPruningModifier,
+    RowPruningModifier,
+    SparsePruningModifier,
+)
+from compressor.modifiers.quantization import QuantizationModifier, QuantizationSchemeMixin
+from compressor.modifiers.transform import SpinQuantModifier
 
 __all__ = [
+    "ChannelPruningModifier",
+    "HeadPruningModifier",
     "HooksMixin",
     "Modifier",
+    "QuantizationModifier",
+    "QuantizationSchemeMixin",
+    "RowPruningModifier",
+    "SparsePruningModifier",
+    "SpinQuantModifier",
     "UnknownModifierError",
     "get_modifier_class",
     "registered_modifiers",

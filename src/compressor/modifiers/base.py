@@ -218,6 +218,24 @@ class Modifier(BaseModel, HooksMixin):
     def on_finalize(self, state: State) -> None:
         """Leave the model in its final, compressed form; called once."""
 
+    # ---------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """Runtime state a resumed training run needs (masks, observers, a bit schedule).
+
+        Saved in a training checkpoint and handed back to ``load_state_dict`` after the resumed
+        run has initialized the modifier (and started it when its schedule has begun). Values
+        may be tensors and plain Python data. The default has no state.
+        """
+        return {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore what ``state_dict`` saved; override together with ``state_dict``."""
+        if state_dict:
+            raise ValueError(
+                f"{type(self).__name__} keeps no checkpoint state, but was given keys "
+                f"{sorted(state_dict)}; override load_state_dict to restore them"
+            )
+
     # ---------------------------------------------------------------- calibration needs
     def requires_calibration_data(self) -> bool:
         """Whether post-training calibration must run data through the model (observers,

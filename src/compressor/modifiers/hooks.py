@@ -59,7 +59,7 @@ class HooksMixin:
                 raise TypeError(f"a 'tensor' hook needs a tensor, got {type(target).__name__}")
             handle = target.register_hook(wrapped)
         elif isinstance(target, torch.nn.Module):
-            register = {
+            register: Any = {
                 "forward": target.register_forward_hook,
                 "forward_pre": target.register_forward_pre_hook,
                 "backward": target.register_full_backward_hook,

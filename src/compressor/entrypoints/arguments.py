@@ -1,0 +1,51 @@
+"""The options of a oneshot run, grouped by what they control and validated up front."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = ["CalibrationArguments", "OutputArguments", "PipelineName"]
+
+PipelineName = Literal["auto", "datafree", "basic", "sequential"]
+
+
+class CalibrationArguments(BaseModel):
+    """How calibration data is prepared and run through the model.
+
+    :param num_calibration_samples: how many sequences to calibrate on
+    :param max_seq_length: tokens per sequence at most (longer ones are truncated)
+    :param batch_size: sequences per forward pass (shorter ones are right-padded)
+    :param pipeline: ``auto`` (sequential when a modifier needs data, else datafree),
+        ``datafree`` (no forward passes), ``basic`` (whole model per batch) or ``sequential``
+        (one decoder layer at a time)
+    :param device: where the sequential pipeline computes; each layer is moved there in turn.
+        Unset: where the model's parameters already are
+    :param seed: seed for text sampled from the model (``dataset="self"``)
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    num_calibration_samples: int = Field(256, ge=1)
+    max_seq_length: int = Field(512, ge=2)
+    batch_size: int = Field(1, ge=1)
+    pipeline: PipelineName = "auto"
+    device: str | None = None
+    seed: int = 0
+
+
+class OutputArguments(BaseModel):
+    """Where and how the compressed checkpoint is written.
+
+    :param output_dir: the checkpoint directory; unset means nothing is saved
+    :param save_compressed: write the compressed (packed) format rather than dense weights
+    :param overwrite: replace an existing ``output_dir`` (otherwise that is an error)
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    output_dir: Path | None = None
+    save_compressed: bool = True
+    overwrite: bool = False

@@ -1,0 +1,231 @@
+"""Calibration data: whatever the user gives, turned into a list of model-ready batches.
+
+Accepted sources: a ``datasets.Dataset`` (an ``input_ids`` or a ``text`` column), a list of
+strings, a ``pathlib.Path`` to a text file, a torch ``DataLoader``, or ``"self"`` (text sampled
+from the model itself, for data-free calibration).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from loguru import logger
+from tqdm.auto import tqdm
+
+from compressor.entrypoints.arguments import CalibrationArguments
+
+__all__ = ["Batch", "build_calibration_batches", "collate", "sample_from_model"]
+
+Batch = dict[str, torch.Tensor]
+SELF = "self"
+
+
+def build_calibration_batches(
+    dataset: Any,
+    args: CalibrationArguments,
+    *,
+    model: torch.nn.Module | None = None,
+    tokenizer: Any = None,
+) -> list[Batch]:
+    """Turn ``dataset`` into at most ``args.num_calibration_samples`` sequences, batched.
+
+    :param dataset: a Dataset, a list of str, a Path to a text file, a DataLoader or "self"
+    :param args: sample count, sequence length, batch size and seed
+    :param model: the model, needed for ``"self"``
+    :param tokenizer: needed for text (a list of str, a text file, a ``text`` column)
+    :return: batches of ``input_ids`` (and ``attention_mask`` where padding was needed)
+    """
+    from datasets import Dataset
+    from torch.utils.data import DataLoader
+
+    if isinstance(dataset, str):
+        if dataset != SELF:
+            raise TypeError(
+                f"dataset={dataset!r}: a str dataset must be {SELF!r} (text sampled from the "
+                "model); pass pathlib.Path(...) for a text file (a string is never guessed to be "
+                "a path)"
+            )
+        if model is None:
+            raise ValueError("dataset='self' samples text from the model, but no model was given")
+        return sample_from_model(model, args, tokenizer=tokenizer)
+    if isinstance(dataset, Path):
+        sequences = _sequences_from_file(dataset, args, tokenizer)
+    elif isinstance(dataset, Dataset):
+        sequences = _sequences_from_dataset(dataset, args, tokenizer)
+    elif isinstance(dataset, DataLoader):
+        return _batches_from_loader(dataset, args)
+    elif isinstance(dataset, Sequence) and dataset and all(isinstance(s, str) for s in dataset):
+        sequences = _tokenize(list(dataset[: args.num_calibration_samples]), args, tokenizer)
+    else:
+        raise TypeError(
+            "dataset must be a datasets.Dataset, a list of str, a pathlib.Path to a text file, "
+            f"a torch DataLoader or 'self'; got {_describe(dataset)}"
+        )
+    if not sequences:
+        raise ValueError(f"dataset {_describe(dataset)} holds no tokens to calibrate on")
+    return collate(sequences, args.batch_size, _pad_id(tokenizer))
+
+
+def collate(sequences: Sequence[torch.Tensor], batch_size: int, pad_id: int = 0) -> list[Batch]:
+    """Group 1-D token sequences into batches, right-padding to the longest in each batch.
+
+    A batch gets an ``attention_mask`` only when it holds padding.
+    """
+    batches = []
+    for start in range(0, len(sequences), batch_size):
+        group = sequences[start : start + batch_size]
+        longest = max(s.numel() for s in group)
+        if all(s.numel() == longest for s in group):
+            batches.append({"input_ids": torch.stack(list(group))})
+            continue
+        ids = torch.full((len(group), longest), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(group), longest), dtype=torch.long)
+        for row, seq in enumerate(group):
+            ids[row, : seq.numel()] = seq
+            mask[row, : seq.numel()] = 1
+        batches.append({"input_ids": ids, "attention_mask": mask})
+    return batches
+
+
+@torch.no_grad()
+def sample_from_model(
+    model: torch.nn.Module, args: CalibrationArguments, *, tokenizer: Any = None
+) -> list[Batch]:
+    """Data-free calibration text: sequences sampled from the model itself (top-k 50).
+
+    Each sequence starts from the beginning-of-sequence token and runs to
+    ``max_seq_length`` tokens (end-of-sequence is suppressed). The caller's random state is
+    left untouched; ``args.seed`` makes the samples reproducible.
+    """
+    generate: Any = getattr(model, "generate", None)
+    if not callable(generate):
+        raise TypeError(
+            f"dataset='self' needs a model that can generate text; {type(model).__name__} cannot"
+        )
+    start_id = _bos_id(model, tokenizer)
+    device = next(model.parameters()).device
+    total, length = args.num_calibration_samples, args.max_seq_length
+    # sample in large groups (generation is dominated by per-step overhead)
+    group = max(args.batch_size, 16)
+    sequences: list[torch.Tensor] = []
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(args.seed)
+            for done in tqdm(range(0, total, group), desc="sampling calibration text"):
+                count = min(group, total - done)
+                start = torch.full((count, 1), start_id, dtype=torch.long, device=device)
+                out = generate(
+                    input_ids=start,
+                    attention_mask=torch.ones_like(start),
+                    do_sample=True,
+                    top_k=50,
+                    max_length=length,
+                    min_length=length,
+                    pad_token_id=start_id,
+                )
+                sequences.extend(row.cpu() for row in out)
+    finally:
+        model.train(was_training)
+    logger.info("sampled {} calibration sequences of {} tokens from the model", total, length)
+    return collate(sequences, args.batch_size)
+
+
+# ---------------------------------------------------------------- sources
+def _sequences_from_file(path: Path, args: CalibrationArguments, tokenizer: Any) -> list:
+    if not path.is_file():
+        raise FileNotFoundError(f"dataset file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    tokenize = _require_tokenizer(tokenizer, f"the text file {path}")
+    ids = tokenize(text, return_tensors="pt")["input_ids"][0]
+    length = args.max_seq_length
+    # consecutive windows of the file; a short file gives one shorter sequence
+    windows = [ids[i : i + length] for i in range(0, max(ids.numel() - length, 0) + 1, length)]
+    return [w for w in windows[: args.num_calibration_samples] if w.numel() > 0]
+
+
+def _sequences_from_dataset(dataset: Any, args: CalibrationArguments, tokenizer: Any) -> list:
+    rows = dataset.select(range(min(len(dataset), args.num_calibration_samples)))
+    if "input_ids" in dataset.column_names:
+        return [
+            torch.as_tensor(row, dtype=torch.long)[: args.max_seq_length]
+            for row in rows["input_ids"]
+        ]
+    if "text" in dataset.column_names:
+        return _tokenize(list(rows["text"]), args, tokenizer)
+    raise ValueError(
+        f"dataset columns are {dataset.column_names}; expected an 'input_ids' or a 'text' column"
+    )
+
+
+def _batches_from_loader(loader: Iterable[Any], args: CalibrationArguments) -> list[Batch]:
+    batches: list[Batch] = []
+    seen = 0
+    for position, batch in enumerate(loader):
+        if isinstance(batch, torch.Tensor):
+            batch = {"input_ids": batch}
+        elif isinstance(batch, Mapping):
+            batch = dict(batch)
+        else:
+            raise TypeError(
+                f"DataLoader batch {position} is a {type(batch).__name__}; expected a tensor of "
+                "input_ids or a mapping such as {'input_ids': ..., 'attention_mask': ...}"
+            )
+        if "input_ids" not in batch:
+            raise ValueError(f"DataLoader batch {position} has no 'input_ids': {sorted(batch)}")
+        batches.append(batch)
+        seen += len(batch["input_ids"])
+        if seen >= args.num_calibration_samples:
+            break
+    if not batches:
+        raise ValueError("the DataLoader yielded no batches")
+    return batches
+
+
+def _tokenize(texts: list[str], args: CalibrationArguments, tokenizer: Any) -> list:
+    tokenize = _require_tokenizer(tokenizer, "text data")
+    sequences = []
+    for text in texts:
+        ids = tokenize(text, truncation=True, max_length=args.max_seq_length)["input_ids"]
+        if ids:
+            sequences.append(torch.as_tensor(ids, dtype=torch.long))
+    return sequences
+
+
+# ---------------------------------------------------------------- helpers
+def _require_tokenizer(tokenizer: Any, what: str) -> Any:
+    if tokenizer is None:
+        raise ValueError(
+            f"{what} must be tokenized, but no tokenizer was given and none was found beside "
+            "the model: pass tokenizer=..."
+        )
+    return tokenizer
+
+
+def _pad_id(tokenizer: Any) -> int:
+    for name in ("pad_token_id", "eos_token_id"):
+        value = getattr(tokenizer, name, None)
+        if isinstance(value, int):
+            return value
+    return 0
+
+
+def _bos_id(model: torch.nn.Module, tokenizer: Any) -> int:
+    config = getattr(model, "config", None)
+    for source in (tokenizer, getattr(model, "generation_config", None), config):
+        for name in ("bos_token_id", "decoder_start_token_id", "eos_token_id"):
+            value = getattr(source, name, None)
+            if isinstance(value, list) and value:
+                value = value[0]
+            if isinstance(value, int):
+                return value
+    logger.warning("no beginning-of-sequence token known; sampling from token id 0")
+    return 0
+
+
+def _describe(value: Any) -> str:
+    return f"{type(value).__name__} {value!r}"[:120]

@@ -1,0 +1,59 @@
+"""Load the model (and its tokenizer) that oneshot and the CLI work on."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from loguru import logger
+
+__all__ = ["load_model", "load_tokenizer"]
+
+
+def load_model(model: torch.nn.Module | str | Path) -> torch.nn.Module:
+    """A loaded model as is; a checkpoint directory or a ``.gguf`` file loaded as a causal LM.
+
+    A GGUF file is dequantized by transformers' GGUF loader (which needs the ``gguf`` package).
+    """
+    if isinstance(model, torch.nn.Module):
+        return model
+    if not isinstance(model, str | Path):
+        raise TypeError(
+            "model must be a torch.nn.Module, a checkpoint directory or a .gguf file; "
+            f"got {type(model).__name__}"
+        )
+    from transformers import AutoModelForCausalLM
+
+    path = Path(model)
+    if path.is_file() and path.suffix == ".gguf":
+        logger.info("loading {} (GGUF, dequantized)", path)
+        return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
+    if path.is_dir():
+        logger.info("loading {}", path)
+        return AutoModelForCausalLM.from_pretrained(path)
+    raise FileNotFoundError(
+        f"model {str(model)!r} is neither a checkpoint directory nor a .gguf file"
+    )
+
+
+def load_tokenizer(model: Any, tokenizer: Any = None) -> Any:
+    """``tokenizer`` as given (a path is loaded), else the one beside ``model`` when it is a
+    path, else None."""
+    from transformers import AutoTokenizer
+
+    if tokenizer is not None and not isinstance(tokenizer, str | Path):
+        return tokenizer
+    source = tokenizer if tokenizer is not None else model
+    if not isinstance(source, str | Path):
+        return None
+    path = Path(source)
+    try:
+        if path.is_file() and path.suffix == ".gguf":
+            return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        if tokenizer is not None:
+            raise
+        logger.info("no tokenizer found beside {}: {}", path, err)
+        return None

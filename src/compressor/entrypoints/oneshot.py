@@ -1,0 +1,120 @@
+"""``oneshot``: post-training compression of a model with a recipe, in one call."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from loguru import logger
+
+from compressor.core.session import create_session, resolve_recipe
+from compressor.entrypoints.arguments import CalibrationArguments, OutputArguments, PipelineName
+from compressor.entrypoints.data import build_calibration_batches
+from compressor.entrypoints.loading import load_model, load_tokenizer
+from compressor.entrypoints.pipelines import PIPELINES, resolve_pipeline
+from compressor.entrypoints.saving import check_output_dir, save_checkpoint
+
+__all__ = ["oneshot"]
+
+
+def oneshot(
+    model: torch.nn.Module | str | Path,
+    recipe: Any,
+    dataset: Any = None,
+    *,
+    tokenizer: Any = None,
+    num_calibration_samples: int = 256,
+    max_seq_length: int = 512,
+    batch_size: int = 1,
+    pipeline: PipelineName = "auto",
+    output_dir: str | Path | None = None,
+    save_compressed: bool = True,
+    overwrite: bool = False,
+    device: str | None = None,
+) -> torch.nn.Module:
+    """Compress ``model`` with ``recipe`` after training, calibrating on ``dataset``.
+
+    Every option is validated (``CalibrationArguments``, ``OutputArguments``) and the output
+    directory checked before the model is loaded, so bad input fails at once.
+
+    :param model: a loaded model, a checkpoint directory or a ``.gguf`` file
+    :param recipe: a Recipe, a list of modifiers, a dict or a ``pathlib.Path`` to YAML
+    :param dataset: a ``datasets.Dataset`` (``input_ids`` or ``text``), a list of str, a
+        ``pathlib.Path`` to a text file, a DataLoader, or ``"self"`` (text sampled from the
+        model); required when a modifier needs calibration data
+    :param tokenizer: a tokenizer (or its path); by default the one beside a model path
+    :param num_calibration_samples: sequences to calibrate on
+    :param max_seq_length: tokens per sequence at most
+    :param batch_size: sequences per forward pass
+    :param pipeline: auto, datafree, basic or sequential (see ``compressor.entrypoints.pipelines``)
+    :param output_dir: save model, tokenizer and ``recipe.yaml`` here (atomically)
+    :param save_compressed: save the compressed format rather than dense weights
+    :param overwrite: replace an existing ``output_dir``
+    :param device: where the sequential pipeline computes, one layer at a time
+    :return: the compressed model
+    """
+    calibration = CalibrationArguments(
+        num_calibration_samples=num_calibration_samples,
+        max_seq_length=max_seq_length,
+        batch_size=batch_size,
+        pipeline=pipeline,
+        device=device,
+    )
+    output = OutputArguments(
+        output_dir=output_dir, save_compressed=save_compressed, overwrite=overwrite
+    )
+    if output.output_dir is not None:
+        check_output_dir(output.output_dir, output.overwrite)
+    parsed = resolve_recipe(recipe)
+    needs_data = [type(m).__name__ for m in parsed.modifiers if m.requires_calibration_data()]
+    if needs_data and dataset is None:
+        raise ValueError(
+            f"{', '.join(needs_data)} need(s) calibration data but dataset is None: pass a "
+            "dataset (a datasets.Dataset, a list of str, a pathlib.Path to a text file, a "
+            "DataLoader) or dataset='self' to calibrate on text sampled from the model"
+        )
+
+    tokenizer = load_tokenizer(model, tokenizer)
+    loaded = load_model(model)
+    name = resolve_pipeline(calibration.pipeline, parsed.modifiers, loaded)
+    if name == "datafree":
+        if dataset is not None:
+            logger.warning("the datafree pipeline runs no data; dataset is not used")
+        batches = []
+    else:
+        if dataset is None:
+            raise ValueError(
+                f"pipeline={name!r} runs calibration data through the model but dataset is None"
+            )
+        batches = build_calibration_batches(dataset, calibration, model=loaded, tokenizer=tokenizer)
+    logger.info(
+        "oneshot: {} pipeline, {} calibration batch(es), modifiers: {}",
+        name,
+        len(batches),
+        ", ".join(type(m).__name__ for m in parsed.modifiers),
+    )
+
+    began = time.perf_counter()
+    with create_session() as session:
+        session.initialize(model=loaded, recipe=parsed, calib_data=batches, device=device)
+        try:
+            PIPELINES[name](loaded, batches, session, device=device)
+        except BaseException:
+            for modifier in parsed.modifiers:
+                modifier.remove_hooks()
+            raise
+        session.finalize()
+    logger.info("oneshot: compressed in {:.1f} s", time.perf_counter() - began)
+
+    if output.output_dir is not None:
+        save_checkpoint(
+            loaded,
+            output.output_dir,
+            parsed,
+            tokenizer,
+            save_compressed=output.save_compressed,
+            overwrite=output.overwrite,
+        )
+    return loaded

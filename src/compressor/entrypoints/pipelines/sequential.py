@@ -1,0 +1,168 @@
+"""The sequential pipeline: calibrate and compress one decoder layer at a time.
+
+The inputs of the first decoder layer are captured once (the hidden states and every other
+argument the model passes it: attention mask, position ids, position embeddings). Then for
+each layer ``i``:
+
+1. its cached inputs run through it with the modifiers' hooks live (calibration);
+2. ``session.sequential_epoch_end(layer)`` lets modifiers compress it (GPTQ does so here);
+3. it runs again with hooks disabled, and its outputs, computed with the compressed
+   weights, become the inputs of layer ``i + 1``.
+
+No graph tracing is needed, so any model whose decoder layers ``find_decoder_layers`` finds
+works. Only the current layer and the cached activations sit on the compute device.
+
+The other arguments are taken from the first layer and reused for every layer, which holds
+for architectures whose layers all see the same mask (Llama-family, GPT-2, OPT, BERT; not
+models that alternate sliding-window and full attention per layer).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from loguru import logger
+from tqdm.auto import tqdm
+
+from compressor.core.session import CompressionSession
+from compressor.entrypoints.data import Batch
+from compressor.entrypoints.pipelines.common import calibration_mode, model_device, to_device
+from compressor.modifiers.hooks import HooksMixin
+from compressor.utils.architecture import find_decoder_layers
+
+__all__ = ["LayerInputs", "capture_layer_inputs", "run_sequential"]
+
+
+@dataclass
+class LayerInputs:
+    """The positional and keyword arguments of one call of a decoder layer."""
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def hidden_states(self) -> torch.Tensor:
+        return self.args[0] if self.args else self.kwargs["hidden_states"]
+
+    def with_hidden_states(self, hidden_states: torch.Tensor) -> LayerInputs:
+        """The same call with other hidden states (the other arguments are shared)."""
+        if self.args:
+            return LayerInputs((hidden_states, *self.args[1:]), self.kwargs)
+        return LayerInputs(self.args, {**self.kwargs, "hidden_states": hidden_states})
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook: nothing after the first decoder layer needs to run."""
+
+
+def capture_layer_inputs(
+    model: torch.nn.Module, layer: torch.nn.Module, batches: Sequence[Batch], device: torch.device
+) -> list[LayerInputs]:
+    """Run each batch through the model up to ``layer`` and record the layer's arguments."""
+    captured: list[LayerInputs] = []
+
+    def hook(_module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        captured.append(LayerInputs(tuple(args), dict(kwargs)))
+        raise _StopForward
+
+    # prepended: the layer's own hooks (the modifiers') must not see this call
+    handle = layer.register_forward_pre_hook(hook, with_kwargs=True, prepend=True)
+    try:
+        for position, batch in enumerate(tqdm(batches, desc="capturing layer inputs", leave=False)):
+            try:
+                model(**to_device(batch, device))
+            except _StopForward:
+                continue
+            raise RuntimeError(
+                f"batch {position} ran through the whole model without calling its first "
+                f"decoder layer ({type(layer).__name__}); the sequential pipeline cannot capture "
+                "its inputs (use pipeline='basic')"
+            )
+    finally:
+        handle.remove()
+    return captured
+
+
+def run_sequential(
+    model: torch.nn.Module,
+    batches: Sequence[Batch],
+    session: CompressionSession,
+    device: str | torch.device | None = None,
+) -> list[torch.Tensor]:
+    """Calibrate, compress and propagate one decoder layer at a time (see the module doc).
+
+    :param model: a model whose decoder layers ``find_decoder_layers`` finds
+    :param batches: calibration batches
+    :param session: the initialized session whose modifiers calibrate
+    :param device: where to compute; each layer is moved there for its turn and back after.
+        Unset: the model's own device
+    :return: the outputs of the last decoder layer, one tensor per batch
+    """
+    path, layers = find_decoder_layers(model)
+    home = model_device(model)
+    target = torch.device(device) if device is not None else home
+    logger.info("sequential pipeline over {} layers of {} on {}", len(layers), path, target)
+    session.calibration_epoch_start()
+    with calibration_mode(model):
+        moved = _move_outside(model, path, target) if target != home else []
+        try:
+            inputs = capture_layer_inputs(model, layers[0], batches, target)
+        finally:
+            _move_back(moved, home)
+        for index, layer in enumerate(tqdm(layers, desc="layers")):
+            layer.to(target)
+            try:
+                for call in tqdm(inputs, desc=f"layer {index} calibration", leave=False):
+                    layer(*call.args, **call.kwargs)
+                session.sequential_epoch_end(layer)
+                with HooksMixin.disable_hooks():
+                    inputs = [
+                        call.with_hidden_states(_hidden_states(layer(*call.args, **call.kwargs)))
+                        for call in tqdm(inputs, desc=f"layer {index} outputs", leave=False)
+                    ]
+            finally:
+                if target != home:
+                    layer.to(home)
+    session.calibration_epoch_end()
+    return [call.hidden_states for call in inputs]
+
+
+def _hidden_states(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple | list) else output
+
+
+def _move_outside(
+    model: torch.nn.Module, layers_path: str, device: torch.device
+) -> list[tuple[torch.nn.Module, str, bool]]:
+    """Move every parameter and buffer outside the decoder layers to ``device``.
+
+    :return: what was moved, as (module, name, is_parameter), for ``_move_back``
+    """
+    moved = []
+    for name, module in model.named_modules():
+        if name == layers_path or name.startswith(layers_path + "."):
+            continue
+        for key, param in module.named_parameters(recurse=False):
+            if param.device != device:
+                param.data = param.data.to(device)
+                moved.append((module, key, True))
+        for key, buffer in module.named_buffers(recurse=False):
+            if buffer.device != device:
+                module._buffers[key] = buffer.to(device)
+                moved.append((module, key, False))
+    return moved
+
+
+def _move_back(moved: list[tuple[torch.nn.Module, str, bool]], device: torch.device) -> None:
+    for module, key, is_parameter in moved:
+        if is_parameter:
+            param = module._parameters[key]
+            assert param is not None
+            param.data = param.data.to(device)
+        else:
+            buffer = module._buffers[key]
+            assert buffer is not None
+            module._buffers[key] = buffer.to(device)

@@ -1,0 +1,77 @@
+"""Saving a compressed model as a real, smaller checkpoint in compressed-tensors format."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from compressed_tensors.compressors import ModelCompressor
+from compressed_tensors.quantization.utils import is_model_quantized
+from loguru import logger
+
+from compressor.entrypoints.saving import RECIPE_FILE
+
+__all__ = ["save_compressed"]
+
+
+def _resolve_recipe(recipe: Any) -> Any:
+    from compressor.core.session import active_session, resolve_recipe
+
+    if recipe is not None:
+        return resolve_recipe(recipe)
+    return active_session().recipe
+
+
+def save_compressed(
+    model: torch.nn.Module,
+    output_dir: str | Path,
+    recipe: Any = None,
+    *,
+    tokenizer: Any = None,
+    safe_serialization: bool = True,
+) -> Path:
+    """Write ``model`` to ``output_dir`` in compressed-tensors format, loadable by
+    ``transformers.AutoModelForCausalLM.from_pretrained``.
+
+    Quantized layers are stored as the scheme says (packed int4, int8, fp8) with their
+    scales and zero points, and ``config.json`` gets the ``quantization_config``; a model
+    without quantization is saved as is. The model is unchanged afterwards (it is
+    compressed for the write, then decompressed).
+
+    :param model: a transformers model, typically after a compression session
+    :param output_dir: the folder to write (created when missing)
+    :param recipe: the recipe to store as ``recipe.yaml``: a Recipe, a list of modifiers,
+        a dict or a path; the active session's recipe when None
+    :param tokenizer: also saved into ``output_dir`` when given
+    :param safe_serialization: write safetensors (recommended)
+    :return: the output folder
+    """
+    if not hasattr(model, "save_pretrained"):
+        raise TypeError(
+            f"save_compressed needs a transformers model with save_pretrained, got "
+            f"{type(model).__name__}"
+        )
+    output = Path(output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    compressor = ModelCompressor.from_pretrained_model(model) if is_model_quantized(model) else None
+    if compressor is None:
+        logger.info("the model holds no quantized layers: saving it dense to {}", output)
+        model.save_pretrained(output, safe_serialization=safe_serialization)
+    else:
+        assert compressor.quantization_config is not None
+        logger.info(
+            "saving compressed ({} format) to {}", compressor.quantization_config.format, output
+        )
+        compressor.compress_model(model)
+        try:
+            model.save_pretrained(output, safe_serialization=safe_serialization)
+            compressor.update_config(str(output))
+        finally:
+            compressor.decompress_model(model)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(output)
+    resolved = _resolve_recipe(recipe)
+    if resolved is not None:
+        resolved.save(output / RECIPE_FILE)
+    return output

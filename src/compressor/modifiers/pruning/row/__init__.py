@@ -1,0 +1,3 @@
+from compressor.modifiers.pruning.row.base import RowPruningModifier
+
+__all__ = ["RowPruningModifier"]

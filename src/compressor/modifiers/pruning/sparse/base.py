@@ -1,0 +1,111 @@
+"""SparsePruningModifier: individual weights, unstructured or N:M (2:4)."""
+
+from __future__ import annotations
+
+import torch
+from compressed_tensors.utils import match_named_modules
+from pydantic import field_validator
+
+from compressor.modifiers.base import Modifier
+from compressor.modifiers.pruning.base import PruningModifierBase
+from compressor.modifiers.pruning.groups import Member, PruneGroup
+from compressor.modifiers.pruning.masks import ScoreMask
+from compressor.modifiers.pruning.scores import nm_mask
+
+__all__ = ["SparsePruningModifier", "parse_mask_structure"]
+
+_PRUNABLE = (torch.nn.Linear, torch.nn.Conv2d)
+
+
+def parse_mask_structure(value: str) -> tuple[int, int] | None:
+    """``"unstructured"`` -> None; ``"N:M"`` -> (N, M)."""
+    if value == "unstructured":
+        return None
+    parts = value.split(":")
+    if len(parts) == 2 and all(p.strip().isdigit() for p in parts):
+        n, m = (int(p) for p in parts)
+        if 0 < n < m:
+            return n, m
+    raise ValueError(
+        f"mask_structure must be 'unstructured' or 'N:M' with 0 < N < M (such as '2:4'), "
+        f"got {value!r}"
+    )
+
+
+@Modifier.register("SparsePruning")
+class SparsePruningModifier(PruningModifierBase):
+    """Prunes individual weights of Linear and Conv2d layers, to the same density in every
+    layer. With ``mask_structure: "2:4"`` it keeps 2 of every 4 consecutive input weights, the
+    pattern sparse tensor cores accelerate (Mishra et al., "Accelerating Sparse Deep Neural
+    Networks", 2021, arXiv:2104.08378). Weights stay dense tensors with zeros.
+
+    **Lifecycle** (see ``PruningModifierBase``): masks are recomputed on the schedule, held
+    through training (weights and gradients masked, re-zeroed after every optimizer step) and
+    left in the weights at finalize.
+
+    :param mask_structure: ``unstructured`` or ``N:M``; with N:M the density is N/M (giving
+        ``density`` is optional, and it must equal N/M) and there is no ramp
+    :param targets: default: every Linear and Conv2d except the output embeddings
+    """
+
+    mask_structure: str = "unstructured"
+
+    @field_validator("mask_structure")
+    @classmethod
+    def _valid_structure(cls, value: str) -> str:
+        parse_mask_structure(value)
+        return value
+
+    def final_density(self) -> float | None:
+        n_m = parse_mask_structure(self.mask_structure)
+        if n_m is None:
+            if self.density is None:
+                raise ValueError("density (or sparsity) is required for unstructured pruning")
+            return self.density
+        ratio = n_m[0] / n_m[1]
+        if self.density is not None and abs(self.density - ratio) > 1e-9:
+            raise ValueError(
+                f"density {self.density} contradicts mask_structure {self.mask_structure!r}, "
+                f"which keeps {ratio}; leave density unset"
+            )
+        if "init_density" in self.model_fields_set:
+            raise ValueError(
+                f"mask_structure {self.mask_structure!r} has no ramp: remove init_density"
+            )
+        return ratio
+
+    def resolve_groups(self, model: torch.nn.Module) -> list[PruneGroup]:
+        if self.targets is None:
+            out_emb = (
+                model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+            )
+            named = [
+                (name, module)
+                for name, module in model.named_modules()
+                if isinstance(module, _PRUNABLE) and module is not out_emb
+            ]
+            kept = {n for n, _ in match_named_modules(model, [n for n, _ in named], self.ignore)}
+            named = [(n, m) for n, m in named if n in kept]
+        else:
+            named = list(match_named_modules(model, self.targets, self.ignore))
+        groups = []
+        for name, module in named:
+            if not isinstance(module, _PRUNABLE):
+                raise ValueError(
+                    f"{type(self).__name__}: target {name} is a {type(module).__name__}; only "
+                    "Linear and Conv2d weights are pruned (narrow targets or add it to ignore)"
+                )
+            groups.append(PruneGroup(name=name, members=[Member(name, module, None)]))
+        return groups
+
+    def select(self, group: PruneGroup, scores: torch.Tensor, density: float) -> torch.Tensor:
+        n_m = parse_mask_structure(self.mask_structure)
+        if n_m is None:
+            return super().select(group, scores, density)
+        try:
+            return nm_mask(scores, *n_m)
+        except ValueError as err:
+            raise ValueError(f"{group.name}: {err}") from None
+
+    def score_mask_for(self, group: PruneGroup, scores: torch.nn.Parameter, dim: int | None):
+        return ScoreMask(scores, dim, parse_mask_structure(self.mask_structure))

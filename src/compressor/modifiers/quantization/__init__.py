@@ -1,0 +1,19 @@
+"""Quantization of weights and activations with compressed-tensors schemes."""
+
+from compressor.modifiers.quantization.base import QuantizationModifier
+from compressor.modifiers.quantization.scheme import (
+    SUPPORTED_PRESETS,
+    QuantizationSchemeMixin,
+    apply_quantization,
+    match_quantizable_modules,
+    resolve_quantization_config,
+)
+
+__all__ = [
+    "SUPPORTED_PRESETS",
+    "QuantizationModifier",
+    "QuantizationSchemeMixin",
+    "apply_quantization",
+    "match_quantizable_modules",
+    "resolve_quantization_config",
+]

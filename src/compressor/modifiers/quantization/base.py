@@ -1,0 +1,364 @@
+"""QuantizationModifier: weights and activations, post-training or training-aware."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from compressed_tensors.quantization import QuantizationConfig
+from loguru import logger
+from pydantic import Field, PrivateAttr, model_validator
+from torch.nn.utils import parametrize
+
+from compressor.core.events import Event, EventType
+from compressor.core.state import State
+from compressor.modifiers.base import Modifier
+from compressor.modifiers.quantization.calibration import (
+    freeze_quantization,
+    set_qparams,
+    static_activation_roles,
+    update_weight_qparams,
+)
+from compressor.modifiers.quantization.fake_quant import (
+    WeightFakeQuantizer,
+    fake_quantize_activation,
+    straight_through,
+)
+from compressor.modifiers.quantization.observers import (
+    ObserverKind,
+    RangeObserver,
+    activation_range,
+    make_observer,
+    qparams_from_range,
+)
+from compressor.modifiers.quantization.progressive import progressive_bits
+from compressor.modifiers.quantization.scheme import (
+    QuantizationSchemeMixin,
+    apply_quantization,
+    match_quantizable_modules,
+)
+
+__all__ = ["QuantizationModifier"]
+
+_ROLES = {"input": "input_activations", "output": "output_activations"}
+
+
+class _ParametrizationHandle:
+    """Removes a weight parametrization, putting the original Parameter object back."""
+
+    def __init__(self, module: torch.nn.Module, name: str) -> None:
+        self.module, self.name = module, name
+
+    def remove(self) -> None:
+        if parametrize.is_parametrized(self.module, self.name):
+            parametrize.remove_parametrizations(self.module, self.name, leave_parametrized=False)
+
+
+@Modifier.register()
+class QuantizationModifier(QuantizationSchemeMixin, Modifier):
+    """Quantize weights and activations with compressed-tensors schemes.
+
+    Post-training, observers collect activation ranges over calibration batches and the
+    model ends in compressed-tensors' frozen state, ready for ``save_compressed``. With a
+    ``start``, training batches see fake-quantized weights and activations with a
+    straight-through gradient (quantization-aware training, Jacob et al., 2018,
+    https://arxiv.org/abs/1712.05877).
+
+    **Lifecycle**
+
+    - ``on_initialize``: resolve the scheme, check it against the model (targets, group
+      sizes); nothing changes yet
+    - ``on_start`` on CALIBRATION_EPOCH_START (post-training): attach compressed-tensors
+      quantization, set weight scales from the weights, observe static activation ranges
+      with forward hooks
+    - ``on_start`` on BATCH_START (training): fake-quantize weights (a parametrization) and
+      activations (hooks), both with straight-through gradients; observers update ranges
+    - ``on_update`` (training): lower the weight bits on the progressive schedule
+    - ``on_end``: calibration: freeze the scales; training: stop updating activation ranges
+    - ``on_finalize``: training (or never started, when no calibration is needed): remove
+      the fake quantization, attach compressed-tensors quantization with scales from the
+      final weights and observed ranges, frozen
+
+    :param targets: see QuantizationSchemeMixin
+    :param ignore: see QuantizationSchemeMixin
+    :param scheme: see QuantizationSchemeMixin
+    :param config_groups: see QuantizationSchemeMixin
+    :param observer: how static activation ranges accumulate: ``minmax`` (extremes) or
+        ``moving_average``
+    :param momentum: weight of the running range in the moving average
+    :param rounding: ``nearest``, or ``stochastic`` (training only) for weights
+    :param start_bits: progressive bit reduction: weight bits when training starts
+    :param target_bits: progressive bit reduction: final weight bits (the scheme's bits)
+    :param quantization_period: optimizer steps before the first bit drop; the period
+        doubles after each drop
+    """
+
+    observer: ObserverKind = "minmax"
+    momentum: float = Field(default=0.95, gt=0.0, lt=1.0)
+    rounding: Literal["nearest", "stochastic"] = "nearest"
+    start_bits: int | None = Field(default=None, ge=2, le=16)
+    target_bits: int | None = Field(default=None, ge=2, le=8)
+    quantization_period: int | None = Field(default=None, ge=1)
+
+    _config: QuantizationConfig | None = PrivateAttr(default=None)
+    _modules: dict[str, torch.nn.Module] = PrivateAttr(default_factory=dict)
+    _observers: dict[tuple[str, str], RangeObserver] = PrivateAttr(default_factory=dict)
+    _pathway: Literal["calibration", "training"] | None = PrivateAttr(default=None)
+    _active_handles: list[Any] = PrivateAttr(default_factory=list)
+    _quantizers: dict[str, WeightFakeQuantizer] = PrivateAttr(default_factory=dict)
+    _start_step: int = PrivateAttr(default=0)
+    _ranges_frozen: bool = PrivateAttr(default=False)
+    _disabled_qdq: list[torch.nn.Module] = PrivateAttr(default_factory=list)
+
+    @model_validator(mode="after")
+    def _check_training_options(self) -> QuantizationModifier:
+        progressive = (self.start_bits, self.target_bits, self.quantization_period)
+        if any(v is not None for v in progressive) and any(v is None for v in progressive):
+            raise ValueError(
+                "progressive bit reduction needs start_bits, target_bits and "
+                f"quantization_period together; got start_bits={self.start_bits}, "
+                f"target_bits={self.target_bits}, quantization_period={self.quantization_period}"
+            )
+        training_only = []
+        if self.rounding == "stochastic":
+            training_only.append("rounding='stochastic'")
+        if self.start_bits is not None:
+            training_only.append("progressive bit reduction")
+            assert self.target_bits is not None
+            if self.start_bits <= self.target_bits:
+                raise ValueError(
+                    f"start_bits={self.start_bits} must exceed target_bits={self.target_bits}"
+                )
+            for name, group in self.resolve_quantization_config().config_groups.items():
+                bits = group.weights.num_bits if group.weights is not None else None
+                if bits != self.target_bits:
+                    raise ValueError(
+                        f"target_bits={self.target_bits} must equal the weights' num_bits of "
+                        f"every config group; {name} has {bits}"
+                    )
+        if training_only and self.start is None:
+            raise ValueError(
+                f"{' and '.join(training_only)} apply to training: set start (for example "
+                "start: 0); post-training calibration rounds to nearest at the target bits"
+            )
+        return self
+
+    # ---------------------------------------------------------------- calibration needs
+    def requires_calibration_data(self) -> bool:
+        """True when a scheme has static activation ranges to observe."""
+        return self.resolve_quantization_config().requires_calibration_data()
+
+    @property
+    def quantized_modules(self) -> dict[str, torch.nn.Module]:
+        """The modules this modifier quantizes, by name (known after initialize)."""
+        return dict(self._modules)
+
+    # ---------------------------------------------------------------- lifecycle
+    def on_initialize(self, state: State) -> None:
+        if state.model is None:
+            raise ValueError("QuantizationModifier needs a model in the state")
+        self._config = self.resolve_quantization_config()
+        self._modules = match_quantizable_modules(state.model, self._config)
+        logger.info("{} will quantize {} module(s)", type(self).__name__, len(self._modules))
+
+    def on_start(self, state: State, event: Event) -> None:
+        if event.type_ == EventType.CALIBRATION_EPOCH_START:
+            self._pathway = "calibration"
+            self._start_calibration(state)
+        else:
+            self._pathway = "training"
+            self._start_step = event.global_step
+            self._start_training()
+
+    def on_update(self, state: State, event: Event) -> None:
+        steps_event = event.type_ in (EventType.BATCH_START, EventType.OPTIM_POST_STEP)
+        if self._pathway == "training" and self.start_bits is not None and steps_event:
+            self._set_progressive_bits(event.global_step - self._start_step)
+
+    def on_end(self, state: State, event: Event) -> None:
+        if self._pathway == "calibration":
+            self._end_calibration()
+        else:
+            self._ranges_frozen = True
+            logger.info(
+                "{}: activation ranges frozen at step {}", type(self).__name__, event.global_step
+            )
+
+    def on_finalize(self, state: State) -> None:
+        if self._pathway == "calibration":
+            return
+        if self._pathway is None and self.requires_calibration_data():
+            raise RuntimeError(
+                f"{type(self).__name__} has static activation ranges to observe but no "
+                "calibration ran (no CALIBRATION_EPOCH_START): give calibration data, or "
+                "use dynamic activations (for example scheme W8A8 or FP8_DYNAMIC)"
+            )
+        self._remove_active_handles()
+        assert self._config is not None
+        apply_quantization(state.model, self._config, self._modules)
+        for name, module in self._modules.items():
+            update_weight_qparams(module, name)
+            for base, args in static_activation_roles(module).items():
+                observer = self._observers.get((name, base))
+                if observer is None or observer.batches == 0:
+                    raise RuntimeError(
+                        f"{name}: no training batch reached it to observe its {base} range"
+                    )
+                set_qparams(module, base, *observer.range, args, name)
+            freeze_quantization(module)
+        logger.info(
+            "{}: {} module(s) quantized and frozen", type(self).__name__, len(self._modules)
+        )
+
+    # ---------------------------------------------------------------- post-training
+    def _start_calibration(self, state: State) -> None:
+        assert self._config is not None
+        apply_quantization(state.model, self._config, self._modules)
+        for name, module in self._modules.items():
+            update_weight_qparams(module, name)
+            roles = static_activation_roles(module)
+            if "output" in roles:  # its scale is unknown until the first output is seen
+                module.quantization_enabled = False
+                self._disabled_qdq.append(module)
+            for base, args in roles.items():
+                self._observe(name, module, base, args, write_qparams=True)
+
+    def _observe(
+        self,
+        name: str,
+        module: torch.nn.Module,
+        base: str,
+        args: Any,
+        write_qparams: bool,
+    ) -> RangeObserver:
+        observer = make_observer(args, self.observer, self.momentum)
+        self._observers[(name, base)] = observer
+
+        def update(value: torch.Tensor) -> None:
+            lo, hi = activation_range(value, args)
+            if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
+                qparams_from_range(lo, hi, args, f"{name} ({base} activations)")  # raises
+            observer.update(lo, hi)
+            if write_qparams:
+                set_qparams(module, base, *observer.range, args, name)
+
+        if base == "input":
+
+            def observe_input(_module: torch.nn.Module, inputs: tuple) -> None:
+                update(inputs[0])
+
+            self._active_handles.append(self.register_hook(module, observe_input, "forward_pre"))
+        else:
+
+            def observe_output(_module: torch.nn.Module, _inputs: tuple, output: Any) -> None:
+                update(output)
+
+            self._active_handles.append(self.register_hook(module, observe_output, "forward"))
+        return observer
+
+    def _end_calibration(self) -> None:
+        self._remove_active_handles()
+        unseen = [
+            f"{name} ({base})" for (name, base), obs in self._observers.items() if obs.batches == 0
+        ]
+        if unseen:
+            raise RuntimeError(
+                "calibration ended but no batch reached these modules, so their static "
+                f"activation ranges are unknown: {', '.join(unseen)}"
+            )
+        for module in self._disabled_qdq:
+            module.quantization_enabled = True
+        self._disabled_qdq.clear()
+        for module in self._modules.values():
+            freeze_quantization(module)
+        logger.info(
+            "{}: calibration done, {} module(s) frozen ({} activation range(s) observed)",
+            type(self).__name__,
+            len(self._modules),
+            len(self._observers),
+        )
+
+    # ---------------------------------------------------------------- training
+    def _start_training(self) -> None:
+        assert self._config is not None
+        schemes = self._schemes_by_module()
+        for name, module in self._modules.items():
+            scheme = schemes[name]
+            if scheme.weights is not None:
+                quantizer = WeightFakeQuantizer(
+                    scheme.weights, stochastic=self.rounding == "stochastic", where=name
+                )
+                parametrize.register_parametrization(module, "weight", quantizer, unsafe=True)
+                self._active_handles.append(
+                    self.track_handle(_ParametrizationHandle(module, "weight"))
+                )  # type: ignore[arg-type]
+                self._quantizers[name] = quantizer
+            for base, role in _ROLES.items():
+                args = getattr(scheme, role)
+                if args is not None:
+                    self._fake_quantize_activations(name, module, base, args)
+        if self.start_bits is not None:
+            self._set_progressive_bits(0)
+        logger.info(
+            "{}: quantization-aware training of {} module(s)",
+            type(self).__name__,
+            len(self._modules),
+        )
+
+    def _schemes_by_module(self) -> dict[str, Any]:
+        """The scheme each module gets, by the first matching config group's targets."""
+        from compressed_tensors.utils.match import is_match
+
+        assert self._config is not None
+        out = {}
+        for name, module in self._modules.items():
+            for group in self._config.config_groups.values():
+                if any(is_match(name, module, target) for target in group.targets):  # type: ignore[union-attr]
+                    out[name] = group
+                    break
+        return out
+
+    def _fake_quantize_activations(
+        self, name: str, module: torch.nn.Module, base: str, args: Any
+    ) -> None:
+        observer = None if args.dynamic else make_observer(args, self.observer, self.momentum)
+        if observer is not None:
+            self._observers[(name, base)] = observer
+
+        def quantize(value: torch.Tensor) -> torch.Tensor:
+            if observer is None:
+                return straight_through(value, fake_quantize_activation(value, args))
+            if not self._ranges_frozen or observer.batches == 0:
+                lo, hi = activation_range(value, args)
+                qparams_from_range(lo, hi, args, f"{name} ({base} activations)")  # finite check
+                observer.update(lo, hi)
+            scale, zero_point = qparams_from_range(*observer.range, args, name)
+            return straight_through(value, fake_quantize_activation(value, args, scale, zero_point))
+
+        if base == "input":
+
+            def quantize_input(_module: torch.nn.Module, inputs: tuple) -> tuple:
+                return (quantize(inputs[0]), *inputs[1:])
+
+            self._active_handles.append(self.register_hook(module, quantize_input, "forward_pre"))
+        else:
+
+            def quantize_output(_module: torch.nn.Module, _inputs: tuple, output: Any) -> Any:
+                return quantize(output)
+
+            self._active_handles.append(self.register_hook(module, quantize_output, "forward"))
+
+    def _set_progressive_bits(self, steps: int) -> None:
+        assert self.start_bits is not None and self.target_bits is not None
+        assert self.quantization_period is not None
+        bits = progressive_bits(steps, self.start_bits, self.target_bits, self.quantization_period)
+        changed = [q for q in self._quantizers.values() if q.num_bits != bits]
+        for quantizer in changed:
+            quantizer.num_bits = bits
+        if changed:
+            logger.info("{}: weights now at {} bits (step {})", type(self).__name__, bits, steps)
+
+    def _remove_active_handles(self) -> None:
+        while self._active_handles:
+            self._active_handles.pop().remove()
+        self._quantizers.clear()

@@ -1,0 +1,114 @@
+"""Fake quantization for training: straight-through estimators around compressed-tensors.
+
+compressed-tensors' ``fake_quantize`` runs under ``torch.no_grad``, so by itself it stops
+gradients. ``straight_through`` keeps the quantized value in the forward and passes the
+gradient unchanged to the full-precision tensor (Bengio et al., 2013,
+https://arxiv.org/abs/1308.3432).
+"""
+
+from __future__ import annotations
+
+import torch
+from compressed_tensors.quantization import (
+    QuantizationArgs,
+    QuantizationStrategy,
+    QuantizationType,
+    fake_quantize,
+)
+from compressed_tensors.quantization.utils import compute_dynamic_scales_and_zp
+
+from compressor.modifiers.quantization.observers import qparams_from_range, weight_range
+
+__all__ = [
+    "WeightFakeQuantizer",
+    "expand_to_weight",
+    "fake_quantize_activation",
+    "fake_quantize_weight",
+    "straight_through",
+]
+
+
+def straight_through(x: torch.Tensor, quantized: torch.Tensor) -> torch.Tensor:
+    """``quantized`` in the forward, identity gradient to ``x`` in the backward."""
+    return x + (quantized - x).detach()
+
+
+def expand_to_weight(values: torch.Tensor, matrix_shape: torch.Size, args: QuantizationArgs):
+    """Repeat per-group (or per-block) scales so that they broadcast over the weight matrix."""
+    if args.strategy == QuantizationStrategy.GROUP:
+        return values.repeat_interleave(args.group_size, dim=1)
+    if args.strategy == QuantizationStrategy.BLOCK:
+        rows, cols = args.block_structure
+        full = values.repeat_interleave(rows, dim=0).repeat_interleave(cols, dim=1)
+        return full[: matrix_shape[0], : matrix_shape[1]]
+    return values  # tensor (1,) and channel (rows, 1) broadcast already
+
+
+@torch.no_grad()
+def fake_quantize_weight(
+    weight: torch.Tensor,
+    args: QuantizationArgs,
+    stochastic: bool = False,
+    where: str = "weight",
+) -> torch.Tensor:
+    """Quantize then dequantize a weight with scales from its current range.
+
+    :param stochastic: round up with probability equal to the fractional part (int only),
+        so that the rounding is unbiased (Gupta et al., 2015, https://arxiv.org/abs/1502.02551)
+    """
+    matrix = weight.flatten(1) if weight.dim() > 2 else weight
+    lo, hi = weight_range(matrix, args)
+    scale, zero_point = qparams_from_range(lo, hi, args, where)
+    scale = scale.to(matrix.dtype)
+    if stochastic:
+        if args.type != QuantizationType.INT:
+            raise ValueError("stochastic rounding is defined for int quantization only")
+        step = expand_to_weight(scale, matrix.shape, args)
+        matrix = matrix + (torch.rand_like(matrix) - 0.5) * step
+    out = fake_quantize(matrix, scale, zero_point, args)
+    return out.reshape(weight.shape).to(weight.dtype)
+
+
+@torch.no_grad()
+def fake_quantize_activation(
+    x: torch.Tensor,
+    args: QuantizationArgs,
+    scale: torch.Tensor | None = None,
+    zero_point: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Quantize then dequantize activations: dynamic args compute their scales from ``x``
+    (per token, tensor or group), static ones use the given ``scale`` and ``zero_point``."""
+    if args.dynamic:
+        scale, zero_point = compute_dynamic_scales_and_zp(value=x, args=args, module=None)
+    if scale is None:
+        raise ValueError("static activation quantization needs a scale")
+    return fake_quantize(x, scale.to(x.dtype), zero_point, args)
+
+
+class WeightFakeQuantizer(torch.nn.Module):
+    """A parametrization that fake-quantizes a weight with a straight-through gradient.
+
+    ``num_bits`` can be lowered during training (progressive bit reduction).
+
+    :param args: the weight's quantization args
+    :param stochastic: use stochastic rounding
+    :param where: the module's name, for errors
+    """
+
+    def __init__(self, args: QuantizationArgs, stochastic: bool = False, where: str = "") -> None:
+        super().__init__()
+        self.args = args
+        self.stochastic = stochastic
+        self.where = where
+
+    @property
+    def num_bits(self) -> int:
+        return self.args.num_bits
+
+    @num_bits.setter
+    def num_bits(self, bits: int) -> None:
+        self.args = self.args.model_copy(update={"num_bits": bits})
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        quantized = fake_quantize_weight(weight, self.args, self.stochastic, self.where)
+        return straight_through(weight, quantized)

@@ -1,0 +1,19 @@
+"""GPTQ: second-order weight quantization (Frantar et al., 2022)."""
+
+from compressor.modifiers.quantization.gptq.gptq import (
+    GPTQResult,
+    gptq_quantize_weight,
+    round_to_nearest,
+)
+from compressor.modifiers.quantization.gptq.hessian import (
+    accumulate_hessian,
+    inverse_hessian_cholesky,
+)
+
+__all__ = [
+    "GPTQResult",
+    "accumulate_hessian",
+    "gptq_quantize_weight",
+    "inverse_hessian_cholesky",
+    "round_to_nearest",
+]

@@ -1,0 +1,103 @@
+"""The Hessian of a Linear's inputs, as GPTQ needs it: accumulated and inverted with care.
+
+GPTQ (Frantar et al., 2022) weighs each weight column's rounding error by the inverse of
+``H = 2/n sum x x^T`` over the layer's inputs ``x``. ``accumulate_hessian`` keeps a running mean
+batch by batch; ``inverse_hessian_cholesky`` dampens ``H`` and returns the upper Cholesky factor
+of its inverse, raising the dampening when ``H`` is not positive definite.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from loguru import logger
+
+__all__ = ["accumulate_hessian", "inverse_hessian_cholesky"]
+
+_MAX_DAMPENING_RETRIES = 8
+
+
+def accumulate_hessian(
+    inputs: torch.Tensor,
+    hessian: torch.Tensor | None = None,
+    num_samples: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, int]:
+    """Fold a batch of a Linear's inputs into the running Hessian ``H = 2/n sum_t x_t x_t^T``.
+
+    Every token (every row after flattening the leading dimensions) is one sample. The mean is
+    kept as a running mean (old sum rescaled, new inputs scaled by ``sqrt(2/n)`` before the
+    product), so ``H`` never holds a large unnormalised sum.
+
+    :param inputs: ``(..., in_features)`` activations entering the Linear
+    :param hessian: the Hessian so far (updated in place), or None to start one
+    :param num_samples: how many samples ``hessian`` already averages
+    :param dtype: accumulation dtype (float32, or float64 for extra care)
+    :return: the updated Hessian and sample count
+    """
+    x = inputs.detach().reshape(-1, inputs.shape[-1])
+    if hessian is None:
+        hessian = torch.zeros(x.shape[1], x.shape[1], dtype=dtype, device=x.device)
+    if hessian.shape != (x.shape[1], x.shape[1]):
+        raise ValueError(
+            f"inputs have {x.shape[1]} features but the Hessian is {tuple(hessian.shape)}"
+        )
+    new = x.shape[0]
+    if new == 0:
+        return hessian, num_samples
+    total = num_samples + new
+    hessian.mul_(num_samples / total)
+    x = x.to(device=hessian.device, dtype=hessian.dtype) * math.sqrt(2.0 / total)
+    hessian.addmm_(x.t(), x)
+    return hessian, total
+
+
+def inverse_hessian_cholesky(
+    hessian: torch.Tensor, dampening_frac: float = 0.01
+) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor of the inverse of the dampened Hessian.
+
+    Adds ``dampening_frac * mean(diag H)`` to the diagonal. When the result is not positive
+    definite, the dampening is raised tenfold (with a warning) until it is.
+
+    :param hessian: symmetric ``(n, n)`` Hessian (dead columns already handled)
+    :param dampening_frac: fraction of the mean diagonal added to the diagonal
+    :return: ``U`` with ``U^T U = (H + damp I)^-1`` (float32), and the dampening used
+    """
+    if not torch.isfinite(hessian).all():
+        raise ValueError("the Hessian has NaN or infinite entries; check the calibration data")
+    h64 = hessian.to(torch.float64)
+    mean_diag = h64.diagonal().abs().mean().clamp_min(1e-12)
+    eye = torch.eye(h64.shape[0], dtype=h64.dtype, device=h64.device)
+    frac = dampening_frac
+    for _ in range(_MAX_DAMPENING_RETRIES + 1):
+        upper, ok = _upper_cholesky_of_inverse(h64 + frac * mean_diag * eye)
+        if ok:
+            return upper.to(torch.float32), frac
+        raised = max(frac * 10.0, 1e-4)
+        logger.warning(
+            "Hessian is not positive definite with dampening_frac={:g}; retrying with {:g}",
+            frac,
+            raised,
+        )
+        frac = raised
+    raise ValueError(
+        f"the Hessian is not positive definite even with dampening_frac={frac:g}; "
+        "check the calibration data"
+    )
+
+
+def _upper_cholesky_of_inverse(h: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """``U`` upper triangular with ``U^T U = h^-1``, from one Cholesky and one triangular solve.
+
+    With ``J`` the reversal permutation and ``J h J = L L^T``, ``U = J L^-1 J`` is upper
+    triangular and ``U^T U = J L^-T L^-1 J = J (J h J)^-1 J = h^-1``. (Avoids
+    ``cholesky_inverse`` followed by a second Cholesky, which is much slower on CPU.)
+    """
+    lower, info = torch.linalg.cholesky_ex(h.flip(0, 1))
+    if info != 0:
+        return h, False
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    # a successful Cholesky has a positive diagonal, so the triangular inverse exists
+    return torch.linalg.solve_triangular(lower, eye, upper=False).flip(0, 1), True

@@ -1,0 +1,143 @@
+"""Ranges of weights and activations, reduced to the shape of their quantization scales.
+
+Pure functions and two small stateful observers; compressed-tensors turns ranges into scales
+and zero points (``calculate_qparams``), which also keeps an all-zero group's scale away
+from zero (it becomes the dtype's epsilon, so nothing divides by zero).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from compressed_tensors.quantization import QuantizationArgs, QuantizationStrategy
+from compressed_tensors.quantization.utils import calculate_qparams
+
+__all__ = [
+    "ObserverKind",
+    "RangeObserver",
+    "activation_range",
+    "check_finite_range",
+    "make_observer",
+    "qparams_from_range",
+    "weight_range",
+]
+
+ObserverKind = Literal["minmax", "moving_average"]
+# compressed-tensors' names for a plain min-max observer
+_OBSERVER_ALIASES = {"static_minmax": "minmax", "memoryless_minmax": "minmax"}
+
+
+def _as_matrix(weight: torch.Tensor) -> torch.Tensor:
+    """Weights as (output rows, input columns); a convolution's kernel is flattened."""
+    return weight.flatten(1) if weight.dim() > 2 else weight
+
+
+def weight_range(weight: torch.Tensor, args: QuantizationArgs) -> tuple[torch.Tensor, torch.Tensor]:
+    """The min and max of a weight, one per scale, in the shape compressed-tensors expects.
+
+    tensor: (1,); channel: (rows, 1); group: (rows, columns / group_size);
+    block: (row blocks, column blocks).
+    """
+    w = _as_matrix(weight.detach()).float()
+    strategy = args.strategy
+    if strategy == QuantizationStrategy.TENSOR:
+        lo, hi = torch.aminmax(w)
+        return lo.reshape(1), hi.reshape(1)
+    if strategy == QuantizationStrategy.CHANNEL:
+        return w.amin(dim=1, keepdim=True), w.amax(dim=1, keepdim=True)
+    if strategy == QuantizationStrategy.GROUP:
+        size = args.group_size
+        if w.shape[1] % size:
+            raise ValueError(f"group_size={size} does not divide {w.shape[1]} weight columns")
+        grouped = w.unflatten(1, (w.shape[1] // size, size))
+        return grouped.amin(dim=-1), grouped.amax(dim=-1)
+    if strategy == QuantizationStrategy.BLOCK:
+        rows, cols = args.block_structure
+        pad_rows = -w.shape[0] % rows
+        if w.shape[1] % cols:
+            raise ValueError(f"block columns {cols} do not divide {w.shape[1]} weight columns")
+        if pad_rows:  # padded rows repeat the last one, which changes no block's range
+            w = torch.cat([w, w[-1:].expand(pad_rows, -1)])
+        blocks = w.unflatten(0, (w.shape[0] // rows, rows)).unflatten(2, (w.shape[1] // cols, cols))
+        return blocks.amin(dim=(1, 3)), blocks.amax(dim=(1, 3))
+    raise ValueError(f"weight strategy {strategy!r} has no range reduction")
+
+
+def activation_range(x: torch.Tensor, args: QuantizationArgs) -> tuple[torch.Tensor, torch.Tensor]:
+    """The min and max of a batch of activations for a static scale.
+
+    tensor: (1,); group: (features / group_size,), reduced over every token.
+    """
+    x = x.detach().float()
+    if args.strategy == QuantizationStrategy.TENSOR:
+        lo, hi = torch.aminmax(x)
+        return lo.reshape(1), hi.reshape(1)
+    if args.strategy == QuantizationStrategy.GROUP:
+        size = args.group_size
+        grouped = x.reshape(-1, x.shape[-1] // size, size)
+        return grouped.amin(dim=(0, 2)), grouped.amax(dim=(0, 2))
+    raise ValueError(f"static activation strategy {args.strategy!r} has no range reduction")
+
+
+def check_finite_range(lo: torch.Tensor, hi: torch.Tensor, where: str) -> None:
+    """Raise ValueError naming ``where`` when a range holds NaN or inf."""
+    if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
+        raise ValueError(
+            f"{where}: the observed range contains NaN or inf (min={lo.min().item()}, "
+            f"max={hi.max().item()}); quantization needs finite values. Check the model's "
+            "weights and the calibration data"
+        )
+
+
+def qparams_from_range(
+    lo: torch.Tensor, hi: torch.Tensor, args: QuantizationArgs, where: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point for a finite range (an all-zero range gets epsilon scales)."""
+    check_finite_range(lo, hi, where)
+    return calculate_qparams(lo, hi, args)
+
+
+@dataclass
+class RangeObserver:
+    """Accumulates an activation range over batches.
+
+    :param kind: ``minmax`` keeps the extreme min and max seen; ``moving_average`` keeps
+        ``momentum * running + (1 - momentum) * batch`` (the first batch initialises it)
+    :param momentum: weight of the running value in the moving average
+    """
+
+    kind: ObserverKind = "moving_average"
+    momentum: float = 0.95
+    lo: torch.Tensor | None = field(default=None, repr=False)
+    hi: torch.Tensor | None = field(default=None, repr=False)
+    batches: int = 0
+
+    def update(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        if self.lo is None or self.hi is None:
+            self.lo, self.hi = lo.clone(), hi.clone()
+        elif self.kind == "minmax":
+            self.lo, self.hi = torch.minimum(self.lo, lo), torch.maximum(self.hi, hi)
+        else:
+            m = self.momentum
+            self.lo = m * self.lo + (1 - m) * lo
+            self.hi = m * self.hi + (1 - m) * hi
+        self.batches += 1
+
+    @property
+    def range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.lo is None or self.hi is None:
+            raise RuntimeError("the observer has seen no batch")
+        return self.lo, self.hi
+
+
+def make_observer(args: QuantizationArgs, kind: ObserverKind, momentum: float) -> RangeObserver:
+    """An observer for ``args``; ``args.observer`` / ``observer_kwargs`` win when set."""
+    chosen = _OBSERVER_ALIASES.get(args.observer or kind, args.observer or kind)
+    if chosen not in ("minmax", "moving_average"):
+        raise ValueError(f"observer={chosen!r} is not supported; use 'minmax' or 'moving_average'")
+    return RangeObserver(
+        kind=chosen,  # type: ignore[arg-type]
+        momentum=float(args.observer_kwargs.get("momentum", momentum)),
+    )

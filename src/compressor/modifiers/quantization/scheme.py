@@ -1,0 +1,349 @@
+"""The quantization fields every quantizing modifier shares, and how they become a config.
+
+``QuantizationSchemeMixin`` holds ``targets`` / ``ignore`` / ``scheme`` / ``config_groups``
+and validates them when a recipe is parsed. ``resolve_quantization_config`` turns the fields
+into a compressed-tensors ``QuantizationConfig``; ``match_quantizable_modules`` checks it
+against a model (targets that match nothing, group sizes that do not divide a layer) and
+``apply_quantization`` attaches it (compressed-tensors' schemes, scales, quantized forward).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from compressed_tensors.quantization import (
+    QuantizationArgs,
+    QuantizationConfig,
+    QuantizationScheme,
+    QuantizationStrategy,
+    QuantizationType,
+    apply_quantization_config,
+    preset_name_to_scheme,
+)
+from compressed_tensors.quantization.quant_args import DynamicType
+from compressed_tensors.quantization.quant_scheme import PRESET_SCHEMES
+from compressed_tensors.utils.match import is_match
+from loguru import logger
+from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+
+__all__ = [
+    "QUANTIZABLE_MODULE_TYPES",
+    "SUPPORTED_PRESETS",
+    "QuantizationSchemeMixin",
+    "apply_quantization",
+    "check_args_supported",
+    "match_quantizable_modules",
+    "resolve_quantization_config",
+]
+
+# module types compressed-tensors can initialize, run quantized and compress
+QUANTIZABLE_MODULE_TYPES: tuple[type[torch.nn.Module], ...] = (torch.nn.Linear, torch.nn.Embedding)
+
+_WEIGHT_STRATEGIES = ("tensor", "channel", "group", "block")
+_STATIC_ACTIVATION_STRATEGIES = ("tensor", "group")
+_DYNAMIC_ACTIVATION_STRATEGIES = ("token", "tensor", "group")
+_FLOAT_BITS = (8,)
+_INT_BITS = range(2, 9)
+# compressed-tensors presets name plain min-max "static_minmax" / "memoryless_minmax"
+_OBSERVERS = (None, "minmax", "static_minmax", "memoryless_minmax", "moving_average")
+
+
+def check_args_supported(args: QuantizationArgs, role: str) -> None:
+    """Raise ValueError when ``args`` asks for something this library cannot quantize.
+
+    :param args: one set of quantization arguments
+    :param role: ``weights``, ``input_activations`` or ``output_activations`` (for messages)
+    """
+    strategy = QuantizationStrategy(args.strategy).value
+    if args.type == QuantizationType.FLOAT and args.num_bits not in _FLOAT_BITS:
+        raise ValueError(
+            f"{role}: float quantization with num_bits={args.num_bits} is not supported; "
+            f"float num_bits must be one of {list(_FLOAT_BITS)}"
+        )
+    if args.type == QuantizationType.INT and args.num_bits not in _INT_BITS:
+        raise ValueError(
+            f"{role}: int quantization with num_bits={args.num_bits} is not supported; "
+            f"int num_bits must be {_INT_BITS.start}..{_INT_BITS.stop - 1}"
+        )
+    if args.observer not in _OBSERVERS:
+        raise ValueError(
+            f"{role}: observer={args.observer!r} is not supported; use one of {list(_OBSERVERS)}"
+        )
+    if role == "weights":
+        if args.observer == "moving_average":
+            raise ValueError(
+                f"{role}: observer='moving_average' is for activations; weights use their "
+                "exact min and max"
+            )
+        if args.dynamic:
+            raise ValueError(f"{role}: dynamic={args.dynamic!r} is for activations only")
+        if strategy not in _WEIGHT_STRATEGIES:
+            raise ValueError(
+                f"{role}: strategy {strategy!r} is not supported; "
+                f"weights take one of {list(_WEIGHT_STRATEGIES)}"
+            )
+        return
+    if args.dynamic == DynamicType.LOCAL:
+        raise ValueError(f"{role}: dynamic='local' (NVFP4) is not supported; use true or false")
+    allowed = _DYNAMIC_ACTIVATION_STRATEGIES if args.dynamic else _STATIC_ACTIVATION_STRATEGIES
+    if strategy not in allowed:
+        kind = "dynamic" if args.dynamic else "static"
+        raise ValueError(
+            f"{role}: strategy {strategy!r} is not supported for {kind} activations; "
+            f"use one of {list(allowed)}"
+        )
+
+
+def _check_scheme(scheme: QuantizationScheme, where: str) -> None:
+    roles = ("weights", "input_activations", "output_activations")
+    if all(getattr(scheme, role) is None for role in roles):
+        raise ValueError(f"{where}: quantizes nothing; give weights and/or activations")
+    for role in roles:
+        args = getattr(scheme, role)
+        if args is not None:
+            try:
+                check_args_supported(args, role)
+            except ValueError as err:
+                raise ValueError(f"{where} -> {err}") from None
+
+
+def _supported_presets() -> list[str]:
+    names = []
+    for name in PRESET_SCHEMES:
+        try:
+            _check_scheme(preset_name_to_scheme(name, ["Linear"]), name)
+        except (ValueError, NotImplementedError):
+            continue
+        names.append(name)
+    return names
+
+
+SUPPORTED_PRESETS: list[str] = _supported_presets()
+
+
+class QuantizationSchemeMixin(BaseModel):
+    """Fields that say what to quantize and how, validated when a recipe is parsed.
+
+    Mix into a modifier before ``Modifier``:
+    ``class GPTQModifier(QuantizationSchemeMixin, Modifier)``.
+
+    :param targets: modules to quantize: class names (``Linear``), module names, or
+        ``re:`` patterns; also the default targets of config groups that give none
+    :param ignore: modules to leave alone, in the same forms (``lm_head`` by default)
+    :param scheme: a compressed-tensors preset name (W4A16, W8A8, FP8_DYNAMIC, ...)
+    :param config_groups: explicit compressed-tensors schemes by group name, each with
+        ``weights`` / ``input_activations`` / ``output_activations`` arguments (and optional
+        ``targets``); exclusive with ``scheme``
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    targets: list[str] = ["Linear"]
+    ignore: list[str] = ["lm_head"]
+    scheme: str | None = None
+    config_groups: dict[str, QuantizationScheme] | None = None
+
+    @field_validator("targets", "ignore", mode="before")
+    @classmethod
+    def _one_string_is_a_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("scheme", mode="before")
+    @classmethod
+    def _upper_case_preset(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _groups_default_to_targets(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or not isinstance(data.get("config_groups"), dict):
+            return data
+        targets = data.get("targets", ["Linear"])
+        targets = [targets] if isinstance(targets, str) else targets
+        groups = {}
+        for name, group in data["config_groups"].items():
+            if isinstance(group, dict) and "targets" not in group:
+                group = {**group, "targets": list(targets)}
+            groups[name] = group
+        return {**data, "config_groups": groups}
+
+    @model_validator(mode="after")
+    def _check_quantization_fields(self) -> QuantizationSchemeMixin:
+        if not self.targets:
+            raise ValueError("targets: empty; give at least one module class, name or re: pattern")
+        if self.scheme is not None and self.config_groups is not None:
+            raise ValueError(
+                f"scheme={self.scheme!r} and config_groups are exclusive: give one of them"
+            )
+        if self.scheme is None and self.config_groups is None:
+            raise ValueError(
+                "give scheme (a preset: " + ", ".join(SUPPORTED_PRESETS) + ") or config_groups"
+            )
+        if self.scheme is not None and self.scheme not in SUPPORTED_PRESETS:
+            if self.scheme in PRESET_SCHEMES:
+                try:
+                    _check_scheme(preset_name_to_scheme(self.scheme, self.targets), "scheme")
+                    reason = "not supported"
+                except (ValueError, NotImplementedError) as err:
+                    reason = str(err)
+                raise ValueError(
+                    f"scheme={self.scheme!r} is a compressed-tensors preset this library does "
+                    f"not support ({reason}); supported presets: {', '.join(SUPPORTED_PRESETS)}"
+                )
+            raise ValueError(
+                f"scheme={self.scheme!r} is not a known preset; "
+                f"allowed: {', '.join(SUPPORTED_PRESETS)}"
+            )
+        for name, group in (self.config_groups or {}).items():
+            if not group.targets:
+                raise ValueError(f"config_groups -> {name} -> targets: empty")
+            _check_scheme(group, f"config_groups -> {name}")
+        return self
+
+    def resolve_quantization_config(self) -> QuantizationConfig:
+        """The compressed-tensors config these fields describe."""
+        return resolve_quantization_config(
+            scheme=self.scheme,
+            config_groups=self.config_groups,
+            targets=self.targets,
+            ignore=self.ignore,
+        )
+
+
+def resolve_quantization_config(
+    *,
+    scheme: str | None = None,
+    config_groups: dict[str, QuantizationScheme] | None = None,
+    targets: list[str] | None = None,
+    ignore: list[str] | None = None,
+) -> QuantizationConfig:
+    """Turn a preset name or explicit groups into a compressed-tensors QuantizationConfig.
+
+    :param scheme: a preset name; exclusive with ``config_groups``
+    :param config_groups: explicit schemes by group name
+    :param targets: the preset's targets (``Linear`` by default)
+    :param ignore: modules to leave alone
+    """
+    if (scheme is None) == (config_groups is None):
+        raise ValueError("give exactly one of scheme and config_groups")
+    if scheme is not None:
+        groups = {"group_0": preset_name_to_scheme(scheme, list(targets or ["Linear"]))}
+    else:
+        assert config_groups is not None
+        groups = {name: group.model_copy(deep=True) for name, group in config_groups.items()}
+    return QuantizationConfig(config_groups=groups, ignore=list(ignore or []))
+
+
+def _input_width(module: torch.nn.Module) -> int:
+    weight = module.weight
+    return int(weight.shape[-1])
+
+
+def _check_module_fits(name: str, module: torch.nn.Module, scheme: QuantizationScheme) -> None:
+    width = _input_width(module)
+    label = f"{name} ({type(module).__name__}, input width {width})"
+    for role in ("weights", "input_activations"):
+        args = getattr(scheme, role)
+        if args is None:
+            continue
+        if args.strategy == QuantizationStrategy.GROUP and width % args.group_size != 0:
+            divisors = [g for g in (16, 32, 64, 128, 256) if width % g == 0]
+            hint = (
+                f"group sizes that divide it: {divisors}"
+                if divisors
+                else "no common group size divides it"
+            )
+            raise ValueError(
+                f"{role}: group_size={args.group_size} does not divide the input width of "
+                f"{label}; {hint}; or add the layer to ignore, or use strategy 'channel'"
+            )
+        if args.strategy == QuantizationStrategy.BLOCK:
+            rows, cols = args.block_structure
+            if width % cols != 0:
+                raise ValueError(
+                    f"{role}: block_structure={args.block_structure} columns do not divide the "
+                    f"input width of {label}"
+                )
+    if isinstance(module, torch.nn.Embedding) and scheme.input_activations is not None:
+        raise ValueError(
+            f"input_activations cannot be quantized for {label}: an Embedding's inputs are "
+            "token ids; target embeddings with a weights-only group"
+        )
+
+
+def match_quantizable_modules(
+    model: torch.nn.Module, config: QuantizationConfig
+) -> dict[str, torch.nn.Module]:
+    """The modules ``config`` quantizes, after checking that it fits the model.
+
+    A target that matches no quantizable module logs a warning naming it; a config that
+    matches no module at all, a group size that does not divide a layer's input width, or
+    activation quantization of an Embedding raise ValueError naming the layer.
+
+    :return: module name -> module, in model order
+    """
+    target_to_scheme: dict[str, QuantizationScheme] = {}
+    for group in config.config_groups.values():
+        assert isinstance(group, QuantizationScheme)
+        for target in group.targets:
+            target_to_scheme.setdefault(target, group)
+    ignore = list(config.ignore or [])
+    matched: dict[str, torch.nn.Module] = {}
+    hits = dict.fromkeys(target_to_scheme, 0)
+    unsupported: dict[str, set[str]] = {}
+    for name, module in model.named_modules():
+        for target, scheme in target_to_scheme.items():
+            if not is_match(name, module, target):
+                continue
+            if is_match(name, module, ignore):
+                break
+            if not isinstance(module, QUANTIZABLE_MODULE_TYPES):
+                unsupported.setdefault(target, set()).add(type(module).__name__)
+                break
+            _check_module_fits(name, module, scheme)
+            hits[target] += 1
+            matched[name] = module
+            break
+    for target, count in hits.items():
+        if count == 0:
+            extra = ""
+            if target in unsupported:
+                extra = (
+                    f" (it matched only {', '.join(sorted(unsupported[target]))}, which cannot "
+                    "be quantized; target their Linear layers)"
+                )
+            logger.warning(
+                "quantization target {!r} matches no quantizable module of {}{}",
+                target,
+                type(model).__name__,
+                extra,
+            )
+    if not matched:
+        raise ValueError(
+            f"the quantization targets {list(target_to_scheme)} (ignoring {ignore}) match no "
+            f"Linear or Embedding module of {type(model).__name__}"
+        )
+    return matched
+
+
+def apply_quantization(
+    model: torch.nn.Module,
+    config: QuantizationConfig,
+    modules: dict[str, torch.nn.Module] | None = None,
+) -> dict[str, torch.nn.Module]:
+    """Attach compressed-tensors quantization (scheme, scale parameters, quantized forward).
+
+    Scales are left uninitialized: set them with ``update_weight_qparams`` and the
+    activation observers. Returns the quantized modules by name.
+
+    :param model: the model to change in place
+    :param config: what to quantize
+    :param modules: the modules to quantize (``match_quantizable_modules`` when None)
+    """
+    if modules is None:
+        modules = match_quantizable_modules(model, config)
+    apply_quantization_config(
+        model, config, show_progress=False, allowed_modules=list(modules.values())
+    )
+    return modules

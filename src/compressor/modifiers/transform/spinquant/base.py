@@ -1,0 +1,267 @@
+"""SpinQuantModifier: R1 and R2 rotations fused into the weights, ahead of quantization."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from compressed_tensors.transform import TransformArgs, TransformConfig, TransformScheme
+from compressed_tensors.utils import (
+    TorchDtype,
+    get_head_dim,
+    match_modules_set,
+    match_named_modules,
+)
+from loguru import logger
+from pydantic import Field, PrivateAttr, field_validator
+
+from compressor.core.events import Event
+from compressor.core.state import State
+from compressor.modifiers.base import Modifier
+from compressor.modifiers.transform.spinquant.apply import (
+    apply_fused_transforms,
+    check_fused_config,
+)
+from compressor.modifiers.transform.spinquant.fusion import (
+    fuse_norm_into_linears,
+    untie_word_embeddings,
+)
+from compressor.modifiers.transform.spinquant.mappings import (
+    NormMapping,
+    SpinQuantMapping,
+    infer_mapping_from_model,
+    infer_norm_mappings_from_model,
+)
+from compressor.modifiers.transform.spinquant.matrices import hadamard_supported, rotation_matrix
+
+__all__ = ["SpinQuantModifier"]
+
+_ROTATIONS = ("R1", "R2")
+_ONLINE = ("R3", "R4")
+_PRECISIONS = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+
+
+@Modifier.register("SpinQuant")
+class SpinQuantModifier(Modifier):
+    """Rotate the residual stream (R1) and each attention head's values (R2) by orthogonal
+    matrices fused into the weights, so that outliers spread out and quantization loses less,
+    at no runtime cost. Without quantization the model computes the same function.
+
+    Paper: Liu et al. 2024, "SpinQuant: LLM quantization with learned rotations"
+    (arXiv:2405.16406). The rotations here are fixed (Hadamard or random), not learned.
+
+    **Lifecycle**
+
+    - ``on_initialize``: infer the mappings (Llama, Mistral, Qwen2, Qwen3) unless given; build
+      the compressed-tensors ``TransformConfig`` (R1, R2) unless given; check that every target
+      exists and every rotated size is supported
+    - ``on_start`` (CALIBRATION_EPOCH_START in oneshot, or ``start`` in training): untie tied
+      embeddings; fuse each norm's scale into the linears it feeds; fuse R1 (embedding and
+      residual writers on the output side, residual readers and lm_head on the input side) and
+      R2 (per head: v_proj output, o_proj input; one matrix for every head of a layer, so
+      grouped-query attention stays exact)
+    - ``on_end`` / ``on_finalize``: nothing left to undo; the weights are an ordinary
+      checkpoint
+
+    Embeddings are not centred: the inferred architectures use RMSNorm, for which centring is
+    neither needed nor exact. LayerNorm models (which would need centring and a conversion to
+    RMSNorm) are refused.
+
+    :param rotations: which rotations, case-insensitive: ``R1`` and/or ``R2`` (default both);
+        ``R3``/``R4`` are online rotations, out of scope
+    :param transform_type: ``hadamard`` (powers of two and compressed-tensors' known orders
+        ``k * 2**m``), ``random-hadamard`` (same sizes, random signs) or ``random-matrix``
+        (random orthogonal, any size)
+    :param randomize: draw randomised matrices: a permuted Hadamard, and a distinct R2 per
+        decoder layer
+    :param learnable: learned rotations (Cayley optimisation); not supported, must be False
+    :param precision: dtype the rotations are built and fused in (float64 by default)
+    :param mappings: which modules play which role; inferred for known architectures
+    :param norm_mappings: each norm and the linears it feeds; inferred for known architectures
+    :param transform_config: a compressed-tensors ``TransformConfig`` of offline rotations that
+        replaces the one built from ``rotations`` and ``mappings`` (norms are still fused)
+    """
+
+    rotations: list[Literal["R1", "R2"]] = Field(default_factory=lambda: ["R1", "R2"])
+    transform_type: Literal["hadamard", "random-hadamard", "random-matrix"] = "hadamard"
+    randomize: bool = False
+    learnable: bool = False
+    precision: TorchDtype = torch.float64
+    mappings: SpinQuantMapping | None = None
+    norm_mappings: list[NormMapping] | None = None
+    transform_config: TransformConfig | None = None
+
+    _mapping: SpinQuantMapping | None = PrivateAttr(default=None)
+    _norm_mappings: list[NormMapping] = PrivateAttr(default_factory=list)
+    _config: TransformConfig | None = PrivateAttr(default=None)
+
+    # ---------------------------------------------------------------- validation
+    @field_validator("rotations", mode="before")
+    @classmethod
+    def _normalise_rotations(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list | tuple):
+            return value
+        names = [v.upper() if isinstance(v, str) else v for v in value]
+        online = [n for n in names if n in _ONLINE]
+        if online:
+            raise ValueError(
+                f"rotations {online} are online rotations (R3 on queries/keys, R4 on the "
+                f"down_proj input) and are out of scope; allowed: {', '.join(_ROTATIONS)}"
+            )
+        unknown = [v for v, n in zip(value, names, strict=True) if n not in _ROTATIONS]
+        if unknown:
+            raise ValueError(f"rotations must be among {', '.join(_ROTATIONS)}; got {unknown}")
+        if len(set(names)) != len(names):
+            raise ValueError(f"rotations lists one twice: {list(value)}")
+        return names
+
+    @field_validator("learnable")
+    @classmethod
+    def _no_learning(cls, value: bool) -> bool:
+        if value:
+            raise ValueError(
+                "learnable=True: learned rotations (Cayley SGD on the Stiefel manifold) are not "
+                "supported; the rotations are fixed and fused. Use learnable=False"
+            )
+        return value
+
+    @field_validator("precision")
+    @classmethod
+    def _float_precision(cls, value: torch.dtype) -> torch.dtype:
+        if value not in _PRECISIONS:
+            raise ValueError(
+                f"precision must be one of {', '.join(str(p) for p in _PRECISIONS)}; got {value}"
+            )
+        return value
+
+    @field_validator("transform_config")
+    @classmethod
+    def _offline_only(cls, value: TransformConfig | None) -> TransformConfig | None:
+        return value if value is None else check_fused_config(value)
+
+    # ---------------------------------------------------------------- lifecycle
+    def on_initialize(self, state: State) -> None:
+        model = state.model
+        if model is None:
+            raise ValueError("SpinQuantModifier needs a model in the state")
+        self._norm_mappings = list(self.norm_mappings or infer_norm_mappings_from_model(model))
+        self._check_norms(model)
+        if self.transform_config is not None:
+            self._config = self.transform_config.model_copy(deep=True)
+        else:
+            self._mapping = self.mappings or infer_mapping_from_model(model)
+            self._config = self._build_config(model, self._mapping)
+            if "R1" in self.rotations:
+                self._check_r1_readers_fused(model, self._mapping)
+        self._check_sizes(model)
+
+    def on_start(self, state: State, event: Event) -> None:
+        model = state.model
+        assert self._config is not None
+        untie_word_embeddings(model)
+        fused = self._fuse_norms(model)
+        logger.info("fused {} norm(s) into the linears they feed", fused)
+        apply_fused_transforms(model, self._config, self.precision)
+
+    # ---------------------------------------------------------------- parts
+    def _build_config(self, model: torch.nn.Module, mapping: SpinQuantMapping) -> TransformConfig:
+        common: dict[str, Any] = {
+            "type": self.transform_type,
+            "randomize": self.randomize,
+            "requires_grad": False,
+            "precision": self.precision,
+        }
+        groups: dict[str, TransformScheme] = {}
+        if "R1" in self.rotations:
+            groups["R1"] = TransformScheme(
+                **common,
+                apply=[
+                    TransformArgs(
+                        targets=[mapping.embedding, *mapping.residual_writers],
+                        location="weight_output",
+                    ),
+                    TransformArgs(
+                        targets=mapping.residual_readers, location="weight_input", inverse=True
+                    ),
+                ],
+            )
+        if "R2" in self.rotations:
+            groups["R2"] = TransformScheme(
+                **common,
+                head_dim=get_head_dim(model.config),
+                apply=[
+                    TransformArgs(targets=[mapping.attn_v], location="weight_output"),
+                    TransformArgs(targets=[mapping.attn_o], location="weight_input", inverse=True),
+                ],
+            )
+        return TransformConfig(config_groups=groups)
+
+    def _norm_groups(self, model: torch.nn.Module) -> list[tuple[torch.nn.Module, list[Any]]]:
+        groups = []
+        for mapping in self._norm_mappings:
+            matched = list(match_modules_set(model, [mapping.norm, *mapping.linears]))
+            if not matched:
+                raise ValueError(
+                    f"norm_mappings: norm {mapping.norm!r} with linears {mapping.linears} "
+                    f"matches nothing in {type(model).__name__}"
+                )
+            for norms, *linears in matched:
+                if len(norms) != 1:
+                    raise ValueError(f"norm_mappings: {mapping.norm!r} matched {len(norms)} norms")
+                groups.append((norms[0], [lin for group in linears for lin in group]))
+        return groups
+
+    def _check_norms(self, model: torch.nn.Module) -> None:
+        for norm, _ in self._norm_groups(model):
+            if isinstance(norm, torch.nn.LayerNorm) or getattr(norm, "bias", None) is not None:
+                raise ValueError(
+                    f"{type(norm).__name__} is a LayerNorm (mean-subtracting, with a bias): "
+                    "rotating it needs centred residual writers and a conversion to RMSNorm, "
+                    "which SpinQuantModifier does not do; only RMSNorm models are supported"
+                )
+
+    def _check_r1_readers_fused(self, model: torch.nn.Module, mapping: SpinQuantMapping) -> None:
+        fed = {id(lin) for _, linears in self._norm_groups(model) for lin in linears}
+        unfused = [
+            name
+            for name, module in match_named_modules(model, mapping.residual_readers)
+            if id(module) not in fed
+        ]
+        if unfused:
+            raise ValueError(
+                f"R1 rotates the input of {unfused[:3]} but no norm_mappings entry feeds them; "
+                "their norm's scale must be fused first or the rotation changes the model"
+            )
+
+    def _check_sizes(self, model: torch.nn.Module) -> None:
+        """Fail at initialize, not at start, on a missing target or an unsupported size."""
+        assert self._config is not None
+        for name, scheme in self._config.config_groups.items():
+            for args in scheme.apply:
+                for target in args.targets:
+                    if next(match_named_modules(model, [target], args.ignore), None) is None:
+                        raise ValueError(
+                            f"rotation {name}: target {target!r} matches no module of "
+                            f"{type(model).__name__}; pass `mappings` for this architecture"
+                        )
+                found = match_named_modules(model, args.targets, args.ignore)
+                for _, module in found:
+                    size = scheme.head_dim or _rotated_width(module, args.location)
+                    if scheme.type != "random-matrix" and not hadamard_supported(size):
+                        rotation_matrix(scheme.type, size)  # type: ignore[arg-type]  # raises
+
+    def _fuse_norms(self, model: torch.nn.Module) -> int:
+        groups = self._norm_groups(model)
+        for norm, linears in groups:
+            fuse_norm_into_linears(norm, linears, self.precision)
+        return len(groups)
+
+
+def _rotated_width(module: torch.nn.Module, location: str) -> int:
+    if isinstance(module, torch.nn.Embedding):
+        return module.embedding_dim
+    if isinstance(module, torch.nn.Linear):
+        return module.in_features if location == "weight_input" else module.out_features
+    raise ValueError(f"cannot rotate a {type(module).__name__}: only Linear and Embedding")

@@ -1,0 +1,94 @@
+import pytest
+import torch
+from datasets import Dataset
+from torch.utils.data import DataLoader
+from transformers import AutoTokenizer
+
+from compressor.entrypoints.arguments import CalibrationArguments
+from compressor.entrypoints.data import build_calibration_batches, collate
+
+
+def _args(**kw):
+    return CalibrationArguments(**kw)
+
+
+def test_collate_pads_only_batches_that_need_it():
+    seqs = [torch.arange(1, 5), torch.arange(1, 3), torch.arange(1, 5)]
+    first, second = collate(seqs, batch_size=2, pad_id=9)
+    assert first["input_ids"].tolist() == [[1, 2, 3, 4], [1, 2, 9, 9]]
+    assert first["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
+    assert set(second) == {"input_ids"} and second["input_ids"].shape == (1, 4)
+
+
+def test_dataset_of_input_ids_is_truncated_counted_and_batched():
+    ds = Dataset.from_dict({"input_ids": [list(range(1, 20))] * 5})
+    batches = build_calibration_batches(
+        ds, _args(num_calibration_samples=3, max_seq_length=8, batch_size=2)
+    )
+    assert [b["input_ids"].shape for b in batches] == [(2, 8), (1, 8)]
+    assert batches[0]["input_ids"][0].tolist() == list(range(1, 9))
+
+
+def test_dataloader_batches_are_used_as_given_up_to_the_sample_count():
+    rows = torch.randint(0, 100, (10, 6))
+    loader = DataLoader([{"input_ids": r} for r in rows], batch_size=4)
+    batches = build_calibration_batches(loader, _args(num_calibration_samples=5))
+    assert len(batches) == 2 and torch.equal(batches[0]["input_ids"], rows[:4])
+    plain = build_calibration_batches(DataLoader(rows, batch_size=3), _args())
+    assert torch.equal(plain[0]["input_ids"], rows[:3]) and len(plain) == 4
+
+
+def test_text_sources_need_a_tokenizer_and_tokenize(tmp_path, stories_model_path):
+    tok = AutoTokenizer.from_pretrained(stories_model_path)
+    with pytest.raises(ValueError, match="no tokenizer was given"):
+        build_calibration_batches(["once upon a time"], _args())
+    texts = ["Once upon a time there was a cat.", "The dog ran home."]
+    batches = build_calibration_batches(texts, _args(batch_size=2), tokenizer=tok)
+    assert batches[0]["input_ids"][0, :5].tolist() == tok(texts[0])["input_ids"][:5]
+    assert batches[0]["attention_mask"][1].sum() == len(tok(texts[1])["input_ids"])
+    ds = Dataset.from_dict({"text": texts})
+    from_ds = build_calibration_batches(ds, _args(batch_size=2), tokenizer=tok)
+    assert torch.equal(from_ds[0]["input_ids"], batches[0]["input_ids"])
+    # a text file is cut into consecutive windows of max_seq_length tokens
+    path = tmp_path / "corpus.txt"
+    path.write_text(" ".join(texts * 40))
+    windows = build_calibration_batches(
+        path, _args(max_seq_length=16, num_calibration_samples=3), tokenizer=tok
+    )
+    ids = tok(path.read_text(), return_tensors="pt")["input_ids"][0]
+    assert len(windows) == 3 and torch.equal(windows[1]["input_ids"][0], ids[16:32])
+
+
+def test_bad_sources_name_what_is_accepted(tmp_path):
+    with pytest.raises(TypeError, match="must be 'self'"):
+        build_calibration_batches("data.txt", _args())
+    with pytest.raises(FileNotFoundError, match="missing.txt"):
+        build_calibration_batches(tmp_path / "missing.txt", _args(), tokenizer=object())
+    with pytest.raises(ValueError, match="expected an 'input_ids' or a 'text' column"):
+        build_calibration_batches(Dataset.from_dict({"words": ["a"]}), _args())
+    with pytest.raises(TypeError, match="dataset must be a datasets.Dataset"):
+        build_calibration_batches(42, _args())
+
+
+def test_self_sampling_is_reproducible_and_leaves_the_rng_alone(tiny_llama):
+    args = _args(num_calibration_samples=3, max_seq_length=10, batch_size=2)
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    first = build_calibration_batches("self", args, model=tiny_llama)
+    after = torch.rand(1)
+    assert torch.equal(before, after)  # the caller's random stream is untouched
+    second = build_calibration_batches("self", args, model=tiny_llama)
+    assert [b["input_ids"].shape for b in first] == [(2, 10), (1, 10)]
+    assert all(
+        torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(first, second, strict=True)
+    )
+    # sampled, not constant
+    assert first[0]["input_ids"][:, 1:].unique().numel() > 5
+
+
+def test_arguments_are_validated_with_the_field_named():
+    with pytest.raises(ValueError, match="num_calibration_samples"):
+        CalibrationArguments(num_calibration_samples=0)
+    with pytest.raises(ValueError, match="pipeline"):
+        CalibrationArguments(pipeline="layerwise")

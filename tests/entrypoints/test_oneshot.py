@@ -1,0 +1,141 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaForCausalLM
+
+from calibration_modifiers import FailAtLayer, LayerShrinker
+from compressor import Recipe, oneshot
+from compressor.entrypoints import saving
+from compressor.modifiers import HooksMixin
+
+
+def _leftovers(parent: Path) -> list[str]:
+    return sorted(n for n in os.listdir(parent) if ".partial-" in n)
+
+
+def _weights(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_oneshot_compresses_a_checkpoint_and_saves_it(tmp_path, stories_model_path):
+    text = tmp_path / "calib.txt"
+    text.write_text("Once upon a time there was a little girl named Lily. " * 60)
+    out = tmp_path / "out"
+    original = LlamaForCausalLM.from_pretrained(stories_model_path)
+    model = oneshot(
+        stories_model_path,
+        [LayerShrinker()],
+        text,
+        num_calibration_samples=4,
+        max_seq_length=32,
+        batch_size=2,
+        output_dir=out,
+    )
+    layer0 = "model.layers.0.mlp.down_proj.weight"
+    torch.testing.assert_close(
+        model.state_dict()[layer0], 0.5 * original.state_dict()[layer0], rtol=0, atol=0
+    )
+    assert {"config.json", "recipe.yaml", "tokenizer.json"} <= set(os.listdir(out))
+    reloaded = LlamaForCausalLM.from_pretrained(out)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(reloaded.state_dict()[name], tensor), name
+    assert Recipe.from_file(out / "recipe.yaml") == Recipe.from_modifiers([LayerShrinker()])
+    AutoTokenizer.from_pretrained(out)
+    assert _leftovers(tmp_path) == []
+
+
+def test_oneshot_data_free_on_text_sampled_from_the_model(tiny_llama):
+    before = _weights(tiny_llama)
+    shrinker = LayerShrinker()
+    oneshot(tiny_llama, [shrinker], "self", num_calibration_samples=2, max_seq_length=8)
+    assert len(shrinker._inputs[0]) == 2 and shrinker._inputs[0][0].shape[1] == 8
+    after = tiny_llama.state_dict()
+    name = "model.layers.1.self_attn.q_proj.weight"
+    assert torch.equal(after[name], 0.5 * before[name])
+
+
+def test_a_modifier_that_needs_data_fails_early_without_it(tmp_path):
+    # the model path does not exist: the data check comes before any loading
+    with pytest.raises(ValueError, match="LayerShrinker need.*calibration data.*dataset='self'"):
+        oneshot(tmp_path / "no-model", [LayerShrinker()])
+    with pytest.raises(ValueError, match="pipeline='basic' runs calibration data"):
+        oneshot(torch.nn.Linear(2, 2), [], pipeline="basic")
+
+
+def test_an_existing_output_dir_is_refused_before_any_work(tiny_llama, tmp_path):
+    out = tmp_path / "ckpt"
+    out.mkdir()
+    (out / "keep.txt").write_text("good checkpoint")
+    before = _weights(tiny_llama)
+    with pytest.raises(FileExistsError, match=f"output_dir {out} already exists.*overwrite=True"):
+        oneshot(tiny_llama, [LayerShrinker()], "self", output_dir=out)
+    assert all(torch.equal(before[k], v) for k, v in tiny_llama.state_dict().items())
+    assert os.listdir(out) == ["keep.txt"]
+
+
+def test_overwrite_replaces_the_checkpoint(tiny_llama, tmp_path):
+    out = tmp_path / "ckpt"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    oneshot(tiny_llama, [LayerShrinker()], "self", num_calibration_samples=1,
+            max_seq_length=4, output_dir=out, overwrite=True)  # fmt: skip
+    assert "stale.txt" not in os.listdir(out) and (out / "recipe.yaml").is_file()
+    assert sorted(os.listdir(tmp_path)) == ["ckpt"]
+
+
+def test_a_run_that_fails_midway_writes_nothing_and_removes_its_hooks(tiny_llama, tmp_path):
+    out = tmp_path / "ckpt"
+    failing = FailAtLayer(layer=1)
+    with pytest.raises(RuntimeError, match="failing on purpose at layer 1"):
+        oneshot(tiny_llama, [failing], "self", num_calibration_samples=1, max_seq_length=4,
+                output_dir=out)  # fmt: skip
+    assert not out.exists() and os.listdir(tmp_path) == []
+    assert failing.num_hooks == 0 and not HooksMixin._HOOKS_DISABLED
+
+
+def _failing_write(model, directory, recipe, compressed):
+    (directory / "model.safetensors").write_bytes(b"half")
+    raise OSError("disk full")
+
+
+def test_a_failed_save_leaves_no_half_checkpoint(tiny_llama, tmp_path, monkeypatch):
+    monkeypatch.setattr(saving, "_save_model", _failing_write)
+    out = tmp_path / "ckpt"
+    with pytest.raises(OSError, match="disk full"):
+        oneshot(tiny_llama, [LayerShrinker()], "self", num_calibration_samples=1,
+                max_seq_length=4, output_dir=out)  # fmt: skip
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_failed_save_with_overwrite_keeps_the_old_checkpoint(tiny_llama, tmp_path, monkeypatch):
+    out = tmp_path / "ckpt"
+    out.mkdir()
+    (out / "keep.txt").write_text("good checkpoint")
+    monkeypatch.setattr(saving, "_save_model", _failing_write)
+    recipe = Recipe.from_modifiers([LayerShrinker()])
+    with pytest.raises(OSError, match="disk full"):
+        saving.save_checkpoint(tiny_llama, out, recipe, overwrite=True)
+    assert os.listdir(out) == ["keep.txt"] and os.listdir(tmp_path) == ["ckpt"]
+
+
+def test_a_failed_rename_with_overwrite_restores_the_old_checkpoint(
+    tiny_llama, tmp_path, monkeypatch
+):
+    out = tmp_path / "ckpt"
+    out.mkdir()
+    (out / "keep.txt").write_text("good checkpoint")
+    real_rename = os.rename
+    calls = []
+
+    def rename(src, dst):
+        calls.append((src, dst))
+        if len(calls) == 2:  # the new checkpoint's move into place
+            raise OSError("rename failed")
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(saving.os, "rename", rename)
+    with pytest.raises(OSError, match="rename failed"):
+        saving.save_checkpoint(tiny_llama, out, Recipe.from_modifiers([]), overwrite=True)
+    assert os.listdir(out) == ["keep.txt"] and os.listdir(tmp_path) == ["ckpt"]

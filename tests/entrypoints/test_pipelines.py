@@ -1,0 +1,181 @@
+import pytest
+import torch
+from transformers import (
+    BertConfig,
+    BertForMaskedLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaForCausalLM,
+    OPTConfig,
+    OPTForCausalLM,
+)
+
+from calibration_modifiers import LayerInputRecorder, LayerShrinker
+from compressor import create_session
+from compressor.entrypoints.data import collate
+from compressor.entrypoints.pipelines import (
+    resolve_pipeline,
+    run_basic,
+    run_datafree,
+    run_sequential,
+)
+from compressor.utils.architecture import find_decoder_layers
+from conftest import tiny_llama_config
+
+
+def _gpt2():
+    return GPT2LMHeadModel(GPT2Config(n_layer=3, n_embd=32, n_head=4, vocab_size=128))
+
+
+def _opt():
+    config = OPTConfig(
+        vocab_size=128,
+        hidden_size=32,
+        ffn_dim=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        word_embed_proj_dim=32,
+        max_position_embeddings=64,
+    )
+    return OPTForCausalLM(config)
+
+
+def _bert():
+    config = BertConfig(
+        vocab_size=128,
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    return BertForMaskedLM(config)
+
+
+def _llama():
+    return LlamaForCausalLM(tiny_llama_config(num_hidden_layers=3))
+
+
+ARCHITECTURES = {"llama": _llama, "gpt2": _gpt2, "opt": _opt, "bert": _bert}
+
+
+def _build(name):
+    torch.manual_seed(0)
+    return ARCHITECTURES[name]().eval()
+
+
+def _batches():
+    # the second batch holds sequences of two lengths, so it is padded with an attention mask
+    generator = torch.Generator().manual_seed(1)
+    sequences = [torch.randint(3, 128, (n,), generator=generator) for n in (12, 12, 9, 12)]
+    batches = collate(sequences, batch_size=2, pad_id=0)
+    assert "attention_mask" in batches[1] and "attention_mask" not in batches[0]
+    return batches
+
+
+def _layer_inputs_of_plain_forward(model, batches):
+    """Per layer, the hidden states it receives in an ordinary forward, plus the last
+    layer's outputs."""
+    _, layers = find_decoder_layers(model)
+    seen: dict[int, list[torch.Tensor]] = {}
+    handles = []
+    for index, layer in enumerate(layers):
+
+        def hook(_m, args, kwargs, index=index):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            seen.setdefault(index, []).append(hidden.clone())
+
+        handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
+    handles.append(
+        layers[-1].register_forward_hook(
+            lambda _m, _a, out: seen.setdefault(len(layers), []).append(
+                (out[0] if isinstance(out, tuple) else out).clone()
+            )
+        )
+    )
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                model(**batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_sequential_with_an_idle_modifier_reproduces_the_plain_forward(arch):
+    model = _build(arch)
+    batches = _batches()
+    expected = _layer_inputs_of_plain_forward(model, batches)
+    recorder = LayerInputRecorder()
+    with create_session() as session:
+        session.initialize(model=model, recipe=[recorder])
+        final = run_sequential(model, batches, session)
+        session.finalize()
+    n_layers = len(find_decoder_layers(model)[1])
+    assert len(final) == len(batches)
+    for got, want in zip(final, expected[n_layers], strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    # calibration ran every batch through every layer exactly once (the replay had hooks off)
+    assert sorted(recorder._inputs) == list(range(n_layers))
+    for index in range(n_layers):
+        assert len(recorder._inputs[index]) == len(batches)
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_each_layer_calibrates_on_the_outputs_of_the_compressed_layers_before_it(arch):
+    model = _build(arch)
+    batches = _batches()
+    original = _layer_inputs_of_plain_forward(model, batches)
+    shrinker = LayerShrinker()
+    with create_session() as session:
+        session.initialize(model=model, recipe=[shrinker])
+        run_sequential(model, batches, session)
+        session.finalize()
+    _, layers = find_decoder_layers(model)
+    # one epoch end per layer, carrying that layer, in order
+    assert [id(m) for m in shrinker._epoch_ends] == [id(layer) for layer in layers]
+    # every layer is now halved; a plain forward of the final model gives, at layer i, the
+    # inputs computed by the changed layers 0..i-1, which is what calibration must have seen
+    compressed = _layer_inputs_of_plain_forward(model, batches)
+    for index in range(len(layers)):
+        for got, want in zip(shrinker._inputs[index], compressed[index], strict=True):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+    # and for the layers after the first, those inputs differ from the original model's
+    for index in range(1, len(layers)):
+        assert not torch.allclose(shrinker._inputs[index][0], original[index][0], atol=1e-4)
+
+
+def test_datafree_and_basic_send_the_calibration_events(tiny_llama, token_batches):
+    recorder = LayerInputRecorder()
+    with create_session() as session:
+        session.initialize(model=tiny_llama, recipe=[recorder])
+        run_datafree(tiny_llama, token_batches, session)
+        session.finalize()
+    assert recorder._events == [
+        "calibration_epoch_start",
+        "sequential_epoch_end",
+        "calibration_epoch_end",
+    ]
+    assert recorder._epoch_ends == [tiny_llama] and recorder._inputs == {}
+
+    basic = LayerInputRecorder()
+    with create_session() as session:
+        session.initialize(model=tiny_llama, recipe=[basic])
+        run_basic(tiny_llama, token_batches, session)
+        session.finalize()
+    assert basic._events == recorder._events
+    assert [len(basic._inputs[i]) for i in (0, 1)] == [len(token_batches)] * 2
+    assert tiny_llama.config.use_cache is True  # restored after calibration
+
+
+def test_auto_picks_the_pipeline_from_the_modifiers(tiny_llama):
+    from recording import RecordingModifier
+
+    assert resolve_pipeline("auto", [RecordingModifier()], tiny_llama) == "datafree"
+    assert resolve_pipeline("auto", [LayerInputRecorder()], tiny_llama) == "sequential"
+    assert resolve_pipeline("auto", [LayerInputRecorder()], torch.nn.Linear(2, 2)) == "basic"
+    assert resolve_pipeline("basic", [], tiny_llama) == "basic"
+    with pytest.raises(ValueError, match="pipeline='layered' is unknown"):
+        resolve_pipeline("layered", [], tiny_llama)

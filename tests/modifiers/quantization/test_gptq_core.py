@@ -1,0 +1,223 @@
+"""The GPTQ numeric core on random and real layers: Hessians, error feedback, grids, actorder."""
+
+import pytest
+import torch
+from compressed_tensors.quantization import QuantizationArgs
+from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+from loguru import logger
+from transformers import AutoTokenizer, LlamaForCausalLM
+
+from compressor.modifiers.quantization.gptq import (
+    accumulate_hessian,
+    gptq_quantize_weight,
+    inverse_hessian_cholesky,
+    round_to_nearest,
+)
+
+ARGS = {
+    "channel-sym": QuantizationArgs(num_bits=4, strategy="channel"),
+    "group-sym": QuantizationArgs(num_bits=4, strategy="group", group_size=16),
+    "group-asym": QuantizationArgs(num_bits=4, strategy="group", group_size=16, symmetric=False),
+    "tensor-sym": QuantizationArgs(num_bits=4, strategy="tensor"),
+    "channel-3bit-asym": QuantizationArgs(num_bits=3, strategy="channel", symmetric=False),
+}
+
+
+def correlated_layer(n_in=96, n_out=48, tokens=1024, seed=0):
+    """A weight and inputs whose features are correlated, as real activations are."""
+    gen = torch.Generator().manual_seed(seed)
+    mix = torch.randn(n_in, n_in, generator=gen) / n_in**0.5
+    scales = torch.rand(n_in, generator=gen) * 3 + 0.1
+    x = (torch.randn(tokens, n_in, generator=gen) @ mix) * scales
+    w = torch.randn(n_out, n_in, generator=gen) * 0.05
+    return w, x
+
+
+def output_error(w, q, x):
+    return float(((w - q) @ x.T).norm())
+
+
+@pytest.fixture
+def warnings():
+    messages = []
+    handle = logger.add(lambda m: messages.append(str(m)), level="WARNING")
+    yield messages
+    logger.remove(handle)
+
+
+def test_hessian_is_the_mean_of_outer_products_over_any_batching():
+    _, x = correlated_layer(tokens=300)
+    reference = 2 * x.double().T @ x.double() / x.shape[0]
+    h, n = accumulate_hessian(x[:100].reshape(4, 25, -1))
+    h, n = accumulate_hessian(x[100:101], h, n)
+    h, n = accumulate_hessian(x[101:], h, n)
+    assert n == 300
+    torch.testing.assert_close(h.double(), reference, rtol=1e-5, atol=1e-5)
+    h64, _ = accumulate_hessian(x, dtype=torch.float64)
+    assert h64.dtype == torch.float64
+    torch.testing.assert_close(h64, reference)
+    with pytest.raises(ValueError, match="95 features"):
+        accumulate_hessian(x[:, :95], h, n)
+
+
+@pytest.mark.parametrize("name", list(ARGS))
+@pytest.mark.parametrize("actorder", [None, "static", "group"])
+def test_gptq_beats_round_to_nearest(name, actorder):
+    args = ARGS[name]
+    w, x = correlated_layer()
+    h, _ = accumulate_hessian(x)
+    rtn, _, _ = round_to_nearest(w, args)
+    result = gptq_quantize_weight(w, h, args, block_size=32, actorder=actorder)
+    assert result.weight.shape == w.shape and result.weight.dtype == w.dtype
+    assert output_error(w, result.weight, x) < 0.85 * output_error(w, rtn, x)
+
+
+def per_column_qparams(result, args, columns):
+    """Scale and zero point of every column, shaped (rows, columns)."""
+    scale, zero = result.scale, result.zero_point
+    if scale.dim() == 1:
+        scale, zero = scale.reshape(1, 1), zero.reshape(1, 1)
+    if args.strategy == "group":
+        index = result.g_idx.long() if result.g_idx is not None else None
+        if index is None:
+            index = torch.arange(columns) // args.group_size
+        return scale[:, index], zero[:, index]
+    return scale.expand(-1, columns), zero.expand(-1, columns)
+
+
+@pytest.mark.parametrize("name", list(ARGS))
+@pytest.mark.parametrize("actorder", [None, "static", "group"])
+def test_result_lies_on_the_returned_grid(name, actorder):
+    args = ARGS[name]
+    w, x = correlated_layer()
+    h, _ = accumulate_hessian(x)
+    result = gptq_quantize_weight(w, h, args, block_size=32, actorder=actorder)
+    scale, zero = per_column_qparams(result, args, w.shape[1])
+    codes = torch.round(result.weight / scale + zero.float())
+    low, high = (-(2 ** (args.num_bits - 1)), 2 ** (args.num_bits - 1) - 1)
+    assert codes.min() >= low and codes.max() <= high
+    torch.testing.assert_close((codes - zero.float()) * scale, result.weight)
+    # at most 2^bits distinct values in every row of every group
+    group = args.group_size if args.strategy == "group" else w.shape[1]
+    ordered = result.weight
+    if result.g_idx is not None:
+        ordered = result.weight[:, torch.argsort(result.g_idx, stable=True)]
+    for row in ordered.unflatten(1, (-1, group)).reshape(-1, group):
+        assert row.unique().numel() <= 2**args.num_bits
+    if result.g_idx is None:  # the checkpoint format: compressed-tensors' own quantizer
+        assert result.zero_point.dtype == torch.int8
+        if args.strategy in ("channel", "group"):
+            assert result.scale.shape[0] == w.shape[0]
+        torch.testing.assert_close(
+            fake_quantize(result.weight, result.scale, result.zero_point, args), result.weight
+        )
+
+
+def test_static_actorder_keeps_contiguous_groups_with_round_to_nearest_scales():
+    args = ARGS["group-sym"]
+    w, x = correlated_layer()
+    h, _ = accumulate_hessian(x)
+    _, rtn_scale, _ = round_to_nearest(w, args)
+    static = gptq_quantize_weight(w, h, args, actorder="static")
+    assert static.g_idx is None
+    torch.testing.assert_close(static.scale, rtn_scale)
+    grouped = gptq_quantize_weight(w, h, args, actorder="group")
+    # groups formed in order of decreasing Hessian diagonal, group_size columns each
+    assert torch.bincount(grouped.g_idx).tolist() == [16] * 6
+    top = torch.argsort(h.diagonal(), descending=True)[:16]
+    assert set(grouped.g_idx[top].tolist()) == {0}
+
+
+def test_lazy_block_updates_equal_column_by_column_updates():
+    args = ARGS["channel-sym"]
+    w, x = correlated_layer()
+    h, _ = accumulate_hessian(x)
+    one = gptq_quantize_weight(w, h, args, block_size=1)
+    blocked = gptq_quantize_weight(w, h, args, block_size=40)  # not a divisor of 96
+    mismatched = (one.weight != blocked.weight).float().mean()
+    assert mismatched < 0.005  # float rounding may flip a rare tie, nothing more
+    assert one.loss == pytest.approx(blocked.loss, rel=0.02)
+
+
+def test_dead_columns_are_zeroed():
+    w, x = correlated_layer()
+    x[:, [3, 50]] = 0
+    h, _ = accumulate_hessian(x)
+    result = gptq_quantize_weight(w, h, ARGS["group-asym"])
+    assert (result.weight[:, [3, 50]] == 0).all()
+    assert torch.isfinite(result.weight).all()
+
+
+def test_singular_hessian_gets_more_dampening_and_a_warning(warnings):
+    w, x = correlated_layer(tokens=20)  # 20 samples, 96 features: rank 20
+    h, _ = accumulate_hessian(x)
+    rtn, _, _ = round_to_nearest(w, ARGS["channel-sym"])
+    result = gptq_quantize_weight(w, h, ARGS["channel-sym"], dampening_frac=0.0)
+    assert result.dampening_frac > 0
+    assert any("not positive definite" in m for m in warnings)
+    assert torch.isfinite(result.weight).all()
+    assert output_error(w, result.weight, x) < output_error(w, rtn, x)
+
+
+def test_indefinite_and_broken_hessians():
+    h = torch.diag(torch.tensor([1.0, 1.0, -0.5, 1.0]))
+    upper, frac = inverse_hessian_cholesky(h, 0.01)
+    assert frac >= 1.0 and torch.isfinite(upper).all()
+    inverse = torch.linalg.inv(h.double() + frac * h.diagonal().abs().mean() * torch.eye(4))
+    torch.testing.assert_close((upper.T @ upper).double(), inverse, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        inverse_hessian_cholesky(torch.full((4, 4), float("nan")))
+
+
+def test_bad_arguments_name_the_problem():
+    w, x = correlated_layer()
+    h, _ = accumulate_hessian(x)
+    with pytest.raises(ValueError, match="group_size=40 does not divide the 96"):
+        gptq_quantize_weight(w, h, QuantizationArgs(num_bits=4, group_size=40))
+    with pytest.raises(ValueError, match="actorder must be"):
+        gptq_quantize_weight(w, h, ARGS["channel-sym"], actorder="weird")
+    with pytest.raises(ValueError, match="strategy"):
+        gptq_quantize_weight(w, h, QuantizationArgs(num_bits=8, strategy="token", dynamic=True))
+    with pytest.raises(ValueError, match="Hessian is"):
+        gptq_quantize_weight(w, h[:10, :10], ARGS["channel-sym"])
+
+
+@pytest.fixture(scope="module")
+def stories_inputs(stories_model_path, tinystories_text):
+    """Inputs of three Linears of the real model's second layer, on real text."""
+    model = LlamaForCausalLM.from_pretrained(stories_model_path).eval()
+    tok = AutoTokenizer.from_pretrained(stories_model_path)
+    ids = tok(tinystories_text[:20000], return_tensors="pt").input_ids[:, :1024]
+    layer = model.model.layers[1]
+    linears = {"q": layer.self_attn.q_proj, "up": layer.mlp.up_proj, "down": layer.mlp.down_proj}
+    seen = {}
+
+    def keep(key):
+        def hook(module, inputs, output):
+            seen[key] = inputs[0].reshape(-1, inputs[0].shape[-1])
+
+        return hook
+
+    hooks = [m.register_forward_hook(keep(k)) for k, m in linears.items()]
+    with torch.no_grad():
+        model(ids.reshape(2, 512))
+    for hook in hooks:
+        hook.remove()
+    return {k: (linears[k].weight.detach().clone(), seen[k]) for k in linears}
+
+
+@pytest.mark.parametrize("name", ["q", "up", "down"])
+@pytest.mark.parametrize(
+    "args",
+    [
+        QuantizationArgs(num_bits=4, strategy="channel"),
+        QuantizationArgs(num_bits=4, strategy="group", group_size=4, symmetric=False),
+    ],
+    ids=["channel", "group4"],
+)
+def test_gptq_beats_round_to_nearest_on_the_real_model(stories_inputs, name, args):
+    w, x = stories_inputs[name]  # down_proj has 172 input columns
+    h, _ = accumulate_hessian(x)
+    rtn, _, _ = round_to_nearest(w, args)
+    result = gptq_quantize_weight(w, h, args, actorder="static")
+    assert output_error(w, result.weight, x) < 0.9 * output_error(w, rtn, x)

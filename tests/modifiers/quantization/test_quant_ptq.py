@@ -1,0 +1,199 @@
+"""Post-training quantization driven through the session by hand."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from compressed_tensors.quantization import QuantizationStatus, fake_quantize, quantize
+
+from compressor import create_session
+from compressor.modifiers import QuantizationModifier
+
+
+def _calibrate(model, modifier, batches):
+    with create_session() as session:
+        session.initialize(model, [modifier])
+        session.calibration_epoch_start()
+        with torch.no_grad():
+            for batch in batches:
+                model(**batch)
+        session.calibration_epoch_end()
+        session.finalize()
+    return model
+
+
+def _weight_codes(module):
+    args = module.quantization_scheme.weights
+    zp = getattr(module, "weight_zero_point", None)
+    return quantize(module.weight, module.weight_scale, zp, args, dtype=torch.float32), args
+
+
+@pytest.mark.parametrize(("scheme", "bits", "group"), [("W4A16", 4, 16), ("W8A8", 8, None)])
+def test_int_weights_take_at_most_2_to_the_bits_values_per_group(
+    tiny_llama, token_batches, scheme, bits, group
+):
+    if group is not None:  # W4A16's group 128 does not fit the 32-wide tiny model
+        kwargs = {"config_groups": {"g": {"weights": {"num_bits": 4, "group_size": group}}}}
+    else:
+        kwargs = {"scheme": scheme}
+    model = _calibrate(tiny_llama, QuantizationModifier(**kwargs), token_batches)
+    module = model.model.layers[1].mlp.down_proj
+    assert module.quantization_status == QuantizationStatus.FROZEN
+    codes, args = _weight_codes(module)
+    assert codes.min() >= -(2 ** (bits - 1)) and codes.max() <= 2 ** (bits - 1) - 1
+    rows = codes if group is None else codes.unflatten(-1, (-1, group))
+    per_group = rows.reshape(-1, rows.shape[-1])
+    distinct = max(len(torch.unique(g)) for g in per_group)
+    assert distinct <= 2**bits
+    # the forward uses exactly those values: dequantized codes times the scale
+    zp = getattr(module, "weight_zero_point", None)
+    effective = fake_quantize(module.weight, module.weight_scale, zp, args)
+    assert len(torch.unique(effective[0, : group or effective.shape[1]])) <= 2**bits
+
+
+@pytest.mark.parametrize(
+    ("scheme", "tolerance"), [("W8A8", 0.02), ("FP8_DYNAMIC", 0.08), ("FP8", 0.08)]
+)
+def test_outputs_stay_close_to_the_float_model(tiny_llama, token_batches, scheme, tolerance):
+    reference = copy.deepcopy(tiny_llama)
+    ids = token_batches[0]["input_ids"]
+    with torch.no_grad():
+        expected = reference(ids).logits
+    model = _calibrate(tiny_llama, QuantizationModifier(scheme=scheme), token_batches)
+    with torch.no_grad():
+        got = model(ids).logits
+    error = (got - expected).abs().max().item()
+    assert 0 < error < tolerance * expected.abs().max().item()
+
+
+def test_w4a16_changes_outputs_more_than_w8a16(tiny_llama, token_batches):
+    ids = token_batches[0]["input_ids"]
+    with torch.no_grad():
+        expected = tiny_llama(ids).logits
+    errors = {}
+    for bits in (4, 8):
+        model = copy.deepcopy(tiny_llama)
+        groups = {"g": {"weights": {"num_bits": bits, "group_size": 16}}}
+        _calibrate(model, QuantizationModifier(config_groups=groups), token_batches)
+        with torch.no_grad():
+            errors[bits] = (model(ids).logits - expected).abs().mean().item()
+    assert errors[8] < errors[4] / 4
+
+
+def test_dynamic_activations_are_quantized_per_token(tiny_llama, token_batches):
+    model = _calibrate(tiny_llama, QuantizationModifier(scheme="W8A8"), token_batches)
+    module = model.model.layers[0].mlp.up_proj
+    x = torch.randn(1, 2, module.in_features)
+    x[0, 1] *= 1000.0  # a loud token must not coarsen the quiet one's grid
+    with torch.no_grad():
+        got = module(x)
+    scale = x.abs().amax(dim=-1, keepdim=True) / 127.5
+    x_q = torch.clamp(torch.round(x / scale), -128, 127) * scale
+    codes, args = _weight_codes(module)
+    w_q = codes * module.weight_scale
+    expected = torch.nn.functional.linear(x_q, w_q)
+    assert torch.allclose(got, expected, rtol=1e-4, atol=1e-5)
+    # a per-tensor scale would have rounded the quiet token to zero
+    assert got[0, 0].abs().max() > 0
+
+
+def test_static_activation_ranges_come_from_calibration(tiny_llama, token_batches):
+    seen: list[torch.Tensor] = []
+    module = tiny_llama.model.layers[0].self_attn.o_proj
+    handle = module.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach()))
+    model = _calibrate(tiny_llama, QuantizationModifier(scheme="FP8"), token_batches)
+    handle.remove()
+    assert len(seen) == len(token_batches)
+    peak = max(x.abs().max() for x in seen)
+    assert torch.allclose(module.input_scale, peak / 448.0, rtol=1e-5)
+    # frozen: later, louder batches do not move the scale
+    before = module.input_scale.clone()
+    with torch.no_grad():
+        model(input_ids=token_batches[0]["input_ids"] % 7)
+    assert torch.equal(module.input_scale, before)
+    assert module.quantization_status == QuantizationStatus.FROZEN
+
+
+def test_moving_average_observer_weights_the_running_range(tiny_llama, token_batches):
+    ranges: list[torch.Tensor] = []
+    module = tiny_llama.model.layers[0].self_attn.o_proj
+    handle = module.register_forward_pre_hook(lambda _m, a: ranges.append(a[0].abs().max()))
+    modifier = QuantizationModifier(scheme="FP8", observer="moving_average", momentum=0.5)
+    _calibrate(tiny_llama, modifier, token_batches[:2])
+    handle.remove()
+    # symmetric FP8: scale = max(|min|, |max|) of the averaged range / 448; check it lies
+    # strictly between the two batches' extremes when they differ
+    low, high = sorted(r.item() for r in ranges)
+    value = module.input_scale.item() * 448.0
+    assert low <= value <= high
+
+
+def test_static_ranges_without_calibration_is_an_error(tiny_llama):
+    with create_session() as session:
+        session.initialize(tiny_llama, [QuantizationModifier(scheme="FP8")])
+        with pytest.raises(RuntimeError, match="no calibration ran"):
+            session.finalize()
+
+
+def test_calibration_with_no_batches_names_the_unseen_modules(tiny_llama):
+    with create_session() as session:
+        session.initialize(tiny_llama, [QuantizationModifier(scheme="FP8")])
+        session.calibration_epoch_start()
+        with pytest.raises(RuntimeError, match="q_proj"):
+            session.calibration_epoch_end()
+
+
+def test_weight_only_quantization_needs_no_calibration_events(tiny_llama):
+    groups = {"g": {"weights": {"num_bits": 4, "group_size": 16}}}
+    with create_session() as session:
+        session.initialize(tiny_llama, [QuantizationModifier(config_groups=groups)])
+        session.finalize()
+    module = tiny_llama.model.layers[0].self_attn.q_proj
+    assert module.quantization_status == QuantizationStatus.FROZEN
+    codes, _ = _weight_codes(module)
+    assert len(torch.unique(codes)) <= 16
+
+
+def test_all_zero_weight_group_quantizes_to_zero(tiny_llama, token_batches):
+    module = tiny_llama.model.layers[0].mlp.gate_proj
+    with torch.no_grad():
+        module.weight[3, :16] = 0.0
+    groups = {"g": {"weights": {"num_bits": 4, "group_size": 16}}}
+    _calibrate(tiny_llama, QuantizationModifier(config_groups=groups), token_batches)
+    assert module.weight_scale[3, 0] > 0  # a small positive scale, not zero
+    zp = getattr(module, "weight_zero_point", None)
+    effective = fake_quantize(
+        module.weight, module.weight_scale, zp, module.quantization_scheme.weights
+    )
+    assert torch.isfinite(effective).all()
+    assert torch.equal(effective[3, :16], torch.zeros(16))
+
+
+def test_nan_weight_is_an_error_naming_the_layer(tiny_llama):
+    with torch.no_grad():
+        tiny_llama.model.layers[1].self_attn.v_proj.weight[0, 0] = float("nan")
+    with create_session() as session:
+        session.initialize(tiny_llama, [QuantizationModifier(scheme="W8A8")])
+        with pytest.raises(ValueError, match=r"layers\.1\.self_attn\.v_proj.*NaN or inf"):
+            session.finalize()
+
+
+def test_inf_activation_is_an_error_naming_the_layer(tiny_llama, token_batches):
+    module = tiny_llama.model.layers[0].self_attn.q_proj
+    with create_session() as session:
+        session.initialize(tiny_llama, [QuantizationModifier(scheme="FP8")])
+        session.calibration_epoch_start()
+        x = torch.randn(1, 3, module.in_features)
+        x[0, 0, 0] = float("inf")
+        with pytest.raises(ValueError, match=r"layers\.0\.self_attn\.q_proj.*input.*NaN or inf"):
+            module(x)
+
+
+def test_hooks_are_removed_and_lm_head_is_left_alone(tiny_llama, token_batches):
+    modifier = QuantizationModifier(scheme="FP8")
+    _calibrate(tiny_llama, modifier, token_batches)
+    assert modifier.num_hooks == 0
+    assert not hasattr(tiny_llama.lm_head, "quantization_scheme")
+    assert all(not m._forward_pre_hooks for m in tiny_llama.modules())

@@ -1,0 +1,98 @@
+"""Reducing data-dependent statistics: no-ops in one process; in two gloo processes every rank
+computes the same mask, and the result equals a one-process run on the whole data, in a
+plain loop and under the Trainer."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from compressor.utils import distributed
+from training_runs import train_plain, train_with_trainer
+
+
+def test_single_process_reductions_are_no_ops():
+    assert not distributed.is_distributed()
+    assert distributed.world_size() == 1 and distributed.rank() == 0
+    t = torch.tensor([1.0, 3.0])
+    assert distributed.all_reduce_(t, "max") is t and t.tolist() == [1.0, 3.0]
+    assert distributed.all_reduce_mean_(torch.tensor([4.0, 6.0]), 2).tolist() == [2.0, 3.0]
+    distributed.broadcast_([t])
+    with pytest.raises(ValueError, match=r"op must be one of \['max', 'mean', 'min', 'sum'\]"):
+        distributed.all_reduce_(t, "median")
+    with pytest.raises(ValueError, match="zero items"):
+        distributed.all_reduce_mean_(torch.zeros(2), 0)
+
+
+def _worker(rank: int, world: int, port: int, out: str) -> None:
+    import os
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        # the reductions themselves
+        assert distributed.is_distributed() and distributed.world_size() == world
+        value = torch.tensor([float(rank + 1)], dtype=torch.bfloat16)
+        assert distributed.all_reduce_(value, "sum").item() == 3.0
+        assert distributed.all_reduce_(torch.tensor([rank + 1.0]), "mean").item() == 1.5
+        mean = distributed.all_reduce_mean_(torch.tensor([10.0 * (rank + 1)]), rank + 1)
+        assert mean.item() == pytest.approx(30.0 / 3)
+        drawn = torch.tensor([float(rank)])
+        distributed.broadcast_(drawn)
+        assert drawn.item() == 0.0
+        torch.save(train_plain(rank, world), f"{out}/plain{rank}.pt")
+        torch.save(train_with_trainer(Path(out), rank, world), f"{out}/trainer{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.integration
+def test_two_processes_compute_the_same_masks_as_one(tmp_path):
+    context = mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2,
+                                 join=False, start_method="spawn")  # fmt: skip
+    deadline = time.monotonic() + 180
+    try:
+        while not context.join(timeout=1):
+            if time.monotonic() > deadline:
+                pytest.fail("the two-process run did not finish within 180 s")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.terminate()
+    ranks = [torch.load(tmp_path / f"plain{r}.pt") for r in range(2)]
+    single = train_plain()
+    # the ranks saw different data: their own statistics would disagree ...
+    assert not torch.equal(ranks[0]["local_mask"], ranks[1]["local_mask"])
+    # ... but the reduced statistic gives every rank the one-process mask
+    assert torch.equal(ranks[0]["mask"], single["mask"])
+    assert torch.equal(ranks[1]["mask"], single["mask"])
+    for name, value in single.items():
+        if name.endswith("mask"):
+            continue
+        for result in ranks:
+            torch.testing.assert_close(result[name], value, rtol=1e-4, atol=1e-5)
+    down = single["model.layers.0.mlp.down_proj.weight"]
+    assert (down[:, ~single["mask"]] == 0).all()  # the mask held after it ended
+
+    # the Trainer under two processes (accelerate MULTI_CPU) gives the one-process result,
+    # with the mask and the learnable scale added after DDP wrapped the model
+    ranks = [torch.load(tmp_path / f"trainer{r}.pt") for r in range(2)]
+    single = train_with_trainer(tmp_path / "single")
+    for name, value in single.items():
+        for result in ranks:
+            torch.testing.assert_close(result[name], value, rtol=1e-4, atol=1e-5, msg=name)
