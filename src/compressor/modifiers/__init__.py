@@ -13,13 +13,16 @@ from compressor.modifiers.pruning import (
     RowPruningModifier,
     SparsePruningModifier,
 )
+from compressor.modifiers.pruning.compat import ConstantPruningModifier, MagnitudePruningModifier
 from compressor.modifiers.quantization import QuantizationModifier, QuantizationSchemeMixin
 from compressor.modifiers.transform import SpinQuantModifier
 
 __all__ = [
     "ChannelPruningModifier",
+    "ConstantPruningModifier",
     "HeadPruningModifier",
     "HooksMixin",
+    "MagnitudePruningModifier",
     "Modifier",
     "QuantizationModifier",
     "QuantizationSchemeMixin",
