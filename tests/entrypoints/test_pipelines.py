@@ -179,3 +179,12 @@ def test_auto_picks_the_pipeline_from_the_modifiers(tiny_llama):
     assert resolve_pipeline("basic", [], tiny_llama) == "basic"
     with pytest.raises(ValueError, match="pipeline='layered' is unknown"):
         resolve_pipeline("layered", [], tiny_llama)
+
+
+def test_sequential_refuses_layers_with_different_masks():
+    model = LlamaForCausalLM(tiny_llama_config()).eval()
+    model.config.layer_types = ["sliding_attention", "full_attention"]
+    with create_session() as session:
+        session.initialize(model=model, recipe=[LayerInputRecorder()])
+        with pytest.raises(ValueError, match="layer_types.*use pipeline='basic'"):
+            run_sequential(model, [], session)

@@ -111,3 +111,17 @@ def test_recipe_defaults_to_the_active_session(wide_llama, token_batches, tmp_pa
         session.finalize()
         out = save_compressed(wide_llama, tmp_path / "ckpt")
     assert Recipe.from_file(out / "recipe.yaml") == Recipe.from_modifiers([modifier])
+
+
+def test_model_save_pretrained_after_a_run_writes_compressed(wide_llama, token_batches, tmp_path):
+    modifier = QuantizationModifier(scheme="W4A16")
+    model = _quantize(wide_llama, modifier, token_batches)
+    ids = token_batches[0]["input_ids"]
+    with torch.no_grad():
+        expected = model(ids).logits
+    model.save_pretrained(tmp_path / "plain")
+    config = json.loads((tmp_path / "plain" / "config.json").read_text())
+    assert config["quantization_config"]["format"] == "pack-quantized"
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "plain").eval()
+    with torch.no_grad():
+        assert torch.allclose(reloaded(ids).logits, expected, atol=1e-5, rtol=1e-5)

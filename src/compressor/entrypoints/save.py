@@ -12,7 +12,7 @@ from loguru import logger
 
 from compressor.entrypoints.saving import RECIPE_FILE
 
-__all__ = ["save_compressed"]
+__all__ = ["enable_compressed_save_pretrained", "save_compressed"]
 
 
 def _resolve_recipe(recipe: Any) -> Any:
@@ -29,7 +29,7 @@ def save_compressed(
     recipe: Any = None,
     *,
     tokenizer: Any = None,
-    safe_serialization: bool = True,
+    **save_kwargs: Any,
 ) -> Path:
     """Write ``model`` to ``output_dir`` in compressed-tensors format, loadable by
     ``transformers.AutoModelForCausalLM.from_pretrained``.
@@ -44,7 +44,7 @@ def save_compressed(
     :param recipe: the recipe to store as ``recipe.yaml``: a Recipe, a list of modifiers,
         a dict or a path; the active session's recipe when None
     :param tokenizer: also saved into ``output_dir`` when given
-    :param safe_serialization: write safetensors (recommended)
+    :param save_kwargs: passed to transformers' ``save_pretrained`` (``max_shard_size``, ...)
     :return: the output folder
     """
     if not hasattr(model, "save_pretrained"):
@@ -57,15 +57,26 @@ def save_compressed(
     compressor = ModelCompressor.from_pretrained_model(model) if is_model_quantized(model) else None
     if compressor is None:
         logger.info("the model holds no quantized layers: saving it dense to {}", output)
-        model.save_pretrained(output, safe_serialization=safe_serialization)
+        _dense_save(model, output, save_kwargs)
     else:
         assert compressor.quantization_config is not None
+        embeddings = [
+            name
+            for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Embedding) and hasattr(module, "quantization_scheme")
+        ]
+        if embeddings:
+            logger.warning(
+                "quantized embeddings {} are saved compressed, but transformers cannot load a "
+                "compressed nn.Embedding back yet; add them to ignore for a loadable checkpoint",
+                embeddings,
+            )
         logger.info(
             "saving compressed ({} format) to {}", compressor.quantization_config.format, output
         )
         compressor.compress_model(model)
         try:
-            model.save_pretrained(output, safe_serialization=safe_serialization)
+            _dense_save(model, output, save_kwargs)
             compressor.update_config(str(output))
         finally:
             compressor.decompress_model(model)
@@ -75,3 +86,20 @@ def save_compressed(
     if resolved is not None:
         resolved.save(output / RECIPE_FILE)
     return output
+
+
+def _dense_save(model: torch.nn.Module, output: Path, save_kwargs: dict[str, Any]) -> None:
+    # the class's own method: the instance's may be the compressed wrapper below
+    type(model).save_pretrained(model, output, **save_kwargs)  # type: ignore[attr-defined]
+
+
+def enable_compressed_save_pretrained(model: torch.nn.Module) -> None:
+    """Make ``model.save_pretrained(dir)`` write the compressed format (``save_compressed``)
+    for this model object; quantizing modifiers call it when they finalize."""
+    if not hasattr(type(model), "save_pretrained"):
+        return
+
+    def save_pretrained(save_directory: str | Path, **kwargs: Any) -> None:
+        save_compressed(model, save_directory, **kwargs)
+
+    model.save_pretrained = save_pretrained  # type: ignore[method-assign]

@@ -14,13 +14,18 @@ from compressor.modifiers.pruning import (
     SparsePruningModifier,
 )
 from compressor.modifiers.pruning.compat import ConstantPruningModifier, MagnitudePruningModifier
-from compressor.modifiers.quantization import QuantizationModifier, QuantizationSchemeMixin
+from compressor.modifiers.quantization import (
+    GPTQModifier,
+    QuantizationModifier,
+    QuantizationSchemeMixin,
+)
 from compressor.modifiers.transform import SpinQuantModifier
 
 __all__ = [
     "ChannelPruningModifier",
     "ConstantPruningModifier",
     "HeadPruningModifier",
+    "GPTQModifier",
     "HooksMixin",
     "MagnitudePruningModifier",
     "Modifier",

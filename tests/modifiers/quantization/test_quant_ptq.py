@@ -197,3 +197,61 @@ def test_hooks_are_removed_and_lm_head_is_left_alone(tiny_llama, token_batches):
     assert modifier.num_hooks == 0
     assert not hasattr(tiny_llama.lm_head, "quantization_scheme")
     assert all(not m._forward_pre_hooks for m in tiny_llama.modules())
+
+
+def test_embedding_gets_one_scale_per_token_row(tiny_llama):
+    groups = {"emb": {"targets": ["Embedding"], "weights": {"num_bits": 4, "strategy": "channel"}}}
+    with create_session() as session:
+        session.initialize(tiny_llama, [QuantizationModifier(config_groups=groups)])
+        session.finalize()
+    embed = tiny_llama.model.embed_tokens
+    assert embed.weight_scale.shape == (embed.num_embeddings, 1)
+    ids = torch.tensor([[5, 9]])
+    with torch.no_grad():
+        rows = embed(ids)[0]
+    for row, token in zip(rows, (5, 9), strict=True):
+        own_scale = embed.weight[token].abs().max() / 7.5  # symmetric 4-bit, this row's peak
+        codes = row / own_scale
+        assert torch.allclose(codes, codes.round(), atol=1e-4)
+        assert codes.min() >= -8 and codes.max() <= 7
+
+
+class _TinyConvNet(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3)
+        self.head = torch.nn.Linear(8 * 6 * 6, 4)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.conv(x)).flatten(1))
+
+
+def test_conv2d_weights_take_their_quantized_values(token_batches):
+    torch.manual_seed(0)
+    model = _TinyConvNet()
+    weight = model.conv.weight.detach().clone()
+    groups = {
+        "g": {"targets": ["Conv2d", "Linear"], "weights": {"num_bits": 4, "strategy": "channel"}}
+    }
+    modifier = QuantizationModifier(config_groups=groups, ignore=[])
+    _calibrate(model, modifier, [{"x": torch.randn(2, 3, 8, 8)}])
+    conv = model.conv.weight.detach()
+    for channel in range(8):
+        scale = weight[channel].abs().max() / 7.5
+        codes = conv[channel] / scale
+        assert torch.allclose(codes, codes.round(), atol=1e-4)
+        assert len(torch.unique(codes.round())) <= 16
+    assert model.head.quantization_status == QuantizationStatus.FROZEN
+    assert modifier.num_hooks == 0
+
+
+def test_conv2d_activations_are_rejected():
+    groups = {
+        "g": {
+            "targets": ["Conv2d"],
+            "weights": {"num_bits": 8},
+            "input_activations": {"num_bits": 8, "dynamic": True, "strategy": "token"},
+        }
+    }
+    with create_session() as session, pytest.raises(ValueError, match="conv.*weights-only"):
+        session.initialize(_TinyConvNet(), [QuantizationModifier(config_groups=groups)])

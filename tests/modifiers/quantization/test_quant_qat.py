@@ -153,3 +153,76 @@ def test_nan_activation_in_training_is_an_error(tiny_llama, bad):
         x[0, 0, 0] = bad
         with pytest.raises(ValueError, match=r"mlp\.up_proj.*NaN or inf"):
             module(x)
+
+
+@pytest.mark.parametrize(("levels", "codes"), [("ternary", {-1, 0, 1}), ("binary", {-1, 1})])
+def test_ternary_and_binary_weights_train_and_save_as_2_bit_codes(
+    tiny_llama, token_batches, tmp_path, levels, codes
+):
+    from compressed_tensors.quantization import quantize
+    from transformers import AutoModelForCausalLM
+
+    from compressor import save_compressed
+
+    q_proj = tiny_llama.model.layers[0].self_attn.q_proj
+    seen = []
+
+    def inspect(step, model):
+        seen.append(set(torch.unique(torch.sign(q_proj.weight.detach()[0])).tolist()))
+        magnitude = q_proj.weight.detach()[0].abs()  # 0 or alpha (up to the STE's rounding)
+        alpha = magnitude.max()
+        assert torch.all((magnitude < 1e-6 * alpha) | torch.isclose(magnitude, alpha, rtol=1e-5))
+
+    groups = {"g": {"weights": {"num_bits": 2, "strategy": "channel"}}}
+    modifier = QuantizationModifier(config_groups=groups, start=0, low_bit_weights=levels)
+    losses = _train(tiny_llama, modifier, token_batches[:1], steps=12, lr=0.003, inspect=inspect)
+    assert losses[-1] < losses[0]
+    assert seen[0] <= codes
+    # frozen form: 2-bit codes of exactly those levels, scale alpha
+    args = q_proj.quantization_scheme.weights
+    got = quantize(q_proj.weight, q_proj.weight_scale, q_proj.weight_zero_point, args)
+    assert set(torch.unique(got).tolist()) <= codes
+    ids = token_batches[0]["input_ids"]
+    tiny_llama.eval()
+    with torch.no_grad():
+        expected = tiny_llama(ids).logits
+    out = save_compressed(tiny_llama, tmp_path / levels)
+    reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        assert torch.allclose(reloaded(ids).logits, expected, atol=1e-5)
+
+
+def test_low_bit_weights_need_2_bit_channel_weights():
+    from compressor import Recipe, RecipeError
+
+    args = {"scheme": "W4A16", "start": 0, "low_bit_weights": "ternary"}
+    with pytest.raises(RecipeError, match="num_bits 2"):
+        Recipe.from_dict({"modifiers": [{"QuantizationModifier": args}]})
+
+
+def test_conv2d_weights_train_with_straight_through_gradients():
+    torch.manual_seed(0)
+    conv = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 36, 2)
+    )
+    x, y = torch.randn(8, 3, 8, 8), torch.randint(0, 2, (8,))
+    groups = {"g": {"targets": ["Conv2d"], "weights": {"num_bits": 4, "strategy": "channel"}}}
+    modifier = QuantizationModifier(config_groups=groups, ignore=[], start=0)
+    optimizer = torch.optim.Adam(conv.parameters(), lr=0.01)
+    original = conv[0].weight
+    losses = []
+    with create_session() as session:
+        session.initialize(conv, [modifier], optimizer=optimizer)
+        for _ in range(15):
+            session.batch_start()
+            loss = torch.nn.functional.cross_entropy(conv(x), y)
+            loss.backward()
+            assert original.grad.abs().sum() > 0
+            optimizer.step()
+            optimizer.zero_grad()
+            session.batch_end()
+            losses.append(loss.item())
+        session.finalize()
+    assert losses[-1] < losses[0]
+    assert conv[0].weight is original
+    assert all(len(torch.unique(conv[0].weight[c].detach())) <= 16 for c in range(4))

@@ -102,6 +102,7 @@ def run_sequential(
     :return: the outputs of the last decoder layer, one tensor per batch
     """
     path, layers = find_decoder_layers(model)
+    _check_uniform_layers(model)
     home = model_device(model)
     target = torch.device(device) if device is not None else home
     logger.info("sequential pipeline over {} layers of {} on {}", len(layers), path, target)
@@ -128,6 +129,17 @@ def run_sequential(
                     layer.to(home)
     session.calibration_epoch_end()
     return [call.hidden_states for call in inputs]
+
+
+def _check_uniform_layers(model: torch.nn.Module) -> None:
+    """Refuse models whose layers get different masks (the first layer's are reused)."""
+    layer_types = getattr(getattr(model, "config", None), "layer_types", None)
+    if isinstance(layer_types, list | tuple) and len(set(layer_types)) > 1:
+        raise ValueError(
+            f"the sequential pipeline reuses the first layer's attention mask for every layer, "
+            f"but this model's layers differ (config.layer_types: {sorted(set(layer_types))}); "
+            "use pipeline='basic'"
+        )
 
 
 def _hidden_states(output: Any) -> torch.Tensor:

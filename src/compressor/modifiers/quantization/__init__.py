@@ -1,6 +1,7 @@
 """Quantization of weights and activations with compressed-tensors schemes."""
 
 from compressor.modifiers.quantization.base import QuantizationModifier
+from compressor.modifiers.quantization.gptq.base import GPTQModifier
 from compressor.modifiers.quantization.scheme import (
     SUPPORTED_PRESETS,
     QuantizationSchemeMixin,
@@ -10,6 +11,7 @@ from compressor.modifiers.quantization.scheme import (
 )
 
 __all__ = [
+    "GPTQModifier",
     "SUPPORTED_PRESETS",
     "QuantizationModifier",
     "QuantizationSchemeMixin",

@@ -14,15 +14,16 @@ from compressor.core.events import Event, EventType
 from compressor.core.state import State
 from compressor.modifiers.base import Modifier
 from compressor.modifiers.quantization.calibration import (
+    bake_quantized_weight,
     freeze_quantization,
     set_qparams,
     static_activation_roles,
     update_weight_qparams,
 )
 from compressor.modifiers.quantization.fake_quant import (
+    LowBitWeights,
     WeightFakeQuantizer,
-    fake_quantize_activation,
-    straight_through,
+    low_bit_weight,
 )
 from compressor.modifiers.quantization.observers import (
     ObserverKind,
@@ -33,9 +34,14 @@ from compressor.modifiers.quantization.observers import (
 )
 from compressor.modifiers.quantization.progressive import progressive_bits
 from compressor.modifiers.quantization.scheme import (
+    QUANTIZABLE_MODULE_TYPES,
     QuantizationSchemeMixin,
     apply_quantization,
     match_quantizable_modules,
+)
+from compressor.modifiers.quantization.training import (
+    ActivationFakeQuantizer,
+    check_training_options,
 )
 
 __all__ = ["QuantizationModifier"]
@@ -77,7 +83,8 @@ class QuantizationModifier(QuantizationSchemeMixin, Modifier):
     - ``on_end``: calibration: freeze the scales; training: stop updating activation ranges
     - ``on_finalize``: training (or never started, when no calibration is needed): remove
       the fake quantization, attach compressed-tensors quantization with scales from the
-      final weights and observed ranges, frozen
+      final weights and observed ranges, frozen; from then on
+      ``model.save_pretrained`` writes the compressed-tensors format
 
     :param targets: see QuantizationSchemeMixin
     :param ignore: see QuantizationSchemeMixin
@@ -91,6 +98,10 @@ class QuantizationModifier(QuantizationSchemeMixin, Modifier):
     :param target_bits: progressive bit reduction: final weight bits (the scheme's bits)
     :param quantization_period: optimizer steps before the first bit drop; the period
         doubles after each drop
+    :param low_bit_weights: training only: ``ternary`` (``alpha * {-1, 0, 1}``) or
+        ``binary`` (``alpha * {-1, 1}``) weights per output row, as in DeepSpeed's XTC; the
+        config groups' weights must be int, 2 bits, symmetric, channel strategy (the
+        checkpoint stores them as 2-bit codes with alpha as the scale)
     """
 
     observer: ObserverKind = "minmax"
@@ -99,48 +110,30 @@ class QuantizationModifier(QuantizationSchemeMixin, Modifier):
     start_bits: int | None = Field(default=None, ge=2, le=16)
     target_bits: int | None = Field(default=None, ge=2, le=8)
     quantization_period: int | None = Field(default=None, ge=1)
+    low_bit_weights: LowBitWeights | None = None
 
     _config: QuantizationConfig | None = PrivateAttr(default=None)
     _modules: dict[str, torch.nn.Module] = PrivateAttr(default_factory=dict)
+    _convs: dict[str, torch.nn.Module] = PrivateAttr(default_factory=dict)
     _observers: dict[tuple[str, str], RangeObserver] = PrivateAttr(default_factory=dict)
     _pathway: Literal["calibration", "training"] | None = PrivateAttr(default=None)
     _active_handles: list[Any] = PrivateAttr(default_factory=list)
     _quantizers: dict[str, WeightFakeQuantizer] = PrivateAttr(default_factory=dict)
     _start_step: int = PrivateAttr(default=0)
-    _ranges_frozen: bool = PrivateAttr(default=False)
+    _activation_quantizers: list[ActivationFakeQuantizer] = PrivateAttr(default_factory=list)
     _disabled_qdq: list[torch.nn.Module] = PrivateAttr(default_factory=list)
 
     @model_validator(mode="after")
     def _check_training_options(self) -> QuantizationModifier:
-        progressive = (self.start_bits, self.target_bits, self.quantization_period)
-        if any(v is not None for v in progressive) and any(v is None for v in progressive):
-            raise ValueError(
-                "progressive bit reduction needs start_bits, target_bits and "
-                f"quantization_period together; got start_bits={self.start_bits}, "
-                f"target_bits={self.target_bits}, quantization_period={self.quantization_period}"
-            )
-        training_only = []
-        if self.rounding == "stochastic":
-            training_only.append("rounding='stochastic'")
-        if self.start_bits is not None:
-            training_only.append("progressive bit reduction")
-            assert self.target_bits is not None
-            if self.start_bits <= self.target_bits:
-                raise ValueError(
-                    f"start_bits={self.start_bits} must exceed target_bits={self.target_bits}"
-                )
-            for name, group in self.resolve_quantization_config().config_groups.items():
-                bits = group.weights.num_bits if group.weights is not None else None
-                if bits != self.target_bits:
-                    raise ValueError(
-                        f"target_bits={self.target_bits} must equal the weights' num_bits of "
-                        f"every config group; {name} has {bits}"
-                    )
-        if training_only and self.start is None:
-            raise ValueError(
-                f"{' and '.join(training_only)} apply to training: set start (for example "
-                "start: 0); post-training calibration rounds to nearest at the target bits"
-            )
+        check_training_options(
+            config=self.resolve_quantization_config(),
+            start=self.start,
+            rounding=self.rounding,
+            start_bits=self.start_bits,
+            target_bits=self.target_bits,
+            quantization_period=self.quantization_period,
+            low_bit_weights=self.low_bit_weights,
+        )
         return self
 
     # ---------------------------------------------------------------- calibration needs
@@ -158,7 +151,17 @@ class QuantizationModifier(QuantizationSchemeMixin, Modifier):
         if state.model is None:
             raise ValueError("QuantizationModifier needs a model in the state")
         self._config = self.resolve_quantization_config()
-        self._modules = match_quantizable_modules(state.model, self._config)
+        self._modules = match_quantizable_modules(
+            state.model, self._config, (*QUANTIZABLE_MODULE_TYPES, torch.nn.Conv2d)
+        )
+        self._convs = {n: m for n, m in self._modules.items() if isinstance(m, torch.nn.Conv2d)}
+        if self._convs:
+            logger.info(
+                "{}: {} convolution(s) get quantized weight values but stay dense in checkpoints "
+                "(compressed-tensors has no convolution format)",
+                type(self).__name__,
+                len(self._convs),
+            )
         logger.info("{} will quantize {} module(s)", type(self).__name__, len(self._modules))
 
     def on_start(self, state: State, event: Event) -> None:
@@ -179,14 +182,20 @@ class QuantizationModifier(QuantizationSchemeMixin, Modifier):
         if self._pathway == "calibration":
             self._end_calibration()
         else:
-            self._ranges_frozen = True
+            for quantizer in self._activation_quantizers:
+                quantizer.frozen = True
             logger.info(
                 "{}: activation ranges frozen at step {}", type(self).__name__, event.global_step
             )
 
     def on_finalize(self, state: State) -> None:
-        if self._pathway == "calibration":
-            return
+        from compressor.entrypoints.save import enable_compressed_save_pretrained
+
+        if self._pathway != "calibration":
+            self._finalize_weights_and_ranges(state)
+        enable_compressed_save_pretrained(state.model)
+
+    def _finalize_weights_and_ranges(self, state: State) -> None:
         if self._pathway is None and self.requires_calibration_data():
             raise RuntimeError(
                 f"{type(self).__name__} has static activation ranges to observe but no "
@@ -196,8 +205,9 @@ class QuantizationModifier(QuantizationSchemeMixin, Modifier):
         self._remove_active_handles()
         assert self._config is not None
         apply_quantization(state.model, self._config, self._modules)
-        for name, module in self._modules.items():
-            update_weight_qparams(module, name)
+        self._bake_convolutions()
+        for name, module in self._ct_modules().items():
+            self._final_weight_qparams(name, module)
             for base, args in static_activation_roles(module).items():
                 observer = self._observers.get((name, base))
                 if observer is None or observer.batches == 0:
@@ -210,11 +220,35 @@ class QuantizationModifier(QuantizationSchemeMixin, Modifier):
             "{}: {} module(s) quantized and frozen", type(self).__name__, len(self._modules)
         )
 
+    def _ct_modules(self) -> dict[str, torch.nn.Module]:
+        """The modules compressed-tensors holds (all but convolutions)."""
+        return {n: m for n, m in self._modules.items() if n not in self._convs}
+
+    def _bake_convolutions(self) -> None:
+        schemes = self._schemes_by_module()
+        levels = self.low_bit_weights if self._pathway == "training" else None
+        for name, module in self._convs.items():
+            bake_quantized_weight(module, schemes[name].weights, name, levels)
+
+    def _final_weight_qparams(self, name: str, module: torch.nn.Module) -> None:
+        if self.low_bit_weights is None or self._pathway != "training":
+            update_weight_qparams(module, name)
+            return
+        # the weight becomes its ternary / binary values; alpha is the scale of codes in
+        # {-1, 0, 1}, which a 2-bit symmetric int grid holds exactly
+        with torch.no_grad():
+            values, alpha = low_bit_weight(module.weight, self.low_bit_weights)
+            module.weight.copy_(values)
+            module.weight_scale.copy_(alpha.clamp(min=torch.finfo(alpha.dtype).tiny))
+            zero_point = getattr(module, "weight_zero_point", None)
+            if zero_point is not None:
+                zero_point.zero_()
+
     # ---------------------------------------------------------------- post-training
     def _start_calibration(self, state: State) -> None:
         assert self._config is not None
         apply_quantization(state.model, self._config, self._modules)
-        for name, module in self._modules.items():
+        for name, module in self._ct_modules().items():
             update_weight_qparams(module, name)
             roles = static_activation_roles(module)
             if "output" in roles:  # its scale is unknown until the first output is seen
@@ -269,7 +303,8 @@ class QuantizationModifier(QuantizationSchemeMixin, Modifier):
         for module in self._disabled_qdq:
             module.quantization_enabled = True
         self._disabled_qdq.clear()
-        for module in self._modules.values():
+        self._bake_convolutions()
+        for module in self._ct_modules().values():
             freeze_quantization(module)
         logger.info(
             "{}: calibration done, {} module(s) frozen ({} activation range(s) observed)",
@@ -286,7 +321,10 @@ class QuantizationModifier(QuantizationSchemeMixin, Modifier):
             scheme = schemes[name]
             if scheme.weights is not None:
                 quantizer = WeightFakeQuantizer(
-                    scheme.weights, stochastic=self.rounding == "stochastic", where=name
+                    scheme.weights,
+                    stochastic=self.rounding == "stochastic",
+                    where=name,
+                    levels=self.low_bit_weights,
                 )
                 parametrize.register_parametrization(module, "weight", quantizer, unsafe=True)
                 self._active_handles.append(
@@ -324,16 +362,8 @@ class QuantizationModifier(QuantizationSchemeMixin, Modifier):
         observer = None if args.dynamic else make_observer(args, self.observer, self.momentum)
         if observer is not None:
             self._observers[(name, base)] = observer
-
-        def quantize(value: torch.Tensor) -> torch.Tensor:
-            if observer is None:
-                return straight_through(value, fake_quantize_activation(value, args))
-            if not self._ranges_frozen or observer.batches == 0:
-                lo, hi = activation_range(value, args)
-                qparams_from_range(lo, hi, args, f"{name} ({base} activations)")  # finite check
-                observer.update(lo, hi)
-            scale, zero_point = qparams_from_range(*observer.range, args, name)
-            return straight_through(value, fake_quantize_activation(value, args, scale, zero_point))
+        quantize = ActivationFakeQuantizer(args, observer, f"{name} ({base} activations)")
+        self._activation_quantizers.append(quantize)
 
         if base == "input":
 

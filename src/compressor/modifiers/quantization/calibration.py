@@ -8,6 +8,7 @@ from compressed_tensors.quantization import QuantizationArgs, QuantizationStatus
 from compressor.modifiers.quantization.observers import qparams_from_range, weight_range
 
 __all__ = [
+    "bake_quantized_weight",
     "freeze_quantization",
     "set_qparams",
     "static_activation_roles",
@@ -67,3 +68,21 @@ def static_activation_roles(module: torch.nn.Module) -> dict[str, QuantizationAr
 def freeze_quantization(module: torch.nn.Module) -> None:
     """Mark a calibrated module frozen: its forward uses its fixed scales from now on."""
     module.quantization_status = QuantizationStatus.FROZEN
+
+
+@torch.no_grad()
+def bake_quantized_weight(
+    module: torch.nn.Module, args: QuantizationArgs, name: str, levels: str | None = None
+) -> None:
+    """Replace a weight by its quantized values, for modules compressed-tensors cannot hold
+    (convolutions): the forward then computes with exactly the quantized weight.
+
+    :param levels: ``ternary`` or ``binary`` instead of ``args``' integer grid
+    """
+    from compressor.modifiers.quantization.fake_quant import fake_quantize_weight, low_bit_weight
+
+    if levels is not None:
+        values, _ = low_bit_weight(module.weight, levels)  # type: ignore[arg-type]
+    else:
+        values = fake_quantize_weight(module.weight, args, where=name)
+    module.weight.copy_(values)

@@ -236,8 +236,9 @@ def resolve_quantization_config(
 
 
 def _input_width(module: torch.nn.Module) -> int:
+    """Columns of the weight as a matrix (a convolution's kernel is flattened)."""
     weight = module.weight
-    return int(weight.shape[-1])
+    return int(weight[0].numel()) if weight.dim() > 2 else int(weight.shape[-1])
 
 
 def _check_module_fits(name: str, module: torch.nn.Module, scheme: QuantizationScheme) -> None:
@@ -265,6 +266,13 @@ def _check_module_fits(name: str, module: torch.nn.Module, scheme: QuantizationS
                     f"{role}: block_structure={args.block_structure} columns do not divide the "
                     f"input width of {label}"
                 )
+    if isinstance(module, torch.nn.Conv2d) and (
+        scheme.input_activations is not None or scheme.output_activations is not None
+    ):
+        raise ValueError(
+            f"activations cannot be quantized for {label}: convolutions take weight "
+            "quantization only; give it a weights-only config group"
+        )
     if isinstance(module, torch.nn.Embedding) and scheme.input_activations is not None:
         raise ValueError(
             f"input_activations cannot be quantized for {label}: an Embedding's inputs are "
@@ -273,7 +281,9 @@ def _check_module_fits(name: str, module: torch.nn.Module, scheme: QuantizationS
 
 
 def match_quantizable_modules(
-    model: torch.nn.Module, config: QuantizationConfig
+    model: torch.nn.Module,
+    config: QuantizationConfig,
+    module_types: tuple[type[torch.nn.Module], ...] = QUANTIZABLE_MODULE_TYPES,
 ) -> dict[str, torch.nn.Module]:
     """The modules ``config`` quantizes, after checking that it fits the model.
 
@@ -281,6 +291,8 @@ def match_quantizable_modules(
     matches no module at all, a group size that does not divide a layer's input width, or
     activation quantization of an Embedding raise ValueError naming the layer.
 
+    :param module_types: the module classes that may be quantized (add ``nn.Conv2d`` where
+        the caller handles convolutions itself: compressed-tensors does not)
     :return: module name -> module, in model order
     """
     target_to_scheme: dict[str, QuantizationScheme] = {}
@@ -298,7 +310,7 @@ def match_quantizable_modules(
                 continue
             if is_match(name, module, ignore):
                 break
-            if not isinstance(module, QUANTIZABLE_MODULE_TYPES):
+            if not isinstance(module, module_types):
                 unsupported.setdefault(target, set()).add(type(module).__name__)
                 break
             _check_module_fits(name, module, scheme)
@@ -322,7 +334,7 @@ def match_quantizable_modules(
     if not matched:
         raise ValueError(
             f"the quantization targets {list(target_to_scheme)} (ignoring {ignore}) match no "
-            f"Linear or Embedding module of {type(model).__name__}"
+            f"{' or '.join(t.__name__ for t in module_types)} module of {type(model).__name__}"
         )
     return matched
 

