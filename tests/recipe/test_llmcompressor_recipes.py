@@ -10,6 +10,7 @@ from transformers import LlamaForCausalLM
 from compressor import CompressionSession, Recipe, RecipeError, oneshot
 from compressor.modifiers import (
     ConstantPruningModifier,
+    GPTQModifier,
     MagnitudePruningModifier,
     QuantizationModifier,
     SpinQuantModifier,
@@ -77,6 +78,23 @@ def test_spinquant_then_quantization_recipe(llama128):
     assert model.model.layers[0].mlp.up_proj.quantization_scheme.weights.num_bits == 4
 
 
+def test_gptq_recipe_runs_layer_by_layer(llama128):
+    recipe = Recipe.from_file(DATA / "gptq_w4a16.yaml")
+    (modifier,) = recipe.modifiers
+    assert isinstance(modifier, GPTQModifier)
+    assert (modifier.block_size, modifier.dampening_frac, modifier.actorder) == (
+        128,
+        0.01,
+        "static",
+    )
+    model = oneshot(llama128, recipe, _data())
+    down = model.model.layers[1].mlp.down_proj
+    effective = fake_quantize(
+        down.weight, down.weight_scale, down.weight_zero_point, down.quantization_scheme.weights
+    )
+    assert max(len(torch.unique(group)) for group in effective.detach().reshape(-1, 128)) <= 16
+
+
 def _train(model, recipe, steps=6):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     session = CompressionSession()
@@ -137,6 +155,10 @@ def test_constant_pruning_recipe_keeps_existing_zeros_through_training(tiny_llam
         (
             "s_stage:\n  q_modifiers:\n    QuantizationModifier: {scheme: W4A16, kv_cache_scheme: {num_bits: 8}}\n",
             "QuantizationModifier -> kv_cache_scheme: unknown field",
+        ),
+        (
+            "s_stage:\n  q_modifiers:\n    GPTQModifier: {scheme: W4A16, offload_hessians: true}\n",
+            "GPTQModifier -> offload_hessians: unknown field",
         ),
         (
             "s_stage:\n  p_modifiers:\n    MagnitudePruningModifier: {final_sparsity: 0.5, apply_globally: true}\n",
