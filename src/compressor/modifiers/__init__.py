@@ -13,6 +13,7 @@ from compressor.modifiers.pruning import (
     RowPruningModifier,
     SparsePruningModifier,
 )
+from compressor.modifiers.pruning.compat import ConstantPruningModifier, MagnitudePruningModifier
 from compressor.modifiers.quantization import (
     GPTQModifier,
     QuantizationModifier,
@@ -22,9 +23,11 @@ from compressor.modifiers.transform import SpinQuantModifier
 
 __all__ = [
     "ChannelPruningModifier",
+    "ConstantPruningModifier",
     "HeadPruningModifier",
     "GPTQModifier",
     "HooksMixin",
+    "MagnitudePruningModifier",
     "Modifier",
     "QuantizationModifier",
     "QuantizationSchemeMixin",
