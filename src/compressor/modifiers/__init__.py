@@ -6,7 +6,9 @@ from compressor.modifiers.base import (
     get_modifier_class,
     registered_modifiers,
 )
+from compressor.modifiers.distillation import OutputDistillationModifier
 from compressor.modifiers.hooks import HooksMixin
+from compressor.modifiers.layer_reduction import LayerReductionModifier
 from compressor.modifiers.pruning import (
     ChannelPruningModifier,
     HeadPruningModifier,
@@ -25,7 +27,9 @@ __all__ = [
     "HeadPruningModifier",
     "GPTQModifier",
     "HooksMixin",
+    "LayerReductionModifier",
     "Modifier",
+    "OutputDistillationModifier",
     "QuantizationModifier",
     "QuantizationSchemeMixin",
     "RowPruningModifier",
