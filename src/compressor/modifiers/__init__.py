@@ -6,7 +6,9 @@ from compressor.modifiers.base import (
     get_modifier_class,
     registered_modifiers,
 )
+from compressor.modifiers.distillation import OutputDistillationModifier
 from compressor.modifiers.hooks import HooksMixin
+from compressor.modifiers.layer_reduction import LayerReductionModifier
 from compressor.modifiers.pruning import (
     ChannelPruningModifier,
     HeadPruningModifier,
@@ -27,8 +29,10 @@ __all__ = [
     "HeadPruningModifier",
     "GPTQModifier",
     "HooksMixin",
+    "LayerReductionModifier",
     "MagnitudePruningModifier",
     "Modifier",
+    "OutputDistillationModifier",
     "QuantizationModifier",
     "QuantizationSchemeMixin",
     "RowPruningModifier",

@@ -1,0 +1,221 @@
+"""LayerReductionModifier: a shallower model that keeps chosen decoder layers."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from loguru import logger
+from pydantic import Field, PrivateAttr, model_validator
+
+from compressor.core import Event, State
+from compressor.modifiers.base import Modifier
+from compressor.modifiers.layer_reduction.surgery import angular_distance, keep_decoder_layers
+from compressor.utils.architecture import find_decoder_layers_path
+
+__all__ = ["LayerReductionModifier"]
+
+
+@Modifier.register("LayerReduction")
+class LayerReductionModifier(Modifier):
+    """Removes whole decoder layers, chosen by index or by how little they change the
+    hidden state (angular distance, Gromov et al. 2024, "The Unreasonable Ineffectiveness of
+    the Deeper Layers", arXiv:2403.17887). The result is a real smaller model whose config
+    says so; train it back with ``OutputDistillationModifier`` and the original model as the
+    session's teacher.
+
+    **Lifecycle**
+
+    - ``on_initialize``: check the fields against the model; with ``strategy: index`` the
+      layers are removed now (training: the student starts from the kept layers; create the
+      optimizer after ``session.initialize``)
+    - ``on_start`` on CALIBRATION_EPOCH_START (``angular``): record each layer's input and
+      output hidden states on every calibration batch
+    - ``on_end`` on CALIBRATION_EPOCH_END (``angular``): drop the block of
+      ``num_layers_to_drop`` consecutive layers whose input and output are closest in angle;
+      the chosen indices are logged and written into ``drop_layers`` (and ``strategy``
+      becomes ``index``), so the saved recipe reproduces the run
+
+    :param keep_number_layer: how many layers are kept (DeepSpeed's name); must match
+        ``teacher_layer``
+    :param teacher_layer: indices of the layers kept (DeepSpeed's name)
+    :param drop_layers: indices of the layers removed (instead of ``teacher_layer``)
+    :param strategy: ``index`` (the fields above) or ``angular`` (chosen from data)
+    :param num_layers_to_drop: ``angular``: size of the block of consecutive layers removed
+    :param module_name_prefix: dotted name of the decoder layer list (DeepSpeed's name);
+        inferred for Llama, Mistral, Qwen2/3, GPT-2, OPT and BERT
+    :param other_module_name: modules DeepSpeed copies from teacher to student; the layers
+        are removed in place here, so these are only checked to exist
+    """
+
+    keep_number_layer: int | None = Field(default=None, ge=1)
+    teacher_layer: list[int] | None = None
+    drop_layers: list[int] | None = None
+    strategy: Literal["index", "angular"] = "index"
+    num_layers_to_drop: int | None = Field(default=None, ge=1)
+    module_name_prefix: str | None = None
+    other_module_name: list[str] | None = None
+
+    _path: str | None = PrivateAttr(default=None)
+    _distances: torch.Tensor | None = PrivateAttr(default=None)
+    _batches: int = PrivateAttr(default=0)
+    _hidden: dict[int, torch.Tensor] = PrivateAttr(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> LayerReductionModifier:
+        for name in ("teacher_layer", "drop_layers"):
+            values = getattr(self, name)
+            valid = values is None or (
+                values and min(values) >= 0 and len(set(values)) == len(values)
+            )
+            if not valid:
+                raise ValueError(f"{name} must be distinct layer indices >= 0, got {values}")
+        if self.strategy == "index":
+            if (self.teacher_layer is None) == (self.drop_layers is None):
+                raise ValueError(
+                    "strategy 'index' needs exactly one of teacher_layer (layers kept) or "
+                    "drop_layers (layers removed)"
+                )
+            if self.num_layers_to_drop is not None:
+                raise ValueError("num_layers_to_drop is for strategy 'angular'")
+        else:
+            if self.num_layers_to_drop is None:
+                raise ValueError("strategy 'angular' needs num_layers_to_drop")
+            if self.teacher_layer is not None or self.drop_layers is not None:
+                raise ValueError(
+                    "strategy 'angular' chooses the layers itself: leave teacher_layer and "
+                    "drop_layers unset"
+                )
+            if self.start is not None:
+                raise ValueError(
+                    "strategy 'angular' runs on calibration data (post-training): leave start "
+                    "unset, or use strategy 'index' in training"
+                )
+        if (
+            self.keep_number_layer is not None
+            and self.teacher_layer is not None
+            and self.keep_number_layer != len(self.teacher_layer)
+        ):
+            raise ValueError(
+                f"keep_number_layer ({self.keep_number_layer}) differs from the number of "
+                f"teacher_layer entries ({len(self.teacher_layer)})"
+            )
+        return self
+
+    def requires_calibration_data(self) -> bool:
+        return self.strategy == "angular"
+
+    # ---------------------------------------------------------------- lifecycle
+    def on_initialize(self, state: State) -> None:
+        model = state.model
+        self._path = self.module_name_prefix or find_decoder_layers_path(model)
+        try:
+            layers = model.get_submodule(self._path)
+        except AttributeError:
+            raise ValueError(f"module_name_prefix={self._path!r}: no such module") from None
+        count = len(layers)
+        for name in self.other_module_name or []:
+            try:
+                model.get_submodule(name)
+            except AttributeError:
+                raise ValueError(
+                    f"other_module_name: {name!r} is not a module of the model"
+                ) from None
+        if self.strategy == "angular":
+            assert self.num_layers_to_drop is not None
+            if self.num_layers_to_drop >= count:
+                raise ValueError(
+                    f"num_layers_to_drop={self.num_layers_to_drop} must be below the model's "
+                    f"{count} layers"
+                )
+            return
+        keep = self._kept(count)
+        before = sum(p.numel() for p in model.parameters())
+        keep_decoder_layers(model, keep, self._path)
+        after = sum(p.numel() for p in model.parameters())
+        logger.info(
+            "LayerReductionModifier kept layers {} of {} ({:.1f}% of the parameters)",
+            keep,
+            count,
+            100 * after / before,
+        )
+
+    def _kept(self, count: int) -> list[int]:
+        field = "teacher_layer" if self.teacher_layer is not None else "drop_layers"
+        values = self.teacher_layer if self.teacher_layer is not None else self.drop_layers
+        assert values is not None
+        bad = [v for v in values if v >= count]
+        if bad:
+            raise ValueError(
+                f"{field}: indices {bad} out of range; the model has layers 0..{count - 1}"
+            )
+        if self.teacher_layer is not None:
+            return sorted(self.teacher_layer)
+        keep = [i for i in range(count) if i not in set(values)]
+        if not keep:
+            raise ValueError("drop_layers removes every layer")
+        return keep
+
+    def on_start(self, state: State, event: Event) -> None:
+        if self.strategy != "angular":
+            return
+        assert self._path is not None
+        layers = state.model.get_submodule(self._path)
+        self._distances = None
+        self._batches = 0
+        self._hidden = {}
+
+        def first_input(_module: Any, args: tuple, kwargs: dict) -> None:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            self._hidden = {0: hidden.detach()}
+
+        def output_of(index: int):
+            def hook(_module: Any, _args: Any, output: Any) -> None:
+                hidden = output[0] if isinstance(output, tuple) else output
+                self._hidden[index + 1] = hidden.detach()
+                if index + 1 == len(layers):
+                    self._accumulate()
+
+            return hook
+
+        self.register_hook(layers[0], first_input, "forward_pre", with_kwargs=True)
+        for index, layer in enumerate(layers):
+            self.register_hook(layer, output_of(index), "forward")
+
+    def _accumulate(self) -> None:
+        n = self.num_layers_to_drop
+        assert n is not None
+        count = len(self._hidden) - 1
+        distances = torch.stack(
+            [angular_distance(self._hidden[i], self._hidden[i + n]) for i in range(count - n + 1)]
+        )
+        self._distances = distances if self._distances is None else self._distances + distances
+        self._batches += 1
+        self._hidden = {}
+
+    def on_end(self, state: State, event: Event) -> None:
+        if self.strategy != "angular":
+            return
+        self.remove_hooks()
+        if self._distances is None:
+            raise RuntimeError(
+                "LayerReductionModifier (angular) saw no calibration batch: run it through "
+                "oneshot with a dataset and the basic or sequential pipeline"
+            )
+        assert self.num_layers_to_drop is not None and self._path is not None
+        mean = self._distances / self._batches
+        first = int(torch.argmin(mean))
+        dropped = list(range(first, first + self.num_layers_to_drop))
+        count = len(state.model.get_submodule(self._path))
+        logger.info(
+            "LayerReductionModifier (angular): mean distances {} over {} batch(es); drops {}",
+            [round(float(d), 4) for d in mean],
+            self._batches,
+            dropped,
+        )
+        keep_decoder_layers(state.model, [i for i in range(count) if i not in dropped], self._path)
+        # written back so that the saved recipe reproduces this run without data; validated
+        # as a whole, since the three fields only make sense together
+        chosen = {"strategy": "index", "num_layers_to_drop": None, "drop_layers": dropped}
+        checked = type(self).model_validate({**self.model_dump(), **chosen})
+        self.__dict__.update({name: getattr(checked, name) for name in chosen})
