@@ -85,7 +85,8 @@ def _save_model(model: Any, directory: Path, recipe: Recipe, compressed: bool) -
 
         save_compressed(model, directory, recipe)
     else:
-        model.save_pretrained(directory)
+        # the class's method: after a quantizing run the instance's writes compressed
+        type(model).save_pretrained(model, directory)
 
 
 def _swap_into_place(partial: Path, output_dir: Path, overwrite: bool) -> None:
