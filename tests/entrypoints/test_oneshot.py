@@ -139,3 +139,33 @@ def test_a_failed_rename_with_overwrite_restores_the_old_checkpoint(
     with pytest.raises(OSError, match="rename failed"):
         saving.save_checkpoint(tiny_llama, out, Recipe.from_modifiers([]), overwrite=True)
     assert os.listdir(out) == ["keep.txt"] and os.listdir(tmp_path) == ["ckpt"]
+
+
+def test_a_quantized_model_is_saved_compressed_and_reloads(tiny_llama, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from compressor import QuantizationModifier
+
+    weights = {"num_bits": 4, "type": "int", "symmetric": True}
+    weights |= {"strategy": "group", "group_size": 16}
+    recipe = [
+        QuantizationModifier(config_groups={"g": {"targets": ["Linear"], "weights": weights}})
+    ]
+    ids = torch.randint(0, 128, (1, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        dense_logits = tiny_llama(ids).logits
+    model = oneshot(tiny_llama, recipe, output_dir=tmp_path / "packed")
+    oneshot(tiny_llama, Recipe.from_modifiers([]), output_dir=tmp_path / "dense",
+            save_compressed=False)  # fmt: skip
+    with torch.no_grad():
+        quantized_logits = model(ids).logits
+    assert not torch.allclose(quantized_logits, dense_logits, atol=1e-4)  # it did quantize
+
+    config = (tmp_path / "packed" / "config.json").read_text()
+    assert '"quantization_config"' in config and "pack-quantized" in config
+    packed = (tmp_path / "packed" / "model.safetensors").stat().st_size
+    dense = (tmp_path / "dense" / "model.safetensors").stat().st_size
+    assert packed < 0.75 * dense  # the decoder Linears (most weights) hold 4 bits, not 32
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "packed")
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, quantized_logits, rtol=1e-4, atol=1e-4)

@@ -6,51 +6,15 @@ from __future__ import annotations
 import pytest
 import torch
 from pydantic import PrivateAttr
-from transformers import LlamaForCausalLM, Trainer, TrainingArguments
+from transformers import LlamaForCausalLM, Trainer
 
 from compressor import CompressionCallback, CompressionSession, CompressionTrainer, Modifier
 from compressor.entrypoints.trainer import COMPRESSOR_STATE_NAME
-from conftest import tiny_llama_config
 from recording import RecordingModifier
-
-SAMPLES, BATCH = 8, 2  # 4 micro-batches per epoch
-
-
-def _model():
-    torch.manual_seed(0)
-    return LlamaForCausalLM(tiny_llama_config())
-
-
-def _dataset():
-    gen = torch.Generator().manual_seed(0)
-    rows = [torch.randint(0, 128, (16,), generator=gen) for _ in range(SAMPLES)]
-    return [{"input_ids": r, "labels": r.clone()} for r in rows]
-
-
-def _trainer(model, callback, tmp_path, cls=Trainer, accumulation=1, **overrides):
-    values = dict(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=BATCH,
-        gradient_accumulation_steps=accumulation,
-        num_train_epochs=2,
-        learning_rate=1e-2,
-        weight_decay=0.0,
-        report_to=[],
-        use_cpu=True,
-        save_strategy="no",
-        logging_strategy="no",
-        disable_tqdm=True,
-        seed=0,
-        data_seed=0,
-        dataloader_num_workers=0,
-    )
-    values.update(overrides)
-    return cls(
-        model=model,
-        args=TrainingArguments(**values),
-        train_dataset=_dataset(),
-        callbacks=[callback],
-    )
+from training_runs import BATCH, SAMPLES, OutputScaleModifier
+from training_runs import dataset as _dataset
+from training_runs import make_trainer as _trainer
+from training_runs import model as _model
 
 
 def _plain_loop_events(recipe, accumulation, epochs, with_loss):
@@ -128,25 +92,6 @@ def test_the_callback_alone_runs_modifiers_without_the_loss(tmp_path):
     (recorder,) = callback.modifiers
     assert not [t for t, _, _ in recorder.calls("event") if t == "loss_calculated"]
     assert recorder.steps("update")
-
-
-@Modifier.register()
-class OutputScaleModifier(Modifier):
-    """Test modifier: a learnable scale on the LM head output, added when it starts."""
-
-    _scale: torch.nn.Parameter | None = PrivateAttr(default=None)
-
-    def on_start(self, state, event):
-        head = state.model.lm_head
-        self._scale = torch.nn.Parameter(torch.ones(1))
-        head.register_parameter("compress_scale", self._scale)
-        self.register_hook(head, lambda _m, _i, out: out * self._scale, "forward")
-
-    def on_finalize(self, state):
-        if self._scale is not None:
-            with torch.no_grad():
-                state.model.lm_head.weight.mul_(self._scale)
-            del state.model.lm_head.compress_scale
 
 
 def test_parameters_added_by_modifiers_reach_the_optimizer(tmp_path):

@@ -1,5 +1,6 @@
 """Reducing data-dependent statistics: no-ops in one process; in two gloo processes every rank
-computes the same mask, and the result equals a one-process run on the whole data."""
+computes the same mask, and the result equals a one-process run on the whole data, in a
+plain loop and under the Trainer."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 import torch.multiprocessing as mp
 
 from compressor.utils import distributed
-from ddp_channel_mask import train
+from training_runs import train_plain, train_with_trainer
 
 
 def test_single_process_reductions_are_no_ops():
@@ -28,11 +29,15 @@ def test_single_process_reductions_are_no_ops():
 
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
+    import os
+    from pathlib import Path
+
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world)  # fmt: skip
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
+    dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         # the reductions themselves
         assert distributed.is_distributed() and distributed.world_size() == world
@@ -44,7 +49,8 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         drawn = torch.tensor([float(rank)])
         distributed.broadcast_(drawn)
         assert drawn.item() == 0.0
-        torch.save(train(rank, world), f"{out}/rank{rank}.pt")
+        torch.save(train_plain(rank, world), f"{out}/plain{rank}.pt")
+        torch.save(train_with_trainer(Path(out), rank, world), f"{out}/trainer{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -68,8 +74,8 @@ def test_two_processes_compute_the_same_masks_as_one(tmp_path):
         for process in context.processes:
             if process.is_alive():
                 process.terminate()
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
-    single = train()
+    ranks = [torch.load(tmp_path / f"plain{r}.pt") for r in range(2)]
+    single = train_plain()
     # the ranks saw different data: their own statistics would disagree ...
     assert not torch.equal(ranks[0]["local_mask"], ranks[1]["local_mask"])
     # ... but the reduced statistic gives every rank the one-process mask
@@ -82,3 +88,11 @@ def test_two_processes_compute_the_same_masks_as_one(tmp_path):
             torch.testing.assert_close(result[name], value, rtol=1e-4, atol=1e-5)
     down = single["model.layers.0.mlp.down_proj.weight"]
     assert (down[:, ~single["mask"]] == 0).all()  # the mask held after it ended
+
+    # the Trainer under two processes (accelerate MULTI_CPU) gives the one-process result,
+    # with the mask and the learnable scale added after DDP wrapped the model
+    ranks = [torch.load(tmp_path / f"trainer{r}.pt") for r in range(2)]
+    single = train_with_trainer(tmp_path / "single")
+    for name, value in single.items():
+        for result in ranks:
+            torch.testing.assert_close(result[name], value, rtol=1e-4, atol=1e-5, msg=name)

@@ -28,13 +28,30 @@ def load_model(model: torch.nn.Module | str | Path) -> torch.nn.Module:
     path = Path(model)
     if path.is_file() and path.suffix == ".gguf":
         logger.info("loading {} (GGUF, dequantized)", path)
-        return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
+        loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
+        return _as_dense_model(loaded, path)
     if path.is_dir():
         logger.info("loading {}", path)
         return AutoModelForCausalLM.from_pretrained(path)
     raise FileNotFoundError(
         f"model {str(model)!r} is neither a checkpoint directory nor a .gguf file"
     )
+
+
+def _as_dense_model(model: Any, path: Path) -> Any:
+    """Detach transformers' GGUF quantizer from a model whose weights it dequantized, so that
+    it is an ordinary dense model (which compresses, and saves with ``save_pretrained``)."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is None:
+        return model
+    packed = [n for n, p in model.named_parameters() if not p.dtype.is_floating_point]
+    if packed:
+        raise ValueError(
+            f"{path}: transformers kept {len(packed)} weight(s) packed in GGUF blocks (e.g. "
+            f"{packed[0]}); compressor needs dense weights"
+        )
+    quantizer.remove_quantization_config(model)
+    return model
 
 
 def load_tokenizer(model: Any, tokenizer: Any = None) -> Any:

@@ -60,6 +60,17 @@ def save_compressed(
         model.save_pretrained(output, safe_serialization=safe_serialization)
     else:
         assert compressor.quantization_config is not None
+        embeddings = [
+            name
+            for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Embedding) and hasattr(module, "quantization_scheme")
+        ]
+        if embeddings:
+            logger.warning(
+                "quantized embeddings {} are saved compressed, but transformers cannot load a "
+                "compressed nn.Embedding back yet; add them to ignore for a loadable checkpoint",
+                embeddings,
+            )
         logger.info(
             "saving compressed ({} format) to {}", compressor.quantization_config.format, output
         )

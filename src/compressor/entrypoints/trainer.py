@@ -88,7 +88,7 @@ class CompressionCallback(TrainerCallback):
         self.resume_from = Path(resume_from) if resume_from is not None else None
         self.session: CompressionSession | None = None
         self._known_params: set[int] = set()
-        self._added_params: list[torch.nn.Parameter] = []
+        self._grad_hooks: list[Any] = []
         self._model: torch.nn.Module | None = None
         self._optimizer: Any = None
         self._lr_scheduler: Any = None
@@ -128,7 +128,6 @@ class CompressionCallback(TrainerCallback):
             start = state.global_step / steps_per_epoch if steps_per_epoch else state.global_step
         self._model, self._optimizer, self._lr_scheduler = model, optimizer, lr_scheduler
         self._known_params = {id(p) for p in model.parameters()}
-        self._added_params = []
         # a fresh copy of the recipe for every run: modifiers keep runtime state
         recipe = copy.deepcopy(self._recipe)
         self.session = CompressionSession()
@@ -171,15 +170,23 @@ class CompressionCallback(TrainerCallback):
         logger.info("compression state restored from {} at step {}", path, global_step)
 
     def _sync_parameters(self) -> None:
-        """Give parameters that modifiers added since the last call to the optimizer."""
+        """Give parameters that modifiers added since the last call to the optimizer.
+
+        Under several processes, DDP (which wrapped the model before) does not know them: every
+        rank starts from rank 0's values, and each backward pass averages their gradients over
+        the ranks (before the Trainer clips the gradient norm, so every rank clips alike).
+        """
         assert self._model is not None
         new = [p for p in self._model.parameters() if id(p) not in self._known_params]
         self._known_params.update(id(p) for p in new)
         trainable = [p for p in new if p.requires_grad]
-        if trainable and add_param_group(self._optimizer, trainable, self._lr_scheduler):
-            distributed.broadcast_(trainable)  # every rank starts from the same values
-            self._added_params.extend(trainable)
-            logger.info("{} parameter(s) added by modifiers join the optimizer", len(trainable))
+        if not trainable or add_param_group(self._optimizer, trainable, self._lr_scheduler) is None:
+            return
+        if distributed.is_distributed():
+            distributed.broadcast_(trainable)
+            for param in trainable:
+                self._grad_hooks.append(param.register_hook(_average_over_ranks))
+        logger.info("{} parameter(s) added by modifiers join the optimizer", len(trainable))
 
     # ---------------------------------------------------------------- steps
     def _require_session(self) -> CompressionSession:
@@ -200,10 +207,6 @@ class CompressionCallback(TrainerCallback):
     def on_pre_optimizer_step(
         self, args: Any, state: TrainerState, control: Any, **kwargs: Any
     ) -> None:
-        # DDP does not know parameters added after it wrapped the model: average their grads
-        for param in self._added_params:
-            if param.grad is not None:
-                distributed.all_reduce_(param.grad, "mean")
         self._require_session().optim_pre_step(global_step=state.global_step)
 
     def on_optimizer_step(
@@ -242,11 +245,18 @@ class CompressionCallback(TrainerCallback):
             return
         self._close_open_batch(state)
         assert self.session is not None
-        self.session.finalize()
-        self._added_params = []
+        try:
+            self.session.finalize()
+        finally:
+            while self._grad_hooks:
+                self._grad_hooks.pop().remove()
 
 
 _OPEN = (EventType.BATCH_START, EventType.LOSS_CALCULATED)
+
+
+def _average_over_ranks(grad: torch.Tensor) -> torch.Tensor:
+    return distributed.all_reduce_(grad.clone(), "mean")
 
 
 def _steps_per_epoch(train_dataloader: Any, accumulation: int) -> int:

@@ -7,7 +7,12 @@ from compressor.modifiers.base import (
     registered_modifiers,
 )
 from compressor.modifiers.hooks import HooksMixin
-from compressor.modifiers.pruning import RowPruningModifier, SparsePruningModifier
+from compressor.modifiers.pruning import (
+    ChannelPruningModifier,
+    HeadPruningModifier,
+    RowPruningModifier,
+    SparsePruningModifier,
+)
 from compressor.modifiers.quantization import (
     GPTQModifier,
     QuantizationModifier,
@@ -16,7 +21,9 @@ from compressor.modifiers.quantization import (
 from compressor.modifiers.transform import SpinQuantModifier
 
 __all__ = [
+    "ChannelPruningModifier",
     "GPTQModifier",
+    "HeadPruningModifier",
     "HooksMixin",
     "Modifier",
     "QuantizationModifier",

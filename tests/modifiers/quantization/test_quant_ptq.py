@@ -197,3 +197,20 @@ def test_hooks_are_removed_and_lm_head_is_left_alone(tiny_llama, token_batches):
     assert modifier.num_hooks == 0
     assert not hasattr(tiny_llama.lm_head, "quantization_scheme")
     assert all(not m._forward_pre_hooks for m in tiny_llama.modules())
+
+
+def test_embedding_gets_one_scale_per_token_row(tiny_llama):
+    groups = {"emb": {"targets": ["Embedding"], "weights": {"num_bits": 4, "strategy": "channel"}}}
+    with create_session() as session:
+        session.initialize(tiny_llama, [QuantizationModifier(config_groups=groups)])
+        session.finalize()
+    embed = tiny_llama.model.embed_tokens
+    assert embed.weight_scale.shape == (embed.num_embeddings, 1)
+    ids = torch.tensor([[5, 9]])
+    with torch.no_grad():
+        rows = embed(ids)[0]
+    for row, token in zip(rows, (5, 9), strict=True):
+        own_scale = embed.weight[token].abs().max() / 7.5  # symmetric 4-bit, this row's peak
+        codes = row / own_scale
+        assert torch.allclose(codes, codes.round(), atol=1e-4)
+        assert codes.min() >= -8 and codes.max() <= 7

@@ -18,7 +18,8 @@ from compressor.modifiers.pruning.mappings import (
     build_groups,
     default_mappings,
 )
-from compressor.modifiers.pruning.surgery import shrink_groups
+from compressor.modifiers.pruning.schedule import kept_count
+from compressor.modifiers.pruning.surgery import check_config, shrink_groups
 
 __all__ = ["StructuredPruningModifier"]
 
@@ -65,6 +66,15 @@ class StructuredPruningModifier(PruningModifierBase):
                     f"describes every layer with one {', '.join(keys)}; prune them all to the "
                     "same density, or set shrink: false to keep the pruned units as zeros"
                 )
+            # the config must accept the final counts: fail now, not after training
+            final = self.final_density()
+            assert final is not None
+            values = {
+                key: kept_count(g.n_units or 1, final) * scale
+                for g in groups
+                for key, scale in g.config.items()
+            }
+            check_config(getattr(model, "config", None), values, type(model).__name__)
         return groups
 
     def on_finalize(self, state: State) -> None:

@@ -4,6 +4,7 @@ step, so the smaller model computes what the masked one did and reloads with
 
 from __future__ import annotations
 
+import copy
 from collections import defaultdict
 from typing import Any
 
@@ -12,7 +13,14 @@ from loguru import logger
 
 from compressor.modifiers.pruning.groups import PruneGroup, member_tensors
 
-__all__ = ["pruned_units", "shrink_group", "shrink_groups", "shrink_module", "unit_index"]
+__all__ = [
+    "check_config",
+    "pruned_units",
+    "shrink_group",
+    "shrink_groups",
+    "shrink_module",
+    "unit_index",
+]
 
 _NORMS = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d)
 
@@ -87,6 +95,26 @@ def _set_attribute(block: torch.nn.Module, path: str, value: int) -> None:
     setattr(target, attribute, value)
 
 
+def check_config(config: Any, values: dict[str, int], owner: str = "the model") -> None:
+    """Raise, before any surgery, when ``config`` cannot take ``values``."""
+    if not values:
+        return
+    if config is None:
+        raise ValueError(f"{owner} has no config to record {values} in")
+    trial = copy.deepcopy(config)
+    try:
+        for key, value in values.items():
+            setattr(trial, key, value)
+        validate = getattr(trial, "validate", None)
+        if callable(validate):
+            validate()
+    except Exception as err:
+        raise ValueError(
+            f"the pruned model needs config {values}, which {type(config).__name__} rejects "
+            f"({err}); choose a density that keeps a count the config accepts"
+        ) from None
+
+
 def shrink_groups(
     model: torch.nn.Module, groups: list[PruneGroup], keep: list[torch.Tensor]
 ) -> dict[str, int]:
@@ -108,6 +136,9 @@ def shrink_groups(
             f"layers keep different numbers of units {uneven}; the config can describe only "
             "uniform pruning"
         )
+    values = {key: next(iter(v)) for key, v in kept_by_key.items()}
+    config: Any = getattr(model, "config", None)
+    check_config(config, values, type(model).__name__)
     removed = 0
     for group, mask in zip(groups, keep, strict=True):
         before = sum(p.numel() for m in group.members for p in m.module.parameters())
@@ -116,10 +147,6 @@ def shrink_groups(
         if group.block is not None:
             for path, scale in group.attributes.items():
                 _set_attribute(group.block, path, int(mask.sum()) * scale)
-    values = {key: next(iter(v)) for key, v in kept_by_key.items()}
-    config: Any = getattr(model, "config", None)
-    if values and config is None:
-        raise ValueError(f"{type(model).__name__} has no config to record {values} in")
     for key, value in values.items():
         setattr(config, key, value)
     logger.info("removed {} parameters; config now {}", removed, values or "unchanged")

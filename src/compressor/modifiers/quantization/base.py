@@ -20,9 +20,9 @@ from compressor.modifiers.quantization.calibration import (
     update_weight_qparams,
 )
 from compressor.modifiers.quantization.fake_quant import (
+    LowBitWeights,
     WeightFakeQuantizer,
-    fake_quantize_activation,
-    straight_through,
+    low_bit_weight,
 )
 from compressor.modifiers.quantization.observers import (
     ObserverKind,
@@ -36,6 +36,10 @@ from compressor.modifiers.quantization.scheme import (
     QuantizationSchemeMixin,
     apply_quantization,
     match_quantizable_modules,
+)
+from compressor.modifiers.quantization.training import (
+    ActivationFakeQuantizer,
+    check_training_options,
 )
 
 __all__ = ["QuantizationModifier"]
@@ -91,6 +95,10 @@ class QuantizationModifier(QuantizationSchemeMixin, Modifier):
     :param target_bits: progressive bit reduction: final weight bits (the scheme's bits)
     :param quantization_period: optimizer steps before the first bit drop; the period
         doubles after each drop
+    :param low_bit_weights: training only: ``ternary`` (``alpha * {-1, 0, 1}``) or
+        ``binary`` (``alpha * {-1, 1}``) weights per output row, as in DeepSpeed's XTC; the
+        config groups' weights must be int, 2 bits, symmetric, channel strategy (the
+        checkpoint stores them as 2-bit codes with alpha as the scale)
     """
 
     observer: ObserverKind = "minmax"
@@ -99,6 +107,7 @@ class QuantizationModifier(QuantizationSchemeMixin, Modifier):
     start_bits: int | None = Field(default=None, ge=2, le=16)
     target_bits: int | None = Field(default=None, ge=2, le=8)
     quantization_period: int | None = Field(default=None, ge=1)
+    low_bit_weights: LowBitWeights | None = None
 
     _config: QuantizationConfig | None = PrivateAttr(default=None)
     _modules: dict[str, torch.nn.Module] = PrivateAttr(default_factory=dict)
@@ -107,40 +116,20 @@ class QuantizationModifier(QuantizationSchemeMixin, Modifier):
     _active_handles: list[Any] = PrivateAttr(default_factory=list)
     _quantizers: dict[str, WeightFakeQuantizer] = PrivateAttr(default_factory=dict)
     _start_step: int = PrivateAttr(default=0)
-    _ranges_frozen: bool = PrivateAttr(default=False)
+    _activation_quantizers: list[ActivationFakeQuantizer] = PrivateAttr(default_factory=list)
     _disabled_qdq: list[torch.nn.Module] = PrivateAttr(default_factory=list)
 
     @model_validator(mode="after")
     def _check_training_options(self) -> QuantizationModifier:
-        progressive = (self.start_bits, self.target_bits, self.quantization_period)
-        if any(v is not None for v in progressive) and any(v is None for v in progressive):
-            raise ValueError(
-                "progressive bit reduction needs start_bits, target_bits and "
-                f"quantization_period together; got start_bits={self.start_bits}, "
-                f"target_bits={self.target_bits}, quantization_period={self.quantization_period}"
-            )
-        training_only = []
-        if self.rounding == "stochastic":
-            training_only.append("rounding='stochastic'")
-        if self.start_bits is not None:
-            training_only.append("progressive bit reduction")
-            assert self.target_bits is not None
-            if self.start_bits <= self.target_bits:
-                raise ValueError(
-                    f"start_bits={self.start_bits} must exceed target_bits={self.target_bits}"
-                )
-            for name, group in self.resolve_quantization_config().config_groups.items():
-                bits = group.weights.num_bits if group.weights is not None else None
-                if bits != self.target_bits:
-                    raise ValueError(
-                        f"target_bits={self.target_bits} must equal the weights' num_bits of "
-                        f"every config group; {name} has {bits}"
-                    )
-        if training_only and self.start is None:
-            raise ValueError(
-                f"{' and '.join(training_only)} apply to training: set start (for example "
-                "start: 0); post-training calibration rounds to nearest at the target bits"
-            )
+        check_training_options(
+            config=self.resolve_quantization_config(),
+            start=self.start,
+            rounding=self.rounding,
+            start_bits=self.start_bits,
+            target_bits=self.target_bits,
+            quantization_period=self.quantization_period,
+            low_bit_weights=self.low_bit_weights,
+        )
         return self
 
     # ---------------------------------------------------------------- calibration needs
@@ -179,7 +168,8 @@ class QuantizationModifier(QuantizationSchemeMixin, Modifier):
         if self._pathway == "calibration":
             self._end_calibration()
         else:
-            self._ranges_frozen = True
+            for quantizer in self._activation_quantizers:
+                quantizer.frozen = True
             logger.info(
                 "{}: activation ranges frozen at step {}", type(self).__name__, event.global_step
             )
@@ -197,7 +187,7 @@ class QuantizationModifier(QuantizationSchemeMixin, Modifier):
         assert self._config is not None
         apply_quantization(state.model, self._config, self._modules)
         for name, module in self._modules.items():
-            update_weight_qparams(module, name)
+            self._final_weight_qparams(name, module)
             for base, args in static_activation_roles(module).items():
                 observer = self._observers.get((name, base))
                 if observer is None or observer.batches == 0:
@@ -209,6 +199,20 @@ class QuantizationModifier(QuantizationSchemeMixin, Modifier):
         logger.info(
             "{}: {} module(s) quantized and frozen", type(self).__name__, len(self._modules)
         )
+
+    def _final_weight_qparams(self, name: str, module: torch.nn.Module) -> None:
+        if self.low_bit_weights is None or self._pathway != "training":
+            update_weight_qparams(module, name)
+            return
+        # the weight becomes its ternary / binary values; alpha is the scale of codes in
+        # {-1, 0, 1}, which a 2-bit symmetric int grid holds exactly
+        with torch.no_grad():
+            values, alpha = low_bit_weight(module.weight, self.low_bit_weights)
+            module.weight.copy_(values)
+            module.weight_scale.copy_(alpha.clamp(min=torch.finfo(alpha.dtype).tiny))
+            zero_point = getattr(module, "weight_zero_point", None)
+            if zero_point is not None:
+                zero_point.zero_()
 
     # ---------------------------------------------------------------- post-training
     def _start_calibration(self, state: State) -> None:
@@ -286,7 +290,10 @@ class QuantizationModifier(QuantizationSchemeMixin, Modifier):
             scheme = schemes[name]
             if scheme.weights is not None:
                 quantizer = WeightFakeQuantizer(
-                    scheme.weights, stochastic=self.rounding == "stochastic", where=name
+                    scheme.weights,
+                    stochastic=self.rounding == "stochastic",
+                    where=name,
+                    levels=self.low_bit_weights,
                 )
                 parametrize.register_parametrization(module, "weight", quantizer, unsafe=True)
                 self._active_handles.append(
@@ -324,16 +331,8 @@ class QuantizationModifier(QuantizationSchemeMixin, Modifier):
         observer = None if args.dynamic else make_observer(args, self.observer, self.momentum)
         if observer is not None:
             self._observers[(name, base)] = observer
-
-        def quantize(value: torch.Tensor) -> torch.Tensor:
-            if observer is None:
-                return straight_through(value, fake_quantize_activation(value, args))
-            if not self._ranges_frozen or observer.batches == 0:
-                lo, hi = activation_range(value, args)
-                qparams_from_range(lo, hi, args, f"{name} ({base} activations)")  # finite check
-                observer.update(lo, hi)
-            scale, zero_point = qparams_from_range(*observer.range, args, name)
-            return straight_through(value, fake_quantize_activation(value, args, scale, zero_point))
+        quantize = ActivationFakeQuantizer(args, observer, f"{name} ({base} activations)")
+        self._activation_quantizers.append(quantize)
 
         if base == "input":
 

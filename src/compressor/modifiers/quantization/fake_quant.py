@@ -8,6 +8,8 @@ https://arxiv.org/abs/1308.3432).
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from compressed_tensors.quantization import (
     QuantizationArgs,
@@ -20,7 +22,11 @@ from compressed_tensors.quantization.utils import compute_dynamic_scales_and_zp
 from compressor.modifiers.quantization.observers import qparams_from_range, weight_range
 
 __all__ = [
+    "LowBitWeights",
     "WeightFakeQuantizer",
+    "binarize",
+    "low_bit_weight",
+    "ternarize",
     "expand_to_weight",
     "fake_quantize_activation",
     "fake_quantize_weight",
@@ -65,11 +71,7 @@ def fake_quantize_weight(
             raise ValueError("stochastic rounding is defined for int quantization only")
         step = expand_to_weight(scale, matrix.shape, args)
         matrix = matrix + (torch.rand_like(matrix) - 0.5) * step
-    if args.strategy == QuantizationStrategy.BLOCK:
-        # compressed-tensors pads blocks itself; scales keep their block shape
-        out = fake_quantize(matrix, scale, zero_point, args)
-    else:
-        out = fake_quantize(matrix, scale, zero_point, args)
+    out = fake_quantize(matrix, scale, zero_point, args)
     return out.reshape(weight.shape).to(weight.dtype)
 
 
@@ -89,6 +91,47 @@ def fake_quantize_activation(
     return fake_quantize(x, scale.to(x.dtype), zero_point, args)
 
 
+LowBitWeights = Literal["ternary", "binary"]
+
+
+@torch.no_grad()
+def ternarize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ternary weights per output row: ``alpha * {-1, 0, 1}``.
+
+    Weights below ``0.7 * mean|w|`` become 0 and the rest ``+-alpha``, with ``alpha`` the
+    mean magnitude of those kept (Li et al., 2016, "Ternary Weight Networks",
+    https://arxiv.org/abs/1605.04711; DeepSpeed's XTC).
+
+    :return: the ternary weight (same shape) and alpha, shaped (rows, 1)
+    """
+    w = weight.flatten(1) if weight.dim() > 2 else weight
+    magnitude = w.abs()
+    keep = magnitude > 0.7 * magnitude.mean(dim=1, keepdim=True)
+    count = keep.sum(dim=1, keepdim=True).clamp(min=1)
+    alpha = (magnitude * keep).sum(dim=1, keepdim=True) / count
+    return (torch.sign(w) * keep * alpha).reshape(weight.shape), alpha
+
+
+@torch.no_grad()
+def binarize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Binary weights per output row: ``alpha * {-1, 1}`` with ``alpha = mean|w|``
+    (Rastegari et al., 2016, "XNOR-Net", https://arxiv.org/abs/1603.05279).
+
+    :return: the binary weight (same shape) and alpha, shaped (rows, 1)
+    """
+    w = weight.flatten(1) if weight.dim() > 2 else weight
+    alpha = w.abs().mean(dim=1, keepdim=True)
+    sign = torch.where(w >= 0, 1.0, -1.0).to(w.dtype)
+    return (sign * alpha).reshape(weight.shape), alpha
+
+
+def low_bit_weight(
+    weight: torch.Tensor, levels: LowBitWeights
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``ternarize`` or ``binarize``."""
+    return ternarize(weight) if levels == "ternary" else binarize(weight)
+
+
 class WeightFakeQuantizer(torch.nn.Module):
     """A parametrization that fake-quantizes a weight with a straight-through gradient.
 
@@ -97,13 +140,21 @@ class WeightFakeQuantizer(torch.nn.Module):
     :param args: the weight's quantization args
     :param stochastic: use stochastic rounding
     :param where: the module's name, for errors
+    :param levels: ``ternary`` or ``binary`` weights instead of ``args``' integer grid
     """
 
-    def __init__(self, args: QuantizationArgs, stochastic: bool = False, where: str = "") -> None:
+    def __init__(
+        self,
+        args: QuantizationArgs,
+        stochastic: bool = False,
+        where: str = "",
+        levels: LowBitWeights | None = None,
+    ) -> None:
         super().__init__()
         self.args = args
         self.stochastic = stochastic
         self.where = where
+        self.levels = levels
 
     @property
     def num_bits(self) -> int:
@@ -114,5 +165,8 @@ class WeightFakeQuantizer(torch.nn.Module):
         self.args = self.args.model_copy(update={"num_bits": bits})
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        quantized = fake_quantize_weight(weight, self.args, self.stochastic, self.where)
+        if self.levels is not None:
+            quantized, _ = low_bit_weight(weight, self.levels)
+        else:
+            quantized = fake_quantize_weight(weight, self.args, self.stochastic, self.where)
         return straight_through(weight, quantized)

@@ -1,0 +1,1 @@
+"""Benchmarks for compressor: `python -m benchmarks --help`. Not part of the package."""

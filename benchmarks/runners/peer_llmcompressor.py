@@ -1,0 +1,49 @@
+"""llm-compressor's side of a case, run with the python of ``.venv-peers/llmcompressor``.
+
+Same model directory, same calibration rows (pre-tokenized, so both sides see identical
+tokens), the recipe in llm-compressor's own YAML, the same perplexity function.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from benchmarks.common import (
+    Phases,
+    calibration_dataset,
+    calibration_ids,
+    dir_size_mb,
+    evaluate,
+    load_model,
+)
+from benchmarks.runners.timing import count_params
+
+
+def oneshot_task(spec: dict[str, Any], phases: Phases) -> dict[str, Any]:
+    from llmcompressor import oneshot
+
+    with phases("load"):
+        model, tokenizer = load_model(spec["model_path"])
+        calib = spec.get("calibration")
+        rows = calibration_ids(tokenizer, calib) if calib else None
+    kwargs: dict[str, Any] = {"model": model, "recipe": spec["recipe"], "processor": tokenizer}
+    if rows:
+        kwargs.update(
+            dataset=calibration_dataset(rows),
+            num_calibration_samples=len(rows),
+            max_seq_length=len(rows[0]),
+        )
+    with phases("compress"):
+        result = oneshot(**kwargs)
+    model = result if isinstance(result, type(model)) else model
+    metrics: dict[str, Any] = {"params": count_params(model)}
+    if spec.get("output_dir"):
+        with phases("save"):
+            model.save_pretrained(spec["output_dir"], save_compressed=True)
+        metrics["checkpoint_mb"] = dir_size_mb(spec["output_dir"])
+    with phases("eval"):
+        metrics["ppl"] = evaluate(model, tokenizer, spec.get("eval"))
+    return metrics
+
+
+TASKS = {"oneshot": oneshot_task}

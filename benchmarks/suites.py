@@ -1,0 +1,259 @@
+"""The suites: which cases each runs at each size.
+
+Sizes: ``smoke`` (a tiny synthetic model, for the harness's own test), ``quick`` (the default:
+minutes on 2 cores) and ``full`` (every model, more repeats). Recipes live in
+``benchmarks/recipes/ours`` (our format) and ``benchmarks/recipes/<peer>`` (the peer's own).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from benchmarks.harness import Case
+
+SIZES = ("smoke", "quick", "full")
+QUANT = "compressor.modifiers.QuantizationModifier"
+ONESHOT = "compressor.oneshot"
+SAVE = "compressor.save_compressed"
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    description: str
+    cases: Callable[[str], list[Case]]
+
+
+def _w4a16(model: str) -> str:
+    """The W4A16 recipe a model's widths allow: groups of 128 where every targeted input width
+    is a multiple of 128 (synthetic Llamas), 64 for SmolLM2 (hidden 576), per channel for
+    stories260K (widths 64 and 172 share no useful group size)."""
+    return {"stories260K": "quant_w4a16_channel", "smollm2-135m": "quant_w4a16_g64"}.get(
+        model, "quant_w4a16"
+    )
+
+
+def _both(recipe: str | None) -> dict[str, str | None]:
+    return {"ours": f"ours/{recipe}.yaml", "llmcompressor": f"llmcompressor/{recipe}.yaml"}
+
+
+def _both_named(ours: str, peer: str) -> dict[str, str | None]:
+    return {"ours": f"ours/{ours}.yaml", "llmcompressor": f"llmcompressor/{peer}.yaml"}
+
+
+def _fp(suite: str, model: str, ev: tuple[int, int | None]) -> Case:
+    return Case(suite, "FP", model, "eval", {"ours": None}, eval=ev, key_phase="eval")
+
+
+# ------------------------------------------------------------------ quant (issue 3)
+def quant_cases(size: str) -> list[Case]:
+    models = {"smoke": ["llama-tiny"], "quick": ["stories260K"]}.get(
+        size, ["stories260K", "smollm2-135m"]
+    )
+    ev = (64, 2) if size == "smoke" else (128, 16) if size == "quick" else (512, 32)
+    repeats = {"smoke": 1, "quick": 3, "full": 3}[size]
+    cases = []
+    for model in models:
+        cases.append(_fp("quant", model, ev))
+        for name, recipe in (
+            ("W4A16", _w4a16(model)),
+            ("W8A8", "quant_w8a8"),
+            ("FP8_DYNAMIC", "quant_fp8_dynamic"),
+        ):
+            cases.append(
+                Case(
+                    "quant",
+                    name,
+                    model,
+                    "oneshot",
+                    _both(recipe),
+                    eval=ev,
+                    requires=(ONESHOT, SAVE, QUANT),
+                    save=True,
+                    repeats=repeats,
+                )
+            )
+    return cases
+
+
+# ------------------------------------------------------------------ gptq (issue 9)
+def gptq_cases(size: str) -> list[Case]:
+    models = {"smoke": ["llama-tiny"], "quick": ["llama-s", "llama-m"]}.get(
+        size, ["smollm2-135m", "llama-m", "llama-l"]
+    )
+    calib = {"smoke": (4, 32), "quick": (32, 256), "full": (64, 256)}[size]
+    ev = (64, 2) if size == "smoke" else (256, 16)
+    repeats = {"smoke": 1, "quick": 2, "full": 3}[size]
+    cases = []
+    for model in models:
+        w4 = _w4a16(model)
+        gptq = "gptq_w4a16_g64" if model == "smollm2-135m" else "gptq_w4a16"
+        cases.append(_fp("gptq", model, ev))
+        cases.append(
+            Case(
+                "gptq",
+                "RTN W4A16",
+                model,
+                "oneshot",
+                _both(w4),
+                eval=ev,
+                requires=(ONESHOT, QUANT),
+                repeats=repeats,
+            )  # fmt: skip
+        )
+        cases.append(
+            Case(
+                "gptq",
+                "GPTQ W4A16",
+                model,
+                "oneshot",
+                _both(gptq),
+                calibration=calib,
+                eval=ev,
+                requires=(ONESHOT, "compressor.modifiers.GPTQModifier"),
+                repeats=repeats,
+            )  # fmt: skip
+        )
+    return cases
+
+
+# ------------------------------------------------------------------ spinquant (issue 10)
+def spinquant_cases(size: str) -> list[Case]:
+    model = "llama-tiny" if size == "smoke" else "stories260K"
+    ev = (64, 2) if size == "smoke" else (128, 16)
+    spin = "compressor.modifiers.SpinQuantModifier"
+    cases = [_fp("spinquant", model, ev)]
+    for name, recipe, needs in (
+        ("R1R2", "spin_r1r2", (spin,)),
+        ("W4A16", "spin_w4a16", (QUANT,)),
+        ("R1R2 + W4A16", "spin_r1r2_w4a16", (spin, QUANT)),
+        ("W4A4", "spin_w4a4", (QUANT,)),
+        ("R1R2 + W4A4", "spin_r1r2_w4a4", (spin, QUANT)),
+    ):
+        cases.append(
+            Case(
+                "spinquant",
+                name,
+                model,
+                "oneshot",
+                _both(recipe),
+                eval=ev,
+                requires=(ONESHOT, *needs),
+            )  # fmt: skip
+        )
+    return cases
+
+
+# ------------------------------------------------------------------ prune (issue 4)
+def prune_cases(size: str) -> list[Case]:
+    acc_model = "llama-tiny" if size == "smoke" else "stories260K"
+    lat_model = {"smoke": "llama-tiny", "quick": "llama-m"}.get(size, "llama-l")
+    ev = (64, 2) if size == "smoke" else (128, 32)
+    sparse = "compressor.modifiers.SparsePruningModifier"
+    structured = (
+        "compressor.modifiers.RowPruningModifier",
+        "compressor.modifiers.HeadPruningModifier",
+    )
+    calib = (4, 32) if size == "smoke" else (16, 128)
+    iters = {"smoke": 3, "quick": 20, "full": 40}[size]
+    return [
+        Case("prune", "heads 50% + rows 50%, cleaned", lat_model, "latency",
+             {"ours": "ours/prune_heads_rows_50.yaml"}, requires=(ONESHOT, *structured),
+             params={"batch": 1, "seq_len": 128, "iters": iters}, key_phase="compress"),
+        Case("prune", "rows 50%, cleaned", lat_model, "latency",
+             {"ours": "ours/prune_rows_50.yaml"}, requires=(ONESHOT, structured[0]),
+             params={"batch": 1, "seq_len": 128, "iters": iters}, key_phase="compress"),
+        _fp("prune", acc_model, ev),
+        Case("prune", "50% unstructured, magnitude", acc_model, "oneshot",
+             {"ours": "ours/prune_sparse_50.yaml"}, eval=ev, requires=(ONESHOT, sparse)),
+        Case("prune", "2:4, magnitude", acc_model, "oneshot",
+             {"ours": "ours/prune_sparse_2of4.yaml"}, eval=ev, requires=(ONESHOT, sparse)),
+        Case("prune", "50% unstructured, activation-aware", acc_model, "oneshot",
+             _both_named("prune_act_50", "prune_wanda_50"), calibration=calib, eval=ev,
+             requires=(ONESHOT, sparse)),
+        Case("prune", "2:4, activation-aware", acc_model, "oneshot",
+             _both_named("prune_act_2of4", "prune_wanda_2of4"), calibration=calib, eval=ev,
+             requires=(ONESHOT, sparse)),
+    ]  # fmt: skip
+
+
+# ------------------------------------------------------------------ layers (issue 6)
+def layers_cases(size: str) -> list[Case]:
+    models = {"smoke": ["llama-tiny"], "quick": ["stories260K"]}.get(
+        size, ["stories260K", "smollm2-135m"]
+    )
+    ev = (64, 2) if size == "smoke" else (128, 32)
+    calib = (4, 32) if size == "smoke" else (16, 128)
+    need = (ONESHOT, "compressor.modifiers.LayerReductionModifier")
+    cases = []
+    for model in models:
+        tag = (
+            "smollm2"
+            if model == "smollm2-135m"
+            else "stories"
+            if model == "stories260K"
+            else "tiny"
+        )
+        cases += [
+            _fp("layers", model, ev),
+            Case("layers", "drop 25%: angular", model, "oneshot",
+                 {"ours": f"ours/layers_angular_{tag}.yaml"}, calibration=calib, eval=ev,
+                 requires=need),
+            Case("layers", "drop 25%: last", model, "oneshot",
+                 {"ours": f"ours/layers_last_{tag}.yaml"}, eval=ev, requires=need),
+        ]  # fmt: skip
+    return cases
+
+
+# ------------------------------------------------------------------ train (issue 5)
+def train_cases(size: str) -> list[Case]:
+    model = {"smoke": "llama-tiny", "quick": "llama-s"}.get(size, "llama-m")
+    params = {
+        "smoke": {"batch": 2, "steps": 2, "warmup": 1},
+        "quick": {"batch": 4, "steps": 12, "warmup": 2},
+        "full": {"batch": 8, "steps": 30, "warmup": 3},
+    }[size]
+    calib = (8, 32) if size == "smoke" else (64, 128)
+    rows = [
+        ("W8A8 fake quant (QAT)", "train_w8a8", QUANT, "train_w8a8.json"),
+        ("50% sparse masks", "train_sparse_50", "compressor.modifiers.SparsePruningModifier",
+         "train_sparse_50.json"),
+        ("50% MLP rows, masks", "train_rows_50", "compressor.modifiers.RowPruningModifier",
+         "train_rows_50.json"),
+    ]  # fmt: skip
+    return [
+        Case("train", name, model, "train",
+             {"ours": f"ours/{ours}.yaml", "deepspeed": f"deepspeed/{ds}"},
+             calibration=calib, requires=(need,), params=params, key_phase="train")
+        for name, ours, need, ds in rows
+    ]  # fmt: skip
+
+
+SUITES: dict[str, Suite] = {
+    s.name: s
+    for s in (
+        Suite("quant", "Post-training quantization on the real models: oneshot time, peak "
+              "memory, checkpoint size and perplexity before (FP) and after, against "
+              "llm-compressor with the same scheme. W4A16 uses groups of 128 where the widths "
+              "allow; stories260K (widths 64, 172) uses one scale per channel, SmolLM2 "
+              "(width 576) groups of 64.", quant_cases),
+        Suite("gptq", "W4A16 round-to-nearest and GPTQ (block 128, dampening 0.01) on SmolLM2 "
+              "and synthetic Llamas, against llm-compressor on the same calibration rows: "
+              "wall time, peak memory, perplexity. Goal: at least 2x faster.", gptq_cases),
+        Suite("spinquant", "FP, W4A16 and W4A4 (int4 per-channel weights, int4 dynamic "
+              "per-token activations), each with and without R1+R2 rotations, on stories260K; "
+              "perplexity against llm-compressor's SpinQuantModifier.", spinquant_cases),
+        Suite("prune", "Forward latency of the cleaned model (50% of heads and 50% of MLP rows "
+              "removed) against the dense one, and perplexity of stories260K at 50% "
+              "unstructured and 2:4 sparsity: by magnitude (ours alone: llm-compressor's "
+              "magnitude pruning is training-only and prunes nothing in oneshot) and "
+              "activation-aware (|W| x input norm), against llm-compressor's Wanda.", prune_cases),
+        Suite("layers", "Perplexity after dropping 25% of the decoder layers chosen by angular "
+              "distance against dropping the last 25% (no peer offers this).", layers_cases),
+        Suite("train", "Training step time with each training-aware modifier active against a "
+              "plain step of the same model (ratio of medians, steps alternating in one "
+              "process), beside DeepSpeed compression's ratio for the same technique. Goals: "
+              "weight+activation fake quantization <= 1.3x, masks <= 1.1x.", train_cases),
+    )
+}  # fmt: skip

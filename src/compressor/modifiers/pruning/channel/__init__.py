@@ -1,0 +1,3 @@
+from compressor.modifiers.pruning.channel.base import ChannelPruningModifier
+
+__all__ = ["ChannelPruningModifier"]

@@ -1,0 +1,3 @@
+from compressor.modifiers.pruning.head.base import HeadPruningModifier
+
+__all__ = ["HeadPruningModifier"]

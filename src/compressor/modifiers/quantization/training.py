@@ -1,0 +1,112 @@
+"""Quantization-aware training: option checks and the activation fake quantizer."""
+
+from __future__ import annotations
+
+import torch
+from compressed_tensors.quantization import (
+    QuantizationArgs,
+    QuantizationConfig,
+    QuantizationStrategy,
+)
+
+from compressor.modifiers.quantization.fake_quant import (
+    fake_quantize_activation,
+    straight_through,
+)
+from compressor.modifiers.quantization.observers import (
+    RangeObserver,
+    activation_range,
+    qparams_from_range,
+)
+
+__all__ = ["ActivationFakeQuantizer", "check_training_options"]
+
+
+class ActivationFakeQuantizer:
+    """Fake-quantizes activations with a straight-through gradient.
+
+    Dynamic args compute their scales from each batch; static ones from ``observer``'s
+    range, which each batch updates until ``frozen`` is set.
+
+    :param args: the activation's quantization args
+    :param observer: the range observer (None for dynamic args)
+    :param where: the module and role, for errors about NaN or inf
+    """
+
+    def __init__(self, args: QuantizationArgs, observer: RangeObserver | None, where: str) -> None:
+        self.args = args
+        self.observer = observer
+        self.where = where
+        self.frozen = False
+
+    def __call__(self, value: torch.Tensor) -> torch.Tensor:
+        if self.observer is None:
+            return straight_through(value, fake_quantize_activation(value, self.args))
+        if not self.frozen or self.observer.batches == 0:
+            lo, hi = activation_range(value, self.args)
+            qparams_from_range(lo, hi, self.args, self.where)  # raises on NaN / inf
+            self.observer.update(lo, hi)
+        scale, zero_point = qparams_from_range(*self.observer.range, self.args, self.where)
+        quantized = fake_quantize_activation(value, self.args, scale, zero_point)
+        return straight_through(value, quantized)
+
+
+def check_training_options(
+    *,
+    config: QuantizationConfig,
+    start: float | None,
+    rounding: str,
+    start_bits: int | None,
+    target_bits: int | None,
+    quantization_period: int | None,
+    low_bit_weights: str | None,
+) -> None:
+    """Raise ValueError for training options that do not fit together or the scheme."""
+    progressive = (start_bits, target_bits, quantization_period)
+    if any(v is not None for v in progressive) and any(v is None for v in progressive):
+        raise ValueError(
+            "progressive bit reduction needs start_bits, target_bits and "
+            f"quantization_period together; got start_bits={start_bits}, "
+            f"target_bits={target_bits}, quantization_period={quantization_period}"
+        )
+    training_only = []
+    if rounding == "stochastic":
+        training_only.append("rounding='stochastic'")
+    if start_bits is not None:
+        training_only.append("progressive bit reduction")
+        assert target_bits is not None
+        if start_bits <= target_bits:
+            raise ValueError(f"start_bits={start_bits} must exceed target_bits={target_bits}")
+        for name, group in config.config_groups.items():
+            bits = group.weights.num_bits if group.weights is not None else None  # type: ignore[union-attr]
+            if bits != target_bits:
+                raise ValueError(
+                    f"target_bits={target_bits} must equal the weights' num_bits of "
+                    f"every config group; {name} has {bits}"
+                )
+    if low_bit_weights is not None:
+        training_only.append(f"low_bit_weights={low_bit_weights!r}")
+        if rounding == "stochastic" or start_bits is not None:
+            raise ValueError(
+                "low_bit_weights rounds to nearest at a fixed level set; it cannot be "
+                "combined with rounding='stochastic' or progressive bit reduction"
+            )
+        for name, group in config.config_groups.items():
+            w = group.weights  # type: ignore[union-attr]
+            fits = (
+                w is not None
+                and w.type == "int"
+                and w.num_bits == 2
+                and w.symmetric
+                and QuantizationStrategy(w.strategy) == QuantizationStrategy.CHANNEL
+            )
+            if not fits:
+                raise ValueError(
+                    f"low_bit_weights={low_bit_weights!r} needs int, num_bits 2, "
+                    f"symmetric, strategy 'channel' weights; config group {name} has {w}"
+                )
+    if training_only and start is None:
+        raise ValueError(
+            f"{' and '.join(training_only)} apply to training: set start (for example "
+            "start: 0); post-training calibration rounds to nearest at the target bits"
+        )

@@ -1,0 +1,105 @@
+"""The benchmark harness end to end on a tiny case, and its aggregation rules.
+
+No test here asserts a time: only that the figures are measured, recorded and reported."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.__main__ import main  # noqa: E402
+
+from benchmarks import harness, report  # noqa: E402
+
+
+def _run(repeat: int, key_s: float, wall: float, peak: float, ppl: float | None = None) -> dict:
+    return {
+        "status": "ok",
+        "repeat": repeat,
+        "metrics": {"ppl": ppl} if ppl is not None else {},
+        "phases": {
+            "load": {"wall_s": 0.1, "cpu_s": 0.1, "peak_rss_mb": peak / 2},
+            "compress": {"wall_s": key_s, "cpu_s": key_s, "peak_rss_mb": peak},
+            "eval": {"wall_s": 5.0, "cpu_s": 5.0, "peak_rss_mb": peak * 10},
+        },
+        "process": {"wall_s": wall, "cpu_s": wall, "peak_rss_mb": peak * 10, "exit_code": 0},
+    }
+
+
+def test_medians_and_paired_ratios():
+    ours = [_run(0, 1.0, 10, 100, 5.0), _run(1, 3.0, 12, 110), _run(2, 2.0, 11, 120)]
+    # the peer is 2x slower in every repeat, though its times alone vary more than ours
+    peer = [_run(0, 2.0, 20, 200, 6.0), _run(1, 6.0, 24, 220), _run(2, 4.0, 22, 240)]
+    record = {
+        "key_phase": "compress",
+        "sides": {
+            "ours": {"status": "ok", "runs": ours},
+            "llmcompressor": {"status": "ok", "runs": peer},
+        },
+    }
+    summary = report.summarize_side(record["sides"]["ours"], "compress")
+    assert summary["time_s"] == 2.0 and summary["process_wall_s"] == 11
+    # the job's peak is taken before evaluation, the process's over everything
+    assert summary["job_peak_rss_mb"] == 110 and summary["process_peak_rss_mb"] == 1100
+    assert summary["metrics"]["ppl"] == 5.0
+    ratios = report.compare(record)["llmcompressor"]
+    assert ratios["speedup"] == pytest.approx(2.0)
+    assert ratios["process_speedup"] == pytest.approx(2.0)
+    assert ratios["peak_ratio"] == pytest.approx(2.0)
+
+
+def test_a_failed_side_reports_its_reason():
+    entry = {"status": "unavailable", "reason": "compressor.x has not landed", "runs": []}
+    summary = report.summarize_side(entry, "compress")
+    assert summary == {"status": "unavailable", "repeats": 0, "reason": entry["reason"]}
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_tiny_suite_end_to_end(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(harness, "PEERS_DIR", tmp_path / "no-peers")
+    out = tmp_path / "results"
+    code = main(["--suite", "quant", "--size", "smoke", "--case", "FP,W8A8", "--out", str(out)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "peer llmcompressor: not installed" in printed
+
+    (result_file,) = out.glob("*-quant.json")
+    result = json.loads(result_file.read_text())
+    cases = {c["case"]: c for c in result["cases"]}
+    assert set(cases) == {"FP", "W8A8"}
+
+    fp = cases["FP"]["sides"]["ours"]
+    assert fp["status"] == "ok", fp
+    (run,) = fp["runs"]
+    assert run["process"]["wall_s"] > 0 and run["process"]["cpu_s"] > 0
+    assert run["process"]["peak_rss_mb"] > 50  # torch alone is more than this
+    ppl = run["metrics"]["ppl"]
+    assert math.isfinite(ppl) and 1 < ppl < 2 * 512  # a random model over a 512-token vocabulary
+
+    w8a8 = cases["W8A8"]["sides"]
+    assert w8a8["llmcompressor"]["status"] == "absent"
+    assert "make bench-peers-setup" in w8a8["llmcompressor"]["reason"]
+    ours = w8a8["ours"]
+    if ours["status"] == "ok":  # once oneshot and quantization have landed
+        assert ours["runs"][0]["metrics"]["checkpoint_mb"] > 0
+    else:
+        assert ours["status"] == "unavailable" and "has not landed" in ours["reason"]
+
+    table = (out / result_file.with_suffix(".md").name).read_text()
+    assert "| FP | llama-tiny | ours |" in table
+    assert "latest.md" in {p.name for p in out.iterdir()}
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert "matplotlib is not installed" in result["chart"]
+    else:
+        assert result_file.with_suffix(".png").stat().st_size > 1000

@@ -1,0 +1,113 @@
+"""save_compressed: a real compressed-tensors checkpoint that transformers loads back."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+from compressor import Recipe, create_session, save_compressed
+from compressor.modifiers import QuantizationModifier
+from conftest import tiny_llama_config
+
+
+@pytest.fixture
+def wide_llama():
+    """A tiny Llama whose Linear input widths (128, 256) are multiples of 128."""
+    torch.manual_seed(0)
+    config = tiny_llama_config(hidden_size=128, intermediate_size=256, num_attention_heads=4)
+    return LlamaForCausalLM(config).eval()
+
+
+def _quantize(model, modifier, batches):
+    with create_session() as session:
+        session.initialize(model, [modifier])
+        session.calibration_epoch_start()
+        with torch.no_grad():
+            for batch in batches:
+                model(**batch)
+        session.calibration_epoch_end()
+        session.finalize()
+    return model
+
+
+def _tensor_bytes(path, keep) -> int:
+    total = 0
+    with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+        for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
+            if keep(key):
+                t = f.get_tensor(key)
+                total += t.numel() * t.element_size()
+    return total
+
+
+@pytest.mark.parametrize(
+    ("scheme", "fmt"),
+    [
+        ("W4A16", "pack-quantized"),
+        ("W8A8", "int-quantized"),
+        ("FP8_DYNAMIC", "float-quantized"),
+        ("FP8", "float-quantized"),
+    ],
+)
+def test_reloaded_checkpoint_gives_the_same_logits(
+    wide_llama, token_batches, tmp_path, scheme, fmt
+):
+    modifier = QuantizationModifier(scheme=scheme)
+    model = _quantize(wide_llama, modifier, token_batches)
+    ids = token_batches[0]["input_ids"]
+    with torch.no_grad():
+        expected = model(ids).logits
+    out = save_compressed(model, tmp_path / "ckpt", recipe=[modifier])
+    config = json.loads((out / "config.json").read_text())
+    quant = config["quantization_config"]
+    assert quant["quant_method"] == "compressed-tensors"
+    assert quant["format"] == fmt and quant["ignore"] == ["lm_head"]
+    reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        got = reloaded(ids).logits
+    assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5)
+    # our in-memory model is unchanged by saving
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, expected, atol=1e-6)
+    saved = Recipe.from_file(out / "recipe.yaml")
+    assert saved.modifiers[0].scheme == scheme
+
+
+def test_w4a16_group128_checkpoint_is_under_0_3x_of_fp16(wide_llama, token_batches, tmp_path):
+    dense = tmp_path / "fp16"
+    wide_llama.to(torch.float16).save_pretrained(dense)
+    wide_llama.float()
+    model = _quantize(wide_llama, QuantizationModifier(scheme="W4A16"), token_batches)
+    out = save_compressed(model, tmp_path / "w4a16")
+    names = [n for n, m in model.named_modules() if hasattr(m, "quantization_scheme")]
+    assert len(names) == 14
+
+    def quantized(key: str) -> bool:
+        return any(key.startswith(name + ".") for name in names)
+
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+        packed = f.get_tensor(names[0] + ".weight_packed")
+    assert packed.dtype == torch.int32  # eight 4-bit values per int32
+    ratio = _tensor_bytes(out, quantized) / _tensor_bytes(dense, quantized)
+    assert ratio <= 0.3, ratio
+
+
+def test_unquantized_model_is_saved_dense_with_its_recipe(tiny_llama, tmp_path):
+    out = save_compressed(
+        tiny_llama, tmp_path / "dense", recipe=[QuantizationModifier(scheme="W8A8")]
+    )
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    assert (out / "recipe.yaml").is_file()
+
+
+def test_recipe_defaults_to_the_active_session(wide_llama, token_batches, tmp_path):
+    modifier = QuantizationModifier(scheme="W8A8")
+    with create_session() as session:
+        session.initialize(wide_llama, [modifier])
+        session.finalize()
+        out = save_compressed(wide_llama, tmp_path / "ckpt")
+    assert Recipe.from_file(out / "recipe.yaml") == Recipe.from_modifiers([modifier])
