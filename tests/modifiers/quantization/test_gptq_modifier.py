@@ -68,6 +68,8 @@ def test_fields_are_validated_when_the_recipe_is_parsed():
     }
     with pytest.raises(ValidationError, match="input_activations are static"):
         GPTQModifier(config_groups=static_inputs)
+    with pytest.raises(ValidationError, match="start=0.0: GPTQModifier runs only in post-training"):
+        GPTQModifier(scheme="W4A16", start=0)
     assert GPTQModifier(scheme="W4A16", actorder="weight").actorder == "static"
     assert GPTQModifier(scheme="W4A16", actorder="none").actorder is None
     assert GPTQModifier(scheme="W8A8").requires_calibration_data()
@@ -104,6 +106,14 @@ def test_sequential_run_quantizes_each_layer_at_its_end_and_frees_its_hessians(
         assert module.weight_scale.shape == (module.weight.shape[0], module.weight.shape[1] // 16)
     assert torch.equal(tiny_llama.lm_head.weight, original["lm_head.weight"])
     assert not hasattr(tiny_llama.lm_head, "quantization_scheme")
+
+
+def test_basic_pipeline_quantizes_every_linear_at_calibration_end(tiny_llama):
+    gptq = GPTQModifier(config_groups=GROUP16, actorder="static")
+    oneshot(tiny_llama, [gptq], random_ids(), pipeline="basic", batch_size=4)
+    assert gptq.num_hooks == 0 and not gptq._hessians
+    assert gptq._quantized == set(linears(tiny_llama))
+    assert all(on_grid(m) for m in linears(tiny_llama).values())
 
 
 def test_a_module_that_sees_no_data_is_rounded_to_nearest_with_a_warning(tiny_llama):

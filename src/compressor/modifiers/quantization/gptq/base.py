@@ -90,6 +90,12 @@ class GPTQModifier(QuantizationSchemeMixin, Modifier):
 
     @model_validator(mode="after")
     def _check_gptq(self) -> GPTQModifier:
+        for field in ("start", "end", "update"):
+            if getattr(self, field) is not None:
+                raise ValueError(
+                    f"{field}={getattr(self, field)!r}: GPTQModifier runs only in post-training "
+                    "calibration (oneshot); leave start, end and update unset"
+                )
         if self.actorder == "group":
             raise ValueError(
                 "actorder='group' forms groups in activation order, which needs a g_idx "
