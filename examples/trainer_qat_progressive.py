@@ -36,8 +36,11 @@ def post_training_w4(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def run(model: Any, ids: torch.Tensor, output_dir: Path, steps: int, window: int) -> dict:
-    """QAT for ``steps`` optimizer steps; returns perplexities and the saved folder."""
+def run(
+    model: Any, ids: torch.Tensor, output_dir: Path, steps: int, window: int, lr: float = 1e-4
+) -> dict:
+    """QAT for ``steps`` optimizer steps at learning rate ``lr`` (small: the model is already
+    trained); returns perplexities and the saved folder."""
     train_rows, held_out = split_windows(ids, window, n_train=steps * 8, n_eval=4)
     ppl_base = perplexity(model, held_out, window=window, progress=False)
     ppl_ptq = perplexity(post_training_w4(copy.deepcopy(model)), held_out, window, progress=False)
@@ -45,7 +48,7 @@ def run(model: Any, ids: torch.Tensor, output_dir: Path, steps: int, window: int
     qat = QuantizationModifier(config_groups=W4, ignore=["lm_head"], start=0, start_bits=8,
                                target_bits=4, quantization_period=period)  # fmt: skip
     callback = CompressionCallback([qat])
-    trainer = Trainer(model=model, args=training_args(output_dir / "run", steps),
+    trainer = Trainer(model=model, args=training_args(output_dir / "run", steps, learning_rate=lr),
                       train_dataset=train_rows, callbacks=[callback])  # fmt: skip
     trainer.train()
     ppl_qat = perplexity(model, held_out, window=window, progress=False)
@@ -57,11 +60,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--window", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--output-dir", type=Path, default=None)
     args = parser.parse_args()
     model, ids = load_model_and_tokens(args.window)
     with tempfile.TemporaryDirectory() as tmp:
-        out = run(model, ids, args.output_dir or Path(tmp), args.steps, args.window)
+        out = run(model, ids, args.output_dir or Path(tmp), args.steps, args.window, args.lr)
         print(f"held-out perplexity: original {out['base']:.2f}, post-training W4 "
               f"{out['ptq_w4']:.2f}, QAT 8->4 bits {out['qat_w4']:.2f}")  # fmt: skip
 
