@@ -117,7 +117,7 @@ def _f(value: Any, digits: int = 2) -> str:
     return str(value)
 
 
-_DETAIL_SKIP = {"ppl", "checkpoint_mb", "params"}
+_DETAIL_SKIP = {"ppl", "checkpoint_mb"}
 
 
 def markdown(report: dict[str, Any], description: str) -> str:

@@ -52,7 +52,7 @@ def quant_cases(size: str) -> list[Case]:
         size, ["stories260K", "smollm2-135m"]
     )
     ev = (64, 2) if size == "smoke" else (128, 16) if size == "quick" else (512, 32)
-    repeats = {"smoke": 1, "quick": 3, "full": 3}[size]
+    repeats = {"smoke": 1, "quick": 2, "full": 3}[size]
     cases = []
     for model in models:
         cases.append(_fp("quant", model, ev))

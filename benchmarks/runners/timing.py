@@ -39,14 +39,15 @@ def alternate_timings(
 class Trainee:
     """A model with its optimizer, taking one plain training step at a time."""
 
-    def __init__(self, model: torch.nn.Module, lr: float = 1e-4) -> None:
+    lr = 1e-4  # the same AdamW for every side
+
+    def __init__(self, model: torch.nn.Module) -> None:
         self.model = model
         self.optimizer = self.make_optimizer()
-        self.lr = lr
 
     def make_optimizer(self) -> torch.optim.Optimizer:
         params = [p for p in self.model.parameters() if p.requires_grad]
-        return torch.optim.AdamW(params, lr=1e-4)
+        return torch.optim.AdamW(params, lr=self.lr)
 
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.model(**batch).loss
