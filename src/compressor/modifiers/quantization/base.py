@@ -403,7 +403,7 @@ class QuantizationModifier(QuantizationSchemeMixin, Modifier):
         the activation ranges are frozen, and every observer's range."""
         return {
             "start_step": self._start_step,
-            "ranges_frozen": self._ranges_frozen,
+            "ranges_frozen": any(q.frozen for q in self._activation_quantizers),
             "observers": {
                 f"{name}|{base}": {"lo": obs.lo, "hi": obs.hi, "batches": obs.batches}
                 for (name, base), obs in self._observers.items()
@@ -413,7 +413,9 @@ class QuantizationModifier(QuantizationSchemeMixin, Modifier):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore ``state_dict()`` after the resumed run has started the modifier again."""
         self._start_step = int(state_dict.get("start_step", self._start_step))
-        self._ranges_frozen = bool(state_dict.get("ranges_frozen", self._ranges_frozen))
+        if state_dict.get("ranges_frozen", False):
+            for quantizer in self._activation_quantizers:
+                quantizer.frozen = True
         observers = {f"{name}|{base}": obs for (name, base), obs in self._observers.items()}
         unknown = sorted(set(state_dict.get("observers", {})) - set(observers))
         if unknown:
