@@ -112,6 +112,8 @@ def build_report(
 def _f(value: Any, digits: int = 2) -> str:
     if value is None:
         return "-"
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e5:
+        return str(int(value))
     if isinstance(value, float):
         return f"{value:.{digits}f}" if abs(value) < 1e5 else f"{value:.3g}"
     return str(value)
