@@ -81,13 +81,16 @@ def test_gpt2_drop_layers():
     assert model.generate(_ids(length=4) % 64, max_new_tokens=3, do_sample=False).shape == (1, 7)
 
 
-def test_angular_strategy_drops_the_redundant_block_and_writes_it_back(llama4):
+@pytest.mark.parametrize("size", ["num_layers_to_drop: 2", "keep_number_layer: 2"])
+def test_angular_strategy_drops_the_redundant_block_and_writes_it_back(llama4, size):
     with torch.no_grad():  # layers 1 and 2 add nothing to the residual stream
         for layer in llama4.model.layers[1:3]:
             layer.self_attn.o_proj.weight.zero_()
             layer.mlp.down_proj.weight.zero_()
     recipe = Recipe.from_yaml(
-        "prune_stage:\n  depth_modifiers:\n    LayerReductionModifier: {strategy: angular, num_layers_to_drop: 2}\n"
+        "prune_stage:\n  depth_modifiers:\n    LayerReductionModifier: {strategy: angular, "
+        + size
+        + "}\n"
     )
     (modifier,) = recipe.modifiers
     assert modifier.requires_calibration_data()
@@ -151,7 +154,11 @@ def test_distillation_lowers_the_student_teacher_gap(llama4):
         ({"teacher_layer": [0], "drop_layers": [1]}, "exactly one of teacher_layer"),
         ({"teacher_layer": [0, 0]}, "distinct layer indices"),
         ({"teacher_layer": [0, 2], "keep_number_layer": 3}, r"keep_number_layer \(3\) differs"),
-        ({"strategy": "angular"}, "needs num_layers_to_drop"),
+        ({"strategy": "angular"}, "exactly one of num_layers_to_drop or keep_number_layer"),
+        (
+            {"strategy": "angular", "num_layers_to_drop": 1, "keep_number_layer": 3},
+            "exactly one of num_layers_to_drop",
+        ),
         ({"strategy": "angular", "num_layers_to_drop": 1, "start": 0}, "leave start"),
         ({"strategy": "magic", "drop_layers": [0]}, "strategy"),
     ],
@@ -174,6 +181,10 @@ def test_bad_fields_are_rejected_at_parse_time(args, message):
             r"teacher_layer: indices \[7\] out of range; the model has layers 0..3",
         ),
         (LayerReductionModifier(drop_layers=[0, 1, 2, 3]), "removes every layer"),
+        (
+            LayerReductionModifier(drop_layers=[0], keep_number_layer=2),
+            r"keep_number_layer \(2\) differs",
+        ),
         (
             LayerReductionModifier(drop_layers=[0], module_name_prefix="model.nope"),
             "module_name_prefix",

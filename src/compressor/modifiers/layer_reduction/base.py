@@ -42,6 +42,7 @@ class LayerReductionModifier(Modifier):
     :param drop_layers: indices of the layers removed (instead of ``teacher_layer``)
     :param strategy: ``index`` (the fields above) or ``angular`` (chosen from data)
     :param num_layers_to_drop: ``angular``: size of the block of consecutive layers removed
+        (or give ``keep_number_layer``: the block is then all the layers it does not keep)
     :param module_name_prefix: dotted name of the decoder layer list (DeepSpeed's name);
         inferred for Llama, Mistral, Qwen2/3, GPT-2, OPT and BERT
     :param other_module_name: modules DeepSpeed copies from teacher to student; the layers
@@ -79,8 +80,11 @@ class LayerReductionModifier(Modifier):
             if self.num_layers_to_drop is not None:
                 raise ValueError("num_layers_to_drop is for strategy 'angular'")
         else:
-            if self.num_layers_to_drop is None:
-                raise ValueError("strategy 'angular' needs num_layers_to_drop")
+            if (self.num_layers_to_drop is None) == (self.keep_number_layer is None):
+                raise ValueError(
+                    "strategy 'angular' needs exactly one of num_layers_to_drop or "
+                    "keep_number_layer"
+                )
             if self.teacher_layer is not None or self.drop_layers is not None:
                 raise ValueError(
                     "strategy 'angular' chooses the layers itself: leave teacher_layer and "
@@ -122,11 +126,15 @@ class LayerReductionModifier(Modifier):
                     f"other_module_name: {name!r} is not a module of the model"
                 ) from None
         if self.strategy == "angular":
-            assert self.num_layers_to_drop is not None
-            if self.num_layers_to_drop >= count:
+            if self.keep_number_layer is not None and self.keep_number_layer >= count:
                 raise ValueError(
-                    f"num_layers_to_drop={self.num_layers_to_drop} must be below the model's "
+                    f"keep_number_layer={self.keep_number_layer} must be below the model's "
                     f"{count} layers"
+                )
+            drop = self._block_size(count)
+            if not 0 < drop < count:
+                raise ValueError(
+                    f"num_layers_to_drop={drop} must be below the model's {count} layers"
                 )
             return
         keep = self._kept(count)
@@ -139,6 +147,12 @@ class LayerReductionModifier(Modifier):
             count,
             100 * after / before,
         )
+
+    def _block_size(self, count: int) -> int:
+        if self.num_layers_to_drop is not None:
+            return self.num_layers_to_drop
+        assert self.keep_number_layer is not None
+        return count - self.keep_number_layer
 
     def _kept(self, count: int) -> list[int]:
         field = "teacher_layer" if self.teacher_layer is not None else "drop_layers"
@@ -154,6 +168,11 @@ class LayerReductionModifier(Modifier):
         keep = [i for i in range(count) if i not in set(values)]
         if not keep:
             raise ValueError("drop_layers removes every layer")
+        if self.keep_number_layer is not None and self.keep_number_layer != len(keep):
+            raise ValueError(
+                f"keep_number_layer ({self.keep_number_layer}) differs from the {len(keep)} "
+                f"layers that drop_layers leaves of {count}"
+            )
         return keep
 
     def on_start(self, state: State, event: Event) -> None:
@@ -183,9 +202,8 @@ class LayerReductionModifier(Modifier):
             self.register_hook(layer, output_of(index), "forward")
 
     def _accumulate(self) -> None:
-        n = self.num_layers_to_drop
-        assert n is not None
         count = len(self._hidden) - 1
+        n = self._block_size(count)
         distances = torch.stack(
             [angular_distance(self._hidden[i], self._hidden[i + n]) for i in range(count - n + 1)]
         )
@@ -202,11 +220,11 @@ class LayerReductionModifier(Modifier):
                 "LayerReductionModifier (angular) saw no calibration batch: run it through "
                 "oneshot with a dataset and the basic or sequential pipeline"
             )
-        assert self.num_layers_to_drop is not None and self._path is not None
+        assert self._path is not None
         mean = self._distances / self._batches
-        first = int(torch.argmin(mean))
-        dropped = list(range(first, first + self.num_layers_to_drop))
         count = len(state.model.get_submodule(self._path))
+        first = int(torch.argmin(mean))
+        dropped = list(range(first, first + self._block_size(count)))
         logger.info(
             "LayerReductionModifier (angular): mean distances {} over {} batch(es); drops {}",
             [round(float(d), 4) for d in mean],
