@@ -81,8 +81,11 @@ def test_gpt2_drop_layers():
     assert model.generate(_ids(length=4) % 64, max_new_tokens=3, do_sample=False).shape == (1, 7)
 
 
-@pytest.mark.parametrize("size", ["num_layers_to_drop: 2", "keep_number_layer: 2"])
-def test_angular_strategy_drops_the_redundant_block_and_writes_it_back(llama4, size):
+@pytest.mark.parametrize(
+    "size, pipeline",
+    [("num_layers_to_drop: 2", "basic"), ("keep_number_layer: 2", "sequential")],
+)
+def test_angular_strategy_drops_the_redundant_block_and_writes_it_back(llama4, size, pipeline):
     with torch.no_grad():  # layers 1 and 2 add nothing to the residual stream
         for layer in llama4.model.layers[1:3]:
             layer.self_attn.o_proj.weight.zero_()
@@ -97,7 +100,7 @@ def test_angular_strategy_drops_the_redundant_block_and_writes_it_back(llama4, s
     ids = [_ids(seed)[0].tolist() for seed in range(3)]
     from datasets import Dataset
 
-    model = oneshot(llama4, recipe, Dataset.from_dict({"input_ids": ids}), pipeline="basic")
+    model = oneshot(llama4, recipe, Dataset.from_dict({"input_ids": ids}), pipeline=pipeline)
     assert len(model.model.layers) == 2
     assert (modifier.strategy, modifier.drop_layers, modifier.num_layers_to_drop) == (
         "index",

@@ -58,9 +58,7 @@ class LayerReductionModifier(Modifier):
     other_module_name: list[str] | None = None
 
     _path: str | None = PrivateAttr(default=None)
-    _distances: torch.Tensor | None = PrivateAttr(default=None)
-    _batches: int = PrivateAttr(default=0)
-    _hidden: dict[int, torch.Tensor] = PrivateAttr(default_factory=dict)
+    _states: dict[int, list[torch.Tensor]] = PrivateAttr(default_factory=dict)
 
     @model_validator(mode="after")
     def _consistent(self) -> LayerReductionModifier:
@@ -180,20 +178,20 @@ class LayerReductionModifier(Modifier):
             return
         assert self._path is not None
         layers = state.model.get_submodule(self._path)
-        self._distances = None
-        self._batches = 0
-        self._hidden = {}
+        # states[0]: layer 0's input per batch; states[i + 1]: layer i's output per batch.
+        # Kept per batch (on the CPU) so that any pipeline works: the basic one runs each
+        # batch through every layer, the sequential one every batch through one layer.
+        self._states = {i: [] for i in range(len(layers) + 1)}
+
+        def record(index: int, hidden: torch.Tensor) -> None:
+            self._states[index].append(hidden.detach().to("cpu", torch.float32))
 
         def first_input(_module: Any, args: tuple, kwargs: dict) -> None:
-            hidden = args[0] if args else kwargs["hidden_states"]
-            self._hidden = {0: hidden.detach()}
+            record(0, args[0] if args else kwargs["hidden_states"])
 
         def output_of(index: int):
             def hook(_module: Any, _args: Any, output: Any) -> None:
-                hidden = output[0] if isinstance(output, tuple) else output
-                self._hidden[index + 1] = hidden.detach()
-                if index + 1 == len(layers):
-                    self._accumulate()
+                record(index + 1, output[0] if isinstance(output, tuple) else output)
 
             return hook
 
@@ -201,34 +199,45 @@ class LayerReductionModifier(Modifier):
         for index, layer in enumerate(layers):
             self.register_hook(layer, output_of(index), "forward")
 
-    def _accumulate(self) -> None:
-        count = len(self._hidden) - 1
+    def _mean_block_distances(self, count: int) -> torch.Tensor:
+        """Mean angular distance between the input of layer i and the output of layer
+        i + n - 1, for every block start i, over the calibration batches."""
+        batches = {len(v) for v in self._states.values()}
+        if batches == {0}:
+            raise RuntimeError(
+                "LayerReductionModifier (angular) saw no calibration batch: run it through "
+                "oneshot with a dataset and the basic or sequential pipeline"
+            )
+        if len(batches) != 1:
+            raise RuntimeError(
+                f"LayerReductionModifier (angular): layers saw different numbers of batches "
+                f"({sorted(batches)})"
+            )
         n = self._block_size(count)
-        distances = torch.stack(
-            [angular_distance(self._hidden[i], self._hidden[i + n]) for i in range(count - n + 1)]
-        )
-        self._distances = distances if self._distances is None else self._distances + distances
-        self._batches += 1
-        self._hidden = {}
+        per_batch = [
+            torch.stack(
+                [
+                    angular_distance(self._states[i][b], self._states[i + n][b])
+                    for i in range(count - n + 1)
+                ]
+            )
+            for b in range(batches.pop())
+        ]
+        return torch.stack(per_batch).mean(dim=0)
 
     def on_end(self, state: State, event: Event) -> None:
         if self.strategy != "angular":
             return
         self.remove_hooks()
-        if self._distances is None:
-            raise RuntimeError(
-                "LayerReductionModifier (angular) saw no calibration batch: run it through "
-                "oneshot with a dataset and the basic or sequential pipeline"
-            )
         assert self._path is not None
-        mean = self._distances / self._batches
         count = len(state.model.get_submodule(self._path))
+        mean = self._mean_block_distances(count)
+        self._states = {}
         first = int(torch.argmin(mean))
         dropped = list(range(first, first + self._block_size(count)))
         logger.info(
-            "LayerReductionModifier (angular): mean distances {} over {} batch(es); drops {}",
+            "LayerReductionModifier (angular): mean distance per block start {}; drops {}",
             [round(float(d), 4) for d in mean],
-            self._batches,
             dropped,
         )
         keep_decoder_layers(state.model, [i for i in range(count) if i not in dropped], self._path)
