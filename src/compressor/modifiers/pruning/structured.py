@@ -88,3 +88,11 @@ class StructuredPruningModifier(PruningModifierBase):
         assert self._holder is not None
         self._holder.clear()
         self._removed = shrink_groups(state.model, self._groups, keep)  # type: ignore[arg-type]
+        if any(g.attributes and not g.config for g in self._groups):
+            logger.warning(
+                "{}: the modules now hold fewer units, but {} cannot describe that (it derives "
+                "the unit size from other fields); the model runs, from_pretrained will not "
+                "reload it",
+                type(self).__name__,
+                type(getattr(state.model, "config", None)).__name__,
+            )
