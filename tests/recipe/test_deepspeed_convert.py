@@ -221,6 +221,12 @@ def test_related_modules_on_sparse_pruning_are_rejected():
     _error(config, "sparse_pruning", "sp1", "related_modules")
 
 
+def test_head_pruning_without_related_modules_is_rejected():
+    config = _only(_config("pruning"), "head_pruning")
+    del config["compression_training"]["head_pruning"]["different_groups"]["rp1"]["related_modules"]
+    _error(config, "head_pruning", "rp1", "related_modules")
+
+
 def test_bits_our_modifier_cannot_run_name_the_group():
     config = _config("quantization")
     group = config["compression_training"]["weight_quantization"]["different_groups"]["wq1"]

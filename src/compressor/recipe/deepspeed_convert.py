@@ -36,7 +36,8 @@ Choices (DeepSpeed 0.19.6 semantics):
   architecture's built-in mapping (``compressor.modifiers.pruning.mappings``); the related
   modules are logged as what that mapping must cover. Head pruning: DeepSpeed's ``modules``
   names the output projection and ``related_modules`` q/k/v; our unit is named by its first
-  producer, so targets come from the first related module. ``num_heads`` is checked against
+  producer, so targets come from the first related module (which head pruning therefore
+  requires). ``num_heads`` is checked against
   the model's ``num_attention_heads`` at initialize. Sparse pruning has no coupling:
   ``related_modules`` there is an error.
 - layer_reduction -> ``LayerReductionModifier`` with the same four fields, applied at
@@ -198,6 +199,12 @@ def _pruning(config: DeepSpeedCompressionConfig) -> list[Modifier]:
         for name, (params, group) in parsed.groups.items():
             where = f"{technique} -> different_groups -> {name}"
             targets = _targets(group.modules)
+            if technique == "head_pruning" and group.related_modules is None:
+                raise RecipeError(
+                    f"DeepSpeed {where} -> related_modules: missing; DeepSpeed would then only "
+                    "mask the output projection's input columns, while HeadPruningModifier "
+                    "removes whole heads from q/k/v too; name the q/k/v projections there"
+                )
             if group.related_modules is not None:
                 if technique == "sparse_pruning":
                     raise RecipeError(
