@@ -13,14 +13,14 @@ def test_tutorial_quantization_config_parses_with_resolved_values():
     config = load_deepspeed_config(DATA / "ds_bert_quantization.json")
     assert config.enabled() == ["weight_quantization", "activation_quantization"]
     wq = config.techniques["weight_quantization"]
-    assert wq.shared.quantization_type == "symmetric" and wq.shared.schedule_offset == 0
+    assert wq.shared.quantization_type == "symmetric" and wq.shared.schedule_offset == 2
     params, group = wq.groups["wq1"]
-    assert (params.start_bits, params.target_bits, params.quantization_period) == (8, 4, 10)
+    assert (params.start_bits, params.target_bits, params.quantization_period) == (8, 4, 2)
     assert group.modules == ["attention.self", "intermediate", "output.dense"]
     aq = config.techniques["activation_quantization"].shared
     assert (aq.range_calibration, aq.schedule_offset, aq.quantization_type) == (
         "static",
-        5,
+        2,
         "asymmetric",
     )
 

@@ -36,6 +36,18 @@ def _recipe_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _recipe_convert(args: argparse.Namespace) -> int:
+    from compressor.recipe import Recipe
+
+    recipe = Recipe.from_deepspeed(Path(args.file))
+    if args.output is None:
+        print(recipe.to_yaml(), end="")
+    else:
+        recipe.save(Path(args.output))
+        print(f"wrote {len(recipe.modifiers)} modifier(s) to {args.output}", file=sys.stderr)
+    return 0
+
+
 def _oneshot(args: argparse.Namespace) -> int:
     import time
 
@@ -97,6 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
     check = recipe_commands.add_parser("check", help="validate a recipe and show its schedule")
     check.add_argument("file", help="path to a YAML recipe")
     check.set_defaults(handler=_recipe_check)
+    convert = recipe_commands.add_parser("convert", help="convert another tool's config to YAML")
+    convert.add_argument(
+        "--from", dest="source", required=True, choices=["deepspeed"], help="the config's tool"
+    )
+    convert.add_argument("file", help="a DeepSpeed JSON config (with compression_training)")
+    convert.add_argument("-o", "--output", help="write the YAML here instead of stdout")
+    convert.set_defaults(handler=_recipe_convert)
 
     one = commands.add_parser("oneshot", help="compress a model with a recipe after training")
     one.add_argument("--model", required=True, help="checkpoint directory or .gguf file")

@@ -132,6 +132,15 @@ class Recipe:
             stages.append(_parse_stage(key, body))
         return cls(stages)
 
+    @classmethod
+    def from_deepspeed(cls, config: Any) -> Recipe:
+        """Convert a DeepSpeed ``compression_training`` config (a dict, a JSON path, or a
+        whole DeepSpeed config holding that key); see ``compressor.recipe.deepspeed_convert``.
+        """
+        from compressor.recipe.deepspeed_convert import deepspeed_modifiers
+
+        return cls.from_modifiers(deepspeed_modifiers(config))
+
     # ---------------------------------------------------------------- writing
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import torch
+from pydantic import Field
+
 from compressor.modifiers.base import Modifier
+from compressor.modifiers.pruning.groups import PruneGroup
 from compressor.modifiers.pruning.structured import StructuredPruningModifier
 
 __all__ = ["HeadPruningModifier"]
@@ -26,8 +30,21 @@ class HeadPruningModifier(StructuredPruningModifier):
     **Lifecycle**: see ``StructuredPruningModifier``.
 
     :param density: the fraction of key-value groups (heads) kept in every layer
+    :param num_heads: when set (DeepSpeed's ``num_heads``), the model's
+        ``num_attention_heads`` must equal it, checked at initialize
     :param mappings: override; ``num_units`` is then the number of key-value heads, and it
         must divide every projection
     """
 
     kind = "heads"
+
+    num_heads: int | None = Field(default=None, ge=1)
+
+    def resolve_groups(self, model: torch.nn.Module) -> list[PruneGroup]:
+        heads = getattr(getattr(model, "config", None), "num_attention_heads", None)
+        if self.num_heads is not None and heads != self.num_heads:
+            raise ValueError(
+                f"HeadPruningModifier: num_heads={self.num_heads}, but the model has "
+                f"num_attention_heads={heads}"
+            )
+        return super().resolve_groups(model)

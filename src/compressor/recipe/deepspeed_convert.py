@@ -1,0 +1,263 @@
+"""DeepSpeed ``compression_training`` -> our modifiers (``Recipe.from_deepspeed``).
+
+Every key DeepSpeed reads either maps to a field of one of our modifiers or is rejected with a
+``RecipeError`` naming the technique, the group and the key. Each resolved mapping is logged.
+
+Choices (DeepSpeed 0.19.6 semantics):
+
+- ``schedule_offset`` -> ``start`` and ``schedule_offset_end`` -> ``end``, in optimizer steps.
+- ``modules``: DeepSpeed keeps the compressed layers whose name contains the key
+  (``re.search``); compressed-tensors' ``re:`` uses ``re.match``, so each key becomes
+  ``re:.*<key>``. ``["*"]`` (DeepSpeed's default) means every layer: targets are left unset
+  (our default: every Linear, or the architecture's built-in coupling). A key that also names
+  a container (``attention.self``) is fine for quantization (only Linear layers are
+  quantized); sparse pruning rejects non-Linear targets at initialize, so name the Linear
+  layers there.
+- weight_quantization: one ``QuantizationModifier`` per group, int weights, ``symmetric``
+  or ``asymmetric``, ``rounding`` as given; ``start_bits`` > ``target_bits`` turns on the
+  progressive schedule (``quantization_period`` steps before the first drop, doubling after).
+  ``quantize_groups`` 1 is the ``tensor`` strategy; more than 1 is the ``channel`` strategy:
+  DeepSpeed cuts the flattened weight into that many blocks of whole output rows, and one
+  scale per row is never coarser than that, while compressed-tensors' ``group`` strategy
+  splits the input dimension instead (a different partition). ``quantizer_kernel`` and
+  ``quantize_verbose`` choose a CUDA kernel and logging only (logged, no effect);
+  ``quantize_weight_in_forward`` false (DeepSpeed's optimizer-step MoQ) and true both become
+  fake-quantized weights in the forward. ``fp16_mixed_quantize`` enabled is rejected.
+- activation_quantization: input activations of the same layers, ``bits``, symmetric or
+  not, ``range_calibration`` dynamic (ranges from each batch, per tensor) or static (ranges
+  observed while training, frozen at finalize). When weight quantization also runs, the
+  activation group must name the same modules at the same offset as a weight group and is
+  merged into it (two modifiers cannot quantize one layer); otherwise a RecipeError.
+- sparse/row/head/channel pruning: one modifier per group, ``density`` = ``dense_ratio``,
+  ``method`` l1 or topk. Without ``schedule_offset_end`` DeepSpeed applies the ratio at once:
+  ``init_density`` = ``density``, masks kept until the end. With it, the density ramps from 1
+  at ``start`` to ``dense_ratio`` at ``end`` (cubic), an end DeepSpeed's own l1/topk ignore.
+- ``related_modules`` (structured pruning): our modifiers couple layers through the
+  architecture's built-in mapping (``compressor.modifiers.pruning.mappings``); the related
+  modules are logged as what that mapping must cover. Head pruning: DeepSpeed's ``modules``
+  names the output projection and ``related_modules`` q/k/v; our unit is named by its first
+  producer, so targets come from the first related module (which head pruning therefore
+  requires). ``num_heads`` is checked against
+  the model's ``num_attention_heads`` at initialize. Sparse pruning has no coupling:
+  ``related_modules`` there is an error.
+- layer_reduction -> ``LayerReductionModifier`` with the same four fields, applied at
+  initialize.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from loguru import logger
+from pydantic import ValidationError
+
+from compressor.modifiers.base import Modifier, get_modifier_class
+from compressor.recipe.deepspeed import DeepSpeedCompressionConfig, load_deepspeed_config
+from compressor.recipe.recipe import RecipeError
+
+__all__ = ["deepspeed_modifiers"]
+
+_PRUNING = {
+    "sparse_pruning": "SparsePruningModifier",
+    "row_pruning": "RowPruningModifier",
+    "head_pruning": "HeadPruningModifier",
+    "channel_pruning": "ChannelPruningModifier",
+}
+_NO_EFFECT = ("quantizer_kernel", "quantize_verbose", "quantize_weight_in_forward")
+
+
+def _targets(keys: list[str]) -> list[str] | None:
+    return None if keys == ["*"] else [f"re:.*{key}" for key in keys]
+
+
+def _build(kind: str, where: str, **fields: Any) -> Modifier:
+    try:
+        modifier = get_modifier_class(kind).model_validate(fields)
+    except ValidationError as err:
+        raise RecipeError(f"DeepSpeed {where}: cannot be expressed as {kind}: {err}") from None
+    logger.info("DeepSpeed {} -> {} {}", where, kind, fields)
+    return modifier
+
+
+def _weight_args(shared: Any, bits: int, groups: int) -> dict[str, Any]:
+    return {
+        "num_bits": bits,
+        "type": "int",
+        "symmetric": shared.quantization_type == "symmetric",
+        "strategy": "tensor" if groups == 1 else "channel",
+    }
+
+
+def _activation_args(shared: Any, bits: int) -> dict[str, Any]:
+    dynamic = shared.range_calibration == "dynamic"
+    return {
+        "num_bits": bits,
+        "type": "int",
+        "symmetric": shared.quantization_type == "symmetric",
+        "strategy": "tensor",
+        "dynamic": dynamic,
+    }
+
+
+def _quantization(config: DeepSpeedCompressionConfig) -> list[Modifier]:
+    enabled = set(config.enabled())
+    weights = config.techniques.get("weight_quantization")
+    acts = config.techniques.get("activation_quantization")
+    act_groups = (
+        dict(acts.groups) if acts is not None and "activation_quantization" in enabled else {}
+    )
+    modifiers = []
+    if weights is not None and "weight_quantization" in enabled:
+        shared = weights.shared
+        if shared.fp16_mixed_quantize.enabled:
+            raise RecipeError(
+                "DeepSpeed weight_quantization -> shared_parameters -> fp16_mixed_quantize -> "
+                "enabled: true blends fp16 and quantized weights over training; "
+                "QuantizationModifier has no blend ratio, so this cannot run as written (set it "
+                "to false to quantize directly)"
+            )
+        for key in _NO_EFFECT:
+            logger.info(
+                "DeepSpeed weight_quantization -> {}={}: kernel/logging choice, no effect here "
+                "(weights are fake-quantized in the forward)",
+                key,
+                getattr(shared, key),
+            )
+        for name, (params, group) in weights.groups.items():
+            where = f"weight_quantization -> different_groups -> {name}"
+            scheme: dict[str, Any] = {
+                "targets": _targets(group.modules) or ["Linear"],
+                "weights": _weight_args(shared, params.target_bits, shared.quantize_groups),
+            }
+            if shared.quantize_groups > 1:
+                logger.info(
+                    "DeepSpeed {}: quantize_groups={} -> channel strategy (one scale per output "
+                    "row, never coarser than DeepSpeed's row blocks)",
+                    where,
+                    shared.quantize_groups,
+                )
+            for act_name, (act_params, act_group) in list(act_groups.items()):
+                if act_group.modules != group.modules:
+                    continue
+                if acts.shared.schedule_offset != shared.schedule_offset:  # type: ignore[union-attr]
+                    raise RecipeError(
+                        f"DeepSpeed activation_quantization -> different_groups -> {act_name} -> "
+                        f"schedule_offset: {acts.shared.schedule_offset} differs from weight "  # type: ignore[union-attr]
+                        f"quantization's {shared.schedule_offset} for the same modules "
+                        f"({group.modules}); one QuantizationModifier quantizes a layer from one "
+                        "start, so give both the same schedule_offset"
+                    )
+                scheme["input_activations"] = _activation_args(acts.shared, act_params.bits)  # type: ignore[union-attr]
+                del act_groups[act_name]
+                logger.info("DeepSpeed activation_quantization {} merged into {}", act_name, where)
+            fields: dict[str, Any] = {
+                "config_groups": {name: scheme},
+                "start": shared.schedule_offset,
+                "rounding": shared.rounding,
+            }
+            if params.start_bits != params.target_bits:
+                fields.update(
+                    start_bits=params.start_bits,
+                    target_bits=params.target_bits,
+                    quantization_period=params.quantization_period,
+                )
+            modifiers.append(_build("QuantizationModifier", where, **fields))
+        if act_groups:
+            raise RecipeError(
+                f"DeepSpeed activation_quantization -> different_groups -> {sorted(act_groups)} "
+                "-> modules: weight quantization is enabled too, and no weight group names the "
+                "same modules; two QuantizationModifiers cannot share layers, so give the "
+                "activation group exactly the modules of a weight group"
+            )
+    for name, (params, group) in act_groups.items():
+        where = f"activation_quantization -> different_groups -> {name}"
+        shared = acts.shared  # type: ignore[union-attr]
+        scheme = {
+            "targets": _targets(group.modules) or ["Linear"],
+            "input_activations": _activation_args(shared, params.bits),
+        }
+        modifiers.append(
+            _build(
+                "QuantizationModifier",
+                where,
+                config_groups={name: scheme},
+                start=shared.schedule_offset,
+            )
+        )
+    return modifiers
+
+
+def _pruning(config: DeepSpeedCompressionConfig) -> list[Modifier]:
+    modifiers = []
+    enabled = set(config.enabled())
+    for technique, kind in _PRUNING.items():
+        if technique not in enabled:
+            continue
+        parsed = config.techniques[technique]
+        shared = parsed.shared
+        for name, (params, group) in parsed.groups.items():
+            where = f"{technique} -> different_groups -> {name}"
+            targets = _targets(group.modules)
+            if technique == "head_pruning" and group.related_modules is None:
+                raise RecipeError(
+                    f"DeepSpeed {where} -> related_modules: missing; DeepSpeed would then only "
+                    "mask the output projection's input columns, while HeadPruningModifier "
+                    "removes whole heads from q/k/v too; name the q/k/v projections there"
+                )
+            if group.related_modules is not None:
+                if technique == "sparse_pruning":
+                    raise RecipeError(
+                        f"DeepSpeed {where} -> related_modules: unstructured sparsity removes "
+                        "no rows, so there is nothing to couple; remove related_modules"
+                    )
+                logger.info(
+                    "DeepSpeed {} -> related_modules {}: coupled through the architecture's "
+                    "built-in {} mapping",
+                    where,
+                    group.related_modules,
+                    kind,
+                )
+                if technique == "head_pruning":
+                    targets = _targets(group.related_modules[0][:1])
+            fields: dict[str, Any] = {
+                "targets": targets,
+                "density": params.dense_ratio,
+                "method": shared.method,
+                "start": shared.schedule_offset,
+            }
+            if shared.schedule_offset_end is None:
+                fields["init_density"] = params.dense_ratio
+            else:
+                fields["end"] = shared.schedule_offset_end
+            if technique == "head_pruning":
+                fields["num_heads"] = shared.num_heads
+            modifiers.append(_build(kind, where, **fields))
+    return modifiers
+
+
+def _layer_reduction(config: DeepSpeedCompressionConfig) -> list[Modifier]:
+    lr = config.layer_reduction
+    if not lr.enabled:
+        return []
+    return [
+        _build(
+            "LayerReductionModifier",
+            "layer_reduction",
+            keep_number_layer=lr.keep_number_layer,
+            teacher_layer=lr.teacher_layer,
+            module_name_prefix=lr.module_name_prefix,
+            other_module_name=lr.other_module_name,
+        )
+    ]
+
+
+def deepspeed_modifiers(config: dict[str, Any] | str | Path) -> list[Modifier]:
+    """Our modifiers for a DeepSpeed config (see the module docstring for the mapping).
+
+    :raises RecipeError: naming the technique, group and key that cannot be expressed
+    """
+    parsed = load_deepspeed_config(config)
+    if not parsed.enabled():
+        raise RecipeError("DeepSpeed compression_training: no technique is enabled")
+    return _layer_reduction(parsed) + _pruning(parsed) + _quantization(parsed)

@@ -1,0 +1,255 @@
+"""DeepSpeed compression configs converted to our modifiers and run on a tiny BERT."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import BertConfig, BertForSequenceClassification
+
+from compressor import CompressionSession
+from compressor.entrypoints.cli import main
+from compressor.recipe import Recipe
+from compressor.recipe.recipe import RecipeError
+
+DATA = Path(__file__).parent / "data"
+
+
+def _config(name: str) -> dict:
+    return json.loads((DATA / f"ds_bert_{name}.json").read_text())
+
+
+def _bert(layers: int = 2) -> BertForSequenceClassification:
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=32,
+        num_labels=2,
+    )
+    return BertForSequenceClassification(config).eval()
+
+
+def _train(model: torch.nn.Module, recipe: Recipe, steps: int = 8) -> CompressionSession:
+    """A plain loop; without an optimizer at initialize, one batch is one optimizer step, and
+    the optimizer is created after initialize (layer reduction and topk change parameters)."""
+    model.train()
+    session = CompressionSession()
+    session.initialize(model=model, recipe=recipe)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-2)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        ids = torch.randint(0, 64, (4, 12), generator=gen)
+        labels = torch.randint(0, 2, (4,), generator=gen)
+        session.batch_start()
+        loss = session.loss_calculated(model(input_ids=ids, labels=labels).loss)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        session.batch_end()
+    session.finalize()
+    return session
+
+
+def _roundtrip(recipe: Recipe) -> None:
+    assert Recipe.from_yaml(recipe.to_yaml()) == recipe
+
+
+def _only(config: dict, technique: str) -> dict:
+    return {"compression_training": {technique: config["compression_training"][technique]}}
+
+
+# ---------------------------------------------------------------- quantization
+def test_quantization_config_maps_to_one_modifier_with_weights_and_inputs():
+    recipe = Recipe.from_deepspeed(DATA / "ds_bert_quantization.json")
+    (modifier,) = recipe.modifiers
+    assert type(modifier).__name__ == "QuantizationModifier"
+    assert (modifier.start, modifier.rounding) == (2, "nearest")
+    assert (modifier.start_bits, modifier.target_bits, modifier.quantization_period) == (8, 4, 2)
+    group = modifier.config_groups["wq1"]
+    assert group.targets == ["re:.*attention.self", "re:.*intermediate", "re:.*output.dense"]
+    assert group.weights.num_bits == 4 and group.weights.symmetric is True
+    assert group.weights.strategy == "tensor"
+    acts = group.input_activations
+    assert (acts.num_bits, acts.symmetric, acts.dynamic) == (8, False, False)
+    _roundtrip(recipe)
+
+
+def test_quantization_runs_on_tiny_bert_and_quantizes_the_weights():
+    model = _bert()
+    _train(model, Recipe.from_deepspeed(DATA / "ds_bert_quantization.json"))
+    layer = model.bert.encoder.layer[0]
+    for linear in (layer.attention.self.query, layer.intermediate.dense, layer.output.dense):
+        assert hasattr(linear, "weight_scale")
+        levels = torch.round(linear.weight / linear.weight_scale).unique()
+        assert levels.numel() <= 16  # 4 bits after the progressive schedule
+    assert not hasattr(model.classifier, "weight_scale")  # not named by modules
+    assert hasattr(layer.attention.self.query, "input_scale")  # static activation range
+
+
+def test_quantize_groups_above_one_is_the_channel_strategy():
+    config = _config("quantization")
+    config["compression_training"]["weight_quantization"]["shared_parameters"][
+        "quantize_groups"
+    ] = 8
+    (modifier,) = Recipe.from_deepspeed(config).modifiers
+    assert modifier.config_groups["wq1"].weights.strategy == "channel"
+
+
+def test_dynamic_activation_ranges_alone():
+    config = _only(_config("quantization"), "activation_quantization")
+    shared = config["compression_training"]["activation_quantization"]["shared_parameters"]
+    shared["range_calibration"] = "dynamic"
+    del config["compression_training"]["activation_quantization"]["different_groups"]["aq1"][
+        "modules"
+    ]  # DeepSpeed's default "*": every Linear
+    (modifier,) = Recipe.from_deepspeed(config).modifiers
+    group = modifier.config_groups["aq1"]
+    assert group.input_activations.dynamic is True and group.weights is None
+    assert group.targets == ["Linear"]
+    model = _bert()
+    _train(model, Recipe.from_modifiers([modifier]), steps=3)
+    assert hasattr(model.classifier, "quantization_scheme")
+    assert not hasattr(model.classifier, "input_scale")  # dynamic: no stored range
+
+
+# ---------------------------------------------------------------- pruning
+def test_pruning_config_maps_to_the_pruning_modifiers():
+    recipe = Recipe.from_deepspeed(DATA / "ds_bert_pruning.json")
+    sparse, row, head = recipe.modifiers
+    assert type(sparse).__name__ == "SparsePruningModifier"
+    assert (sparse.start, sparse.end, sparse.density, sparse.method) == (2, 6, 0.5, "l1")
+    assert sparse.targets == ["re:.*attention.self.(query|key)"]
+    assert type(row).__name__ == "RowPruningModifier"
+    assert (row.start, row.end, row.density, row.init_density) == (2, None, 0.5, 0.5)
+    assert row.method == "topk" and row.targets == ["re:.*intermediate.dense"]
+    assert type(head).__name__ == "HeadPruningModifier"
+    assert head.num_heads == 4 and head.targets == ["re:.*self.query"]
+    _roundtrip(recipe)
+
+
+def test_sparse_pruning_reaches_the_dense_ratio():
+    model = _bert()
+    _train(model, Recipe.from_deepspeed(_only(_config("pruning"), "sparse_pruning")))
+    for layer in model.bert.encoder.layer:
+        for linear in (layer.attention.self.query, layer.attention.self.key):
+            assert (linear.weight == 0).float().mean().item() == pytest.approx(0.5, abs=0.01)
+        assert (layer.attention.self.value.weight == 0).float().mean().item() < 0.01
+
+
+def test_row_pruning_shrinks_intermediate_and_its_consumer():
+    model = _bert()
+    _train(model, Recipe.from_deepspeed(_only(_config("pruning"), "row_pruning")))
+    layer = model.bert.encoder.layer[0]
+    assert layer.intermediate.dense.out_features == 32
+    assert layer.output.dense.in_features == 32
+    assert model.config.intermediate_size == 32
+    model(input_ids=torch.randint(0, 64, (1, 8)))
+
+
+def test_head_pruning_removes_half_the_heads():
+    model = _bert()
+    _train(model, Recipe.from_deepspeed(_only(_config("pruning"), "head_pruning")))
+    attention = model.bert.encoder.layer[1].attention
+    assert attention.self.query.out_features == 16  # 2 of 4 heads of size 8
+    assert attention.output.dense.in_features == 16
+    model(input_ids=torch.randint(0, 64, (1, 8)))
+
+
+def test_head_pruning_num_heads_is_checked_against_the_model():
+    config = _only(_config("pruning"), "head_pruning")
+    config["compression_training"]["head_pruning"]["shared_parameters"]["num_heads"] = 8
+    with pytest.raises(ValueError, match="num_heads=8.*num_attention_heads=4"):
+        _train(_bert(), Recipe.from_deepspeed(config), steps=1)
+
+
+# ---------------------------------------------------------------- layer reduction
+def test_layer_reduction_keeps_the_teacher_layers():
+    recipe = Recipe.from_deepspeed(DATA / "ds_bert_layer_reduction.json")
+    (modifier,) = recipe.modifiers
+    assert type(modifier).__name__ == "LayerReductionModifier"
+    assert (modifier.keep_number_layer, modifier.teacher_layer) == (2, [1, 3])
+    assert modifier.module_name_prefix == "bert.encoder.layer"
+    _roundtrip(recipe)
+    model = _bert(layers=4)
+    kept = [model.bert.encoder.layer[i].output.dense.weight.clone() for i in (1, 3)]
+    _train(model, recipe, steps=2)
+    assert len(model.bert.encoder.layer) == 2 and model.config.num_hidden_layers == 2
+    assert kept[0].shape == model.bert.encoder.layer[0].output.dense.weight.shape
+
+
+# ---------------------------------------------------------------- errors
+def _error(config: dict, *needles: str) -> None:
+    with pytest.raises(RecipeError) as info:
+        Recipe.from_deepspeed(config)
+    for needle in needles:
+        assert needle in str(info.value)
+
+
+def test_weights_and_activations_at_different_offsets_are_rejected():
+    config = _config("quantization")
+    config["compression_training"]["activation_quantization"]["shared_parameters"][
+        "schedule_offset"
+    ] = 5
+    _error(config, "activation_quantization", "aq1", "schedule_offset")
+
+
+def test_activations_on_other_modules_than_the_weights_are_rejected():
+    config = _config("quantization")
+    config["compression_training"]["activation_quantization"]["different_groups"]["aq1"][
+        "modules"
+    ] = ["intermediate"]
+    _error(config, "activation_quantization", "aq1", "modules")
+
+
+def test_fp16_mixed_quantize_is_rejected():
+    config = _config("quantization")
+    shared = config["compression_training"]["weight_quantization"]["shared_parameters"]
+    shared["fp16_mixed_quantize"]["enabled"] = True
+    _error(config, "weight_quantization", "fp16_mixed_quantize")
+
+
+def test_related_modules_on_sparse_pruning_are_rejected():
+    config = _only(_config("pruning"), "sparse_pruning")
+    group = config["compression_training"]["sparse_pruning"]["different_groups"]["sp1"]
+    group["related_modules"] = [["output.dense"]]
+    _error(config, "sparse_pruning", "sp1", "related_modules")
+
+
+def test_head_pruning_without_related_modules_is_rejected():
+    config = _only(_config("pruning"), "head_pruning")
+    del config["compression_training"]["head_pruning"]["different_groups"]["rp1"]["related_modules"]
+    _error(config, "head_pruning", "rp1", "related_modules")
+
+
+def test_bits_our_modifier_cannot_run_name_the_group():
+    config = _config("quantization")
+    group = config["compression_training"]["weight_quantization"]["different_groups"]["wq1"]
+    group["params"] = {"start_bits": 32, "target_bits": 16}
+    _error(config, "weight_quantization", "wq1", "QuantizationModifier")
+
+
+def test_nothing_enabled_is_an_error():
+    _error({"compression_training": {}}, "no technique is enabled")
+
+
+# ---------------------------------------------------------------- CLI
+def test_cli_convert_writes_yaml_that_loads_to_the_same_recipe(tmp_path, capsys):
+    out = tmp_path / "recipe.yaml"
+    src = str(DATA / "ds_bert_pruning.json")
+    assert main(["recipe", "convert", "--from", "deepspeed", src, "-o", str(out)]) == 0
+    assert Recipe.from_file(out) == Recipe.from_deepspeed(src)
+    assert main(["recipe", "convert", "--from", "deepspeed", src]) == 0
+    assert Recipe.from_yaml(capsys.readouterr().out) == Recipe.from_deepspeed(src)
+
+
+def test_cli_convert_reports_errors(tmp_path, capsys):
+    bad = tmp_path / "ds.json"
+    bad.write_text(json.dumps({"compression_training": {"weight_quantization": {"x": 1}}}))
+    assert main(["recipe", "convert", "--from", "deepspeed", str(bad)]) == 2
+    assert "weight_quantization" in capsys.readouterr().err
