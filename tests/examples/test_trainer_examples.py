@@ -68,3 +68,19 @@ def test_topk_head_and_row_pruning_saves_a_smaller_model(tmp_path, examples_path
     x = ids[:WINDOW][None]
     with torch.no_grad():
         torch.testing.assert_close(out["reloaded"].eval()(x).logits, out["model"].eval()(x).logits)
+
+
+def test_layer_reduction_with_distillation_saves_a_shallower_model(tmp_path, examples_path):
+    import trainer_layer_reduction_distillation as example
+
+    _, ids = _tiny()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config(num_hidden_layers=4))
+    out = example.run(model, ids, tmp_path, steps=STEPS, window=WINDOW)
+    assert out["teacher"]["layers"] == 4 and out["before"]["layers"] == 2
+    assert out["reloaded"].config.num_hidden_layers == 2 == len(out["reloaded"].model.layers)
+    assert out["after"]["params"] < out["teacher"]["params"]
+    assert out["after"]["kl"] < out["before"]["kl"]  # distillation moved it to the teacher
+    x = ids[:WINDOW][None]
+    with torch.no_grad():
+        torch.testing.assert_close(out["reloaded"].eval()(x).logits, out["model"].eval()(x).logits)
