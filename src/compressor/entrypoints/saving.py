@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from loguru import logger
 
+from compressor.entrypoints.model_card import MODEL_CARD_FILE, model_card
 from compressor.recipe import Recipe
 
 __all__ = ["RECIPE_FILE", "check_output_dir", "save_checkpoint"]
@@ -42,7 +43,8 @@ def save_checkpoint(
     save_compressed: bool = True,
     overwrite: bool = False,
 ) -> Path:
-    """Write model, tokenizer and ``recipe.yaml`` to ``output_dir`` atomically.
+    """Write model, tokenizer, ``recipe.yaml`` and a ``README.md`` model card to ``output_dir``
+    atomically.
 
     Everything goes into a temporary directory beside ``output_dir`` first, which is renamed
     into place only when complete. With ``overwrite``, an existing directory is swapped out
@@ -77,6 +79,7 @@ def _write(
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
     recipe.save(directory / RECIPE_FILE)
+    (directory / MODEL_CARD_FILE).write_text(model_card(model, recipe), encoding="utf-8")
 
 
 def _save_model(model: Any, directory: Path, recipe: Recipe, compressed: bool) -> None:
