@@ -74,6 +74,8 @@ class PruningModifierBase(Modifier):
     _stat_handles: list[Any] = PrivateAttr(default_factory=list)
     _done: set[int] = PrivateAttr(default_factory=set)
     _frozen: bool = PrivateAttr(default=False)
+    _applied_density: float | None = PrivateAttr(default=None)
+    _reapplied: bool = PrivateAttr(default=False)
 
     # ---------------------------------------------------------------- validation
     @model_validator(mode="before")
@@ -171,15 +173,28 @@ class PruningModifierBase(Modifier):
             self._update_masks(self._density(event))
 
     def on_event(self, state: State, event: Event) -> None:
-        # masks hold from the first mask to finalize, also after the schedule has ended
-        if event.type_ in (EventType.OPTIM_POST_STEP, EventType.BATCH_END) and self._holder:
+        # masks hold from the first mask to finalize, also after the schedule has ended:
+        # re-zeroed after each optimizer step, or at batch end when no step was seen (an
+        # optimizer the session does not watch)
+        if not self._holder:
+            return
+        if event.type_ == EventType.OPTIM_POST_STEP:
             self._holder.reapply()
+            self._reapplied = True
+        elif event.type_ == EventType.BATCH_END:
+            if not self._reapplied:
+                self._holder.reapply()
+            self._reapplied = False
 
     def on_update(self, state: State, event: Event) -> None:
         kind = event.type_
         training = kind == EventType.BATCH_START and self.method != "activation"
         if training and not self._frozen and event.should_update(self.start, self.end, self.update):
-            self._update_masks(self._density(event))
+            density = self._density(event)
+            # l1 at an unchanged density is a no-op while masks hold (pruned weights are
+            # zero, the lowest score), so the per-step top-k is skipped
+            if self.method != "l1" or density != self._applied_density:
+                self._update_masks(density)
         calibrated = kind == EventType.SEQUENTIAL_EPOCH_END and self.method == "activation"
         if calibrated and isinstance(state.batch_data, torch.nn.Module):
             self._prune_calibrated(within=state.batch_data)
@@ -262,6 +277,7 @@ class PruningModifierBase(Modifier):
                 self._apply_group_mask(
                     index, group, self.select(group, self.group_scores(group), density)
                 )
+        self._applied_density = density
         logger.debug("{}: masks at density {:.4f}", type(self).__name__, density)
 
     def current_unit_mask(self, index: int) -> torch.Tensor | None:
