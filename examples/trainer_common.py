@@ -4,6 +4,9 @@ and small TrainingArguments."""
 
 from __future__ import annotations
 
+import argparse
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -64,3 +67,20 @@ def training_args(output_dir: str | Path, max_steps: int, **overrides: Any) -> T
     )
     values.update(overrides)
     return TrainingArguments(**values)
+
+
+def run_from_command_line(run: Callable[..., dict], description: str, **options: Any) -> dict:
+    """Parse ``--steps``, ``--window``, ``--output-dir`` and ``options`` (name=default), load
+    the model and text, and call ``run(model, ids, output_dir, steps, window, *options)``; the
+    output goes to a temporary directory unless ``--output-dir`` is given."""
+    parser = argparse.ArgumentParser(description=description.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=120)
+    parser.add_argument("--window", type=int, default=128)
+    for name, default in options.items():
+        parser.add_argument(f"--{name}", type=type(default), default=default)
+    parser.add_argument("--output-dir", type=Path, default=None)
+    args = parser.parse_args()
+    model, ids = load_model_and_tokens(args.window)
+    extra = [getattr(args, name) for name in options]
+    with tempfile.TemporaryDirectory() as tmp:
+        return run(model, ids, args.output_dir or Path(tmp), args.steps, args.window, *extra)

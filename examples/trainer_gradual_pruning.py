@@ -9,13 +9,15 @@ Usage: python examples/trainer_gradual_pruning.py [--steps N]
 
 from __future__ import annotations
 
-import argparse
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
-from trainer_common import load_model_and_tokens, split_windows, training_args
+from trainer_common import (
+    run_from_command_line,
+    split_windows,
+    training_args,
+)
 from transformers import Trainer
 
 from compressor import CompressionCallback
@@ -54,14 +56,7 @@ def run(model: Any, ids: torch.Tensor, output_dir: Path, steps: int, window: int
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=120)
-    parser.add_argument("--window", type=int, default=128)
-    parser.add_argument("--output-dir", type=Path, default=None)
-    args = parser.parse_args()
-    model, ids = load_model_and_tokens(args.window)
-    with tempfile.TemporaryDirectory() as tmp:
-        out = run(model, ids, args.output_dir or Path(tmp), args.steps, args.window)
+    out = run_from_command_line(run, __doc__)
     mean = sum(out["densities"].values()) / len(out["densities"])
     print(f"pruned from step {out['start']} to {out['end']}: mean layer density {mean:.3f}; "
           f"held-out perplexity dense {out['dense']:.2f}, 50% sparse {out['pruned']:.2f}")  # fmt: skip

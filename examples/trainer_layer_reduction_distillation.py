@@ -10,14 +10,16 @@ Usage: python examples/trainer_layer_reduction_distillation.py [--steps N]
 
 from __future__ import annotations
 
-import argparse
 import copy
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
-from trainer_common import load_model_and_tokens, split_windows, training_args
+from trainer_common import (
+    run_from_command_line,
+    split_windows,
+    training_args,
+)
 from transformers import LlamaForCausalLM, TrainerCallback
 
 from compressor import CompressionCallback, CompressionTrainer
@@ -101,14 +103,7 @@ def run(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=120)
-    parser.add_argument("--window", type=int, default=128)
-    parser.add_argument("--output-dir", type=Path, default=None)
-    args = parser.parse_args()
-    model, ids = load_model_and_tokens(args.window)
-    with tempfile.TemporaryDirectory() as tmp:
-        out = run(model, ids, args.output_dir or Path(tmp), args.steps, args.window)
+    out = run_from_command_line(run, __doc__)
     t = out["teacher"]
     print(f"teacher: {t['layers']} layers, {t['params']:,} parameters, "
           f"held-out perplexity {t['perplexity']:.2f}")  # fmt: skip

@@ -9,14 +9,16 @@ in compressed-tensors format. Usage: python examples/trainer_qat_progressive.py 
 
 from __future__ import annotations
 
-import argparse
 import copy
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
-from trainer_common import load_model_and_tokens, split_windows, training_args
+from trainer_common import (
+    run_from_command_line,
+    split_windows,
+    training_args,
+)
 from transformers import Trainer
 
 from compressor import CompressionCallback, CompressionSession
@@ -57,17 +59,9 @@ def run(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=120)
-    parser.add_argument("--window", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--output-dir", type=Path, default=None)
-    args = parser.parse_args()
-    model, ids = load_model_and_tokens(args.window)
-    with tempfile.TemporaryDirectory() as tmp:
-        out = run(model, ids, args.output_dir or Path(tmp), args.steps, args.window, args.lr)
-        print(f"held-out perplexity: original {out['base']:.2f}, post-training W4 "
-              f"{out['ptq_w4']:.2f}, QAT 8->4 bits {out['qat_w4']:.2f}")  # fmt: skip
+    out = run_from_command_line(run, __doc__, lr=1e-4)
+    print(f"held-out perplexity: original {out['base']:.2f}, post-training W4 "
+          f"{out['ptq_w4']:.2f}, QAT 8->4 bits {out['qat_w4']:.2f}")  # fmt: skip
 
 
 if __name__ == "__main__":
