@@ -108,6 +108,56 @@ def test_sequential_run_quantizes_each_layer_at_its_end_and_frees_its_hessians(
     assert not hasattr(tiny_llama.lm_head, "quantization_scheme")
 
 
+class InputRecorder(Modifier):
+    """Placed before GPTQ: records every Linear's inputs with its own hooks, and at each
+    layer's end checks GPTQ's Hessians against ones accumulated from those inputs alone."""
+
+    _inputs: dict = PrivateAttr(default_factory=dict)
+    _checked: list = PrivateAttr(default_factory=list)
+
+    def on_start(self, state: State, event: Event) -> None:
+        for name, module in linears(state.model).items():
+
+            def hook(module, args, output, name=name):
+                self._inputs.setdefault(name, []).append(args[0].detach().clone())
+
+            self.register_hook(module, hook, "forward")
+
+    def on_update(self, state: State, event: Event) -> None:
+        if event.type_ != EventType.SEQUENTIAL_EPOCH_END:
+            return
+        from compressor.modifiers.quantization.gptq import accumulate_hessian
+
+        gptq = state.model._probe_gptq
+        inside = {id(m) for m in state.batch_data.modules()}
+        for name, module in linears(state.model).items():
+            if id(module) not in inside:
+                continue
+            hessian, count = None, 0
+            for x in self._inputs[name]:
+                hessian, count = accumulate_hessian(x, hessian, count)
+            theirs, their_count = gptq._hessians[name]
+            self._checked.append(name)
+            assert their_count == count, name
+            torch.testing.assert_close(theirs, hessian, rtol=1e-5, atol=1e-6, msg=name)
+
+    def on_end(self, state: State, event: Event) -> None:
+        self.remove_hooks()
+
+
+def test_projections_reading_the_same_input_get_the_same_hessian_as_computed_alone(tiny_llama):
+    """q/k/v and gate/up read one tensor, and GPTQ computes its product once for them: each
+    still gets exactly the Hessian of its own inputs, over every batch."""
+    recorder = InputRecorder()
+    gptq = GPTQModifier(config_groups=GROUP16)
+    tiny_llama._probe_gptq = gptq
+    oneshot(tiny_llama, [recorder, gptq], random_ids(), pipeline="sequential", batch_size=2)
+    assert sorted(recorder._checked) == sorted(linears(tiny_llama))
+    assert {n.rsplit(".", 1)[1] for n in gptq._leaders} == {"q_proj", "gate_proj"}
+    # after the run every module computes with its quantized forward again
+    assert all(m.quantization_enabled for m in linears(tiny_llama).values())
+
+
 def test_basic_pipeline_quantizes_every_linear_at_calibration_end(tiny_llama):
     gptq = GPTQModifier(config_groups=GROUP16, actorder="static")
     oneshot(tiny_llama, [gptq], random_ids(), pipeline="basic", batch_size=4)

@@ -7,6 +7,7 @@ from compressor.modifiers.quantization.gptq.gptq import (
 )
 from compressor.modifiers.quantization.gptq.hessian import (
     accumulate_hessian,
+    batch_hessian,
     inverse_hessian_cholesky,
 )
 
@@ -14,6 +15,7 @@ __all__ = [
     "GPTQResult",
     "accumulate_hessian",
     "gptq_quantize_weight",
+    "batch_hessian",
     "inverse_hessian_cholesky",
     "round_to_nearest",
 ]

@@ -20,6 +20,7 @@ from compressor.modifiers.quantization.calibration import freeze_quantization
 from compressor.modifiers.quantization.gptq import (
     accumulate_hessian,
     gptq_quantize_weight,
+    batch_hessian,
     round_to_nearest,
 )
 from compressor.modifiers.quantization.scheme import (
@@ -74,6 +75,8 @@ class GPTQModifier(QuantizationSchemeMixin, Modifier):
     _config: QuantizationConfig | None = PrivateAttr(default=None)
     _modules: dict[str, torch.nn.Module] = PrivateAttr(default_factory=dict)
     _hessians: dict[str, tuple[torch.Tensor, int]] = PrivateAttr(default_factory=dict)
+    _shared_input: tuple[torch.Tensor, str, torch.Tensor] | None = PrivateAttr(default=None)
+    _leaders: set[str] = PrivateAttr(default_factory=set)
     _quantized: set[str] = PrivateAttr(default_factory=set)
 
     @field_validator("actorder", mode="before")
@@ -133,10 +136,31 @@ class GPTQModifier(QuantizationSchemeMixin, Modifier):
 
     def _hessian_hook(self, name: str) -> Any:
         def hook(module: torch.nn.Module, inputs: tuple, output: Any) -> None:
-            hessian, count = self._hessians.get(name, (None, 0))
-            self._hessians[name] = accumulate_hessian(inputs[0], hessian, count)
+            self._observe(name, inputs[0])
 
         return hook
+
+    def _observe(self, name: str, inputs: torch.Tensor) -> None:
+        """Fold one call's inputs into ``name``'s Hessian.
+
+        Linears that read the very same tensor one after the other (the q/k/v projections,
+        the gate/up projections) would each compute the same product ``x^T x``, the dominant
+        cost: it is computed once, kept while the next module reads that tensor, and added to
+        each of their running Hessians. A module is only worth keeping the product for once a
+        partner has been seen reading its input (or on its first call, to find out).
+        """
+        cached = self._shared_input
+        if cached is not None and cached[0] is inputs:
+            batch = cached[2]
+            self._leaders.add(cached[1])
+        elif name in self._leaders or name not in self._hessians:
+            batch = batch_hessian(inputs)
+            self._shared_input = (inputs, name, batch)
+        else:
+            self._shared_input = None
+            batch = None
+        hessian, count = self._hessians.get(name, (None, 0))
+        self._hessians[name] = accumulate_hessian(inputs, hessian, count, batch=batch)
 
     def on_update(self, state: State, event: Event) -> None:
         if event.type_ != EventType.SEQUENTIAL_EPOCH_END:
@@ -147,6 +171,7 @@ class GPTQModifier(QuantizationSchemeMixin, Modifier):
         for name, module in self._modules.items():
             if id(module) in inside and name in self._hessians:
                 self._quantize(name, module)
+        self._shared_input = None
 
     def on_end(self, state: State, event: Event) -> None:
         for name, module in self._modules.items():
@@ -161,6 +186,9 @@ class GPTQModifier(QuantizationSchemeMixin, Modifier):
                 )
                 self._round_to_nearest(name, module)
         self.remove_hooks()
+        self._shared_input = None
+        for module in self._modules.values():
+            module.quantization_enabled = True
 
     def on_finalize(self, state: State) -> None:
         if not self.started:  # never calibrated: round to nearest so the scales are valid
@@ -209,7 +237,12 @@ class GPTQModifier(QuantizationSchemeMixin, Modifier):
             zero_param.data.copy_(zero.reshape(zero_param.shape).to(zero_param.dtype))
 
     def _finish(self, name: str, module: torch.nn.Module) -> None:
-        module.quantization_enabled = True
+        """The module's weight now lies on its grid. Its quantized forward is switched on only
+        if it also quantizes activations (dynamically): fake-quantizing a weight that is
+        already quantized gives it back unchanged, so the sequential pipeline's re-run of the
+        layer skips that cost; ``on_end`` switches every module on."""
+        scheme = module.quantization_scheme
+        module.quantization_enabled = bool(scheme.input_activations or scheme.output_activations)
         self._quantized.add(name)
 
 

@@ -13,14 +13,18 @@ and writes the results into the model.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from compressed_tensors.quantization import QuantizationArgs, QuantizationStrategy
+from compressed_tensors.quantization import (
+    QuantizationArgs,
+    QuantizationStrategy,
+    QuantizationType,
+)
 from compressed_tensors.quantization.lifecycle.forward import fake_quantize
-from compressed_tensors.quantization.utils import calculate_qparams
+from compressed_tensors.quantization.utils import calculate_qparams, calculate_range
 
 from compressor.modifiers.quantization.gptq.hessian import inverse_hessian_cholesky
 
@@ -91,14 +95,39 @@ def _qparams(columns: torch.Tensor, args: QuantizationArgs) -> tuple[torch.Tenso
     return calculate_qparams(columns.amin(dim=1), columns.amax(dim=1), args)
 
 
-def _column_args(args: QuantizationArgs) -> QuantizationArgs:
-    """Args that fake-quantize one ``(rows, 1)`` column with one scale per row."""
-    return QuantizationArgs(
+def _column_rounder(args: QuantizationArgs) -> Callable[..., torch.Tensor]:
+    """A function ``(column, scale, zero) -> dequantized column`` for 1-D ``(rows,)`` tensors.
+
+    GPTQ rounds thousands of single columns, so the per-call overhead matters more than the
+    arithmetic. Integer grids use the same arithmetic as compressed-tensors' fake quantization
+    (scale, shift by the zero point, clamp, round, shift back, rescale), done inline in a few
+    tensor operations, so the result is bit-identical to it; other types (floating-point
+    grids) call compressed-tensors itself.
+    """
+    column_args = QuantizationArgs(
         num_bits=args.num_bits,
         type=args.type,
         symmetric=args.symmetric,
         strategy=QuantizationStrategy.CHANNEL,
     )
+    if args.type != QuantizationType.INT:
+
+        def generic(column: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+            out = fake_quantize(column.unsqueeze(1), s.unsqueeze(1), z.unsqueeze(1), column_args)
+            return out.squeeze(1)
+
+        return generic
+    q_min, q_max = calculate_range(column_args, torch.device("cpu"))
+    low, high = float(q_min), float(q_max)
+
+    def integer(column: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        zf = z.to(column.dtype)
+        scaled = column / s
+        scaled += zf
+        levels = scaled.clamp_(low, high).round_()
+        return levels.sub_(zf).mul_(s)
+
+    return integer
 
 
 def _check(weight: torch.Tensor, args: QuantizationArgs, block_size: int) -> None:
@@ -207,7 +236,7 @@ def gptq_quantize_weight(
     num_groups = columns // group_size
     scale = torch.empty(rows, num_groups, device=w.device)
     zero = torch.empty(rows, num_groups, device=w.device, dtype=args.zp_dtype)
-    column_args = _column_args(args)
+    round_column = _column_rounder(args)
     quantized = torch.zeros_like(w)
     losses = torch.zeros(rows, device=w.device)
     current_scale = current_zero = None
@@ -216,15 +245,15 @@ def gptq_quantize_weight(
         for start in range(0, columns, block_size):
             stop = min(start + block_size, columns)
             block = w[:, start:stop].clone()
-            block_q = torch.zeros_like(block)
             block_err = torch.zeros_like(block)
             block_hinv = hinv[start:stop, start:stop]
+            diagonal = block_hinv.diagonal().tolist()
             for i in range(stop - start):
                 col = start + i  # position in the (possibly permuted) order
                 original = int(perm[col]) if perm is not None else col
                 if fixed_scale is not None:
                     g = 0 if fixed_scale.shape[1] == 1 else original // group_size
-                    s, z = fixed_scale[:, g : g + 1], fixed_zero[:, g : g + 1]
+                    s, z = fixed_scale[:, g], fixed_zero[:, g]
                 else:
                     if col % group_size == 0:  # a group starts: scale its current columns
                         end = col + group_size
@@ -232,16 +261,17 @@ def gptq_quantize_weight(
                         current_scale, current_zero = _qparams(current, args)
                         g = col // group_size
                         scale[:, g], zero[:, g] = current_scale, current_zero
-                    s, z = current_scale.unsqueeze(1), current_zero.unsqueeze(1)
-                column = block[:, i : i + 1]
-                q = fake_quantize(column, s, z, column_args)
-                d = block_hinv[i, i]
-                err = (column - q) / d
-                block_q[:, i : i + 1] = q
-                losses += ((column - q).squeeze(1) ** 2) / d**2 / 2
-                block[:, i:] -= err @ block_hinv[i : i + 1, i:]
-                block_err[:, i : i + 1] = err
-            quantized[:, start:stop] = block_q
+                    s, z = current_scale, current_zero
+                column = block[:, i]
+                q = round_column(column, s, z)
+                err = block_err[:, i]
+                torch.sub(column, q, out=err).div_(diagonal[i])
+                block[:, i] = q  # the block now holds quantized columns up to i
+                # feed this column's error to the block's later columns (a rank-1 update)
+                block[:, i + 1 :].addr_(err, block_hinv[i, i + 1 :], alpha=-1.0)
+            quantized[:, start:stop] = block
+            # each column's loss is (w - q)^2 / d^2 / 2 = err^2 / 2
+            losses += block_err.square().sum(dim=1) / 2
             w[:, stop:] -= block_err @ hinv[start:stop, stop:]
 
     g_idx = None

@@ -11,9 +11,17 @@ from __future__ import annotations
 import torch
 from loguru import logger
 
-__all__ = ["accumulate_hessian", "inverse_hessian_cholesky"]
+__all__ = ["accumulate_hessian", "batch_hessian", "inverse_hessian_cholesky"]
 
 _MAX_DAMPENING_RETRIES = 8
+
+
+def batch_hessian(inputs: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """One batch's own Hessian ``2/n x^T x`` over the ``n`` tokens of a Linear's inputs
+    ``(..., in_features)``, in ``dtype``."""
+    x = inputs.detach().reshape(-1, inputs.shape[-1]).to(dtype)
+    out = torch.empty(x.shape[1], x.shape[1], dtype=dtype, device=x.device)
+    return torch.addmm(out, x.t(), x, beta=0.0, alpha=2.0 / max(x.shape[0], 1))
 
 
 def accumulate_hessian(
@@ -21,6 +29,7 @@ def accumulate_hessian(
     hessian: torch.Tensor | None = None,
     num_samples: int = 0,
     dtype: torch.dtype = torch.float32,
+    batch: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, int]:
     """Fold a batch of a Linear's inputs into the running Hessian ``H = 2/n sum_t x_t x_t^T``.
 
@@ -32,6 +41,8 @@ def accumulate_hessian(
     :param hessian: the Hessian so far (updated in place), or None to start one
     :param num_samples: how many samples ``hessian`` already averages
     :param dtype: accumulation dtype (float32, or float64 for extra care)
+    :param batch: ``batch_hessian(inputs)`` when already computed (several Linears reading
+        the same inputs share it); else the update is one fused product with ``inputs``
     :return: the updated Hessian and sample count
     """
     x = inputs.detach().reshape(-1, inputs.shape[-1])
@@ -45,6 +56,10 @@ def accumulate_hessian(
     if new == 0:
         return hessian, num_samples
     total = num_samples + new
+    if batch is not None:
+        # H <- H + new / n (B - H) = H * n_old / n + (2 / n) x^T x, with B = 2 / new x^T x
+        hessian.lerp_(batch.to(hessian), new / total)
+        return hessian, total
     x = x.to(device=hessian.device, dtype=hessian.dtype)
     # one fused update: H <- H * n_old / n + (2 / n) x^T x
     hessian.addmm_(x.t(), x, beta=num_samples / total, alpha=2.0 / total)
@@ -56,23 +71,27 @@ def inverse_hessian_cholesky(
 ) -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor of the inverse of the dampened Hessian.
 
-    Adds ``dampening_frac * mean(diag H)`` to the diagonal. When the result is not positive
-    definite, the dampening is raised tenfold (with a warning) until it is.
+    Adds ``dampening_frac * mean(diag H)`` to the diagonal and factorizes in float32 (as GPTQ
+    implementations do; on CPU float64 costs several times more for large inputs). When that
+    fails, the same dampening is retried in float64 before the dampening is raised tenfold
+    (with a warning) until the matrix is positive definite.
 
     :param hessian: symmetric ``(n, n)`` Hessian (dead columns already handled)
     :param dampening_frac: fraction of the mean diagonal added to the diagonal
     :return: ``U`` with ``U^T U = (H + damp I)^-1`` (float32), and the dampening used
     """
-    if not torch.isfinite(hessian).all():
+    # one reduction instead of an elementwise isfinite: a NaN or inf anywhere makes it non-finite
+    if not torch.isfinite(hessian.sum(dtype=torch.float64)):
         raise ValueError("the Hessian has NaN or infinite entries; check the calibration data")
-    h64 = hessian.to(torch.float64)
-    mean_diag = h64.diagonal().abs().mean().clamp_min(1e-12)
-    eye = torch.eye(h64.shape[0], dtype=h64.dtype, device=h64.device)
+    mean_diag = float(hessian.diagonal().abs().mean(dtype=torch.float64).clamp_min(1e-12))
     frac = dampening_frac
     for _ in range(_MAX_DAMPENING_RETRIES + 1):
-        upper, ok = _upper_cholesky_of_inverse(h64 + frac * mean_diag * eye)
-        if ok:
-            return upper.to(torch.float32), frac
+        for dtype in (torch.float32, torch.float64):
+            dampened = hessian.to(dtype=dtype, copy=True)
+            dampened.diagonal().add_(frac * mean_diag)
+            upper, ok = _upper_cholesky_of_inverse(dampened)
+            if ok:
+                return upper.to(torch.float32), frac
         raised = max(frac * 10.0, 1e-4)
         logger.warning(
             "Hessian is not positive definite with dampening_frac={:g}; retrying with {:g}",
@@ -95,6 +114,8 @@ def _upper_cholesky_of_inverse(h: torch.Tensor) -> tuple[torch.Tensor, bool]:
     """
     lower, info = torch.linalg.cholesky_ex(h.flip(0, 1))
     if info != 0:
+        return h, False
+    if not torch.isfinite(lower.diagonal()).all():
         return h, False
     eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
     # a successful Cholesky has a positive diagonal, so the triangular inverse exists
