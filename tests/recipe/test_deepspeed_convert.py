@@ -118,6 +118,46 @@ def test_dynamic_activation_ranges_alone():
     assert not hasattr(model.classifier, "input_scale")  # dynamic: no stored range
 
 
+def _default_offsets_config() -> dict:
+    """DeepSpeed's default layout: weights from offset 0, activations left at their own
+    default offset (1000 in DeepSpeed's code), here 3 to fit a short run."""
+    config = _config("quantization")
+    weights = config["compression_training"]["weight_quantization"]["shared_parameters"]
+    del weights["schedule_offset"]  # DeepSpeed's default: 0
+    acts = config["compression_training"]["activation_quantization"]["shared_parameters"]
+    acts["schedule_offset"] = 3
+    return config
+
+
+def test_activations_later_than_weights_become_activation_start():
+    (modifier,) = Recipe.from_deepspeed(_default_offsets_config()).modifiers
+    assert (modifier.start, modifier.activation_start) == (0, 3)
+    _roundtrip(Recipe.from_modifiers([modifier]))
+    # the code's default offset (1000) when the key is left out
+    config = _config("quantization")
+    del config["compression_training"]["weight_quantization"]["shared_parameters"][
+        "schedule_offset"
+    ]
+    del config["compression_training"]["activation_quantization"]["shared_parameters"][
+        "schedule_offset"
+    ]
+    (modifier,) = Recipe.from_deepspeed(config).modifiers
+    assert (modifier.start, modifier.activation_start) == (0, 1000)
+
+
+def test_activations_later_than_weights_run_on_tiny_bert():
+    model = _bert()
+    query = model.bert.encoder.layer[0].attention.self.query
+    raw, seen = [], []
+    query.register_forward_pre_hook(lambda m, args: raw.append(args[0].detach()))
+    query.register_forward_hook(lambda m, args, out: seen.append(args[0].detach()))
+    _train(model, Recipe.from_deepspeed(_default_offsets_config()), steps=6)
+    # steps 0-2 untouched inputs, quantized from step 3 (8 bits: at most 256 levels)
+    assert [torch.equal(r, s) for r, s in zip(raw, seen, strict=True)] == [True] * 3 + [False] * 3
+    assert all(len(torch.unique(s)) <= 256 for s in seen[3:])
+    assert hasattr(query, "input_scale") and hasattr(query, "weight_scale")
+
+
 # ---------------------------------------------------------------- pruning
 def test_pruning_config_maps_to_the_pruning_modifiers():
     recipe = Recipe.from_deepspeed(DATA / "ds_bert_pruning.json")
@@ -191,12 +231,12 @@ def _error(config: dict, *needles: str) -> None:
         assert needle in str(info.value)
 
 
-def test_weights_and_activations_at_different_offsets_are_rejected():
+def test_activations_before_the_weights_are_rejected():
     config = _config("quantization")
     config["compression_training"]["activation_quantization"]["shared_parameters"][
         "schedule_offset"
-    ] = 5
-    _error(config, "activation_quantization", "aq1", "schedule_offset")
+    ] = 1  # the weights start at 2
+    _error(config, "activation_quantization", "aq1", "schedule_offset", "activation_start")
 
 
 def test_activations_on_other_modules_than_the_weights_are_rejected():

@@ -26,8 +26,12 @@ Choices (DeepSpeed 0.19.6 semantics):
 - activation_quantization: input activations of the same layers, ``bits``, symmetric or
   not, ``range_calibration`` dynamic (ranges from each batch, per tensor) or static (ranges
   observed while training, frozen at finalize). When weight quantization also runs, the
-  activation group must name the same modules at the same offset as a weight group and is
-  merged into it (two modifiers cannot quantize one layer); otherwise a RecipeError.
+  activation group must name the same modules as a weight group and is merged into it (two
+  modifiers cannot quantize one layer); otherwise a RecipeError. Its ``schedule_offset``
+  becomes the modifier's ``activation_start`` when it is later than the weights' (DeepSpeed's
+  defaults: weights at 0, activations at 1000): the weights are fake-quantized from
+  ``start``, the activations from ``activation_start``. Activations starting *before* the
+  weights of the same modules cannot be expressed (a RecipeError).
 - sparse/row/head/channel pruning: one modifier per group, ``density`` = ``dense_ratio``,
   ``method`` l1 or topk. Without ``schedule_offset_end`` DeepSpeed applies the ratio at once:
   ``init_density`` = ``density``, masks kept until the end. With it, the density ramps from 1
@@ -100,6 +104,23 @@ def _activation_args(shared: Any, bits: int) -> dict[str, Any]:
     }
 
 
+def _activation_offset(
+    act_offset: int, weight_offset: int, act_name: str, modules: list[str]
+) -> int | None:
+    """``activation_start`` for activations merged into a weight group (None: same start)."""
+    if act_offset == weight_offset:
+        return None
+    if act_offset < weight_offset:
+        raise RecipeError(
+            f"DeepSpeed activation_quantization -> different_groups -> {act_name} -> "
+            f"schedule_offset: {act_offset} is before weight quantization's {weight_offset} for "
+            f"the same modules ({modules}); QuantizationModifier can start activations later "
+            "than the weights (activation_start), not earlier: start both at the same "
+            "schedule_offset or the activations later"
+        )
+    return act_offset
+
+
 def _quantization(config: DeepSpeedCompressionConfig) -> list[Modifier]:
     enabled = set(config.enabled())
     weights = config.techniques.get("weight_quantization")
@@ -137,25 +158,31 @@ def _quantization(config: DeepSpeedCompressionConfig) -> list[Modifier]:
                     where,
                     shared.quantize_groups,
                 )
+            activation_start = None
             for act_name, (act_params, act_group) in list(act_groups.items()):
                 if act_group.modules != group.modules:
                     continue
-                if acts.shared.schedule_offset != shared.schedule_offset:  # type: ignore[union-attr]
-                    raise RecipeError(
-                        f"DeepSpeed activation_quantization -> different_groups -> {act_name} -> "
-                        f"schedule_offset: {acts.shared.schedule_offset} differs from weight "  # type: ignore[union-attr]
-                        f"quantization's {shared.schedule_offset} for the same modules "
-                        f"({group.modules}); one QuantizationModifier quantizes a layer from one "
-                        "start, so give both the same schedule_offset"
-                    )
-                scheme["input_activations"] = _activation_args(acts.shared, act_params.bits)  # type: ignore[union-attr]
+                assert acts is not None
+                activation_start = _activation_offset(
+                    acts.shared.schedule_offset, shared.schedule_offset, act_name, group.modules
+                )
+                scheme["input_activations"] = _activation_args(acts.shared, act_params.bits)
                 del act_groups[act_name]
-                logger.info("DeepSpeed activation_quantization {} merged into {}", act_name, where)
+                logger.info(
+                    "DeepSpeed activation_quantization {} merged into {}: weights from step {}, "
+                    "activations from step {}",
+                    act_name,
+                    where,
+                    shared.schedule_offset,
+                    acts.shared.schedule_offset,
+                )
             fields: dict[str, Any] = {
                 "config_groups": {name: scheme},
                 "start": shared.schedule_offset,
                 "rounding": shared.rounding,
             }
+            if activation_start is not None:
+                fields["activation_start"] = activation_start
             if params.start_bits != params.target_bits:
                 fields.update(
                     start_bits=params.start_bits,

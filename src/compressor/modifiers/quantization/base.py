@@ -79,7 +79,8 @@ class QuantizationModifier(QuantizationSchemeMixin, Modifier):
       with forward hooks
     - ``on_start`` on BATCH_START (training): fake-quantize weights (a parametrization) and
       activations (hooks), both with straight-through gradients; observers update ranges
-    - ``on_update`` (training): lower the weight bits on the progressive schedule
+    - ``on_update`` (training): lower the weight bits on the progressive schedule; on the
+      BATCH_START that reaches ``activation_start``, begin fake-quantizing activations
     - ``on_end``: calibration: freeze the scales; training: stop updating activation ranges
     - ``on_finalize``: training (or never started, when no calibration is needed): remove
       the fake quantization, attach compressed-tensors quantization with scales from the
@@ -98,6 +99,12 @@ class QuantizationModifier(QuantizationSchemeMixin, Modifier):
     :param target_bits: progressive bit reduction: final weight bits (the scheme's bits)
     :param quantization_period: optimizer steps before the first bit drop; the period
         doubles after each drop
+    :param activation_start: training only: the step (or epoch, like ``start``) from which
+        activations are fake-quantized, at or after ``start`` and before ``end``; until
+        then inputs and outputs pass through unquantized and static ranges are not observed,
+        while the weights are already fake-quantized from ``start`` (DeepSpeed's separate
+        weight and activation ``schedule_offset``); unset: activations start with the
+        weights
     :param low_bit_weights: training only: ``ternary`` (``alpha * {-1, 0, 1}``) or
         ``binary`` (``alpha * {-1, 1}``) weights per output row, as in DeepSpeed's XTC; the
         config groups' weights must be int, 2 bits, symmetric, channel strategy (the
@@ -110,6 +117,7 @@ class QuantizationModifier(QuantizationSchemeMixin, Modifier):
     start_bits: int | None = Field(default=None, ge=2, le=16)
     target_bits: int | None = Field(default=None, ge=2, le=8)
     quantization_period: int | None = Field(default=None, ge=1)
+    activation_start: float | None = None
     low_bit_weights: LowBitWeights | None = None
 
     _config: QuantizationConfig | None = PrivateAttr(default=None)
@@ -128,6 +136,8 @@ class QuantizationModifier(QuantizationSchemeMixin, Modifier):
         check_training_options(
             config=self.resolve_quantization_config(),
             start=self.start,
+            end=self.end,
+            activation_start=self.activation_start,
             rounding=self.rounding,
             start_bits=self.start_bits,
             target_bits=self.target_bits,
@@ -172,11 +182,14 @@ class QuantizationModifier(QuantizationSchemeMixin, Modifier):
             self._pathway = "training"
             self._start_step = event.global_step
             self._start_training()
+            self._maybe_start_activations(event)
 
     def on_update(self, state: State, event: Event) -> None:
         steps_event = event.type_ in (EventType.BATCH_START, EventType.OPTIM_POST_STEP)
         if self._pathway == "training" and self.start_bits is not None and steps_event:
             self._set_progressive_bits(event.global_step - self._start_step)
+        if self._pathway == "training" and event.type_ == EventType.BATCH_START:
+            self._maybe_start_activations(event)
 
     def on_end(self, state: State, event: Event) -> None:
         if self._pathway == "calibration":
@@ -211,8 +224,13 @@ class QuantizationModifier(QuantizationSchemeMixin, Modifier):
             for base, args in static_activation_roles(module).items():
                 observer = self._observers.get((name, base))
                 if observer is None or observer.batches == 0:
+                    late = (
+                        f" (activations are quantized from activation_start={self.activation_start})"
+                        if self.activation_start is not None
+                        else ""
+                    )
                     raise RuntimeError(
-                        f"{name}: no training batch reached it to observe its {base} range"
+                        f"{name}: no training batch reached it to observe its {base} range{late}"
                     )
                 set_qparams(module, base, *observer.range, args, name)
             freeze_quantization(module)
@@ -367,6 +385,7 @@ class QuantizationModifier(QuantizationSchemeMixin, Modifier):
         if observer is not None:
             self._observers[(name, base)] = observer
         quantize = ActivationFakeQuantizer(args, observer, f"{name} ({base} activations)")
+        quantize.active = self.activation_start is None  # else from activation_start on
         self._activation_quantizers.append(quantize)
 
         if base == "input":
@@ -381,6 +400,20 @@ class QuantizationModifier(QuantizationSchemeMixin, Modifier):
                 return quantize(output)
 
             self._active_handles.append(self.register_hook(module, quantize_output, "forward"))
+
+    def _maybe_start_activations(self, event: Event) -> None:
+        """Switch activation fake quantization on once ``activation_start`` is reached."""
+        waiting = [q for q in self._activation_quantizers if not q.active]
+        if not waiting or event.current_index < self.activation_start:  # type: ignore[operator]
+            return
+        for quantizer in waiting:
+            quantizer.active = True
+        logger.info(
+            "{}: activations fake-quantized from step {} (activation_start={})",
+            type(self).__name__,
+            event.global_step,
+            self.activation_start,
+        )
 
     def _set_progressive_bits(self, steps: int) -> None:
         assert self.start_bits is not None and self.target_bits is not None
