@@ -247,11 +247,38 @@ def test_activations_on_other_modules_than_the_weights_are_rejected():
     _error(config, "activation_quantization", "aq1", "modules")
 
 
-def test_fp16_mixed_quantize_is_rejected():
-    config = _config("quantization")
+def _mixed_config(in_forward: bool = False) -> dict:
+    config = _only(_config("quantization"), "weight_quantization")
     shared = config["compression_training"]["weight_quantization"]["shared_parameters"]
-    shared["fp16_mixed_quantize"]["enabled"] = True
-    _error(config, "weight_quantization", "fp16_mixed_quantize")
+    shared["fp16_mixed_quantize"] = {"enabled": True, "quantize_change_ratio": 0.25}
+    shared["quantize_weight_in_forward"] = in_forward
+    group = config["compression_training"]["weight_quantization"]["different_groups"]["wq1"]
+    group["params"] = {"start_bits": 4, "target_bits": 4}  # no bit drops: a plain blend
+    return config
+
+
+def test_fp16_mixed_quantize_becomes_weight_blend_rate():
+    recipe = Recipe.from_deepspeed(_mixed_config())
+    (modifier,) = recipe.modifiers
+    assert modifier.weight_blend_rate == 0.25 and modifier.start == 2
+    _roundtrip(recipe)
+    # DeepSpeed's in-forward quantization never blends
+    (direct,) = Recipe.from_deepspeed(_mixed_config(in_forward=True)).modifiers
+    assert direct.weight_blend_rate is None
+
+
+def test_fp16_mixed_quantize_blends_into_quantized_weights_on_tiny_bert():
+    model = _bert()
+    query = model.bert.encoder.layer[0].attention.self.query
+    original = query.weight
+    distinct = []
+    query.register_forward_hook(
+        lambda m, args, out: distinct.append(len(torch.unique(m.weight.detach()[0])))
+    )
+    _train(model, Recipe.from_deepspeed(_mixed_config()), steps=7)
+    # full precision until the start (step 2), then shares 0.75, 0.5, 0.25, 0, 0
+    assert all(n > 16 for n in distinct[:5]) and all(n <= 16 for n in distinct[5:])
+    assert query.weight is original and hasattr(query, "weight_scale")
 
 
 def test_related_modules_on_sparse_pruning_are_rejected():

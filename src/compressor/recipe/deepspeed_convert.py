@@ -22,7 +22,12 @@ Choices (DeepSpeed 0.19.6 semantics):
   splits the input dimension instead (a different partition). ``quantizer_kernel`` and
   ``quantize_verbose`` choose a CUDA kernel and logging only (logged, no effect);
   ``quantize_weight_in_forward`` false (DeepSpeed's optimizer-step MoQ) and true both become
-  fake-quantized weights in the forward. ``fp16_mixed_quantize`` enabled is rejected.
+  fake-quantized weights in the forward. ``fp16_mixed_quantize`` enabled ->
+  ``weight_blend_rate`` = ``quantize_change_ratio``: the forward weight blends full precision
+  into the quantized one, the full-precision share falling by that much per step and reset to
+  1 at each bit drop, as DeepSpeed's MoQ code does (see ``full_precision_share``). DeepSpeed
+  blends only on its optimizer-step path: with ``quantize_weight_in_forward`` true it
+  quantizes directly and never reads the blend, so neither do we (logged as a warning).
 - activation_quantization: input activations of the same layers, ``bits``, symmetric or
   not, ``range_calibration`` dynamic (ranges from each batch, per tensor) or static (ranges
   observed while training, frozen at finalize). When weight quantization also runs, the
@@ -104,6 +109,28 @@ def _activation_args(shared: Any, bits: int) -> dict[str, Any]:
     }
 
 
+def _blend_rate(shared: Any) -> float | None:
+    """``weight_blend_rate`` for ``fp16_mixed_quantize`` (None: no blend)."""
+    mixed = shared.fp16_mixed_quantize
+    where = "DeepSpeed weight_quantization -> shared_parameters -> fp16_mixed_quantize"
+    if not mixed.enabled:
+        return None
+    if shared.quantize_weight_in_forward:
+        logger.warning(
+            "{}: enabled, but quantize_weight_in_forward is true, where DeepSpeed quantizes "
+            "the weights directly and never blends; no blend here either",
+            where,
+        )
+        return None
+    logger.info(
+        "{}: enabled -> weight_blend_rate={} (the full-precision share of the forward weight "
+        "falls by it per step, back to 1 at each bit drop)",
+        where,
+        mixed.quantize_change_ratio,
+    )
+    return float(mixed.quantize_change_ratio)
+
+
 def _activation_offset(
     act_offset: int, weight_offset: int, act_name: str, modules: list[str]
 ) -> int | None:
@@ -131,13 +158,7 @@ def _quantization(config: DeepSpeedCompressionConfig) -> list[Modifier]:
     modifiers = []
     if weights is not None and "weight_quantization" in enabled:
         shared = weights.shared
-        if shared.fp16_mixed_quantize.enabled:
-            raise RecipeError(
-                "DeepSpeed weight_quantization -> shared_parameters -> fp16_mixed_quantize -> "
-                "enabled: true blends fp16 and quantized weights over training; "
-                "QuantizationModifier has no blend ratio, so this cannot run as written (set it "
-                "to false to quantize directly)"
-            )
+        blend_rate = _blend_rate(shared)
         for key in _NO_EFFECT:
             logger.info(
                 "DeepSpeed weight_quantization -> {}={}: kernel/logging choice, no effect here "
@@ -183,6 +204,8 @@ def _quantization(config: DeepSpeedCompressionConfig) -> list[Modifier]:
             }
             if activation_start is not None:
                 fields["activation_start"] = activation_start
+            if blend_rate is not None:
+                fields["weight_blend_rate"] = blend_rate
             if params.start_bits != params.target_bits:
                 fields.update(
                     start_bits=params.start_bits,

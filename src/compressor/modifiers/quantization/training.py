@@ -66,6 +66,7 @@ def check_training_options(
     target_bits: int | None,
     quantization_period: int | None,
     low_bit_weights: str | None,
+    weight_blend_rate: float | None,
 ) -> None:
     """Raise ValueError for training options that do not fit together or the scheme."""
     progressive = (start_bits, target_bits, quantization_period)
@@ -111,6 +112,12 @@ def check_training_options(
                     f"low_bit_weights={low_bit_weights!r} needs int, num_bits 2, "
                     f"symmetric, strategy 'channel' weights; config group {name} has {w}"
                 )
+    if weight_blend_rate is not None:
+        training_only.append(f"weight_blend_rate={weight_blend_rate}")
+        if all(g.weights is None for g in config.config_groups.values()):  # type: ignore[union-attr]
+            raise ValueError(
+                f"weight_blend_rate={weight_blend_rate}: no config group quantizes weights"
+            )
     if activation_start is not None:
         training_only.append(f"activation_start={activation_start}")
         _check_activation_start(config, start, end, activation_start)
