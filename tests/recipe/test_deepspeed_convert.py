@@ -201,6 +201,29 @@ def test_head_pruning_removes_half_the_heads():
     model(input_ids=torch.randint(0, 64, (1, 8)))
 
 
+def test_each_deepspeed_group_is_a_recipe_group():
+    recipe = Recipe.from_deepspeed(DATA / "ds_bert_pruning.json")
+    names = [group.name for group in recipe.stages[0].groups]
+    assert names == ["sparse_pruning_sp1", "row_pruning_rp1", "head_pruning_rp1"]
+    assert "row_pruning_rp1_modifiers" in recipe.to_yaml()
+    (row,) = recipe.stages[0].groups[1].modifiers
+    assert row.related_modules == ["re:.*layer.\\w+.output.dense"]
+    (head,) = recipe.stages[0].groups[2].modifiers
+    assert head.related_modules[-1] == "re:.*attention.output.dense"  # DeepSpeed's modules
+
+
+def test_related_modules_disagreeing_with_the_model_name_technique_group_and_pattern():
+    config = _only(_config("pruning"), "row_pruning")
+    group = config["compression_training"]["row_pruning"]["different_groups"]["rp1"]
+    group["related_modules"] = [["attention.output.dense"]]  # reads no MLP row
+    recipe = Recipe.from_deepspeed(config)  # fine until a model is seen
+    with pytest.raises(ValueError) as info:
+        _train(_bert(), recipe, steps=1)
+    message = str(info.value)
+    assert "RowPruningModifier (recipe group 'row_pruning_rp1')" in message
+    assert "'re:.*attention.output.dense'" in message
+
+
 def test_head_pruning_num_heads_is_checked_against_the_model():
     config = _only(_config("pruning"), "head_pruning")
     config["compression_training"]["head_pruning"]["shared_parameters"]["num_heads"] = 8

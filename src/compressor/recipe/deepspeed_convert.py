@@ -41,12 +41,17 @@ Choices (DeepSpeed 0.19.6 semantics):
   ``method`` l1 or topk. Without ``schedule_offset_end`` DeepSpeed applies the ratio at once:
   ``init_density`` = ``density``, masks kept until the end. With it, the density ramps from 1
   at ``start`` to ``dense_ratio`` at ``end`` (cubic), an end DeepSpeed's own l1/topk ignore.
-- ``related_modules`` (structured pruning): our modifiers couple layers through the
-  architecture's built-in mapping (``compressor.modifiers.pruning.mappings``); the related
-  modules are logged as what that mapping must cover. Head pruning: DeepSpeed's ``modules``
-  names the output projection and ``related_modules`` q/k/v; our unit is named by its first
-  producer, so targets come from the first related module (which head pruning therefore
-  requires). ``num_heads`` is checked against
+- ``related_modules`` (structured pruning) -> the modifier's ``related_modules``
+  (``re:.*<key>``): at initialize they are checked against the architecture's built-in
+  mapping (``compressor.modifiers.pruning.mappings``), an error naming the modifier, its
+  recipe group (``<technique>_<group>``) and the pattern when they disagree; for a model
+  without a built-in mapping they define the coupling (rows, channels). Head pruning:
+  DeepSpeed's ``modules`` names the output projection and ``related_modules`` q/k/v; our
+  unit is named by its first producer, so targets come from the first related module (which
+  head pruning therefore requires), and the related modules are q/k/v plus the output
+  projection.
+- Each DeepSpeed group becomes its own recipe group, ``<technique>_<group>`` (e.g.
+  ``row_pruning_rp1``), so the YAML and errors at initialize point back to the config. ``num_heads`` is checked against
   the model's ``num_attention_heads`` at initialize. Sparse pruning has no coupling:
   ``related_modules`` there is an error.
 - layer_reduction -> ``LayerReductionModifier`` with the same four fields, applied at
@@ -85,7 +90,8 @@ def _build(kind: str, where: str, **fields: Any) -> Modifier:
         modifier = get_modifier_class(kind).model_validate(fields)
     except ValidationError as err:
         raise RecipeError(f"DeepSpeed {where}: cannot be expressed as {kind}: {err}") from None
-    logger.info("DeepSpeed {} -> {} {}", where, kind, fields)
+    modifier.group = where.replace(" -> different_groups -> ", "_")
+    logger.info("DeepSpeed {} -> {} {} (recipe group {})", where, kind, fields, modifier.group)
     return modifier
 
 
@@ -261,21 +267,26 @@ def _pruning(config: DeepSpeedCompressionConfig) -> list[Modifier]:
                         f"DeepSpeed {where} -> related_modules: unstructured sparsity removes "
                         "no rows, so there is nothing to couple; remove related_modules"
                     )
-                logger.info(
-                    "DeepSpeed {} -> related_modules {}: coupled through the architecture's "
-                    "built-in {} mapping",
-                    where,
-                    group.related_modules,
-                    kind,
-                )
+                related = [f"re:.*{key}" for keys in group.related_modules for key in keys]
                 if technique == "head_pruning":
                     targets = _targets(group.related_modules[0][:1])
+                    related += _targets(group.modules) or []  # the output projection
+                logger.info(
+                    "DeepSpeed {} -> related_modules {}: checked at initialize against the "
+                    "coupling {} prunes by (used as the coupling where the architecture has "
+                    "none)",
+                    where,
+                    related,
+                    kind,
+                )
             fields: dict[str, Any] = {
                 "targets": targets,
                 "density": params.dense_ratio,
                 "method": shared.method,
                 "start": shared.schedule_offset,
             }
+            if group.related_modules is not None:
+                fields["related_modules"] = related
             if shared.schedule_offset_end is None:
                 fields["init_density"] = params.dense_ratio
             else:
