@@ -84,8 +84,8 @@ class QuantizationModifier(QuantizationSchemeMixin, Modifier):
     - ``on_start`` on BATCH_START (training): fake-quantize weights (a parametrization) and
       activations (hooks), both with straight-through gradients; observers update ranges
     - ``on_update`` (training): lower the weight bits on the progressive schedule and the
-      full-precision share of the blended weights; on the
-      BATCH_START that reaches ``activation_start``, begin fake-quantizing activations
+      full-precision share of blended weights; on the BATCH_START that reaches
+      ``activation_start``, begin fake-quantizing activations
     - ``on_end``: calibration: freeze the scales; training: stop updating activation ranges
     - ``on_finalize``: training (or never started, when no calibration is needed): remove
       the fake quantization, attach compressed-tensors quantization with scales from the
