@@ -118,6 +118,46 @@ def test_dynamic_activation_ranges_alone():
     assert not hasattr(model.classifier, "input_scale")  # dynamic: no stored range
 
 
+def _default_offsets_config() -> dict:
+    """DeepSpeed's default layout: weights from offset 0, activations left at their own
+    default offset (1000 in DeepSpeed's code), here 3 to fit a short run."""
+    config = _config("quantization")
+    weights = config["compression_training"]["weight_quantization"]["shared_parameters"]
+    del weights["schedule_offset"]  # DeepSpeed's default: 0
+    acts = config["compression_training"]["activation_quantization"]["shared_parameters"]
+    acts["schedule_offset"] = 3
+    return config
+
+
+def test_activations_later_than_weights_become_activation_start():
+    (modifier,) = Recipe.from_deepspeed(_default_offsets_config()).modifiers
+    assert (modifier.start, modifier.activation_start) == (0, 3)
+    _roundtrip(Recipe.from_modifiers([modifier]))
+    # the code's default offset (1000) when the key is left out
+    config = _config("quantization")
+    del config["compression_training"]["weight_quantization"]["shared_parameters"][
+        "schedule_offset"
+    ]
+    del config["compression_training"]["activation_quantization"]["shared_parameters"][
+        "schedule_offset"
+    ]
+    (modifier,) = Recipe.from_deepspeed(config).modifiers
+    assert (modifier.start, modifier.activation_start) == (0, 1000)
+
+
+def test_activations_later_than_weights_run_on_tiny_bert():
+    model = _bert()
+    query = model.bert.encoder.layer[0].attention.self.query
+    raw, seen = [], []
+    query.register_forward_pre_hook(lambda m, args: raw.append(args[0].detach()))
+    query.register_forward_hook(lambda m, args, out: seen.append(args[0].detach()))
+    _train(model, Recipe.from_deepspeed(_default_offsets_config()), steps=6)
+    # steps 0-2 untouched inputs, quantized from step 3 (8 bits: at most 256 levels)
+    assert [torch.equal(r, s) for r, s in zip(raw, seen, strict=True)] == [True] * 3 + [False] * 3
+    assert all(len(torch.unique(s)) <= 256 for s in seen[3:])
+    assert hasattr(query, "input_scale") and hasattr(query, "weight_scale")
+
+
 # ---------------------------------------------------------------- pruning
 def test_pruning_config_maps_to_the_pruning_modifiers():
     recipe = Recipe.from_deepspeed(DATA / "ds_bert_pruning.json")
@@ -161,6 +201,29 @@ def test_head_pruning_removes_half_the_heads():
     model(input_ids=torch.randint(0, 64, (1, 8)))
 
 
+def test_each_deepspeed_group_is_a_recipe_group():
+    recipe = Recipe.from_deepspeed(DATA / "ds_bert_pruning.json")
+    names = [group.name for group in recipe.stages[0].groups]
+    assert names == ["sparse_pruning_sp1", "row_pruning_rp1", "head_pruning_rp1"]
+    assert "row_pruning_rp1_modifiers" in recipe.to_yaml()
+    (row,) = recipe.stages[0].groups[1].modifiers
+    assert row.related_modules == ["re:.*layer.\\w+.output.dense"]
+    (head,) = recipe.stages[0].groups[2].modifiers
+    assert head.related_modules[-1] == "re:.*attention.output.dense"  # DeepSpeed's modules
+
+
+def test_related_modules_disagreeing_with_the_model_name_technique_group_and_pattern():
+    config = _only(_config("pruning"), "row_pruning")
+    group = config["compression_training"]["row_pruning"]["different_groups"]["rp1"]
+    group["related_modules"] = [["attention.output.dense"]]  # reads no MLP row
+    recipe = Recipe.from_deepspeed(config)  # fine until a model is seen
+    with pytest.raises(ValueError) as info:
+        _train(_bert(), recipe, steps=1)
+    message = str(info.value)
+    assert "RowPruningModifier (recipe group 'row_pruning_rp1')" in message
+    assert "'re:.*attention.output.dense'" in message
+
+
 def test_head_pruning_num_heads_is_checked_against_the_model():
     config = _only(_config("pruning"), "head_pruning")
     config["compression_training"]["head_pruning"]["shared_parameters"]["num_heads"] = 8
@@ -191,12 +254,12 @@ def _error(config: dict, *needles: str) -> None:
         assert needle in str(info.value)
 
 
-def test_weights_and_activations_at_different_offsets_are_rejected():
+def test_activations_before_the_weights_are_rejected():
     config = _config("quantization")
     config["compression_training"]["activation_quantization"]["shared_parameters"][
         "schedule_offset"
-    ] = 5
-    _error(config, "activation_quantization", "aq1", "schedule_offset")
+    ] = 1  # the weights start at 2
+    _error(config, "activation_quantization", "aq1", "schedule_offset", "activation_start")
 
 
 def test_activations_on_other_modules_than_the_weights_are_rejected():
@@ -207,11 +270,38 @@ def test_activations_on_other_modules_than_the_weights_are_rejected():
     _error(config, "activation_quantization", "aq1", "modules")
 
 
-def test_fp16_mixed_quantize_is_rejected():
-    config = _config("quantization")
+def _mixed_config(in_forward: bool = False) -> dict:
+    config = _only(_config("quantization"), "weight_quantization")
     shared = config["compression_training"]["weight_quantization"]["shared_parameters"]
-    shared["fp16_mixed_quantize"]["enabled"] = True
-    _error(config, "weight_quantization", "fp16_mixed_quantize")
+    shared["fp16_mixed_quantize"] = {"enabled": True, "quantize_change_ratio": 0.25}
+    shared["quantize_weight_in_forward"] = in_forward
+    group = config["compression_training"]["weight_quantization"]["different_groups"]["wq1"]
+    group["params"] = {"start_bits": 4, "target_bits": 4}  # no bit drops: a plain blend
+    return config
+
+
+def test_fp16_mixed_quantize_becomes_weight_blend_rate():
+    recipe = Recipe.from_deepspeed(_mixed_config())
+    (modifier,) = recipe.modifiers
+    assert modifier.weight_blend_rate == 0.25 and modifier.start == 2
+    _roundtrip(recipe)
+    # DeepSpeed's in-forward quantization never blends
+    (direct,) = Recipe.from_deepspeed(_mixed_config(in_forward=True)).modifiers
+    assert direct.weight_blend_rate is None
+
+
+def test_fp16_mixed_quantize_blends_into_quantized_weights_on_tiny_bert():
+    model = _bert()
+    query = model.bert.encoder.layer[0].attention.self.query
+    original = query.weight
+    distinct = []
+    query.register_forward_hook(
+        lambda m, args, out: distinct.append(len(torch.unique(m.weight.detach()[0])))
+    )
+    _train(model, Recipe.from_deepspeed(_mixed_config()), steps=7)
+    # full precision until the start (step 2), then shares 0.75, 0.5, 0.25, 0, 0
+    assert all(n > 16 for n in distinct[:5]) and all(n <= 16 for n in distinct[5:])
+    assert query.weight is original and hasattr(query, "weight_scale")
 
 
 def test_related_modules_on_sparse_pruning_are_rejected():

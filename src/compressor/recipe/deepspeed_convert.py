@@ -22,22 +22,36 @@ Choices (DeepSpeed 0.19.6 semantics):
   splits the input dimension instead (a different partition). ``quantizer_kernel`` and
   ``quantize_verbose`` choose a CUDA kernel and logging only (logged, no effect);
   ``quantize_weight_in_forward`` false (DeepSpeed's optimizer-step MoQ) and true both become
-  fake-quantized weights in the forward. ``fp16_mixed_quantize`` enabled is rejected.
+  fake-quantized weights in the forward. ``fp16_mixed_quantize`` enabled ->
+  ``weight_blend_rate`` = ``quantize_change_ratio``: the forward weight blends full precision
+  into the quantized one, the full-precision share falling by that much per step and reset to
+  1 at each bit drop, as DeepSpeed's MoQ code does (see ``full_precision_share``). DeepSpeed
+  blends only on its optimizer-step path: with ``quantize_weight_in_forward`` true it
+  quantizes directly and never reads the blend, so neither do we (logged as a warning).
 - activation_quantization: input activations of the same layers, ``bits``, symmetric or
   not, ``range_calibration`` dynamic (ranges from each batch, per tensor) or static (ranges
   observed while training, frozen at finalize). When weight quantization also runs, the
-  activation group must name the same modules at the same offset as a weight group and is
-  merged into it (two modifiers cannot quantize one layer); otherwise a RecipeError.
+  activation group must name the same modules as a weight group and is merged into it (two
+  modifiers cannot quantize one layer); otherwise a RecipeError. Its ``schedule_offset``
+  becomes the modifier's ``activation_start`` when it is later than the weights' (DeepSpeed's
+  defaults: weights at 0, activations at 1000): the weights are fake-quantized from
+  ``start``, the activations from ``activation_start``. Activations starting *before* the
+  weights of the same modules cannot be expressed (a RecipeError).
 - sparse/row/head/channel pruning: one modifier per group, ``density`` = ``dense_ratio``,
   ``method`` l1 or topk. Without ``schedule_offset_end`` DeepSpeed applies the ratio at once:
   ``init_density`` = ``density``, masks kept until the end. With it, the density ramps from 1
   at ``start`` to ``dense_ratio`` at ``end`` (cubic), an end DeepSpeed's own l1/topk ignore.
-- ``related_modules`` (structured pruning): our modifiers couple layers through the
-  architecture's built-in mapping (``compressor.modifiers.pruning.mappings``); the related
-  modules are logged as what that mapping must cover. Head pruning: DeepSpeed's ``modules``
-  names the output projection and ``related_modules`` q/k/v; our unit is named by its first
-  producer, so targets come from the first related module (which head pruning therefore
-  requires). ``num_heads`` is checked against
+- ``related_modules`` (structured pruning) -> the modifier's ``related_modules``
+  (``re:.*<key>``): at initialize they are checked against the architecture's built-in
+  mapping (``compressor.modifiers.pruning.mappings``), an error naming the modifier, its
+  recipe group (``<technique>_<group>``) and the pattern when they disagree; for a model
+  without a built-in mapping they define the coupling (rows, channels). Head pruning:
+  DeepSpeed's ``modules`` names the output projection and ``related_modules`` q/k/v; our
+  unit is named by its first producer, so targets come from the first related module (which
+  head pruning therefore requires), and the related modules are q/k/v plus the output
+  projection.
+- Each DeepSpeed group becomes its own recipe group, ``<technique>_<group>`` (e.g.
+  ``row_pruning_rp1``), so the YAML and errors at initialize point back to the config. ``num_heads`` is checked against
   the model's ``num_attention_heads`` at initialize. Sparse pruning has no coupling:
   ``related_modules`` there is an error.
 - layer_reduction -> ``LayerReductionModifier`` with the same four fields, applied at
@@ -76,7 +90,8 @@ def _build(kind: str, where: str, **fields: Any) -> Modifier:
         modifier = get_modifier_class(kind).model_validate(fields)
     except ValidationError as err:
         raise RecipeError(f"DeepSpeed {where}: cannot be expressed as {kind}: {err}") from None
-    logger.info("DeepSpeed {} -> {} {}", where, kind, fields)
+    modifier.group = where.replace(" -> different_groups -> ", "_")
+    logger.info("DeepSpeed {} -> {} {} (recipe group {})", where, kind, fields, modifier.group)
     return modifier
 
 
@@ -100,6 +115,45 @@ def _activation_args(shared: Any, bits: int) -> dict[str, Any]:
     }
 
 
+def _blend_rate(shared: Any) -> float | None:
+    """``weight_blend_rate`` for ``fp16_mixed_quantize`` (None: no blend)."""
+    mixed = shared.fp16_mixed_quantize
+    where = "DeepSpeed weight_quantization -> shared_parameters -> fp16_mixed_quantize"
+    if not mixed.enabled:
+        return None
+    if shared.quantize_weight_in_forward:
+        logger.warning(
+            "{}: enabled, but quantize_weight_in_forward is true, where DeepSpeed quantizes "
+            "the weights directly and never blends; no blend here either",
+            where,
+        )
+        return None
+    logger.info(
+        "{}: enabled -> weight_blend_rate={} (the full-precision share of the forward weight "
+        "falls by it per step, back to 1 at each bit drop)",
+        where,
+        mixed.quantize_change_ratio,
+    )
+    return float(mixed.quantize_change_ratio)
+
+
+def _activation_offset(
+    act_offset: int, weight_offset: int, act_name: str, modules: list[str]
+) -> int | None:
+    """``activation_start`` for activations merged into a weight group (None: same start)."""
+    if act_offset == weight_offset:
+        return None
+    if act_offset < weight_offset:
+        raise RecipeError(
+            f"DeepSpeed activation_quantization -> different_groups -> {act_name} -> "
+            f"schedule_offset: {act_offset} is before weight quantization's {weight_offset} for "
+            f"the same modules ({modules}); QuantizationModifier can start activations later "
+            "than the weights (activation_start), not earlier: start both at the same "
+            "schedule_offset or the activations later"
+        )
+    return act_offset
+
+
 def _quantization(config: DeepSpeedCompressionConfig) -> list[Modifier]:
     enabled = set(config.enabled())
     weights = config.techniques.get("weight_quantization")
@@ -110,13 +164,7 @@ def _quantization(config: DeepSpeedCompressionConfig) -> list[Modifier]:
     modifiers = []
     if weights is not None and "weight_quantization" in enabled:
         shared = weights.shared
-        if shared.fp16_mixed_quantize.enabled:
-            raise RecipeError(
-                "DeepSpeed weight_quantization -> shared_parameters -> fp16_mixed_quantize -> "
-                "enabled: true blends fp16 and quantized weights over training; "
-                "QuantizationModifier has no blend ratio, so this cannot run as written (set it "
-                "to false to quantize directly)"
-            )
+        blend_rate = _blend_rate(shared)
         for key in _NO_EFFECT:
             logger.info(
                 "DeepSpeed weight_quantization -> {}={}: kernel/logging choice, no effect here "
@@ -137,25 +185,33 @@ def _quantization(config: DeepSpeedCompressionConfig) -> list[Modifier]:
                     where,
                     shared.quantize_groups,
                 )
+            activation_start = None
             for act_name, (act_params, act_group) in list(act_groups.items()):
                 if act_group.modules != group.modules:
                     continue
-                if acts.shared.schedule_offset != shared.schedule_offset:  # type: ignore[union-attr]
-                    raise RecipeError(
-                        f"DeepSpeed activation_quantization -> different_groups -> {act_name} -> "
-                        f"schedule_offset: {acts.shared.schedule_offset} differs from weight "  # type: ignore[union-attr]
-                        f"quantization's {shared.schedule_offset} for the same modules "
-                        f"({group.modules}); one QuantizationModifier quantizes a layer from one "
-                        "start, so give both the same schedule_offset"
-                    )
-                scheme["input_activations"] = _activation_args(acts.shared, act_params.bits)  # type: ignore[union-attr]
+                assert acts is not None
+                activation_start = _activation_offset(
+                    acts.shared.schedule_offset, shared.schedule_offset, act_name, group.modules
+                )
+                scheme["input_activations"] = _activation_args(acts.shared, act_params.bits)
                 del act_groups[act_name]
-                logger.info("DeepSpeed activation_quantization {} merged into {}", act_name, where)
+                logger.info(
+                    "DeepSpeed activation_quantization {} merged into {}: weights from step {}, "
+                    "activations from step {}",
+                    act_name,
+                    where,
+                    shared.schedule_offset,
+                    acts.shared.schedule_offset,
+                )
             fields: dict[str, Any] = {
                 "config_groups": {name: scheme},
                 "start": shared.schedule_offset,
                 "rounding": shared.rounding,
             }
+            if activation_start is not None:
+                fields["activation_start"] = activation_start
+            if blend_rate is not None:
+                fields["weight_blend_rate"] = blend_rate
             if params.start_bits != params.target_bits:
                 fields.update(
                     start_bits=params.start_bits,
@@ -211,21 +267,26 @@ def _pruning(config: DeepSpeedCompressionConfig) -> list[Modifier]:
                         f"DeepSpeed {where} -> related_modules: unstructured sparsity removes "
                         "no rows, so there is nothing to couple; remove related_modules"
                     )
-                logger.info(
-                    "DeepSpeed {} -> related_modules {}: coupled through the architecture's "
-                    "built-in {} mapping",
-                    where,
-                    group.related_modules,
-                    kind,
-                )
+                related = [f"re:.*{key}" for keys in group.related_modules for key in keys]
                 if technique == "head_pruning":
                     targets = _targets(group.related_modules[0][:1])
+                    related += _targets(group.modules) or []  # the output projection
+                logger.info(
+                    "DeepSpeed {} -> related_modules {}: checked at initialize against the "
+                    "coupling {} prunes by (used as the coupling where the architecture has "
+                    "none)",
+                    where,
+                    related,
+                    kind,
+                )
             fields: dict[str, Any] = {
                 "targets": targets,
                 "density": params.dense_ratio,
                 "method": shared.method,
                 "start": shared.schedule_offset,
             }
+            if group.related_modules is not None:
+                fields["related_modules"] = related
             if shared.schedule_offset_end is None:
                 fields["init_density"] = params.dense_ratio
             else:

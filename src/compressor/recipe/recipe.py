@@ -139,7 +139,13 @@ class Recipe:
         """
         from compressor.recipe.deepspeed_convert import deepspeed_modifiers
 
-        return cls.from_modifiers(deepspeed_modifiers(config))
+        groups: list[RecipeGroup] = []
+        for modifier in deepspeed_modifiers(config):
+            name = modifier.group or DEFAULT_GROUP
+            if not groups or groups[-1].name != name:
+                groups.append(RecipeGroup(name))
+            groups[-1].modifiers.append(modifier)
+        return cls([RecipeStage(DEFAULT_STAGE, groups)])
 
     # ---------------------------------------------------------------- writing
     def to_dict(self) -> dict[str, Any]:

@@ -7,7 +7,7 @@ from typing import ClassVar
 
 import torch
 from loguru import logger
-from pydantic import PrivateAttr, model_validator
+from pydantic import Field, PrivateAttr, model_validator
 
 from compressor.core import State
 from compressor.modifiers.pruning.base import PruningModifierBase
@@ -18,6 +18,7 @@ from compressor.modifiers.pruning.mappings import (
     build_groups,
     default_mappings,
 )
+from compressor.modifiers.pruning.related import check_related_modules, related_mappings
 from compressor.modifiers.pruning.schedule import kept_count
 from compressor.modifiers.pruning.surgery import check_config, shrink_groups
 
@@ -34,12 +35,20 @@ class StructuredPruningModifier(PruningModifierBase):
     :param mappings: coupled modules, overriding the architecture's built-in mapping
     :param shrink: physically remove the pruned units at finalize (else they stay zeros and
         ``compressor.prune.remove_pruned_structure`` can remove them later)
+    :param related_modules: the modules coupled to the pruned units, as names, ``re:``
+        patterns or class names (DeepSpeed's ``related_modules``). Checked at initialize
+        against the mapping: each pattern must match modules coupled to the pruned units and
+        reach every pruned group, and every module whose inputs shrink must be named. Where
+        no mapping is known (no ``mappings``, no built-in one), they define it (rows and
+        channels): the i-th target in model order is coupled with the i-th match of each
+        pattern, BatchNorm as norms, the rest as readers
     """
 
     kind: ClassVar[Kind]
 
     mappings: list[StructureMapping] | None = None
     shrink: bool = True
+    related_modules: list[str] | None = Field(default=None, min_length=1)
 
     _removed: dict[str, int] = PrivateAttr(default_factory=dict)
 
@@ -49,11 +58,33 @@ class StructuredPruningModifier(PruningModifierBase):
             raise ValueError("density (or sparsity) is required")
         return self
 
-    def resolve_groups(self, model: torch.nn.Module) -> list[PruneGroup]:
-        mappings = (
-            self.mappings if self.mappings is not None else default_mappings(model, self.kind)
+    def describe(self) -> str:
+        """The modifier and its recipe group, for errors."""
+        group = f" (recipe group {self.group!r})" if self.group else ""
+        return f"{type(self).__name__}{group}"
+
+    def structure_mappings(self, model: torch.nn.Module) -> list[StructureMapping]:
+        """``mappings``, else the architecture's, else those ``related_modules`` define."""
+        if self.mappings is not None:
+            return self.mappings
+        try:
+            return default_mappings(model, self.kind)
+        except ValueError:
+            if self.related_modules is None:
+                raise
+        return related_mappings(
+            model, self.kind, self.targets, self.ignore, self.related_modules, self.describe()
         )
+
+    def check_related(self, model: torch.nn.Module, groups: list[PruneGroup]) -> None:
+        """Check ``related_modules`` (when given) against the groups' coupling."""
+        if self.related_modules is not None and groups:
+            check_related_modules(model, groups, self.related_modules, self.describe())
+
+    def resolve_groups(self, model: torch.nn.Module) -> list[PruneGroup]:
+        mappings = self.structure_mappings(model)
         groups = build_groups(model, mappings, self.targets, self.ignore)
+        self.check_related(model, groups)
         if self.shrink:
             every = build_groups(model, mappings)
             described = [g for g in every if g.config]

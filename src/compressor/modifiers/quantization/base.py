@@ -32,7 +32,11 @@ from compressor.modifiers.quantization.observers import (
     make_observer,
     qparams_from_range,
 )
-from compressor.modifiers.quantization.progressive import progressive_bits
+from compressor.modifiers.quantization.progressive import (
+    bit_drop_steps,
+    full_precision_share,
+    progressive_bits,
+)
 from compressor.modifiers.quantization.scheme import (
     QUANTIZABLE_MODULE_TYPES,
     QuantizationSchemeMixin,
@@ -79,7 +83,9 @@ class QuantizationModifier(QuantizationSchemeMixin, Modifier):
       with forward hooks
     - ``on_start`` on BATCH_START (training): fake-quantize weights (a parametrization) and
       activations (hooks), both with straight-through gradients; observers update ranges
-    - ``on_update`` (training): lower the weight bits on the progressive schedule
+    - ``on_update`` (training): lower the weight bits on the progressive schedule and the
+      full-precision share of blended weights; on the BATCH_START that reaches
+      ``activation_start``, begin fake-quantizing activations
     - ``on_end``: calibration: freeze the scales; training: stop updating activation ranges
     - ``on_finalize``: training (or never started, when no calibration is needed): remove
       the fake quantization, attach compressed-tensors quantization with scales from the
@@ -98,6 +104,21 @@ class QuantizationModifier(QuantizationSchemeMixin, Modifier):
     :param target_bits: progressive bit reduction: final weight bits (the scheme's bits)
     :param quantization_period: optimizer steps before the first bit drop; the period
         doubles after each drop
+    :param activation_start: training only: the step (or epoch, like ``start``) from which
+        activations are fake-quantized, at or after ``start`` and before ``end``; until
+        then inputs and outputs pass through unquantized and static ranges are not observed,
+        while the weights are already fake-quantized from ``start`` (DeepSpeed's separate
+        weight and activation ``schedule_offset``); unset: activations start with the
+        weights
+    :param weight_blend_rate: training only: blend full-precision into the fake-quantized
+        weights, ``r * w + (1 - r) * quantized``, with the share ``r`` falling by this rate per
+        optimizer step until 0 (DeepSpeed's ``fp16_mixed_quantize`` with its
+        ``quantize_change_ratio``). As in DeepSpeed's code (not its docs, which only say the
+        quantized share starts at the rate and rises to 1): the first quantized forward
+        already sees ``r = 1 - rate``, and every progressive bit drop resets ``r`` to 1, from
+        where it falls again; see ``full_precision_share``. Gradients reach ``w`` unchanged.
+        Finalize always writes fully quantized weights (a warning says so if ``r`` had not
+        reached 0)
     :param low_bit_weights: training only: ``ternary`` (``alpha * {-1, 0, 1}``) or
         ``binary`` (``alpha * {-1, 1}``) weights per output row, as in DeepSpeed's XTC; the
         config groups' weights must be int, 2 bits, symmetric, channel strategy (the
@@ -110,6 +131,8 @@ class QuantizationModifier(QuantizationSchemeMixin, Modifier):
     start_bits: int | None = Field(default=None, ge=2, le=16)
     target_bits: int | None = Field(default=None, ge=2, le=8)
     quantization_period: int | None = Field(default=None, ge=1)
+    activation_start: float | None = None
+    weight_blend_rate: float | None = Field(default=None, gt=0.0, le=1.0)
     low_bit_weights: LowBitWeights | None = None
 
     _config: QuantizationConfig | None = PrivateAttr(default=None)
@@ -122,17 +145,21 @@ class QuantizationModifier(QuantizationSchemeMixin, Modifier):
     _start_step: int = PrivateAttr(default=0)
     _activation_quantizers: list[ActivationFakeQuantizer] = PrivateAttr(default_factory=list)
     _disabled_qdq: list[torch.nn.Module] = PrivateAttr(default_factory=list)
+    _blend_share: float = PrivateAttr(default=0.0)
 
     @model_validator(mode="after")
     def _check_training_options(self) -> QuantizationModifier:
         check_training_options(
             config=self.resolve_quantization_config(),
             start=self.start,
+            end=self.end,
+            activation_start=self.activation_start,
             rounding=self.rounding,
             start_bits=self.start_bits,
             target_bits=self.target_bits,
             quantization_period=self.quantization_period,
             low_bit_weights=self.low_bit_weights,
+            weight_blend_rate=self.weight_blend_rate,
         )
         return self
 
@@ -172,11 +199,17 @@ class QuantizationModifier(QuantizationSchemeMixin, Modifier):
             self._pathway = "training"
             self._start_step = event.global_step
             self._start_training()
+            self._maybe_start_activations(event)
 
     def on_update(self, state: State, event: Event) -> None:
         steps_event = event.type_ in (EventType.BATCH_START, EventType.OPTIM_POST_STEP)
         if self._pathway == "training" and self.start_bits is not None and steps_event:
             self._set_progressive_bits(event.global_step - self._start_step)
+        blend = self.weight_blend_rate is not None and event.type_ == EventType.BATCH_START
+        if self._pathway == "training" and blend:
+            self._set_blend(event.global_step - self._start_step)
+        if self._pathway == "training" and event.type_ == EventType.BATCH_START:
+            self._maybe_start_activations(event)
 
     def on_end(self, state: State, event: Event) -> None:
         if self._pathway == "calibration":
@@ -202,6 +235,14 @@ class QuantizationModifier(QuantizationSchemeMixin, Modifier):
                 "calibration ran (no CALIBRATION_EPOCH_START): give calibration data, or "
                 "use dynamic activations (for example scheme W8A8 or FP8_DYNAMIC)"
             )
+        if self._blend_share > 0.0:
+            logger.warning(
+                "{}: the last forward still blended {:.3f} full-precision weight "
+                "(weight_blend_rate had not brought it to 0); the finalized model holds the "
+                "fully quantized weights",
+                type(self).__name__,
+                self._blend_share,
+            )
         self._remove_active_handles()
         assert self._config is not None
         apply_quantization(state.model, self._config, self._modules)
@@ -211,8 +252,13 @@ class QuantizationModifier(QuantizationSchemeMixin, Modifier):
             for base, args in static_activation_roles(module).items():
                 observer = self._observers.get((name, base))
                 if observer is None or observer.batches == 0:
+                    late = (
+                        f" (activations are quantized from activation_start={self.activation_start})"
+                        if self.activation_start is not None
+                        else ""
+                    )
                     raise RuntimeError(
-                        f"{name}: no training batch reached it to observe its {base} range"
+                        f"{name}: no training batch reached it to observe its {base} range{late}"
                     )
                 set_qparams(module, base, *observer.range, args, name)
             freeze_quantization(module)
@@ -341,6 +387,8 @@ class QuantizationModifier(QuantizationSchemeMixin, Modifier):
                     self._fake_quantize_activations(name, module, base, args)
         if self.start_bits is not None:
             self._set_progressive_bits(0)
+        if self.weight_blend_rate is not None:
+            self._set_blend(0)
         logger.info(
             "{}: quantization-aware training of {} module(s)",
             type(self).__name__,
@@ -367,6 +415,7 @@ class QuantizationModifier(QuantizationSchemeMixin, Modifier):
         if observer is not None:
             self._observers[(name, base)] = observer
         quantize = ActivationFakeQuantizer(args, observer, f"{name} ({base} activations)")
+        quantize.active = self.activation_start is None  # else from activation_start on
         self._activation_quantizers.append(quantize)
 
         if base == "input":
@@ -382,6 +431,20 @@ class QuantizationModifier(QuantizationSchemeMixin, Modifier):
 
             self._active_handles.append(self.register_hook(module, quantize_output, "forward"))
 
+    def _maybe_start_activations(self, event: Event) -> None:
+        """Switch activation fake quantization on once ``activation_start`` is reached."""
+        waiting = [q for q in self._activation_quantizers if not q.active]
+        if not waiting or event.current_index < self.activation_start:  # type: ignore[operator]
+            return
+        for quantizer in waiting:
+            quantizer.active = True
+        logger.info(
+            "{}: activations fake-quantized from step {} (activation_start={})",
+            type(self).__name__,
+            event.global_step,
+            self.activation_start,
+        )
+
     def _set_progressive_bits(self, steps: int) -> None:
         assert self.start_bits is not None and self.target_bits is not None
         assert self.quantization_period is not None
@@ -391,6 +454,17 @@ class QuantizationModifier(QuantizationSchemeMixin, Modifier):
             quantizer.num_bits = bits
         if changed:
             logger.info("{}: weights now at {} bits (step {})", type(self).__name__, bits, steps)
+
+    def _set_blend(self, steps: int) -> None:
+        assert self.weight_blend_rate is not None
+        drops = None
+        if self.start_bits is not None:
+            assert self.target_bits is not None and self.quantization_period is not None
+            drops = bit_drop_steps(self.start_bits, self.target_bits, self.quantization_period)
+        share = full_precision_share(steps, self.weight_blend_rate, drops)
+        for quantizer in self._quantizers.values():
+            quantizer.full_precision_share = share
+        self._blend_share = share
 
     def _remove_active_handles(self) -> None:
         while self._active_handles:

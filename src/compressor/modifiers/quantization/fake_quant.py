@@ -135,7 +135,9 @@ def low_bit_weight(
 class WeightFakeQuantizer(torch.nn.Module):
     """A parametrization that fake-quantizes a weight with a straight-through gradient.
 
-    ``num_bits`` can be lowered during training (progressive bit reduction).
+    ``num_bits`` can be lowered during training (progressive bit reduction). With
+    ``full_precision_share`` ``r`` above 0 the forward sees ``r * w + (1 - r) * quantized``
+    (DeepSpeed's ``fp16_mixed_quantize``); the gradient still reaches ``w`` unchanged.
 
     :param args: the weight's quantization args
     :param stochastic: use stochastic rounding
@@ -155,6 +157,7 @@ class WeightFakeQuantizer(torch.nn.Module):
         self.stochastic = stochastic
         self.where = where
         self.levels = levels
+        self.full_precision_share = 0.0
 
     @property
     def num_bits(self) -> int:
@@ -169,4 +172,7 @@ class WeightFakeQuantizer(torch.nn.Module):
             quantized, _ = low_bit_weight(weight, self.levels)
         else:
             quantized = fake_quantize_weight(weight, self.args, self.stochastic, self.where)
+        share = self.full_precision_share
+        if share > 0.0:
+            quantized = share * weight.detach() + (1.0 - share) * quantized
         return straight_through(weight, quantized)

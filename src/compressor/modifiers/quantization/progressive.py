@@ -1,8 +1,9 @@
-"""Progressive bit reduction (DeepSpeed's MoQ schedule) as a pure function of the step."""
+"""Progressive bit reduction (DeepSpeed's MoQ schedule) and the full-precision blend, as pure
+functions of the step."""
 
 from __future__ import annotations
 
-__all__ = ["progressive_bits"]
+__all__ = ["bit_drop_steps", "full_precision_share", "progressive_bits"]
 
 
 def progressive_bits(steps: int, start_bits: int, target_bits: int, period: int) -> int:
@@ -28,3 +29,39 @@ def progressive_bits(steps: int, start_bits: int, target_bits: int, period: int)
         length *= 2
         next_drop += length
     return bits
+
+
+def bit_drop_steps(start_bits: int, target_bits: int, period: int) -> list[int]:
+    """The steps (from the start of quantization) at which ``progressive_bits`` drops a bit."""
+    drops, next_drop, length = [], period, period
+    for _ in range(start_bits - target_bits):
+        drops.append(next_drop)
+        length *= 2
+        next_drop += length
+    return drops
+
+
+def full_precision_share(steps: int, rate: float, drops: list[int] | None = None) -> float:
+    """The share ``r`` of the full-precision weight in the forward weight
+    ``r * w + (1 - r) * quantize(w)`` after ``steps`` optimizer steps from the start of
+    quantization (DeepSpeed's ``fp16_mixed_quantize``, read from its code, 0.19.6
+    ``runtime/quantize.py``).
+
+    DeepSpeed lowers ``r`` by ``quantize_change_ratio`` at every quantization update, one of
+    which comes before the first quantized forward, so the forward of step ``s`` sees
+    ``1 - (s + 1) * rate``. A progressive bit drop puts ``r`` back to 1 for the forward of
+    that step, from which it falls again. Differences, on purpose: ``r`` stops at 0 (DeepSpeed
+    may step once below 0, weighting the quantized weight by more than 1, before setting 0),
+    and it is computed from the step rather than by repeated subtraction, so it reaches 0
+    exactly at step ``ceil(1 / rate) - 1``.
+
+    :param steps: optimizer steps since quantization started (negative counts as 0)
+    :param rate: how much ``r`` falls per step, in (0, 1]
+    :param drops: steps at which the bits drop (``bit_drop_steps``); none by default
+    """
+    if not 0.0 < rate <= 1.0:
+        raise ValueError(f"rate must be in (0, 1], got {rate}")
+    steps = max(steps, 0)
+    last_drop = max((d for d in drops or [] if d <= steps), default=None)
+    updates = steps + 1 if last_drop is None else steps - last_drop
+    return max(0.0, 1.0 - updates * rate)

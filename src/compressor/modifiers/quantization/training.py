@@ -26,7 +26,8 @@ class ActivationFakeQuantizer:
     """Fake-quantizes activations with a straight-through gradient.
 
     Dynamic args compute their scales from each batch; static ones from ``observer``'s
-    range, which each batch updates until ``frozen`` is set.
+    range, which each batch updates until ``frozen`` is set. While ``active`` is False the
+    activations pass through untouched and nothing is observed.
 
     :param args: the activation's quantization args
     :param observer: the range observer (None for dynamic args)
@@ -38,8 +39,11 @@ class ActivationFakeQuantizer:
         self.observer = observer
         self.where = where
         self.frozen = False
+        self.active = True
 
     def __call__(self, value: torch.Tensor) -> torch.Tensor:
+        if not self.active:
+            return value
         if self.observer is None:
             return straight_through(value, fake_quantize_activation(value, self.args))
         if not self.frozen or self.observer.batches == 0:
@@ -55,11 +59,14 @@ def check_training_options(
     *,
     config: QuantizationConfig,
     start: float | None,
+    end: float | None,
+    activation_start: float | None,
     rounding: str,
     start_bits: int | None,
     target_bits: int | None,
     quantization_period: int | None,
     low_bit_weights: str | None,
+    weight_blend_rate: float | None,
 ) -> None:
     """Raise ValueError for training options that do not fit together or the scheme."""
     progressive = (start_bits, target_bits, quantization_period)
@@ -105,8 +112,38 @@ def check_training_options(
                     f"low_bit_weights={low_bit_weights!r} needs int, num_bits 2, "
                     f"symmetric, strategy 'channel' weights; config group {name} has {w}"
                 )
+    if weight_blend_rate is not None:
+        training_only.append(f"weight_blend_rate={weight_blend_rate}")
+        if all(g.weights is None for g in config.config_groups.values()):  # type: ignore[union-attr]
+            raise ValueError(
+                f"weight_blend_rate={weight_blend_rate}: no config group quantizes weights"
+            )
+    if activation_start is not None:
+        training_only.append(f"activation_start={activation_start}")
+        _check_activation_start(config, start, end, activation_start)
     if training_only and start is None:
         raise ValueError(
             f"{' and '.join(training_only)} apply to training: set start (for example "
             "start: 0); post-training calibration rounds to nearest at the target bits"
+        )
+
+
+def _check_activation_start(
+    config: QuantizationConfig, start: float | None, end: float | None, activation_start: float
+) -> None:
+    roles = ("input_activations", "output_activations")
+    if not any(getattr(g, r) is not None for g in config.config_groups.values() for r in roles):
+        raise ValueError(
+            f"activation_start={activation_start}: no config group quantizes activations "
+            "(input_activations or output_activations)"
+        )
+    if start is not None and activation_start < start:
+        raise ValueError(
+            f"activation_start={activation_start} must not come before start={start}: "
+            "activations can start later than the weights, not earlier"
+        )
+    if end is not None and activation_start >= end:
+        raise ValueError(
+            f"activation_start={activation_start} must come before end={end}, or the "
+            "activation ranges are never observed"
         )

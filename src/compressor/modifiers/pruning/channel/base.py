@@ -35,14 +35,21 @@ class ChannelPruningModifier(StructuredPruningModifier):
     kind = "channels"
 
     def resolve_groups(self, model: torch.nn.Module) -> list[PruneGroup]:
+        groups = self._channel_groups(model)
+        self.check_related(model, groups)
+        return groups
+
+    def _channel_groups(self, model: torch.nn.Module) -> list[PruneGroup]:
         if self.mappings is not None:
             return build_groups(model, self.mappings, self.targets, self.ignore)
         try:
             mappings, unpaired = sequential_conv_mappings(model)
         except ValueError as err:
+            if self.related_modules is not None:
+                return build_groups(model, self.structure_mappings(model), self.targets)
             raise ValueError(
                 f"{type(self).__name__}: {err}. Pass mappings: [{{producers: [<conv>], "
-                "norms: [<batchnorm>], consumers: [<next conv>]}}, ...]"
+                "norms: [<batchnorm>], consumers: [<next conv>]}}, ...], or related_modules"
             ) from None
         if self.targets:
             for name, reason in unpaired.items():
