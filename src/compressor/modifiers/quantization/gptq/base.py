@@ -19,8 +19,8 @@ from compressor.modifiers.base import Modifier
 from compressor.modifiers.quantization.calibration import freeze_quantization
 from compressor.modifiers.quantization.gptq import (
     accumulate_hessian,
-    gptq_quantize_weight,
     batch_hessian,
+    gptq_quantize_weight,
     round_to_nearest,
 )
 from compressor.modifiers.quantization.scheme import (
