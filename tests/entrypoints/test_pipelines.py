@@ -147,6 +147,24 @@ def test_each_layer_calibrates_on_the_outputs_of_the_compressed_layers_before_it
         assert not torch.allclose(shrinker._inputs[index][0], original[index][0], atol=1e-4)
 
 
+def test_without_kept_outputs_every_layer_still_calibrates_and_its_hooks_see_no_replay(
+    tiny_llama, token_batches
+):
+    """oneshot skips the last layer's re-run (nothing reads it): the calibration is the same."""
+    kept, skipped = LayerInputRecorder(), LayerInputRecorder()
+    for recorder, keep in ((kept, True), (skipped, False)):
+        with create_session() as session:
+            session.initialize(model=tiny_llama, recipe=[recorder])
+            final = run_sequential(tiny_llama, token_batches, session, keep_outputs=keep)
+            session.finalize()
+        assert len(final) == (len(token_batches) if keep else 0)
+    assert skipped._events == kept._events
+    assert [id(m) for m in skipped._epoch_ends] == [id(m) for m in kept._epoch_ends]
+    for index, inputs in kept._inputs.items():
+        for got, want in zip(skipped._inputs[index], inputs, strict=True):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def test_datafree_and_basic_send_the_calibration_events(tiny_llama, token_batches):
     recorder = LayerInputRecorder()
     with create_session() as session:

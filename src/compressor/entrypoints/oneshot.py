@@ -100,7 +100,9 @@ def oneshot(
     with create_session() as session:
         session.initialize(model=loaded, recipe=parsed, calib_data=batches, device=device)
         try:
-            PIPELINES[name](loaded, batches, session, device=device)
+            # nothing reads the last layer's outputs: the sequential pipeline may skip them
+            extra = {"keep_outputs": False} if name == "sequential" else {}
+            PIPELINES[name](loaded, batches, session, device=device, **extra)
         except BaseException:
             for modifier in parsed.modifiers:
                 modifier.remove_hooks()

@@ -221,3 +221,20 @@ def test_gptq_beats_round_to_nearest_on_the_real_model(stories_inputs, name, arg
     rtn, _, _ = round_to_nearest(w, args)
     result = gptq_quantize_weight(w, h, args, actorder="static")
     assert output_error(w, result.weight, x) < 0.9 * output_error(w, rtn, x)
+
+
+@pytest.mark.parametrize("strategy", ["channel", "group"])
+def test_rows_of_weights_sharing_a_hessian_can_be_solved_as_one_stacked_weight(strategy):
+    """GPTQ treats rows independently given H: stacking q/k/v-like weights (as GPTQModifier
+    does for Linears with one Hessian) gives each the result it would get alone."""
+    torch.manual_seed(0)
+    x = torch.randn(512, 64) * torch.rand(64) * 3
+    h, _ = accumulate_hessian(x)
+    weights = [torch.randn(rows, 64) for rows in (32, 16, 48)]
+    kwargs = {"group_size": 16} if strategy == "group" else {}
+    args = QuantizationArgs(num_bits=4, strategy=strategy, **kwargs)
+    stacked = gptq_quantize_weight(torch.cat(weights), h, args, block_size=32)
+    alone = [gptq_quantize_weight(w, h, args, block_size=32) for w in weights]
+    torch.testing.assert_close(stacked.weight, torch.cat([r.weight for r in alone]))
+    torch.testing.assert_close(stacked.scale, torch.cat([r.scale for r in alone]))
+    assert stacked.loss == pytest.approx(sum(r.loss for r in alone), rel=1e-4)

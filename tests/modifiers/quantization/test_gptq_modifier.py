@@ -147,11 +147,28 @@ class InputRecorder(Modifier):
 
 def test_projections_reading_the_same_input_get_the_same_hessian_as_computed_alone(tiny_llama):
     """q/k/v and gate/up read one tensor, and GPTQ computes its product once for them: each
-    still gets exactly the Hessian of its own inputs, over every batch."""
+    still gets exactly the Hessian of its own inputs, over every batch; and they are then
+    quantized as one stacked weight."""
+    from loguru import logger
+
     recorder = InputRecorder()
     gptq = GPTQModifier(config_groups=GROUP16)
     tiny_llama._probe_gptq = gptq
-    oneshot(tiny_llama, [recorder, gptq], random_ids(), pipeline="sequential", batch_size=2)
+    messages = []
+    handle = logger.add(lambda m: messages.append(str(m)), level="DEBUG", format="{message}")
+    try:
+        oneshot(tiny_llama, [recorder, gptq], random_ids(), pipeline="sequential", batch_size=2)
+    finally:
+        logger.remove(handle)
+    # and those with one Hessian were solved as one stacked problem, per layer
+    together = sorted(m[5:].split(" (one problem)")[0] for m in messages if "(one problem)" in m)
+    expected = [f"model.layers.{i}.mlp.gate_proj, model.layers.{i}.mlp.up_proj" for i in (0, 1)]
+    expected += [
+        f"model.layers.{i}.self_attn.q_proj, model.layers.{i}.self_attn.k_proj, "
+        f"model.layers.{i}.self_attn.v_proj"
+        for i in (0, 1)
+    ]
+    assert together == sorted(expected)
     assert sorted(recorder._checked) == sorted(linears(tiny_llama))
     assert {n.rsplit(".", 1)[1] for n in gptq._leaders} == {"q_proj", "gate_proj"}
     # after the run every module computes with its quantized forward again

@@ -91,6 +91,7 @@ def run_sequential(
     batches: Sequence[Batch],
     session: CompressionSession,
     device: str | torch.device | None = None,
+    keep_outputs: bool = True,
 ) -> list[torch.Tensor]:
     """Calibrate, compress and propagate one decoder layer at a time (see the module doc).
 
@@ -99,7 +100,10 @@ def run_sequential(
     :param session: the initialized session whose modifiers calibrate
     :param device: where to compute; each layer is moved there for its turn and back after.
         Unset: the model's own device
-    :return: the outputs of the last decoder layer, one tensor per batch
+    :param keep_outputs: return the last layer's compressed outputs; when False its re-run is
+        skipped (nothing reads it), which saves one layer's forward over all the data
+    :return: the outputs of the last decoder layer, one tensor per batch (empty when
+        ``keep_outputs`` is False)
     """
     path, layers = find_decoder_layers(model)
     _check_uniform_layers(model)
@@ -119,6 +123,9 @@ def run_sequential(
                 for call in tqdm(inputs, desc=f"layer {index} calibration", leave=False):
                     layer(*call.args, **call.kwargs)
                 session.sequential_epoch_end(layer)
+                if index == len(layers) - 1 and not keep_outputs:
+                    inputs = []
+                    continue
                 with HooksMixin.disable_hooks():
                     inputs = [
                         call.with_hidden_states(_hidden_states(layer(*call.args, **call.kwargs)))

@@ -9,6 +9,7 @@ from compressed_tensors.quantization import (
     QuantizationArgs,
     QuantizationConfig,
     QuantizationScheme,
+    QuantizationStrategy,
 )
 from loguru import logger
 from pydantic import Field, PrivateAttr, field_validator, model_validator
@@ -30,6 +31,9 @@ from compressor.modifiers.quantization.scheme import (
 )
 
 __all__ = ["GPTQModifier"]
+
+# strategies whose scales are per output row, so rows of several weights can be stacked
+_ROW_WISE = (QuantizationStrategy.CHANNEL, QuantizationStrategy.GROUP)
 
 _ACTORDER_ALIASES = {"none": None, "weight": "static", "static": "static", "group": "group"}
 
@@ -168,9 +172,13 @@ class GPTQModifier(QuantizationSchemeMixin, Modifier):
         part = state.batch_data
         parts = part if isinstance(part, list | tuple) else [part]
         inside = {id(m) for p in parts if isinstance(p, torch.nn.Module) for m in p.modules()}
-        for name, module in self._modules.items():
-            if id(module) in inside and name in self._hessians:
-                self._quantize(name, module)
+        pending = [
+            (name, module)
+            for name, module in self._modules.items()
+            if id(module) in inside and name in self._hessians
+        ]
+        for group in self._same_problem_groups(pending):
+            self._quantize_together(group)
         self._shared_input = None
 
     def on_end(self, state: State, event: Event) -> None:
@@ -200,6 +208,71 @@ class GPTQModifier(QuantizationSchemeMixin, Modifier):
     # ---------------------------------------------------------------- quantization
     def _weight_args(self, module: torch.nn.Module) -> QuantizationArgs | None:
         return module.quantization_scheme.weights
+
+    def _same_problem_groups(
+        self, pending: list[tuple[str, torch.nn.Module]]
+    ) -> list[list[tuple[str, torch.nn.Module]]]:
+        """Split ``pending`` into groups GPTQ can solve as one weight.
+
+        GPTQ treats every output row alike, given the inverse Hessian: Linears with exactly
+        the same Hessian (those reading the same inputs, like q/k/v) and the same row-wise
+        weight quantization (channel or group strategy) are one problem with their rows
+        stacked, solved with one inversion and one column loop instead of several.
+        """
+        groups: list[list[tuple[str, torch.nn.Module]]] = []
+        for name, module in pending:
+            args = self._weight_args(module)
+            hessian, count = self._hessians[name]
+            for group in groups:
+                first_name, first = group[0]
+                first_hessian, first_count = self._hessians[first_name]
+                if (
+                    args is not None
+                    and args.strategy in _ROW_WISE
+                    and args == self._weight_args(first)
+                    and count == first_count
+                    and module.weight.dtype == first.weight.dtype
+                    and module.weight.shape[1] == first.weight.shape[1]
+                    and torch.equal(hessian, first_hessian)
+                ):
+                    group.append((name, module))
+                    break
+            else:
+                groups.append([(name, module)])
+        return groups
+
+    def _quantize_together(self, group: list[tuple[str, torch.nn.Module]]) -> None:
+        if len(group) == 1:
+            self._quantize(*group[0])
+            return
+        names = [name for name, _ in group]
+        hessian, count = self._hessians[names[0]]
+        for name in names:
+            del self._hessians[name]
+        modules = [module for _, module in group]
+        args = self._weight_args(modules[0])
+        assert args is not None
+        result = gptq_quantize_weight(
+            torch.cat([m.weight.data for m in modules]),
+            hessian,
+            args,
+            block_size=self.block_size,
+            dampening_frac=self.dampening_frac,
+            actorder=self.actorder,
+        )
+        logger.debug(
+            "GPTQ {} (one problem): {} samples, error {:.4g}", ", ".join(names), count, result.loss
+        )
+        rows = [m.weight.shape[0] for m in modules]
+        parts = zip(
+            result.weight.split(rows),
+            result.scale.split(rows),
+            result.zero_point.split(rows),
+            strict=True,
+        )
+        for (name, module), (weight, scale, zero) in zip(group, parts, strict=True):
+            self._write(module, weight, scale, zero)
+            self._finish(name, module)
 
     def _quantize(self, name: str, module: torch.nn.Module) -> None:
         hessian, count = self._hessians.pop(name)
