@@ -2,9 +2,10 @@
 Hugging Face Trainer, against post-training W4 quantization of the same model.
 
 Fine-tunes stories260K (../shared) on TinyStories windows while its Linear weights are
-fake-quantized, dropping one bit per (doubling) period from 8 to 4 bits; then compares the
-held-out perplexity with round-to-nearest W4 of the original model and saves the QAT model
-in compressed-tensors format. Usage: python examples/trainer_qat_progressive.py [--steps N]
+fake-quantized, dropping one bit each time the step count reaches a doubling threshold
+(DeepSpeed's MoQ schedule) from 8 to 4 bits; then compares the held-out perplexity with
+round-to-nearest W4 of the original model and saves the QAT model in compressed-tensors
+format. Usage: python examples/trainer_qat_progressive.py [--steps N]
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def run(
     train_rows, held_out = split_windows(ids, window, n_train=steps * 8, n_eval=4)
     ppl_base = perplexity(model, held_out, window=window, progress=False)
     ppl_ptq = perplexity(post_training_w4(copy.deepcopy(model)), held_out, window, progress=False)
-    period = max(steps // 30, 1)  # drops after 1, 3, 7, 15 periods: 4 bits by half-way
+    period = max(steps // 16, 1)  # drops at steps period * (1, 2, 4, 8) - 1: 4 bits by half-way
     qat = QuantizationModifier(config_groups=W4, ignore=["lm_head"], start=0, start_bits=8,
                                target_bits=4, quantization_period=period)  # fmt: skip
     callback = CompressionCallback([qat])

@@ -52,7 +52,8 @@ def test_save_model_writes_a_compressed_checkpoint_that_reloads(tmp_path):
 
 
 def test_a_resumed_run_continues_the_bit_schedule_and_the_observers(tmp_path):
-    # 8 -> 4 bits, one bit per doubling period of 1 step: 7 bits at step 1, 6 at 3, 5 at 7;
+    # 8 -> 4 bits with period 1 (drops at steps 0, 1, 3, 7): 7 bits at step 0, 6 from 1, 5
+    # from 3, 4 from 7, so the resume at step 4 lands between two drops;
     # static activation ranges keep being observed
     groups = {"g": {"targets": ["Linear"], "weights": {"num_bits": 4, "strategy": "channel"},
                     "input_activations": {"num_bits": 8, "strategy": "tensor"}}}  # fmt: skip

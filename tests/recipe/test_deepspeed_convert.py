@@ -304,6 +304,67 @@ def test_fp16_mixed_quantize_blends_into_quantized_weights_on_tiny_bert():
     assert query.weight is original and hasattr(query, "weight_scale")
 
 
+def _weights_only(in_forward: bool, rounding: str = "nearest") -> dict:
+    config = _only(_config("quantization"), "weight_quantization")
+    shared = config["compression_training"]["weight_quantization"]["shared_parameters"]
+    shared.update(quantize_weight_in_forward=in_forward, rounding=rounding)
+    return config  # 8 -> 4 bits, period 2, from step 2
+
+
+def test_quantize_weight_in_forward_means_fixed_target_bits():
+    from loguru import logger
+
+    messages = []
+    sink = logger.add(messages.append, level="INFO")
+    try:
+        recipe = Recipe.from_deepspeed(_weights_only(in_forward=True, rounding="stochastic"))
+    finally:
+        logger.remove(sink)
+    (modifier,) = recipe.modifiers
+    # DeepSpeed's in-forward path: target bits from the start, round to nearest, no schedule
+    progressive = (modifier.start_bits, modifier.target_bits, modifier.quantization_period)
+    assert progressive == (None, None, None)
+    assert modifier.config_groups["wq1"].weights.num_bits == 4 and modifier.start == 2
+    assert modifier.rounding == "nearest"
+    warnings = [m for m in messages if m.record["level"].name == "WARNING"]
+    assert any("rounding=stochastic" in m for m in warnings)
+    assert any("start_bits=8 and quantization_period=2 unused" in m for m in messages)
+    _roundtrip(recipe)
+    # the MoQ path (false) keeps the schedule and the rounding
+    (moq,) = Recipe.from_deepspeed(_weights_only(in_forward=False, rounding="stochastic")).modifiers
+    assert (moq.start_bits, moq.target_bits, moq.quantization_period) == (8, 4, 2)
+    assert moq.rounding == "stochastic"
+
+
+@pytest.mark.parametrize(("in_forward", "bits_at_start"), [(True, 4), (False, 8)])
+def test_quantize_weight_in_forward_on_tiny_bert(in_forward, bits_at_start):
+    model = _bert()
+    query = model.bert.encoder.layer[0].attention.self.query
+    distinct = []
+    query.register_forward_hook(
+        lambda m, args, out: distinct.append(len(torch.unique(m.weight.detach())))
+    )
+    _train(model, Recipe.from_deepspeed(_weights_only(in_forward)), steps=4)
+    # full precision for steps 0-1 (1024 distinct values); from step 2 at most 2**bits codes
+    # (one scale per tensor): in the forward at 4 bits at once, the MoQ path still at 8 bits
+    # in the forward of step 2 (its first drop is at step 3, to 7 bits)
+    assert distinct[:2] == [1024, 1024]
+    assert 2 ** (bits_at_start - 1) < distinct[2] <= 2**bits_at_start
+    assert distinct[3] <= (16 if in_forward else 128)
+
+
+def test_quantization_period_zero_is_rejected_on_the_moq_path_only():
+    config = _weights_only(in_forward=False)
+    group = config["compression_training"]["weight_quantization"]["different_groups"]["wq1"]
+    group["params"]["quantization_period"] = 0  # DeepSpeed: a bit less at every update
+    _error(config, "weight_quantization", "wq1", "quantization_period")
+    config["compression_training"]["weight_quantization"]["shared_parameters"][
+        "quantize_weight_in_forward"
+    ] = True  # the period is unused there
+    (modifier,) = Recipe.from_deepspeed(config).modifiers
+    assert modifier.quantization_period is None
+
+
 def test_related_modules_on_sparse_pruning_are_rejected():
     config = _only(_config("pruning"), "sparse_pruning")
     group = config["compression_training"]["sparse_pruning"]["different_groups"]["sp1"]

@@ -15,14 +15,30 @@ Choices (DeepSpeed 0.19.6 semantics):
   layers there.
 - weight_quantization: one ``QuantizationModifier`` per group, int weights, ``symmetric``
   or ``asymmetric``, ``rounding`` as given; ``start_bits`` > ``target_bits`` turns on the
-  progressive schedule (``quantization_period`` steps before the first drop, doubling after).
+  progressive schedule of DeepSpeed's MoQ ``Quantizer`` (``runtime/quantize.py``): a bit
+  drops each time its update count reaches ``quantization_period`` times 1, 2, 4, ...
+  (absolute thresholds, see ``bit_drop_steps``). With ``schedule_offset`` 0 (the default)
+  DeepSpeed makes one update before the first forward and our steps line up with its
+  updates exactly; with a later offset its first update follows the optimizer step *at* the
+  offset, so its forward of that step is still full precision and its bits and blend run one
+  step behind ours (not mirrored: the activations, which DeepSpeed does start at the offset,
+  would then start before the weights). ``quantization_period`` 0 (DeepSpeed: a drop at
+  every update) cannot be expressed (a RecipeError).
   ``quantize_groups`` 1 is the ``tensor`` strategy; more than 1 is the ``channel`` strategy:
   DeepSpeed cuts the flattened weight into that many blocks of whole output rows, and one
   scale per row is never coarser than that, while compressed-tensors' ``group`` strategy
   splits the input dimension instead (a different partition). ``quantizer_kernel`` and
-  ``quantize_verbose`` choose a CUDA kernel and logging only (logged, no effect);
-  ``quantize_weight_in_forward`` false (DeepSpeed's optimizer-step MoQ) and true both become
-  fake-quantized weights in the forward. ``fp16_mixed_quantize`` enabled ->
+  ``quantize_verbose`` choose a CUDA kernel and logging only (logged, no effect).
+  ``quantize_weight_in_forward``, as DeepSpeed's code reads it: false (the default) is the
+  MoQ path, where the engine's ``Quantizer`` rewrites the weights after each optimizer step
+  (progressive bits, blend, stochastic rounding); true skips that ``Quantizer`` altogether
+  (the engine builds it only when the key is false) and the compressed layers quantize their
+  weight in the forward at ``target_bits``, rounding to nearest (``compression/basic_layer.py``,
+  ``compression/utils.py``). So true -> fixed ``target_bits`` weights from ``start``:
+  ``start_bits`` and ``quantization_period`` are unused (logged when they would have made a
+  schedule), ``rounding`` is ``nearest`` (a warning when the config asked for stochastic),
+  and no blend. Both paths become fake-quantized weights in our forward.
+  ``fp16_mixed_quantize`` enabled ->
   ``weight_blend_rate`` = ``quantize_change_ratio``: the forward weight blends full precision
   into the quantized one, the full-precision share falling by that much per step and reset to
   1 at each bit drop, as DeepSpeed's MoQ code does (see ``full_precision_share``). DeepSpeed
@@ -78,7 +94,7 @@ _PRUNING = {
     "head_pruning": "HeadPruningModifier",
     "channel_pruning": "ChannelPruningModifier",
 }
-_NO_EFFECT = ("quantizer_kernel", "quantize_verbose", "quantize_weight_in_forward")
+_NO_EFFECT = ("quantizer_kernel", "quantize_verbose")
 
 
 def _targets(keys: list[str]) -> list[str] | None:
@@ -137,6 +153,54 @@ def _blend_rate(shared: Any) -> float | None:
     return float(mixed.quantize_change_ratio)
 
 
+def _in_forward_rounding(shared: Any) -> str:
+    """``rounding`` for the group: DeepSpeed's in-forward quantizers round to nearest."""
+    where = "DeepSpeed weight_quantization -> shared_parameters"
+    if not shared.quantize_weight_in_forward:
+        logger.info(
+            "{} -> quantize_weight_in_forward=false: DeepSpeed's MoQ path (progressive bits, "
+            "rounding={}); weights fake-quantized in our forward",
+            where,
+            shared.rounding,
+        )
+        return str(shared.rounding)
+    if shared.rounding == "stochastic":
+        logger.warning(
+            "{} -> rounding=stochastic: quantize_weight_in_forward is true, where DeepSpeed "
+            "rounds to nearest in the forward and never reads rounding; rounding=nearest here",
+            where,
+        )
+    logger.info(
+        "{} -> quantize_weight_in_forward=true: weights quantized at target_bits in the "
+        "forward from schedule_offset, no progressive bits, rounding=nearest (DeepSpeed's "
+        "code skips its MoQ quantizer on this path)",
+        where,
+    )
+    return "nearest"
+
+
+def _progressive(shared: Any, params: Any, where: str) -> dict[str, Any]:
+    """The progressive-bit fields of a weight group (none: fixed ``target_bits``)."""
+    if params.start_bits == params.target_bits:
+        return {}
+    if shared.quantize_weight_in_forward:
+        logger.info(
+            "DeepSpeed {} -> params: start_bits={} and quantization_period={} unused: "
+            "quantize_weight_in_forward is true, so DeepSpeed quantizes at target_bits={} "
+            "from the start; so do we",
+            where,
+            params.start_bits,
+            params.quantization_period,
+            params.target_bits,
+        )
+        return {}
+    return {
+        "start_bits": params.start_bits,
+        "target_bits": params.target_bits,
+        "quantization_period": params.quantization_period,
+    }
+
+
 def _activation_offset(
     act_offset: int, weight_offset: int, act_name: str, modules: list[str]
 ) -> int | None:
@@ -165,6 +229,7 @@ def _quantization(config: DeepSpeedCompressionConfig) -> list[Modifier]:
     if weights is not None and "weight_quantization" in enabled:
         shared = weights.shared
         blend_rate = _blend_rate(shared)
+        rounding = _in_forward_rounding(shared)
         for key in _NO_EFFECT:
             logger.info(
                 "DeepSpeed weight_quantization -> {}={}: kernel/logging choice, no effect here "
@@ -206,18 +271,13 @@ def _quantization(config: DeepSpeedCompressionConfig) -> list[Modifier]:
             fields: dict[str, Any] = {
                 "config_groups": {name: scheme},
                 "start": shared.schedule_offset,
-                "rounding": shared.rounding,
+                "rounding": rounding,
             }
             if activation_start is not None:
                 fields["activation_start"] = activation_start
             if blend_rate is not None:
                 fields["weight_blend_rate"] = blend_rate
-            if params.start_bits != params.target_bits:
-                fields.update(
-                    start_bits=params.start_bits,
-                    target_bits=params.target_bits,
-                    quantization_period=params.quantization_period,
-                )
+            fields.update(_progressive(shared, params, where))
             modifiers.append(_build("QuantizationModifier", where, **fields))
         if act_groups:
             raise RecipeError(

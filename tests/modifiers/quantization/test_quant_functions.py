@@ -16,7 +16,7 @@ from compressor.modifiers.quantization.observers import (
     make_observer,
     weight_range,
 )
-from compressor.modifiers.quantization.progressive import progressive_bits
+from compressor.modifiers.quantization.progressive import bit_drop_steps, progressive_bits
 
 
 @pytest.mark.parametrize(
@@ -75,11 +75,18 @@ def test_make_observer_reads_args_and_rejects_unknown():
 
 def test_progressive_bits_schedule():
     got = [progressive_bits(s, 8, 4, 3) for s in range(0, 50)]
-    # drops at 3, 3+6=9, 9+12=21, 21+24=45
-    assert got[2] == 8 and got[3] == 7 and got[8] == 7 and got[9] == 6
-    assert got[20] == 6 and got[21] == 5 and got[44] == 5 and got[45] == 4 and got[49] == 4
+    # DeepSpeed's updates: the forward of step s has seen s + 1; drops when that reaches
+    # 3, 6, 12, 24 (absolute, doubling), i.e. at steps 2, 5, 11, 23
+    assert got[:3] == [8, 8, 7] and got[4] == 7 and got[5] == 6
+    assert got[10] == 6 and got[11] == 5 and got[22] == 5 and got[23] == 4 and got[49] == 4
+    assert bit_drop_steps(8, 4, 3) == [2, 5, 11, 23]
+    # period 1: the first quantized forward is already one bit down
+    assert [progressive_bits(s, 8, 4, 1) for s in range(9)] == [7, 6, 6, 5, 5, 5, 5, 4, 4]
+    assert progressive_bits(-3, 8, 4, 1) == 7  # negative steps count as 0
     with pytest.raises(ValueError, match="period"):
         progressive_bits(0, 8, 4, 0)
+    with pytest.raises(ValueError, match="target_bits=8 exceeds start_bits=4"):
+        bit_drop_steps(4, 8, 2)
 
 
 def test_straight_through_keeps_forward_value_and_identity_gradient():

@@ -118,9 +118,11 @@ def test_full_precision_share_follows_deepspeeds_updates():
     assert full_precision_share(2, 0.4) == 0.0  # 1 - 1.2 stops at 0
     # a bit drop puts the full-precision weight back, then it falls again
     drops = bit_drop_steps(start_bits=6, target_bits=4, period=2)
-    assert drops == [2, 6]
-    shares = [full_precision_share(s, 0.5, drops) for s in range(8)]
-    assert shares == [0.5, 0.0, 1.0, 0.5, 0.0, 0.0, 1.0, 0.5]
+    assert drops == [1, 3]  # DeepSpeed's updates 2 and 4: the forwards of steps 1 and 3
+    shares = [full_precision_share(s, 0.5, drops) for s in range(6)]
+    assert shares == [0.5, 1.0, 0.5, 1.0, 0.5, 0.0]
+    # period 1 drops at the very first update: that forward is all full precision
+    assert full_precision_share(0, 0.5, bit_drop_steps(8, 6, 1)) == 1.0
 
 
 def test_forward_weight_is_the_blend_and_the_checkpoint_is_quantized(
@@ -182,8 +184,8 @@ def test_bit_drops_bring_the_full_precision_weight_back(tiny_llama, token_batche
         weight_blend_rate=0.5,
     )
     _train(tiny_llama, modifier, token_batches, steps=8, inspect=inspect)
-    # shares 0.5, 0, 1 (drop to 5 bits), 0.5, 0, 0, 1 (drop to 4 bits), 0.5
-    assert exact == [False, False, True, False, False, False, True, False]
+    # shares 0.5, 1 (drop to 5 bits), 0.5, 1 (drop to 4 bits), 0.5, 0, 0, 0
+    assert exact == [False, True, False, True, False, False, False, False]
 
 
 def test_unfinished_blend_warns_and_still_saves_quantized_weights(tiny_llama, token_batches):

@@ -102,8 +102,9 @@ class QuantizationModifier(QuantizationSchemeMixin, Modifier):
     :param rounding: ``nearest``, or ``stochastic`` (training only) for weights
     :param start_bits: progressive bit reduction: weight bits when training starts
     :param target_bits: progressive bit reduction: final weight bits (the scheme's bits)
-    :param quantization_period: optimizer steps before the first bit drop; the period
-        doubles after each drop
+    :param quantization_period: progressive bit reduction: the weights lose a bit in the
+        forward of steps ``period * 2**k - 1`` (k = 0, 1, ...) from ``start``, counting as
+        DeepSpeed's MoQ code does (absolute, doubling thresholds); see ``bit_drop_steps``
     :param activation_start: training only: the step (or epoch, like ``start``) from which
         activations are fake-quantized, at or after ``start`` and before ``end``; until
         then inputs and outputs pass through unquantized and static ranges are not observed,

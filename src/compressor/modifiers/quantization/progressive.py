@@ -6,39 +6,43 @@ from __future__ import annotations
 __all__ = ["bit_drop_steps", "full_precision_share", "progressive_bits"]
 
 
-def progressive_bits(steps: int, start_bits: int, target_bits: int, period: int) -> int:
-    """The weight bits after ``steps`` optimizer steps from the start of quantization.
+def bit_drop_steps(start_bits: int, target_bits: int, period: int) -> list[int]:
+    """The steps (from the start of quantization) at which the weights lose a bit.
 
-    Weights start at ``start_bits`` and lose one bit each time the period elapses; the
-    period doubles after each drop, so drops happen at ``period * (2**k - 1)`` steps,
-    until ``target_bits`` (Shen et al., 2021, "Mixture of Quantized Experts",
-    DeepSpeed's MoQ).
+    As in DeepSpeed's code (0.19.6 ``runtime/quantize.py``, ``Quantizer``): it counts
+    quantization updates, one of which comes before the first quantized forward, so the
+    forward of step ``s`` has seen ``s + 1`` of them (the convention of
+    ``full_precision_share``). A bit drops when that count reaches the period, which then
+    doubles; the thresholds are absolute, ``period * 2**k`` updates, so the drops are at steps
+    ``period * 2**k - 1`` (k = 0, 1, ...), one per bit from ``start_bits`` down to
+    ``target_bits``. With ``period`` 1 the first quantized forward is already at
+    ``start_bits - 1``, as in DeepSpeed. (Counting each doubled period from the previous
+    drop instead, as a reading of "the period doubles after each drop" suggests, would drop
+    at ``period * (2**k - 1)``; DeepSpeed's code does not, and we follow the code.)
 
-    :param steps: optimizer steps since the modifier started (negative counts as 0)
     :param start_bits: bits at the start
-    :param target_bits: the bits it ends at (fewer than ``start_bits``)
-    :param period: steps before the first drop
+    :param target_bits: the bits it ends at (at most ``start_bits``)
+    :param period: updates before the first drop, at least 1
     """
     if period < 1:
         raise ValueError(f"period must be at least 1 step, got {period}")
     if target_bits > start_bits:
         raise ValueError(f"target_bits={target_bits} exceeds start_bits={start_bits}")
-    bits, next_drop, length = start_bits, period, period
-    while bits > target_bits and steps >= next_drop:
-        bits -= 1
-        length *= 2
-        next_drop += length
-    return bits
+    return [period * 2**k - 1 for k in range(start_bits - target_bits)]
 
 
-def bit_drop_steps(start_bits: int, target_bits: int, period: int) -> list[int]:
-    """The steps (from the start of quantization) at which ``progressive_bits`` drops a bit."""
-    drops, next_drop, length = [], period, period
-    for _ in range(start_bits - target_bits):
-        drops.append(next_drop)
-        length *= 2
-        next_drop += length
-    return drops
+def progressive_bits(steps: int, start_bits: int, target_bits: int, period: int) -> int:
+    """The weight bits in the forward of step ``steps`` from the start of quantization:
+    ``start_bits`` less one for each of ``bit_drop_steps`` reached (Shen et al., 2021,
+    "Mixture of Quantized Experts", DeepSpeed's MoQ).
+
+    :param steps: optimizer steps since the modifier started (negative counts as 0)
+    :param start_bits: bits at the start
+    :param target_bits: the bits it ends at (at most ``start_bits``)
+    :param period: updates before the first drop (see ``bit_drop_steps``)
+    """
+    drops = bit_drop_steps(start_bits, target_bits, period)
+    return start_bits - sum(1 for step in drops if step <= max(steps, 0))
 
 
 def full_precision_share(steps: int, rate: float, drops: list[int] | None = None) -> float:
