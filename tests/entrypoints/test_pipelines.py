@@ -1,5 +1,6 @@
 import pytest
 import torch
+from pydantic import PrivateAttr
 from transformers import (
     BertConfig,
     BertForMaskedLM,
@@ -19,6 +20,7 @@ from compressor.entrypoints.pipelines import (
     run_datafree,
     run_sequential,
 )
+from compressor.modifiers import Modifier
 from compressor.utils.architecture import find_decoder_layers
 from conftest import tiny_llama_config
 
@@ -163,6 +165,65 @@ def test_without_kept_outputs_every_layer_still_calibrates_and_its_hooks_see_no_
     for index, inputs in kept._inputs.items():
         for got, want in zip(skipped._inputs[index], inputs, strict=True):
             torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+class InputsOnly(Modifier):
+    """Records every Linear's inputs with forward pre-hooks; ``reads_outputs`` says whether it
+    claims to need more (which decides whether the pipeline may stop forwards early)."""
+
+    reads_outputs: bool = True
+    _inputs: dict = PrivateAttr(default_factory=dict)
+
+    def calibration_reads_outputs(self) -> bool:
+        return self.reads_outputs
+
+    def on_start(self, state, event):
+        for name, module in state.model.named_modules():
+            if isinstance(module, torch.nn.Linear):
+
+                def hook(module, args, name=name):
+                    self._inputs.setdefault(name, []).append(args[0].clone())
+
+                self.register_hook(module, hook, "forward_pre")
+
+    def on_end(self, state, event):
+        self.remove_hooks()
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_calibration_stops_at_the_last_module_only_when_no_modifier_reads_outputs(arch):
+    """Modifiers that read only inputs see exactly the same inputs when each calibration
+    forward stops at the layer's last module, and the output (unchanged model) is the same."""
+    runs = {}
+    for reads in (True, False):
+        model = _build(arch)
+        finished = {"count": 0}
+        layers = find_decoder_layers(model)[1]
+        recorder = InputsOnly(reads_outputs=reads)
+        with create_session() as session:
+            session.initialize(model=model, recipe=[recorder])
+            # count whole forwards of the first layer (its forward hook runs only at the end)
+            handle = layers[0].register_forward_hook(
+                lambda *a, f=finished: f.update(count=f["count"] + 1)
+            )
+            try:
+                final = run_sequential(model, _batches(), session)
+            finally:
+                handle.remove()
+            session.finalize()
+        runs[reads] = (recorder._inputs, final, finished["count"])
+    (full, full_out, full_count), (cut, cut_out, cut_count) = runs[True], runs[False]
+    assert sorted(cut) == sorted(full)
+    for name in full:
+        for got, want in zip(cut[name], full[name], strict=True):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+    for got, want in zip(cut_out, full_out, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    batches = len(_batches())
+    # every calibration forward plus the re-run completed in full; cut short: only the first
+    # calibration forward (which finds the last module) and the re-run
+    assert full_count == 2 * batches
+    assert cut_count == 1 + batches
 
 
 def test_datafree_and_basic_send_the_calibration_events(tiny_llama, token_batches):

@@ -242,6 +242,15 @@ class Modifier(BaseModel, HooksMixin):
         Hessians). Entry points use it to pick a pipeline and to fail early without data."""
         return False
 
+    def calibration_reads_outputs(self) -> bool:
+        """Whether the modifier's calibration hooks read anything computed after a module's
+        inputs (module outputs, a decoder layer's output). When no modifier does, the
+        sequential pipeline stops each calibration forward of a layer as soon as its last
+        module has received its inputs: the rest would be computed and thrown away (the
+        layer's outputs come from the re-run after compression). Conservative default: True.
+        """
+        return True
+
     # ---------------------------------------------------------------- recipe form
     def recipe_args(self) -> dict[str, Any]:
         """The arguments that rebuild this modifier from a recipe (defaults left out)."""

@@ -4,7 +4,9 @@ The inputs of the first decoder layer are captured once (the hidden states and e
 argument the model passes it: attention mask, position ids, position embeddings). Then for
 each layer ``i``:
 
-1. its cached inputs run through it with the modifiers' hooks live (calibration);
+1. its cached inputs run through it with the modifiers' hooks live (calibration; when no
+   modifier reads module outputs, each forward stops once the layer's last module has its
+   inputs, see ``_CalibrationCutter``);
 2. ``session.sequential_epoch_end(layer)`` lets modifiers compress it (GPTQ does so here);
 3. it runs again with hooks disabled, and its outputs, computed with the compressed
    weights, become the inputs of layer ``i + 1``.
@@ -19,6 +21,7 @@ models that alternate sliding-window and full attention per layer).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,6 +59,55 @@ class LayerInputs:
 
 class _StopForward(Exception):
     """Raised by the capture hook: nothing after the first decoder layer needs to run."""
+
+
+class _StopLayer(Exception):
+    """Raised once a layer's last module has received its inputs, when no modifier reads
+    what comes after (the calibration forward's outputs are discarded anyway)."""
+
+
+class _CalibrationCutter:
+    """Ends a layer's calibration forwards at its last module's inputs.
+
+    The first forward runs whole, recording the order in which the layer's leaf modules are
+    called. From then on a forward pre-hook on the last of them, registered after every
+    modifier's hooks (so they still see its inputs), stops the forward: what that module
+    and the layer would compute is discarded by calibration anyway (on a Llama layer this
+    skips the down projection, a quarter of its matrix products).
+    """
+
+    def __init__(self, layer: torch.nn.Module) -> None:
+        self.layer = layer
+        self.last: torch.nn.Module | None = None
+        self.handle: Any = None
+
+    def __call__(self, call: LayerInputs) -> None:
+        if self.last is None:
+            order: list[torch.nn.Module] = []
+            leaves = [m for m in self.layer.modules() if not any(m.children())]
+            handles = [
+                leaf.register_forward_pre_hook(lambda m, _a: order.append(m)) for leaf in leaves
+            ]
+            try:
+                self.layer(*call.args, **call.kwargs)
+            finally:
+                for handle in handles:
+                    handle.remove()
+            if order:
+                self.last = order[-1]
+                self.handle = self.last.register_forward_pre_hook(_raise_stop_layer)
+            return
+        with contextlib.suppress(_StopLayer):
+            self.layer(*call.args, **call.kwargs)
+
+    def remove(self) -> None:
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None
+
+
+def _raise_stop_layer(_module: torch.nn.Module, _args: Any) -> None:
+    raise _StopLayer
 
 
 def capture_layer_inputs(
@@ -110,6 +162,8 @@ def run_sequential(
     home = model_device(model)
     target = torch.device(device) if device is not None else home
     logger.info("sequential pipeline over {} layers of {} on {}", len(layers), path, target)
+    # stop each calibration forward early when no modifier reads past a module's inputs
+    cut_short = not any(m.calibration_reads_outputs() for m in session.modifiers)
     session.calibration_epoch_start()
     with calibration_mode(model):
         moved = _move_outside(model, path, target) if target != home else []
@@ -120,8 +174,16 @@ def run_sequential(
         for index, layer in enumerate(tqdm(layers, desc="layers")):
             layer.to(target)
             try:
-                for call in tqdm(inputs, desc=f"layer {index} calibration", leave=False):
-                    layer(*call.args, **call.kwargs)
+                cutter = _CalibrationCutter(layer) if cut_short else None
+                try:
+                    for call in tqdm(inputs, desc=f"layer {index} calibration", leave=False):
+                        if cutter is not None:
+                            cutter(call)
+                        else:
+                            layer(*call.args, **call.kwargs)
+                finally:
+                    if cutter is not None:
+                        cutter.remove()
                 session.sequential_epoch_end(layer)
                 if index == len(layers) - 1 and not keep_outputs:
                     inputs = []

@@ -57,7 +57,7 @@ class GPTQModifier(QuantizationSchemeMixin, Modifier):
 
     - ``on_initialize``: resolve the scheme, match the targets, attach compressed-tensors
       quantization to them with the quantized forward switched off
-    - ``on_start`` (calibration start): a Hessian-accumulating forward hook on each Linear
+    - ``on_start`` (calibration start): a Hessian-accumulating forward pre-hook on each Linear
     - ``on_update`` at SEQUENTIAL_EPOCH_END: quantize the Linears of the layer just calibrated
       (``state.batch_data``), free their Hessians, switch their quantized forward on
     - ``on_end`` (calibration end): quantize whatever is still pending (every Linear, on the
@@ -119,6 +119,9 @@ class GPTQModifier(QuantizationSchemeMixin, Modifier):
     def requires_calibration_data(self) -> bool:
         return True
 
+    def calibration_reads_outputs(self) -> bool:
+        return False  # the Hessians need only each Linear's inputs (forward pre-hooks)
+
     def on_initialize(self, state: State) -> None:
         if state.model is None:
             raise ValueError("GPTQModifier needs a model in the state")
@@ -130,7 +133,7 @@ class GPTQModifier(QuantizationSchemeMixin, Modifier):
         self._attach(state)
         for name, module in self._modules.items():
             if isinstance(module, torch.nn.Linear):
-                self.register_hook(module, self._hessian_hook(name), "forward")
+                self.register_hook(module, self._hessian_hook(name), "forward_pre")
 
     def _attach(self, state: State) -> None:
         assert self._config is not None
@@ -139,7 +142,7 @@ class GPTQModifier(QuantizationSchemeMixin, Modifier):
             module.quantization_enabled = False  # calibrate on the unquantized weights
 
     def _hessian_hook(self, name: str) -> Any:
-        def hook(module: torch.nn.Module, inputs: tuple, output: Any) -> None:
+        def hook(module: torch.nn.Module, inputs: tuple) -> None:
             self._observe(name, inputs[0])
 
         return hook
