@@ -238,3 +238,21 @@ def test_rows_of_weights_sharing_a_hessian_can_be_solved_as_one_stacked_weight(s
     torch.testing.assert_close(stacked.weight, torch.cat([r.weight for r in alone]))
     torch.testing.assert_close(stacked.scale, torch.cat([r.scale for r in alone]))
     assert stacked.loss == pytest.approx(sum(r.loss for r in alone), rel=1e-4)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_the_inline_column_rounding_equals_compressed_tensors_bit_for_bit(symmetric, bits):
+    """GPTQ rounds single columns inline for speed; it must stay compressed-tensors' grid."""
+    from compressor.modifiers.quantization.gptq.gptq import _column_rounder, _qparams
+
+    torch.manual_seed(0)
+    args = QuantizationArgs(num_bits=bits, strategy="channel", symmetric=symmetric)
+    w = torch.randn(300, 48) * 3
+    scale, zero = _qparams(w, args)
+    expected = fake_quantize(w, scale[:, None], zero[:, None], args)
+    rounder = _column_rounder(args)
+    got = torch.stack(
+        [rounder(w[:, j].contiguous(), scale, zero.to(w.dtype)) for j in range(48)], 1
+    )
+    assert torch.equal(got, expected)

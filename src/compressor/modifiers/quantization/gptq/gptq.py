@@ -100,7 +100,8 @@ def _qparams(columns: torch.Tensor, args: QuantizationArgs) -> tuple[torch.Tenso
 
 
 def _column_rounder(args: QuantizationArgs) -> Callable[..., torch.Tensor]:
-    """A function ``(column, scale, zero) -> dequantized column`` for 1-D ``(rows,)`` tensors.
+    """A function ``(column, scale, zero) -> dequantized column`` for 1-D ``(rows,)`` tensors,
+    the zero point given in the column's floating dtype.
 
     GPTQ rounds thousands of single columns, so the per-call overhead matters more than the
     arithmetic. Integer grids use the same arithmetic as compressed-tensors' fake quantization
@@ -124,11 +125,9 @@ def _column_rounder(args: QuantizationArgs) -> Callable[..., torch.Tensor]:
     q_min, q_max = calculate_range(column_args, torch.device("cpu"))
     low, high = float(q_min), float(q_max)
 
-    def integer(column: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        zf = z.to(column.dtype)
-        scaled = column / s
-        scaled += zf
-        levels = scaled.clamp_(low, high).round_()
+    def integer(column: torch.Tensor, s: torch.Tensor, zf: torch.Tensor) -> torch.Tensor:
+        levels = torch.addcdiv(zf, column, s)  # column / s + zero point, as compressed-tensors
+        levels.clamp_(low, high).round_()
         return levels.sub_(zf).mul_(s)
 
     return integer
@@ -252,6 +251,16 @@ def gptq_quantize_weight(
     # matrix product); the block's error reaches later blocks once per block. Sub-blocks
     # never straddle a group start, so a group's scale sees fully updated columns.
     inner = math.gcd(_SUB_BLOCK, block_size, group_size)
+    # fixed scales: each column's (scale, zero point) row looked up once per group
+    fixed_columns: list[tuple[torch.Tensor, torch.Tensor]] = []
+    col_group: list[int] = []
+    if fixed_scale is not None:
+        assert fixed_zero is not None
+        fixed_columns = [
+            (fixed_scale[:, g], fixed_zero[:, g].to(wt.dtype)) for g in range(fixed_scale.shape[1])
+        ]
+        order = perm.tolist() if perm is not None else range(columns)
+        col_group = [0 if fixed_scale.shape[1] == 1 else c // group_size for c in order]
 
     with _few_threads(wt):
         for start in range(0, columns, block_size):
@@ -259,33 +268,32 @@ def gptq_quantize_weight(
             block = wt[start:stop].clone()  # (columns in block, rows)
             block_err = torch.empty_like(block)
             block_hinv = hinv[start:stop, start:stop]
-            diagonal = block_hinv.diagonal().tolist()
+            block_diag = block_hinv.diagonal().unsqueeze(1)
+            diagonal = block_diag.squeeze(1).tolist()
             width = stop - start
             for sub in range(0, width, inner):
                 sub_end = min(sub + inner, width)
                 for i in range(sub, sub_end):
                     col = start + i  # position in the (possibly permuted) order
                     if fixed_scale is not None:
-                        original = int(perm[col]) if perm is not None else col
-                        g = 0 if fixed_scale.shape[1] == 1 else original // group_size
-                        s, z = fixed_scale[:, g], fixed_zero[:, g]
-                    else:
-                        if col % group_size == 0:  # a group starts: scale its current columns
-                            end = col + group_size
-                            current = torch.cat([block[i : i + group_size], wt[stop:end]])
-                            current_scale, current_zero = _qparams(current.t(), args)
-                            g = col // group_size
-                            scale[:, g], zero[:, g] = current_scale, current_zero
-                        s, z = current_scale, current_zero
+                        s, zf = fixed_columns[col_group[col]]
+                    elif col % group_size == 0:  # a group starts: scale its current columns
+                        end = col + group_size
+                        current = torch.cat([block[i : i + group_size], wt[stop:end]])
+                        current_scale, current_zero = _qparams(current.t(), args)
+                        g = col // group_size
+                        scale[:, g], zero[:, g] = current_scale, current_zero
+                        s, zf = current_scale, current_zero.to(block.dtype)
                     column = block[i]
-                    q = round_column(column, s, z)
-                    err = block_err[i]
-                    torch.sub(column, q, out=err).div_(diagonal[i])
-                    block[i] = q  # the block now holds quantized columns up to i
+                    q = round_column(column, s, zf)
+                    # the raw rounding error; scaled by 1 / [H^-1]_ii once per sub-block below
+                    diff = torch.sub(column, q, out=block_err[i])
+                    column.copy_(q)  # the block now holds quantized columns up to i
                     if i + 1 < sub_end:  # this column's error to the rest of its sub-block
                         block[i + 1 : sub_end].addr_(
-                            block_hinv[i, i + 1 : sub_end], err, alpha=-1.0
+                            block_hinv[i, i + 1 : sub_end], diff, alpha=-1.0 / diagonal[i]
                         )
+                block_err[sub:sub_end].div_(block_diag[sub:sub_end])
                 if sub_end < width:  # the sub-block's errors to the rest of the block
                     block[sub_end:].addmm_(
                         block_hinv[sub:sub_end, sub_end:].t(), block_err[sub:sub_end], alpha=-1.0
