@@ -1,3 +1,4 @@
+import copy
 import os
 from pathlib import Path
 
@@ -169,3 +170,29 @@ def test_a_quantized_model_is_saved_compressed_and_reloads(tiny_llama, tmp_path)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "packed")
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, quantized_logits, rtol=1e-4, atol=1e-4)
+
+
+def test_one_recipe_object_can_compress_two_models_alike(tiny_llama):
+    """A Recipe is configuration: a second oneshot with it runs fresh modifiers and gives the
+    same result, and the first run's modifiers are left as they ended."""
+    recipe = Recipe.from_yaml(
+        """
+quant_stage:
+  quant_modifiers:
+    GPTQModifier:
+      ignore: [lm_head]
+      config_groups:
+        g: {targets: [Linear], weights: {num_bits: 4, strategy: group, group_size: 16}}
+"""
+    )
+    from datasets import Dataset
+
+    ids = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
+    data = Dataset.from_dict({"input_ids": ids})
+    twin = copy.deepcopy(tiny_llama)
+    first = oneshot(tiny_llama, recipe, data)
+    (used,) = recipe.modifiers
+    second = oneshot(twin, recipe, data)
+    assert recipe.modifiers == [used] and used.finalized
+    for (name, a), b in zip(first.state_dict().items(), second.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name

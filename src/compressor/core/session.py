@@ -28,6 +28,11 @@ def resolve_recipe(recipe: Any) -> Recipe:
     from compressor.recipe.recipe import Recipe
 
     if isinstance(recipe, Recipe):
+        if any(m.initialized or m.finalized for m in recipe.modifiers):
+            # a Recipe is configuration: reusing one (e.g. for a second oneshot) runs fresh
+            # modifiers built from its recipe form, leaving the used ones as they ended
+            logger.info("the recipe's modifiers already ran; using fresh ones built from it")
+            return Recipe.from_yaml(recipe.to_yaml())
         return recipe
     if isinstance(recipe, Path):
         return Recipe.from_file(recipe)
