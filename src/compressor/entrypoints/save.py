@@ -71,6 +71,7 @@ def save_compressed(
                 "compressed nn.Embedding back yet; add them to ignore for a loadable checkpoint",
                 embeddings,
             )
+        _warn_unloadable_zero_points(model, str(compressor.quantization_config.format))
         logger.info(
             "saving compressed ({} format) to {}", compressor.quantization_config.format, output
         )
@@ -103,3 +104,26 @@ def enable_compressed_save_pretrained(model: torch.nn.Module) -> None:
         save_compressed(model, save_directory, **kwargs)
 
     model.save_pretrained = save_pretrained  # type: ignore[method-assign]
+
+
+def _warn_unloadable_zero_points(model: torch.nn.Module, quantization_format: str) -> None:
+    """Asymmetric weights in the packed format store packed zero points, which
+    transformers (5.x, with compressed-tensors 0.20) cannot load back into a model: it
+    expects them unpacked and refuses the checkpoint (vllm-project/llm-compressor#1704).
+    The checkpoint is still written, for runtimes that read it (vLLM); the user is told."""
+    if "pack" not in quantization_format:
+        return
+    asymmetric = [
+        name
+        for name, module in model.named_modules()
+        if getattr(getattr(module, "quantization_scheme", None), "weights", None) is not None
+        and not module.quantization_scheme.weights.symmetric
+    ]
+    if asymmetric:
+        logger.warning(
+            "{} module(s) have asymmetric weights (e.g. {}): their zero points are saved packed, "
+            "which transformers' from_pretrained cannot load yet (llm-compressor issue #1704); "
+            "use symmetric weights for a checkpoint that transformers reloads",
+            len(asymmetric),
+            asymmetric[0],
+        )
