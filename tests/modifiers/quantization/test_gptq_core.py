@@ -256,3 +256,29 @@ def test_the_inline_column_rounding_equals_compressed_tensors_bit_for_bit(symmet
         [rounder(w[:, j].contiguous(), scale, zero.to(w.dtype)) for j in range(48)], 1
     )
     assert torch.equal(got, expected)
+
+
+def test_the_callers_hessian_is_left_alone_unless_it_gives_it_up():
+    torch.manual_seed(0)
+    x = torch.randn(256, 32)
+    h, _ = accumulate_hessian(x)
+    h[3, 3] = 0.0  # a dead column, which GPTQ edits in its copy
+    kept = h.clone()
+    w = torch.randn(8, 32)
+    args = QuantizationArgs(num_bits=4, strategy="channel")
+    alone = gptq_quantize_weight(w, h, args, block_size=8)
+    assert torch.equal(h, kept)
+    given = gptq_quantize_weight(w, h, args, block_size=8, overwrite_hessian=True)
+    assert torch.equal(given.weight, alone.weight)
+
+
+def test_in_place_dampening_retries_like_the_copying_path():
+    """A Hessian that needs more dampening gives the same factor whether it is dampened in
+    place (the caller gave it up) or in a copy."""
+    torch.manual_seed(0)
+    v = torch.randn(16, 1)
+    h = v @ v.T - 0.5 * v.square().mean() * torch.eye(16)  # indefinite: needs more than 1%
+    copied, frac = inverse_hessian_cholesky(h.clone(), 0.01)
+    in_place, frac_in_place = inverse_hessian_cholesky(h.clone(), 0.01, overwrite=True)
+    assert frac == frac_in_place > 0.01
+    torch.testing.assert_close(in_place, copied)

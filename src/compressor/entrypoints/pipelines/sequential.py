@@ -189,10 +189,15 @@ def run_sequential(
                     inputs = []
                     continue
                 with HooksMixin.disable_hooks():
-                    inputs = [
-                        call.with_hidden_states(_hidden_states(layer(*call.args, **call.kwargs)))
-                        for call in tqdm(inputs, desc=f"layer {index} outputs", leave=False)
-                    ]
+                    # each call's inputs are replaced by its outputs as soon as they exist,
+                    # so the old activations are freed batch by batch, not all at the end
+                    for position in tqdm(
+                        range(len(inputs)), desc=f"layer {index} outputs", leave=False
+                    ):
+                        call = inputs[position]
+                        output = _hidden_states(layer(*call.args, **call.kwargs))
+                        inputs[position] = call.with_hidden_states(output)
+                        del call
             finally:
                 if target != home:
                     layer.to(home)

@@ -262,6 +262,7 @@ class GPTQModifier(QuantizationSchemeMixin, Modifier):
             block_size=self.block_size,
             dampening_frac=self.dampening_frac,
             actorder=self.actorder,
+            overwrite_hessian=True,  # popped: no one else reads it
         )
         logger.debug(
             "GPTQ {} (one problem): {} samples, error {:.4g}", ", ".join(names), count, result.loss
@@ -290,6 +291,7 @@ class GPTQModifier(QuantizationSchemeMixin, Modifier):
             block_size=self.block_size,
             dampening_frac=self.dampening_frac,
             actorder=self.actorder,
+            overwrite_hessian=True,  # popped: no one else reads it
         )
         del hessian
         logger.debug("GPTQ {}: {} samples, error {:.4g}", name, count, result.loss)

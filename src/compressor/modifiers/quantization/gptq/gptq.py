@@ -180,6 +180,7 @@ def gptq_quantize_weight(
     block_size: int = 128,
     dampening_frac: float = 0.01,
     actorder: ActOrder | None = None,
+    overwrite_hessian: bool = False,
 ) -> GPTQResult:
     """Quantize a ``(rows, columns)`` weight with GPTQ.
 
@@ -199,6 +200,8 @@ def gptq_quantize_weight(
     :param block_size: columns per lazy-update block
     :param dampening_frac: fraction of the mean Hessian diagonal added to its diagonal
     :param actorder: None, ``"static"`` or ``"group"`` (see ``ActOrder``)
+    :param overwrite_hessian: the caller no longer needs ``hessian``: it may be changed in
+        place instead of copied (saves two matrices of memory on the largest layers)
     """
     _check(weight, args, block_size)
     rows, columns = weight.shape
@@ -214,7 +217,9 @@ def gptq_quantize_weight(
         actorder = "static"  # without groups, the two orders are the same
 
     w = weight.detach().to(torch.float32).clone()
-    h = hessian.detach().to(device=w.device, dtype=torch.float32).clone()
+    h = hessian.detach().to(device=w.device, dtype=torch.float32)
+    if h.data_ptr() == hessian.data_ptr() and not overwrite_hessian:
+        h = h.clone()  # the caller's Hessian stays as it was
     dead = h.diagonal() == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
@@ -233,7 +238,7 @@ def gptq_quantize_weight(
     if actorder is not None:
         perm = torch.argsort(h.diagonal(), descending=True)
         w, h = w[:, perm], h[perm][:, perm]
-    hinv, used_frac = inverse_hessian_cholesky(h, dampening_frac)
+    hinv, used_frac = inverse_hessian_cholesky(h, dampening_frac, overwrite=True)
     del h
 
     num_groups = columns // group_size

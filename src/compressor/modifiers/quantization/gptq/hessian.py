@@ -67,7 +67,7 @@ def accumulate_hessian(
 
 
 def inverse_hessian_cholesky(
-    hessian: torch.Tensor, dampening_frac: float = 0.01
+    hessian: torch.Tensor, dampening_frac: float = 0.01, *, overwrite: bool = False
 ) -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor of the inverse of the dampened Hessian.
 
@@ -78,6 +78,8 @@ def inverse_hessian_cholesky(
 
     :param hessian: symmetric ``(n, n)`` Hessian (dead columns already handled)
     :param dampening_frac: fraction of the mean diagonal added to the diagonal
+    :param overwrite: the caller no longer needs ``hessian`` (float32): it is dampened in
+        place instead of copied, which saves a matrix of memory for the largest layers
     :return: ``U`` with ``U^T U = (H + damp I)^-1`` (float32), and the dampening used
     """
     # one reduction instead of an elementwise isfinite: a NaN or inf anywhere makes it non-finite
@@ -87,11 +89,15 @@ def inverse_hessian_cholesky(
     frac = dampening_frac
     for _ in range(_MAX_DAMPENING_RETRIES + 1):
         for dtype in (torch.float32, torch.float64):
-            dampened = hessian.to(dtype=dtype, copy=True)
+            in_place = overwrite and hessian.dtype == dtype
+            dampened = hessian if in_place else hessian.to(dtype=dtype, copy=True)
             dampened.diagonal().add_(frac * mean_diag)
             upper, ok = _upper_cholesky_of_inverse(dampened)
+            if in_place:
+                dampened.diagonal().sub_(frac * mean_diag)  # as it came, for a retry
             if ok:
                 return upper.to(torch.float32), frac
+            del dampened, upper
         raised = max(frac * 10.0, 1e-4)
         logger.warning(
             "Hessian is not positive definite with dampening_frac={:g}; retrying with {:g}",
@@ -110,13 +116,16 @@ def _upper_cholesky_of_inverse(h: torch.Tensor) -> tuple[torch.Tensor, bool]:
 
     With ``J`` the reversal permutation and ``J h J = L L^T``, ``U = J L^-1 J`` is upper
     triangular and ``U^T U = J L^-T L^-1 J = J (J h J)^-1 J = h^-1``. (Avoids
-    ``cholesky_inverse`` followed by a second Cholesky, which is much slower on CPU.)
+    ``cholesky_inverse`` followed by a second Cholesky, which is much slower on CPU.) Both
+    factorizations work in place, so at most two matrices besides ``h`` exist at once.
     """
-    lower, info = torch.linalg.cholesky_ex(h.flip(0, 1))
-    if info != 0:
+    lower = h.flip(0, 1)
+    info = torch.empty((), dtype=torch.int32, device=h.device)
+    torch.linalg.cholesky_ex(lower, out=(lower, info))
+    if info != 0 or not torch.isfinite(lower.diagonal()).all():
         return h, False
-    if not torch.isfinite(lower.diagonal()).all():
-        return h, False
-    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    inverse = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
     # a successful Cholesky has a positive diagonal, so the triangular inverse exists
-    return torch.linalg.solve_triangular(lower, eye, upper=False).flip(0, 1), True
+    torch.linalg.solve_triangular(lower, inverse, upper=False, out=inverse)
+    del lower
+    return inverse.flip(0, 1), True
