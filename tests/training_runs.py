@@ -165,3 +165,77 @@ def train_with_trainer(tmp_path, rank: int = 0, world: int = 1) -> dict[str, tor
     trainer.train()
     mask = callback.modifiers[0]._mask
     return {"mask": mask, **{k: v.detach().clone() for k, v in trainer.model.state_dict().items()}}
+
+
+# static input ranges of the first layer's q/k/v projections: their inputs come from the
+# embeddings alone, so no earlier fake quantization makes the ranges depend on batch order,
+# and the ranges over the ranks' data must equal those over the union exactly
+STATIC_INPUTS = {
+    "qkv": {
+        "targets": ["re:.*layers\\.0\\.self_attn\\.(q|k|v)_proj"],
+        "weights": {"num_bits": 8, "strategy": "channel"},
+        "input_activations": {"num_bits": 8, "strategy": "tensor", "observer": "minmax"},
+    },
+}
+MLP_TARGETS = ["re:.*mlp\\.(gate|up|down)_proj"]
+
+
+def calibration_rows() -> torch.Tensor:
+    """24 rows of 16 tokens; the first half draws from tokens 0-63, the second from 64-127, so
+    the two ranks' activation ranges differ."""
+    rows = data().reshape(-1, SEQ) % 64
+    rows[rows.shape[0] // 2 :] += 64
+    return rows
+
+
+@torch.no_grad()
+def calibrate_on_share(recipe, rows: torch.Tensor, rank: int = 0, world: int = 1) -> dict:
+    """Post-training calibration of a fresh model on this rank's share of ``rows``; returns the
+    quantization parameters and pruning masks that came out."""
+    net = model().eval()
+    session = CompressionSession()
+    session.initialize(model=net, recipe=recipe)
+    share = rows.shape[0] // world
+    session.calibration_epoch_start()
+    for batch in rows[rank * share : (rank + 1) * share].split(2):
+        net(input_ids=batch)
+    session.calibration_epoch_end()
+    session.finalize()
+    out = {k: v.clone() for k, v in net.state_dict().items() if "input_" in k}
+    out.update({n: m.weight != 0 for n, m in net.named_modules() if n.endswith("_proj")})
+    return out
+
+
+def calibration_recipes() -> dict[str, list]:
+    """Static activation ranges, and activation-aware (Wanda) pruning of the MLPs."""
+    from compressor.modifiers import QuantizationModifier, SparsePruningModifier
+
+    return {
+        "ranges": [QuantizationModifier(config_groups=STATIC_INPUTS)],
+        "wanda": [SparsePruningModifier(density=0.5, method="activation", targets=MLP_TARGETS)],
+    }
+
+
+def train_static_qat(rank: int = 0, world: int = 1) -> dict[str, torch.Tensor]:
+    """QAT with static input ranges that freeze after 3 steps, in a plain DDP loop; returns the
+    final quantization parameters and weights."""
+    from compressor.modifiers import QuantizationModifier
+
+    net = model().train()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    session = CompressionSession()
+    recipe = [QuantizationModifier(config_groups=STATIC_INPUTS, start=0, end=3)]
+    session.initialize(model=net, recipe=recipe, optimizer=opt)
+    # DDP wraps the model once the fake quantization is in place: registering a
+    # parametrization replaces the weight's gradient accumulator, where DDP hooks in
+    runner = torch.nn.parallel.DistributedDataParallel(net) if world > 1 else net
+    share = ROWS // world
+    for batch in data():
+        ids = batch[rank * share : (rank + 1) * share]
+        session.batch_start()
+        runner(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+        session.batch_end()
+    session.finalize()
+    return {k: v.detach().clone() for k, v in net.state_dict().items()}

@@ -1,6 +1,7 @@
 """Reducing data-dependent statistics: no-ops in one process; in two gloo processes every rank
 computes the same mask, and the result equals a one-process run on the whole data, in a
-plain loop and under the Trainer."""
+plain loop and under the Trainer; the library's own data-dependent statistics (static
+activation ranges, activation-aware pruning) agree the same way."""
 
 from __future__ import annotations
 
@@ -12,7 +13,14 @@ import torch
 import torch.multiprocessing as mp
 
 from compressor.utils import distributed
-from training_runs import train_plain, train_with_trainer
+from training_runs import (
+    calibrate_on_share,
+    calibration_recipes,
+    calibration_rows,
+    train_plain,
+    train_static_qat,
+    train_with_trainer,
+)
 
 
 def test_single_process_reductions_are_no_ops():
@@ -51,6 +59,10 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         assert drawn.item() == 0.0
         torch.save(train_plain(rank, world), f"{out}/plain{rank}.pt")
         torch.save(train_with_trainer(Path(out), rank, world), f"{out}/trainer{rank}.pt")
+        rows = calibration_rows()  # each rank calibrates on its own half of the rows
+        for key, recipe in calibration_recipes().items():
+            torch.save(calibrate_on_share(recipe, rows, rank, world), f"{out}/{key}{rank}.pt")
+        torch.save(train_static_qat(rank, world), f"{out}/qat{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -96,3 +108,29 @@ def test_two_processes_compute_the_same_masks_as_one(tmp_path):
     for name, value in single.items():
         for result in ranks:
             torch.testing.assert_close(result[name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+    # static activation ranges and Wanda's input norms: each rank calibrated on different
+    # rows, and both ranks end with what one process gets from all the rows
+    rows = calibration_rows()
+    for key in ("ranges", "wanda"):
+        ranks = [torch.load(tmp_path / f"{key}{r}.pt") for r in range(2)]
+        union = calibrate_on_share(calibration_recipes()[key], rows)
+        halves = [calibrate_on_share(calibration_recipes()[key], rows, r, 2) for r in range(2)]
+        differ = [n for n in union if not torch.equal(halves[0][n], halves[1][n])]
+        expected = (
+            {f"model.layers.0.self_attn.{p}_proj.input_scale" for p in "qkv"}
+            if key == "ranges"
+            else {f"model.layers.{i}.mlp.{p}_proj" for i in (0, 1) for p in ("gate", "up", "down")}
+        )
+        assert set(differ) == expected  # without the reduction, the ranks would disagree
+        for name, value in union.items():
+            for result in ranks:
+                torch.testing.assert_close(result[name], value, rtol=1e-6, atol=0, msg=name)
+
+    # quantization-aware training: the ranges frozen at step 3 and saved at the end are the
+    # same on both ranks, though each rank observed different batches
+    ranks = [torch.load(tmp_path / f"qat{r}.pt") for r in range(2)]
+    scales = [n for n in ranks[0] if n.endswith("input_scale")]
+    assert len(scales) == 3
+    for name in ranks[0]:
+        assert torch.equal(ranks[0][name], ranks[1][name]), name

@@ -24,6 +24,7 @@ from compressor.modifiers.pruning.scores import (
     topk_mask,
     unit_scores,
 )
+from compressor.utils import distributed
 
 __all__ = ["PruningMethod", "PruningModifierBase"]
 
@@ -44,7 +45,9 @@ class PruningModifierBase(Modifier):
       scheduled density
     - ``on_event``: after every optimizer step and at BATCH_END, zero the pruned weights
       again (until finalize, also after ``end``)
-    - ``on_end``: masks at the final density, then frozen (``topk`` scores become fixed masks)
+    - ``on_end``: masks at the final density, then frozen (``topk`` scores become fixed masks);
+      ``activation``: under DDP the input norms are summed over every rank before the masks
+      are chosen, so every rank keeps the mask one process would choose from all the data
     - ``on_finalize``: parametrizations removed, pruned weights left at zero
 
     :param targets: modules to prune (names, ``re:`` patterns or class names); unset uses the
@@ -71,6 +74,7 @@ class PruningModifierBase(Modifier):
     _param_handles: list[Any] = PrivateAttr(default_factory=list)
     _unit_masks: dict[int, torch.Tensor] = PrivateAttr(default_factory=dict)
     _stats: dict[str, torch.Tensor] = PrivateAttr(default_factory=dict)
+    _stat_rows: dict[str, int] = PrivateAttr(default_factory=dict)
     _stat_handles: list[Any] = PrivateAttr(default_factory=list)
     _done: set[int] = PrivateAttr(default_factory=set)
     _frozen: bool = PrivateAttr(default=False)
@@ -346,6 +350,7 @@ class PruningModifierBase(Modifier):
                 sq = x.reshape(-1, x.shape[-1]).pow(2).sum(dim=0)
             previous = self._stats.get(name)
             self._stats[name] = sq if previous is None else previous + sq
+            self._stat_rows[name] = self._stat_rows.get(name, 0) + x.numel() // sq.numel()
 
         return hook
 
@@ -358,10 +363,32 @@ class PruningModifierBase(Modifier):
                 continue
             if inside is not None and not all(id(m.module) in inside for m in group.members):
                 continue
+            self._reduce_stats(group)
             self._apply_group_mask(
                 index, group, self.select(group, self.group_scores(group), final)
             )
             self._done.add(index)
+
+    def _reduce_stats(self, group: PruneGroup) -> None:
+        """Under DDP, sum each scored member's input statistics over every rank, so that all
+        ranks select the mask one process would select from the union of their data (a no-op
+        in one process). Every rank reaches this for the same groups in the same order."""
+        if not distributed.is_distributed():
+            return
+        for member in group.scored_members():
+            weight = member.module.weight
+            assert isinstance(weight, torch.Tensor)
+            local = self._stats.get(member.name)
+            total = (
+                local.clone()
+                if local is not None
+                else torch.zeros(weight.shape[1], dtype=torch.float32, device=weight.device)
+            )
+            rows = torch.tensor([self._stat_rows.get(member.name, 0)], device=total.device)
+            distributed.all_reduce_(total, "sum")
+            if distributed.all_reduce_(rows, "sum").item() > 0:
+                self._stats[member.name] = total
+                self._stat_rows[member.name] = int(rows.item())
 
 
 def find_member(model: torch.nn.Module, name: str, dim: int | None) -> Member:

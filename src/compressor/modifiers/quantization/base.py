@@ -86,7 +86,9 @@ class QuantizationModifier(QuantizationSchemeMixin, Modifier):
     - ``on_update`` (training): lower the weight bits on the progressive schedule and the
       full-precision share of blended weights; on the BATCH_START that reaches
       ``activation_start``, begin fake-quantizing activations
-    - ``on_end``: calibration: freeze the scales; training: stop updating activation ranges
+    - ``on_end``: calibration: freeze the scales; training: stop updating activation
+      ranges. Under DDP the static ranges are first reduced over every rank (min / max, or
+      the mean for ``moving_average``), so every rank freezes and saves the same scales
     - ``on_finalize``: training (or never started, when no calibration is needed): remove
       the fake quantization, attach compressed-tensors quantization with scales from the
       final weights and observed ranges, frozen; from then on
@@ -216,6 +218,7 @@ class QuantizationModifier(QuantizationSchemeMixin, Modifier):
         if self._pathway == "calibration":
             self._end_calibration()
         else:
+            self._reduce_observers()
             for quantizer in self._activation_quantizers:
                 quantizer.frozen = True
             logger.info(
@@ -337,12 +340,22 @@ class QuantizationModifier(QuantizationSchemeMixin, Modifier):
             self._active_handles.append(self.register_hook(module, observe_output, "forward"))
         return observer
 
+    def _reduce_observers(self) -> None:
+        """Under DDP, every static activation range becomes the range over all ranks' data,
+        the same on every rank (a no-op in one process). Runs once per range, when the
+        ranges are final: at the end of calibration, and when training freezes them."""
+        for (name, _base), observer in self._observers.items():
+            weight = self._modules[name].weight
+            assert isinstance(weight, torch.Tensor)
+            observer.reduce_across_ranks(device=weight.device)
+
     def _make_observer(self, args: Any) -> RangeObserver:
         # a preset's own observer name is its default; the modifier's observer field wins
         return make_observer(args, self.observer, self.momentum, prefer_args=self.scheme is None)
 
     def _end_calibration(self) -> None:
         self._remove_active_handles()
+        self._reduce_observers()
         unseen = [
             f"{name} ({base})" for (name, base), obs in self._observers.items() if obs.batches == 0
         ]
@@ -351,6 +364,10 @@ class QuantizationModifier(QuantizationSchemeMixin, Modifier):
                 "calibration ended but no batch reached these modules, so their static "
                 f"activation ranges are unknown: {', '.join(unseen)}"
             )
+        for (name, base), observer in self._observers.items():  # the reduced ranges
+            module = self._modules[name]
+            args = static_activation_roles(module)[base]
+            set_qparams(module, base, *observer.range, args, name)
         for module in self._disabled_qdq:
             module.quantization_enabled = True
         self._disabled_qdq.clear()

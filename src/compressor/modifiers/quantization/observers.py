@@ -14,6 +14,8 @@ import torch
 from compressed_tensors.quantization import QuantizationArgs, QuantizationStrategy
 from compressed_tensors.quantization.utils import calculate_qparams
 
+from compressor.utils import distributed
+
 __all__ = [
     "ObserverKind",
     "RangeObserver",
@@ -124,6 +126,48 @@ class RangeObserver:
             self.lo = m * self.lo + (1 - m) * lo
             self.hi = m * self.hi + (1 - m) * hi
         self.batches += 1
+
+    def reduce_across_ranks(self, device: torch.device | str | None = None) -> None:
+        """Make the range the one over every rank's batches, identical on every rank.
+
+        ``minmax``: the extremes over all ranks, which is what one process seeing the union of
+        the data would keep. ``moving_average``: the mean of the running ranges of the ranks
+        that saw a batch (an average of averages; a moving average depends on batch order, so
+        no reduction reproduces a single process exactly). ``batches`` becomes the total over
+        the ranks. A rank that saw no batch takes the others' range. Nothing changes in one
+        process, or when no rank saw a batch. Call it at the same point on every rank, and
+        once per range: a second call would count the batches again.
+
+        :param device: where the reduction runs when this rank has no range yet (the
+            backend's device: CUDA for NCCL); otherwise the range's own device
+        """
+        if not distributed.is_distributed():
+            return
+        local = self.batches > 0 and self.lo is not None and self.hi is not None
+        numel = self.lo.numel() if self.lo is not None else 0
+        where = self.lo.device if self.lo is not None else torch.device(device or "cpu")
+        counts = torch.tensor([self.batches, numel], dtype=torch.int64, device=where)
+        total = int(distributed.all_reduce_(counts[:1].clone(), "sum").item())
+        if total == 0:
+            return
+        numel = int(distributed.all_reduce_(counts[1:].clone(), "max").item())
+        if local:
+            assert self.lo is not None and self.hi is not None
+            lo, hi = self.lo.float().clone(), self.hi.float().clone()
+        elif self.kind == "minmax":  # the neutral elements of min and max
+            lo = torch.full((numel,), torch.inf, device=where)
+            hi = torch.full((numel,), -torch.inf, device=where)
+        else:
+            lo, hi = torch.zeros(numel, device=where), torch.zeros(numel, device=where)
+        if self.kind == "minmax":
+            distributed.all_reduce_(lo, "min")
+            distributed.all_reduce_(hi, "max")
+        else:  # ranks without a batch add zero and count zero
+            distributed.all_reduce_mean_(lo, float(local))
+            distributed.all_reduce_mean_(hi, float(local))
+        shape = self.lo.shape if self.lo is not None else (numel,)
+        self.lo, self.hi = lo.reshape(shape), hi.reshape(shape)
+        self.batches = total
 
     @property
     def range(self) -> tuple[torch.Tensor, torch.Tensor]:
