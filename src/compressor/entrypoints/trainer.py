@@ -28,6 +28,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -95,6 +96,9 @@ class CompressionCallback(TrainerCallback):
         self._model: torch.nn.Module | None = None
         self._optimizer: Any = None
         self._lr_scheduler: Any = None
+        # set by CompressionTrainerMixin: loads the checkpoint's optimizer and scheduler state
+        # once the modifiers' parameter groups exist
+        self._deferred_optimizer_load: Callable[[], None] | None = None
 
     @property
     def modifiers(self) -> list[Any]:
@@ -151,6 +155,9 @@ class CompressionCallback(TrainerCallback):
         if state.global_step > 0:
             self._restore(args, state.global_step)
         self._sync_parameters()
+        if self._deferred_optimizer_load is not None:
+            load, self._deferred_optimizer_load = self._deferred_optimizer_load, None
+            load()
         logger.info(
             "compression callback: {} modifier(s), offsets in {}, {} batch(es) per step{}",
             len(self.session.modifiers),
@@ -294,6 +301,11 @@ class CompressionTrainerMixin:
     - Checkpoints during training: weights that modifiers parametrize (fake quantization,
       TopK scores) are saved under their own names with their latent values, so a checkpoint
       loads into the plain model when training resumes.
+    - Resuming: the checkpoint's optimizer and learning-rate scheduler state is loaded after
+      the callback has restored the modifiers and given their parameters (TopK scores) to the
+      optimizer, so the saved parameter groups, Adam moments included, match the optimizer's.
+      (A plain ``Trainer`` loads it before the callback runs, and fails when modifiers added
+      parameter groups: resume such runs with this mixin.)
     - ``save_model`` after training: a quantized model is written in compressed-tensors
       format (``compressor.entrypoints.save.save_compressed``), which reloads with
       ``from_pretrained``.
@@ -329,6 +341,12 @@ class CompressionTrainerMixin:
             else None
         )
         return super().train(resume_from_checkpoint, *args, **kwargs)  # type: ignore[misc]
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        if checkpoint is None:
+            return
+        load = super()._load_optimizer_and_scheduler  # type: ignore[misc]
+        self._compression_callback()._deferred_optimizer_load = lambda: load(checkpoint)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         model = self.model  # type: ignore[attr-defined]

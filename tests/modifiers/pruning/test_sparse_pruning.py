@@ -187,3 +187,34 @@ def test_recipe_round_trip():
     again = Recipe.from_yaml(recipe.to_yaml())
     (a,), (b,) = recipe.modifiers, again.modifiers
     assert a.model_dump() == b.model_dump() and b.density == 0.75
+
+
+def test_checkpoint_state_restores_masks_and_scores_and_rejects_another_recipe(tiny_llama):
+    def run(method, model):
+        modifier = SparsePruningModifier(density=0.5, method=method, start=0, targets=["Linear"],
+                                         ignore=["lm_head"])  # fmt: skip
+        session = CompressionSession()
+        session.initialize(model=model, recipe=[modifier])
+        return modifier
+
+    saved = run("l1", tiny_llama).state_dict()
+    assert len(saved["masks"]) == 14 and not saved["scores"] and saved["applied_density"] == 0.5
+    torch.manual_seed(1)
+    other = type(tiny_llama)(tiny_llama.config)  # different weights, so l1 picks other masks
+    restored = run("l1", other)
+    restored.load_state_dict(saved)
+    for name, module in _targets(other).items():
+        mask = restored._holder.mask_of(module.weight)
+        assert torch.equal(mask, _targets(tiny_llama)[name].weight != 0), name
+        assert not module.weight[~mask].any(), name  # held from now on
+
+    topk = run("topk", type(tiny_llama)(tiny_llama.config))
+    scores = {k: v + 1.0 for k, v in topk.state_dict()["scores"].items()}
+    objects = [m[0].scores for m in topk._score_masks.values()]
+    topk.load_state_dict({**topk.state_dict(), "scores": scores})
+    assert all(s is m[0].scores for s, m in zip(objects, topk._score_masks.values(), strict=True))
+    assert torch.equal(objects[0], scores["0"])  # copied into the same Parameter
+    with pytest.raises(ValueError, match=r"holds learnable TopK scores, but this run has none"):
+        run("l1", type(tiny_llama)(tiny_llama.config)).load_state_dict({"scores": scores})
+    with pytest.raises(ValueError, match=r"state for groups \['99'\], but this run prunes 14"):
+        restored.load_state_dict({"masks": {"99": torch.ones(1, dtype=torch.bool)}})

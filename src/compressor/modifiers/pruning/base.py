@@ -73,6 +73,7 @@ class PruningModifierBase(Modifier):
     _score_masks: dict[int, list[ScoreMask]] = PrivateAttr(default_factory=dict)
     _param_handles: list[Any] = PrivateAttr(default_factory=list)
     _unit_masks: dict[int, torch.Tensor] = PrivateAttr(default_factory=dict)
+    _group_masks: dict[int, torch.Tensor] = PrivateAttr(default_factory=dict)
     _stats: dict[str, torch.Tensor] = PrivateAttr(default_factory=dict)
     _stat_rows: dict[str, int] = PrivateAttr(default_factory=dict)
     _stat_handles: list[Any] = PrivateAttr(default_factory=list)
@@ -258,6 +259,7 @@ class PruningModifierBase(Modifier):
 
     def _apply_group_mask(self, index: int, group: PruneGroup, mask: torch.Tensor) -> None:
         assert self._holder is not None
+        self._group_masks[index] = mask
         if group.structured:
             self._unit_masks[index] = mask
         for member in group.members:
@@ -334,6 +336,68 @@ class PruningModifierBase(Modifier):
             handle.remove()
         self._param_handles.clear()
         self._score_masks.clear()
+
+    # ---------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """Training state for a resumed run, by group index: the learnable ``scores`` and
+        how many entries (or units) each keeps (``keep``) while TopK trains; the ``masks``
+        held on the weights (per entry, or per unit for structured groups); the density the
+        schedule last applied, and whether the masks are ``frozen`` (the schedule ended)."""
+        return {
+            "applied_density": self._applied_density,
+            "frozen": self._frozen,
+            "scores": {
+                str(i): masks[0].scores.detach().clone() for i, masks in self._score_masks.items()
+            },
+            "keep": {str(i): masks[0].keep for i, masks in self._score_masks.items()},
+            "masks": {str(i): mask.detach().clone() for i, mask in self._group_masks.items()},
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore ``state_dict()`` into a run initialized (and started, when its schedule
+        has begun) with the same recipe and model.
+
+        TopK scores are copied into the Parameters this run created, which the optimizer
+        already holds, so a checkpoint's optimizer state loaded afterwards applies to them.
+        When the checkpoint's masks were frozen, the scores are released and the masks held.
+        """
+        if not state_dict:
+            return
+        name = type(self).__name__
+        scores, masks = state_dict.get("scores", {}), state_dict.get("masks", {})
+        unknown = sorted(
+            k for k in (*scores, *masks) if not k.isdigit() or int(k) >= len(self._groups)
+        )
+        if unknown:
+            raise ValueError(
+                f"{name}: the checkpoint has state for groups {unknown}, but this run prunes "
+                f"{len(self._groups)} group(s); resume with the recipe and model it was saved with"
+            )
+        if scores and not self._score_masks:
+            raise ValueError(
+                f"{name}: the checkpoint holds learnable TopK scores, but this run has none "
+                f"(method={self.method!r}); resume with the recipe it was saved with"
+            )
+        for key, value in scores.items():
+            score_masks = self._score_masks[int(key)]
+            target = score_masks[0].scores
+            if value.shape != target.shape:
+                raise ValueError(
+                    f"{name}: group {self._groups[int(key)].name} has scores of shape "
+                    f"{tuple(target.shape)}, the checkpoint {tuple(value.shape)}"
+                )
+            with torch.no_grad():
+                target.copy_(value)
+            for score_mask in score_masks:
+                score_mask.keep = int(state_dict["keep"][key])
+        self._applied_density = state_dict.get("applied_density", self._applied_density)
+        if state_dict.get("frozen", False):
+            self._release_parametrizations()  # frozen scores live on as the masks below
+            self._frozen = True
+        for key, mask in masks.items():
+            index = int(key)
+            device = self._groups[index].members[0].module.weight.device
+            self._apply_group_mask(index, self._groups[index], mask.to(device))
 
     # ---------------------------------------------------------------- calibration statistics
     def _record_input_norms(self) -> None:
