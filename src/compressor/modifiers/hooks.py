@@ -11,7 +11,7 @@ from torch.utils.hooks import RemovableHandle
 
 __all__ = ["HooksMixin", "HookKind"]
 
-HookKind = Literal["forward", "forward_pre", "backward", "tensor"]
+HookKind = Literal["forward", "forward_pre", "backward", "tensor", "accumulated_grad"]
 
 
 class HooksMixin:
@@ -43,7 +43,8 @@ class HooksMixin:
         """Register ``hook`` on ``target`` and remember it for ``remove_hooks``.
 
         :param target: a module (``forward``, ``forward_pre``, ``backward``) or a tensor
-            (``tensor``: a gradient hook)
+            (``tensor``: a gradient hook; ``accumulated_grad``: called with the parameter
+            once its ``.grad`` has been accumulated)
         :param hook: the function; it is skipped while hooks are disabled
         :param kind: which torch hook to use
         :param kwargs: passed to torch's register function (``with_kwargs``, ``prepend``)
@@ -58,6 +59,12 @@ class HooksMixin:
             if not isinstance(target, torch.Tensor):
                 raise TypeError(f"a 'tensor' hook needs a tensor, got {type(target).__name__}")
             handle = target.register_hook(wrapped)
+        elif kind == "accumulated_grad":
+            if not isinstance(target, torch.Tensor):
+                raise TypeError(
+                    f"an 'accumulated_grad' hook needs a tensor, got {type(target).__name__}"
+                )
+            handle = target.register_post_accumulate_grad_hook(wrapped)
         elif isinstance(target, torch.nn.Module):
             register: Any = {
                 "forward": target.register_forward_hook,
@@ -66,7 +73,8 @@ class HooksMixin:
             }.get(kind)
             if register is None:
                 raise ValueError(
-                    f"hook kind must be one of forward, forward_pre, backward, tensor; got {kind!r}"
+                    "hook kind must be one of forward, forward_pre, backward, tensor, "
+                    f"accumulated_grad; got {kind!r}"
                 )
             handle = register(wrapped, **kwargs)
         else:

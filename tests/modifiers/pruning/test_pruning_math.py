@@ -82,3 +82,30 @@ def test_mask_holder_masks_gradients_and_survives_momentum():
     owner.remove_hooks()
     layer(torch.randn(3, 4)).sum().backward()
     assert (layer.weight.grad[~mask] != 0).any()
+
+
+def test_mask_holder_fills_pruned_second_moments_without_changing_kept_weights():
+    # pruned entries' second moments would decay to exact zeros, whose square root is slow
+    # on CPU; they are set to 1 once, and the kept weights train exactly as without it
+    torch.manual_seed(0)
+    mask = torch.rand(8, 8) > 0.5
+    layers = [torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)]
+    layers[1].load_state_dict(layers[0].state_dict())
+    runs = []
+    for layer, fill in zip(layers, (True, False), strict=True):
+        holder = MaskHolder(HooksMixin())
+        holder.set(layer.weight, mask)
+        opt = torch.optim.AdamW(layer.parameters(), lr=0.1, weight_decay=0.1)
+        for step in range(4):
+            x = torch.randn(3, 8, generator=torch.Generator().manual_seed(step))
+            layer(x).pow(2).sum().backward()
+            opt.step()
+            opt.zero_grad()
+            holder.reapply(opt if fill else None)
+        runs.append((layer.weight.detach(), opt.state[layer.weight]["exp_avg_sq"]))
+    (filled_w, filled_v), (plain_w, plain_v) = runs
+    assert torch.equal(filled_w, plain_w) and (filled_w[~mask] == 0).all()
+    # set to 1 after the first step, then decayed by beta2 = 0.999 in each of three more
+    torch.testing.assert_close(filled_v[~mask], torch.full_like(filled_v[~mask], 0.999**3))
+    assert (plain_v[~mask] == 0).all()
+    assert torch.equal(filled_v[mask], plain_v[mask])

@@ -184,11 +184,11 @@ class PruningModifierBase(Modifier):
         if not self._holder:
             return
         if event.type_ == EventType.OPTIM_POST_STEP:
-            self._holder.reapply()
+            self._holder.reapply(state.optimizer)
             self._reapplied = True
         elif event.type_ == EventType.BATCH_END:
             if not self._reapplied:
-                self._holder.reapply()
+                self._holder.reapply(state.optimizer)
             self._reapplied = False
 
     def on_update(self, state: State, event: Event) -> None:

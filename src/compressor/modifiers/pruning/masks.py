@@ -2,9 +2,10 @@
 
 Two mechanisms, both torch-native:
 
-- hard masks (``MaskHolder``): the pruned entries of a weight are set to zero, a gradient hook
-  zeroes their gradients (so every micro-batch of gradient accumulation is masked), and after
-  each optimizer step they are zeroed again (momentum and weight decay cannot revive them);
+- hard masks (``MaskHolder``): the pruned entries of a weight are set to zero, a hook zeroes
+  their accumulated gradients (after every micro-batch of gradient accumulation, before any
+  clipping), and after each optimizer step they are zeroed again (momentum and weight decay
+  cannot revive them);
 - learnable masks (``ScoreMask``): a ``torch.nn.utils.parametrize`` parametrization that
   multiplies the weight by the straight-through binarized top-k of a score tensor, so that
   ``module.weight`` is exactly zero where pruned while the scores still receive gradients.
@@ -37,44 +38,96 @@ def expand_unit_mask(unit_mask: torch.Tensor, shape: torch.Size, dim: int) -> to
 class MaskHolder:
     """Keeps parameters zero where their mask is zero, for the life of ``owner``'s hooks.
 
+    Each mask is kept as 0/1 factors in its parameter's dtype: an in-place multiply by a
+    same-dtype tensor is several times faster than by a boolean mask (no type promotion),
+    at the cost of the mask taking as much memory as its weight. The gradient is masked in
+    place once it has been accumulated into ``.grad`` (so before gradient clipping and before
+    DDP reduces it), and ``reapply`` zeroes every masked weight in one ``_foreach_mul_``.
+
+    Given the optimizer, ``reapply`` also sets the second-moment estimates of the pruned
+    entries (Adam's ``exp_avg_sq``, ``max_exp_avg_sq``) to 1, once per mask: their gradients
+    are always zero, so they would decay to exactly zero, and the square root the optimizer
+    takes of them every step is an order of magnitude slower on zeros than on normal numbers
+    on CPU (it made a 50% sparse model's Adam step ~18% slower). Adam's update is elementwise
+    and those weights are zeroed after each step, so no kept weight sees the difference.
+
     :param owner: the modifier whose hook registry holds the gradient hooks
     """
 
     def __init__(self, owner: HooksMixin) -> None:
         self._owner = owner
         self._masks: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._lists: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
+        self._moments_filled: set[int] = set()  # masks whose second moments are set
 
     def __len__(self) -> int:
         return len(self._masks)
 
     def set(self, param: torch.Tensor, mask: torch.Tensor) -> None:
-        """Mask ``param`` (zeroing it now) and keep it masked from now on."""
+        """Mask ``param`` (zeroing it now) and keep it masked from now on.
+
+        :param mask: boolean, of ``param``'s shape or broadcastable to it
+        """
         key = id(param)
-        mask = mask.to(device=param.device, dtype=torch.bool)
+        factors = mask.to(device=param.device, dtype=torch.bool).to(param.dtype)
         if key not in self._masks and param.requires_grad:
-            self._owner.register_hook(param, self._grad_hook(key), "tensor")
-        self._masks[key] = (param, mask)
+            self._owner.register_hook(param, self._grad_hook(key), "accumulated_grad")
+        self._masks[key] = (param, factors)
+        self._lists = None
+        self._moments_filled.discard(key)
         with torch.no_grad():
-            param.mul_(mask)
+            param.mul_(factors)
 
     def mask_of(self, param: torch.Tensor) -> torch.Tensor | None:
+        """The boolean mask held on ``param`` (None when it has none)."""
         entry = self._masks.get(id(param))
-        return None if entry is None else entry[1]
+        return None if entry is None else entry[1] != 0
 
     def _grad_hook(self, key: int):
-        def hook(grad: torch.Tensor) -> torch.Tensor:
-            return grad * self._masks[key][1]
+        def hook(param: torch.Tensor) -> None:
+            if param.grad is not None:
+                param.grad.mul_(self._masks[key][1])
 
         return hook
 
     @torch.no_grad()
-    def reapply(self) -> None:
-        """Zero every masked entry again (after an optimizer step)."""
-        for param, mask in self._masks.values():
-            param.mul_(mask)
+    def reapply(self, optimizer: Any = None) -> None:
+        """Zero every masked entry again (after an optimizer step).
+
+        :param optimizer: the optimizer that stepped, whose pruned second moments are set
+            to 1 once its state exists (see the class docstring); None leaves it alone
+        """
+        if not self._masks:
+            return
+        if self._lists is None:
+            params, factors = zip(*self._masks.values(), strict=True)
+            self._lists = list(params), list(factors)
+        torch._foreach_mul_(*self._lists)
+        if optimizer is not None and len(self._moments_filled) < len(self._masks):
+            self._fill_second_moments(optimizer)
+
+    def _fill_second_moments(self, optimizer: Any) -> None:
+        states = getattr(optimizer, "state", None)
+        if states is None:
+            return
+        for key, (param, factors) in self._masks.items():
+            state = states.get(param) if key not in self._moments_filled else None
+            if not state:  # filled already, or no step has created the state yet
+                continue
+            pruned = factors == 0
+            for name in _SECOND_MOMENTS:
+                moment = state.get(name)
+                if isinstance(moment, torch.Tensor) and moment.shape == param.shape:
+                    moment.masked_fill_(pruned, 1.0)
+            self._moments_filled.add(key)
 
     def clear(self) -> None:
         self._masks.clear()
+        self._lists = None
+        self._moments_filled.clear()
+
+
+_SECOND_MOMENTS = ("exp_avg_sq", "max_exp_avg_sq")
 
 
 class ScoreMask(torch.nn.Module):

@@ -169,7 +169,7 @@ class ConstantPruningModifier(Modifier):
 
     def on_event(self, state: State, event: Event) -> None:
         if self._holder and event.type_ in (EventType.OPTIM_POST_STEP, EventType.BATCH_END):
-            self._holder.reapply()
+            self._holder.reapply(state.optimizer)
 
     def on_finalize(self, state: State) -> None:
         if self._holder is not None:
