@@ -8,7 +8,7 @@ https://arxiv.org/abs/1308.3432).
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from compressed_tensors.quantization import (
@@ -30,6 +30,7 @@ __all__ = [
     "expand_to_weight",
     "fake_quantize_activation",
     "fake_quantize_weight",
+    "fused_fake_quantize",
     "straight_through",
 ]
 
@@ -37,6 +38,74 @@ __all__ = [
 def straight_through(x: torch.Tensor, quantized: torch.Tensor) -> torch.Tensor:
     """``quantized`` in the forward, identity gradient to ``x`` in the backward."""
     return x + (quantized - x).detach()
+
+
+def _fast_path_dim(args: QuantizationArgs, role: str) -> int | None | bool:
+    """Where the fused symmetric-integer fake quantizer reduces, or False when ``args`` need
+    compressed-tensors' general path. ``None``: one scale for the whole tensor; ``-1``: one
+    per row of a weight (channel) or per token of an activation (the last dimension)."""
+    if (
+        args.type != QuantizationType.INT
+        or not args.symmetric
+        or args.scale_dtype is not None
+        or args.zp_dtype not in (None, torch.int8)
+    ):
+        return False
+    if args.strategy == QuantizationStrategy.TENSOR:
+        return None
+    if (role == "weight" and args.strategy == QuantizationStrategy.CHANNEL) or (
+        role == "activation" and args.strategy == QuantizationStrategy.TOKEN
+    ):
+        return -1
+    return False
+
+
+class _SymmetricIntFakeQuant(torch.autograd.Function):
+    """Symmetric integer fake quantization with a straight-through gradient, fused.
+
+    The same arithmetic as compressed-tensors (scale ``max|x| / (range / 2)``, epsilon for an
+    all-zero row, ``x / scale`` clamped, rounded and rescaled; a test pins it bit for bit),
+    in a few in-place operations and one autograd node whose backward passes the gradient
+    through unchanged. Training runs two of these per Linear per step, so the general path's
+    bookkeeping and the ``x + (q - x).detach()`` pair it needs for the gradient cost a
+    sizeable share of a step.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, x: torch.Tensor, dim: int | None, low: float, high: float, where: str
+    ) -> torch.Tensor:
+        with torch.no_grad():
+            magnitude = x.abs()
+            peak = magnitude.amax() if dim is None else magnitude.amax(dim=dim, keepdim=True)
+            del magnitude
+            if not torch.isfinite(peak).all():
+                raise ValueError(f"{where}: the range holds NaN or infinite values")
+            scale = peak.float().div_((high - low) / 2)
+            scale.masked_fill_(scale == 0, torch.finfo(scale.dtype).eps)
+            scale = scale.to(x.dtype)
+            out = x / scale
+            out.clamp_(low, high).round_().mul_(scale)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        return grad, None, None, None, None
+
+
+def fused_fake_quantize(
+    x: torch.Tensor, args: QuantizationArgs, role: str, where: str = ""
+) -> torch.Tensor | None:
+    """Fake-quantize ``x`` with a straight-through gradient on the fused path, or return None
+    when ``args`` need compressed-tensors' general one (see ``_fast_path_dim``).
+
+    :param role: ``weight`` (a 2-D matrix) or ``activation`` (tokens on the last dimension)
+    """
+    dim = _fast_path_dim(args, role)
+    if dim is False or (role == "weight" and x.dim() != 2):
+        return None
+    low, high = (-(2 ** (args.num_bits - 1)), 2 ** (args.num_bits - 1) - 1)
+    return _SymmetricIntFakeQuant.apply(x, dim, float(low), float(high), where)
 
 
 def expand_to_weight(values: torch.Tensor, matrix_shape: torch.Size, args: QuantizationArgs):
@@ -168,6 +237,10 @@ class WeightFakeQuantizer(torch.nn.Module):
         self.args = self.args.model_copy(update={"num_bits": bits})
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if self.levels is None and not self.stochastic and self.full_precision_share <= 0.0:
+            fused = fused_fake_quantize(weight, self.args, "weight", self.where)
+            if fused is not None:
+                return fused
         if self.levels is not None:
             quantized, _ = low_bit_weight(weight, self.levels)
         else:

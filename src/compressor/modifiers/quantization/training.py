@@ -11,6 +11,7 @@ from compressed_tensors.quantization import (
 
 from compressor.modifiers.quantization.fake_quant import (
     fake_quantize_activation,
+    fused_fake_quantize,
     straight_through,
 )
 from compressor.modifiers.quantization.observers import (
@@ -45,6 +46,9 @@ class ActivationFakeQuantizer:
         if not self.active:
             return value
         if self.observer is None:
+            fused = fused_fake_quantize(value, self.args, "activation", self.where)
+            if fused is not None:
+                return fused
             return straight_through(value, fake_quantize_activation(value, self.args))
         if not self.frozen or self.observer.batches == 0:
             lo, hi = activation_range(value, self.args)
