@@ -167,6 +167,28 @@ def train_with_trainer(tmp_path, rank: int = 0, world: int = 1) -> dict[str, tor
     return {"mask": mask, **{k: v.detach().clone() for k, v in trainer.model.state_dict().items()}}
 
 
+def train_parametrized_with_trainer(tmp_path, rank: int = 0, world: int = 1) -> dict:
+    """The Trainer with modifiers that parametrize weights after it has wrapped the model in
+    DistributedDataParallel: quantization-aware training of the attention projections and
+    learnable TopK scores on the MLP (released at step 2, masks held after)."""
+    from compressor import CompressionCallback
+    from compressor.modifiers import QuantizationModifier, SparsePruningModifier
+
+    recipe = [
+        QuantizationModifier(scheme="W8A8", targets=["re:.*self_attn\\.(q|k|v|o)_proj"], start=0),
+        SparsePruningModifier(
+            density=0.5, method="topk", start=0, end=2, targets=["re:.*mlp\\..*_proj"]
+        ),
+    ]
+    callback = CompressionCallback(recipe)
+    settings = dict(per_device_train_batch_size=4 // world, num_train_epochs=2)
+    if world > 1:
+        settings["ddp_backend"] = "gloo"
+    trainer = make_trainer(model(), callback, tmp_path / f"qat-rank{rank}", **settings)
+    trainer.train()
+    return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+
+
 # static input ranges of the first layer's q/k/v projections: their inputs come from the
 # embeddings alone, so no earlier fake quantization makes the ranges depend on batch order,
 # and the ranges over the ranks' data must equal those over the union exactly

@@ -20,6 +20,7 @@ from torch.nn.utils import parametrize
 
 from compressor.modifiers.hooks import HooksMixin
 from compressor.modifiers.pruning.scores import binarize_topk
+from compressor.utils.parametrize import register_parametrization, remove_parametrizations
 
 __all__ = ["MaskHolder", "ParametrizationHandle", "ScoreMask", "expand_unit_mask"]
 
@@ -168,10 +169,10 @@ class ParametrizationHandle:
 
     def remove(self) -> None:
         if parametrize.is_parametrized(self.module, self.name):
-            parametrize.remove_parametrizations(self.module, self.name, leave_parametrized=True)
+            remove_parametrizations(self.module, self.name, leave_parametrized=True)
 
 
 def add_score_mask(module: torch.nn.Module, name: str, score_mask: ScoreMask) -> Any:
     """Parametrize ``module.<name>`` with ``score_mask``; returns a removable handle."""
-    parametrize.register_parametrization(module, name, score_mask)
+    register_parametrization(module, name, score_mask)
     return ParametrizationHandle(module, name)

@@ -47,6 +47,7 @@ from compressor.modifiers.quantization.training import (
     ActivationFakeQuantizer,
     check_training_options,
 )
+from compressor.utils.parametrize import register_parametrization, remove_parametrizations
 
 __all__ = ["QuantizationModifier"]
 
@@ -61,7 +62,7 @@ class _ParametrizationHandle:
 
     def remove(self) -> None:
         if parametrize.is_parametrized(self.module, self.name):
-            parametrize.remove_parametrizations(self.module, self.name, leave_parametrized=False)
+            remove_parametrizations(self.module, self.name, leave_parametrized=False)
 
 
 @Modifier.register()
@@ -394,7 +395,7 @@ class QuantizationModifier(QuantizationSchemeMixin, Modifier):
                     where=name,
                     levels=self.low_bit_weights,
                 )
-                parametrize.register_parametrization(module, "weight", quantizer, unsafe=True)
+                register_parametrization(module, "weight", quantizer, unsafe=True)
                 self._active_handles.append(
                     self.track_handle(_ParametrizationHandle(module, "weight"))
                 )  # type: ignore[arg-type]

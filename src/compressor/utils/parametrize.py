@@ -1,0 +1,66 @@
+"""torch parametrizations that keep a parameter's gradient hooks (DistributedDataParallel's).
+
+``torch.nn.utils.parametrize`` moves a weight into ``parametrizations.<name>.original`` with
+``original.set_(...)``, even when the tensor is set to itself, and ``set_`` gives the
+parameter a new gradient accumulator. DistributedDataParallel hooks the accumulators it
+found when it wrapped the model, so a parametrization added afterwards (quantization-aware
+training, learnable pruning scores: modifiers start after the Trainer has wrapped the model)
+leaves those hooks dead, and the next step fails with "Expected to have finished reduction
+in the prior iteration". These wrappers make that step a no-op when the tensor is set to
+itself, and an in-place copy when a parametrization is removed with its value kept, so the
+parameter object, its storage and its accumulator all stay the same.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch.nn.utils import parametrize
+
+__all__ = ["register_parametrization", "remove_parametrizations"]
+
+
+@contextlib.contextmanager
+def _same_parameter_objects() -> Iterator[None]:
+    original_set = parametrize._maybe_set
+
+    def keep(dest: torch.Tensor, src: torch.Tensor) -> None:
+        if dest is src:
+            return
+        if (
+            dest.shape == src.shape
+            and dest.dtype == src.dtype
+            and dest.device == src.device
+            and type(dest) in (torch.Tensor, torch.nn.Parameter)
+        ):
+            with torch.no_grad():
+                dest.copy_(src)
+            return
+        original_set(dest, src)
+
+    parametrize._maybe_set = keep
+    try:
+        yield
+    finally:
+        parametrize._maybe_set = original_set
+
+
+def register_parametrization(
+    module: torch.nn.Module, name: str, parametrization: torch.nn.Module, **kwargs: Any
+) -> None:
+    """``torch.nn.utils.parametrize.register_parametrization``, keeping the parameter object
+    and its gradient accumulator."""
+    with _same_parameter_objects():
+        parametrize.register_parametrization(module, name, parametrization, **kwargs)
+
+
+def remove_parametrizations(
+    module: torch.nn.Module, name: str, leave_parametrized: bool = True
+) -> None:
+    """``torch.nn.utils.parametrize.remove_parametrizations``; with ``leave_parametrized``
+    the value is copied into the original parameter in place."""
+    with _same_parameter_objects():
+        parametrize.remove_parametrizations(module, name, leave_parametrized=leave_parametrized)

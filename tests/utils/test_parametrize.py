@@ -1,0 +1,33 @@
+"""Parametrizations that keep the parameter object and its gradient accumulator (DDP's hooks)."""
+
+import torch
+
+from compressor.utils.parametrize import register_parametrization, remove_parametrizations
+
+
+class Double(torch.nn.Module):
+    def forward(self, weight):
+        return weight * 2.0
+
+
+def _accumulator(param):
+    return param.expand_as(param).grad_fn.next_functions[0][0]
+
+
+def test_hooks_on_the_gradient_accumulator_survive_registration_and_removal():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(4, 3)
+    weight = linear.weight
+    fired = []
+    accumulator = _accumulator(weight)  # held, as DDP holds the accumulators it hooks
+    accumulator.register_hook(lambda *_: fired.append(1))
+    register_parametrization(linear, "weight", Double())
+    assert linear.parametrizations.weight.original is weight
+    linear(torch.randn(2, 4)).sum().backward()
+    assert fired == [1]  # torch's own register_parametrization gives a new accumulator
+    doubled = linear.weight.detach().clone()
+    remove_parametrizations(linear, "weight", leave_parametrized=True)
+    assert linear.weight is weight and torch.equal(weight.detach(), doubled)
+    linear(torch.randn(2, 4)).sum().backward()
+    assert fired == [1, 1]
+    assert _accumulator(weight) is accumulator
