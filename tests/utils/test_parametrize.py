@@ -31,3 +31,22 @@ def test_hooks_on_the_gradient_accumulator_survive_registration_and_removal():
     linear(torch.randn(2, 4)).sum().backward()
     assert fired == [1, 1]
     assert _accumulator(weight) is accumulator
+
+
+def test_qat_and_topk_scores_on_one_weight_are_refused_by_name(tiny_llama):
+    """Removing one parametrization removes all on a weight, so a second one is an error that
+    names the module, rather than one modifier silently ending the other."""
+    import pytest
+
+    from compressor import CompressionSession
+    from compressor.modifiers import QuantizationModifier, SparsePruningModifier
+
+    up = ["re:.*layers\\.0\\.mlp\\.up_proj$"]
+    recipe = [
+        QuantizationModifier(scheme="W8A8", targets=up, start=0),
+        SparsePruningModifier(density=0.5, method="topk", start=0, end=4, targets=up),
+    ]
+    session = CompressionSession()
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.up_proj\.weight is already"):
+        session.initialize(model=tiny_llama.train(), recipe=recipe)
+        session.batch_start(global_step=0)

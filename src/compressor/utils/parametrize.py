@@ -49,10 +49,31 @@ def _same_parameter_objects() -> Iterator[None]:
 
 
 def register_parametrization(
-    module: torch.nn.Module, name: str, parametrization: torch.nn.Module, **kwargs: Any
+    module: torch.nn.Module,
+    name: str,
+    parametrization: torch.nn.Module,
+    *,
+    where: str = "",
+    **kwargs: Any,
 ) -> None:
     """``torch.nn.utils.parametrize.register_parametrization``, keeping the parameter object
-    and its gradient accumulator."""
+    and its gradient accumulator.
+
+    A tensor already parametrized is refused: removing one modifier's parametrization
+    removes every one on that tensor (torch has no single removal), so a second modifier
+    would silently stop applying when the first one ends.
+
+    :param where: the module's name, for the error
+    """
+    if parametrize.is_parametrized(module, name):
+        existing = ", ".join(type(p).__name__ for p in module.parametrizations[name])
+        raise ValueError(
+            f"{where or type(module).__name__}.{name} is already reparametrized by {existing}: "
+            "two training-time modifiers that reparametrize one weight (learnable TopK "
+            "pruning scores, quantization-aware training) cannot share it; give them "
+            "disjoint targets (magnitude/l1 pruning masks do combine with quantization-aware "
+            "training)"
+        )
     with _same_parameter_objects():
         parametrize.register_parametrization(module, name, parametrization, **kwargs)
 

@@ -306,7 +306,9 @@ class PruningModifierBase(Modifier):
                     dim = member.dim if (member.dim is None or param.dim() > 1) else 0
                     score_mask = self.score_mask_for(group, scores, dim)
                     self._param_handles.append(
-                        self.track_handle(add_score_mask(member.module, name, score_mask))
+                        self.track_handle(
+                            add_score_mask(member.module, name, score_mask, member.name)
+                        )
                     )
                     masks.append(score_mask)
             self._score_masks[index] = masks

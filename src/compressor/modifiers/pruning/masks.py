@@ -172,7 +172,12 @@ class ParametrizationHandle:
             remove_parametrizations(self.module, self.name, leave_parametrized=True)
 
 
-def add_score_mask(module: torch.nn.Module, name: str, score_mask: ScoreMask) -> Any:
-    """Parametrize ``module.<name>`` with ``score_mask``; returns a removable handle."""
-    register_parametrization(module, name, score_mask)
+def add_score_mask(
+    module: torch.nn.Module, name: str, score_mask: ScoreMask, where: str = ""
+) -> Any:
+    """Parametrize ``module.<name>`` with ``score_mask``; returns a removable handle.
+
+    :param where: the module's name, for errors
+    """
+    register_parametrization(module, name, score_mask, where=where)
     return ParametrizationHandle(module, name)

@@ -395,7 +395,7 @@ class QuantizationModifier(QuantizationSchemeMixin, Modifier):
                     where=name,
                     levels=self.low_bit_weights,
                 )
-                register_parametrization(module, "weight", quantizer, unsafe=True)
+                register_parametrization(module, "weight", quantizer, unsafe=True, where=name)
                 self._active_handles.append(
                     self.track_handle(_ParametrizationHandle(module, "weight"))
                 )  # type: ignore[arg-type]
