@@ -60,6 +60,17 @@ def test_static_token_activations_are_rejected_by_compressed_tensors_args():
         _parse({"config_groups": {"g": group}})
 
 
+def test_static_group_activations_are_refused_with_the_dynamic_alternative():
+    """compressed-tensors' forward fails on one fixed scale per activation group (it
+    quantizes activation groups per token), so the recipe is refused when parsed."""
+    static = {"num_bits": 8, "strategy": "group", "group_size": 32, "dynamic": False}
+    group = {"weights": {"num_bits": 8}, "input_activations": static}
+    with pytest.raises(RecipeError, match="input_activations.*'group'.*dynamic: true"):
+        _parse({"config_groups": {"g": group}})
+    group["input_activations"] = {**static, "dynamic": True}
+    assert _parse({"config_groups": {"g": group}}) is not None
+
+
 def test_case_insensitive_preset_and_lowercase_string_targets():
     modifier = _parse({"scheme": "w4a16", "targets": "Linear"})
     assert modifier.scheme == "W4A16" and modifier.targets == ["Linear"]

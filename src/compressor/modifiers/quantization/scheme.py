@@ -41,7 +41,9 @@ __all__ = [
 QUANTIZABLE_MODULE_TYPES: tuple[type[torch.nn.Module], ...] = (torch.nn.Linear, torch.nn.Embedding)
 
 _WEIGHT_STRATEGIES = ("tensor", "channel", "group", "block")
-_STATIC_ACTIVATION_STRATEGIES = ("tensor", "group")
+# static activation groups: compressed-tensors 0.20's forward quantizes activation groups
+# with per-token scales only (dynamic), and fails on one fixed scale per group
+_STATIC_ACTIVATION_STRATEGIES = ("tensor",)
 _DYNAMIC_ACTIVATION_STRATEGIES = ("token", "tensor", "group")
 _FLOAT_BITS = (8,)
 _INT_BITS = range(2, 9)
@@ -89,9 +91,14 @@ def check_args_supported(args: QuantizationArgs, role: str) -> None:
     allowed = _DYNAMIC_ACTIVATION_STRATEGIES if args.dynamic else _STATIC_ACTIVATION_STRATEGIES
     if strategy not in allowed:
         kind = "dynamic" if args.dynamic else "static"
+        hint = (
+            " (static activation ranges are per tensor; groups of activations need dynamic: true)"
+            if strategy == "group" and not args.dynamic
+            else ""
+        )
         raise ValueError(
             f"{role}: strategy {strategy!r} is not supported for {kind} activations; "
-            f"use one of {list(allowed)}"
+            f"use one of {list(allowed)}{hint}"
         )
 
 
