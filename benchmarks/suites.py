@@ -79,8 +79,9 @@ def quant_cases(size: str) -> list[Case]:
 
 # ------------------------------------------------------------------ gptq (issue 9)
 def gptq_cases(size: str) -> list[Case]:
-    models = {"smoke": ["llama-tiny"], "quick": ["llama-s", "llama-m"]}.get(
-        size, ["smollm2-135m", "llama-m", "llama-l"]
+    # stories260K: the real (trained) model, so the perplexities compare GPTQ's quality too
+    models = {"smoke": ["llama-tiny"], "quick": ["stories260K", "llama-s", "llama-m"]}.get(
+        size, ["stories260K", "smollm2-135m", "llama-m", "llama-l"]
     )
     calib = {"smoke": (4, 32), "quick": (32, 256), "full": (64, 256)}[size]
     ev = (64, 2) if size == "smoke" else (256, 16)
@@ -88,7 +89,9 @@ def gptq_cases(size: str) -> list[Case]:
     cases = []
     for model in models:
         w4 = _w4a16(model)
-        gptq = "gptq_w4a16_g64" if model == "smollm2-135m" else "gptq_w4a16"
+        gptq = {"smollm2-135m": "gptq_w4a16_g64", "stories260K": "gptq_w4a16_channel"}.get(
+            model, "gptq_w4a16"
+        )
         cases.append(_fp("gptq", model, ev))
         cases.append(
             Case(
