@@ -100,8 +100,8 @@ def _qparams(columns: torch.Tensor, args: QuantizationArgs) -> tuple[torch.Tenso
 
 
 def _column_rounder(args: QuantizationArgs) -> Callable[..., torch.Tensor]:
-    """A function ``(column, scale, zero) -> dequantized column`` for 1-D ``(rows,)`` tensors,
-    the zero point given in the column's floating dtype.
+    """A function ``(column, scale, zero, out=None) -> dequantized column`` for 1-D
+    ``(rows,)`` tensors, the zero point given in the column's floating dtype.
 
     GPTQ rounds thousands of single columns, so the per-call overhead matters more than the
     arithmetic. Integer grids use the same arithmetic as compressed-tensors' fake quantization
@@ -117,16 +117,25 @@ def _column_rounder(args: QuantizationArgs) -> Callable[..., torch.Tensor]:
     )
     if args.type != QuantizationType.INT:
 
-        def generic(column: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-            out = fake_quantize(column.unsqueeze(1), s.unsqueeze(1), z.unsqueeze(1), column_args)
-            return out.squeeze(1)
+        def generic(
+            column: torch.Tensor, s: torch.Tensor, z: torch.Tensor, out: torch.Tensor | None = None
+        ) -> torch.Tensor:
+            q = fake_quantize(column.unsqueeze(1), s.unsqueeze(1), z.unsqueeze(1), column_args)
+            return q.squeeze(1) if out is None else out.copy_(q.squeeze(1))
 
         return generic
     q_min, q_max = calculate_range(column_args, torch.device("cpu"))
     low, high = float(q_min), float(q_max)
 
-    def integer(column: torch.Tensor, s: torch.Tensor, zf: torch.Tensor) -> torch.Tensor:
-        levels = torch.addcdiv(zf, column, s)  # column / s + zero point, as compressed-tensors
+    def integer(
+        column: torch.Tensor, s: torch.Tensor, zf: torch.Tensor, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        # column / s + zero point, as compressed-tensors; into ``out`` when given
+        levels = (
+            torch.addcdiv(zf, column, s, out=out)
+            if out is not None
+            else torch.addcdiv(zf, column, s)
+        )
         levels.clamp_(low, high).round_()
         return levels.sub_(zf).mul_(s)
 
@@ -272,6 +281,7 @@ def gptq_quantize_weight(
             stop = min(start + block_size, columns)
             block = wt[start:stop].clone()  # (columns in block, rows)
             block_err = torch.empty_like(block)
+            block_q = torch.empty_like(block)
             block_hinv = hinv[start:stop, start:stop]
             block_diag = block_hinv.diagonal().unsqueeze(1)
             diagonal = block_diag.squeeze(1).tolist()
@@ -290,10 +300,9 @@ def gptq_quantize_weight(
                         scale[:, g], zero[:, g] = current_scale, current_zero
                         s, zf = current_scale, current_zero.to(block.dtype)
                     column = block[i]
-                    q = round_column(column, s, zf)
+                    q = round_column(column, s, zf, out=block_q[i])
                     # the raw rounding error; scaled by 1 / [H^-1]_ii once per sub-block below
                     diff = torch.sub(column, q, out=block_err[i])
-                    column.copy_(q)  # the block now holds quantized columns up to i
                     if i + 1 < sub_end:  # this column's error to the rest of its sub-block
                         block[i + 1 : sub_end].addr_(
                             block_hinv[i, i + 1 : sub_end], diff, alpha=-1.0 / diagonal[i]
@@ -303,7 +312,7 @@ def gptq_quantize_weight(
                     block[sub_end:].addmm_(
                         block_hinv[sub:sub_end, sub_end:].t(), block_err[sub:sub_end], alpha=-1.0
                     )
-            wt[start:stop] = block
+            wt[start:stop] = block_q
             # each column's loss is (w - q)^2 / d^2 / 2 = err^2 / 2
             losses += block_err.square().sum(dim=0) / 2
             wt[stop:].addmm_(hinv[start:stop, stop:].t(), block_err, alpha=-1.0)
