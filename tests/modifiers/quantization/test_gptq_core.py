@@ -282,3 +282,19 @@ def test_in_place_dampening_retries_like_the_copying_path():
     in_place, frac_in_place = inverse_hessian_cholesky(h.clone(), 0.01, overwrite=True)
     assert frac == frac_in_place > 0.01
     torch.testing.assert_close(in_place, copied)
+
+
+def test_upper_triangle_accumulation_then_symmetrize_equals_the_full_hessian():
+    from compressor.modifiers.quantization.gptq import symmetrize_upper_
+
+    torch.manual_seed(0)
+    batches = [torch.randn(2, 40, 300) for _ in range(3)]  # 300: a partial last block row
+    full, upper = (None, 0), (None, 0)
+    for x in batches:
+        full = accumulate_hessian(x, *full)
+        upper = accumulate_hessian(x, *upper, upper_only=True)
+    assert upper[1] == full[1]
+    assert not torch.allclose(upper[0], full[0])  # the lower triangle was left stale
+    symmetrize_upper_(upper[0])
+    assert torch.equal(upper[0], upper[0].t())
+    torch.testing.assert_close(upper[0], full[0], rtol=1e-5, atol=1e-5)

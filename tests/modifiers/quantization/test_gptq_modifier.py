@@ -139,7 +139,10 @@ class InputRecorder(Modifier):
             theirs, their_count = gptq._hessians[name]
             self._checked.append(name)
             assert their_count == count, name
-            torch.testing.assert_close(theirs, hessian, rtol=1e-5, atol=1e-6, msg=name)
+            # GPTQ may update only the upper triangle until it quantizes (it is symmetric)
+            torch.testing.assert_close(
+                theirs.triu(), hessian.triu(), rtol=1e-5, atol=1e-6, msg=name
+            )
 
     def on_end(self, state: State, event: Event) -> None:
         self.remove_hooks()

@@ -9,6 +9,7 @@ from compressor.modifiers.quantization.gptq.hessian import (
     accumulate_hessian,
     batch_hessian,
     inverse_hessian_cholesky,
+    symmetrize_upper_,
 )
 
 __all__ = [
@@ -18,4 +19,5 @@ __all__ = [
     "batch_hessian",
     "inverse_hessian_cholesky",
     "round_to_nearest",
+    "symmetrize_upper_",
 ]

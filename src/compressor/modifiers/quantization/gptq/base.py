@@ -23,6 +23,7 @@ from compressor.modifiers.quantization.gptq import (
     batch_hessian,
     gptq_quantize_weight,
     round_to_nearest,
+    symmetrize_upper_,
 )
 from compressor.modifiers.quantization.scheme import (
     QuantizationSchemeMixin,
@@ -81,6 +82,7 @@ class GPTQModifier(QuantizationSchemeMixin, Modifier):
     _hessians: dict[str, tuple[torch.Tensor, int]] = PrivateAttr(default_factory=dict)
     _shared_input: tuple[torch.Tensor, str, torch.Tensor] | None = PrivateAttr(default=None)
     _leaders: set[str] = PrivateAttr(default_factory=set)
+    _upper_only: set[str] = PrivateAttr(default_factory=set)
     _quantized: set[str] = PrivateAttr(default_factory=set)
 
     @field_validator("actorder", mode="before")
@@ -167,7 +169,19 @@ class GPTQModifier(QuantizationSchemeMixin, Modifier):
             self._shared_input = None
             batch = None
         hessian, count = self._hessians.get(name, (None, 0))
-        self._hessians[name] = accumulate_hessian(inputs, hessian, count, batch=batch)
+        # alone on its input: only the upper triangle is updated (symmetrized before use)
+        self._hessians[name] = accumulate_hessian(
+            inputs, hessian, count, batch=batch, upper_only=batch is None
+        )
+        if batch is None:
+            self._upper_only.add(name)
+
+    def _complete_hessians(self, names: list[str]) -> None:
+        """Fill in the lower triangles that upper-only updates left stale."""
+        for name in names:
+            if name in self._upper_only:
+                symmetrize_upper_(self._hessians[name][0])
+                self._upper_only.discard(name)
 
     def on_update(self, state: State, event: Event) -> None:
         if event.type_ != EventType.SEQUENTIAL_EPOCH_END:
@@ -180,11 +194,13 @@ class GPTQModifier(QuantizationSchemeMixin, Modifier):
             for name, module in self._modules.items()
             if id(module) in inside and name in self._hessians
         ]
+        self._complete_hessians([name for name, _ in pending])
         for group in self._same_problem_groups(pending):
             self._quantize_together(group)
         self._shared_input = None
 
     def on_end(self, state: State, event: Event) -> None:
+        self._complete_hessians(list(self._hessians))
         for name, module in self._modules.items():
             if name in self._quantized:
                 continue

@@ -11,9 +11,16 @@ from __future__ import annotations
 import torch
 from loguru import logger
 
-__all__ = ["accumulate_hessian", "batch_hessian", "inverse_hessian_cholesky"]
+__all__ = [
+    "accumulate_hessian",
+    "batch_hessian",
+    "inverse_hessian_cholesky",
+    "symmetrize_upper_",
+]
 
 _MAX_DAMPENING_RETRIES = 8
+_SYMMETRIC_BLOCK = 128
+"""Block rows of the upper-triangle-only Hessian update (see ``accumulate_hessian``)."""
 
 
 def batch_hessian(inputs: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -30,6 +37,7 @@ def accumulate_hessian(
     num_samples: int = 0,
     dtype: torch.dtype = torch.float32,
     batch: torch.Tensor | None = None,
+    upper_only: bool = False,
 ) -> tuple[torch.Tensor, int]:
     """Fold a batch of a Linear's inputs into the running Hessian ``H = 2/n sum_t x_t x_t^T``.
 
@@ -43,6 +51,9 @@ def accumulate_hessian(
     :param dtype: accumulation dtype (float32, or float64 for extra care)
     :param batch: ``batch_hessian(inputs)`` when already computed (several Linears reading
         the same inputs share it); else the update is one fused product with ``inputs``
+    :param upper_only: update only the block rows on and above the diagonal (the Hessian is
+        symmetric): about 40% fewer operations for wide inputs; the entries below the
+        diagonal blocks are then stale until ``symmetrize_upper_``
     :return: the updated Hessian and sample count
     """
     x = inputs.detach().reshape(-1, inputs.shape[-1])
@@ -61,9 +72,30 @@ def accumulate_hessian(
         hessian.lerp_(batch.to(hessian), new / total)
         return hessian, total
     x = x.to(device=hessian.device, dtype=hessian.dtype)
+    beta, alpha = num_samples / total, 2.0 / total
+    width = x.shape[1]
+    if upper_only and width >= 2 * _SYMMETRIC_BLOCK:
+        for start in range(0, width, _SYMMETRIC_BLOCK):
+            stop = min(start + _SYMMETRIC_BLOCK, width)
+            hessian[start:stop, start:].addmm_(
+                x[:, start:stop].t(), x[:, start:], beta=beta, alpha=alpha
+            )
+        return hessian, total
     # one fused update: H <- H * n_old / n + (2 / n) x^T x
-    hessian.addmm_(x.t(), x, beta=num_samples / total, alpha=2.0 / total)
+    hessian.addmm_(x.t(), x, beta=beta, alpha=alpha)
     return hessian, total
+
+
+def symmetrize_upper_(hessian: torch.Tensor) -> torch.Tensor:
+    """Copy the upper triangle of ``hessian`` onto its lower one, in place (after
+    ``accumulate_hessian(upper_only=True)``); block by block, so no full-size temporary."""
+    width = hessian.shape[0]
+    for start in range(0, width, _SYMMETRIC_BLOCK):
+        stop = min(start + _SYMMETRIC_BLOCK, width)
+        diagonal = hessian[start:stop, start:stop]
+        diagonal.copy_(diagonal.triu() + diagonal.triu(1).t())
+        hessian[stop:, start:stop].copy_(hessian[start:stop, stop:].t())
+    return hessian
 
 
 def inverse_hessian_cholesky(
