@@ -241,8 +241,8 @@ SUITES: dict[str, Suite] = {
               "llm-compressor with the same scheme. W4A16 uses groups of 128 where the widths "
               "allow; stories260K (widths 64, 172) uses one scale per channel, SmolLM2 "
               "(width 576) groups of 64.", quant_cases),
-        Suite("gptq", "W4A16 round-to-nearest and GPTQ (block 128, dampening 0.01) on SmolLM2 "
-              "and synthetic Llamas, against llm-compressor on the same calibration rows: "
+        Suite("gptq", "W4A16 round-to-nearest and GPTQ (block 128, dampening 0.01) on the real "
+              "stories260K, SmolLM2 and synthetic Llamas, against llm-compressor on the same calibration rows: "
               "wall time, peak memory, perplexity. Goal: at least 2x faster.", gptq_cases),
         Suite("spinquant", "FP, W4A16 and W4A4 (int4 per-channel weights, int4 dynamic "
               "per-token activations), each with and without R1+R2 rotations, on stories260K; "
