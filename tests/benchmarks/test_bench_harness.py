@@ -65,6 +65,11 @@ def test_a_failed_side_reports_its_reason():
 @pytest.mark.integration
 @pytest.mark.slow
 def test_a_tiny_suite_end_to_end(tmp_path, monkeypatch, capsys):
+    from benchmarks.models import MODELS
+
+    text = MODELS["llama-tiny"].text
+    if not text.is_file():
+        pytest.skip(f"the benchmark text {text} is absent (../shared is missing)")
     monkeypatch.setattr(harness, "PEERS_DIR", tmp_path / "no-peers")
     out = tmp_path / "results"
     code = main(["--suite", "quant", "--size", "smoke", "--case", "FP,W8A8", "--out", str(out)])
