@@ -60,10 +60,20 @@ class GPTQModifier(QuantizationSchemeMixin, Modifier):
       quantization to them with the quantized forward switched off
     - ``on_start`` (calibration start): a Hessian-accumulating forward pre-hook on each Linear
     - ``on_update`` at SEQUENTIAL_EPOCH_END: quantize the Linears of the layer just calibrated
-      (``state.batch_data``), free their Hessians, switch their quantized forward on
+      (``state.batch_data``) and free their Hessians; their weights now lie on the grid, so
+      their quantized forward stays off (it would give the same weights back) unless they
+      also quantize activations
     - ``on_end`` (calibration end): quantize whatever is still pending (every Linear, on the
-      basic pipeline); round to nearest, with a warning, any module that saw no data
+      basic pipeline); round to nearest, with a warning, any module that saw no data; switch
+      every quantized forward on
     - ``finalize``: hooks removed; the modules stay quantized (frozen)
+
+    **Cost.** Linears that read one tensor (q/k/v, gate/up) compute its product ``x^T x``
+    once; a Linear alone on its input accumulates only the upper triangle. At a layer's end,
+    Linears with identical Hessians and row-wise scales are solved as one stacked weight. The
+    Hessian hooks are forward pre-hooks and read nothing else, so the sequential pipeline
+    may stop each calibration forward at the layer's last module
+    (``calibration_reads_outputs`` is False).
 
     :param block_size: columns per lazy-update block (128 in the paper)
     :param dampening_frac: fraction of the mean Hessian diagonal added to the diagonal before
