@@ -123,15 +123,17 @@ def prepare(name: str, cache: Path) -> Path:
     if (target / "config.json").is_file():
         return target
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tmp = cache / f".{name}.partial"
     tmp.mkdir(parents=True, exist_ok=True)
     if spec.kind == "gguf":
+        from compressor.entrypoints.loading import load_model as load_dense
+
         package = smollm2_package_dir()
-        model = AutoModelForCausalLM.from_pretrained(
-            package, gguf_file=SMOLLM2_GGUF, dtype=torch.float32
-        )
+        # transformers dequantizes the GGUF weights but keeps its GGUF quantizer attached,
+        # which refuses save_pretrained; compressor's loader detaches it
+        model = load_dense(package / SMOLLM2_GGUF).float()
         tokenizer = AutoTokenizer.from_pretrained(package, gguf_file=SMOLLM2_GGUF)
     else:
         if not (STORIES / "config.json").is_file():
