@@ -79,13 +79,14 @@ class GPTQModifier(QuantizationSchemeMixin, Modifier):
     :param dampening_frac: fraction of the mean Hessian diagonal added to the diagonal before
         inversion; raised automatically (with a warning) when the Hessian is not positive
         definite
-    :param actorder: ``static`` quantizes columns in order of decreasing Hessian diagonal with
-        group scales fixed up front (same checkpoint format); None keeps the natural order
+    :param actorder: ``static`` (the default, as in llm-compressor) quantizes columns in order
+        of decreasing Hessian diagonal with group scales fixed up front (same checkpoint
+        format); ``none`` keeps the natural order
     """
 
     block_size: int = Field(default=128, ge=1)
     dampening_frac: float = Field(default=0.01, ge=0.0)
-    actorder: Literal["static", "group"] | None = None
+    actorder: Literal["static", "group"] | None = "static"
 
     _config: QuantizationConfig | None = PrivateAttr(default=None)
     _modules: dict[str, torch.nn.Module] = PrivateAttr(default_factory=dict)
@@ -367,8 +368,11 @@ def _check_scheme_for_gptq(name: str, scheme: QuantizationScheme, actorder: str 
             f"{where}: weights strategy {scheme.weights.strategy!r} is not supported by GPTQ; "
             "use tensor, channel or group"
         )
-    if scheme.weights.actorder is not None and actorder is None:
-        raise ValueError(
-            f"{where}: weights.actorder={scheme.weights.actorder!r}; set the modifier's "
-            "actorder field instead (none or static)"
-        )
+    if scheme.weights.actorder is not None:
+        theirs = _ACTORDER_ALIASES.get(str(getattr(scheme.weights.actorder, "value", "")).lower())
+        if theirs != actorder:
+            raise ValueError(
+                f"{where}: weights.actorder={scheme.weights.actorder!r} differs from the "
+                f"modifier's actorder={actorder!r}; set the modifier's actorder field only "
+                "(none or static)"
+            )
