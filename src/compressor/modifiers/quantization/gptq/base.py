@@ -369,7 +369,8 @@ def _check_scheme_for_gptq(name: str, scheme: QuantizationScheme, actorder: str 
             "use tensor, channel or group"
         )
     if scheme.weights.actorder is not None:
-        theirs = _ACTORDER_ALIASES.get(str(getattr(scheme.weights.actorder, "value", "")).lower())
+        raw = scheme.weights.actorder
+        theirs = _ACTORDER_ALIASES.get(str(getattr(raw, "value", raw)).lower())
         if theirs != actorder:
             raise ValueError(
                 f"{where}: weights.actorder={scheme.weights.actorder!r} differs from the "
