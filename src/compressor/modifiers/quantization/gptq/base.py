@@ -207,7 +207,7 @@ class GPTQModifier(QuantizationSchemeMixin, Modifier):
         ]
         self._complete_hessians([name for name, _ in pending])
         for group in self._same_problem_groups(pending):
-            self._quantize_together(group)
+            self._quantize_group(group)
         self._shared_input = None
 
     def on_end(self, state: State, event: Event) -> None:
@@ -216,7 +216,7 @@ class GPTQModifier(QuantizationSchemeMixin, Modifier):
             if name in self._quantized:
                 continue
             if name in self._hessians:
-                self._quantize(name, module)
+                self._quantize_group([(name, module)])
             else:
                 logger.warning(
                     "GPTQModifier: {} received no calibration data; rounding it to nearest",
@@ -271,48 +271,26 @@ class GPTQModifier(QuantizationSchemeMixin, Modifier):
                 groups.append([(name, module)])
         return groups
 
-    def _quantize_together(self, group: list[tuple[str, torch.nn.Module]]) -> None:
-        if len(group) == 1:
-            self._quantize(*group[0])
-            return
+    def _quantize_group(self, group: list[tuple[str, torch.nn.Module]]) -> None:
+        """Solve one GPTQ problem: a single Linear, or several sharing one Hessian with their
+        rows stacked (``_same_problem_groups``); then write each module's share back."""
         names = [name for name, _ in group]
-        hessian, count = self._hessians[names[0]]
-        for name in names:
+        hessian, count = self._hessians.pop(names[0])
+        for name in names[1:]:
             del self._hessians[name]
         modules = [module for _, module in group]
         args = self._weight_args(modules[0])
-        assert args is not None
-        result = gptq_quantize_weight(
-            torch.cat([m.weight.data for m in modules]),
-            hessian,
-            args,
-            block_size=self.block_size,
-            dampening_frac=self.dampening_frac,
-            actorder=self.actorder,
-            overwrite_hessian=True,  # popped: no one else reads it
-        )
-        logger.debug(
-            "GPTQ {} (one problem): {} samples, error {:.4g}", ", ".join(names), count, result.loss
-        )
-        rows = [m.weight.shape[0] for m in modules]
-        parts = zip(
-            result.weight.split(rows),
-            result.scale.split(rows),
-            result.zero_point.split(rows),
-            strict=True,
-        )
-        for (name, module), (weight, scale, zero) in zip(group, parts, strict=True):
-            self._write(module, weight, scale, zero)
-            self._finish(name, module)
-
-    def _quantize(self, name: str, module: torch.nn.Module) -> None:
-        hessian, count = self._hessians.pop(name)
-        args = self._weight_args(module)
         if args is None:
-            self._finish(name, module)
+            for name, module in group:
+                self._finish(name, module)
             return
+        weight = (
+            modules[0].weight.data
+            if len(modules) == 1
+            else torch.cat([m.weight.data for m in modules])
+        )
         result = gptq_quantize_weight(
-            module.weight.data,
+            weight,
             hessian,
             args,
             block_size=self.block_size,
@@ -321,9 +299,23 @@ class GPTQModifier(QuantizationSchemeMixin, Modifier):
             overwrite_hessian=True,  # popped: no one else reads it
         )
         del hessian
-        logger.debug("GPTQ {}: {} samples, error {:.4g}", name, count, result.loss)
-        self._write(module, result.weight, result.scale, result.zero_point)
-        self._finish(name, module)
+        together = " (one problem)" if len(group) > 1 else ""
+        logger.debug(
+            "GPTQ {}{}: {} samples, error {:.4g}", ", ".join(names), together, count, result.loss
+        )
+        if len(group) == 1:  # per-tensor scales too: nothing to split
+            parts: Any = [(result.weight, result.scale, result.zero_point)]
+        else:  # row-wise scales (channel, group): each module takes its own rows
+            rows = [m.weight.shape[0] for m in modules]
+            parts = zip(
+                result.weight.split(rows),
+                result.scale.split(rows),
+                result.zero_point.split(rows),
+                strict=True,
+            )
+        for (name, module), (weight_rows, scale, zero) in zip(group, parts, strict=True):
+            self._write(module, weight_rows, scale, zero)
+            self._finish(name, module)
 
     def _round_to_nearest(self, name: str, module: torch.nn.Module) -> None:
         args = self._weight_args(module)
