@@ -298,3 +298,35 @@ def test_upper_triangle_accumulation_then_symmetrize_equals_the_full_hessian():
     symmetrize_upper_(upper[0])
     assert torch.equal(upper[0], upper[0].t())
     torch.testing.assert_close(upper[0], full[0], rtol=1e-5, atol=1e-5)
+
+
+def test_shared_hessians_compute_one_product_per_tensor_and_split_when_readers_part():
+    """Linears reading one tensor share one Hessian; one that later reads something else
+    gets its own copy from then on, and every Hessian equals the one of its own inputs."""
+    from compressor.modifiers.quantization.gptq import SharedHessians
+
+    gen = torch.Generator().manual_seed(0)
+    width = 300  # wider than two update blocks: upper-triangle accumulation, then filled in
+    batches = [torch.randn(2, 7, width, generator=gen) for _ in range(4)]
+    other = [torch.randn(2, 7, width, generator=gen) for _ in range(4)]
+    own: dict[str, list[torch.Tensor]] = {"q": [], "k": [], "v": [], "o": []}
+    shared = SharedHessians()
+    for step, (x, y) in enumerate(zip(batches, other, strict=True)):
+        calls = [("q", x), ("k", x), ("v", x if step < 2 else y), ("o", y)]
+        for name, inputs in calls:
+            shared.observe(name, inputs)
+            own[name].append(inputs)
+    assert sorted(shared) == ["k", "o", "q", "v"]
+    assert shared.same_set("q", "k") and not shared.same_set("q", "v")
+    for name, inputs in own.items():
+        expected, count = None, 0
+        for x in inputs:
+            expected, count = accumulate_hessian(x, expected, count)
+        hessian, their_count = shared[name]
+        assert their_count == count == 56
+        torch.testing.assert_close(hessian, expected, rtol=1e-5, atol=1e-6, msg=name)
+    # popping part of a set hands out a copy; the last member gets the set's own tensor
+    q_copy, _ = shared.pop(["q"])
+    k_own, _ = shared.pop(["k"])
+    assert q_copy.data_ptr() != k_own.data_ptr() and torch.equal(q_copy, k_own)
+    assert "q" not in shared and len(shared) == 2

@@ -180,7 +180,6 @@ def test_projections_reading_the_same_input_get_the_same_hessian_as_computed_alo
     ]
     assert together == sorted(expected)
     assert sorted(recorder._checked) == sorted(linears(tiny_llama))
-    assert {n.rsplit(".", 1)[1] for n in gptq._leaders} == {"q_proj", "gate_proj"}
     # after the run every module computes with its quantized forward again
     assert all(m.quantization_enabled for m in linears(tiny_llama).values())
 

@@ -6,6 +6,7 @@ from compressor.modifiers.quantization.gptq.gptq import (
     round_to_nearest,
 )
 from compressor.modifiers.quantization.gptq.hessian import (
+    SharedHessians,
     accumulate_hessian,
     batch_hessian,
     inverse_hessian_cholesky,
@@ -14,6 +15,7 @@ from compressor.modifiers.quantization.gptq.hessian import (
 
 __all__ = [
     "GPTQResult",
+    "SharedHessians",
     "accumulate_hessian",
     "gptq_quantize_weight",
     "batch_hessian",

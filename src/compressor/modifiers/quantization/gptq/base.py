@@ -19,11 +19,9 @@ from compressor.core.state import State
 from compressor.modifiers.base import Modifier
 from compressor.modifiers.quantization.calibration import freeze_quantization
 from compressor.modifiers.quantization.gptq import (
-    accumulate_hessian,
-    batch_hessian,
+    SharedHessians,
     gptq_quantize_weight,
     round_to_nearest,
-    symmetrize_upper_,
 )
 from compressor.modifiers.quantization.scheme import (
     QuantizationSchemeMixin,
@@ -68,8 +66,8 @@ class GPTQModifier(QuantizationSchemeMixin, Modifier):
       every quantized forward on
     - ``finalize``: hooks removed; the modules stay quantized (frozen)
 
-    **Cost.** Linears that read one tensor (q/k/v, gate/up) compute its product ``x^T x``
-    once; a Linear alone on its input accumulates only the upper triangle. At a layer's end,
+    **Cost.** Linears that read one tensor (q/k/v, gate/up) share one Hessian and compute
+    its product ``x^T x`` once, upper triangle only (``SharedHessians``). At a layer's end,
     Linears with identical Hessians and row-wise scales are solved as one stacked weight. The
     Hessian hooks are forward pre-hooks and read nothing else, so the sequential pipeline
     may stop each calibration forward at the layer's last module
@@ -90,10 +88,7 @@ class GPTQModifier(QuantizationSchemeMixin, Modifier):
 
     _config: QuantizationConfig | None = PrivateAttr(default=None)
     _modules: dict[str, torch.nn.Module] = PrivateAttr(default_factory=dict)
-    _hessians: dict[str, tuple[torch.Tensor, int]] = PrivateAttr(default_factory=dict)
-    _shared_input: tuple[torch.Tensor, str, torch.Tensor] | None = PrivateAttr(default=None)
-    _leaders: set[str] = PrivateAttr(default_factory=set)
-    _upper_only: set[str] = PrivateAttr(default_factory=set)
+    _hessians: SharedHessians = PrivateAttr(default_factory=SharedHessians)
     _quantized: set[str] = PrivateAttr(default_factory=set)
 
     @field_validator("actorder", mode="before")
@@ -155,44 +150,12 @@ class GPTQModifier(QuantizationSchemeMixin, Modifier):
             module.quantization_enabled = False  # calibrate on the unquantized weights
 
     def _hessian_hook(self, name: str) -> Any:
+        hessians = self._hessians
+
         def hook(module: torch.nn.Module, inputs: tuple) -> None:
-            self._observe(name, inputs[0])
+            hessians.observe(name, inputs[0])
 
         return hook
-
-    def _observe(self, name: str, inputs: torch.Tensor) -> None:
-        """Fold one call's inputs into ``name``'s Hessian.
-
-        Linears that read the very same tensor one after the other (the q/k/v projections,
-        the gate/up projections) would each compute the same product ``x^T x``, the dominant
-        cost: it is computed once, kept while the next module reads that tensor, and added to
-        each of their running Hessians. A module is only worth keeping the product for once a
-        partner has been seen reading its input (or on its first call, to find out).
-        """
-        cached = self._shared_input
-        if cached is not None and cached[0] is inputs:
-            batch = cached[2]
-            self._leaders.add(cached[1])
-        elif name in self._leaders or name not in self._hessians:
-            batch = batch_hessian(inputs)
-            self._shared_input = (inputs, name, batch)
-        else:
-            self._shared_input = None
-            batch = None
-        hessian, count = self._hessians.get(name, (None, 0))
-        # alone on its input: only the upper triangle is updated (symmetrized before use)
-        self._hessians[name] = accumulate_hessian(
-            inputs, hessian, count, batch=batch, upper_only=batch is None
-        )
-        if batch is None:
-            self._upper_only.add(name)
-
-    def _complete_hessians(self, names: list[str]) -> None:
-        """Fill in the lower triangles that upper-only updates left stale."""
-        for name in names:
-            if name in self._upper_only:
-                symmetrize_upper_(self._hessians[name][0])
-                self._upper_only.discard(name)
 
     def on_update(self, state: State, event: Event) -> None:
         if event.type_ != EventType.SEQUENTIAL_EPOCH_END:
@@ -205,26 +168,26 @@ class GPTQModifier(QuantizationSchemeMixin, Modifier):
             for name, module in self._modules.items()
             if id(module) in inside and name in self._hessians
         ]
-        self._complete_hessians([name for name, _ in pending])
         for group in self._same_problem_groups(pending):
             self._quantize_group(group)
-        self._shared_input = None
 
     def on_end(self, state: State, event: Event) -> None:
-        self._complete_hessians(list(self._hessians))
+        rest = [
+            (name, module)
+            for name, module in self._modules.items()
+            if name not in self._quantized and name in self._hessians
+        ]
+        for group in self._same_problem_groups(rest):
+            self._quantize_group(group)
         for name, module in self._modules.items():
-            if name in self._quantized:
-                continue
-            if name in self._hessians:
-                self._quantize_group([(name, module)])
-            else:
+            if name not in self._quantized:
                 logger.warning(
                     "GPTQModifier: {} received no calibration data; rounding it to nearest",
                     name,
                 )
                 self._round_to_nearest(name, module)
         self.remove_hooks()
-        self._shared_input = None
+        self._hessians.clear()
         for module in self._modules.values():
             module.quantization_enabled = True
 
@@ -252,18 +215,15 @@ class GPTQModifier(QuantizationSchemeMixin, Modifier):
         groups: list[list[tuple[str, torch.nn.Module]]] = []
         for name, module in pending:
             args = self._weight_args(module)
-            hessian, count = self._hessians[name]
             for group in groups:
                 first_name, first = group[0]
-                first_hessian, first_count = self._hessians[first_name]
                 if (
                     args is not None
                     and args.strategy in _ROW_WISE
                     and args == self._weight_args(first)
-                    and count == first_count
                     and module.weight.dtype == first.weight.dtype
                     and module.weight.shape[1] == first.weight.shape[1]
-                    and torch.equal(hessian, first_hessian)
+                    and self._hessians.same_set(name, first_name)
                 ):
                     group.append((name, module))
                     break
@@ -275,9 +235,7 @@ class GPTQModifier(QuantizationSchemeMixin, Modifier):
         """Solve one GPTQ problem: a single Linear, or several sharing one Hessian with their
         rows stacked (``_same_problem_groups``); then write each module's share back."""
         names = [name for name, _ in group]
-        hessian, count = self._hessians.pop(names[0])
-        for name in names[1:]:
-            del self._hessians[name]
+        hessian, count = self._hessians.pop(names)
         modules = [module for _, module in group]
         args = self._weight_args(modules[0])
         if args is None:
@@ -296,7 +254,7 @@ class GPTQModifier(QuantizationSchemeMixin, Modifier):
             block_size=self.block_size,
             dampening_frac=self.dampening_frac,
             actorder=self.actorder,
-            overwrite_hessian=True,  # popped: no one else reads it
+            overwrite_hessian=True,  # popped: its own, or a copy
         )
         del hessian
         together = " (one problem)" if len(group) > 1 else ""

@@ -8,10 +8,13 @@ of its inverse, raising the dampening when ``H`` is not positive definite.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 from loguru import logger
 
 __all__ = [
+    "SharedHessians",
     "accumulate_hessian",
     "batch_hessian",
     "inverse_hessian_cholesky",
@@ -84,6 +87,129 @@ def accumulate_hessian(
     # one fused update: H <- H * n_old / n + (2 / n) x^T x
     hessian.addmm_(x.t(), x, beta=beta, alpha=alpha)
     return hessian, total
+
+
+class _Set:
+    """Linears that have read the very same tensors so far, and their one running Hessian."""
+
+    __slots__ = ("count", "hessian", "members", "stale_lower")
+
+    def __init__(self, members: set[str], hessian: torch.Tensor | None, count: int) -> None:
+        self.members = members
+        self.hessian = hessian
+        self.count = count
+        self.stale_lower = False
+
+
+class SharedHessians:
+    """Running Hessians of many Linears' inputs, one per set of Linears reading the same tensors.
+
+    Linears called one after the other on the very same tensor object (a decoder layer's
+    q/k/v projections, its gate/up projections) have equal Hessians: they form one set with
+    one Hessian, and each such tensor's product ``x^T x`` is computed once, straight into it
+    (no per-call temporary, no per-member copy). Each call's input is folded in lazily: it
+    is kept until a call brings another tensor (or ``flush``), and by then every Linear that
+    reads it has said so. Only the upper triangle is updated (``accumulate_hessian``'s
+    ``upper_only``); the lower one is filled in when a Hessian is read.
+
+    Nothing is assumed about the model: should a Linear stop reading what the rest of its set
+    reads, the set is split, each part keeping a copy of the Hessian so far.
+
+    :param dtype: accumulation dtype
+    """
+
+    def __init__(self, dtype: torch.dtype = torch.float32) -> None:
+        self.dtype = dtype
+        self._set_of: dict[str, _Set] = {}
+        self._pending: tuple[torch.Tensor, list[str]] | None = None
+
+    def observe(self, name: str, inputs: torch.Tensor) -> None:
+        """Record that Linear ``name`` was called on ``inputs`` ``(..., in_features)``."""
+        pending = self._pending
+        if pending is not None and pending[0] is inputs and name not in pending[1]:
+            pending[1].append(name)
+            return
+        self.flush()
+        self._pending = (inputs, [name])
+
+    def flush(self) -> None:
+        """Fold the pending input into the Hessian(s) of the Linears that read it."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        inputs, readers = pending
+        by_set: dict[int, tuple[_Set | None, list[str]]] = {}
+        for name in readers:
+            current = self._set_of.get(name)
+            by_set.setdefault(id(current), (current, []))[1].append(name)
+        for current, names in by_set.values():
+            target = self._set_for(current, names)
+            target.hessian, target.count = accumulate_hessian(
+                inputs, target.hessian, target.count, self.dtype, upper_only=True
+            )
+            target.stale_lower = True
+
+    def _set_for(self, current: _Set | None, names: list[str]) -> _Set:
+        """The set ``names`` form, splitting it off ``current`` if only part of it read."""
+        if current is not None and current.members == set(names):
+            return current
+        hessian, count = None, 0
+        if current is not None:  # the others read something else: they part ways here
+            current.members -= set(names)
+            if current.hessian is not None:
+                if current.stale_lower:
+                    symmetrize_upper_(current.hessian)
+                    current.stale_lower = False
+                hessian = current.hessian.clone()
+            count = current.count
+        split = _Set(set(names), hessian, count)
+        for name in names:
+            self._set_of[name] = split
+        return split
+
+    def __contains__(self, name: object) -> bool:
+        self.flush()
+        return name in self._set_of
+
+    def __iter__(self) -> Iterator[str]:
+        self.flush()
+        return iter(list(self._set_of))
+
+    def __len__(self) -> int:
+        self.flush()
+        return len(self._set_of)
+
+    def __getitem__(self, name: str) -> tuple[torch.Tensor, int]:
+        """``name``'s Hessian (shared with the rest of its set: do not modify) and the
+        number of samples (tokens) it averages."""
+        self.flush()
+        current = self._set_of[name]
+        assert current.hessian is not None
+        if current.stale_lower:
+            symmetrize_upper_(current.hessian)
+            current.stale_lower = False
+        return current.hessian, current.count
+
+    def same_set(self, first: str, second: str) -> bool:
+        """Whether the two Linears have read exactly the same tensors (one Hessian)."""
+        self.flush()
+        return self._set_of[first] is self._set_of[second]
+
+    def pop(self, names: list[str]) -> tuple[torch.Tensor, int]:
+        """Remove ``names`` (one set, or part of one) and return their Hessian: the set's own
+        tensor, free to overwrite, when they are its last members; else a copy."""
+        hessian, count = self[names[0]]
+        current = self._set_of[names[0]]
+        for name in names:
+            if self._set_of.get(name) is not current:
+                raise ValueError(f"{name} does not share {names[0]}'s Hessian")
+            del self._set_of[name]
+            current.members.discard(name)
+        return (hessian.clone() if current.members else hessian), count
+
+    def clear(self) -> None:
+        self._pending = None
+        self._set_of.clear()
 
 
 def symmetrize_upper_(hessian: torch.Tensor) -> torch.Tensor:
