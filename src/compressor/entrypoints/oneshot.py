@@ -15,6 +15,7 @@ from compressor.entrypoints.data import build_calibration_batches
 from compressor.entrypoints.loading import load_model, load_tokenizer
 from compressor.entrypoints.pipelines import PIPELINES, resolve_pipeline
 from compressor.entrypoints.saving import check_output_dir, save_checkpoint
+from compressor.utils.offload import check_offload_support, prepare_offloaded_model
 
 __all__ = ["oneshot"]
 
@@ -39,7 +40,9 @@ def oneshot(
     Every option is validated (``CalibrationArguments``, ``OutputArguments``) and the output
     directory checked before the model is loaded, so bad input fails at once.
 
-    :param model: a loaded model, a checkpoint directory or a ``.gguf`` file
+    :param model: a loaded model, a checkpoint directory or a ``.gguf`` file. A model loaded
+        offloaded (``from_pretrained(..., device_map=..., offload_folder=...)``) stays
+        offloaded: one decoder layer at a time is brought into memory (GPTQModifier only)
     :param recipe: a Recipe, a list of modifiers, a dict or a ``pathlib.Path`` to YAML
     :param dataset: a ``datasets.Dataset`` (``input_ids`` or ``text``), a list of str, a
         ``pathlib.Path`` to a text file, a DataLoader, or ``"self"`` (text sampled from the
@@ -78,6 +81,8 @@ def oneshot(
 
     tokenizer = load_tokenizer(model, tokenizer)
     loaded = load_model(model)
+    if prepare_offloaded_model(loaded):
+        check_offload_support(parsed.modifiers, device)
     name = resolve_pipeline(calibration.pipeline, parsed.modifiers, loaded)
     if name == "datafree":
         if dataset is not None:

@@ -242,6 +242,13 @@ class Modifier(BaseModel, HooksMixin):
         Hessians). Entry points use it to pick a pipeline and to fail early without data."""
         return False
 
+    def supports_offloaded_models(self) -> bool:
+        """Whether the modifier works on a model whose weights are offloaded (to CPU memory or
+        disk, ``compressor.utils.offload``): every weight it changes is written with
+        ``update_offload_parameter``, never into the temporary onloaded copy. Conservative
+        default: False (``oneshot`` then refuses an offloaded model with a clear error)."""
+        return False
+
     def calibration_reads_outputs(self) -> bool:
         """Whether the modifier's calibration hooks read anything computed after a module's
         inputs (module outputs, a decoder layer's output). When no modifier does, the

@@ -35,6 +35,7 @@ from compressor.entrypoints.data import Batch
 from compressor.entrypoints.pipelines.common import calibration_mode, model_device, to_device
 from compressor.modifiers.hooks import HooksMixin
 from compressor.utils.architecture import find_decoder_layers
+from compressor.utils.offload import is_offloaded, layer_onloaded
 
 __all__ = ["LayerInputs", "capture_layer_inputs", "run_sequential"]
 
@@ -159,6 +160,12 @@ def run_sequential(
     """
     path, layers = find_decoder_layers(model)
     _check_uniform_layers(model)
+    offloaded = is_offloaded(model)
+    if offloaded and device is not None:
+        raise ValueError(
+            f"device={device!r} with an offloaded model: each offloaded module computes on its "
+            "own onload device; leave device unset"
+        )
     home = model_device(model)
     target = torch.device(device) if device is not None else home
     logger.info("sequential pipeline over {} layers of {} on {}", len(layers), path, target)
@@ -172,32 +179,35 @@ def run_sequential(
         finally:
             _move_back(moved, home)
         for index, layer in enumerate(tqdm(layers, desc="layers")):
-            layer.to(target)
+            if target != home:
+                layer.to(target)
             try:
-                cutter = _CalibrationCutter(layer) if cut_short else None
-                try:
-                    for call in tqdm(inputs, desc=f"layer {index} calibration", leave=False):
+                # an offloaded layer's weights stay in memory for its turn only
+                with layer_onloaded(offloaded):
+                    cutter = _CalibrationCutter(layer) if cut_short else None
+                    try:
+                        for call in tqdm(inputs, desc=f"layer {index} calibration", leave=False):
+                            if cutter is not None:
+                                cutter(call)
+                            else:
+                                layer(*call.args, **call.kwargs)
+                    finally:
                         if cutter is not None:
-                            cutter(call)
-                        else:
-                            layer(*call.args, **call.kwargs)
-                finally:
-                    if cutter is not None:
-                        cutter.remove()
-                session.sequential_epoch_end(layer)
-                if index == len(layers) - 1 and not keep_outputs:
-                    inputs = []
-                    continue
-                with HooksMixin.disable_hooks():
-                    # each call's inputs are replaced by its outputs as soon as they exist,
-                    # so the old activations are freed batch by batch, not all at the end
-                    for position in tqdm(
-                        range(len(inputs)), desc=f"layer {index} outputs", leave=False
-                    ):
-                        call = inputs[position]
-                        output = _hidden_states(layer(*call.args, **call.kwargs))
-                        inputs[position] = call.with_hidden_states(output)
-                        del call
+                            cutter.remove()
+                    session.sequential_epoch_end(layer)
+                    if index == len(layers) - 1 and not keep_outputs:
+                        inputs = []
+                        continue
+                    with HooksMixin.disable_hooks():
+                        # each call's inputs are replaced by its outputs as soon as they exist,
+                        # so the old activations are freed batch by batch, not all at the end
+                        for position in tqdm(
+                            range(len(inputs)), desc=f"layer {index} outputs", leave=False
+                        ):
+                            call = inputs[position]
+                            output = _hidden_states(layer(*call.args, **call.kwargs))
+                            inputs[position] = call.with_hidden_states(output)
+                            del call
             finally:
                 if target != home:
                     layer.to(home)

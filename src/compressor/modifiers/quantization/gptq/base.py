@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
+from compressed_tensors.offload import update_offload_parameter
 from compressed_tensors.quantization import (
     QuantizationArgs,
     QuantizationConfig,
@@ -129,6 +130,9 @@ class GPTQModifier(QuantizationSchemeMixin, Modifier):
 
     def calibration_reads_outputs(self) -> bool:
         return False  # the Hessians need only each Linear's inputs (forward pre-hooks)
+
+    def supports_offloaded_models(self) -> bool:
+        return True  # weights, scales and zero points are written with update_offload_parameter
 
     def on_initialize(self, state: State) -> None:
         if state.model is None:
@@ -285,11 +289,16 @@ class GPTQModifier(QuantizationSchemeMixin, Modifier):
     def _write(
         module: torch.nn.Module, weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
     ) -> None:
-        module.weight.data.copy_(weight.to(module.weight.dtype))
-        module.weight_scale.data.copy_(scale.reshape(module.weight_scale.shape))
+        """Store the results; through ``update_offload_parameter``, so that an offloaded
+        module's weights are updated where they live, not in a temporary copy."""
+        current = module.weight
+        update_offload_parameter(module, "weight", weight.to(current.dtype))
+        update_offload_parameter(module, "weight_scale", scale.reshape(module.weight_scale.shape))
         zero_param = getattr(module, "weight_zero_point", None)
         if zero_param is not None:
-            zero_param.data.copy_(zero.reshape(zero_param.shape).to(zero_param.dtype))
+            update_offload_parameter(
+                module, "weight_zero_point", zero.reshape(zero_param.shape).to(zero_param.dtype)
+            )
 
     def _finish(self, name: str, module: torch.nn.Module) -> None:
         """The module's weight now lies on its grid. Its quantized forward is switched on only

@@ -1,0 +1,125 @@
+"""oneshot on a model loaded offloaded to disk: same result as in memory, one layer at a time."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from compressed_tensors.offload.cache import OffloadCache
+from datasets import Dataset
+from pydantic import PrivateAttr
+from tests.conftest import tiny_llama_config
+from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+from compressor import Recipe, oneshot
+from compressor.core.events import Event, EventType
+from compressor.core.state import State
+from compressor.modifiers.base import Modifier
+
+GPTQ_YAML = (
+    "modifiers:\n"
+    "  - GPTQModifier: {ignore: [lm_head], config_groups: {g: {targets: [Linear], weights:"
+    " {num_bits: 4, strategy: group, group_size: 16, symmetric: true}}}}\n"
+)
+GPTQ = Recipe.from_yaml(GPTQ_YAML)
+DISK_LAYERS = {
+    "model.embed_tokens": "cpu",
+    "model.layers.0": "disk",
+    "model.layers.1": "disk",
+    "model.norm": "cpu",
+    "model.rotary_emb": "cpu",
+    "lm_head": "cpu",
+}
+
+
+def calibration():
+    gen = torch.Generator().manual_seed(3)
+    return Dataset.from_dict({"input_ids": torch.randint(0, 128, (8, 24), generator=gen)})
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config()).eval()
+    model.save_pretrained(tmp_path / "fp")
+    return tmp_path
+
+
+def load_offloaded(checkpoint):
+    """As a user loads a model too large for memory: decoder layers offloaded to disk."""
+    return AutoModelForCausalLM.from_pretrained(
+        checkpoint / "fp", device_map=DISK_LAYERS, offload_folder=checkpoint / "offload"
+    ).eval()
+
+
+@Modifier.register()
+class OnloadedProbe(Modifier):
+    """At each layer's end: how many offloaded tensors are held in memory."""
+
+    _held: list = PrivateAttr(default_factory=list)
+
+    def supports_offloaded_models(self) -> bool:
+        return True
+
+    def requires_calibration_data(self) -> bool:
+        return True
+
+    def on_update(self, state: State, event: Event) -> None:
+        if event.type_ == EventType.SEQUENTIAL_EPOCH_END:
+            layer = state.batch_data
+            own = sum(len(m._parameters) for m in layer.modules())
+            self._held.append((len(OffloadCache.keep_onloaded_values), own))
+
+
+@pytest.mark.parametrize("pipeline", ["sequential", "basic"])
+def test_gptq_on_a_disk_offloaded_model_equals_the_in_memory_run(checkpoint, pipeline):
+    in_memory = AutoModelForCausalLM.from_pretrained(checkpoint / "fp").eval()
+    oneshot(in_memory, GPTQ, calibration(), pipeline=pipeline)
+
+    offloaded = load_offloaded(checkpoint)
+    assert offloaded.model.layers[0].self_attn.q_proj.weight.device.type == "meta"  # accelerate
+    probe = OnloadedProbe()
+    out = oneshot(
+        offloaded,
+        [*Recipe.from_yaml(GPTQ_YAML).modifiers, probe],
+        calibration(),
+        pipeline=pipeline,
+        output_dir=checkpoint / "quantized",
+    )
+    # the layers are still offloaded (converted to compressed-tensors' disk offloading)
+    q_proj = out.model.layers[1].self_attn.q_proj
+    assert (
+        isinstance(q_proj._parameters, OffloadCache) and q_proj._parameters.offload_device == "disk"
+    )
+    ids = torch.tensor([[5, 9, 1, 77, 3, 12, 40, 2]])
+    reloaded = AutoModelForCausalLM.from_pretrained(checkpoint / "quantized").eval()
+    original = AutoModelForCausalLM.from_pretrained(checkpoint / "fp").eval()
+    with torch.no_grad():
+        expected = in_memory(ids).logits
+        assert not torch.allclose(expected, original(ids).logits)  # GPTQ changed something
+        torch.testing.assert_close(out(ids).logits, expected, rtol=0, atol=1e-6)
+        torch.testing.assert_close(reloaded(ids).logits, expected, rtol=0, atol=1e-6)
+    if pipeline == "sequential":
+        # only the layer being compressed was held in memory at its end
+        assert len(probe._held) == 2
+        assert all(0 < held <= own for held, own in probe._held), probe._held
+
+
+def test_an_offloaded_model_is_refused_where_updates_would_be_lost(checkpoint):
+    rtn = Recipe.from_yaml(
+        "modifiers:\n  - QuantizationModifier: {scheme: W4A16, targets: [Linear]}\n"
+    )
+    with pytest.raises(ValueError, match="offloaded.*QuantizationModifier do\\(es\\) not support"):
+        oneshot(load_offloaded(checkpoint), rtn)
+    with pytest.raises(ValueError, match="device='cpu' with an offloaded model"):
+        oneshot(load_offloaded(checkpoint), GPTQ, calibration(), device="cpu")
+
+
+def test_accelerate_offloading_that_cannot_be_converted_is_a_clear_error(checkpoint):
+    from accelerate import cpu_offload
+
+    model = AutoModelForCausalLM.from_pretrained(checkpoint / "fp").eval()
+    cpu_offload(model, execution_device="cpu")
+    with pytest.raises(
+        ValueError, match="offloaded with accelerate hooks that cannot be converted"
+    ):
+        oneshot(model, GPTQ, calibration())
