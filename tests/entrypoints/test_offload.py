@@ -104,12 +104,55 @@ def test_gptq_on_a_disk_offloaded_model_equals_the_in_memory_run(checkpoint, pip
         assert all(0 < held <= own for held, own in probe._held), probe._held
 
 
-def test_an_offloaded_model_is_refused_where_updates_would_be_lost(checkpoint):
-    rtn = Recipe.from_yaml(
-        "modifiers:\n  - QuantizationModifier: {scheme: W4A16, targets: [Linear]}\n"
+W4_GROUP16 = (
+    "{g: {targets: [Linear], weights: {num_bits: 4, strategy: group, group_size: 16,"
+    " symmetric: true}}}"
+)
+
+
+@pytest.mark.parametrize(
+    "fields, pipeline",
+    [
+        (f"config_groups: {W4_GROUP16}", "datafree"),
+        ("scheme: W8A8", "sequential"),
+        ("scheme: W8A8", "basic"),
+        ("scheme: FP8_DYNAMIC", "auto"),
+    ],
+)
+def test_quantization_on_an_offloaded_model_equals_the_in_memory_run(checkpoint, fields, pipeline):
+    def recipe():
+        return Recipe.from_yaml(
+            f"modifiers:\n  - QuantizationModifier: {{{fields}, targets: [Linear],"
+            " ignore: [lm_head]}\n"
+        )
+
+    data = None if pipeline in ("datafree", "auto") else calibration()
+    in_memory = AutoModelForCausalLM.from_pretrained(checkpoint / "fp").eval()
+    oneshot(in_memory, recipe(), data, pipeline=pipeline)
+    out = oneshot(
+        load_offloaded(checkpoint),
+        recipe(),
+        data,
+        pipeline=pipeline,
+        output_dir=checkpoint / "quantized",
     )
-    with pytest.raises(ValueError, match="offloaded.*QuantizationModifier do\\(es\\) not support"):
-        oneshot(load_offloaded(checkpoint), rtn)
+    ids = torch.tensor([[5, 9, 1, 77, 3, 12, 40, 2]])
+    reloaded = AutoModelForCausalLM.from_pretrained(checkpoint / "quantized").eval()
+    original = AutoModelForCausalLM.from_pretrained(checkpoint / "fp").eval()
+    with torch.no_grad():
+        expected = in_memory(ids).logits
+        assert not torch.allclose(expected, original(ids).logits)
+        torch.testing.assert_close(out(ids).logits, expected, rtol=0, atol=1e-6)
+        torch.testing.assert_close(reloaded(ids).logits, expected, rtol=0, atol=1e-5)
+
+
+def test_an_offloaded_model_is_refused_where_updates_would_be_lost(checkpoint):
+    prune = Recipe.from_yaml(
+        "modifiers:\n  - SparsePruningModifier: {sparsity: 0.5, targets: [Linear],"
+        " ignore: [lm_head]}\n"
+    )
+    with pytest.raises(ValueError, match=r"offloaded.*SparsePruningModifier do\(es\) not support"):
+        oneshot(load_offloaded(checkpoint), prune, calibration())
     with pytest.raises(ValueError, match="device='cpu' with an offloaded model"):
         oneshot(load_offloaded(checkpoint), GPTQ, calibration(), device="cpu")
 

@@ -78,8 +78,8 @@ def check_offload_support(modifiers: Iterable[Any], device: str | None) -> None:
         raise ValueError(
             f"the model is offloaded (its weights live on CPU or disk and are brought in for "
             f"each forward), which {', '.join(unsupported)} do(es) not support yet: their "
-            "weight updates would be lost. Supported with offloading: GPTQModifier. Load the "
-            "model without offloading to use the others"
+            "weight updates would be lost. Supported with offloading: GPTQModifier, "
+            "QuantizationModifier. Load the model without offloading to use the others"
         )
     if device is not None:
         raise ValueError(

@@ -172,6 +172,11 @@ class QuantizationModifier(QuantizationSchemeMixin, Modifier):
         """True when a scheme has static activation ranges to observe."""
         return self.resolve_quantization_config().requires_calibration_data()
 
+    def supports_offloaded_models(self) -> bool:
+        """Post-training scales and baked weights are written with update_offload_parameter
+        (training-aware quantization does not run on offloaded models)."""
+        return True
+
     @property
     def quantized_modules(self) -> dict[str, torch.nn.Module]:
         """The modules this modifier quantizes, by name (known after initialize)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from compressed_tensors.offload import update_offload_parameter
 from compressed_tensors.quantization import QuantizationArgs, QuantizationStatus
 
 from compressor.modifiers.quantization.observers import qparams_from_range, weight_range
@@ -32,11 +33,18 @@ def set_qparams(
     :param where: the module's name, for errors about NaN or inf ranges
     """
     scale, zero_point = qparams_from_range(lo, hi, args, f"{where} ({base_name})")
+    # through update_offload_parameter: an offloaded module is updated where it lives
     param = getattr(module, f"{base_name}_scale")
-    param.data.copy_(scale.reshape(param.shape).to(param.dtype))
+    update_offload_parameter(
+        module, f"{base_name}_scale", scale.reshape(param.shape).to(param.dtype)
+    )
     zp_param = getattr(module, f"{base_name}_zero_point", None)
     if zp_param is not None:
-        zp_param.data.copy_(zero_point.reshape(zp_param.shape).to(zp_param.dtype))
+        update_offload_parameter(
+            module,
+            f"{base_name}_zero_point",
+            zero_point.reshape(zp_param.shape).to(zp_param.dtype),
+        )
 
 
 def update_weight_qparams(
@@ -85,4 +93,4 @@ def bake_quantized_weight(
         values, _ = low_bit_weight(module.weight, levels)  # type: ignore[arg-type]
     else:
         values = fake_quantize_weight(module.weight, args, where=name)
-    module.weight.copy_(values)
+    update_offload_parameter(module, "weight", values.to(module.weight.dtype))
