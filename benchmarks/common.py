@@ -121,15 +121,49 @@ def evaluate(model: Any, tokenizer: Any, spec: dict[str, Any] | None) -> float |
 
 
 # ------------------------------------------------------------------ models and files
-def load_model(path: str | Path) -> tuple[Any, Any]:
-    """The fp32 causal LM and its tokenizer from a local directory."""
+def load_model(path: str | Path, offload_folder: str | Path | None = None) -> tuple[Any, Any]:
+    """The fp32 causal LM and its tokenizer from a local directory.
+
+    :param offload_folder: load the decoder layers offloaded to disk there (accelerate's
+        ``device_map`` / ``offload_folder``), the rest in memory, as for a model larger than
+        memory
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    if offload_folder is None:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            path,
+            dtype=torch.float32,
+            device_map=layers_on_disk_map(path),
+            offload_folder=str(offload_folder),
+        )
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model, tokenizer
+
+
+def layers_on_disk_map(path: str | Path) -> dict[str, str]:
+    """accelerate device map of a Llama-family checkpoint: decoder layers on disk, the rest
+    (embeddings, final norm, rotary embedding, head) in CPU memory."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path)
+    with init_empty_weights():
+        skeleton = AutoModelForCausalLM.from_config(config)
+    device_map = {}
+    for name, _child in skeleton.named_children():
+        if name != "model":
+            device_map[name] = "cpu"
+    for name, _child in skeleton.model.named_children():
+        if name != "layers":
+            device_map[f"model.{name}"] = "cpu"
+    for index in range(len(skeleton.model.layers)):
+        device_map[f"model.layers.{index}"] = "disk"
+    return device_map
 
 
 def dir_size_mb(path: str | Path) -> float:

@@ -118,6 +118,22 @@ def gptq_cases(size: str) -> list[Case]:
                 repeats=repeats,
             )  # fmt: skip
         )
+        if model == {"quick": "llama-m", "full": "smollm2-135m"}.get(size):
+            # a model loaded with its decoder layers offloaded to disk (larger than memory)
+            cases.append(
+                Case(
+                    "gptq",
+                    "GPTQ W4A16 layers on disk",
+                    model,
+                    "oneshot",
+                    _both(gptq),
+                    calibration=calib,
+                    eval=ev,
+                    requires=(ONESHOT, "compressor.modifiers.GPTQModifier"),
+                    params={"layers_on_disk": True},
+                    repeats=repeats,
+                )  # fmt: skip
+            )
     return cases
 
 

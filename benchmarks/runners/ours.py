@@ -7,6 +7,7 @@ the table says so instead of showing a figure that was never measured.
 from __future__ import annotations
 
 import copy
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +41,9 @@ def oneshot_task(spec: dict[str, Any], phases: Phases) -> dict[str, Any]:
     """``compressor.oneshot`` with the case's recipe and calibration rows, then save and score."""
     _require_all(spec)
     oneshot = require("compressor.oneshot")
+    offload = tempfile.TemporaryDirectory() if spec["params"].get("layers_on_disk") else None
     with phases("load"):
-        model, tokenizer = load_model(spec["model_path"])
+        model, tokenizer = load_model(spec["model_path"], offload.name if offload else None)
         calib = spec.get("calibration")
         rows = calibration_ids(tokenizer, calib) if calib else None
         # the calibration set is input, built (and `datasets` imported) before the timing

@@ -6,6 +6,7 @@ tokens), the recipe in llm-compressor's own YAML, the same perplexity function.
 
 from __future__ import annotations
 
+import tempfile
 from typing import Any
 
 from benchmarks.common import (
@@ -22,8 +23,9 @@ from benchmarks.runners.timing import count_params
 def oneshot_task(spec: dict[str, Any], phases: Phases) -> dict[str, Any]:
     from llmcompressor import oneshot
 
+    offload = tempfile.TemporaryDirectory() if spec["params"].get("layers_on_disk") else None
     with phases("load"):
-        model, tokenizer = load_model(spec["model_path"])
+        model, tokenizer = load_model(spec["model_path"], offload.name if offload else None)
         calib = spec.get("calibration")
         rows = calibration_ids(tokenizer, calib) if calib else None
         # the calibration set is input, built before the timing (as on our side)
