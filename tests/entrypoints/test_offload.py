@@ -166,3 +166,45 @@ def test_accelerate_offloading_that_cannot_be_converted_is_a_clear_error(checkpo
         ValueError, match="offloaded with accelerate hooks that cannot be converted"
     ):
         oneshot(model, GPTQ, calibration())
+
+
+def test_oneshot_loads_a_checkpoint_with_its_layers_on_disk(checkpoint):
+    in_memory = oneshot(checkpoint / "fp", GPTQ, calibration())
+    out = oneshot(
+        checkpoint / "fp",
+        Recipe.from_yaml(GPTQ_YAML),
+        calibration(),
+        offload_folder=checkpoint / "offload",
+    )
+    for index in (0, 1):
+        q_proj = out.model.layers[index].self_attn.q_proj
+        assert q_proj._parameters.offload_device == "disk"
+    assert out.lm_head._parameters.offload_device.type == "cpu"  # the rest stays in memory
+    ids = torch.tensor([[5, 9, 1, 77, 3, 12, 40, 2]])
+    with torch.no_grad():
+        torch.testing.assert_close(out(ids).logits, in_memory(ids).logits, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="offload_folder applies when model is a checkpoint"):
+        oneshot(in_memory, GPTQ, calibration(), offload_folder=checkpoint / "offload")
+
+
+def test_cli_offload_folder(tmp_path, capsys, stories_model_path, tinystories_text):
+    from compressor.entrypoints.cli import main
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        "modifiers:\n  - GPTQModifier: {ignore: [lm_head], config_groups: {g: {targets:"
+        " [Linear], weights: {num_bits: 4, strategy: channel, symmetric: true}}}}\n"
+    )
+    data = tmp_path / "calib.txt"
+    data.write_text(tinystories_text[:20000])
+    args = ["oneshot", "--model", str(stories_model_path), "--recipe", str(recipe)]
+    args += ["--dataset", str(data), "--num-samples", "4", "--max-seq-length", "64"]
+    assert main([*args, "--output", str(tmp_path / "mem")]) == 0
+    disk = ["--output", str(tmp_path / "disk"), "--offload-folder", str(tmp_path / "off")]
+    assert main([*args, *disk]) == 0
+    assert "saved the compressed model" in capsys.readouterr().out
+    ids = torch.tensor([[1, 200, 31, 400, 5, 60, 7, 80]])
+    mem = AutoModelForCausalLM.from_pretrained(tmp_path / "mem").eval()
+    offloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "disk").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(offloaded(ids).logits, mem(ids).logits, rtol=0, atol=1e-6)

@@ -69,6 +69,7 @@ def _oneshot(args: argparse.Namespace) -> int:
         save_compressed=not args.dense,
         overwrite=args.overwrite,
         device=args.device,
+        offload_folder=args.offload_folder,
     )
     print(f"saved the compressed model to {args.output} in {time.perf_counter() - began:.1f} s")
     return 0
@@ -131,6 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--pipeline", default="auto", choices=["auto", "datafree", "basic", "sequential"]
     )
     one.add_argument("--device", help="compute device of the sequential pipeline (e.g. cuda)")
+    one.add_argument(
+        "--offload-folder",
+        help="load the decoder layers offloaded to disk here (a model larger than memory)",
+    )
     one.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     one.add_argument("--dense", action="store_true", help="save dense rather than packed weights")
     one.set_defaults(handler=_oneshot)

@@ -8,15 +8,26 @@ from typing import Any
 import torch
 from loguru import logger
 
-__all__ = ["load_model", "load_tokenizer"]
+__all__ = ["layers_on_disk_map", "load_model", "load_tokenizer"]
 
 
-def load_model(model: torch.nn.Module | str | Path) -> torch.nn.Module:
+def load_model(
+    model: torch.nn.Module | str | Path, offload_folder: str | Path | None = None
+) -> torch.nn.Module:
     """A loaded model as is; a checkpoint directory or a ``.gguf`` file loaded as a causal LM.
 
     A GGUF file is dequantized by transformers' GGUF loader (which needs the ``gguf`` package).
+
+    :param offload_folder: load a checkpoint directory with its decoder layers offloaded to
+        disk in this folder, the rest in memory (for a model larger than memory; the
+        sequential pipeline then brings in one layer at a time)
     """
     if isinstance(model, torch.nn.Module):
+        if offload_folder is not None:
+            raise ValueError(
+                "offload_folder applies when model is a checkpoint directory; a loaded model "
+                "is used as it was loaded (load it with device_map and offload_folder instead)"
+            )
         return model
     if not isinstance(model, str | Path):
         raise TypeError(
@@ -26,16 +37,49 @@ def load_model(model: torch.nn.Module | str | Path) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
     path = Path(model)
+    if offload_folder is not None and not path.is_dir():
+        raise ValueError(
+            f"offload_folder applies to checkpoint directories; {str(model)!r} is not one "
+            "(a .gguf file is dequantized in memory)"
+        )
     if path.is_file() and path.suffix == ".gguf":
         logger.info("loading {} (GGUF, dequantized)", path)
         loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
         return _as_dense_model(loaded, path)
     if path.is_dir():
+        if offload_folder is not None:
+            logger.info("loading {} with its decoder layers offloaded to {}", path, offload_folder)
+            return AutoModelForCausalLM.from_pretrained(
+                path, device_map=layers_on_disk_map(path), offload_folder=str(offload_folder)
+            )
         logger.info("loading {}", path)
         return AutoModelForCausalLM.from_pretrained(path)
     raise FileNotFoundError(
         f"model {str(model)!r} is neither a checkpoint directory nor a .gguf file"
     )
+
+
+def layers_on_disk_map(path: str | Path) -> dict[str, str]:
+    """An accelerate device map for the checkpoint at ``path``: each decoder layer on disk,
+    everything else (embeddings, final norm, head) in CPU memory."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from compressor.utils.architecture import find_decoder_layers
+
+    with init_empty_weights():
+        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+    layers_path, layers = find_decoder_layers(skeleton)
+    device_map: dict[str, str] = {}
+    parent = ""
+    for part in layers_path.split("."):  # siblings of each module on the way to the layers
+        for name, _child in skeleton.get_submodule(parent).named_children():
+            if name != part:
+                device_map[f"{parent}.{name}" if parent else name] = "cpu"
+        parent = f"{parent}.{part}" if parent else part
+    for index in range(len(layers)):
+        device_map[f"{layers_path}.{index}"] = "disk"
+    return device_map
 
 
 def _as_dense_model(model: Any, path: Path) -> Any:

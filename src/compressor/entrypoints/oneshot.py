@@ -34,6 +34,7 @@ def oneshot(
     save_compressed: bool = True,
     overwrite: bool = False,
     device: str | None = None,
+    offload_folder: str | Path | None = None,
 ) -> torch.nn.Module:
     """Compress ``model`` with ``recipe`` after training, calibrating on ``dataset``.
 
@@ -56,6 +57,8 @@ def oneshot(
     :param save_compressed: save the compressed format rather than dense weights
     :param overwrite: replace an existing ``output_dir``
     :param device: where the sequential pipeline computes, one layer at a time
+    :param offload_folder: with a checkpoint directory as ``model``: load its decoder layers
+        offloaded to disk in this folder (for a model larger than memory)
     :return: the compressed model
     """
     calibration = CalibrationArguments(
@@ -80,7 +83,7 @@ def oneshot(
         )
 
     tokenizer = load_tokenizer(model, tokenizer)
-    loaded = load_model(model)
+    loaded = load_model(model, offload_folder)
     if prepare_offloaded_model(loaded):
         check_offload_support(parsed.modifiers, device)
     name = resolve_pipeline(calibration.pipeline, parsed.modifiers, loaded)
