@@ -105,32 +105,22 @@ def gptq_cases(size: str) -> list[Case]:
                 repeats=repeats,
             )  # fmt: skip
         )
-        cases.append(
-            Case(
-                "gptq",
-                "GPTQ W4A16",
-                model,
-                "oneshot",
-                _both(gptq),
-                calibration=calib,
-                eval=ev,
-                requires=(ONESHOT, "compressor.modifiers.GPTQModifier"),
-                repeats=repeats,
-            )  # fmt: skip
-        )
-        if model == {"quick": "llama-m", "full": "smollm2-135m"}.get(size):
-            # a model loaded with its decoder layers offloaded to disk (larger than memory)
+        # on disk: the model loaded with its decoder layers offloaded (larger than memory)
+        on_disk = model == {"quick": "llama-m", "full": "smollm2-135m"}.get(size)
+        for name, params in [("GPTQ W4A16", {})] + on_disk * [
+            ("GPTQ W4A16 layers on disk", {"layers_on_disk": True})
+        ]:
             cases.append(
                 Case(
                     "gptq",
-                    "GPTQ W4A16 layers on disk",
+                    name,
                     model,
                     "oneshot",
                     _both(gptq),
                     calibration=calib,
                     eval=ev,
                     requires=(ONESHOT, "compressor.modifiers.GPTQModifier"),
-                    params={"layers_on_disk": True},
+                    params=params,
                     repeats=repeats,
                 )  # fmt: skip
             )
