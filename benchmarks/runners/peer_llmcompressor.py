@@ -36,6 +36,9 @@ def oneshot_task(spec: dict[str, Any], phases: Phases) -> dict[str, Any]:
             dataset=dataset,
             num_calibration_samples=len(rows),
             max_seq_length=len(rows[0]),
+            # in the given order, as ours: its default draws them in an unseeded random order,
+            # which changes GPTQ's rounding (and perplexity) from run to run
+            shuffle_calibration_samples=False,
         )
     with phases("compress"):
         result = oneshot(**kwargs)
