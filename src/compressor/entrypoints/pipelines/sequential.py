@@ -35,6 +35,7 @@ from compressor.entrypoints.data import Batch
 from compressor.entrypoints.pipelines.common import calibration_mode, model_device, to_device
 from compressor.modifiers.hooks import HooksMixin
 from compressor.utils.architecture import find_decoder_layers
+from compressor.utils.memory import release_free_memory
 from compressor.utils.offload import is_offloaded, layer_onloaded
 
 __all__ = ["LayerInputs", "capture_layer_inputs", "run_sequential"]
@@ -194,6 +195,7 @@ def run_sequential(
                     finally:
                         if cutter is not None:
                             cutter.remove()
+                    release_free_memory()  # the calibration forwards' temporaries
                     session.sequential_epoch_end(layer)
                     if index == len(layers) - 1 and not keep_outputs:
                         inputs = []
@@ -208,6 +210,7 @@ def run_sequential(
                             output = _hidden_states(layer(*call.args, **call.kwargs))
                             inputs[position] = call.with_hidden_states(output)
                             del call
+                    release_free_memory()
             finally:
                 if target != home:
                     layer.to(home)

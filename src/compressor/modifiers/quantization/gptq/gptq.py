@@ -246,7 +246,10 @@ def gptq_quantize_weight(
     perm = None
     if actorder is not None:
         perm = torch.argsort(h.diagonal(), descending=True)
-        w, h = w[:, perm], h[perm][:, perm]
+        w = w[:, perm]
+        # h is ours (a copy, or the caller's given up): permuted in place with one gather, so
+        # no second Hessian-sized matrix outlives this line (the widest are tens of MB)
+        h.copy_(h[perm.unsqueeze(1), perm])
     hinv, used_frac = inverse_hessian_cholesky(h, dampening_frac, overwrite=True)
     del h
 
