@@ -32,7 +32,9 @@ def main() -> None:
     parser.add_argument(
         "--orders", type=int, default=3, help="seeded shuffles after the given order"
     )
-    parser.add_argument("--work", type=Path, default=ROOT / "bench" / "results" / "tmp", help="model cache")
+    parser.add_argument(
+        "--work", type=Path, default=ROOT / "bench" / "results" / "tmp", help="model cache"
+    )
     args = parser.parse_args()
     set_threads(2)
     from compressor import oneshot
