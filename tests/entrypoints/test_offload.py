@@ -163,7 +163,7 @@ def test_accelerate_offloading_that_cannot_be_converted_is_a_clear_error(checkpo
     model = AutoModelForCausalLM.from_pretrained(checkpoint / "fp").eval()
     cpu_offload(model, execution_device="cpu")
     with pytest.raises(
-        ValueError, match="offloaded with accelerate hooks that cannot be converted"
+        ValueError, match="dispatched with accelerate hooks that cannot be converted"
     ):
         oneshot(model, GPTQ, calibration())
 
@@ -208,3 +208,29 @@ def test_cli_offload_folder(tmp_path, capsys, stories_model_path, tinystories_te
     offloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "disk").eval()
     with torch.no_grad():
         torch.testing.assert_close(offloaded(ids).logits, mem(ids).logits, rtol=0, atol=1e-6)
+
+
+def test_a_model_dispatched_by_accelerate_without_offloading_takes_every_modifier(checkpoint):
+    """accelerate's hooks (a multi-device device_map) are converted; nothing is offloaded, so
+    modifiers that write weights in place work as on a plain model."""
+    from accelerate import dispatch_model
+
+    placement = {name: "cpu" for name in DISK_LAYERS}
+    prune = (
+        "modifiers:\n  - SparsePruningModifier: {sparsity: 0.5, targets: [Linear],"
+        " ignore: [lm_head]}\n"
+    )
+    for yaml in (GPTQ_YAML, prune):
+        plain = AutoModelForCausalLM.from_pretrained(checkpoint / "fp").eval()
+        oneshot(plain, Recipe.from_yaml(yaml), calibration())
+        dispatched = AutoModelForCausalLM.from_pretrained(checkpoint / "fp").eval()
+        dispatch_model(dispatched, device_map=placement, force_hooks=True)
+        assert dispatched.model.layers[0].self_attn.q_proj._hf_hook is not None
+        out = oneshot(dispatched, Recipe.from_yaml(yaml), calibration())
+        ids = torch.tensor([[5, 9, 1, 77, 3, 12, 40, 2]])
+        with torch.no_grad():
+            torch.testing.assert_close(out(ids).logits, plain(ids).logits, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="device='cpu' with a model dispatched over devices"):
+        dispatched = AutoModelForCausalLM.from_pretrained(checkpoint / "fp").eval()
+        dispatch_model(dispatched, device_map=placement, force_hooks=True)
+        oneshot(dispatched, GPTQ, calibration(), device="cpu")

@@ -25,6 +25,7 @@ from loguru import logger
 
 __all__ = [
     "check_offload_support",
+    "is_dispatched",
     "is_offloaded",
     "layer_onloaded",
     "prepare_offloaded_model",
@@ -40,31 +41,45 @@ def _accelerate_offloads(module: torch.nn.Module) -> bool:
     return any(getattr(h, "offload", False) for h in hooks)
 
 
+def _offloads(module: torch.nn.Module) -> bool:
+    """Whether ``module``'s weights live elsewhere than where it computes (so that reading a
+    weight gives a temporary copy)."""
+    cache = module._parameters
+    if isinstance(cache, OffloadCache):
+        return str(cache.offload_device) != str(cache.onload_device)
+    return _accelerate_offloads(module)
+
+
+def is_dispatched(model: torch.nn.Module) -> bool:
+    """Whether compressed-tensors' dispatch places ``model``'s modules (offloaded or not)."""
+    return any(isinstance(m._parameters, OffloadCache) for m in model.modules())
+
+
 def is_offloaded(model: torch.nn.Module) -> bool:
-    """Whether any module of ``model`` is offloaded (compressed-tensors or accelerate)."""
-    return any(
-        isinstance(m._parameters, OffloadCache) or _accelerate_offloads(m) for m in model.modules()
-    )
+    """Whether any module of ``model`` keeps its weights off its compute device."""
+    return any(_offloads(m) for m in model.modules())
 
 
 def prepare_offloaded_model(model: torch.nn.Module) -> bool:
-    """Convert accelerate offloading to compressed-tensors' (in place), if there is any.
+    """Convert accelerate's dispatch (device map, offloading) to compressed-tensors' own, in
+    place, if the model has accelerate hooks: its quantization cannot wrap a forward that
+    accelerate already wrapped.
 
-    :return: whether the model is offloaded
-    :raises ValueError: accelerate offloading that cannot be converted (for example
+    :return: whether the model is offloaded (``is_offloaded``)
+    :raises ValueError: accelerate hooks that cannot be converted (for example
         ``accelerate.cpu_offload``, which keeps no record of where each weight lives)
     """
-    if any(_accelerate_offloads(m) for m in model.modules()):
+    if any(getattr(m, "_hf_hook", None) is not None for m in model.modules()):
         try:
             from_accelerate(model)
         except (RuntimeError, ValueError) as err:
             raise ValueError(
-                "the model is offloaded with accelerate hooks that cannot be converted to "
-                f"compressed-tensors' offloading ({err}). Load it with "
-                "from_pretrained(path, device_map=..., offload_folder=...) or without offloading"
+                "the model is dispatched with accelerate hooks that cannot be converted to "
+                f"compressed-tensors' dispatch ({err}). Load it with "
+                "from_pretrained(path, device_map=..., offload_folder=...) or without hooks"
             ) from err
-        logger.info("model offloaded with accelerate: converted to compressed-tensors offloading")
-    return any(isinstance(m._parameters, OffloadCache) for m in model.modules())
+        logger.info("model dispatched by accelerate: converted to compressed-tensors' dispatch")
+    return is_offloaded(model)
 
 
 def check_offload_support(modifiers: Iterable[Any], device: str | None) -> None:

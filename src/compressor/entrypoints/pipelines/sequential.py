@@ -36,7 +36,7 @@ from compressor.entrypoints.pipelines.common import calibration_mode, model_devi
 from compressor.modifiers.hooks import HooksMixin
 from compressor.utils.architecture import find_decoder_layers
 from compressor.utils.memory import release_free_memory
-from compressor.utils.offload import is_offloaded, layer_onloaded
+from compressor.utils.offload import is_dispatched, is_offloaded, layer_onloaded
 
 __all__ = ["LayerInputs", "capture_layer_inputs", "run_sequential"]
 
@@ -162,10 +162,10 @@ def run_sequential(
     path, layers = find_decoder_layers(model)
     _check_uniform_layers(model)
     offloaded = is_offloaded(model)
-    if offloaded and device is not None:
+    if device is not None and is_dispatched(model):
         raise ValueError(
-            f"device={device!r} with an offloaded model: each offloaded module computes on its "
-            "own onload device; leave device unset"
+            f"device={device!r} with a dispatched or offloaded model: each module computes on "
+            "its own onload device; leave device unset"
         )
     home = model_device(model)
     target = torch.device(device) if device is not None else home
