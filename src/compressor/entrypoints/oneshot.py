@@ -47,7 +47,8 @@ def oneshot(
 
     :param model: a loaded model, a checkpoint directory or a ``.gguf`` file. A model loaded
         offloaded (``from_pretrained(..., device_map=..., offload_folder=...)``) stays
-        offloaded: one decoder layer at a time is brought into memory (GPTQModifier only)
+        offloaded: one decoder layer at a time is brought into memory (GPTQModifier and
+        post-training QuantizationModifier; other modifiers are refused)
     :param recipe: a Recipe, a list of modifiers, a dict or a ``pathlib.Path`` to YAML
     :param dataset: a ``datasets.Dataset`` (``input_ids`` or ``text``), a list of str, a
         ``pathlib.Path`` to a text file, a DataLoader, or ``"self"`` (text sampled from the
