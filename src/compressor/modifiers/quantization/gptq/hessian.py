@@ -109,8 +109,10 @@ class SharedHessians:
     one Hessian, and each such tensor's product ``x^T x`` is computed once, straight into it
     (no per-call temporary, no per-member copy). Each call's input is folded in lazily: it
     is kept until a call brings another tensor (or ``flush``), and by then every Linear that
-    reads it has said so. Only the upper triangle is updated (``accumulate_hessian``'s
-    ``upper_only``); the lower one is filled in when a Hessian is read.
+    reads it has said so. (Deferring is safe: a Linear's input is saved for its backward, so
+    models that train never change it in place afterwards.) Only the upper triangle is
+    updated (``accumulate_hessian``'s ``upper_only``); the lower one is filled in when a
+    Hessian is read.
 
     Nothing is assumed about the model: should a Linear stop reading what the rest of its set
     reads, the set is split, each part keeping a copy of the Hessian so far.
