@@ -42,6 +42,23 @@ def tiny_llama_config(**overrides):
     return LlamaConfig(**values)
 
 
+def tiny_bert(**overrides):
+    """A randomly initialised two-layer BERT classifier (seed 0), in evaluation mode."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    values = dict(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=32,
+    )
+    values.update(overrides)
+    torch.manual_seed(0)
+    return BertForSequenceClassification(BertConfig(**values)).eval()
+
+
 @pytest.fixture
 def tiny_llama():
     """A randomly initialised two-layer Llama, small enough for every test."""

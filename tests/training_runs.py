@@ -152,17 +152,24 @@ def train_plain(rank: int = 0, world: int = 1) -> dict[str, torch.Tensor]:
     }
 
 
+def _train_shares(callback, tmp_path, world: int, epochs: int):
+    """Train the tiny Llama with ``callback``, each of ``world`` processes taking its share
+    of a batch of 4 (gloo when several)."""
+    settings = dict(per_device_train_batch_size=4 // world, num_train_epochs=epochs)
+    if world > 1:
+        settings["ddp_backend"] = "gloo"
+    trainer = make_trainer(model(), callback, tmp_path, **settings)
+    trainer.train()
+    return trainer
+
+
 def train_with_trainer(tmp_path, rank: int = 0, world: int = 1) -> dict[str, torch.Tensor]:
     """The Trainer with both test modifiers; each process takes its share of a batch of 4."""
     from compressor import CompressionCallback
 
     recipe = [InputRmsMaskModifier(start=1, end=3), OutputScaleModifier(start=1)]
     callback = CompressionCallback(recipe)
-    settings = dict(per_device_train_batch_size=4 // world, num_train_epochs=3)
-    if world > 1:
-        settings["ddp_backend"] = "gloo"
-    trainer = make_trainer(model(), callback, tmp_path / f"rank{rank}", **settings)
-    trainer.train()
+    trainer = _train_shares(callback, tmp_path / f"rank{rank}", world, epochs=3)
     mask = callback.modifiers[0]._mask
     return {"mask": mask, **{k: v.detach().clone() for k, v in trainer.model.state_dict().items()}}
 
@@ -181,11 +188,7 @@ def train_parametrized_with_trainer(tmp_path, rank: int = 0, world: int = 1) -> 
         ),
     ]
     callback = CompressionCallback(recipe)
-    settings = dict(per_device_train_batch_size=4 // world, num_train_epochs=2)
-    if world > 1:
-        settings["ddp_backend"] = "gloo"
-    trainer = make_trainer(model(), callback, tmp_path / f"qat-rank{rank}", **settings)
-    trainer.train()
+    trainer = _train_shares(callback, tmp_path / f"qat-rank{rank}", world, epochs=2)
     return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
 
 

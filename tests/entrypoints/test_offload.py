@@ -7,13 +7,13 @@ import torch
 from compressed_tensors.offload.cache import OffloadCache
 from datasets import Dataset
 from pydantic import PrivateAttr
-from tests.conftest import tiny_llama_config
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from compressor import Recipe, oneshot
 from compressor.core.events import Event, EventType
 from compressor.core.state import State
 from compressor.modifiers.base import Modifier
+from conftest import tiny_llama_config
 
 GPTQ_YAML = (
     "modifiers:\n"

@@ -16,8 +16,8 @@ from compressor.entrypoints.loading import load_model, load_tokenizer
 from compressor.entrypoints.pipelines import PIPELINES, resolve_pipeline
 from compressor.entrypoints.saving import check_output_dir, save_checkpoint
 from compressor.utils.offload import (
+    check_device_unset,
     check_offload_support,
-    is_dispatched,
     prepare_offloaded_model,
 )
 
@@ -90,12 +90,8 @@ def oneshot(
     tokenizer = load_tokenizer(model, tokenizer)
     loaded = load_model(model, offload_folder)
     if prepare_offloaded_model(loaded):
-        check_offload_support(parsed.modifiers, device)
-    elif device is not None and is_dispatched(loaded):
-        raise ValueError(
-            f"device={device!r} with a model dispatched over devices (device_map): each "
-            "module computes where the dispatch put it; leave device unset"
-        )
+        check_offload_support(parsed.modifiers)
+    check_device_unset(loaded, device)
     name = resolve_pipeline(calibration.pipeline, parsed.modifiers, loaded)
     if name == "datafree":
         if dataset is not None:

@@ -24,6 +24,7 @@ from compressed_tensors.offload.cache import OffloadCache
 from loguru import logger
 
 __all__ = [
+    "check_device_unset",
     "check_offload_support",
     "is_dispatched",
     "is_offloaded",
@@ -82,11 +83,10 @@ def prepare_offloaded_model(model: torch.nn.Module) -> bool:
     return is_offloaded(model)
 
 
-def check_offload_support(modifiers: Iterable[Any], device: str | None) -> None:
+def check_offload_support(modifiers: Iterable[Any]) -> None:
     """Refuse an offloaded model for modifiers that would write into temporary copies.
 
-    :raises ValueError: naming the modifiers that do not support offloaded models, or the
-        ``device`` option (an offloaded module computes on its own onload device)
+    :raises ValueError: naming the modifiers that do not support offloaded models
     """
     unsupported = sorted({type(m).__name__ for m in modifiers if not m.supports_offloaded_models()})
     if unsupported:
@@ -96,11 +96,21 @@ def check_offload_support(modifiers: Iterable[Any], device: str | None) -> None:
             "weight updates would be lost. Supported with offloading: GPTQModifier, "
             "QuantizationModifier. Load the model without offloading to use the others"
         )
-    if device is not None:
-        raise ValueError(
-            f"device={device!r} with an offloaded model: each offloaded module computes on "
-            "its own onload device (set when the model was loaded); leave device unset"
-        )
+
+
+def check_device_unset(model: torch.nn.Module, device: Any) -> None:
+    """Refuse a compute ``device`` for a dispatched or offloaded model: each of its modules
+    computes where its dispatch put it (its onload device).
+
+    :raises ValueError: naming the device
+    """
+    if device is None or not is_dispatched(model):
+        return
+    what = "an offloaded model" if is_offloaded(model) else "a model dispatched over devices"
+    raise ValueError(
+        f"device={str(device)!r} with {what} (device_map): each module computes on its own "
+        "onload device, set when the model was loaded; leave device unset"
+    )
 
 
 @contextlib.contextmanager

@@ -2,22 +2,11 @@ import torch
 
 from compressor import CompressionSession
 from compressor.modifiers import HeadPruningModifier, RowPruningModifier
+from conftest import tiny_bert
 
 
 def _bert():
-    from transformers import BertConfig, BertForSequenceClassification
-
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=64,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=48,
-        max_position_embeddings=32,
-        num_labels=3,
-    )
-    model = BertForSequenceClassification(config).eval()
+    model = tiny_bert(intermediate_size=48, num_labels=3)
     with torch.no_grad():  # BERT starts with zero biases; give them values that would leak
         for module in model.modules():
             if isinstance(module, torch.nn.Linear):

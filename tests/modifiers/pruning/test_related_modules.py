@@ -4,23 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import BertConfig, BertForSequenceClassification
+from transformers import BertForSequenceClassification
 
 from compressor import Recipe, create_session
 from compressor.modifiers import ChannelPruningModifier, HeadPruningModifier, RowPruningModifier
+from conftest import tiny_bert
 
 
 def _bert() -> BertForSequenceClassification:
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=64,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=32,
-    )
-    return BertForSequenceClassification(config).eval()
+    return tiny_bert()
 
 
 def _run(model: torch.nn.Module, recipe, inputs: dict, steps: int = 2) -> None:

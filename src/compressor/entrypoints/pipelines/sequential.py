@@ -36,7 +36,7 @@ from compressor.entrypoints.pipelines.common import calibration_mode, model_devi
 from compressor.modifiers.hooks import HooksMixin
 from compressor.utils.architecture import find_decoder_layers
 from compressor.utils.memory import release_free_memory
-from compressor.utils.offload import is_dispatched, is_offloaded, layer_onloaded
+from compressor.utils.offload import check_device_unset, is_offloaded, layer_onloaded
 
 __all__ = ["LayerInputs", "capture_layer_inputs", "run_sequential"]
 
@@ -161,12 +161,8 @@ def run_sequential(
     """
     path, layers = find_decoder_layers(model)
     _check_uniform_layers(model)
+    check_device_unset(model, device)
     offloaded = is_offloaded(model)
-    if device is not None and is_dispatched(model):
-        raise ValueError(
-            f"device={device!r} with a dispatched or offloaded model: each module computes on "
-            "its own onload device; leave device unset"
-        )
     home = model_device(model)
     target = torch.device(device) if device is not None else home
     logger.info("sequential pipeline over {} layers of {} on {}", len(layers), path, target)
@@ -185,37 +181,47 @@ def run_sequential(
             try:
                 # an offloaded layer's weights stay in memory for its turn only
                 with layer_onloaded(offloaded):
-                    cutter = _CalibrationCutter(layer) if cut_short else None
-                    try:
-                        for call in tqdm(inputs, desc=f"layer {index} calibration", leave=False):
-                            if cutter is not None:
-                                cutter(call)
-                            else:
-                                layer(*call.args, **call.kwargs)
-                    finally:
-                        if cutter is not None:
-                            cutter.remove()
+                    _calibrate(layer, inputs, cut_short, index)
                     release_free_memory()  # the calibration forwards' temporaries
                     session.sequential_epoch_end(layer)
-                    if index == len(layers) - 1 and not keep_outputs:
-                        inputs = []
-                        continue
-                    with HooksMixin.disable_hooks():
-                        # each call's inputs are replaced by its outputs as soon as they exist,
-                        # so the old activations are freed batch by batch, not all at the end
-                        for position in tqdm(
-                            range(len(inputs)), desc=f"layer {index} outputs", leave=False
-                        ):
-                            call = inputs[position]
-                            output = _hidden_states(layer(*call.args, **call.kwargs))
-                            inputs[position] = call.with_hidden_states(output)
-                            del call
+                    if index < len(layers) - 1 or keep_outputs:
+                        _propagate(layer, inputs, index)
+                    else:
+                        inputs = []  # nothing reads the last layer's outputs
                     release_free_memory()
             finally:
                 if target != home:
                     layer.to(home)
     session.calibration_epoch_end()
     return [call.hidden_states for call in inputs]
+
+
+def _calibrate(
+    layer: torch.nn.Module, inputs: list[LayerInputs], cut_short: bool, index: int
+) -> None:
+    """Run every cached call through ``layer`` with the modifiers' hooks live; with
+    ``cut_short``, each forward stops at the layer's last module (``_CalibrationCutter``)."""
+    cutter = _CalibrationCutter(layer) if cut_short else None
+    try:
+        for call in tqdm(inputs, desc=f"layer {index} calibration", leave=False):
+            if cutter is not None:
+                cutter(call)
+            else:
+                layer(*call.args, **call.kwargs)
+    finally:
+        if cutter is not None:
+            cutter.remove()
+
+
+def _propagate(layer: torch.nn.Module, inputs: list[LayerInputs], index: int) -> None:
+    """Replace each cached call's hidden states by ``layer``'s (compressed) outputs, in place
+    and one call at a time, so the old activations are freed as the new ones appear."""
+    with HooksMixin.disable_hooks():
+        for position in tqdm(range(len(inputs)), desc=f"layer {index} outputs", leave=False):
+            call = inputs[position]
+            inputs[position] = call.with_hidden_states(
+                _hidden_states(layer(*call.args, **call.kwargs))
+            )
 
 
 def _check_uniform_layers(model: torch.nn.Module) -> None:

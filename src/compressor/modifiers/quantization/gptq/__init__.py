@@ -8,7 +8,6 @@ from compressor.modifiers.quantization.gptq.gptq import (
 from compressor.modifiers.quantization.gptq.hessian import (
     SharedHessians,
     accumulate_hessian,
-    batch_hessian,
     inverse_hessian_cholesky,
     symmetrize_upper_,
 )
@@ -18,7 +17,6 @@ __all__ = [
     "SharedHessians",
     "accumulate_hessian",
     "gptq_quantize_weight",
-    "batch_hessian",
     "inverse_hessian_cholesky",
     "round_to_nearest",
     "symmetrize_upper_",

@@ -291,8 +291,7 @@ class GPTQModifier(QuantizationSchemeMixin, Modifier):
     ) -> None:
         """Store the results; through ``update_offload_parameter``, so that an offloaded
         module's weights are updated where they live, not in a temporary copy."""
-        current = module.weight
-        update_offload_parameter(module, "weight", weight.to(current.dtype))
+        update_offload_parameter(module, "weight", weight.to(module.weight.dtype))
         update_offload_parameter(module, "weight_scale", scale.reshape(module.weight_scale.shape))
         zero_param = getattr(module, "weight_zero_point", None)
         if zero_param is not None:

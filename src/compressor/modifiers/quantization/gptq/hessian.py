@@ -16,7 +16,6 @@ from loguru import logger
 __all__ = [
     "SharedHessians",
     "accumulate_hessian",
-    "batch_hessian",
     "inverse_hessian_cholesky",
     "symmetrize_upper_",
 ]
@@ -26,20 +25,11 @@ _SYMMETRIC_BLOCK = 128
 """Block rows of the upper-triangle-only Hessian update (see ``accumulate_hessian``)."""
 
 
-def batch_hessian(inputs: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """One batch's own Hessian ``2/n x^T x`` over the ``n`` tokens of a Linear's inputs
-    ``(..., in_features)``, in ``dtype``."""
-    x = inputs.detach().reshape(-1, inputs.shape[-1]).to(dtype)
-    out = torch.empty(x.shape[1], x.shape[1], dtype=dtype, device=x.device)
-    return torch.addmm(out, x.t(), x, beta=0.0, alpha=2.0 / max(x.shape[0], 1))
-
-
 def accumulate_hessian(
     inputs: torch.Tensor,
     hessian: torch.Tensor | None = None,
     num_samples: int = 0,
     dtype: torch.dtype = torch.float32,
-    batch: torch.Tensor | None = None,
     upper_only: bool = False,
 ) -> tuple[torch.Tensor, int]:
     """Fold a batch of a Linear's inputs into the running Hessian ``H = 2/n sum_t x_t x_t^T``.
@@ -52,8 +42,6 @@ def accumulate_hessian(
     :param hessian: the Hessian so far (updated in place), or None to start one
     :param num_samples: how many samples ``hessian`` already averages
     :param dtype: accumulation dtype (float32, or float64 for extra care)
-    :param batch: ``batch_hessian(inputs)`` when already computed (several Linears reading
-        the same inputs share it); else the update is one fused product with ``inputs``
     :param upper_only: update only the block rows on and above the diagonal (the Hessian is
         symmetric): about 40% fewer operations for wide inputs; the entries below the
         diagonal blocks are then stale until ``symmetrize_upper_``
@@ -70,10 +58,6 @@ def accumulate_hessian(
     if new == 0:
         return hessian, num_samples
     total = num_samples + new
-    if batch is not None:
-        # H <- H + new / n (B - H) = H * n_old / n + (2 / n) x^T x, with B = 2 / new x^T x
-        hessian.lerp_(batch.to(hessian), new / total)
-        return hessian, total
     x = x.to(device=hessian.device, dtype=hessian.dtype)
     beta, alpha = num_samples / total, 2.0 / total
     width = x.shape[1]
@@ -99,6 +83,14 @@ class _Set:
         self.hessian = hessian
         self.count = count
         self.stale_lower = False
+
+    def complete(self) -> torch.Tensor:
+        """The Hessian, its lower triangle filled in from the upper one if stale."""
+        assert self.hessian is not None
+        if self.stale_lower:
+            symmetrize_upper_(self.hessian)
+            self.stale_lower = False
+        return self.hessian
 
 
 class SharedHessians:
@@ -159,10 +151,7 @@ class SharedHessians:
         if current is not None:  # the others read something else: they part ways here
             current.members -= set(names)
             if current.hessian is not None:
-                if current.stale_lower:
-                    symmetrize_upper_(current.hessian)
-                    current.stale_lower = False
-                hessian = current.hessian.clone()
+                hessian = current.complete().clone()
             count = current.count
         split = _Set(set(names), hessian, count)
         for name in names:
@@ -186,11 +175,7 @@ class SharedHessians:
         number of samples (tokens) it averages."""
         self.flush()
         current = self._set_of[name]
-        assert current.hessian is not None
-        if current.stale_lower:
-            symmetrize_upper_(current.hessian)
-            current.stale_lower = False
-        return current.hessian, current.count
+        return current.complete(), current.count
 
     def same_set(self, first: str, second: str) -> bool:
         """Whether the two Linears have read exactly the same tensors (one Hessian)."""
