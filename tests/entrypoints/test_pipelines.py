@@ -267,3 +267,96 @@ def test_sequential_refuses_layers_with_different_masks():
         session.initialize(model=model, recipe=[LayerInputRecorder()])
         with pytest.raises(ValueError, match="layer_types.*use pipeline='basic'"):
             run_sequential(model, [], session)
+
+
+class MergingRecorder(InputsOnly):
+    """InputsOnly that lets the pipeline calibrate on merged calls."""
+
+    def calibration_merges_batches(self) -> bool:
+        return True
+
+
+def _equal_length_batches(count=5, length=12):
+    generator = torch.Generator().manual_seed(2)
+    sequences = [torch.randint(3, 128, (length,), generator=generator) for _ in range(count)]
+    return collate(sequences, batch_size=1, pad_id=0)
+
+
+def _batch_sizes_reaching(layer):
+    """Record the batch size of every call of ``layer`` (a plain hook: replays included)."""
+    sizes: list[int] = []
+
+    def hook(_m, args, kwargs):
+        sizes.append((args[0] if args else kwargs["hidden_states"]).shape[0])
+
+    return sizes, layer.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+@pytest.mark.parametrize("merges", [False, True])
+def test_equal_length_calls_run_merged_with_the_outputs_of_one_by_one(arch, merges, monkeypatch):
+    """Equal-length batches run through each layer together (up to MERGE_TOKENS tokens): the
+    outputs are those of the plain forward; calibration hooks see merged calls only when
+    every modifier accepts them, else each batch as the user batched it."""
+    import compressor.entrypoints.pipelines.sequential as sequential
+
+    monkeypatch.setattr(sequential, "MERGE_TOKENS", 24)  # two 12-token calls per forward
+    model = _build(arch)
+    batches = _equal_length_batches()
+    expected = _layer_inputs_of_plain_forward(model, batches)
+    recorder = MergingRecorder(reads_outputs=False) if merges else InputsOnly(reads_outputs=False)
+    layers = find_decoder_layers(model)[1]
+    sizes, handle = _batch_sizes_reaching(layers[1])
+    with create_session() as session:
+        session.initialize(model=model, recipe=[recorder])
+        try:
+            final = run_sequential(model, batches, session)
+        finally:
+            handle.remove()
+        session.finalize()
+    assert len(final) == len(batches)
+    for got, want in zip(final, expected[len(layers)], strict=True):
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # layer 1: calibration calls, then the re-run, merged two by two (5 = 2 + 2 + 1)
+    calibration = [2, 2, 1] if merges else [1] * 5
+    assert sizes == calibration + [2, 2, 1]
+    # every Linear saw every token once, grouped as the layer's calls were
+    for name, seen in recorder._inputs.items():
+        tokens = [x.shape[:-1].numel() for x in seen]
+        assert tokens == [12 * n for n in calibration] * (len(seen) // len(calibration)), name
+
+
+@pytest.mark.parametrize("mismatch", ["raises", "differs"])
+def test_layers_that_do_not_take_merged_calls_run_one_call_at_a_time(mismatch):
+    """A layer whose other arguments do not broadcast over a merged batch (it raises, or
+    silently computes something else) is detected on the first layer: the pipeline falls
+    back to one call at a time and the outputs are exactly those of the plain forward."""
+    model = _build("llama")
+    layers = find_decoder_layers(model)[1]
+    for layer in layers:
+        original = layer.forward
+
+        def forward(hidden_states, *args, _original=original, **kwargs):
+            batch = kwargs["position_embeddings"][0].shape[0]
+            if mismatch == "raises" and hidden_states.shape[0] != batch:
+                raise ValueError("position embeddings are for another batch size")
+            out = _original(hidden_states, *args, **kwargs)
+            if mismatch == "differs":  # depends on how many sequences share the call
+                out = out * hidden_states.shape[0]
+            return out
+
+        layer.forward = forward
+    batches = _equal_length_batches(count=3)
+    expected = _layer_inputs_of_plain_forward(model, batches)
+    sizes, handle = _batch_sizes_reaching(layers[2])
+    with create_session() as session:
+        session.initialize(model=model, recipe=[InputsOnly(reads_outputs=False)])
+        try:
+            final = run_sequential(model, batches, session)
+        finally:
+            handle.remove()
+        session.finalize()
+    for got, want in zip(final, expected[len(layers)], strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert sizes == [1] * 6  # 3 calibration calls, 3 re-runs

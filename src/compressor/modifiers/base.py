@@ -258,6 +258,15 @@ class Modifier(BaseModel, HooksMixin):
         """
         return True
 
+    def calibration_merges_batches(self) -> bool:
+        """Whether the modifier's calibration result is unchanged when several calibration
+        batches run through a layer as one forward (their rows stacked): true of statistics
+        summed or extremised over tokens (GPTQ's Hessians, min-max ranges), false of running
+        averages taken per batch. When every modifier says so, the sequential pipeline
+        calibrates on stacked batches, whose larger matrix products run faster; otherwise each
+        batch runs alone (as the user batched it). Conservative default: False."""
+        return False
+
     # ---------------------------------------------------------------- recipe form
     def recipe_args(self) -> dict[str, Any]:
         """The arguments that rebuild this modifier from a recipe (defaults left out)."""

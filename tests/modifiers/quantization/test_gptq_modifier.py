@@ -184,6 +184,43 @@ def test_projections_reading_the_same_input_get_the_same_hessian_as_computed_alo
     assert all(m.quantization_enabled for m in linears(tiny_llama).values())
 
 
+def test_hessians_are_the_same_whether_the_pipeline_merges_calls_or_not(monkeypatch):
+    """GPTQ accepts merged calibration calls (its Hessians sum over tokens): the sequential
+    pipeline then runs the 8 calibration rows through each layer as one forward, and every
+    Hessian GPTQ solves with equals the one accumulated a row at a time."""
+    import compressor.entrypoints.pipelines.sequential as sequential
+    import compressor.modifiers.quantization.gptq.base as gptq_base
+    from conftest import tiny_llama_config
+
+    solved = gptq_base.gptq_quantize_weight
+    default = sequential.MERGE_TOKENS
+    runs = {}
+    for merge_tokens in (default, 0):
+        hessians = []
+
+        def spy(weight, hessian, *args, _seen=hessians, **kwargs):
+            _seen.append(hessian.clone())
+            return solved(weight, hessian, *args, **kwargs)
+
+        monkeypatch.setattr(gptq_base, "gptq_quantize_weight", spy)
+        monkeypatch.setattr(sequential, "MERGE_TOKENS", merge_tokens)
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(tiny_llama_config()).eval()
+        calls: list[int] = []
+
+        def count(_m, args, kwargs, _calls=calls):
+            _calls.append((args[0] if args else kwargs["hidden_states"]).shape[0])
+
+        model.model.layers[1].register_forward_pre_hook(count, with_kwargs=True)
+        oneshot(model, [GPTQModifier(config_groups=GROUP16)], random_ids(), pipeline="sequential")
+        runs[merge_tokens] = (hessians, calls)
+    (merged, merged_calls), (alone, alone_calls) = runs[default], runs[0]
+    assert merged_calls[0] == 8 and alone_calls[0] == 1  # the first calibration forward
+    assert len(merged) == len(alone) == 8  # 2 layers: q/k/v, o, gate/up, down
+    for got, want in zip(merged, alone, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6 * float(want.abs().max()))
+
+
 def test_basic_pipeline_quantizes_every_linear_at_calibration_end(tiny_llama):
     gptq = GPTQModifier(config_groups=GROUP16, actorder="static")
     oneshot(tiny_llama, [gptq], random_ids(), pipeline="basic", batch_size=4)

@@ -14,6 +14,12 @@ each layer ``i``:
 No graph tracing is needed, so any model whose decoder layers ``find_decoder_layers`` finds
 works. Only the current layer and the cached activations sit on the compute device.
 
+Cached calls that differ only in their hidden states (equal-length batches, the usual case)
+run through a layer together, up to ``MERGE_TOKENS`` tokens per forward: larger matrix
+products run markedly faster on CPU, and the result is the same (checked once, on the first
+layer, against the calls run one by one). Re-runs always merge; calibration merges only when
+every modifier's statistics allow it (``Modifier.calibration_merges_batches``).
+
 The other arguments are taken from the first layer and reused for every layer, which holds
 for architectures whose layers all see the same mask (Llama-family, GPT-2, OPT, BERT; not
 models that alternate sliding-window and full attention per layer).
@@ -38,7 +44,12 @@ from compressor.utils.architecture import find_decoder_layers
 from compressor.utils.memory import release_free_memory
 from compressor.utils.offload import check_device_unset, is_offloaded, layer_onloaded
 
-__all__ = ["LayerInputs", "capture_layer_inputs", "run_sequential"]
+__all__ = ["MERGE_TOKENS", "LayerInputs", "capture_layer_inputs", "run_sequential"]
+
+MERGE_TOKENS = 1024
+"""Most tokens per merged forward of a layer (see the module doc). Bounds the extra activation
+memory of merging; on 2 CPU cores, 1024 tokens made a SmolLM2-135M GPTQ run 15% faster than
+one 256-token call at a time, for about 10 MB more peak memory."""
 
 
 @dataclass
@@ -57,6 +68,102 @@ class LayerInputs:
         if self.args:
             return LayerInputs((hidden_states, *self.args[1:]), self.kwargs)
         return LayerInputs(self.args, {**self.kwargs, "hidden_states": hidden_states})
+
+
+@dataclass
+class _Merged:
+    """Consecutive cached calls run as one: ``call`` holds their hidden states concatenated
+    along the batch dimension and their shared other arguments; ``sizes`` are the calls'
+    batch sizes (one entry: a call on its own)."""
+
+    call: LayerInputs
+    sizes: list[int]
+
+    def calls(self) -> list[LayerInputs]:
+        """The calls one by one (views into the merged hidden states)."""
+        if len(self.sizes) == 1:
+            return [self.call]
+        hidden = self.call.hidden_states.split(self.sizes)
+        return [self.call.with_hidden_states(h) for h in hidden]
+
+
+def _merge_calls(inputs: list[LayerInputs], max_tokens: int) -> list[_Merged]:
+    """Group consecutive calls whose hidden states have the same shape past the batch
+    dimension and whose other arguments are equal, up to ``max_tokens`` tokens a group."""
+    groups: list[list[LayerInputs]] = []
+    tokens = 0
+    for call in inputs:
+        size = call.hidden_states.shape[:-1].numel()
+        if groups and tokens + size <= max_tokens and _same_but_hidden(groups[-1][0], call):
+            groups[-1].append(call)
+            tokens += size
+        else:
+            groups.append([call])
+            tokens = size
+    merged = []
+    for group in groups:
+        if len(group) == 1:
+            merged.append(_Merged(group[0], [group[0].hidden_states.shape[0]]))
+            continue
+        hidden = torch.cat([call.hidden_states for call in group])
+        merged.append(
+            _Merged(group[0].with_hidden_states(hidden), [c.hidden_states.shape[0] for c in group])
+        )
+    return merged
+
+
+def _unmerge(merged: list[_Merged]) -> list[_Merged]:
+    return [_Merged(call, [call.hidden_states.shape[0]]) for m in merged for call in m.calls()]
+
+
+def _same_but_hidden(a: LayerInputs, b: LayerInputs) -> bool:
+    """Whether two calls differ at most in their hidden states' values and batch size."""
+    ha, hb = a.hidden_states, b.hidden_states
+    if ha.shape[1:] != hb.shape[1:] or ha.dtype != hb.dtype or ha.device != hb.device:
+        return False
+    rest_a = (a.args[1:], {k: v for k, v in a.kwargs.items() if k != "hidden_states"})
+    rest_b = (b.args[1:], {k: v for k, v in b.kwargs.items() if k != "hidden_states"})
+    return _equal(rest_a, rest_b)
+
+
+def _equal(a: Any, b: Any) -> bool:
+    if a is b:
+        return True
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (
+            isinstance(a, torch.Tensor)
+            and isinstance(b, torch.Tensor)
+            and a.shape == b.shape
+            and a.dtype == b.dtype
+            and a.device == b.device
+            and torch.equal(a, b)
+        )
+    if isinstance(a, tuple | list) and isinstance(b, tuple | list):
+        return type(a) is type(b) and len(a) == len(b) and all(map(_equal, a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
+    if a is None or b is None or isinstance(a, bool | int | float | str):
+        return type(a) is type(b) and a == b
+    return False  # other objects (a cache, a config): only the very same one is equal
+
+
+def _merging_is_exact(layer: torch.nn.Module, inputs: list[_Merged]) -> bool:
+    """Whether ``layer`` gives the first merged call the outputs of its calls run one by one
+    (the other arguments, taken from the first call, must broadcast over the larger batch).
+    True when nothing is merged."""
+    if not inputs or len(inputs[0].sizes) == 1:
+        return True
+    merged = inputs[0]
+    with HooksMixin.disable_hooks():
+        separate = torch.cat([_hidden_states(layer(*c.args, **c.kwargs)) for c in merged.calls()])
+        try:
+            together = _hidden_states(layer(*merged.call.args, **merged.call.kwargs))
+        except Exception as error:  # e.g. a mask whose batch dimension does not broadcast
+            logger.debug("merged calls fail on {}: {}", type(layer).__name__, error)
+            return False
+    if together.shape != separate.shape:
+        return False
+    return bool((together - separate).abs().max() <= 1e-4 * separate.abs().max().clamp_min(1.0))
 
 
 class _StopForward(Exception):
@@ -168,20 +275,33 @@ def run_sequential(
     logger.info("sequential pipeline over {} layers of {} on {}", len(layers), path, target)
     # stop each calibration forward early when no modifier reads past a module's inputs
     cut_short = not any(m.calibration_reads_outputs() for m in session.modifiers)
+    merge_calibration = all(m.calibration_merges_batches() for m in session.modifiers)
     session.calibration_epoch_start()
     with calibration_mode(model):
         moved = _move_outside(model, path, target) if target != home else []
         try:
-            inputs = capture_layer_inputs(model, layers[0], batches, target)
+            captured = capture_layer_inputs(model, layers[0], batches, target)
         finally:
             _move_back(moved, home)
+        inputs = _merge_calls(captured, MERGE_TOKENS)
+        del captured
         for index, layer in enumerate(tqdm(layers, desc="layers")):
             if target != home:
                 layer.to(target)
             try:
                 # an offloaded layer's weights stay in memory for its turn only
                 with layer_onloaded(offloaded):
-                    _calibrate(layer, inputs, cut_short, index)
+                    # merged calls are checked once, on the first layer, before it changes
+                    if index == 0 and not _merging_is_exact(layer, inputs):
+                        logger.info("{} does not take merged calls: one at a time", path)
+                        inputs = _unmerge(inputs)
+                    calls = (
+                        [m.call for m in inputs]
+                        if merge_calibration
+                        else [c for m in inputs for c in m.calls()]
+                    )
+                    _calibrate(layer, calls, cut_short, index)
+                    del calls
                     release_free_memory()  # the calibration forwards' temporaries
                     session.sequential_epoch_end(layer)
                     if index < len(layers) - 1 or keep_outputs:
@@ -193,7 +313,7 @@ def run_sequential(
                 if target != home:
                     layer.to(home)
     session.calibration_epoch_end()
-    return [call.hidden_states for call in inputs]
+    return [call.hidden_states for merged in inputs for call in merged.calls()]
 
 
 def _calibrate(
@@ -213,15 +333,15 @@ def _calibrate(
             cutter.remove()
 
 
-def _propagate(layer: torch.nn.Module, inputs: list[LayerInputs], index: int) -> None:
-    """Replace each cached call's hidden states by ``layer``'s (compressed) outputs, in place
-    and one call at a time, so the old activations are freed as the new ones appear."""
+def _propagate(layer: torch.nn.Module, inputs: list[_Merged], index: int) -> None:
+    """Replace each cached (merged) call's hidden states by ``layer``'s (compressed) outputs,
+    in place and one at a time, so the old activations are freed as the new ones appear."""
     with HooksMixin.disable_hooks():
         for position in tqdm(range(len(inputs)), desc=f"layer {index} outputs", leave=False):
-            call = inputs[position]
-            inputs[position] = call.with_hidden_states(
-                _hidden_states(layer(*call.args, **call.kwargs))
-            )
+            merged = inputs[position]
+            call = merged.call
+            output = _hidden_states(layer(*call.args, **call.kwargs))
+            inputs[position] = _Merged(call.with_hidden_states(output), merged.sizes)
 
 
 def _check_uniform_layers(model: torch.nn.Module) -> None:

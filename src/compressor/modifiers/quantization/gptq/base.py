@@ -131,6 +131,9 @@ class GPTQModifier(QuantizationSchemeMixin, Modifier):
     def calibration_reads_outputs(self) -> bool:
         return False  # the Hessians need only each Linear's inputs (forward pre-hooks)
 
+    def calibration_merges_batches(self) -> bool:
+        return True  # a Hessian sums x x^T over tokens, however they are batched
+
     def supports_offloaded_models(self) -> bool:
         return True  # weights, scales and zero points are written with update_offload_parameter
 
