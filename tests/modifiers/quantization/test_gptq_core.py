@@ -238,6 +238,12 @@ def test_rows_of_weights_sharing_a_hessian_can_be_solved_as_one_stacked_weight(s
     torch.testing.assert_close(stacked.weight, torch.cat([r.weight for r in alone]))
     torch.testing.assert_close(stacked.scale, torch.cat([r.scale for r in alone]))
     assert stacked.loss == pytest.approx(sum(r.loss for r in alone), rel=1e-4)
+    # given as a list, stacked inside (no concatenated copy by the caller): the same result
+    listed = gptq_quantize_weight(weights, h, args, block_size=32)
+    assert torch.equal(listed.weight, stacked.weight)
+    assert torch.equal(listed.scale, stacked.scale)
+    with pytest.raises(ValueError, match="same input columns"):
+        gptq_quantize_weight([weights[0], torch.randn(4, 32)], h, args)
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
@@ -282,6 +288,33 @@ def test_in_place_dampening_retries_like_the_copying_path():
     in_place, frac_in_place = inverse_hessian_cholesky(h.clone(), 0.01, overwrite=True)
     assert frac == frac_in_place > 0.01
     torch.testing.assert_close(in_place, copied)
+
+
+@pytest.mark.parametrize("size", [1, 7, 64])
+def test_the_in_place_flip_of_a_square_matrix_equals_flip(size):
+    from compressor.modifiers.quantization.gptq.hessian import _flip_square_
+
+    matrix = torch.randn(size, size)
+    expected = matrix.flip(0, 1)
+    storage = matrix.data_ptr()
+    flipped = _flip_square_(matrix, chunk=5)  # chunks that do not divide the halves
+    assert flipped.data_ptr() == storage
+    assert torch.equal(flipped, expected)
+
+
+def test_a_given_up_hessian_holds_the_factor_of_its_inverse():
+    """With ``overwrite`` the factor is written into the Hessian's own memory (for the widest
+    layers, two fewer Hessian-sized matrices), and it is the right factor."""
+    torch.manual_seed(0)
+    h, _ = accumulate_hessian(torch.randn(512, 48))
+    expected, _ = inverse_hessian_cholesky(h.clone(), 0.01)
+    given = h.clone()
+    upper, _ = inverse_hessian_cholesky(given, 0.01, overwrite=True)
+    assert upper.data_ptr() == given.data_ptr()
+    torch.testing.assert_close(upper, expected, rtol=0, atol=0)
+    assert torch.equal(upper, upper.triu())
+    dampened = h + 0.01 * h.diagonal().mean() * torch.eye(48)
+    torch.testing.assert_close(upper.t() @ upper, torch.linalg.inv(dampened), rtol=1e-3, atol=1e-4)
 
 
 def test_upper_triangle_accumulation_then_symmetrize_equals_the_full_hessian():

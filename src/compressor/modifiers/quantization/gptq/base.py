@@ -249,13 +249,8 @@ class GPTQModifier(QuantizationSchemeMixin, Modifier):
             for name, module in group:
                 self._finish(name, module)
             return
-        weight = (
-            modules[0].weight.data
-            if len(modules) == 1
-            else torch.cat([m.weight.data for m in modules])
-        )
         result = gptq_quantize_weight(
-            weight,
+            [m.weight.data for m in modules],  # stacked inside, without a copy of them here
             hessian,
             args,
             block_size=self.block_size,

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -182,7 +182,7 @@ def round_to_nearest(
 
 @torch.no_grad()
 def gptq_quantize_weight(
-    weight: torch.Tensor,
+    weight: torch.Tensor | Sequence[torch.Tensor],
     hessian: torch.Tensor,
     args: QuantizationArgs,
     *,
@@ -203,7 +203,9 @@ def gptq_quantize_weight(
     group's current (error-updated) columns, except with ``actorder="static"``, where every
     group's scale is fixed up front so the groups may stay contiguous in the original order.
 
-    :param weight: the Linear's weight (not modified)
+    :param weight: the Linear's weight (not modified); or several weights with the same
+        columns and one Hessian (q/k/v projections), quantized as one problem with their rows
+        stacked (the result holds them in that order), without a stacked copy of them
     :param hessian: ``(columns, columns)`` Hessian of the Linear's inputs
     :param args: compressed-tensors quantization args (int or float; tensor, channel or group)
     :param block_size: columns per lazy-update block
@@ -212,8 +214,16 @@ def gptq_quantize_weight(
     :param overwrite_hessian: the caller no longer needs ``hessian``: it may be changed in
         place instead of copied (saves two matrices of memory on the largest layers)
     """
-    _check(weight, args, block_size)
-    rows, columns = weight.shape
+    weights = [weight] if isinstance(weight, torch.Tensor) else list(weight)
+    if not weights:
+        raise ValueError("no weight to quantize")
+    for part in weights:
+        _check(part, args, block_size)
+    columns = weights[0].shape[1]
+    if any(part.shape[1] != columns for part in weights):
+        shapes = [tuple(part.shape) for part in weights]
+        raise ValueError(f"stacked weights must have the same input columns, got {shapes}")
+    rows = sum(part.shape[0] for part in weights)
     if hessian.shape != (columns, columns):
         raise ValueError(
             f"the Hessian is {tuple(hessian.shape)}, the weight has {columns} input columns"
@@ -225,44 +235,51 @@ def gptq_quantize_weight(
     if actorder == "group" and not grouped:
         actorder = "static"  # without groups, the two orders are the same
 
-    w = weight.detach().to(torch.float32).clone()
-    h = hessian.detach().to(device=w.device, dtype=torch.float32)
+    # Work on the transpose, built in one copy: each input column is then one contiguous row,
+    # which makes the thousands of per-column operations below several times cheaper.
+    device = weights[0].device
+    wt = torch.empty(columns, rows, dtype=torch.float32, device=device)
+    first = 0
+    for part in weights:
+        wt[:, first : first + part.shape[0]].copy_(part.detach().t())
+        first += part.shape[0]
+    h = hessian.detach().to(device=device, dtype=torch.float32)
     if h.data_ptr() == hessian.data_ptr() and not overwrite_hessian:
         h = h.clone()  # the caller's Hessian stays as it was
     dead = h.diagonal() == 0
     h[dead, dead] = 1.0
-    w[:, dead] = 0.0
+    wt[dead] = 0.0
 
     # scales that are fixed before any column is quantized
     fixed_scale = fixed_zero = None
     if args.strategy == QuantizationStrategy.TENSOR:
-        fixed_scale, fixed_zero = calculate_qparams(w.amin(), w.amax(), args)
+        fixed_scale, fixed_zero = calculate_qparams(wt.amin(), wt.amax(), args)
         fixed_scale, fixed_zero = fixed_scale.reshape(1, 1), fixed_zero.reshape(1, 1)
     elif not grouped or actorder == "static":
-        fixed_scale, fixed_zero = _qparams(w.reshape(rows * (columns // group_size), -1), args)
+        # per row and group of columns: (groups, group_size, rows) reduced over the group
+        by_group = wt.view(columns // group_size, group_size, rows)
+        low, high = by_group.amin(dim=1).t(), by_group.amax(dim=1).t()  # (rows, groups)
+        fixed_scale, fixed_zero = calculate_qparams(low.reshape(-1), high.reshape(-1), args)
         fixed_scale = fixed_scale.reshape(rows, -1)
         fixed_zero = fixed_zero.reshape(rows, -1)
 
     perm = None
     if actorder is not None:
         perm = torch.argsort(h.diagonal(), descending=True)
-        w = w[:, perm]
+        wt = wt[perm]
         # h is ours (a copy, or the caller's given up): permuted in place with one gather, so
         # no second Hessian-sized matrix outlives this line (the widest are tens of MB)
         h.copy_(h[perm.unsqueeze(1), perm])
+    # the inverse's factor takes h's memory
     hinv, used_frac = inverse_hessian_cholesky(h, dampening_frac, overwrite=True)
     del h
 
     num_groups = columns // group_size
-    scale = torch.empty(rows, num_groups, device=w.device)
-    zero = torch.empty(rows, num_groups, device=w.device, dtype=args.zp_dtype)
+    scale = torch.empty(rows, num_groups, device=device)
+    zero = torch.empty(rows, num_groups, device=device, dtype=args.zp_dtype)
     round_column = _column_rounder(args)
-    losses = torch.zeros(rows, device=w.device)
+    losses = torch.zeros(rows, device=device)
     current_scale = current_zero = None
-    # Work on the transpose: each input column is then one contiguous row, which makes the
-    # thousands of per-column operations below several times cheaper than strided columns.
-    wt = w.t().contiguous()
-    del w
     # Two levels of lazy updates: inside a block, each column's error reaches the rest of its
     # small sub-block at once (rank-1) and the rest of the block once per sub-block (one
     # matrix product); the block's error reaches later blocks once per block. Sub-blocks
@@ -332,7 +349,7 @@ def gptq_quantize_weight(
     if args.strategy == QuantizationStrategy.TENSOR:
         scale, zero = scale.reshape(1), zero.reshape(1)
     return GPTQResult(
-        weight=quantized.to(weight.dtype),
+        weight=quantized.to(weights[0].dtype),
         scale=scale,
         zero_point=zero.to(args.zp_dtype),
         g_idx=g_idx,

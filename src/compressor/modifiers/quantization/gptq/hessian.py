@@ -224,7 +224,8 @@ def inverse_hessian_cholesky(
     :param hessian: symmetric ``(n, n)`` Hessian (dead columns already handled)
     :param dampening_frac: fraction of the mean diagonal added to the diagonal
     :param overwrite: the caller no longer needs ``hessian`` (float32): it is dampened in
-        place instead of copied, which saves a matrix of memory for the largest layers
+        place instead of copied, and on success ``U`` is written into its memory, which
+        saves two matrices of memory for the largest layers
     :return: ``U`` with ``U^T U = (H + damp I)^-1`` (float32), and the dampening used
     """
     # one reduction instead of an elementwise isfinite: a NaN or inf anywhere makes it non-finite
@@ -237,12 +238,12 @@ def inverse_hessian_cholesky(
             in_place = overwrite and hessian.dtype == dtype
             dampened = hessian if in_place else hessian.to(dtype=dtype, copy=True)
             dampened.diagonal().add_(frac * mean_diag)
-            upper, ok = _upper_cholesky_of_inverse(dampened)
+            upper = _upper_cholesky_of_inverse(dampened, reuse=True)
+            if upper is not None:  # in ``dampened``'s memory
+                return upper.to(torch.float32), frac
             if in_place:
                 dampened.diagonal().sub_(frac * mean_diag)  # as it came, for a retry
-            if ok:
-                return upper.to(torch.float32), frac
-            del dampened, upper
+            del dampened
         raised = max(frac * 10.0, 1e-4)
         logger.warning(
             "Hessian is not positive definite with dampening_frac={:g}; retrying with {:g}",
@@ -256,21 +257,41 @@ def inverse_hessian_cholesky(
     )
 
 
-def _upper_cholesky_of_inverse(h: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    """``U`` upper triangular with ``U^T U = h^-1``, from one Cholesky and one triangular solve.
+def _upper_cholesky_of_inverse(h: torch.Tensor, reuse: bool = False) -> torch.Tensor | None:
+    """``U`` upper triangular with ``U^T U = h^-1``, from one Cholesky and one triangular solve;
+    None (``h`` unchanged) when ``h`` is not positive definite.
 
     With ``J`` the reversal permutation and ``J h J = L L^T``, ``U = J L^-1 J`` is upper
     triangular and ``U^T U = J L^-T L^-1 J = J (J h J)^-1 J = h^-1``. (Avoids
     ``cholesky_inverse`` followed by a second Cholesky, which is much slower on CPU.) Both
-    factorizations work in place, so at most two matrices besides ``h`` exist at once.
+    factorizations work in place; with ``reuse``, ``U`` is written into ``h``'s memory once
+    the Cholesky has succeeded, so no more than two such matrices ever exist at once.
     """
     lower = h.flip(0, 1)
     info = torch.empty((), dtype=torch.int32, device=h.device)
     torch.linalg.cholesky_ex(lower, out=(lower, info))
     if info != 0 or not torch.isfinite(lower.diagonal()).all():
-        return h, False
-    inverse = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+        return None
+    if reuse:  # h is no longer needed: its memory takes the inverse
+        inverse = h.zero_()
+        inverse.diagonal().fill_(1.0)
+    else:
+        inverse = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
     # a successful Cholesky has a positive diagonal, so the triangular inverse exists
     torch.linalg.solve_triangular(lower, inverse, upper=False, out=inverse)
     del lower
-    return inverse.flip(0, 1), True
+    return _flip_square_(inverse)
+
+
+def _flip_square_(matrix: torch.Tensor, chunk: int = 1 << 18) -> torch.Tensor:
+    """``matrix.flip(0, 1)`` in place, for a contiguous matrix: reversing both axes reverses
+    its flat storage, done ``chunk`` elements at a time from both ends (no full copy)."""
+    flat = matrix.view(-1)
+    size = flat.numel()
+    half = size // 2
+    for start in range(0, half, chunk):
+        stop = min(start + chunk, half)
+        head = flat[start:stop].clone()
+        flat[start:stop] = flat[size - stop : size - start].flip(0)
+        flat[size - stop : size - start] = head.flip(0)
+    return matrix
