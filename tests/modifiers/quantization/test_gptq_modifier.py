@@ -193,9 +193,9 @@ def test_hessians_are_the_same_whether_the_pipeline_merges_calls_or_not(monkeypa
     from conftest import tiny_llama_config
 
     solved = gptq_base.gptq_quantize_weight
-    default = sequential.MERGE_TOKENS
+    default = sequential.MERGE_ELEMENTS
     runs = {}
-    for merge_tokens in (default, 0):
+    for merge_elements in (default, 0):
         hessians = []
 
         def spy(weight, hessian, *args, _seen=hessians, **kwargs):
@@ -203,7 +203,7 @@ def test_hessians_are_the_same_whether_the_pipeline_merges_calls_or_not(monkeypa
             return solved(weight, hessian, *args, **kwargs)
 
         monkeypatch.setattr(gptq_base, "gptq_quantize_weight", spy)
-        monkeypatch.setattr(sequential, "MERGE_TOKENS", merge_tokens)
+        monkeypatch.setattr(sequential, "MERGE_ELEMENTS", merge_elements)
         torch.manual_seed(0)
         model = LlamaForCausalLM(tiny_llama_config()).eval()
         calls: list[int] = []
@@ -213,7 +213,7 @@ def test_hessians_are_the_same_whether_the_pipeline_merges_calls_or_not(monkeypa
 
         model.model.layers[1].register_forward_pre_hook(count, with_kwargs=True)
         oneshot(model, [GPTQModifier(config_groups=GROUP16)], random_ids(), pipeline="sequential")
-        runs[merge_tokens] = (hessians, calls)
+        runs[merge_elements] = (hessians, calls)
     (merged, merged_calls), (alone, alone_calls) = runs[default], runs[0]
     assert merged_calls[0] == 8 and alone_calls[0] == 1  # the first calibration forward
     assert len(merged) == len(alone) == 8  # 2 layers: q/k/v, o, gate/up, down
