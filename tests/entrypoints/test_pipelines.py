@@ -293,16 +293,22 @@ def _batch_sizes_reaching(layer):
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
-@pytest.mark.parametrize("merges", [False, True])
-def test_equal_length_calls_run_merged_with_the_outputs_of_one_by_one(arch, merges, monkeypatch):
-    """Equal-length batches run through each layer together (up to MERGE_ELEMENTS values): the
+@pytest.mark.parametrize(("merges", "cap"), [(False, "tokens"), (True, "tokens"), (True, "values")])
+def test_equal_length_calls_run_merged_with_the_outputs_of_one_by_one(
+    arch, merges, cap, monkeypatch
+):
+    """Equal-length batches run through each layer together (up to MERGE_TOKENS tokens and
+    MERGE_ELEMENTS values): the
     outputs are those of the plain forward; calibration hooks see merged calls only when
     every modifier accepts them, else each batch as the user batched it."""
     import compressor.entrypoints.pipelines.sequential as sequential
 
     model = _build(arch)
-    # two 12-token calls per forward
-    monkeypatch.setattr(sequential, "MERGE_ELEMENTS", 24 * model.config.hidden_size)
+    # two 12-token calls per forward, whichever bound decides
+    if cap == "tokens":
+        monkeypatch.setattr(sequential, "MERGE_TOKENS", 24)
+    else:
+        monkeypatch.setattr(sequential, "MERGE_ELEMENTS", 24 * model.config.hidden_size)
     batches = _equal_length_batches()
     expected = _layer_inputs_of_plain_forward(model, batches)
     recorder = MergingRecorder(reads_outputs=False) if merges else InputsOnly(reads_outputs=False)

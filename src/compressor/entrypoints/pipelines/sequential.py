@@ -15,8 +15,8 @@ No graph tracing is needed, so any model whose decoder layers ``find_decoder_lay
 works. Only the current layer and the cached activations sit on the compute device.
 
 Cached calls that differ only in their hidden states (equal-length batches, the usual case)
-run through a layer together, up to ``MERGE_ELEMENTS`` hidden-state values per forward:
-larger matrix products run markedly faster on CPU, and the result is the same (checked once, on the first
+run through a layer together, up to ``MERGE_TOKENS`` tokens and ``MERGE_ELEMENTS``
+hidden-state values per forward: larger matrix products run markedly faster on CPU, and the result is the same (checked once, on the first
 layer, against the calls run one by one). Re-runs always merge; calibration merges only when
 every modifier's statistics allow it (``Modifier.calibration_merges_batches``).
 
@@ -44,7 +44,17 @@ from compressor.utils.architecture import find_decoder_layers
 from compressor.utils.memory import release_free_memory
 from compressor.utils.offload import check_device_unset, is_offloaded, layer_onloaded
 
-__all__ = ["MERGE_ELEMENTS", "LayerInputs", "capture_layer_inputs", "run_sequential"]
+__all__ = [
+    "MERGE_ELEMENTS",
+    "MERGE_TOKENS",
+    "LayerInputs",
+    "capture_layer_inputs",
+    "run_sequential",
+]
+
+MERGE_TOKENS = 1024
+"""Most tokens per merged forward of a layer: bounds the attention's memory (which grows with
+the number of sequences) on narrow models, whose hidden states alone would allow many more."""
 
 MERGE_ELEMENTS = 1024 * 576
 """Most hidden-state values (tokens x hidden size) per merged forward of a layer (see the module
@@ -89,20 +99,26 @@ class _Merged:
         return [self.call.with_hidden_states(h) for h in hidden]
 
 
-def _merge_calls(inputs: list[LayerInputs], max_elements: int) -> list[_Merged]:
+def _merge_calls(inputs: list[LayerInputs], max_tokens: int, max_elements: int) -> list[_Merged]:
     """Group consecutive calls whose hidden states have the same shape past the batch
-    dimension and whose other arguments are equal, up to ``max_elements`` hidden-state values
-    a group."""
+    dimension and whose other arguments are equal, up to ``max_tokens`` tokens and
+    ``max_elements`` hidden-state values a group."""
     groups: list[list[LayerInputs]] = []
-    elements = 0
+    tokens = elements = 0
     for call in inputs:
-        size = call.hidden_states.numel()
-        if groups and elements + size <= max_elements and _same_but_hidden(groups[-1][0], call):
+        hidden = call.hidden_states
+        size, length = hidden.numel(), hidden.shape[:-1].numel()
+        if (
+            groups
+            and tokens + length <= max_tokens
+            and elements + size <= max_elements
+            and _same_but_hidden(groups[-1][0], call)
+        ):
             groups[-1].append(call)
-            elements += size
+            tokens, elements = tokens + length, elements + size
         else:
             groups.append([call])
-            elements = size
+            tokens, elements = length, size
     merged = []
     for group in groups:
         if len(group) == 1:
@@ -286,7 +302,7 @@ def run_sequential(
             captured = capture_layer_inputs(model, layers[0], batches, target)
         finally:
             _move_back(moved, home)
-        inputs = _merge_calls(captured, MERGE_ELEMENTS)
+        inputs = _merge_calls(captured, MERGE_TOKENS, MERGE_ELEMENTS)
         del captured
         for index, layer in enumerate(tqdm(layers, desc="layers")):
             if target != home:
