@@ -306,8 +306,15 @@ def gptq_quantize_weight(
             block_diag = block_hinv.diagonal().unsqueeze(1)
             diagonal = block_diag.squeeze(1).tolist()
             width = stop - start
+            # per-column views made once per block: indexing costs as much as a small kernel
+            rows_w, rows_q, rows_e = block.unbind(0), block_q.unbind(0), block_err.unbind(0)
             for sub in range(0, width, inner):
                 sub_end = min(sub + inner, width)
+                # each column's error reaches the whole sub-block through its Hessian row with
+                # zeros up to its own position: the rows already quantized (and its own) get
+                # exact zeros added, so one view serves every column
+                target = block[sub:sub_end]
+                feedback = block_hinv[sub:sub_end, sub:sub_end].triu(1).unbind(0)
                 for i in range(sub, sub_end):
                     col = start + i  # position in the (possibly permuted) order
                     if fixed_scale is not None:
@@ -319,14 +326,12 @@ def gptq_quantize_weight(
                         g = col // group_size
                         scale[:, g], zero[:, g] = current_scale, current_zero
                         s, zf = current_scale, current_zero.to(block.dtype)
-                    column = block[i]
-                    q = round_column(column, s, zf, out=block_q[i])
+                    column = rows_w[i]
+                    q = round_column(column, s, zf, out=rows_q[i])
                     # the raw rounding error; scaled by 1 / [H^-1]_ii once per sub-block below
-                    diff = torch.sub(column, q, out=block_err[i])
+                    diff = torch.sub(column, q, out=rows_e[i])
                     if i + 1 < sub_end:  # this column's error to the rest of its sub-block
-                        block[i + 1 : sub_end].addr_(
-                            block_hinv[i, i + 1 : sub_end], diff, alpha=-1.0 / diagonal[i]
-                        )
+                        target.addr_(feedback[i - sub], diff, alpha=-1.0 / diagonal[i])
                 block_err[sub:sub_end].div_(block_diag[sub:sub_end])
                 if sub_end < width:  # the sub-block's errors to the rest of the block
                     block[sub_end:].addmm_(
