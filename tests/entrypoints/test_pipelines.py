@@ -367,3 +367,34 @@ def test_layers_that_do_not_take_merged_calls_run_one_call_at_a_time(mismatch):
     for got, want in zip(final, expected[len(layers)], strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
     assert sizes == [1] * 6  # 3 calibration calls, 3 re-runs
+
+
+def test_merging_never_holds_the_cached_inputs_twice(monkeypatch):
+    """The capture cache can be the largest thing in memory: each call's own hidden states are
+    released as soon as its group's merged copy exists, not after all groups are made."""
+    import gc
+    import weakref
+
+    import compressor.entrypoints.pipelines.sequential as sequential
+    from compressor.entrypoints.pipelines.sequential import LayerInputs
+
+    shared = {"attention_mask": None, "position_ids": torch.arange(12)[None]}
+    calls = [LayerInputs((torch.randn(1, 12, 8),), dict(shared)) for _ in range(6)]
+    originals = [weakref.ref(call.hidden_states) for call in calls]
+    alive_at_each_cat = []
+    cat = torch.cat
+
+    def spy(tensors, *args, **kwargs):
+        gc.collect()
+        alive_at_each_cat.append(sum(ref() is not None for ref in originals))
+        return cat(tensors, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "cat", spy)
+    merged = sequential._merge_calls(calls, max_tokens=24, max_elements=10**9)
+    monkeypatch.setattr(torch, "cat", cat)
+    assert [m.sizes for m in merged] == [[1, 1]] * 3
+    assert calls == []  # the caller's list was emptied
+    # at the k-th merge, the calls of the k-1 groups before are already gone
+    assert alive_at_each_cat == [6, 4, 2]
+    gc.collect()
+    assert all(ref() is None for ref in originals)

@@ -102,32 +102,39 @@ class _Merged:
 def _merge_calls(inputs: list[LayerInputs], max_tokens: int, max_elements: int) -> list[_Merged]:
     """Group consecutive calls whose hidden states have the same shape past the batch
     dimension and whose other arguments are equal, up to ``max_tokens`` tokens and
-    ``max_elements`` hidden-state values a group."""
-    groups: list[list[LayerInputs]] = []
+    ``max_elements`` hidden-state values a group.
+
+    ``inputs`` is emptied group by group as the merged copies are made, so the cache is never
+    held twice (it can be the largest thing in memory)."""
+    groups: list[list[int]] = []
     tokens = elements = 0
-    for call in inputs:
+    for position, call in enumerate(inputs):
         hidden = call.hidden_states
         size, length = hidden.numel(), hidden.shape[:-1].numel()
         if (
             groups
             and tokens + length <= max_tokens
             and elements + size <= max_elements
-            and _same_but_hidden(groups[-1][0], call)
+            and _same_but_hidden(inputs[groups[-1][0]], call)
         ):
-            groups[-1].append(call)
+            groups[-1].append(position)
             tokens, elements = tokens + length, elements + size
         else:
-            groups.append([call])
+            groups.append([position])
             tokens, elements = length, size
     merged = []
     for group in groups:
-        if len(group) == 1:
-            merged.append(_Merged(group[0], [group[0].hidden_states.shape[0]]))
-            continue
-        hidden = torch.cat([call.hidden_states for call in group])
-        merged.append(
-            _Merged(group[0].with_hidden_states(hidden), [c.hidden_states.shape[0] for c in group])
-        )
+        calls = [inputs[position] for position in group]
+        sizes = [call.hidden_states.shape[0] for call in calls]
+        if len(calls) == 1:
+            merged.append(_Merged(calls[0], sizes))
+        else:
+            hidden = torch.cat([call.hidden_states for call in calls])
+            merged.append(_Merged(calls[0].with_hidden_states(hidden), sizes))
+        for position in group:  # release the calls' own hidden states now
+            inputs[position] = merged[-1].call
+        del calls
+    inputs.clear()
     return merged
 
 
