@@ -16,9 +16,10 @@ works. Only the current layer and the cached activations sit on the compute devi
 
 Cached calls that differ only in their hidden states (equal-length batches, the usual case)
 run through a layer together, up to ``MERGE_TOKENS`` tokens and ``MERGE_ELEMENTS``
-hidden-state values per forward: larger matrix products run markedly faster on CPU, and the result is the same (checked once, on the first
-layer, against the calls run one by one). Re-runs always merge; calibration merges only when
-every modifier's statistics allow it (``Modifier.calibration_merges_batches``).
+hidden-state values per forward: larger matrix products run markedly faster on CPU, and the
+result is the same (checked once, on the first layer, against the calls run one by one).
+Re-runs always merge; calibration merges only when every modifier's statistics allow it
+(``Modifier.calibration_merges_batches``).
 
 The other arguments are taken from the first layer and reused for every layer, which holds
 for architectures whose layers all see the same mask (Llama-family, GPT-2, OPT, BERT; not
