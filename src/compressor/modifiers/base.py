@@ -259,12 +259,14 @@ class Modifier(BaseModel, HooksMixin):
         return True
 
     def calibration_merges_batches(self) -> bool:
-        """Whether the modifier's calibration result is unchanged when several calibration
-        batches run through a layer as one forward (their rows stacked): true of statistics
-        summed or extremised over tokens (GPTQ's Hessians, min-max ranges), false of running
-        averages taken per batch. When every modifier says so, the sequential pipeline
-        calibrates on stacked batches, whose larger matrix products run faster; otherwise each
-        batch runs alone (as the user batched it). Conservative default: False."""
+        """Whether the result is unchanged when several calibration batches run through a layer
+        as one forward (their rows stacked): the modifier's statistics (true of sums and
+        extremes over tokens, like GPTQ's Hessians; false of running averages per batch, or
+        of ranges that already quantize the forward while they are being observed), and the
+        outputs of the layers it has compressed (false when they quantize activations with
+        one dynamic scale per forward). When every modifier says so, the sequential pipeline
+        runs stacked batches, whose larger matrix products run faster; otherwise each batch
+        runs alone, as the user batched it. Conservative default: False."""
         return False
 
     # ---------------------------------------------------------------- recipe form

@@ -221,6 +221,20 @@ def test_hessians_are_the_same_whether_the_pipeline_merges_calls_or_not(monkeypa
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6 * float(want.abs().max()))
 
 
+@pytest.mark.parametrize(("strategy", "merges"), [("token", True), ("tensor", False)])
+def test_dynamic_tensor_wide_activation_scales_keep_calls_apart(strategy, merges):
+    """One dynamic activation scale per forward would differ for stacked batches in the
+    re-runs of compressed layers; per-token scales do not."""
+    groups = {
+        "g": {
+            **GROUP16["g"],
+            "input_activations": {"num_bits": 8, "dynamic": True, "strategy": strategy},
+        }
+    }
+    assert GPTQModifier(config_groups=groups).calibration_merges_batches() is merges
+    assert GPTQModifier(config_groups=GROUP16).calibration_merges_batches()
+
+
 def test_basic_pipeline_quantizes_every_linear_at_calibration_end(tiny_llama):
     gptq = GPTQModifier(config_groups=GROUP16, actorder="static")
     oneshot(tiny_llama, [gptq], random_ids(), pipeline="basic", batch_size=4)

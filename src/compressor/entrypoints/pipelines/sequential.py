@@ -18,8 +18,7 @@ Cached calls that differ only in their hidden states (equal-length batches, the 
 run through a layer together, up to ``MERGE_TOKENS`` tokens and ``MERGE_ELEMENTS``
 hidden-state values per forward: larger matrix products run markedly faster on CPU, and the
 result is the same (checked once, on the first layer, against the calls run one by one).
-Re-runs always merge; calibration merges only when every modifier's statistics allow it
-(``Modifier.calibration_merges_batches``).
+Calls merge only when every modifier allows it (``Modifier.calibration_merges_batches``).
 
 The other arguments are taken from the first layer and reused for every layer, which holds
 for architectures whose layers all see the same mask (Llama-family, GPT-2, OPT, BERT; not
@@ -302,7 +301,7 @@ def run_sequential(
     logger.info("sequential pipeline over {} layers of {} on {}", len(layers), path, target)
     # stop each calibration forward early when no modifier reads past a module's inputs
     cut_short = not any(m.calibration_reads_outputs() for m in session.modifiers)
-    merge_calibration = all(m.calibration_merges_batches() for m in session.modifiers)
+    merge = all(m.calibration_merges_batches() for m in session.modifiers)
     session.calibration_epoch_start()
     with calibration_mode(model):
         moved = _move_outside(model, path, target) if target != home else []
@@ -310,7 +309,10 @@ def run_sequential(
             captured = capture_layer_inputs(model, layers[0], batches, target)
         finally:
             _move_back(moved, home)
-        inputs = _merge_calls(captured, MERGE_TOKENS, MERGE_ELEMENTS)
+        if merge:
+            inputs = _merge_calls(captured, MERGE_TOKENS, MERGE_ELEMENTS)
+        else:
+            inputs = [_Merged(call, [call.hidden_states.shape[0]]) for call in captured]
         del captured
         for index, layer in enumerate(tqdm(layers, desc="layers")):
             if target != home:
@@ -322,13 +324,7 @@ def run_sequential(
                     if index == 0 and not _merging_is_exact(layer, inputs):
                         logger.info("{} does not take merged calls: one at a time", path)
                         inputs = _unmerge(inputs)
-                    calls = (
-                        [m.call for m in inputs]
-                        if merge_calibration
-                        else [c for m in inputs for c in m.calls()]
-                    )
-                    _calibrate(layer, calls, cut_short, index)
-                    del calls
+                    _calibrate(layer, [m.call for m in inputs], cut_short, index)
                     release_free_memory()  # the calibration forwards' temporaries
                     session.sequential_epoch_end(layer)
                     if index < len(layers) - 1 or keep_outputs:

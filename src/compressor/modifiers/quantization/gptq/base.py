@@ -132,7 +132,15 @@ class GPTQModifier(QuantizationSchemeMixin, Modifier):
         return False  # the Hessians need only each Linear's inputs (forward pre-hooks)
 
     def calibration_merges_batches(self) -> bool:
-        return True  # a Hessian sums x x^T over tokens, however they are batched
+        """A Hessian sums ``x x^T`` over tokens, however they are batched; but an activation
+        quantized with one dynamic scale per forward (strategy tensor) would see other
+        scales in the compressed layers' re-runs if batches were stacked."""
+        for scheme in self.resolve_quantization_config().config_groups.values():
+            assert isinstance(scheme, QuantizationScheme)
+            for args in (scheme.input_activations, scheme.output_activations):
+                if args is not None and args.dynamic and args.strategy == "tensor":
+                    return False
+        return True
 
     def supports_offloaded_models(self) -> bool:
         return True  # weights, scales and zero points are written with update_offload_parameter
