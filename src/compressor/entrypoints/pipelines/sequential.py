@@ -91,6 +91,11 @@ class _Merged:
     call: LayerInputs
     sizes: list[int]
 
+    @classmethod
+    def alone(cls, call: LayerInputs) -> _Merged:
+        """A call on its own."""
+        return cls(call, [call.hidden_states.shape[0]])
+
     def calls(self) -> list[LayerInputs]:
         """The calls one by one (views into the merged hidden states)."""
         if len(self.sizes) == 1:
@@ -125,11 +130,11 @@ def _merge_calls(inputs: list[LayerInputs], max_tokens: int, max_elements: int) 
     merged = []
     for group in groups:
         calls = [inputs[position] for position in group]
-        sizes = [call.hidden_states.shape[0] for call in calls]
         if len(calls) == 1:
-            merged.append(_Merged(calls[0], sizes))
+            merged.append(_Merged.alone(calls[0]))
         else:
             hidden = torch.cat([call.hidden_states for call in calls])
+            sizes = [call.hidden_states.shape[0] for call in calls]
             merged.append(_Merged(calls[0].with_hidden_states(hidden), sizes))
         for position in group:  # release the calls' own hidden states now
             inputs[position] = merged[-1].call
@@ -139,7 +144,7 @@ def _merge_calls(inputs: list[LayerInputs], max_tokens: int, max_elements: int) 
 
 
 def _unmerge(merged: list[_Merged]) -> list[_Merged]:
-    return [_Merged(call, [call.hidden_states.shape[0]]) for m in merged for call in m.calls()]
+    return [_Merged.alone(call) for m in merged for call in m.calls()]
 
 
 def _same_but_hidden(a: LayerInputs, b: LayerInputs) -> bool:
@@ -312,7 +317,7 @@ def run_sequential(
         if merge:
             inputs = _merge_calls(captured, MERGE_TOKENS, MERGE_ELEMENTS)
         else:
-            inputs = [_Merged(call, [call.hidden_states.shape[0]]) for call in captured]
+            inputs = [_Merged.alone(call) for call in captured]
         del captured
         for index, layer in enumerate(tqdm(layers, desc="layers")):
             if target != home:

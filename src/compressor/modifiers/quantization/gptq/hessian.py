@@ -238,7 +238,7 @@ def inverse_hessian_cholesky(
             in_place = overwrite and hessian.dtype == dtype
             dampened = hessian if in_place else hessian.to(dtype=dtype, copy=True)
             dampened.diagonal().add_(frac * mean_diag)
-            upper = _upper_cholesky_of_inverse(dampened, reuse=True)
+            upper = _upper_cholesky_of_inverse(dampened)
             if upper is not None:  # in ``dampened``'s memory
                 return upper.to(torch.float32), frac
             if in_place:
@@ -257,26 +257,23 @@ def inverse_hessian_cholesky(
     )
 
 
-def _upper_cholesky_of_inverse(h: torch.Tensor, reuse: bool = False) -> torch.Tensor | None:
-    """``U`` upper triangular with ``U^T U = h^-1``, from one Cholesky and one triangular solve;
-    None (``h`` unchanged) when ``h`` is not positive definite.
+def _upper_cholesky_of_inverse(h: torch.Tensor) -> torch.Tensor | None:
+    """``U`` upper triangular with ``U^T U = h^-1``, from one Cholesky and one triangular solve,
+    written into ``h``'s memory; None (``h`` unchanged) when ``h`` is not positive definite.
 
     With ``J`` the reversal permutation and ``J h J = L L^T``, ``U = J L^-1 J`` is upper
     triangular and ``U^T U = J L^-T L^-1 J = J (J h J)^-1 J = h^-1``. (Avoids
     ``cholesky_inverse`` followed by a second Cholesky, which is much slower on CPU.) Both
-    factorizations work in place; with ``reuse``, ``U`` is written into ``h``'s memory once
-    the Cholesky has succeeded, so no more than two such matrices ever exist at once.
+    factorizations work in place, and ``h`` takes ``U`` once the Cholesky has succeeded, so
+    no more than two such matrices ever exist at once.
     """
     lower = h.flip(0, 1)
     info = torch.empty((), dtype=torch.int32, device=h.device)
     torch.linalg.cholesky_ex(lower, out=(lower, info))
     if info != 0 or not torch.isfinite(lower.diagonal()).all():
         return None
-    if reuse:  # h is no longer needed: its memory takes the inverse
-        inverse = h.zero_()
-        inverse.diagonal().fill_(1.0)
-    else:
-        inverse = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    inverse = h.zero_()  # h is no longer needed: its memory takes the inverse
+    inverse.diagonal().fill_(1.0)
     # a successful Cholesky has a positive diagonal, so the triangular inverse exists
     torch.linalg.solve_triangular(lower, inverse, upper=False, out=inverse)
     del lower
