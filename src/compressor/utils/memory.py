@@ -1,14 +1,26 @@
-"""Returning freed memory to the operating system between the steps of long runs."""
+"""Memory on Linux hosts: freed memory given back between the steps of long runs, and weights
+written over in place without paying for copy-on-write."""
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
 import functools
+import mmap
+import os
+import platform
+import re
 import sys
 from typing import Any
 
-__all__ = ["release_free_memory"]
+import torch
+from loguru import logger
+
+__all__ = ["keep_freed_tensors_in_heap", "overwrite_", "release_free_memory"]
+
+_MAP_FIXED = 0x10  # the same on x86-64 and arm64 Linux (absent from Python's mmap module)
+_REMAP_MIN_PAGES = 16
+"""Smaller targets are copied plainly: a handful of faults is cheaper than reading the maps."""
 
 
 @functools.cache
@@ -17,10 +29,63 @@ def _libc() -> Any:
         return None
     name = ctypes.util.find_library("c")
     try:
-        libc = ctypes.CDLL(name or "libc.so.6")
+        libc = ctypes.CDLL(name or "libc.so.6", use_errno=True)
         return libc if hasattr(libc, "malloc_trim") else None  # glibc only (not musl)
     except OSError:
         return None
+
+
+@functools.cache
+def _mmap() -> Any:
+    """libc's ``mmap`` where replacing pages in place is known to work: Linux on x86-64 or
+    arm64 with glibc; else None."""
+    libc = _libc()
+    if libc is None or platform.machine().lower() not in ("x86_64", "amd64", "aarch64", "arm64"):
+        return None
+    function = libc.mmap
+    function.restype = ctypes.c_void_p
+    function.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_size_t,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_long,
+    ]
+    return function
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+_MMAP_THRESHOLD = 32 << 20  # glibc's own ceiling for its adaptive threshold
+_TRIM_THRESHOLD = 2 * _MMAP_THRESHOLD  # the ratio glibc's adaptive rule keeps
+_USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
+
+
+@functools.cache
+def keep_freed_tensors_in_heap() -> bool:
+    """Let glibc's malloc keep freed blocks of up to 32 MB for reuse (once per process).
+
+    A forward pass allocates and frees megabyte-sized activations hundreds of times. With
+    glibc's adaptive defaults, the heap's free top is often given back to the system on a
+    free and taken again on the next allocation, each page then faulting in anew: a
+    SmolLM2-135M decoder layer on 1024 tokens took 4,500 page faults and 38 ms per call on
+    these machines, against 30 faults and 32 ms with fixed thresholds (blocks up to 32 MB
+    from the heap, its top trimmed past 64 MB). Memory that is free for longer is still
+    returned between the steps of long runs (``release_free_memory``).
+
+    Nothing is changed when the user tuned malloc already (``MALLOC_*_`` variables or a
+    ``glibc.malloc`` tunable), or outside glibc.
+
+    :return: whether the thresholds were set
+    """
+    libc = _libc()
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    if libc is None or "glibc.malloc" in tunables or any(v in os.environ for v in _USER_SETTINGS):
+        return False
+    done = libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD) == 1
+    done = libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD) == 1 and done
+    logger.debug("malloc keeps freed blocks up to {} MB: {}", _MMAP_THRESHOLD >> 20, done)
+    return done
 
 
 def release_free_memory() -> None:
@@ -36,3 +101,67 @@ def release_free_memory() -> None:
     libc = _libc()
     if libc is not None:
         libc.malloc_trim(0)
+
+
+_MAPPING = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) .w.p \S+ \S+ ([1-9]\d*)", re.MULTILINE)
+"""A writable private mapping of a file (non-zero inode) in ``/proc/self/maps``."""
+
+
+def _private_file_ranges(low: int, high: int) -> list[tuple[int, int]]:
+    """The parts of ``[low, high)`` mapped privately (copy-on-write) and writable from a file,
+    from ``/proc/self/maps``."""
+    with open("/proc/self/maps") as maps:
+        text = maps.read()
+    ranges = []
+    for match in _MAPPING.finditer(text):
+        first, last = max(int(match[1], 16), low), min(int(match[2], 16), high)
+        if first < last:
+            ranges.append((first, last))
+    return ranges
+
+
+def overwrite_(target: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """``target.copy_(source)``, without copy-on-write when ``target`` is a memory-mapped file.
+
+    A model loaded from safetensors on CPU keeps its weights in a private mapping of the
+    checkpoint file. Writing a new weight there makes the kernel copy every page from the file
+    before it is overwritten: about 15 us a page on these machines, against under 2 us for a
+    fresh page (1.6 s of a 45 s GPTQ run of SmolLM2-135M). Since every byte is overwritten,
+    the whole pages inside ``target`` are first replaced by fresh anonymous pages at the same
+    addresses (``mmap`` with ``MAP_FIXED``), then written. Addresses, views and aliases are
+    unchanged, the file is not touched (as with a copy into a private mapping), and resident
+    memory is the same: the file's pages leave as the new ones arrive.
+
+    Anything else (a shared mapping, heap memory, a small, non-contiguous or non-CPU target, a
+    source overlapping the target, another platform) is a plain ``copy_``.
+
+    :return: ``target``
+    """
+    with torch.no_grad():
+        remap = _mmap()
+        size = target.numel() * target.element_size()
+        page = mmap.PAGESIZE
+        if (
+            remap is not None
+            and target.device.type == "cpu"
+            and target.is_contiguous()
+            and size >= _REMAP_MIN_PAGES * page
+        ):
+            address = target.data_ptr()
+            low = -(-address // page) * page  # whole pages only: the edges may hold neighbours
+            high = (address + size) // page * page
+            storage = source.untyped_storage()
+            overlaps = (
+                source.device.type == "cpu"
+                and storage.data_ptr() < address + size
+                and address < storage.data_ptr() + storage.nbytes()
+            )
+            if not overlaps:
+                for first, last in _private_file_ranges(low, high):
+                    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_FIXED
+                    protection = mmap.PROT_READ | mmap.PROT_WRITE
+                    if remap(first, last - first, protection, flags, -1, 0) != first:
+                        # the old pages are still there (the call failed as a whole)
+                        logger.debug("fresh pages refused (errno {})", ctypes.get_errno())
+                        break
+        return target.copy_(source)

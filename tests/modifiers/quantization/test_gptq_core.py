@@ -363,3 +363,59 @@ def test_shared_hessians_compute_one_product_per_tensor_and_split_when_readers_p
     k_own, _ = shared.pop(["k"])
     assert q_copy.data_ptr() != k_own.data_ptr() and torch.equal(q_copy, k_own)
     assert "q" not in shared and len(shared) == 2
+
+
+def _problem(rows, columns, seed, dead=None):
+    w, x = correlated_layer(n_in=columns, n_out=rows, tokens=512, seed=seed)
+    if dead is not None:
+        x[:, dead] = 0.0  # inputs that are always zero: a dead column
+    h, _ = accumulate_hessian(x)
+    return w, h
+
+
+@pytest.mark.parametrize("name", ["channel-sym", "group-sym", "group-asym", "tensor-sym"])
+@pytest.mark.parametrize("actorder", [None, "static", "group"])
+def test_problems_solved_in_lockstep_equal_each_solved_alone_bit_for_bit(name, actorder):
+    """A layer's q/k/v, o and gate/up problems share their column loop (one rounding per
+    position for all of them); each keeps its own Hessian, order, scales and loss."""
+    from compressor.modifiers.quantization.gptq import gptq_quantize_weights
+
+    args = ARGS[name]
+    problems = [_problem(24, 64, 1), _problem(8, 64, 2, dead=5), _problem(40, 64, 3)]
+    problems[0] = ([problems[0][0][:16], problems[0][0][16:]], problems[0][1])  # stacked rows
+    alone = [
+        gptq_quantize_weight(w, h, args, block_size=32, actorder=actorder) for w, h in problems
+    ]
+    together = gptq_quantize_weights(problems, args, block_size=32, actorder=actorder)
+    assert len(together) == 3
+    for one, joint in zip(alone, together, strict=True):
+        assert torch.equal(one.weight, joint.weight)
+        assert torch.equal(one.scale, joint.scale)
+        assert torch.equal(one.zero_point, joint.zero_point)
+        assert one.loss == pytest.approx(joint.loss, rel=1e-6)
+        assert (one.g_idx is None) == (joint.g_idx is None)
+        assert one.g_idx is None or torch.equal(one.g_idx, joint.g_idx)
+    assert not together[1].weight[:, 5].any()  # the dead column of the second problem
+    with pytest.raises(ValueError, match="same input columns"):
+        gptq_quantize_weights([problems[1], _problem(8, 32, 4)], args)
+    with pytest.raises(ValueError, match="no problem"):
+        gptq_quantize_weights([], args)
+
+
+def test_the_blocked_triangular_inverse_of_a_wide_factor():
+    """Factors of 768 columns and more are inverted one block of columns at a time."""
+    from compressor.modifiers.quantization.gptq.hessian import _lower_triangular_inverse
+
+    torch.manual_seed(0)
+    for width in (300, 800):
+        x = torch.randn(2 * width, width, dtype=torch.float64)
+        lower = torch.linalg.cholesky(x.T @ x / width + torch.eye(width, dtype=torch.float64))
+        inverse = _lower_triangular_inverse(lower.contiguous(), torch.zeros_like(lower))
+        assert torch.equal(inverse, inverse.tril())
+        torch.testing.assert_close(inverse @ lower, torch.eye(width, dtype=torch.float64))
+    h, _ = accumulate_hessian(torch.randn(2048, 800))
+    upper, _ = inverse_hessian_cholesky(h.clone(), 0.01)
+    dampened = (h + 0.01 * h.diagonal().mean() * torch.eye(800)).double()
+    torch.testing.assert_close(
+        upper.double().t() @ upper.double(), torch.linalg.inv(dampened), rtol=1e-3, atol=1e-5
+    )

@@ -192,17 +192,17 @@ def test_hessians_are_the_same_whether_the_pipeline_merges_calls_or_not(monkeypa
     import compressor.modifiers.quantization.gptq.base as gptq_base
     from conftest import tiny_llama_config
 
-    solved = gptq_base.gptq_quantize_weight
+    solved = gptq_base.gptq_quantize_weights
     default = sequential.MERGE_ELEMENTS
     runs = {}
     for merge_elements in (default, 0):
         hessians = []
 
-        def spy(weight, hessian, *args, _seen=hessians, **kwargs):
-            _seen.append(hessian.clone())
-            return solved(weight, hessian, *args, **kwargs)
+        def spy(problems, *args, _seen=hessians, **kwargs):
+            _seen.extend(hessian.clone() for _, hessian in problems)
+            return solved(problems, *args, **kwargs)
 
-        monkeypatch.setattr(gptq_base, "gptq_quantize_weight", spy)
+        monkeypatch.setattr(gptq_base, "gptq_quantize_weights", spy)
         monkeypatch.setattr(sequential, "MERGE_ELEMENTS", merge_elements)
         torch.manual_seed(0)
         model = LlamaForCausalLM(tiny_llama_config()).eval()
@@ -344,3 +344,36 @@ def test_the_checkpoint_has_quantization_modifiers_format_and_reloads_to_equal_l
     with torch.no_grad():
         expected, actual = model(ids).logits, reloaded(ids).logits
     torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_a_layers_problems_of_equal_width_are_solved_in_lockstep_within_the_budget(monkeypatch):
+    """q/k/v (one problem), o and gate/up read inputs of the hidden width: one lockstep solve;
+    down reads the intermediate width: its own. A problem joins only while the bundle's
+    weights stay within twice the largest single problem's."""
+    from compressed_tensors.quantization import QuantizationScheme
+
+    import compressor.modifiers.quantization.gptq.base as gptq_base
+    from conftest import tiny_llama_config
+
+    solved = gptq_base.gptq_quantize_weights
+    sizes = []
+
+    def spy(problems, *args, **kwargs):
+        sizes.append([sum(w.shape[0] for w in weights) for weights, _ in problems])
+        return solved(problems, *args, **kwargs)
+
+    monkeypatch.setattr(gptq_base, "gptq_quantize_weights", spy)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config()).eval()
+    oneshot(model, [GPTQModifier(config_groups=GROUP16)], random_ids(), pipeline="sequential")
+    # per layer: q/k/v (32 + 16 + 16 rows), o (32), gate/up (64 + 64); then down (32)
+    assert sizes == [[64, 32, 128], [32]] * 2
+
+    modifier = GPTQModifier(config_groups=GROUP16)
+    scheme = QuantizationScheme(targets=["Linear"], weights=GROUP16["g"]["weights"])
+    linears = [torch.nn.Linear(32, rows) for rows in (64, 48, 40, 30)]
+    for linear in linears:
+        linear.quantization_scheme = scheme
+    groups = [[(f"m{i}", linear)] for i, linear in enumerate(linears)]
+    bundles = modifier._lockstep_bundles(groups)  # budget 128 rows: 64 + 48, then 40 + 30
+    assert [[g[0][0] for g in bundle] for bundle in bundles] == [["m0", "m1"], ["m2", "m3"]]

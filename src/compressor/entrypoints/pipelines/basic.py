@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 from compressor.core.session import CompressionSession
 from compressor.entrypoints.data import Batch
 from compressor.entrypoints.pipelines.common import calibration_mode, model_device, to_device
+from compressor.utils.memory import keep_freed_tensors_in_heap
 
 __all__ = ["run_basic"]
 
@@ -28,6 +29,7 @@ def run_basic(
     the whole model at once.
     """
     target = model_device(model)
+    keep_freed_tensors_in_heap()  # no page faults for every activation (glibc)
     session.calibration_epoch_start()
     with calibration_mode(model):
         for batch in tqdm(batches, desc="calibration batches"):

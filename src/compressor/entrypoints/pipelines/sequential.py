@@ -41,7 +41,7 @@ from compressor.entrypoints.data import Batch
 from compressor.entrypoints.pipelines.common import calibration_mode, model_device, to_device
 from compressor.modifiers.hooks import HooksMixin
 from compressor.utils.architecture import find_decoder_layers
-from compressor.utils.memory import release_free_memory
+from compressor.utils.memory import keep_freed_tensors_in_heap, release_free_memory
 from compressor.utils.offload import check_device_unset, is_offloaded, layer_onloaded
 
 __all__ = [
@@ -307,6 +307,7 @@ def run_sequential(
     # stop each calibration forward early when no modifier reads past a module's inputs
     cut_short = not any(m.calibration_reads_outputs() for m in session.modifiers)
     merge = all(m.calibration_merges_batches() for m in session.modifiers)
+    keep_freed_tensors_in_heap()  # no page faults for every activation (glibc)
     session.calibration_epoch_start()
     with calibration_mode(model):
         moved = _move_outside(model, path, target) if target != home else []

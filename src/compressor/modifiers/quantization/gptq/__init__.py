@@ -3,6 +3,7 @@
 from compressor.modifiers.quantization.gptq.gptq import (
     GPTQResult,
     gptq_quantize_weight,
+    gptq_quantize_weights,
     round_to_nearest,
 )
 from compressor.modifiers.quantization.gptq.hessian import (
@@ -17,6 +18,7 @@ __all__ = [
     "SharedHessians",
     "accumulate_hessian",
     "gptq_quantize_weight",
+    "gptq_quantize_weights",
     "inverse_hessian_cholesky",
     "round_to_nearest",
     "symmetrize_upper_",

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
-from compressed_tensors.offload import update_offload_parameter
+from compressed_tensors.offload import OffloadCache, update_offload_parameter
 from compressed_tensors.quantization import (
     QuantizationArgs,
     QuantizationConfig,
@@ -21,7 +21,7 @@ from compressor.modifiers.base import Modifier
 from compressor.modifiers.quantization.calibration import freeze_quantization
 from compressor.modifiers.quantization.gptq import (
     SharedHessians,
-    gptq_quantize_weight,
+    gptq_quantize_weights,
     round_to_nearest,
 )
 from compressor.modifiers.quantization.scheme import (
@@ -29,11 +29,14 @@ from compressor.modifiers.quantization.scheme import (
     apply_quantization,
     match_quantizable_modules,
 )
+from compressor.utils.memory import overwrite_
 
 __all__ = ["GPTQModifier"]
 
 # strategies whose scales are per output row, so rows of several weights can be stacked
 _ROW_WISE = (QuantizationStrategy.CHANNEL, QuantizationStrategy.GROUP)
+_Group = list[tuple[str, torch.nn.Module]]
+"""Linears solved as one GPTQ problem (one Hessian, rows stacked): ``_same_problem_groups``."""
 
 _ACTORDER_ALIASES = {"none": None, "weight": "static", "static": "static", "group": "group"}
 
@@ -183,8 +186,8 @@ class GPTQModifier(QuantizationSchemeMixin, Modifier):
             for name, module in self._modules.items()
             if id(module) in inside and name in self._hessians
         ]
-        for group in self._same_problem_groups(pending):
-            self._quantize_group(group)
+        for bundle in self._lockstep_bundles(self._same_problem_groups(pending)):
+            self._quantize_bundle(bundle)
 
     def on_end(self, state: State, event: Event) -> None:
         rest = [
@@ -192,8 +195,8 @@ class GPTQModifier(QuantizationSchemeMixin, Modifier):
             for name, module in self._modules.items()
             if name not in self._quantized and name in self._hessians
         ]
-        for group in self._same_problem_groups(rest):
-            self._quantize_group(group)
+        for bundle in self._lockstep_bundles(self._same_problem_groups(rest)):
+            self._quantize_bundle(bundle)
         for name, module in self._modules.items():
             if name not in self._quantized:
                 logger.warning(
@@ -217,9 +220,7 @@ class GPTQModifier(QuantizationSchemeMixin, Modifier):
     def _weight_args(self, module: torch.nn.Module) -> QuantizationArgs | None:
         return module.quantization_scheme.weights
 
-    def _same_problem_groups(
-        self, pending: list[tuple[str, torch.nn.Module]]
-    ) -> list[list[tuple[str, torch.nn.Module]]]:
+    def _same_problem_groups(self, pending: list[tuple[str, torch.nn.Module]]) -> list[_Group]:
         """Split ``pending`` into groups GPTQ can solve as one weight.
 
         GPTQ treats every output row alike, given the inverse Hessian: Linears with exactly
@@ -227,7 +228,7 @@ class GPTQModifier(QuantizationSchemeMixin, Modifier):
         weight quantization (channel or group strategy) are one problem with their rows
         stacked, solved with one inversion and one column loop instead of several.
         """
-        groups: list[list[tuple[str, torch.nn.Module]]] = []
+        groups: list[_Group] = []
         for name, module in pending:
             args = self._weight_args(module)
             for group in groups:
@@ -246,44 +247,79 @@ class GPTQModifier(QuantizationSchemeMixin, Modifier):
                 groups.append([(name, module)])
         return groups
 
-    def _quantize_group(self, group: list[tuple[str, torch.nn.Module]]) -> None:
-        """Solve one GPTQ problem: a single Linear, or several sharing one Hessian with their
-        rows stacked (``_same_problem_groups``); then write each module's share back."""
-        names = [name for name, _ in group]
-        hessian, count = self._hessians.pop(names)
-        modules = [module for _, module in group]
-        args = self._weight_args(modules[0])
+    def _lockstep_bundles(self, groups: list[_Group]) -> list[list[_Group]]:
+        """Bundle problems (``_same_problem_groups``) that GPTQ can solve in lockstep: the
+        same weight quantization and the same number of columns (a decoder layer's q/k/v, o
+        and gate/up problems), each with its own Hessian (``gptq_quantize_weights``).
+
+        Solving together holds the bundle's weights in one working buffer: a bundle grows
+        only while that stays within twice the largest single problem's, so the solve's
+        memory stays bounded by what the largest problem needs.
+        """
+
+        def size(group: _Group) -> int:
+            return sum(module.weight.numel() for _, module in group)
+
+        budget = 2 * max((size(g) for g in groups), default=0)
+        bundles: list[list[_Group]] = []
+        for group in groups:
+            args = self._weight_args(group[0][1])
+            for bundle in bundles:
+                first = bundle[0][0][1]
+                if (
+                    args is not None
+                    and args == self._weight_args(first)
+                    and group[0][1].weight.shape[1] == first.weight.shape[1]
+                    and group[0][1].weight.device == first.weight.device
+                    and sum(size(g) for g in bundle) + size(group) <= budget
+                ):
+                    bundle.append(group)
+                    break
+            else:
+                bundles.append([group])
+        return bundles
+
+    def _quantize_bundle(self, bundle: list[_Group]) -> None:
+        """Solve problems in lockstep: each a single Linear, or several sharing one Hessian
+        with their rows stacked (``_same_problem_groups``); then write each module's share."""
+        args = self._weight_args(bundle[0][0][1])
         if args is None:
-            for name, module in group:
-                self._finish(name, module)
+            for group in bundle:
+                for name, module in group:
+                    self._finish(name, module)
             return
-        result = gptq_quantize_weight(
-            [m.weight.data for m in modules],  # stacked inside, without a copy of them here
-            hessian,
+        problems, counts = [], []
+        for group in bundle:
+            hessian, count = self._hessians.pop([name for name, _ in group])
+            problems.append(([module.weight.data for _, module in group], hessian))  # no copy
+            counts.append(count)
+        results = gptq_quantize_weights(
+            problems,
             args,
             block_size=self.block_size,
             dampening_frac=self.dampening_frac,
             actorder=self.actorder,
             overwrite_hessian=True,  # popped: its own, or a copy
         )
-        del hessian
-        together = " (one problem)" if len(group) > 1 else ""
-        logger.debug(
-            "GPTQ {}{}: {} samples, error {:.4g}", ", ".join(names), together, count, result.loss
-        )
-        if len(group) == 1:  # per-tensor scales too: nothing to split
-            parts: Any = [(result.weight, result.scale, result.zero_point)]
-        else:  # row-wise scales (channel, group): each module takes its own rows
-            rows = [m.weight.shape[0] for m in modules]
-            parts = zip(
-                result.weight.split(rows),
-                result.scale.split(rows),
-                result.zero_point.split(rows),
-                strict=True,
-            )
-        for (name, module), (weight_rows, scale, zero) in zip(group, parts, strict=True):
-            self._write(module, weight_rows, scale, zero)
-            self._finish(name, module)
+        del problems
+        for group, result, count in zip(bundle, results, counts, strict=True):
+            modules = [module for _, module in group]
+            together = " (one problem)" if len(group) > 1 else ""
+            names = ", ".join(name for name, _ in group)
+            logger.debug("GPTQ {}{}: {} samples, error {:.4g}", names, together, count, result.loss)
+            if len(group) == 1:  # per-tensor scales too: nothing to split
+                parts: Any = [(result.weight, result.scale, result.zero_point)]
+            else:  # row-wise scales (channel, group): each module takes its own rows
+                rows = [m.weight.shape[0] for m in modules]
+                parts = zip(
+                    result.weight.split(rows),
+                    result.scale.split(rows),
+                    result.zero_point.split(rows),
+                    strict=True,
+                )
+            for (name, module), (weight_rows, scale, zero) in zip(group, parts, strict=True):
+                self._write(module, weight_rows, scale, zero)
+                self._finish(name, module)
 
     def _round_to_nearest(self, name: str, module: torch.nn.Module) -> None:
         args = self._weight_args(module)
@@ -296,8 +332,14 @@ class GPTQModifier(QuantizationSchemeMixin, Modifier):
         module: torch.nn.Module, weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
     ) -> None:
         """Store the results; through ``update_offload_parameter``, so that an offloaded
-        module's weights are updated where they live, not in a temporary copy."""
-        update_offload_parameter(module, "weight", weight.to(module.weight.dtype))
+        module's weights are updated where they live, not in a temporary copy. A weight in
+        the module's own memory is written over with ``overwrite_`` (no copy-on-write of a
+        memory-mapped checkpoint)."""
+        if isinstance(module._parameters, OffloadCache):
+            # contiguous: a disk offload saves it as is
+            update_offload_parameter(module, "weight", weight.to(module.weight.dtype).contiguous())
+        else:
+            overwrite_(module.weight.data, weight)
         update_offload_parameter(module, "weight_scale", scale.reshape(module.weight_scale.shape))
         zero_param = getattr(module, "weight_zero_point", None)
         if zero_param is not None:

@@ -1,0 +1,114 @@
+"""Writing weights over memory-mapped checkpoints, and malloc's thresholds."""
+
+import copy
+import hashlib
+import mmap
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import LlamaForCausalLM
+
+from compressor import oneshot
+from compressor.modifiers import GPTQModifier
+from compressor.utils import memory
+from compressor.utils.memory import _private_file_ranges, overwrite_
+from conftest import tiny_llama_config
+
+PAGE = mmap.PAGESIZE
+
+
+def mapped(path, values, shared):
+    """``values`` written to ``path`` and mapped back (privately or shared) as a tensor."""
+    values.numpy().tofile(path)
+    storage = torch.UntypedStorage.from_file(str(path), shared=shared, nbytes=values.numel() * 4)
+    return torch.tensor([], dtype=torch.float32).set_(storage)
+
+
+def digest(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_a_private_file_mapping_is_written_through_fresh_pages(tmp_path):
+    """The pages wholly inside the target are replaced by anonymous ones, then written: the
+    tensor holds the new values, its neighbours on the edge pages the old ones, and the
+    file is untouched (a private mapping never writes back)."""
+    path = tmp_path / "weights.bin"
+    values = torch.randn(40 * PAGE // 4)
+    whole = mapped(path, values, shared=False)
+    before = digest(path)
+    target = whole[1000 : 30 * PAGE // 4 + 7]  # starts and ends inside a page
+    low, high = target.data_ptr(), target.data_ptr() + target.numel() * 4
+    assert _private_file_ranges(low, high) == [(low, high)]
+    new = torch.randn(target.shape)
+    assert overwrite_(target, new) is target
+    assert torch.equal(target, new)
+    assert torch.equal(whole[:1000], values[:1000])
+    assert torch.equal(whole[30 * PAGE // 4 + 7 :], values[30 * PAGE // 4 + 7 :])
+    left = _private_file_ranges(low, high)  # only the two partial edge pages
+    assert len(left) == 2 and sum(b - a for a, b in left) < 2 * PAGE
+    assert digest(path) == before
+    assert torch.equal(mapped(tmp_path / "again.bin", values, shared=False), values)
+
+
+def test_a_shared_mapping_heap_memory_and_an_overlapping_source_are_plain_copies(tmp_path):
+    path = tmp_path / "shared.bin"
+    values = torch.randn(20 * PAGE // 4)
+    shared = mapped(path, values, shared=True)
+    new = torch.randn(values.shape)
+    overwrite_(shared, new)
+    assert torch.equal(shared, new)
+    # as with copy_: a shared mapping writes through to its file
+    assert torch.equal(torch.from_file(str(path), size=values.numel()), new)
+    heap = values.clone()
+    overwrite_(heap, new)
+    assert torch.equal(heap, new)
+    private = mapped(tmp_path / "private.bin", values, shared=False)
+    overwrite_(private, private.flip(0))  # the source reads the target's own pages
+    assert torch.equal(private, values.flip(0))
+
+
+def test_gptq_on_a_memory_mapped_checkpoint_equals_the_in_memory_run(tmp_path):
+    """transformers maps safetensors checkpoints privately: GPTQ writes each quantized weight
+    through fresh pages, with the result of a model held in ordinary memory, and leaves the
+    checkpoint file as it was."""
+    torch.manual_seed(0)
+    config = tiny_llama_config(hidden_size=128, intermediate_size=256, num_attention_heads=4)
+    LlamaForCausalLM(config).save_pretrained(tmp_path)
+    checkpoint = tmp_path / "model.safetensors"
+    before = digest(checkpoint)
+    loaded = LlamaForCausalLM.from_pretrained(tmp_path).eval()
+    in_memory = copy.deepcopy(loaded)
+    down = loaded.model.layers[1].mlp.down_proj.weight
+    low = down.data_ptr()
+    high = low + down.numel() * 4
+    assert _private_file_ranges(low, high), "the checkpoint is no longer memory-mapped"
+    assert not _private_file_ranges(
+        in_memory.model.layers[1].mlp.down_proj.weight.data_ptr(),
+        in_memory.model.layers[1].mlp.down_proj.weight.data_ptr() + 4,
+    )
+    gen = torch.Generator().manual_seed(1)
+    data = Dataset.from_dict({"input_ids": torch.randint(0, 128, (8, 32), generator=gen)})
+    recipe = GPTQModifier(targets=["Linear"], ignore=["lm_head"], scheme="W4A16")
+    for model in (loaded, in_memory):
+        oneshot(model, [recipe.model_copy()], data, pipeline="sequential")
+    got, want = loaded.state_dict(), in_memory.state_dict()
+    assert got.keys() == want.keys()
+    for name, value in want.items():
+        assert torch.equal(got[name], value), name
+    assert down.data_ptr() == low  # written in place
+    assert sum(b - a for a, b in _private_file_ranges(low, high)) < 2 * PAGE
+    assert digest(checkpoint) == before
+
+
+def test_malloc_settings_of_the_user_are_left_alone(monkeypatch):
+    unwrapped = memory.keep_freed_tensors_in_heap.__wrapped__
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "1000000")
+    assert unwrapped() is False
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_")
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.mmap_threshold=65536")
+    assert unwrapped() is False
+    monkeypatch.delenv("GLIBC_TUNABLES")
+    if memory._libc() is None:
+        pytest.skip("not glibc")
+    assert unwrapped() is True
