@@ -112,3 +112,20 @@ def test_malloc_settings_of_the_user_are_left_alone(monkeypatch):
     if memory._libc() is None:
         pytest.skip("not glibc")
     assert unwrapped() is True
+
+
+def test_writes_in_one_call_keep_copy_order_when_a_source_reads_another_target(tmp_path):
+    """``overwrite_all_`` reads the mappings once for many writes: a target that another
+    write still reads from keeps its pages, so every write sees what copies in order would."""
+    from compressor.utils.memory import overwrite_all_
+
+    path = tmp_path / "weights.bin"
+    values = torch.randn(64 * PAGE // 4)
+    whole = mapped(path, values, shared=False)
+    before = digest(path)
+    first, second = whole[: 32 * PAGE // 4], whole[32 * PAGE // 4 :]
+    new = torch.randn(first.shape)
+    overwrite_all_([(second, first), (first, new)])  # second takes first's old values
+    assert torch.equal(second, values[: 32 * PAGE // 4])
+    assert torch.equal(first, new)
+    assert digest(path) == before

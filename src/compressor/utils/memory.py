@@ -11,12 +11,13 @@ import os
 import platform
 import re
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from loguru import logger
 
-__all__ = ["keep_freed_tensors_in_heap", "overwrite_", "release_free_memory"]
+__all__ = ["keep_freed_tensors_in_heap", "overwrite_", "overwrite_all_", "release_free_memory"]
 
 _MAP_FIXED = 0x10  # the same on x86-64 and arm64 Linux (absent from Python's mmap module)
 _REMAP_MIN_PAGES = 16
@@ -110,14 +111,18 @@ _MAPPING = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) .w.p \S+ \S+ ([1-9]\d*)", re.MU
 def _private_file_ranges(low: int, high: int) -> list[tuple[int, int]]:
     """The parts of ``[low, high)`` mapped privately (copy-on-write) and writable from a file,
     from ``/proc/self/maps``."""
+    return _intersect(_private_file_mappings(), low, high)
+
+
+def _private_file_mappings() -> list[tuple[int, int]]:
+    """Every writable private mapping of a file, as ``(start, end)`` addresses."""
     with open("/proc/self/maps") as maps:
         text = maps.read()
-    ranges = []
-    for match in _MAPPING.finditer(text):
-        first, last = max(int(match[1], 16), low), min(int(match[2], 16), high)
-        if first < last:
-            ranges.append((first, last))
-    return ranges
+    return [(int(m[1], 16), int(m[2], 16)) for m in _MAPPING.finditer(text)]
+
+
+def _intersect(mappings: list[tuple[int, int]], low: int, high: int) -> list[tuple[int, int]]:
+    return [(max(a, low), min(b, high)) for a, b in mappings if max(a, low) < min(b, high)]
 
 
 def overwrite_(target: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
@@ -137,31 +142,43 @@ def overwrite_(target: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
 
     :return: ``target``
     """
-    with torch.no_grad():
-        remap = _mmap()
+    overwrite_all_([(target, source)])
+    return target
+
+
+def overwrite_all_(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """``overwrite_`` for each ``(target, source)``, reading the process's mappings once."""
+    remap = _mmap()
+    page = mmap.PAGESIZE
+    read = [
+        (
+            s.untyped_storage().data_ptr(),
+            s.untyped_storage().data_ptr() + s.untyped_storage().nbytes(),
+        )
+        for _, s in pairs
+        if s.device.type == "cpu"
+    ]
+    fresh: list[tuple[int, int]] = []
+    for target, _ in pairs if remap is not None else ():
         size = target.numel() * target.element_size()
-        page = mmap.PAGESIZE
-        if (
-            remap is not None
-            and target.device.type == "cpu"
-            and target.is_contiguous()
-            and size >= _REMAP_MIN_PAGES * page
-        ):
-            address = target.data_ptr()
-            low = -(-address // page) * page  # whole pages only: the edges may hold neighbours
-            high = (address + size) // page * page
-            storage = source.untyped_storage()
-            overlaps = (
-                source.device.type == "cpu"
-                and storage.data_ptr() < address + size
-                and address < storage.data_ptr() + storage.nbytes()
-            )
-            if not overlaps:
-                for first, last in _private_file_ranges(low, high):
-                    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_FIXED
-                    protection = mmap.PROT_READ | mmap.PROT_WRITE
-                    if remap(first, last - first, protection, flags, -1, 0) != first:
-                        # the old pages are still there (the call failed as a whole)
-                        logger.debug("fresh pages refused (errno {})", ctypes.get_errno())
-                        break
-        return target.copy_(source)
+        if target.device.type != "cpu" or not target.is_contiguous():
+            continue
+        if size < _REMAP_MIN_PAGES * page:
+            continue
+        address = target.data_ptr()
+        if any(start < address + size and address < end for start, end in read):
+            continue  # a source reads these pages
+        # whole pages only: the edge pages may hold neighbours
+        fresh.append((-(-address // page) * page, (address + size) // page * page))
+    if fresh:
+        mappings = _private_file_mappings()
+        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_FIXED
+        protection = mmap.PROT_READ | mmap.PROT_WRITE
+        for low, high in fresh:
+            for first, last in _intersect(mappings, low, high):
+                if remap(first, last - first, protection, flags, -1, 0) != first:
+                    # the old pages are still there (the call failed as a whole)
+                    logger.debug("fresh pages refused (errno {})", ctypes.get_errno())
+    with torch.no_grad():
+        for target, source in pairs:
+            target.copy_(source)

@@ -400,22 +400,3 @@ def test_problems_solved_in_lockstep_equal_each_solved_alone_bit_for_bit(name, a
         gptq_quantize_weights([problems[1], _problem(8, 32, 4)], args)
     with pytest.raises(ValueError, match="no problem"):
         gptq_quantize_weights([], args)
-
-
-def test_the_blocked_triangular_inverse_of_a_wide_factor():
-    """Factors of 768 columns and more are inverted one block of columns at a time."""
-    from compressor.modifiers.quantization.gptq.hessian import _lower_triangular_inverse
-
-    torch.manual_seed(0)
-    for width in (300, 800):
-        x = torch.randn(2 * width, width, dtype=torch.float64)
-        lower = torch.linalg.cholesky(x.T @ x / width + torch.eye(width, dtype=torch.float64))
-        inverse = _lower_triangular_inverse(lower.contiguous(), torch.zeros_like(lower))
-        assert torch.equal(inverse, inverse.tril())
-        torch.testing.assert_close(inverse @ lower, torch.eye(width, dtype=torch.float64))
-    h, _ = accumulate_hessian(torch.randn(2048, 800))
-    upper, _ = inverse_hessian_cholesky(h.clone(), 0.01)
-    dampened = (h + 0.01 * h.diagonal().mean() * torch.eye(800)).double()
-    torch.testing.assert_close(
-        upper.double().t() @ upper.double(), torch.linalg.inv(dampened), rtol=1e-3, atol=1e-5
-    )

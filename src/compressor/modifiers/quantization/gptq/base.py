@@ -29,7 +29,7 @@ from compressor.modifiers.quantization.scheme import (
     apply_quantization,
     match_quantizable_modules,
 )
-from compressor.utils.memory import overwrite_
+from compressor.utils.memory import overwrite_all_
 
 __all__ = ["GPTQModifier"]
 
@@ -302,6 +302,7 @@ class GPTQModifier(QuantizationSchemeMixin, Modifier):
             overwrite_hessian=True,  # popped: its own, or a copy
         )
         del problems
+        writes: list[tuple[torch.nn.Module, torch.Tensor, torch.Tensor, torch.Tensor]] = []
         for group, result, count in zip(bundle, results, counts, strict=True):
             modules = [module for _, module in group]
             together = " (one problem)" if len(group) > 1 else ""
@@ -317,35 +318,42 @@ class GPTQModifier(QuantizationSchemeMixin, Modifier):
                     result.zero_point.split(rows),
                     strict=True,
                 )
-            for (name, module), (weight_rows, scale, zero) in zip(group, parts, strict=True):
-                self._write(module, weight_rows, scale, zero)
+            writes += [(m, *part) for (_, m), part in zip(group, parts, strict=True)]
+        self._write(writes)
+        for group in bundle:
+            for name, module in group:
                 self._finish(name, module)
 
     def _round_to_nearest(self, name: str, module: torch.nn.Module) -> None:
         args = self._weight_args(module)
         if args is not None:
-            self._write(module, *round_to_nearest(module.weight.data, args))
+            self._write([(module, *round_to_nearest(module.weight.data, args))])
         self._finish(name, module)
 
     @staticmethod
     def _write(
-        module: torch.nn.Module, weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
+        writes: list[tuple[torch.nn.Module, torch.Tensor, torch.Tensor, torch.Tensor]],
     ) -> None:
-        """Store the results; through ``update_offload_parameter``, so that an offloaded
-        module's weights are updated where they live, not in a temporary copy. A weight in
-        the module's own memory is written over with ``overwrite_`` (no copy-on-write of a
-        memory-mapped checkpoint)."""
-        if isinstance(module._parameters, OffloadCache):
-            # contiguous: a disk offload saves it as is
-            update_offload_parameter(module, "weight", weight.to(module.weight.dtype).contiguous())
-        else:
-            overwrite_(module.weight.data, weight)
-        update_offload_parameter(module, "weight_scale", scale.reshape(module.weight_scale.shape))
-        zero_param = getattr(module, "weight_zero_point", None)
-        if zero_param is not None:
+        """Store each ``(module, weight, scale, zero point)``; through
+        ``update_offload_parameter``, so that an offloaded module's weights are updated where
+        they live, not in a temporary copy. Weights in the modules' own memory are written
+        over with ``overwrite_all_`` (no copy-on-write of a memory-mapped checkpoint)."""
+        in_place = []
+        for module, weight, scale, zero in writes:
+            if isinstance(module._parameters, OffloadCache):
+                # contiguous: a disk offload saves it as is
+                contiguous = weight.to(module.weight.dtype).contiguous()
+                update_offload_parameter(module, "weight", contiguous)
+            else:
+                in_place.append((module.weight.data, weight))
             update_offload_parameter(
-                module, "weight_zero_point", zero.reshape(zero_param.shape).to(zero_param.dtype)
+                module, "weight_scale", scale.reshape(module.weight_scale.shape)
             )
+            zero_param = getattr(module, "weight_zero_point", None)
+            if zero_param is not None:
+                zero = zero.reshape(zero_param.shape).to(zero_param.dtype)
+                update_offload_parameter(module, "weight_zero_point", zero)
+        overwrite_all_(in_place)
 
     def _finish(self, name: str, module: torch.nn.Module) -> None:
         """The module's weight now lies on its grid. Its quantized forward is switched on only
