@@ -16,7 +16,7 @@ import contextlib
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from compressed_tensors.quantization import (
@@ -102,7 +102,8 @@ def _qparams(columns: torch.Tensor, args: QuantizationArgs) -> tuple[torch.Tenso
 
 def _column_rounder(args: QuantizationArgs) -> Callable[..., torch.Tensor]:
     """A function ``(column, scale, zero, out=None) -> dequantized column`` for 1-D
-    ``(rows,)`` tensors, the zero point given in the column's floating dtype.
+    ``(rows,)`` tensors, the zero point given in the column's floating dtype (ignored, and may
+    be None, for symmetric integer grids, whose zero point is 0).
 
     GPTQ rounds thousands of single columns, so the per-call overhead matters more than the
     arithmetic. Integer grids use the same arithmetic as compressed-tensors' fake quantization
@@ -127,6 +128,17 @@ def _column_rounder(args: QuantizationArgs) -> Callable[..., torch.Tensor]:
         return generic
     q_min, q_max = calculate_range(column_args, torch.device("cpu"))
     low, high = float(q_min), float(q_max)
+
+    if args.symmetric:  # zero point 0: the same values with two operations fewer
+
+        def symmetric(
+            column: torch.Tensor, s: torch.Tensor, _zf: Any = None, out: torch.Tensor | None = None
+        ) -> torch.Tensor:
+            levels = torch.div(column, s, out=out) if out is not None else torch.div(column, s)
+            levels.clamp_(low, high).round_()
+            return levels.mul_(s)
+
+        return symmetric
 
     def integer(
         column: torch.Tensor, s: torch.Tensor, zf: torch.Tensor, out: torch.Tensor | None = None
@@ -401,6 +413,8 @@ def _lockstep_columns(
     tables: list[tuple[torch.Tensor, torch.Tensor]] = []
     joint: list[tuple[torch.Tensor, torch.Tensor]] | None = None
     position_group: list[int] = []
+    # symmetric integer grids round without their zero point (all zeros): not gathered
+    zero_free = args.symmetric and args.type == QuantizationType.INT
     if fixed:
         for problem in problems:
             assert problem.fixed_scale is not None and problem.fixed_zero is not None
@@ -410,6 +424,8 @@ def _lockstep_columns(
                     problem.fixed_zero.t().to(wt.dtype).contiguous(),
                 )
             )
+            if zero_free and tables[-1][1].any():
+                raise AssertionError("a symmetric grid with a non-zero zero point")
         col_groups = [p.col_group for p in problems]
         if all(torch.equal(g, col_groups[0]) for g in col_groups[1:]):  # type: ignore[arg-type]
             joint = list(
@@ -440,12 +456,13 @@ def _lockstep_columns(
             block_q = torch.empty_like(block)
             if fixed and joint is None:  # each position's scales, gathered once per block
                 block_scale = torch.empty_like(block)
-                block_zero = torch.empty_like(block)
+                block_zero = block_scale if zero_free else torch.empty_like(block)  # unread
                 for problem, (scale_table, zero_table) in zip(problems, tables, strict=True):
                     assert problem.col_group is not None
                     where = problem.col_group[start:stop]
                     block_scale[:, problem.rows] = scale_table.index_select(0, where)
-                    block_zero[:, problem.rows] = zero_table.index_select(0, where)
+                    if not zero_free:
+                        block_zero[:, problem.rows] = zero_table.index_select(0, where)
                 scales, zeros = block_scale.unbind(0), block_zero.unbind(0)
             block_hinv = [p.hinv[start:stop, start:stop] for p in problems]  # type: ignore[index]
             block_diag = [h.diagonal().unsqueeze(1) for h in block_hinv]
