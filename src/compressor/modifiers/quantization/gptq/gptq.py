@@ -250,7 +250,7 @@ class _Problem:
     fixed_scale: torch.Tensor | None = None
     fixed_zero: torch.Tensor | None = None
     col_group: torch.Tensor | None = None  # group of each position, with fixed scales
-    scale: torch.Tensor | None = None  # the scales found in the column loop, without
+    scale: torch.Tensor | None = None  # found in the column loop (no fixed scales)
     zero: torch.Tensor | None = None
     loss: float = 0.0
 
