@@ -12,10 +12,15 @@ from transformers import LlamaForCausalLM
 from compressor import oneshot
 from compressor.modifiers import GPTQModifier
 from compressor.utils import memory
-from compressor.utils.memory import _private_file_ranges, overwrite_
+from compressor.utils.memory import _intersect, _private_file_mappings, overwrite_
 from conftest import tiny_llama_config
 
 PAGE = mmap.PAGESIZE
+
+
+def _private_file_ranges(low, high):
+    """The parts of ``[low, high)`` mapped privately from a file (copy-on-write)."""
+    return _intersect(_private_file_mappings(), low, high)
 
 
 def mapped(path, values, shared):

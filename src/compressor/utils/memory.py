@@ -108,12 +108,6 @@ _MAPPING = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) .w.p \S+ \S+ ([1-9]\d*)", re.MU
 """A writable private mapping of a file (non-zero inode) in ``/proc/self/maps``."""
 
 
-def _private_file_ranges(low: int, high: int) -> list[tuple[int, int]]:
-    """The parts of ``[low, high)`` mapped privately (copy-on-write) and writable from a file,
-    from ``/proc/self/maps``."""
-    return _intersect(_private_file_mappings(), low, high)
-
-
 def _private_file_mappings() -> list[tuple[int, int]]:
     """Every writable private mapping of a file, as ``(start, end)`` addresses."""
     with open("/proc/self/maps") as maps:
@@ -122,7 +116,14 @@ def _private_file_mappings() -> list[tuple[int, int]]:
 
 
 def _intersect(mappings: list[tuple[int, int]], low: int, high: int) -> list[tuple[int, int]]:
+    """The parts of ``[low, high)`` inside ``mappings``."""
     return [(max(a, low), min(b, high)) for a, b in mappings if max(a, low) < min(b, high)]
+
+
+def _storage_span(tensor: torch.Tensor) -> tuple[int, int]:
+    """The addresses of all of ``tensor``'s storage, ``[start, end)``."""
+    storage = tensor.untyped_storage()
+    return storage.data_ptr(), storage.data_ptr() + storage.nbytes()
 
 
 def overwrite_(target: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
@@ -150,16 +151,11 @@ def overwrite_all_(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
     """``overwrite_`` for each ``(target, source)``, reading the process's mappings once."""
     remap = _mmap()
     page = mmap.PAGESIZE
-    read = [
-        (
-            s.untyped_storage().data_ptr(),
-            s.untyped_storage().data_ptr() + s.untyped_storage().nbytes(),
-        )
-        for _, s in pairs
-        if s.device.type == "cpu"
-    ]
+    read = [_storage_span(s) for _, s in pairs if s.device.type == "cpu"]
     fresh: list[tuple[int, int]] = []
-    for target, _ in pairs if remap is not None else ():
+    for target, _ in pairs:
+        if remap is None:
+            break
         size = target.numel() * target.element_size()
         if target.device.type != "cpu" or not target.is_contiguous():
             continue

@@ -355,9 +355,9 @@ def gptq_quantize_weights(
             h.copy_(h.index_select(0, problem.perm))
             h.copy_(h.index_select(1, problem.perm))
         if problem.fixed_scale is not None:
+            # (group_size is the whole width for tensor and channel scales: one group)
             order = problem.perm if problem.perm is not None else torch.arange(columns)
-            groups = problem.fixed_scale.shape[1]
-            problem.col_group = (order // group_size if groups > 1 else order * 0).to(device)
+            problem.col_group = (order // group_size).to(device)
         # the inverse's factor takes h's memory
         problem.hinv, problem.dampening_frac = inverse_hessian_cholesky(
             h, dampening_frac, overwrite=True
@@ -368,9 +368,10 @@ def gptq_quantize_weights(
 
     results = []
     for problem in solved:
-        quantized = wt[:, problem.rows].t()
         g_idx = None
-        if problem.perm is not None:
+        if problem.perm is None:
+            quantized = wt[:, problem.rows].t()
+        else:
             inverse = torch.argsort(problem.perm)
             quantized = wt[:, problem.rows].index_select(0, inverse).t()
             if actorder == "group":
