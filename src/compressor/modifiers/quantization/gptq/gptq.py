@@ -75,22 +75,43 @@ class GPTQResult:
     dampening_frac: float
 
 
+class _Threads:
+    """The CPU threads of GPTQ's column loop: one, except inside ``all()``."""
+
+    def __init__(self, previous: int) -> None:
+        self.previous = previous
+
+    @contextlib.contextmanager
+    def all(self) -> Iterator[None]:
+        """The caller's thread count back, for a large matrix product."""
+        if self.previous == 1:
+            yield
+            return
+        torch.set_num_threads(self.previous)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(1)
+
+
 @contextlib.contextmanager
-def _few_threads(tensor: torch.Tensor) -> Iterator[None]:
+def _few_threads(tensor: torch.Tensor) -> Iterator[_Threads]:
     """Run GPTQ's column loop on one CPU thread.
 
     The loop is thousands of small tensor operations; on CPU, spreading each over OpenMP
     threads costs more in synchronisation than it saves, and on a busy machine every barrier
     waits for a descheduled thread (measured: 2.2 s instead of 6.5 s for a 576x1536 weight
-    under load). The previous thread count is restored afterwards.
+    under load). Each block's update of the later columns is one large matrix product, which
+    takes every thread again (``_Threads.all``: SmolLM2-135M's solves 0.3 s faster over 30
+    layers, the same results). The previous thread count is restored afterwards.
     """
     previous = torch.get_num_threads()
     if tensor.device.type != "cpu" or previous == 1:
-        yield
+        yield _Threads(1)
         return
     torch.set_num_threads(1)
     try:
-        yield
+        yield _Threads(previous)
     finally:
         torch.set_num_threads(previous)
 
@@ -448,7 +469,7 @@ def _lockstep_columns(
     # matrix product); the block's error reaches later blocks once per block. Sub-blocks
     # never straddle a group start, so a group's scale sees fully updated columns.
     inner = math.gcd(_SUB_BLOCK, block_size, group_size)
-    with _few_threads(wt):
+    with _few_threads(wt) as threads:
         for start in range(0, columns, block_size):
             stop = min(start + block_size, columns)
             width = stop - start
@@ -510,11 +531,16 @@ def _lockstep_columns(
             wt[start:stop] = block_q
             # each column's loss is (w - q)^2 / d^2 / 2 = err^2 / 2
             losses += block_err.square().sum(dim=0) / 2
-            for problem in problems:
-                assert problem.hinv is not None
-                wt[stop:, problem.rows].addmm_(
-                    problem.hinv[start:stop, stop:].t(), block_err[:, problem.rows], alpha=-1.0
-                )
+            if stop < columns:
+                # the block's error to the later columns: large products, on every thread
+                with threads.all():
+                    for problem in problems:
+                        assert problem.hinv is not None
+                        wt[stop:, problem.rows].addmm_(
+                            problem.hinv[start:stop, stop:].t(),
+                            block_err[:, problem.rows],
+                            alpha=-1.0,
+                        )
     for problem in problems:
         problem.loss = float(losses[problem.rows].sum())
         if not fixed:
