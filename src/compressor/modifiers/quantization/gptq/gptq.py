@@ -475,7 +475,8 @@ def _lockstep_columns(
             width = stop - start
             block = wt[start:stop].clone()  # (columns in block, rows)
             block_err = torch.empty_like(block)
-            block_q = torch.empty_like(block)
+            # the block's quantized columns go straight into ``wt``, free since the clone
+            block_q = wt[start:stop]
             if fixed and joint is None:  # each position's scales, gathered once per block
                 block_scale = torch.empty_like(block)
                 block_zero = block_scale if zero_free else torch.empty_like(block)  # unread
@@ -528,14 +529,13 @@ def _lockstep_columns(
                         block[sub_end:, problem.rows].addmm_(
                             h[sub:sub_end, sub_end:].t(), mine, alpha=-1.0
                         )
-            wt[start:stop] = block_q
-            # each column's loss is (w - q)^2 / d^2 / 2 = err^2 / 2
-            losses += block_err.square().sum(dim=0) / 2
-            if stop < columns:
-                # the block's error to the later columns: large products, on every thread
-                with threads.all():
-                    for problem in problems:
-                        assert problem.hinv is not None
+            with threads.all():  # large operations: on every thread
+                # each column's loss is (w - q)^2 / d^2 / 2 = err^2 / 2
+                losses += block_err.square().sum(dim=0) / 2
+                # the block's error to the later columns
+                for problem in problems:
+                    assert problem.hinv is not None
+                    if stop < columns:
                         wt[stop:, problem.rows].addmm_(
                             problem.hinv[start:stop, stop:].t(),
                             block_err[:, problem.rows],
