@@ -400,3 +400,27 @@ def test_problems_solved_in_lockstep_equal_each_solved_alone_bit_for_bit(name, a
         gptq_quantize_weights([problems[1], _problem(8, 32, 4)], args)
     with pytest.raises(ValueError, match="no problem"):
         gptq_quantize_weights([], args)
+
+
+def test_the_column_loop_runs_on_one_thread_and_its_block_updates_on_the_callers():
+    """The column loop's small operations run on one thread, each block's update of the later
+    columns (a large product) on the caller's threads, and the caller's count comes back."""
+    from compressor.modifiers.quantization.gptq.gptq import _few_threads
+
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        seen = []
+        with _few_threads(torch.zeros(1)) as threads:
+            seen.append(torch.get_num_threads())
+            with threads.all():
+                seen.append(torch.get_num_threads())
+            seen.append(torch.get_num_threads())
+        seen.append(torch.get_num_threads())
+        assert seen == [1, 2, 1, 2]
+        w, x = correlated_layer()
+        h, _ = accumulate_hessian(x)
+        gptq_quantize_weight(w, h, ARGS["channel-sym"], block_size=32)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(previous)
