@@ -1,8 +1,9 @@
 """Run the cases of a suite, each in its own process, and measure them as the OS reports.
 
-For every run the parent records the child's wall time, CPU time (user + system) and peak
-resident memory from ``os.wait4`` (the kernel's rusage of that child); the child adds its own
-phase times and its peak RSS (VmHWM) at the end of each phase. Repeats alternate the sides of a
+For every run the parent records the child's wall time and CPU time (user + system) from
+``os.wait4`` (the kernel's rusage of that child); the child adds its own phase times, its peak
+RSS (VmHWM) at the end of each phase and at its end (the process peak: rusage's would also
+count the parent's pages held between fork and exec). Repeats alternate the sides of a
 comparison (ours, peer, peer, ours, ...) so a noisy neighbour hurts both alike; figures are
 medians over repeats and ratios are medians of the per-repeat ratios.
 """
@@ -116,10 +117,15 @@ def run_process(
         tail = log_path.read_text(errors="replace")[-1500:]
         why = f"timed out after {timeout:.0f} s" if timed_out else f"exited with {code}"
         result = {"status": "error", "reason": f"case process {why} without a result: {tail}"}
+    # the case's own high-water mark (VmHWM, read as it ends): the OS's ru_maxrss of a child
+    # also counts the harness's pages, which a forked child holds until it execs (after the
+    # harness had prepared SmolLM2, every case read about 1.1 GB); ru_maxrss only when the
+    # case died without a result
+    own_peak = result.get("peak_rss_mb_self")
     result["process"] = {
         "wall_s": wall,
         "cpu_s": usage.ru_utime + usage.ru_stime,
-        "peak_rss_mb": usage.ru_maxrss / 1024,  # KiB on Linux
+        "peak_rss_mb": own_peak if own_peak is not None else usage.ru_maxrss / 1024,  # KiB
         "exit_code": code,
     }
     result["log"] = str(log_path)

@@ -130,9 +130,9 @@ def markdown(report: dict[str, Any], description: str) -> str:
         "",
         f"Machine: {report['machine']['platform']}, {report['machine']['cpus']} CPUs, torch "
         f"{report['machine']['torch']}; {report['settings']['threads']} threads per case. "
-        "Times are medians over repeats (process-level figures from the OS's rusage of each "
+        "Times are medians over repeats (process-level times from the OS's rusage of each "
         "case process; *job* time is the named phase inside it; *job peak* is the process's "
-        "VmHWM before evaluation). Ratios are medians of per-repeat ratios, sides alternating.",
+        "VmHWM before evaluation, *process peak* its VmHWM at the end). Ratios are medians of per-repeat ratios, sides alternating.",
         "",
         "| case | model | side | job phase | job s | job CPU s | process s | job peak MB "
         "| process peak MB | checkpoint MB | ppl | details |",

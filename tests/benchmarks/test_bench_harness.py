@@ -108,3 +108,18 @@ def test_a_tiny_suite_end_to_end(tmp_path, monkeypatch, capsys):
         assert "matplotlib is not installed" in result["chart"]
     else:
         assert result_file.with_suffix(".png").stat().st_size > 1000
+
+
+def test_a_case_process_peak_is_its_own_not_the_harness(tmp_path):
+    """A forked child's rusage peak also counts the parent's pages it held until exec; the
+    harness reports the case's own high-water mark instead."""
+    ballast = bytearray(600 << 20)  # 600 MB resident in this (the harness's) process
+    ballast[::4096] = b"\x01" * len(ballast[::4096])
+    spec = {"side": "ours", "task": "no-such-task", "threads": 1}
+    env = harness.side_env("ours", 1)
+    result = harness.run_process(Path(sys.executable), spec, env, tmp_path / "case", 300)
+    del ballast
+    assert result["status"] == "unavailable" and "no runner" in result["reason"]
+    own = result["peak_rss_mb_self"]
+    assert 0 < own < 600
+    assert result["process"]["peak_rss_mb"] == own
