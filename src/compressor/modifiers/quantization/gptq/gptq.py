@@ -532,10 +532,9 @@ def _lockstep_columns(
             with threads.all():  # large operations: on every thread
                 # each column's loss is (w - q)^2 / d^2 / 2 = err^2 / 2
                 losses += block_err.square().sum(dim=0) / 2
-                # the block's error to the later columns
-                for problem in problems:
-                    assert problem.hinv is not None
-                    if stop < columns:
+                if stop < columns:  # the block's error to the later columns
+                    for problem in problems:
+                        assert problem.hinv is not None
                         wt[stop:, problem.rows].addmm_(
                             problem.hinv[start:stop, stop:].t(),
                             block_err[:, problem.rows],
