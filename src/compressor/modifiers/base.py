@@ -269,6 +269,18 @@ class Modifier(BaseModel, HooksMixin):
         runs alone, as the user batched it. Conservative default: False."""
         return False
 
+    def calibration_in_stages(self) -> bool:
+        """Whether the modifier compresses a decoder layer's modules in the order the layer
+        calls them, each group calibrated on the outputs of the groups already compressed
+        ("true sequential", as the GPTQ authors' code and AutoGPTQ do): q/k/v, then o on the
+        compressed attention, then gate/up, then down. Only for modifiers whose hooks are
+        forward pre-hooks on the modules they compress and whose ``SEQUENTIAL_EPOCH_END``
+        compresses the modules it is given. When every modifier says so, the sequential
+        pipeline calibrates a Llama-style layer in those stages, which needs fewer matrix
+        products than calibrating it whole and running it again (see
+        ``compressor.entrypoints.pipelines.staged``). Conservative default: False."""
+        return False
+
     # ---------------------------------------------------------------- recipe form
     def recipe_args(self) -> dict[str, Any]:
         """The arguments that rebuild this modifier from a recipe (defaults left out)."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Literal
 
 import torch
@@ -23,6 +23,8 @@ class HooksMixin:
 
     # class-level: a pause applies to every modifier's hooks at once
     _HOOKS_DISABLED: bool = False
+    # class-level: when set, only the hooks on these modules (by id) run
+    _HOOKS_ONLY_ON: frozenset[int] | None = None
 
     _handles: list[RemovableHandle]
 
@@ -50,10 +52,17 @@ class HooksMixin:
         :param kwargs: passed to torch's register function (``with_kwargs``, ``prepend``)
         """
 
+        target_id = id(target)
+
         def wrapped(*args: Any, **kw: Any) -> Any:
             if HooksMixin._HOOKS_DISABLED:
                 return None
+            only = HooksMixin._HOOKS_ONLY_ON
+            if only is not None and target_id not in only:
+                return None
             return hook(*args, **kw)
+
+        wrapped._compressor_hook = True  # type: ignore[attr-defined]
 
         if kind == "tensor":
             if not isinstance(target, torch.Tensor):
@@ -96,6 +105,34 @@ class HooksMixin:
     @property
     def num_hooks(self) -> int:
         return len(self._hook_handles())
+
+    @staticmethod
+    @contextlib.contextmanager
+    def hooks_only_on(modules: Iterable[torch.nn.Module]) -> Iterator[None]:
+        """Inside the block, only the hooks registered on ``modules`` run (through this mixin,
+        by any object); the hooks on every other module are paused. A pipeline that calibrates
+        a layer in stages uses it: the modules of earlier stages, already compressed, run
+        again without their calibration hooks seeing their inputs a second time."""
+        previous = HooksMixin._HOOKS_ONLY_ON
+        HooksMixin._HOOKS_ONLY_ON = frozenset(id(module) for module in modules)
+        try:
+            yield
+        finally:
+            HooksMixin._HOOKS_ONLY_ON = previous
+
+    @staticmethod
+    def call_forward_pre_hooks(module: torch.nn.Module, *args: Any) -> None:
+        """Call the forward pre-hooks registered on ``module`` through this mixin as if
+        ``module`` were called on ``args``, without running it (nor any hook registered by
+        others). What they return is ignored: for hooks that observe inputs (a Hessian), when
+        the module's output would be thrown away."""
+        kwargs_hooks = module._forward_pre_hooks_with_kwargs
+        for key, hook in list(module._forward_pre_hooks.items()):
+            if getattr(hook, "_compressor_hook", False):
+                if key in kwargs_hooks:
+                    hook(module, args, {})
+                else:
+                    hook(module, args)
 
     @staticmethod
     @contextlib.contextmanager

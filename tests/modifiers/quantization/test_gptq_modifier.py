@@ -184,10 +184,14 @@ def test_projections_reading_the_same_input_get_the_same_hessian_as_computed_alo
     assert all(m.quantization_enabled for m in linears(tiny_llama).values())
 
 
-def test_hessians_are_the_same_whether_the_pipeline_merges_calls_or_not(monkeypatch):
+@pytest.mark.parametrize("true_sequential", [True, False])
+def test_hessians_are_the_same_whether_the_pipeline_merges_calls_or_not(
+    monkeypatch, true_sequential
+):
     """GPTQ accepts merged calibration calls (its Hessians sum over tokens): the sequential
     pipeline then runs the 8 calibration rows through each layer as one forward, and every
-    Hessian GPTQ solves with equals the one accumulated a row at a time."""
+    Hessian GPTQ solves with equals the one accumulated a row at a time (whether the layer
+    is calibrated whole or in stages)."""
     import compressor.entrypoints.pipelines.sequential as sequential
     import compressor.modifiers.quantization.gptq.base as gptq_base
     from conftest import tiny_llama_config
@@ -211,8 +215,9 @@ def test_hessians_are_the_same_whether_the_pipeline_merges_calls_or_not(monkeypa
         def count(_m, args, kwargs, _calls=calls):
             _calls.append((args[0] if args else kwargs["hidden_states"]).shape[0])
 
-        model.model.layers[1].register_forward_pre_hook(count, with_kwargs=True)
-        oneshot(model, [GPTQModifier(config_groups=GROUP16)], random_ids(), pipeline="sequential")
+        model.model.layers[1].self_attn.register_forward_pre_hook(count, with_kwargs=True)
+        gptq = GPTQModifier(config_groups=GROUP16, true_sequential=true_sequential)
+        oneshot(model, [gptq], random_ids(), pipeline="sequential")
         runs[merge_elements] = (hessians, calls)
     (merged, merged_calls), (alone, alone_calls) = runs[default], runs[0]
     assert merged_calls[0] == 8 and alone_calls[0] == 1  # the first calibration forward
@@ -365,7 +370,8 @@ def test_a_layers_problems_of_equal_width_are_solved_in_lockstep_within_the_budg
     monkeypatch.setattr(gptq_base, "gptq_quantize_weights", spy)
     torch.manual_seed(0)
     model = LlamaForCausalLM(tiny_llama_config()).eval()
-    oneshot(model, [GPTQModifier(config_groups=GROUP16)], random_ids(), pipeline="sequential")
+    gptq = GPTQModifier(config_groups=GROUP16, true_sequential=False)  # the whole layer at once
+    oneshot(model, [gptq], random_ids(), pipeline="sequential")
     # per layer: q/k/v (32 + 16 + 16 rows), o (32), gate/up (64 + 64); then down (32)
     assert sizes == [[64, 32, 128], [32]] * 2
 

@@ -11,6 +11,10 @@ each layer ``i``:
 3. it runs again with hooks disabled, and its outputs, computed with the compressed
    weights, become the inputs of layer ``i + 1``.
 
+When every modifier calibrates in stages (``Modifier.calibration_in_stages``: GPTQ's
+``true_sequential``) and the layers have Llama's form, steps 1 to 3 run instead as stages
+within each layer, one group of modules at a time (``compressor.entrypoints.pipelines.staged``).
+
 No graph tracing is needed, so any model whose decoder layers ``find_decoder_layers`` finds
 works. Only the current layer and the cached activations sit on the compute device.
 
@@ -39,6 +43,7 @@ from tqdm.auto import tqdm
 from compressor.core.session import CompressionSession
 from compressor.entrypoints.data import Batch
 from compressor.entrypoints.pipelines.common import calibration_mode, model_device, to_device
+from compressor.entrypoints.pipelines.staged import StagePlan, calibrate_in_stages, plan_stages
 from compressor.modifiers.hooks import HooksMixin
 from compressor.utils.architecture import find_decoder_layers
 from compressor.utils.memory import keep_freed_tensors_in_heap, release_free_memory
@@ -307,6 +312,8 @@ def run_sequential(
     # stop each calibration forward early when no modifier reads past a module's inputs
     cut_short = not any(m.calibration_reads_outputs() for m in session.modifiers)
     merge = all(m.calibration_merges_batches() for m in session.modifiers)
+    in_stages = cut_short and all(m.calibration_in_stages() for m in session.modifiers)
+    plan: StagePlan | None = None
     keep_freed_tensors_in_heap()  # no page faults for every activation (glibc)
     session.calibration_epoch_start()
     with calibration_mode(model):
@@ -330,6 +337,20 @@ def run_sequential(
                     if index == 0 and not _merging_is_exact(layer, inputs):
                         logger.info("{} does not take merged calls: one at a time", path)
                         inputs = _unmerge(inputs)
+                    if index == 0 and in_stages and inputs:
+                        plan = plan_stages(layer, inputs[0].call)
+                        if plan is None:
+                            logger.info(
+                                "{} layers are not Llama-style: each is calibrated whole",
+                                type(layer).__name__,
+                            )
+                    if plan is not None:
+                        last = index == len(layers) - 1
+                        outputs = keep_outputs or not last
+                        calibrate_in_stages(layer, inputs, plan, session, index, outputs)
+                        if not outputs:
+                            inputs = []
+                        continue
                     _calibrate(layer, [m.call for m in inputs], cut_short, index)
                     # the calibration forwards' temporaries, before the modifiers' own work;
                     # once per layer: a second trim after the outputs made the next layer's

@@ -84,11 +84,20 @@ class GPTQModifier(QuantizationSchemeMixin, Modifier):
     :param actorder: ``static`` (the default, as in llm-compressor) quantizes columns in order
         of decreasing Hessian diagonal with group scales fixed up front (same checkpoint
         format); ``none`` keeps the natural order
+    :param true_sequential: on the sequential pipeline, quantize a Llama-style layer's
+        Linears group by group in the order it calls them (q/k/v, o, gate/up, down), each
+        group calibrated on the outputs of the groups already quantized, as the GPTQ authors'
+        code and AutoGPTQ do by default; it also needs fewer matrix products than
+        calibrating the layer whole and running it again
+        (``compressor.entrypoints.pipelines.staged``). False calibrates every Linear of a
+        layer on the unquantized layer, as llm-compressor does. Layers of another form are
+        always calibrated whole
     """
 
     block_size: int = Field(default=128, ge=1)
     dampening_frac: float = Field(default=0.01, ge=0.0)
     actorder: Literal["static", "group"] | None = "static"
+    true_sequential: bool = True
 
     _config: QuantizationConfig | None = PrivateAttr(default=None)
     _modules: dict[str, torch.nn.Module] = PrivateAttr(default_factory=dict)
@@ -133,6 +142,9 @@ class GPTQModifier(QuantizationSchemeMixin, Modifier):
 
     def calibration_reads_outputs(self) -> bool:
         return False  # the Hessians need only each Linear's inputs (forward pre-hooks)
+
+    def calibration_in_stages(self) -> bool:
+        return self.true_sequential
 
     def calibration_merges_batches(self) -> bool:
         """A Hessian sums ``x x^T`` over tokens, however they are batched; but an activation

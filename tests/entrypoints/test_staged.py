@@ -1,0 +1,193 @@
+"""The sequential pipeline's staged ("true sequential") calibration of Llama-style layers."""
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import LlamaForCausalLM, OPTConfig, OPTForCausalLM
+
+import compressor.entrypoints.pipelines.sequential as sequential
+import compressor.entrypoints.pipelines.staged as staged
+from compressor import oneshot
+from compressor.modifiers import GPTQModifier
+from compressor.modifiers.hooks import HooksMixin
+from conftest import tiny_llama_config
+
+GROUP16 = {
+    "g": {
+        "targets": ["Linear"],
+        "weights": {"num_bits": 4, "strategy": "group", "group_size": 16, "symmetric": True},
+    }
+}
+
+
+def random_ids(count=8, length=32, vocab=128):
+    gen = torch.Generator().manual_seed(1)
+    return Dataset.from_dict({"input_ids": torch.randint(0, vocab, (count, length), generator=gen)})
+
+
+def llama(**overrides):
+    torch.manual_seed(0)
+    config = tiny_llama_config(hidden_size=64, intermediate_size=128, **overrides)
+    return LlamaForCausalLM(config).eval()
+
+
+def weights(model):
+    return {k: v.clone() for k, v in model.state_dict().items() if k.endswith("weight")}
+
+
+def whole_layer_once_per_group(layer, inputs, plan, session, index, outputs=True):
+    """The GPTQ authors' scheme, the reference: the whole layer runs over every call once
+    per group, only that group's hooks live, then the group is compressed."""
+    groups = [
+        plan.attention_readers,
+        (plan.attention_output,),
+        plan.mlp_readers,
+        (plan.mlp_output,),
+    ]
+    for names in groups:
+        modules = [layer.get_submodule(name) for name in names]
+        with HooksMixin.hooks_only_on(modules):
+            for merged in inputs:
+                layer(*merged.call.args, **merged.call.kwargs)
+        session.sequential_epoch_end(modules)
+    if outputs:
+        with HooksMixin.disable_hooks():
+            for position, merged in enumerate(inputs):
+                out = layer(*merged.call.args, **merged.call.kwargs)
+                out = out[0] if isinstance(out, tuple) else out
+                inputs[position] = type(merged)(merged.call.with_hidden_states(out), merged.sizes)
+
+
+@pytest.mark.parametrize("merge_elements", [sequential.MERGE_ELEMENTS, 0])
+def test_stages_equal_the_whole_layer_run_once_per_group_bit_for_bit(monkeypatch, merge_elements):
+    """Each group is calibrated on the outputs of the groups compressed before it, exactly
+    as if the whole layer ran again for every group. Unmerged, the 8 calls' down-projection
+    inputs (twice the hidden states' width) do not all fit in the hidden states' memory:
+    half are kept, half computed again, and the outputs agree either way."""
+    monkeypatch.setattr(sequential, "MERGE_ELEMENTS", merge_elements)
+    results, counts = [], []
+    for stages in (staged.calibrate_in_stages, whole_layer_once_per_group):
+        calls = []
+
+        def spy(*args, _calls=calls, _stages=stages, **kwargs):
+            _calls.append(args[4])
+            return _stages(*args, **kwargs)
+
+        monkeypatch.setattr(sequential, "calibrate_in_stages", spy)
+        model = llama(num_hidden_layers=3)
+        oneshot(model, [GPTQModifier(config_groups=GROUP16)], random_ids(), pipeline="sequential")
+        results.append(weights(model))
+        counts.append(calls)
+    assert counts[0] == counts[1] == [0, 1, 2]
+    ours, reference = results
+    assert ours.keys() == reference.keys()
+    for name in ours:
+        assert torch.equal(ours[name], reference[name]), name
+
+
+def test_true_sequential_changes_what_later_modules_are_calibrated_on():
+    """Off, every Linear of a layer is calibrated on the unquantized layer (llm-compressor's
+    way); on, o/gate/up/down see their quantized predecessors: q/k/v of the first layer,
+    calibrated first either way, come out equal; the modules after them do not."""
+    runs = []
+    for true_sequential in (True, False):
+        model = llama()
+        gptq = GPTQModifier(config_groups=GROUP16, true_sequential=true_sequential)
+        oneshot(model, [gptq], random_ids(), pipeline="sequential")
+        runs.append(weights(model))
+    on, off = runs
+    first = "model.layers.0."
+    for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+        assert torch.equal(on[first + name + ".weight"], off[first + name + ".weight"]), name
+    for name in ("self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"):
+        assert not torch.equal(on[first + name + ".weight"], off[first + name + ".weight"]), name
+
+
+def test_the_plan_names_the_stage_modules_of_a_llama_layer():
+    model = llama()
+    layer = model.model.layers[0]
+    captured = sequential.capture_layer_inputs(
+        model, layer, [{"input_ids": torch.randint(0, 128, (2, 16))}], torch.device("cpu")
+    )
+    plan = staged.plan_stages(layer, captured[0])
+    assert plan == staged.StagePlan(
+        attention_readers=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        attention_output="self_attn.o_proj",
+        mlp_readers=("mlp.gate_proj", "mlp.up_proj"),
+        mlp_output="mlp.down_proj",
+    )
+
+
+def _opt():
+    config = OPTConfig(
+        vocab_size=128,
+        hidden_size=32,
+        ffn_dim=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        word_embed_proj_dim=32,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    return OPTForCausalLM(config).eval()
+
+
+def _llama_with_scaled_residual():
+    """Llama names, but a forward the decomposition does not reproduce."""
+    model = llama()
+    for layer in model.model.layers:
+        plain = layer.forward
+
+        def forward(*args, _plain=plain, **kwargs):
+            return _plain(*args, **kwargs) * 0.5
+
+        layer.forward = forward
+    return model
+
+
+@pytest.mark.parametrize("make", [_opt, _llama_with_scaled_residual], ids=["opt", "other-forward"])
+def test_layers_of_another_form_are_calibrated_whole(monkeypatch, make):
+    """A layer that is not Llama-style (OPT's names) or whose forward the decomposition does
+    not reproduce is calibrated whole, as with true_sequential off, and says so."""
+    from loguru import logger
+
+    def never(*args, **kwargs):
+        raise AssertionError("calibrated in stages")
+
+    monkeypatch.setattr(sequential, "calibrate_in_stages", never)
+    runs = []
+    messages: list[str] = []
+    handle = logger.add(lambda m: messages.append(str(m)), level="INFO", format="{message}")
+    try:
+        for true_sequential in (True, False):
+            model = make()
+            gptq = GPTQModifier(config_groups=GROUP16, true_sequential=true_sequential)
+            oneshot(model, [gptq], random_ids(), pipeline="sequential")
+            runs.append(weights(model))
+    finally:
+        logger.remove(handle)
+    assert any("calibrated whole" in m for m in messages)
+    for name in runs[0]:
+        assert torch.equal(runs[0][name], runs[1][name]), name
+
+
+def test_hooks_only_on_pauses_the_other_modules_hooks_and_pre_hooks_can_be_fed():
+    seen = []
+
+    class Watcher(HooksMixin):
+        pass
+
+    watcher = Watcher()
+    first, second = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+    for name, module in (("first", first), ("second", second)):
+        watcher.register_hook(module, lambda m, a, name=name: seen.append(name), "forward_pre")
+    x = torch.randn(2, 4)
+    with HooksMixin.hooks_only_on([second]):
+        first(x)
+        second(x)
+    assert seen == ["second"]
+    foreign = []
+    first.register_forward_pre_hook(lambda m, a: foreign.append(1))
+    HooksMixin.call_forward_pre_hooks(first, x)  # ours only, and the module does not run
+    assert seen == ["second", "first"] and foreign == []
+    watcher.remove_hooks()
