@@ -58,13 +58,22 @@ def whole_layer_once_per_group(layer, inputs, plan, session, index, outputs=True
                 inputs[position] = type(merged)(merged.call.with_hidden_states(out), merged.sizes)
 
 
-@pytest.mark.parametrize("merge_elements", [sequential.MERGE_ELEMENTS, 0])
-def test_stages_equal_the_whole_layer_run_once_per_group_bit_for_bit(monkeypatch, merge_elements):
+@pytest.mark.parametrize(
+    ("merge_elements", "keep_fraction"),
+    [(sequential.MERGE_ELEMENTS, 1.0), (0, 1.0), (0, 0.5), (0, 0.0)],
+)
+def test_stages_equal_the_whole_layer_run_once_per_group_bit_for_bit(
+    monkeypatch, merge_elements, keep_fraction
+):
     """Each group is calibrated on the outputs of the groups compressed before it, exactly
-    as if the whole layer ran again for every group. Unmerged, the 8 calls' down-projection
-    inputs (twice the hidden states' width) do not all fit in the hidden states' memory:
-    half are kept, half computed again, and the outputs agree either way."""
+    as if the whole layer ran again for every group, whether what one stage reads from the
+    one before was kept or is computed again. Unmerged, with the whole budget, every
+    o_proj input is kept but only half the down-projection inputs (twice the hidden
+    states' width); with half the budget, half the o_proj inputs and a quarter of the
+    others; with none, nothing."""
     monkeypatch.setattr(sequential, "MERGE_ELEMENTS", merge_elements)
+    monkeypatch.setattr(staged, "KEEP_ATTENTION", keep_fraction)
+    monkeypatch.setattr(staged, "KEEP_MLP", keep_fraction)
     results, counts = [], []
     for stages in (staged.calibrate_in_stages, whole_layer_once_per_group):
         calls = []
