@@ -42,6 +42,22 @@ def tiny_llama_config(**overrides):
     return LlamaConfig(**values)
 
 
+def tiny_opt(num_hidden_layers=3):
+    """A randomly initialised OPT (its layers are not Llama-style)."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    config = OPTConfig(
+        vocab_size=128,
+        hidden_size=32,
+        ffn_dim=64,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=4,
+        word_embed_proj_dim=32,
+        max_position_embeddings=64,
+    )
+    return OPTForCausalLM(config)
+
+
 def tiny_bert(**overrides):
     """A randomly initialised two-layer BERT classifier (seed 0), in evaluation mode."""
     from transformers import BertConfig, BertForSequenceClassification

@@ -7,8 +7,6 @@ from transformers import (
     GPT2Config,
     GPT2LMHeadModel,
     LlamaForCausalLM,
-    OPTConfig,
-    OPTForCausalLM,
 )
 
 from calibration_modifiers import LayerInputRecorder, LayerShrinker
@@ -22,24 +20,11 @@ from compressor.entrypoints.pipelines import (
 )
 from compressor.modifiers import Modifier
 from compressor.utils.architecture import find_decoder_layers
-from conftest import tiny_llama_config
+from conftest import tiny_llama_config, tiny_opt
 
 
 def _gpt2():
     return GPT2LMHeadModel(GPT2Config(n_layer=3, n_embd=32, n_head=4, vocab_size=128))
-
-
-def _opt():
-    config = OPTConfig(
-        vocab_size=128,
-        hidden_size=32,
-        ffn_dim=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        word_embed_proj_dim=32,
-        max_position_embeddings=64,
-    )
-    return OPTForCausalLM(config)
 
 
 def _bert():
@@ -58,7 +43,7 @@ def _llama():
     return LlamaForCausalLM(tiny_llama_config(num_hidden_layers=3))
 
 
-ARCHITECTURES = {"llama": _llama, "gpt2": _gpt2, "opt": _opt, "bert": _bert}
+ARCHITECTURES = {"llama": _llama, "gpt2": _gpt2, "opt": tiny_opt, "bert": _bert}
 
 
 def _build(name):

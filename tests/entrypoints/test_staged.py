@@ -3,14 +3,14 @@
 import pytest
 import torch
 from datasets import Dataset
-from transformers import LlamaForCausalLM, OPTConfig, OPTForCausalLM
+from transformers import LlamaForCausalLM
 
 import compressor.entrypoints.pipelines.sequential as sequential
 import compressor.entrypoints.pipelines.staged as staged
 from compressor import oneshot
 from compressor.modifiers import GPTQModifier
 from compressor.modifiers.hooks import HooksMixin
-from conftest import tiny_llama_config
+from conftest import tiny_llama_config, tiny_opt
 
 GROUP16 = {
     "g": {
@@ -128,17 +128,8 @@ def test_the_plan_names_the_stage_modules_of_a_llama_layer():
 
 
 def _opt():
-    config = OPTConfig(
-        vocab_size=128,
-        hidden_size=32,
-        ffn_dim=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        word_embed_proj_dim=32,
-        max_position_embeddings=64,
-    )
     torch.manual_seed(0)
-    return OPTForCausalLM(config).eval()
+    return tiny_opt(num_hidden_layers=2).eval()
 
 
 def _llama_with_scaled_residual():
