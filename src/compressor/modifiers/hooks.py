@@ -121,6 +121,17 @@ class HooksMixin:
             HooksMixin._HOOKS_ONLY_ON = previous
 
     @staticmethod
+    def has_hooks(module: torch.nn.Module) -> bool:
+        """Whether any object registered a forward, forward pre- or backward hook on
+        ``module`` through this mixin."""
+        hooks = [
+            *module._forward_pre_hooks.values(),
+            *module._forward_hooks.values(),
+            *module._backward_hooks.values(),
+        ]
+        return any(getattr(hook, "_compressor_hook", False) for hook in hooks)
+
+    @staticmethod
     def call_forward_pre_hooks(module: torch.nn.Module, *args: Any) -> None:
         """Call the forward pre-hooks registered on ``module`` through this mixin as if
         ``module`` were called on ``args``, without running it (nor any hook registered by

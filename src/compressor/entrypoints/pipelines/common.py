@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["calibration_mode", "model_device", "to_device"]
+__all__ = ["calibration_mode", "first_output", "model_device", "to_device"]
 
 
 @contextlib.contextmanager
@@ -45,3 +45,9 @@ def to_device(value: Any, device: torch.device) -> Any:
     if isinstance(value, tuple | list):
         return type(value)(to_device(v, device) for v in value)
     return value
+
+
+def first_output(output: Any) -> Any:
+    """A module's main output: the first element when it returns a tuple or list (a decoder
+    layer's hidden states, an attention's output)."""
+    return output[0] if isinstance(output, tuple | list) else output

@@ -42,7 +42,12 @@ from tqdm.auto import tqdm
 
 from compressor.core.session import CompressionSession
 from compressor.entrypoints.data import Batch
-from compressor.entrypoints.pipelines.common import calibration_mode, model_device, to_device
+from compressor.entrypoints.pipelines.common import (
+    calibration_mode,
+    first_output,
+    model_device,
+    to_device,
+)
 from compressor.entrypoints.pipelines.staged import StagePlan, calibrate_in_stages, plan_stages
 from compressor.modifiers.hooks import HooksMixin
 from compressor.utils.architecture import find_decoder_layers
@@ -191,9 +196,9 @@ def _merging_is_exact(layer: torch.nn.Module, inputs: list[_Merged]) -> bool:
         return True
     merged = inputs[0]
     with HooksMixin.disable_hooks():
-        separate = torch.cat([_hidden_states(layer(*c.args, **c.kwargs)) for c in merged.calls()])
+        separate = torch.cat([first_output(layer(*c.args, **c.kwargs)) for c in merged.calls()])
         try:
-            together = _hidden_states(layer(*merged.call.args, **merged.call.kwargs))
+            together = first_output(layer(*merged.call.args, **merged.call.kwargs))
         except Exception as error:  # e.g. a mask whose batch dimension does not broadcast
             logger.debug("merged calls fail on {}: {}", type(layer).__name__, error)
             return False
@@ -393,7 +398,7 @@ def _propagate(layer: torch.nn.Module, inputs: list[_Merged], index: int) -> Non
         for position in tqdm(range(len(inputs)), desc=f"layer {index} outputs", leave=False):
             merged = inputs[position]
             call = merged.call
-            output = _hidden_states(layer(*call.args, **call.kwargs))
+            output = first_output(layer(*call.args, **call.kwargs))
             inputs[position] = _Merged(call.with_hidden_states(output), merged.sizes)
 
 
@@ -406,10 +411,6 @@ def _check_uniform_layers(model: torch.nn.Module) -> None:
             f"but this model's layers differ (config.layer_types: {sorted(set(layer_types))}); "
             "use pipeline='basic'"
         )
-
-
-def _hidden_states(output: Any) -> torch.Tensor:
-    return output[0] if isinstance(output, tuple | list) else output
 
 
 def _move_outside(

@@ -50,6 +50,7 @@ from loguru import logger
 from tqdm.auto import tqdm
 
 from compressor.core.session import CompressionSession
+from compressor.entrypoints.pipelines.common import first_output
 from compressor.modifiers.hooks import HooksMixin
 from compressor.utils.memory import release_free_memory
 
@@ -76,21 +77,8 @@ class _StopStage(Exception):
     """Raised once a stage's last module has received its inputs."""
 
 
-def _has_compressor_hooks(module: torch.nn.Module) -> bool:
-    hooks = [
-        *module._forward_pre_hooks.values(),
-        *module._forward_hooks.values(),
-        *module._backward_hooks.values(),
-    ]
-    return any(getattr(hook, "_compressor_hook", False) for hook in hooks)
-
-
 def _other_kwargs(call: Any) -> dict[str, Any]:
     return {key: value for key, value in call.kwargs.items() if key != "hidden_states"}
-
-
-def _first(output: Any) -> Any:
-    return output[0] if isinstance(output, tuple | list) else output
 
 
 def plan_stages(layer: torch.nn.Module, call: Any) -> StagePlan | None:
@@ -104,7 +92,7 @@ def plan_stages(layer: torch.nn.Module, call: Any) -> StagePlan | None:
         return None
     norm1, attention, norm2, mlp = (getattr(layer, part) for part in _PARTS)
     names = {id(module): name for name, module in layer.named_modules()}
-    hooked = {name for name, module in layer.named_modules() if _has_compressor_hooks(module)}
+    hooked = {name for name, module in layer.named_modules() if HooksMixin.has_hooks(module)}
     inputs: list[tuple[str, Any]] = []
     outputs: dict[str, Any] = {}
 
@@ -116,7 +104,7 @@ def plan_stages(layer: torch.nn.Module, call: Any) -> StagePlan | None:
 
     try:
         with HooksMixin.disable_hooks():
-            whole = _first(layer(*call.args, **call.kwargs))
+            whole = first_output(layer(*call.args, **call.kwargs))
             handles = []
             for part in (attention, mlp):
                 for leaf in part.modules():
@@ -126,12 +114,12 @@ def plan_stages(layer: torch.nn.Module, call: Any) -> StagePlan | None:
             try:
                 x = call.hidden_states
                 normed = norm1(x)
-                attended = _first(attention(hidden_states=normed, **_other_kwargs(call)))
+                attended = first_output(attention(hidden_states=normed, **_other_kwargs(call)))
                 attention_calls = list(inputs)
                 hidden = x + attended
                 normed2 = norm2(hidden)
                 inputs.clear()
-                mlp_out = _first(mlp(normed2))
+                mlp_out = first_output(mlp(normed2))
                 mlp_calls = list(inputs)
                 out = hidden + mlp_out
             finally:
@@ -217,6 +205,13 @@ def _stop_at(module: torch.nn.Module, kept: list[torch.Tensor]) -> Iterator[None
         handle.remove()
 
 
+def _stopped_input(stopped: list[torch.Tensor], name: str, index: int) -> torch.Tensor:
+    """The one input ``_stop_at`` caught in the forward just run."""
+    if len(stopped) != 1:
+        raise RuntimeError(f"layer {index}: {name} was not called")
+    return stopped.pop()
+
+
 def calibrate_in_stages(
     layer: torch.nn.Module,
     inputs: list[Any],
@@ -261,9 +256,7 @@ def calibrate_in_stages(
             call = merged.call
             with contextlib.suppress(_StopStage):
                 attention(hidden_states=norm1(call.hidden_states), **_other_kwargs(call))
-            if len(stopped) != 1:
-                raise RuntimeError(f"layer {index}: {plan.attention_output} was not called")
-            kept.offer(stopped.pop())
+            kept.offer(_stopped_input(stopped, plan.attention_output, index))
             progress.update()
     session.sequential_epoch_end([o_proj])
 
@@ -276,7 +269,7 @@ def calibrate_in_stages(
                 if o_input is not None:
                     attended = o_proj(o_input)
                 else:
-                    attended = _first(
+                    attended = first_output(
                         attention(hidden_states=norm1(call.hidden_states), **_other_kwargs(call))
                     )
             del o_input
@@ -299,9 +292,7 @@ def calibrate_in_stages(
         for merged in inputs:
             with contextlib.suppress(_StopStage):
                 mlp(norm2(merged.call.hidden_states))
-            if len(stopped) != 1:
-                raise RuntimeError(f"layer {index}: {plan.mlp_output} was not called")
-            kept.offer(stopped.pop())
+            kept.offer(_stopped_input(stopped, plan.mlp_output, index))
             progress.update()
     # the stages' temporaries go back to the system before the layer's largest problem (as
     # the whole-layer path does once per layer): SmolLM2-135M peaked 60-70 MB higher without
@@ -317,7 +308,7 @@ def calibrate_in_stages(
                 if down_input is not None:
                     update = down_proj(down_input)
                 else:
-                    update = _first(mlp(norm2(hidden)))
+                    update = first_output(mlp(norm2(hidden)))
                 del down_input
                 replace_hidden(position, hidden + update)
                 progress.update()
