@@ -29,6 +29,7 @@ quality: install
 	$(BIN)/ruff check src tests examples benchmarks
 	$(BIN)/ruff format --check src tests examples benchmarks
 	$(BIN)/mypy src/compressor/core src/compressor/recipe
+	$(BIN)/lint-imports  # the import contract: layers import downwards only, no cycles
 
 style: install
 	$(BIN)/ruff format src tests examples benchmarks

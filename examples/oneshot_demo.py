@@ -20,8 +20,8 @@ import torch
 from datasets import Dataset
 
 from compressor import Recipe, oneshot
-from compressor.entrypoints.arguments import CalibrationArguments
-from compressor.entrypoints.data import sample_from_model
+from compressor.calibration.arguments import CalibrationArguments
+from compressor.calibration.data import sample_from_model
 from compressor.entrypoints.loading import load_model, load_tokenizer
 from compressor.utils.eval import perplexity, token_windows
 

@@ -23,7 +23,7 @@ from trainer_common import (
 from transformers import Trainer
 
 from compressor import CompressionCallback, CompressionSession
-from compressor.entrypoints.save import save_compressed
+from compressor.checkpoint.compressed import save_compressed
 from compressor.modifiers.quantization import QuantizationModifier
 from compressor.utils.eval import perplexity
 

@@ -8,7 +8,7 @@ from transformers import AutoTokenizer, LlamaForCausalLM
 
 from calibration_modifiers import FailAtLayer, LayerShrinker
 from compressor import Recipe, oneshot
-from compressor.entrypoints import saving
+from compressor.checkpoint import directory as saving
 from compressor.modifiers import HooksMixin
 
 
@@ -96,7 +96,7 @@ def test_a_run_that_fails_midway_writes_nothing_and_removes_its_hooks(tiny_llama
     assert failing.num_hooks == 0 and not HooksMixin._HOOKS_DISABLED
 
 
-def _failing_write(model, directory, recipe, compressed):
+def _failing_write(model, directory, compressed):
     (directory / "model.safetensors").write_bytes(b"half")
     raise OSError("disk full")
 

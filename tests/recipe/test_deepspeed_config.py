@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from compressor import RecipeError
-from compressor.recipe.deepspeed import load_deepspeed_config
+from compressor.recipe.deepspeed.config import load_deepspeed_config
 
 DATA = Path(__file__).parent / "data"
 

@@ -2,6 +2,6 @@
 
 from compressor.core.events import Event, EventType
 from compressor.core.lifecycle import EventOrderError, Lifecycle
-from compressor.core.state import Data, Hardware, State
+from compressor.core.state import State
 
-__all__ = ["Data", "Event", "EventOrderError", "EventType", "Hardware", "Lifecycle", "State"]
+__all__ = ["Event", "EventOrderError", "EventType", "Lifecycle", "State"]

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator, Sequence
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterator
+from typing import Any, ClassVar
 
 import torch
 from loguru import logger
@@ -15,42 +14,10 @@ from compressor.core.events import Event, EventType
 from compressor.core.lifecycle import Lifecycle
 from compressor.core.state import State
 
-if TYPE_CHECKING:
-    from compressor.modifiers.base import Modifier
-    from compressor.recipe.recipe import Recipe
-
 __all__ = ["CompressionSession", "active_session", "create_session"]
 
-
-def resolve_recipe(recipe: Any) -> Recipe:
-    """Accept a Recipe, a list of modifiers, a dict, or a ``pathlib.Path`` to a YAML file."""
-    from compressor.modifiers.base import Modifier
-    from compressor.recipe.recipe import Recipe
-
-    if isinstance(recipe, Recipe):
-        if any(m.initialized or m.finalized for m in recipe.modifiers):
-            # a Recipe is configuration: reusing one (e.g. for a second oneshot) runs fresh
-            # modifiers built from its recipe form, leaving the used ones as they ended
-            logger.info("the recipe's modifiers already ran; using fresh ones built from it")
-            return Recipe.from_yaml(recipe.to_yaml())
-        return recipe
-    if isinstance(recipe, Path):
-        return Recipe.from_file(recipe)
-    if isinstance(recipe, dict):
-        return Recipe.from_dict(recipe)
-    if isinstance(recipe, Modifier):
-        return Recipe.from_modifiers([recipe])
-    if isinstance(recipe, Sequence) and not isinstance(recipe, str | bytes):
-        return Recipe.from_modifiers(list(recipe))
-    if isinstance(recipe, str):
-        raise TypeError(
-            "recipe is a str: pass pathlib.Path(...) for a YAML file or Recipe.from_yaml(text) "
-            "for YAML text (a string is never guessed to be one or the other)"
-        )
-    raise TypeError(
-        "recipe must be a Recipe, a list of Modifier objects, a dict or a pathlib.Path; "
-        f"got {type(recipe).__name__}"
-    )
+RecipeResolver = Callable[[Any], Any]
+FinalizeStep = Callable[["CompressionSession"], None]
 
 
 class CompressionSession:
@@ -63,18 +30,28 @@ class CompressionSession:
     ``watch_optimizer=False``: then the caller (a Trainer callback) sends them itself.
     ``state_dict()`` / ``load_state_dict()`` save and restore the counters and every
     modifier's state, so a resumed run continues its schedule.
+
+    The session knows modifiers only by their lifecycle methods, and a recipe only as an
+    object with a ``modifiers`` list. The package root (``compressor/__init__.py``, which may
+    import every layer) plugs in what belongs to higher layers: ``recipe_resolver`` turns the
+    forms a user passes (a path, a dict, a list of modifiers) into a Recipe, and
+    ``finalize_steps`` run after every successful ``finalize`` (the checkpoint layer's
+    compressed ``save_pretrained``).
     """
+
+    recipe_resolver: ClassVar[RecipeResolver | None] = None
+    finalize_steps: ClassVar[list[FinalizeStep]] = []
 
     def __init__(self) -> None:
         self.state: State | None = None
-        self.recipe: Recipe | None = None
+        self.recipe: Any = None
         self._lifecycle: Lifecycle | None = None
         self._optim_handles: list[Any] = []
         self._finalized = False
 
     # ---------------------------------------------------------------- properties
     @property
-    def modifiers(self) -> list[Modifier]:
+    def modifiers(self) -> list[Any]:
         return list(self.recipe.modifiers) if self.recipe is not None else []
 
     @property
@@ -111,13 +88,6 @@ class CompressionSession:
         steps_per_epoch: int | None = None,
         batches_per_step: int | None = None,
         start: float | None = None,
-        train_data: Any = None,
-        val_data: Any = None,
-        test_data: Any = None,
-        calib_data: Any = None,
-        device: str | torch.device | None = None,
-        loggers: Any = None,
-        model_log_cadence: float | None = None,
     ) -> State:
         """Attach a recipe to a model and initialize every modifier.
 
@@ -136,19 +106,8 @@ class CompressionSession:
             raise RuntimeError("session is already initialized; call finalize() or use a new one")
         if model is None:
             raise ValueError("model is required")
-        self.recipe = resolve_recipe(recipe)
-        self.state = State().update(
-            model=model,
-            teacher_model=teacher_model,
-            optimizer=optimizer,
-            train_data=train_data,
-            val_data=val_data,
-            test_data=test_data,
-            calib_data=calib_data,
-            device=device,
-            loggers=loggers,
-            model_log_cadence=model_log_cadence,
-        )
+        self.recipe = self._resolve_recipe(recipe)
+        self.state = State().update(model=model, teacher_model=teacher_model, optimizer=optimizer)
         self._lifecycle = Lifecycle(
             steps_per_epoch=steps_per_epoch,
             batches_per_step=batches_per_step,
@@ -158,7 +117,7 @@ class CompressionSession:
         if optimizer is not None and watch_optimizer:
             self._watch_optimizer(optimizer)
         event = self._lifecycle.event.new_instance(type_=EventType.INITIALIZE)
-        done: list[Modifier] = []
+        done: list[Any] = []
         try:
             for modifier in self.recipe.modifiers:
                 modifier.initialize(self.state, event)
@@ -176,6 +135,14 @@ class CompressionSession:
             ", ".join(type(m).__name__ for m in done) or "none",
         )
         return self.state
+
+    @classmethod
+    def _resolve_recipe(cls, recipe: Any) -> Any:
+        if cls.recipe_resolver is not None:
+            return cls.recipe_resolver(recipe)
+        if not isinstance(getattr(recipe, "modifiers", None), list):
+            raise TypeError(f"recipe must have a list of modifiers, got {type(recipe).__name__}")
+        return recipe
 
     def _watch_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         def pre(_opt: Any, _args: Any, _kwargs: Any) -> None:
@@ -279,6 +246,8 @@ class CompressionSession:
         self._finalized = True
         if errors:
             raise errors[0]
+        for step in self.finalize_steps:
+            step(self)
         logger.info("session finalized")
         return state
 

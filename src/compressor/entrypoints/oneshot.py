@@ -9,12 +9,13 @@ from typing import Any
 import torch
 from loguru import logger
 
-from compressor.core.session import create_session, resolve_recipe
-from compressor.entrypoints.arguments import CalibrationArguments, OutputArguments, PipelineName
-from compressor.entrypoints.data import build_calibration_batches
+from compressor.calibration.arguments import CalibrationArguments, PipelineName
+from compressor.calibration.data import build_calibration_batches
+from compressor.calibration.pipelines import PIPELINES, resolve_pipeline
+from compressor.checkpoint.directory import OutputArguments, check_output_dir, save_checkpoint
+from compressor.core.session import create_session
 from compressor.entrypoints.loading import load_model, load_tokenizer
-from compressor.entrypoints.pipelines import PIPELINES, resolve_pipeline
-from compressor.entrypoints.saving import check_output_dir, save_checkpoint
+from compressor.recipe import resolve_recipe
 from compressor.utils.offload import (
     check_device_unset,
     check_offload_support,
@@ -57,7 +58,7 @@ def oneshot(
     :param num_calibration_samples: sequences to calibrate on
     :param max_seq_length: tokens per sequence at most
     :param batch_size: sequences per forward pass
-    :param pipeline: auto, datafree, basic or sequential (see ``compressor.entrypoints.pipelines``)
+    :param pipeline: auto, datafree, basic or sequential (see ``compressor.calibration.pipelines``)
     :param output_dir: save model, tokenizer and ``recipe.yaml`` here (atomically)
     :param save_compressed: save the compressed format rather than dense weights
     :param overwrite: replace an existing ``output_dir``
@@ -112,7 +113,7 @@ def oneshot(
 
     began = time.perf_counter()
     with create_session() as session:
-        session.initialize(model=loaded, recipe=parsed, calib_data=batches, device=device)
+        session.initialize(model=loaded, recipe=parsed)
         try:
             # nothing reads the last layer's outputs: the sequential pipeline may skip them
             extra = {"keep_outputs": False} if name == "sequential" else {}

@@ -38,7 +38,8 @@ from torch.nn.utils import parametrize
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from compressor.core.events import EventType
-from compressor.core.session import CompressionSession, resolve_recipe
+from compressor.core.session import CompressionSession
+from compressor.recipe import resolve_recipe
 from compressor.utils import distributed
 from compressor.utils.optim import add_param_group, extend_lr_scheduler
 
@@ -148,10 +149,6 @@ class CompressionCallback(TrainerCallback):
             batches_per_step=accumulation,
             start=start,
         )
-        assert self.session.state is not None
-        self.session.state.hardware.rank = args.process_index
-        self.session.state.hardware.world_size = args.world_size
-        self.session.state.hardware.device = args.device
         if state.global_step > 0:
             self._restore(args, state.global_step)
         self._sync_parameters()
@@ -307,7 +304,7 @@ class CompressionTrainerMixin:
       (A plain ``Trainer`` loads it before the callback runs, and fails when modifiers added
       parameter groups: resume such runs with this mixin.)
     - ``save_model`` after training: a quantized model is written in compressed-tensors
-      format (``compressor.entrypoints.save.save_compressed``), which reloads with
+      format (``compressor.checkpoint.compressed.save_compressed``), which reloads with
       ``from_pretrained``.
     """
 
@@ -356,7 +353,7 @@ class CompressionTrainerMixin:
         callback = self._compression_callback()
         if state_dict is None and not callback.active and _is_quantized(model):
             if args.should_save:
-                from compressor.entrypoints.save import save_compressed
+                from compressor.checkpoint.compressed import save_compressed
 
                 recipe = callback.session.recipe if callback.session is not None else None
                 save_compressed(

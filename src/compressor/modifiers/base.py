@@ -278,7 +278,7 @@ class Modifier(BaseModel, HooksMixin):
         compresses the modules it is given. When every modifier says so, the sequential
         pipeline calibrates a Llama-style layer in those stages, which needs fewer matrix
         products than calibrating it whole and running it again (see
-        ``compressor.entrypoints.pipelines.staged``). Conservative default: False."""
+        ``compressor.calibration.pipelines.staged``). Conservative default: False."""
         return False
 
     # ---------------------------------------------------------------- recipe form

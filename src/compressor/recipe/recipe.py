@@ -26,6 +26,8 @@ import yaml
 from pydantic import ValidationError
 
 from compressor.modifiers.base import Modifier, UnknownModifierError, get_modifier_class
+from compressor.recipe.deepspeed.convert import deepspeed_modifiers
+from compressor.recipe.errors import RecipeError
 
 __all__ = ["Recipe", "RecipeError", "RecipeGroup", "RecipeStage"]
 
@@ -34,10 +36,6 @@ GROUP_SUFFIX = "_modifiers"
 FLAT_KEY = "modifiers"
 DEFAULT_STAGE = "default"
 DEFAULT_GROUP = "default"
-
-
-class RecipeError(ValueError):
-    """A recipe that cannot be parsed; the message names where and what was expected."""
 
 
 @dataclass
@@ -135,10 +133,8 @@ class Recipe:
     @classmethod
     def from_deepspeed(cls, config: Any) -> Recipe:
         """Convert a DeepSpeed ``compression_training`` config (a dict, a JSON path, or a
-        whole DeepSpeed config holding that key); see ``compressor.recipe.deepspeed_convert``.
+        whole DeepSpeed config holding that key); see ``compressor.recipe.deepspeed.convert``.
         """
-        from compressor.recipe.deepspeed_convert import deepspeed_modifiers
-
         groups: list[RecipeGroup] = []
         for modifier in deepspeed_modifiers(config):
             name = modifier.group or DEFAULT_GROUP

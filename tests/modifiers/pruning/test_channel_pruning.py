@@ -5,7 +5,7 @@ from torch import nn
 from compressor import CompressionSession
 from compressor.modifiers import ChannelPruningModifier
 from compressor.modifiers.pruning import StructureMapping
-from compressor.prune import remove_pruned_structure
+from compressor.modifiers.pruning.removal import remove_pruned_structure
 
 
 def _convnet():

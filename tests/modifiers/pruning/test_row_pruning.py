@@ -4,7 +4,7 @@ from pruning_helpers import calibrate, train
 
 from compressor import CompressionSession
 from compressor.modifiers import RowPruningModifier
-from compressor.prune import remove_pruned_structure
+from compressor.modifiers.pruning.removal import remove_pruned_structure
 
 
 def _count(model):

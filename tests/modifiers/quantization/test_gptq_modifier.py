@@ -192,7 +192,7 @@ def test_hessians_are_the_same_whether_the_pipeline_merges_calls_or_not(
     pipeline then runs the 8 calibration rows through each layer as one forward, and every
     Hessian GPTQ solves with equals the one accumulated a row at a time (whether the layer
     is calibrated whole or in stages)."""
-    import compressor.entrypoints.pipelines.sequential as sequential
+    import compressor.calibration.pipelines.sequential as sequential
     import compressor.modifiers.quantization.gptq.base as gptq_base
     from conftest import tiny_llama_config
 

@@ -34,7 +34,7 @@ class StructuredPruningModifier(PruningModifierBase):
 
     :param mappings: coupled modules, overriding the architecture's built-in mapping
     :param shrink: physically remove the pruned units at finalize (else they stay zeros and
-        ``compressor.prune.remove_pruned_structure`` can remove them later)
+        ``compressor.modifiers.pruning.removal.remove_pruned_structure`` can remove them later)
     :param related_modules: the modules coupled to the pruned units, as names, ``re:``
         patterns or class names (DeepSpeed's ``related_modules``). Checked at initialize
         against the mapping: each pattern must match modules coupled to the pruned units and

@@ -232,11 +232,8 @@ class QuantizationModifier(QuantizationSchemeMixin, Modifier):
             )
 
     def on_finalize(self, state: State) -> None:
-        from compressor.entrypoints.save import enable_compressed_save_pretrained
-
         if self._pathway != "calibration":
             self._finalize_weights_and_ranges(state)
-        enable_compressed_save_pretrained(state.model)
 
     def _finalize_weights_and_ranges(self, state: State) -> None:
         if self._pathway is None and self.requires_calibration_data():

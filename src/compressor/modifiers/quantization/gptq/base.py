@@ -89,7 +89,7 @@ class GPTQModifier(QuantizationSchemeMixin, Modifier):
         group calibrated on the outputs of the groups already quantized, as the GPTQ authors'
         code and AutoGPTQ do by default; it also needs fewer matrix products than
         calibrating the layer whole and running it again
-        (``compressor.entrypoints.pipelines.staged``). False calibrates every Linear of a
+        (``compressor.calibration.pipelines.staged``). False calibrates every Linear of a
         layer on the unquantized layer, as llm-compressor does. Layers of another form are
         always calibrated whole
     """

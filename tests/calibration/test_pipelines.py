@@ -11,8 +11,8 @@ from transformers import (
 
 from calibration_modifiers import LayerInputRecorder, LayerShrinker
 from compressor import create_session
-from compressor.entrypoints.data import collate
-from compressor.entrypoints.pipelines import (
+from compressor.calibration.data import collate
+from compressor.calibration.pipelines import (
     resolve_pipeline,
     run_basic,
     run_datafree,
@@ -285,7 +285,7 @@ def test_equal_length_calls_run_merged_with_the_outputs_of_one_by_one(
     """Equal-length batches run through each layer together (up to MERGE_TOKENS tokens and
     MERGE_ELEMENTS values), calibration and re-runs alike, with the plain forward's outputs;
     only when every modifier accepts it: else each batch runs alone, as the user batched it."""
-    import compressor.entrypoints.pipelines.sequential as sequential
+    import compressor.calibration.pipelines.sequential as sequential
 
     model = _build(arch)
     # two 12-token calls per forward, whichever bound decides
@@ -359,8 +359,8 @@ def test_merging_never_holds_the_cached_inputs_twice(monkeypatch):
     import gc
     import weakref
 
-    import compressor.entrypoints.pipelines.sequential as sequential
-    from compressor.entrypoints.pipelines.sequential import LayerInputs
+    import compressor.calibration.pipelines.sequential as sequential
+    from compressor.calibration.pipelines.sequential import LayerInputs
 
     shared = {"attention_mask": None, "position_ids": torch.arange(12)[None]}
     calls = [LayerInputs((torch.randn(1, 12, 8),), dict(shared)) for _ in range(6)]

@@ -7,9 +7,9 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
+from compressor.calibration.data import Batch
+from compressor.calibration.pipelines.common import calibration_mode, model_device, to_device
 from compressor.core.session import CompressionSession
-from compressor.entrypoints.data import Batch
-from compressor.entrypoints.pipelines.common import calibration_mode, model_device, to_device
 from compressor.utils.memory import keep_freed_tensors_in_heap
 
 __all__ = ["run_basic"]

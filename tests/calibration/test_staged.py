@@ -5,8 +5,8 @@ import torch
 from datasets import Dataset
 from transformers import LlamaForCausalLM
 
-import compressor.entrypoints.pipelines.sequential as sequential
-import compressor.entrypoints.pipelines.staged as staged
+import compressor.calibration.pipelines.sequential as sequential
+import compressor.calibration.pipelines.staged as staged
 from compressor import oneshot
 from compressor.modifiers import GPTQModifier
 from compressor.modifiers.hooks import HooksMixin

@@ -15,7 +15,7 @@ import torch
 from loguru import logger
 from tqdm.auto import tqdm
 
-from compressor.entrypoints.arguments import CalibrationArguments
+from compressor.calibration.arguments import CalibrationArguments
 
 __all__ = ["Batch", "build_calibration_batches", "collate", "sample_from_model"]
 

@@ -6,8 +6,8 @@ from collections.abc import Sequence
 
 import torch
 
+from compressor.calibration.data import Batch
 from compressor.core.session import CompressionSession
-from compressor.entrypoints.data import Batch
 
 __all__ = ["run_datafree"]
 

@@ -83,8 +83,8 @@ from loguru import logger
 from pydantic import ValidationError
 
 from compressor.modifiers.base import Modifier, get_modifier_class
-from compressor.recipe.deepspeed import DeepSpeedCompressionConfig, load_deepspeed_config
-from compressor.recipe.recipe import RecipeError
+from compressor.recipe.deepspeed.config import DeepSpeedCompressionConfig, load_deepspeed_config
+from compressor.recipe.errors import RecipeError
 
 __all__ = ["deepspeed_modifiers"]
 

@@ -35,7 +35,7 @@ The layer must have the pre-norm residual form of Llama, Mistral, Qwen2/3 and th
 with ``o_proj``'s output being the attention's first output and ``down_proj``'s the MLP's.
 ``plan_stages`` checks this on the first call of the first layer, before anything is
 compressed: the decomposed forward must give the layer's output exactly. Any other layer is
-calibrated whole (``compressor.entrypoints.pipelines.sequential``).
+calibrated whole (``compressor.calibration.pipelines.sequential``).
 """
 
 from __future__ import annotations
@@ -49,8 +49,8 @@ import torch
 from loguru import logger
 from tqdm.auto import tqdm
 
+from compressor.calibration.pipelines.common import first_output
 from compressor.core.session import CompressionSession
-from compressor.entrypoints.pipelines.common import first_output
 from compressor.modifiers.hooks import HooksMixin
 from compressor.utils.memory import release_free_memory
 

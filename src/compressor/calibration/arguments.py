@@ -1,13 +1,12 @@
-"""The options of a oneshot run, grouped by what they control and validated up front."""
+"""How calibration data is prepared and run through the model, validated up front."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["CalibrationArguments", "OutputArguments", "PipelineName"]
+__all__ = ["CalibrationArguments", "PipelineName"]
 
 PipelineName = Literal["auto", "datafree", "basic", "sequential"]
 
@@ -34,18 +33,3 @@ class CalibrationArguments(BaseModel):
     pipeline: PipelineName = "auto"
     device: str | None = None
     seed: int = 0
-
-
-class OutputArguments(BaseModel):
-    """Where and how the compressed checkpoint is written.
-
-    :param output_dir: the checkpoint directory; unset means nothing is saved
-    :param save_compressed: write the compressed (packed) format rather than dense weights
-    :param overwrite: replace an existing ``output_dir`` (otherwise that is an error)
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    output_dir: Path | None = None
-    save_compressed: bool = True
-    overwrite: bool = False

@@ -18,7 +18,7 @@ from typing import Any, Literal
 from loguru import logger
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from compressor.recipe.recipe import RecipeError
+from compressor.recipe.errors import RecipeError
 
 __all__ = [
     "DeepSpeedCompressionConfig",

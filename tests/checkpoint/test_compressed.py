@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
-from compressor import Recipe, create_session, save_compressed
+from compressor import CompressionSession, Recipe, create_session, save_compressed
 from compressor.modifiers import QuantizationModifier
 from conftest import tiny_llama_config
 
@@ -104,13 +104,24 @@ def test_unquantized_model_is_saved_dense_with_its_recipe(tiny_llama, tmp_path):
     assert (out / "recipe.yaml").is_file()
 
 
-def test_recipe_defaults_to_the_active_session(wide_llama, token_batches, tmp_path):
+def test_save_pretrained_after_a_session_writes_that_sessions_recipe(wide_llama, tmp_path):
     modifier = QuantizationModifier(scheme="W8A8")
+    other = CompressionSession()  # another session, active or not, never decides the recipe
+    other.initialize(torch.nn.Linear(2, 2), [QuantizationModifier(scheme="FP8_DYNAMIC")])
     with create_session() as session:
         session.initialize(wide_llama, [modifier])
         session.finalize()
+    wide_llama.save_pretrained(tmp_path / "ckpt")
+    assert Recipe.from_file(tmp_path / "ckpt" / "recipe.yaml") == Recipe.from_modifiers([modifier])
+
+
+def test_save_compressed_without_a_recipe_writes_none(wide_llama, tmp_path):
+    with create_session() as session:
+        session.initialize(wide_llama, [QuantizationModifier(scheme="W8A8")])
+        session.finalize()
         out = save_compressed(wide_llama, tmp_path / "ckpt")
-    assert Recipe.from_file(out / "recipe.yaml") == Recipe.from_modifiers([modifier])
+    assert (out / "config.json").is_file()
+    assert not (out / "recipe.yaml").exists()
 
 
 def test_model_save_pretrained_after_a_run_writes_compressed(wide_llama, token_batches, tmp_path):

@@ -4,8 +4,8 @@ from datasets import Dataset
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer
 
-from compressor.entrypoints.arguments import CalibrationArguments
-from compressor.entrypoints.data import build_calibration_batches, collate
+from compressor.calibration.arguments import CalibrationArguments
+from compressor.calibration.data import build_calibration_batches, collate
 
 
 def _args(**kw):

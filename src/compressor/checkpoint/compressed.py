@@ -10,17 +10,17 @@ from compressed_tensors.compressors import ModelCompressor
 from compressed_tensors.quantization.utils import is_model_quantized
 from loguru import logger
 
-from compressor.entrypoints.saving import RECIPE_FILE
+from compressor.core.session import CompressionSession
+from compressor.recipe import resolve_recipe
 
-__all__ = ["enable_compressed_save_pretrained", "save_compressed"]
+__all__ = [
+    "RECIPE_FILE",
+    "enable_compressed_save_pretrained",
+    "save_compressed",
+    "save_pretrained_compressed_after",
+]
 
-
-def _resolve_recipe(recipe: Any) -> Any:
-    from compressor.core.session import active_session, resolve_recipe
-
-    if recipe is not None:
-        return resolve_recipe(recipe)
-    return active_session().recipe
+RECIPE_FILE = "recipe.yaml"
 
 
 def save_compressed(
@@ -42,7 +42,7 @@ def save_compressed(
     :param model: a transformers model, typically after a compression session
     :param output_dir: the folder to write (created when missing)
     :param recipe: the recipe to store as ``recipe.yaml``: a Recipe, a list of modifiers,
-        a dict or a path; the active session's recipe when None
+        a dict or a path; none is written when None
     :param tokenizer: also saved into ``output_dir`` when given
     :param save_kwargs: passed to transformers' ``save_pretrained`` (``max_shard_size``, ...)
     :return: the output folder
@@ -83,9 +83,8 @@ def save_compressed(
             compressor.decompress_model(model)
     if tokenizer is not None:
         tokenizer.save_pretrained(output)
-    resolved = _resolve_recipe(recipe)
-    if resolved is not None:
-        resolved.save(output / RECIPE_FILE)
+    if recipe is not None:
+        resolve_recipe(recipe).save(output / RECIPE_FILE)
     return output
 
 
@@ -94,16 +93,26 @@ def _dense_save(model: torch.nn.Module, output: Path, save_kwargs: dict[str, Any
     type(model).save_pretrained(model, output, **save_kwargs)  # type: ignore[attr-defined]
 
 
-def enable_compressed_save_pretrained(model: torch.nn.Module) -> None:
-    """Make ``model.save_pretrained(dir)`` write the compressed format (``save_compressed``)
-    for this model object; quantizing modifiers call it when they finalize."""
+def enable_compressed_save_pretrained(model: torch.nn.Module, recipe: Any = None) -> None:
+    """Make ``model.save_pretrained(dir)`` write the compressed format (``save_compressed``,
+    with ``recipe`` as ``recipe.yaml``) for this model object."""
     if not hasattr(type(model), "save_pretrained"):
         return
 
     def save_pretrained(save_directory: str | Path, **kwargs: Any) -> None:
+        kwargs.setdefault("recipe", recipe)
         save_compressed(model, save_directory, **kwargs)
 
     model.save_pretrained = save_pretrained  # type: ignore[method-assign]
+
+
+def save_pretrained_compressed_after(session: CompressionSession) -> None:
+    """After a session that quantized its model, ``model.save_pretrained`` writes the
+    compressed format with the session's recipe (a ``CompressionSession.finalize_steps``
+    entry, plugged in by the package root)."""
+    model = session.state.model if session.state is not None else None
+    if model is not None and is_model_quantized(model):
+        enable_compressed_save_pretrained(model, session.recipe)
 
 
 def _warn_unloadable_zero_points(model: torch.nn.Module, quantization_format: str) -> None:

@@ -13,7 +13,7 @@ each layer ``i``:
 
 When every modifier calibrates in stages (``Modifier.calibration_in_stages``: GPTQ's
 ``true_sequential``) and the layers have Llama's form, steps 1 to 3 run instead as stages
-within each layer, one group of modules at a time (``compressor.entrypoints.pipelines.staged``).
+within each layer, one group of modules at a time (``compressor.calibration.pipelines.staged``).
 
 No graph tracing is needed, so any model whose decoder layers ``find_decoder_layers`` finds
 works. Only the current layer and the cached activations sit on the compute device.
@@ -40,15 +40,15 @@ import torch
 from loguru import logger
 from tqdm.auto import tqdm
 
-from compressor.core.session import CompressionSession
-from compressor.entrypoints.data import Batch
-from compressor.entrypoints.pipelines.common import (
+from compressor.calibration.data import Batch
+from compressor.calibration.pipelines.common import (
     calibration_mode,
     first_output,
     model_device,
     to_device,
 )
-from compressor.entrypoints.pipelines.staged import StagePlan, calibrate_in_stages, plan_stages
+from compressor.calibration.pipelines.staged import StagePlan, calibrate_in_stages, plan_stages
+from compressor.core.session import CompressionSession
 from compressor.modifiers.hooks import HooksMixin
 from compressor.utils.architecture import find_decoder_layers
 from compressor.utils.memory import keep_freed_tensors_in_heap, release_free_memory

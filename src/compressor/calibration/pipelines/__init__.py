@@ -12,9 +12,9 @@ from typing import Any
 import torch
 from loguru import logger
 
-from compressor.entrypoints.pipelines.basic import run_basic
-from compressor.entrypoints.pipelines.datafree import run_datafree
-from compressor.entrypoints.pipelines.sequential import (
+from compressor.calibration.pipelines.basic import run_basic
+from compressor.calibration.pipelines.datafree import run_datafree
+from compressor.calibration.pipelines.sequential import (
     LayerInputs,
     capture_layer_inputs,
     run_sequential,

@@ -14,13 +14,29 @@ from typing import Any
 
 import torch
 from loguru import logger
+from pydantic import BaseModel, ConfigDict
 
-from compressor.entrypoints.model_card import MODEL_CARD_FILE, model_card
+from compressor.checkpoint.compressed import RECIPE_FILE
+from compressor.checkpoint.compressed import save_compressed as write_compressed
+from compressor.checkpoint.model_card import MODEL_CARD_FILE, model_card
 from compressor.recipe import Recipe
 
-__all__ = ["RECIPE_FILE", "check_output_dir", "save_checkpoint"]
+__all__ = ["OutputArguments", "check_output_dir", "save_checkpoint"]
 
-RECIPE_FILE = "recipe.yaml"
+
+class OutputArguments(BaseModel):
+    """Where and how the compressed checkpoint is written.
+
+    :param output_dir: the checkpoint directory; unset means nothing is saved
+    :param save_compressed: write the compressed (packed) format rather than dense weights
+    :param overwrite: replace an existing ``output_dir`` (otherwise that is an error)
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    output_dir: Path | None = None
+    save_compressed: bool = True
+    overwrite: bool = False
 
 
 def check_output_dir(output_dir: Path, overwrite: bool) -> None:
@@ -75,18 +91,16 @@ def save_checkpoint(
 def _write(
     model: torch.nn.Module, directory: Path, recipe: Recipe, tokenizer: Any, compressed: bool
 ) -> None:
-    _save_model(model, directory, recipe, compressed)
+    _save_model(model, directory, compressed)
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
     recipe.save(directory / RECIPE_FILE)
     (directory / MODEL_CARD_FILE).write_text(model_card(model, recipe), encoding="utf-8")
 
 
-def _save_model(model: Any, directory: Path, recipe: Recipe, compressed: bool) -> None:
+def _save_model(model: Any, directory: Path, compressed: bool) -> None:
     if compressed:
-        from compressor.entrypoints.save import save_compressed
-
-        save_compressed(model, directory, recipe)
+        write_compressed(model, directory)
     else:
         # the class's own method: a quantizing run makes the instance's save compressed
         type(model).save_pretrained(model, directory)

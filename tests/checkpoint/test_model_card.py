@@ -2,7 +2,7 @@ import torch
 from compressed_tensors.quantization import QuantizationScheme
 
 from compressor import Recipe
-from compressor.entrypoints.model_card import linear_sparsity, model_card
+from compressor.checkpoint.model_card import linear_sparsity, model_card
 from compressor.modifiers import QuantizationModifier, SparsePruningModifier
 
 

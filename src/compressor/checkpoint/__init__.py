@@ -1,0 +1,17 @@
+"""Checkpoints: the compressed-tensors format, atomic output directories and the model card."""
+
+from compressor.checkpoint.compressed import (
+    enable_compressed_save_pretrained,
+    save_compressed,
+    save_pretrained_compressed_after,
+)
+from compressor.checkpoint.directory import OutputArguments, check_output_dir, save_checkpoint
+
+__all__ = [
+    "OutputArguments",
+    "check_output_dir",
+    "enable_compressed_save_pretrained",
+    "save_checkpoint",
+    "save_compressed",
+    "save_pretrained_compressed_after",
+]
