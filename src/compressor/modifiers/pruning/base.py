@@ -10,7 +10,7 @@ from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from compressor.core import Event, EventType, State
 from compressor.modifiers.base import Modifier
-from compressor.modifiers.pruning.groups import Member, PruneGroup, member_tensors
+from compressor.modifiers.pruning.groups import PruneGroup, member_tensors
 from compressor.modifiers.pruning.masks import (
     MaskHolder,
     ScoreMask,
@@ -286,12 +286,6 @@ class PruningModifierBase(Modifier):
         self._applied_density = density
         logger.debug("{}: masks at density {:.4f}", type(self).__name__, density)
 
-    def current_unit_mask(self, index: int) -> torch.Tensor | None:
-        """The per-unit mask of structured group ``index`` (None before any pruning)."""
-        if index in self._score_masks:
-            return self._score_masks[index][0].binary().detach().bool()
-        return self._unit_masks.get(index)
-
     # ---------------------------------------------------------------- learnable scores
     def _attach_scores(self, state: State) -> None:
         created = []
@@ -456,11 +450,3 @@ class PruningModifierBase(Modifier):
                 self._stats[member.name] = total
                 self._stat_rows[member.name] = int(rows.item())
 
-
-def find_member(model: torch.nn.Module, name: str, dim: int | None) -> Member:
-    """The module ``name`` of ``model`` as a group member (a clear error when absent)."""
-    try:
-        module = model.get_submodule(name)
-    except AttributeError:
-        raise ValueError(f"the model has no module {name!r}") from None
-    return Member(name=name, module=module, dim=dim)
