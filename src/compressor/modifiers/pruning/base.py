@@ -449,4 +449,3 @@ class PruningModifierBase(Modifier):
             if distributed.all_reduce_(rows, "sum").item() > 0:
                 self._stats[member.name] = total
                 self._stat_rows[member.name] = int(rows.item())
-

@@ -6,9 +6,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["Member", "PruneGroup", "member_tensors"]
+__all__ = ["BATCH_NORMS", "Member", "PruneGroup", "member_tensors"]
 
-_NORMS = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d)
+#: the norm layers a unit can pass through: their statistics and affine vectors are per unit
+BATCH_NORMS = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d)
 
 
 @dataclass(frozen=True)
@@ -27,7 +28,7 @@ class Member:
 
     @property
     def is_norm(self) -> bool:
-        return isinstance(self.module, _NORMS)
+        return isinstance(self.module, BATCH_NORMS)
 
 
 @dataclass
