@@ -216,5 +216,5 @@ def test_checkpoint_state_restores_masks_and_scores_and_rejects_another_recipe(t
     assert torch.equal(objects[0], scores["0"])  # copied into the same Parameter
     with pytest.raises(ValueError, match=r"holds learnable TopK scores, but this run has none"):
         run("l1", type(tiny_llama)(tiny_llama.config)).load_state_dict({"scores": scores})
-    with pytest.raises(ValueError, match=r"state for groups \['99'\], but this run prunes 14"):
+    with pytest.raises(ValueError, match=r"state for couplings \['99'\], but this run prunes 14"):
         restored.load_state_dict({"masks": {"99": torch.ones(1, dtype=torch.bool)}})

@@ -10,7 +10,7 @@ from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from compressor.core import Event, EventType, State
 from compressor.modifiers.base import Modifier
-from compressor.modifiers.pruning.groups import PruneGroup, member_tensors
+from compressor.modifiers.pruning.coupling import Coupling, member_tensors
 from compressor.modifiers.pruning.masks import (
     MaskHolder,
     ScoreMask,
@@ -36,7 +36,7 @@ class PruningModifierBase(Modifier):
 
     **Lifecycle**
 
-    - ``on_initialize``: resolve the groups (targets and coupled modules); with ``topk``,
+    - ``on_initialize``: resolve the couplings (targets and coupled modules); with ``topk``,
       create the learnable scores, parametrize the weights with them and add the scores to
       the optimizer the session was given (an optimizer created after ``initialize`` finds
       them in ``model.parameters()``)
@@ -68,12 +68,12 @@ class PruningModifierBase(Modifier):
     ramp: Ramp = "cubic"
     method: PruningMethod = "l1"
 
-    _groups: list[PruneGroup] = PrivateAttr(default_factory=list)
+    _couplings: list[Coupling] = PrivateAttr(default_factory=list)
     _holder: MaskHolder | None = PrivateAttr(default=None)
     _score_masks: dict[int, list[ScoreMask]] = PrivateAttr(default_factory=dict)
     _param_handles: list[Any] = PrivateAttr(default_factory=list)
     _unit_masks: dict[int, torch.Tensor] = PrivateAttr(default_factory=dict)
-    _group_masks: dict[int, torch.Tensor] = PrivateAttr(default_factory=dict)
+    _masks: dict[int, torch.Tensor] = PrivateAttr(default_factory=dict)
     _stats: dict[str, torch.Tensor] = PrivateAttr(default_factory=dict)
     _stat_rows: dict[str, int] = PrivateAttr(default_factory=dict)
     _stat_handles: list[Any] = PrivateAttr(default_factory=list)
@@ -137,25 +137,25 @@ class PruningModifierBase(Modifier):
         return self.method == "activation"
 
     # ---------------------------------------------------------------- for subclasses
-    def resolve_groups(self, model: torch.nn.Module) -> list[PruneGroup]:
-        """The groups this modifier prunes in ``model``."""
+    def resolve_couplings(self, model: torch.nn.Module) -> list[Coupling]:
+        """The couplings this modifier prunes in ``model``."""
         raise NotImplementedError
 
-    def select(self, group: PruneGroup, scores: torch.Tensor, density: float) -> torch.Tensor:
+    def select(self, coupling: Coupling, scores: torch.Tensor, density: float) -> torch.Tensor:
         """The boolean mask (per entry, or per unit) that keeps ``density`` of ``scores``."""
-        total = group.n_units if group.structured else scores.numel()
+        total = coupling.n_units if coupling.structured else scores.numel()
         assert total is not None
         return topk_mask(scores, kept_count(total, density))
 
-    def score_mask_for(self, group: PruneGroup, scores: torch.nn.Parameter, dim: int | None):
+    def score_mask_for(self, coupling: Coupling, scores: torch.nn.Parameter, dim: int | None):
         return ScoreMask(scores, dim)
 
     # ---------------------------------------------------------------- lifecycle
     def on_initialize(self, state: State) -> None:
         if state.model is None:
             raise ValueError(f"{type(self).__name__} needs a model")
-        self._groups = self.resolve_groups(state.model)
-        if not self._groups:
+        self._couplings = self.resolve_couplings(state.model)
+        if not self._couplings:
             raise ValueError(
                 f"{type(self).__name__}: targets={self.targets} ignore={self.ignore} matched "
                 "nothing to prune in the model"
@@ -164,9 +164,9 @@ class PruningModifierBase(Modifier):
         if self.method == "topk":
             self._attach_scores(state)
         logger.info(
-            "{} prunes {} group(s) to density {} with method {}",
+            "{} prunes {} coupling(s) to density {} with method {}",
             type(self).__name__,
-            len(self._groups),
+            len(self._couplings),
             self.final_density(),
             self.method,
         )
@@ -234,10 +234,10 @@ class PruningModifierBase(Modifier):
             ramp=self.ramp,
         )
 
-    def group_scores(self, group: PruneGroup) -> torch.Tensor:
+    def coupling_scores(self, coupling: Coupling) -> torch.Tensor:
         """Importance per entry (unstructured) or per unit, by ``l1`` or ``activation``."""
         total: torch.Tensor | None = None
-        for member in group.scored_members():
+        for member in coupling.scored_members():
             weight = member.module.weight
             if self.method == "activation":
                 stats = self._stats.get(member.name)
@@ -249,20 +249,20 @@ class PruningModifierBase(Modifier):
                 per_weight = activation_scores(weight, stats)
             else:
                 per_weight = magnitude_scores(weight)
-            if group.n_units is None:
+            if coupling.n_units is None:
                 return per_weight
             assert member.dim is not None
-            units = unit_scores(per_weight, member.dim, group.n_units)
+            units = unit_scores(per_weight, member.dim, coupling.n_units)
             total = units if total is None else total + units
         assert total is not None
         return total
 
-    def _apply_group_mask(self, index: int, group: PruneGroup, mask: torch.Tensor) -> None:
+    def _hold_mask(self, index: int, coupling: Coupling, mask: torch.Tensor) -> None:
         assert self._holder is not None
-        self._group_masks[index] = mask
-        if group.structured:
+        self._masks[index] = mask
+        if coupling.structured:
             self._unit_masks[index] = mask
-        for member in group.members:
+        for member in coupling.members:
             for _, param in member_tensors(member):
                 if member.dim is None:
                     full = mask
@@ -271,17 +271,19 @@ class PruningModifierBase(Modifier):
                 self._holder.set(param, full)
 
     def _update_masks(self, density: float) -> None:
-        for index, group in enumerate(self._groups):
+        for index, coupling in enumerate(self._couplings):
             if self.method == "topk":
                 total = (
-                    group.n_units if group.structured else group.members[0].module.weight.numel()
+                    coupling.n_units
+                    if coupling.structured
+                    else coupling.members[0].module.weight.numel()
                 )
                 assert total is not None
                 for score_mask in self._score_masks[index]:
                     score_mask.keep = kept_count(total, density)
             else:
-                self._apply_group_mask(
-                    index, group, self.select(group, self.group_scores(group), density)
+                self._hold_mask(
+                    index, coupling, self.select(coupling, self.coupling_scores(coupling), density)
                 )
         self._applied_density = density
         logger.debug("{}: masks at density {:.4f}", type(self).__name__, density)
@@ -289,16 +291,16 @@ class PruningModifierBase(Modifier):
     # ---------------------------------------------------------------- learnable scores
     def _attach_scores(self, state: State) -> None:
         created = []
-        for index, group in enumerate(self._groups):
-            init = self.group_scores(group)  # l1 magnitudes: the first mask is the l1 mask
-            device = group.members[0].module.weight.device
+        for index, coupling in enumerate(self._couplings):
+            init = self.coupling_scores(coupling)  # l1 magnitudes: the first mask is the l1 mask
+            device = coupling.members[0].module.weight.device
             scores = torch.nn.Parameter(init.to(device))
             created.append(scores)
             masks = []
-            for member in group.members:
+            for member in coupling.members:
                 for name, param in member_tensors(member):
                     dim = member.dim if (member.dim is None or param.dim() > 1) else 0
-                    score_mask = self.score_mask_for(group, scores, dim)
+                    score_mask = self.score_mask_for(coupling, scores, dim)
                     self._param_handles.append(
                         self.track_handle(
                             add_score_mask(member.module, name, score_mask, member.name)
@@ -324,8 +326,8 @@ class PruningModifierBase(Modifier):
         for index in self._score_masks:
             frozen[index] = self._score_masks[index][0].binary().detach().bool()
         self._release_parametrizations()
-        for index, group in enumerate(self._groups):
-            self._apply_group_mask(index, group, frozen[index])
+        for index, coupling in enumerate(self._couplings):
+            self._hold_mask(index, coupling, frozen[index])
 
     def _release_parametrizations(self) -> None:
         for handle in self._param_handles:
@@ -335,9 +337,9 @@ class PruningModifierBase(Modifier):
 
     # ---------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
-        """Training state for a resumed run, by group index: the learnable ``scores`` and
+        """Training state for a resumed run, by coupling index: the learnable ``scores`` and
         how many entries (or units) each keeps (``keep``) while TopK trains; the ``masks``
-        held on the weights (per entry, or per unit for structured groups); the density the
+        held on the weights (per entry, or per unit for structured couplings); the density the
         schedule last applied, and whether the masks are ``frozen`` (the schedule ended)."""
         return {
             "applied_density": self._applied_density,
@@ -346,7 +348,7 @@ class PruningModifierBase(Modifier):
                 str(i): masks[0].scores.detach().clone() for i, masks in self._score_masks.items()
             },
             "keep": {str(i): masks[0].keep for i, masks in self._score_masks.items()},
-            "masks": {str(i): mask.detach().clone() for i, mask in self._group_masks.items()},
+            "masks": {str(i): mask.detach().clone() for i, mask in self._masks.items()},
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -362,12 +364,12 @@ class PruningModifierBase(Modifier):
         name = type(self).__name__
         scores, masks = state_dict.get("scores", {}), state_dict.get("masks", {})
         unknown = sorted(
-            k for k in (*scores, *masks) if not k.isdigit() or int(k) >= len(self._groups)
+            k for k in (*scores, *masks) if not k.isdigit() or int(k) >= len(self._couplings)
         )
         if unknown:
             raise ValueError(
-                f"{name}: the checkpoint has state for groups {unknown}, but this run prunes "
-                f"{len(self._groups)} group(s); resume with the recipe and model it was saved with"
+                f"{name}: the checkpoint has state for couplings {unknown}, but this run prunes "
+                f"{len(self._couplings)} coupling(s); resume with the recipe and model it was saved with"
             )
         if scores and not self._score_masks:
             raise ValueError(
@@ -379,7 +381,7 @@ class PruningModifierBase(Modifier):
             target = score_masks[0].scores
             if value.shape != target.shape:
                 raise ValueError(
-                    f"{name}: group {self._groups[int(key)].name} has scores of shape "
+                    f"{name}: coupling {self._couplings[int(key)].name} has scores of shape "
                     f"{tuple(target.shape)}, the checkpoint {tuple(value.shape)}"
                 )
             with torch.no_grad():
@@ -392,12 +394,12 @@ class PruningModifierBase(Modifier):
             self._frozen = True
         for key, mask in masks.items():
             index = int(key)
-            device = self._groups[index].members[0].module.weight.device
-            self._apply_group_mask(index, self._groups[index], mask.to(device))
+            device = self._couplings[index].members[0].module.weight.device
+            self._hold_mask(index, self._couplings[index], mask.to(device))
 
     # ---------------------------------------------------------------- calibration statistics
     def _record_input_norms(self) -> None:
-        modules = {m.name: m.module for g in self._groups for m in g.scored_members()}
+        modules = {m.name: m.module for g in self._couplings for m in g.scored_members()}
         for name, module in modules.items():
             self._stat_handles.append(self.register_hook(module, self._stats_hook(name), "forward"))
 
@@ -418,24 +420,24 @@ class PruningModifierBase(Modifier):
         final = self.final_density()
         assert final is not None
         inside = None if within is None else {id(m) for m in within.modules()}
-        for index, group in enumerate(self._groups):
+        for index, coupling in enumerate(self._couplings):
             if index in self._done:
                 continue
-            if inside is not None and not all(id(m.module) in inside for m in group.members):
+            if inside is not None and not all(id(m.module) in inside for m in coupling.members):
                 continue
-            self._reduce_stats(group)
-            self._apply_group_mask(
-                index, group, self.select(group, self.group_scores(group), final)
+            self._reduce_stats(coupling)
+            self._hold_mask(
+                index, coupling, self.select(coupling, self.coupling_scores(coupling), final)
             )
             self._done.add(index)
 
-    def _reduce_stats(self, group: PruneGroup) -> None:
+    def _reduce_stats(self, coupling: Coupling) -> None:
         """Under DDP, sum each scored member's input statistics over every rank, so that all
         ranks select the mask one process would select from the union of their data (a no-op
-        in one process). Every rank reaches this for the same groups in the same order."""
+        in one process). Every rank reaches this for the same couplings in the same order."""
         if not distributed.is_distributed():
             return
-        for member in group.scored_members():
+        for member in coupling.scored_members():
             weight = member.module.weight
             assert isinstance(weight, torch.Tensor)
             local = self._stats.get(member.name)

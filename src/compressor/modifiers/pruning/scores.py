@@ -78,9 +78,9 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
             f"{n}:{m} sparsity needs an input dimension divisible by {m}; the weight has "
             f"{rows.shape[1]} inputs per output"
         )
-    groups = rows.reshape(-1, m)
-    keep = torch.topk(groups, n, dim=1, sorted=False).indices
-    mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(1, keep, True)
+    runs = rows.reshape(-1, m)
+    keep = torch.topk(runs, n, dim=1, sorted=False).indices
+    mask = torch.zeros_like(runs, dtype=torch.bool).scatter_(1, keep, True)
     return mask.view_as(scores)
 
 

@@ -6,7 +6,7 @@ import torch
 from pydantic import Field
 
 from compressor.modifiers.base import Modifier
-from compressor.modifiers.pruning.groups import PruneGroup
+from compressor.modifiers.pruning.coupling import Coupling
 from compressor.modifiers.pruning.structured import StructuredPruningModifier
 
 __all__ = ["HeadPruningModifier"]
@@ -40,11 +40,11 @@ class HeadPruningModifier(StructuredPruningModifier):
 
     num_heads: int | None = Field(default=None, ge=1)
 
-    def resolve_groups(self, model: torch.nn.Module) -> list[PruneGroup]:
+    def resolve_couplings(self, model: torch.nn.Module) -> list[Coupling]:
         heads = getattr(getattr(model, "config", None), "num_attention_heads", None)
         if self.num_heads is not None and heads != self.num_heads:
             raise ValueError(
                 f"HeadPruningModifier: num_heads={self.num_heads}, but the model has "
                 f"num_attention_heads={heads}"
             )
-        return super().resolve_groups(model)
+        return super().resolve_couplings(model)
