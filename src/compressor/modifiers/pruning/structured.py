@@ -112,7 +112,7 @@ class StructuredPruningModifier(PruningModifierBase):
         super().on_finalize(state)
         if not self.shrink:
             return
-        keep = [self._unit_masks.get(i) for i in range(len(self._couplings))]
+        keep = [self._masks.get(i) for i in range(len(self._couplings))]
         if any(mask is None for mask in keep):
             logger.warning("{}: nothing was pruned, nothing to remove", type(self).__name__)
             return
