@@ -25,7 +25,7 @@ class HeadPruningModifier(StructuredPruningModifier):
     times the group size, and the attention forward (which infers the head count from the
     projection width and keeps the group size) needs no change. ``density`` is therefore the
     fraction of key-value groups kept; with multi-head attention it is the fraction of heads.
-    A group's ``l1`` score is the summed magnitude of its q/k/v rows and o columns.
+    A key-value group's ``l1`` score is the summed magnitude of its q/k/v rows and o columns.
 
     **Lifecycle**: see ``StructuredPruningModifier``.
 
