@@ -109,7 +109,7 @@ def test_a_resumed_topk_run_restores_scores_masks_and_optimizer_state(tmp_path):
 
     def keep_score_objects():  # the scores the optimizer holds must be the restored ones
         sparse_modifier = resumed_cb.modifiers[0]
-        scores.update({i: m[0].scores for i, m in sparse_modifier._score_masks.items()})
+        scores.update({i: m[0].scores for i, m in sparse_modifier.scorer.score_masks.items()})
 
     again.add_callback(_AtTrainBegin(keep_score_objects))
     again.train(resume_from_checkpoint=str(checkpoint))

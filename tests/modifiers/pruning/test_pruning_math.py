@@ -7,6 +7,7 @@ from compressor.modifiers.pruning.schedule import density_at, kept_count
 from compressor.modifiers.pruning.scores import (
     activation_scores,
     binarize_topk,
+    input_square_sums,
     nm_mask,
     topk_mask,
     unit_scores,
@@ -50,6 +51,16 @@ def test_activation_scores_weigh_columns_by_input_norm():
     weight = torch.ones(2, 3)
     scores = activation_scores(weight, torch.tensor([1.0, 4.0, 9.0]))
     assert scores.tolist() == [[1.0, 2.0, 3.0]] * 2
+
+
+def test_input_square_sums_add_each_input_feature_over_every_position():
+    linear_input = torch.arange(24.0).view(2, 3, 4)  # (batch, tokens, features)
+    expected = linear_input.pow(2).sum(dim=(0, 1))
+    assert torch.equal(input_square_sums(linear_input), expected)
+    conv_input = torch.arange(2 * 3 * 5 * 5.0).view(2, 3, 5, 5)  # (batch, channels, h, w)
+    sums = input_square_sums(conv_input.half(), conv=True)
+    assert sums.dtype == torch.float32
+    assert torch.equal(sums, conv_input.half().float().pow(2).sum(dim=(0, 2, 3)))
 
 
 def test_straight_through_binarize_is_exact_and_passes_gradients():

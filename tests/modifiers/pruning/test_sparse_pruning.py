@@ -115,7 +115,7 @@ def test_topk_scores_reach_an_optimizer_created_after_initialize(tiny_llama):
     session.initialize(model=model, recipe=[modifier])
     # documented order: initialize the session first, then build the optimizer
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    scores = [sm[0].scores for sm in modifier._score_masks.values()]
+    scores = [sm[0].scores for sm in modifier.scorer.score_masks.values()]
     assert len(scores) == 2
     param_ids = {id(p) for g in opt.param_groups for p in g["params"]}
     assert all(id(s) in param_ids for s in scores)
@@ -210,11 +210,12 @@ def test_checkpoint_state_restores_masks_and_scores_and_rejects_another_recipe(t
 
     topk = run("topk", type(tiny_llama)(tiny_llama.config))
     scores = {k: v + 1.0 for k, v in topk.state_dict()["scores"].items()}
-    objects = [m[0].scores for m in topk._score_masks.values()]
+    objects = [m[0].scores for m in topk.scorer.score_masks.values()]
     topk.load_state_dict({**topk.state_dict(), "scores": scores})
-    assert all(s is m[0].scores for s, m in zip(objects, topk._score_masks.values(), strict=True))
+    held = topk.scorer.score_masks.values()
+    assert all(s is m[0].scores for s, m in zip(objects, held, strict=True))
     assert torch.equal(objects[0], scores["0"])  # copied into the same Parameter
     with pytest.raises(ValueError, match=r"holds learnable TopK scores, but this run has none"):
         run("l1", type(tiny_llama)(tiny_llama.config)).load_state_dict({"scores": scores})
-    with pytest.raises(ValueError, match=r"state for groups \['99'\], but this run prunes 14"):
+    with pytest.raises(ValueError, match=r"state for couplings \['99'\], but this run prunes 14"):
         restored.load_state_dict({"masks": {"99": torch.ones(1, dtype=torch.bool)}})

@@ -16,14 +16,14 @@ import torch
 from compressed_tensors.utils import is_match
 from pydantic import BaseModel, ConfigDict, Field
 
-from compressor.modifiers.pruning.groups import Member, PruneGroup
+from compressor.modifiers.pruning.coupling import Coupling, Member
 from compressor.utils.architecture import find_decoder_layers_path
 
 __all__ = [
     "ARCHITECTURES",
     "Kind",
     "StructureMapping",
-    "build_groups",
+    "build_couplings",
     "default_mappings",
     "sequential_conv_mappings",
 ]
@@ -236,18 +236,18 @@ def _member(model: torch.nn.Module, name: str, dim: int) -> Member:
     return Member(name=name, module=module, dim=dim)
 
 
-def build_groups(
+def build_couplings(
     model: torch.nn.Module,
     mappings: list[StructureMapping],
     targets: list[str] | None = None,
     ignore: list[str] | None = None,
-) -> list[PruneGroup]:
-    """Concrete groups for every block of every mapping; a group is kept when its first
+) -> list[Coupling]:
+    """Concrete couplings for every block of every mapping; a coupling is kept when its first
     producer matches ``targets`` (all when unset) and not ``ignore``.
 
     :raises ValueError: when a member's size is not a multiple of the unit count
     """
-    groups = []
+    couplings = []
     for mapping in mappings:
         if mapping.blocks is None:
             blocks: list[tuple[str, torch.nn.Module]] = [("", model)]
@@ -272,8 +272,8 @@ def build_groups(
                         f"not a multiple of num_units={n_units} (the head or unit count must "
                         "divide every coupled projection)"
                     )
-            groups.append(
-                PruneGroup(
+            couplings.append(
+                Coupling(
                     name=name,
                     members=members,
                     n_units=n_units,
@@ -282,4 +282,8 @@ def build_groups(
                     block=block,
                 )
             )
-    return groups
+    return couplings
+
+
+# the name compressor/prune.py imports; remove once it imports build_couplings
+build_groups = build_couplings

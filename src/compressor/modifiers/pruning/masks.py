@@ -135,7 +135,7 @@ class ScoreMask(torch.nn.Module):
     """Parametrization ``weight * binarize(scores)``; units expand along ``dim`` when the
     scores are per unit.
 
-    :param scores: the learnable scores (shared by every member of a structured group)
+    :param scores: the learnable scores (shared by every member of a structured coupling)
     :param dim: the dimension units run along, or None for per-entry scores
     :param n_m: keep the top N of every M instead of the top ``keep``
     """

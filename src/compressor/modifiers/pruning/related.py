@@ -12,13 +12,12 @@ import torch
 from compressed_tensors.utils import is_match
 from loguru import logger
 
-from compressor.modifiers.pruning.groups import PruneGroup
+from compressor.modifiers.pruning.coupling import BATCH_NORMS, Coupling
 from compressor.modifiers.pruning.mappings import Kind, StructureMapping
 
 __all__ = ["check_related_modules", "match_related", "related_mappings"]
 
-_NORMS = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d)
-_MEMBER_TYPES = (torch.nn.Linear, torch.nn.Conv2d, *_NORMS)
+_MEMBER_TYPES = (torch.nn.Linear, torch.nn.Conv2d, *BATCH_NORMS)
 
 
 def match_related(model: torch.nn.Module, pattern: str) -> list[str]:
@@ -32,17 +31,17 @@ def match_related(model: torch.nn.Module, pattern: str) -> list[str]:
 
 
 def check_related_modules(
-    model: torch.nn.Module, groups: list[PruneGroup], patterns: list[str], where: str
+    model: torch.nn.Module, couplings: list[Coupling], patterns: list[str], where: str
 ) -> None:
-    """Raise ValueError unless ``patterns`` agree with the coupling of ``groups``.
+    """Raise ValueError unless ``patterns`` agree with ``couplings``.
 
     Every pattern must match a module of the model; every module it matches must be coupled
-    to a pruned group (a producer, norm or reader of its units), and it must reach every
-    pruned group; every module whose inputs the mapping shrinks must be named by a pattern.
+    to a pruned coupling (a producer, norm or reader of its units), and it must reach every
+    pruned coupling; every module whose inputs the mapping shrinks must be named by a pattern.
 
     :param where: names the modifier and its recipe group in the errors
     """
-    coupled = {m.name: g for g in groups for m in g.members}
+    coupled = {m.name: c for c in couplings for m in c.members}
     named: set[str] = set()
     for pattern in patterns:
         names = match_related(model, pattern)
@@ -53,7 +52,7 @@ def check_related_modules(
             )
         stray = [n for n in names if n not in coupled]
         if stray:
-            example = groups[0]
+            example = couplings[0]
             raise ValueError(
                 f"{where}: related_modules pattern {pattern!r} matches {_few(stray)}, which the "
                 "structure mapping does not couple to any pruned unit (it couples, for "
@@ -61,19 +60,19 @@ def check_related_modules(
                 "fix the pattern, or pass mappings for this model"
             )
         reached = {coupled[n].name for n in names}
-        missed = [g.name for g in groups if g.name not in reached]
+        missed = [c.name for c in couplings if c.name not in reached]
         if missed:
             raise ValueError(
                 f"{where}: related_modules pattern {pattern!r} matches nothing coupled to the "
-                f"pruned {_few(missed)}; every pruned group needs its related modules"
+                f"pruned {_few(missed)}; every pruned coupling needs its related modules"
             )
         named.update(names)
-    for group in groups:
-        unnamed = [m.name for m in group.members if m.dim == 1 and m.name not in named]
+    for coupling in couplings:
+        unnamed = [m.name for m in coupling.members if m.dim == 1 and m.name not in named]
         if unnamed:
             raise ValueError(
                 f"{where}: the structure mapping also shrinks the inputs of {_few(unnamed)} "
-                f"with {group.name}, but no related_modules pattern names them (patterns: "
+                f"with {coupling.name}, but no related_modules pattern names them (patterns: "
                 f"{patterns}); add them, or pass mappings that leave them out"
             )
     logger.info("{}: related_modules {} agree with the structure mapping", where, patterns)
@@ -129,8 +128,8 @@ def related_mappings(
         mappings.append(
             StructureMapping(
                 producers=[producer],
-                norms=[n for n, m in modules if isinstance(m, _NORMS)],
-                consumers=[n for n, m in modules if not isinstance(m, _NORMS)],
+                norms=[n for n, m in modules if isinstance(m, BATCH_NORMS)],
+                consumers=[n for n, m in modules if not isinstance(m, BATCH_NORMS)],
             )
         )
     logger.info(

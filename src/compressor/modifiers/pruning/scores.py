@@ -15,6 +15,7 @@ import torch
 __all__ = [
     "activation_scores",
     "binarize_topk",
+    "input_square_sums",
     "magnitude_scores",
     "nm_mask",
     "topk_mask",
@@ -39,6 +40,19 @@ def activation_scores(weight: torch.Tensor, input_sq_sum: torch.Tensor) -> torch
         )
     norm = input_sq_sum.float().sqrt().view(1, -1, *([1] * (weight.dim() - 2)))
     return magnitude_scores(weight) * norm.to(weight.device)
+
+
+def input_square_sums(inputs: torch.Tensor, conv: bool = False) -> torch.Tensor:
+    """Sums of squared inputs per input feature, in float32: the statistics of
+    ``activation_scores``, summed over batches by the caller.
+
+    :param inputs: a Linear's ``(..., in)`` input, or a convolution's ``(batch, in, ...)``
+    :param conv: the input is a convolution's (features along dim 1)
+    """
+    x = inputs.detach().float()
+    if conv:
+        return x.transpose(0, 1).reshape(x.shape[1], -1).pow(2).sum(dim=1)
+    return x.reshape(-1, x.shape[-1]).pow(2).sum(dim=0)
 
 
 def unit_scores(scores: torch.Tensor, dim: int, n_units: int) -> torch.Tensor:
@@ -78,9 +92,9 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
             f"{n}:{m} sparsity needs an input dimension divisible by {m}; the weight has "
             f"{rows.shape[1]} inputs per output"
         )
-    groups = rows.reshape(-1, m)
-    keep = torch.topk(groups, n, dim=1, sorted=False).indices
-    mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(1, keep, True)
+    runs = rows.reshape(-1, m)
+    keep = torch.topk(runs, n, dim=1, sorted=False).indices
+    mask = torch.zeros_like(runs, dtype=torch.bool).scatter_(1, keep, True)
     return mask.view_as(scores)
 
 

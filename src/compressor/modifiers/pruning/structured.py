@@ -11,16 +11,16 @@ from pydantic import Field, PrivateAttr, model_validator
 
 from compressor.core import State
 from compressor.modifiers.pruning.base import PruningModifierBase
-from compressor.modifiers.pruning.groups import PruneGroup
+from compressor.modifiers.pruning.coupling import Coupling
 from compressor.modifiers.pruning.mappings import (
     Kind,
     StructureMapping,
-    build_groups,
+    build_couplings,
     default_mappings,
 )
 from compressor.modifiers.pruning.related import check_related_modules, related_mappings
 from compressor.modifiers.pruning.schedule import kept_count
-from compressor.modifiers.pruning.surgery import check_config, shrink_groups
+from compressor.modifiers.pruning.surgery import check_config, shrink_couplings
 
 __all__ = ["StructuredPruningModifier"]
 
@@ -38,7 +38,7 @@ class StructuredPruningModifier(PruningModifierBase):
     :param related_modules: the modules coupled to the pruned units, as names, ``re:``
         patterns or class names (DeepSpeed's ``related_modules``). Checked at initialize
         against the mapping: each pattern must match modules coupled to the pruned units and
-        reach every pruned group, and every module whose inputs shrink must be named. Where
+        reach every pruned coupling, and every module whose inputs shrink must be named. Where
         no mapping is known (no ``mappings``, no built-in one), they define it (rows and
         channels): the i-th target in model order is coupled with the i-th match of each
         pattern, BatchNorm as norms, the rest as readers
@@ -60,8 +60,8 @@ class StructuredPruningModifier(PruningModifierBase):
 
     def describe(self) -> str:
         """The modifier and its recipe group, for errors."""
-        group = f" (recipe group {self.group!r})" if self.group else ""
-        return f"{type(self).__name__}{group}"
+        recipe_group = f" (recipe group {self.group!r})" if self.group else ""
+        return f"{type(self).__name__}{recipe_group}"
 
     def structure_mappings(self, model: torch.nn.Module) -> list[StructureMapping]:
         """``mappings``, else the architecture's, else those ``related_modules`` define."""
@@ -76,22 +76,22 @@ class StructuredPruningModifier(PruningModifierBase):
             model, self.kind, self.targets, self.ignore, self.related_modules, self.describe()
         )
 
-    def check_related(self, model: torch.nn.Module, groups: list[PruneGroup]) -> None:
-        """Check ``related_modules`` (when given) against the groups' coupling."""
-        if self.related_modules is not None and groups:
-            check_related_modules(model, groups, self.related_modules, self.describe())
+    def check_related(self, model: torch.nn.Module, couplings: list[Coupling]) -> None:
+        """Check ``related_modules`` (when given) against ``couplings``."""
+        if self.related_modules is not None and couplings:
+            check_related_modules(model, couplings, self.related_modules, self.describe())
 
-    def resolve_groups(self, model: torch.nn.Module) -> list[PruneGroup]:
+    def resolve_couplings(self, model: torch.nn.Module) -> list[Coupling]:
         mappings = self.structure_mappings(model)
-        groups = build_groups(model, mappings, self.targets, self.ignore)
-        self.check_related(model, groups)
+        couplings = build_couplings(model, mappings, self.targets, self.ignore)
+        self.check_related(model, couplings)
         if self.shrink:
-            every = build_groups(model, mappings)
-            described = [g for g in every if g.config]
-            chosen = {g.name for g in groups}
-            left_out = [g.name for g in described if g.name not in chosen]
+            every = build_couplings(model, mappings)
+            described = [c for c in every if c.config]
+            chosen = {c.name for c in couplings}
+            left_out = [c.name for c in described if c.name not in chosen]
             if left_out and len(left_out) < len(described):
-                keys = sorted({k for g in described for k in g.config})
+                keys = sorted({k for c in described for k in c.config})
                 raise ValueError(
                     f"{type(self).__name__}: targets/ignore leave out {left_out}, but the config "
                     f"describes every layer with one {', '.join(keys)}; prune them all to the "
@@ -101,25 +101,25 @@ class StructuredPruningModifier(PruningModifierBase):
             final = self.final_density()
             assert final is not None
             values = {
-                key: kept_count(g.n_units or 1, final) * scale
-                for g in groups
-                for key, scale in g.config.items()
+                key: kept_count(c.n_units or 1, final) * scale
+                for c in couplings
+                for key, scale in c.config.items()
             }
             check_config(getattr(model, "config", None), values, type(model).__name__)
-        return groups
+        return couplings
 
     def on_finalize(self, state: State) -> None:
         super().on_finalize(state)
         if not self.shrink:
             return
-        keep = [self._unit_masks.get(i) for i in range(len(self._groups))]
+        keep = [self._masks.get(i) for i in range(len(self._couplings))]
         if any(mask is None for mask in keep):
             logger.warning("{}: nothing was pruned, nothing to remove", type(self).__name__)
             return
         assert self._holder is not None
         self._holder.clear()
-        self._removed = shrink_groups(state.model, self._groups, keep)  # type: ignore[arg-type]
-        if any(g.attributes and not g.config for g in self._groups):
+        self._removed = shrink_couplings(state.model, self._couplings, keep)  # type: ignore[arg-type]
+        if any(c.attributes and not c.config for c in self._couplings):
             logger.warning(
                 "{}: the modules now hold fewer units, but {} cannot describe that (it derives "
                 "the unit size from other fields); the model runs, from_pretrained will not "

@@ -11,18 +11,16 @@ from typing import Any
 import torch
 from loguru import logger
 
-from compressor.modifiers.pruning.groups import PruneGroup, member_tensors
+from compressor.modifiers.pruning.coupling import BATCH_NORMS, Coupling, member_tensors
 
 __all__ = [
     "check_config",
     "pruned_units",
-    "shrink_group",
-    "shrink_groups",
+    "shrink_coupling",
+    "shrink_couplings",
     "shrink_module",
     "unit_index",
 ]
-
-_NORMS = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d)
 
 
 def unit_index(keep: torch.Tensor, size: int) -> torch.Tensor:
@@ -52,7 +50,7 @@ def shrink_module(module: torch.nn.Module, index: torch.Tensor, dim: int) -> Non
             setattr(module, "out_features" if dim == 0 else "in_features", size)
         else:
             setattr(module, "out_channels" if dim == 0 else "in_channels", size)
-    elif isinstance(module, _NORMS):
+    elif isinstance(module, BATCH_NORMS):
         if dim != 0:
             raise ValueError("a BatchNorm only has output features")
         if module.affine:
@@ -66,23 +64,23 @@ def shrink_module(module: torch.nn.Module, index: torch.Tensor, dim: int) -> Non
         raise TypeError(f"cannot remove units from a {type(module).__name__}")
 
 
-def shrink_group(group: PruneGroup, keep: torch.Tensor) -> None:
-    """Remove the units of ``group`` where ``keep`` is False from every member."""
-    for member in group.members:
-        assert member.dim is not None, "only structured groups can shrink"
+def shrink_coupling(coupling: Coupling, keep: torch.Tensor) -> None:
+    """Remove the units of ``coupling`` where ``keep`` is False from every member."""
+    for member in coupling.members:
+        assert member.dim is not None, "only structured couplings can shrink"
         size = member.module.weight.shape[member.dim]
         shrink_module(member.module, unit_index(keep.cpu(), size), member.dim)
 
 
-def pruned_units(group: PruneGroup) -> torch.Tensor:
+def pruned_units(coupling: Coupling) -> torch.Tensor:
     """A bool per unit: True where every tensor of every member is exactly zero."""
-    assert group.n_units is not None
-    zero = torch.ones(group.n_units, dtype=torch.bool)
-    for member in group.members:
+    assert coupling.n_units is not None
+    zero = torch.ones(coupling.n_units, dtype=torch.bool)
+    for member in coupling.members:
         for _, param in member_tensors(member):
             dim = member.dim if param.dim() > 1 else 0
             assert dim is not None
-            per_unit = param.detach().movedim(dim, 0).reshape(group.n_units, -1)
+            per_unit = param.detach().movedim(dim, 0).reshape(coupling.n_units, -1)
             zero &= (per_unit == 0).all(dim=1).cpu()
     return zero
 
@@ -115,20 +113,20 @@ def check_config(config: Any, values: dict[str, int], owner: str = "the model") 
         ) from None
 
 
-def shrink_groups(
-    model: torch.nn.Module, groups: list[PruneGroup], keep: list[torch.Tensor]
+def shrink_couplings(
+    model: torch.nn.Module, couplings: list[Coupling], keep: list[torch.Tensor]
 ) -> dict[str, int]:
-    """Shrink every group and update the model config and the modules' head counts.
+    """Shrink every coupling and update the model config and the modules' head counts.
 
-    Groups that set the same config key must keep the same number of units (the config
+    Couplings that set the same config key must keep the same number of units (the config
     describes every layer with one number).
 
-    :param keep: per group, a bool per unit (True: kept)
+    :param keep: per coupling, a bool per unit (True: kept)
     :return: the config values that were set
     """
     kept_by_key: dict[str, set[int]] = defaultdict(set)
-    for group, mask in zip(groups, keep, strict=True):
-        for key, scale in group.config.items():
+    for coupling, mask in zip(couplings, keep, strict=True):
+        for key, scale in coupling.config.items():
             kept_by_key[key].add(int(mask.sum()) * scale)
     uneven = {k: sorted(v) for k, v in kept_by_key.items() if len(v) > 1}
     if uneven:
@@ -140,14 +138,18 @@ def shrink_groups(
     config: Any = getattr(model, "config", None)
     check_config(config, values, type(model).__name__)
     removed = 0
-    for group, mask in zip(groups, keep, strict=True):
-        before = sum(p.numel() for m in group.members for p in m.module.parameters())
-        shrink_group(group, mask)
-        removed += before - sum(p.numel() for m in group.members for p in m.module.parameters())
-        if group.block is not None:
-            for path, scale in group.attributes.items():
-                _set_attribute(group.block, path, int(mask.sum()) * scale)
+    for coupling, mask in zip(couplings, keep, strict=True):
+        before = sum(p.numel() for m in coupling.members for p in m.module.parameters())
+        shrink_coupling(coupling, mask)
+        removed += before - sum(p.numel() for m in coupling.members for p in m.module.parameters())
+        if coupling.block is not None:
+            for path, scale in coupling.attributes.items():
+                _set_attribute(coupling.block, path, int(mask.sum()) * scale)
     for key, value in values.items():
         setattr(config, key, value)
     logger.info("removed {} parameters; config now {}", removed, values or "unchanged")
     return values
+
+
+# the name compressor/prune.py imports; remove once it imports shrink_couplings
+shrink_groups = shrink_couplings

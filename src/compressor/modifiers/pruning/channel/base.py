@@ -8,8 +8,8 @@ from compressed_tensors.utils import is_match
 from loguru import logger
 
 from compressor.modifiers.base import Modifier
-from compressor.modifiers.pruning.groups import PruneGroup
-from compressor.modifiers.pruning.mappings import build_groups, sequential_conv_mappings
+from compressor.modifiers.pruning.coupling import Coupling
+from compressor.modifiers.pruning.mappings import build_couplings, sequential_conv_mappings
 from compressor.modifiers.pruning.structured import StructuredPruningModifier
 
 __all__ = ["ChannelPruningModifier"]
@@ -34,19 +34,19 @@ class ChannelPruningModifier(StructuredPruningModifier):
 
     kind = "channels"
 
-    def resolve_groups(self, model: torch.nn.Module) -> list[PruneGroup]:
-        groups = self._channel_groups(model)
-        self.check_related(model, groups)
-        return groups
+    def resolve_couplings(self, model: torch.nn.Module) -> list[Coupling]:
+        couplings = self._channel_couplings(model)
+        self.check_related(model, couplings)
+        return couplings
 
-    def _channel_groups(self, model: torch.nn.Module) -> list[PruneGroup]:
+    def _channel_couplings(self, model: torch.nn.Module) -> list[Coupling]:
         if self.mappings is not None:
-            return build_groups(model, self.mappings, self.targets, self.ignore)
+            return build_couplings(model, self.mappings, self.targets, self.ignore)
         try:
             mappings, unpaired = sequential_conv_mappings(model)
         except ValueError as err:
             if self.related_modules is not None:
-                return build_groups(model, self.structure_mappings(model), self.targets)
+                return build_couplings(model, self.structure_mappings(model), self.targets)
             raise ValueError(
                 f"{type(self).__name__}: {err}. Pass mappings: [{{producers: [<conv>], "
                 "norms: [<batchnorm>], consumers: [<next conv>]}}, ...], or related_modules"
@@ -61,4 +61,4 @@ class ChannelPruningModifier(StructuredPruningModifier):
                     )
         elif unpaired:
             logger.info("{}: left unpruned (no coupled conv): {}", type(self).__name__, unpaired)
-        return build_groups(model, mappings, self.targets, self.ignore)
+        return build_couplings(model, mappings, self.targets, self.ignore)

@@ -21,7 +21,7 @@ from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from compressor.core import Event, EventType, State
 from compressor.modifiers.base import Modifier
-from compressor.modifiers.pruning.groups import PruneGroup
+from compressor.modifiers.pruning.coupling import Coupling
 from compressor.modifiers.pruning.masks import MaskHolder
 from compressor.modifiers.pruning.sparse.base import SparsePruningModifier
 
@@ -109,9 +109,9 @@ class MagnitudePruningModifier(SparsePruningModifier):
         _reject(data, "scheduler_args", {}, "the ramps take no arguments")
         return data
 
-    def resolve_groups(self, model: torch.nn.Module) -> list[PruneGroup]:
+    def resolve_couplings(self, model: torch.nn.Module) -> list[Coupling]:
         names = layers_with_weights_matching(model, self.targets, self.ignore, type(self).__name__)
-        return SparsePruningModifier.resolve_groups(
+        return SparsePruningModifier.resolve_couplings(
             self.model_copy(update={"targets": names, "ignore": []}), model
         )
 

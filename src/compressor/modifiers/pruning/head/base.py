@@ -6,7 +6,7 @@ import torch
 from pydantic import Field
 
 from compressor.modifiers.base import Modifier
-from compressor.modifiers.pruning.groups import PruneGroup
+from compressor.modifiers.pruning.coupling import Coupling
 from compressor.modifiers.pruning.structured import StructuredPruningModifier
 
 __all__ = ["HeadPruningModifier"]
@@ -25,7 +25,7 @@ class HeadPruningModifier(StructuredPruningModifier):
     times the group size, and the attention forward (which infers the head count from the
     projection width and keeps the group size) needs no change. ``density`` is therefore the
     fraction of key-value groups kept; with multi-head attention it is the fraction of heads.
-    A group's ``l1`` score is the summed magnitude of its q/k/v rows and o columns.
+    A key-value group's ``l1`` score is the summed magnitude of its q/k/v rows and o columns.
 
     **Lifecycle**: see ``StructuredPruningModifier``.
 
@@ -40,11 +40,11 @@ class HeadPruningModifier(StructuredPruningModifier):
 
     num_heads: int | None = Field(default=None, ge=1)
 
-    def resolve_groups(self, model: torch.nn.Module) -> list[PruneGroup]:
+    def resolve_couplings(self, model: torch.nn.Module) -> list[Coupling]:
         heads = getattr(getattr(model, "config", None), "num_attention_heads", None)
         if self.num_heads is not None and heads != self.num_heads:
             raise ValueError(
                 f"HeadPruningModifier: num_heads={self.num_heads}, but the model has "
                 f"num_attention_heads={heads}"
             )
-        return super().resolve_groups(model)
+        return super().resolve_couplings(model)

@@ -21,7 +21,7 @@ class RowPruningModifier(StructuredPruningModifier):
     **Lifecycle**: see ``StructuredPruningModifier``.
 
     :param density: the fraction of rows kept in every layer
-    :param targets: producing modules whose groups are pruned (default: every MLP)
+    :param targets: producing modules whose couplings are pruned (default: every MLP)
     """
 
     kind = "rows"

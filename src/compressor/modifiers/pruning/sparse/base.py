@@ -8,7 +8,7 @@ from pydantic import field_validator
 
 from compressor.modifiers.base import Modifier
 from compressor.modifiers.pruning.base import PruningModifierBase
-from compressor.modifiers.pruning.groups import Member, PruneGroup
+from compressor.modifiers.pruning.coupling import Coupling, Member
 from compressor.modifiers.pruning.masks import ScoreMask
 from compressor.modifiers.pruning.scores import nm_mask
 
@@ -74,7 +74,7 @@ class SparsePruningModifier(PruningModifierBase):
             )
         return ratio
 
-    def resolve_groups(self, model: torch.nn.Module) -> list[PruneGroup]:
+    def resolve_couplings(self, model: torch.nn.Module) -> list[Coupling]:
         if self.targets is None:
             out_emb = (
                 model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -88,24 +88,24 @@ class SparsePruningModifier(PruningModifierBase):
             named = [(n, m) for n, m in named if n in kept]
         else:
             named = list(match_named_modules(model, self.targets, self.ignore))
-        groups = []
+        couplings = []
         for name, module in named:
             if not isinstance(module, _PRUNABLE):
                 raise ValueError(
                     f"{type(self).__name__}: target {name} is a {type(module).__name__}; only "
                     "Linear and Conv2d weights are pruned (narrow targets or add it to ignore)"
                 )
-            groups.append(PruneGroup(name=name, members=[Member(name, module, None)]))
-        return groups
+            couplings.append(Coupling(name=name, members=[Member(name, module, None)]))
+        return couplings
 
-    def select(self, group: PruneGroup, scores: torch.Tensor, density: float) -> torch.Tensor:
+    def select(self, coupling: Coupling, scores: torch.Tensor, density: float) -> torch.Tensor:
         n_m = parse_mask_structure(self.mask_structure)
         if n_m is None:
-            return super().select(group, scores, density)
+            return super().select(coupling, scores, density)
         try:
             return nm_mask(scores, *n_m)
         except ValueError as err:
-            raise ValueError(f"{group.name}: {err}") from None
+            raise ValueError(f"{coupling.name}: {err}") from None
 
-    def score_mask_for(self, group: PruneGroup, scores: torch.nn.Parameter, dim: int | None):
+    def score_mask_for(self, coupling: Coupling, scores: torch.nn.Parameter, dim: int | None):
         return ScoreMask(scores, dim, parse_mask_structure(self.mask_structure))

@@ -1,4 +1,11 @@
-"""What one mask covers: a single weight (unstructured) or units shared by coupled modules."""
+"""What one pruning mask covers: a ``Coupling`` of modules whose units are pruned together.
+
+Structured pruning removes a unit (a row, a head, a channel) from the module that produces it
+and from every module that reads it; those modules are coupled, and one mask over the units
+covers them all. Unstructured pruning has couplings of one module whose units are its single
+weights. (Pruning's own word, so as not to be read as a recipe group, a quantization config
+group or a quantization ``group_size``.)
+"""
 
 from __future__ import annotations
 
@@ -6,14 +13,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["Member", "PruneGroup", "member_tensors"]
+__all__ = ["BATCH_NORMS", "Member", "Coupling", "member_tensors"]
 
-_NORMS = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d)
+#: the norm layers a unit can pass through: their statistics and affine vectors are per unit
+BATCH_NORMS = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d)
 
 
 @dataclass(frozen=True)
 class Member:
-    """A module whose tensors a group's mask covers.
+    """A module whose tensors a coupling's mask covers.
 
     :param name: the module's dotted name in the model
     :param module: the module (Linear, Conv2d or BatchNorm)
@@ -27,13 +35,14 @@ class Member:
 
     @property
     def is_norm(self) -> bool:
-        return isinstance(self.module, _NORMS)
+        return isinstance(self.module, BATCH_NORMS)
 
 
 @dataclass
-class PruneGroup:
-    """Units pruned together: one weight's entries, or rows / heads / channels of coupled
-    modules (a unit is a contiguous block of ``size // n_units`` indices of every member).
+class Coupling:
+    """Modules whose units are pruned together under one mask: the entries of one weight, or
+    the rows / heads / channels of coupled modules (a unit is a contiguous block of
+    ``size // n_units`` indices of every member).
 
     :param name: a readable name (the producing module)
     :param members: the modules the mask covers
