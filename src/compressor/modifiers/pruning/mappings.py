@@ -283,7 +283,3 @@ def build_couplings(
                 )
             )
     return couplings
-
-
-# the name compressor/prune.py imports; remove once it imports build_couplings
-build_groups = build_couplings

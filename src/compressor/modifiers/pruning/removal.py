@@ -9,11 +9,11 @@ from compressor.modifiers.pruning.mappings import (
     ARCHITECTURES,
     Kind,
     StructureMapping,
-    build_groups,
+    build_couplings,
     default_mappings,
     sequential_conv_mappings,
 )
-from compressor.modifiers.pruning.surgery import pruned_units, shrink_groups
+from compressor.modifiers.pruning.surgery import pruned_units, shrink_couplings
 
 __all__ = ["remove_pruned_structure"]
 
@@ -55,12 +55,12 @@ def remove_pruned_structure(
     values: dict[str, int] = {}
     for kind, kind_mappings in chosen.items():
         for mapping in kind_mappings:
-            groups = build_groups(model, [mapping])
-            if not groups:
+            couplings = build_couplings(model, [mapping])
+            if not couplings:
                 continue
-            pruned = [pruned_units(g) for g in groups]
+            pruned = [pruned_units(g) for g in couplings]
             keep_count = max(int((~p).sum()) for p in pruned)
-            if keep_count == groups[0].n_units:
+            if keep_count == couplings[0].n_units:
                 continue
             keep = []
             for p in pruned:
@@ -69,6 +69,8 @@ def remove_pruned_structure(
                 if extra:  # keep some zero units so every layer has the same count
                     mask[p.nonzero().flatten()[:extra]] = True
                 keep.append(mask)
-            logger.info("{}: {} of {} units kept per group", kind, keep_count, groups[0].n_units)
-            values.update(shrink_groups(model, groups, keep))
+            logger.info(
+                "{}: {} of {} units kept per coupling", kind, keep_count, couplings[0].n_units
+            )
+            values.update(shrink_couplings(model, couplings, keep))
     return values

@@ -149,7 +149,3 @@ def shrink_couplings(
         setattr(config, key, value)
     logger.info("removed {} parameters; config now {}", removed, values or "unchanged")
     return values
-
-
-# the name compressor/prune.py imports; remove once it imports shrink_couplings
-shrink_groups = shrink_couplings
