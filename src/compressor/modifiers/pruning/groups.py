@@ -6,9 +6,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["Member", "PruneGroup", "member_tensors"]
+from compressor.architectures import BATCH_NORMS
 
-_NORMS = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d)
+__all__ = ["Member", "PruneGroup", "member_tensors"]
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,7 @@ class Member:
 
     @property
     def is_norm(self) -> bool:
-        return isinstance(self.module, _NORMS)
+        return isinstance(self.module, BATCH_NORMS)
 
 
 @dataclass

@@ -12,13 +12,13 @@ import torch
 from compressed_tensors.utils import is_match
 from loguru import logger
 
+from compressor.architectures import BATCH_NORMS
 from compressor.modifiers.pruning.groups import PruneGroup
 from compressor.modifiers.pruning.mappings import Kind, StructureMapping
 
 __all__ = ["check_related_modules", "match_related", "related_mappings"]
 
-_NORMS = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d)
-_MEMBER_TYPES = (torch.nn.Linear, torch.nn.Conv2d, *_NORMS)
+_MEMBER_TYPES = (torch.nn.Linear, torch.nn.Conv2d, *BATCH_NORMS)
 
 
 def match_related(model: torch.nn.Module, pattern: str) -> list[str]:
@@ -129,8 +129,8 @@ def related_mappings(
         mappings.append(
             StructureMapping(
                 producers=[producer],
-                norms=[n for n, m in modules if isinstance(m, _NORMS)],
-                consumers=[n for n, m in modules if not isinstance(m, _NORMS)],
+                norms=[n for n, m in modules if isinstance(m, BATCH_NORMS)],
+                consumers=[n for n, m in modules if not isinstance(m, BATCH_NORMS)],
             )
         )
     logger.info(

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from loguru import logger
 
+from compressor.architectures import BATCH_NORMS
 from compressor.modifiers.pruning.groups import PruneGroup, member_tensors
 
 __all__ = [
@@ -21,8 +22,6 @@ __all__ = [
     "shrink_module",
     "unit_index",
 ]
-
-_NORMS = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d)
 
 
 def unit_index(keep: torch.Tensor, size: int) -> torch.Tensor:
@@ -52,7 +51,7 @@ def shrink_module(module: torch.nn.Module, index: torch.Tensor, dim: int) -> Non
             setattr(module, "out_features" if dim == 0 else "in_features", size)
         else:
             setattr(module, "out_channels" if dim == 0 else "in_channels", size)
-    elif isinstance(module, _NORMS):
+    elif isinstance(module, BATCH_NORMS):
         if dim != 0:
             raise ValueError("a BatchNorm only has output features")
         if module.affine:

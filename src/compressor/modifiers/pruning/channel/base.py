@@ -7,9 +7,10 @@ import torch
 from compressed_tensors.utils import is_match
 from loguru import logger
 
+from compressor.architectures import sequential_conv_mappings
 from compressor.modifiers.base import Modifier
 from compressor.modifiers.pruning.groups import PruneGroup
-from compressor.modifiers.pruning.mappings import build_groups, sequential_conv_mappings
+from compressor.modifiers.pruning.mappings import build_groups
 from compressor.modifiers.pruning.structured import StructuredPruningModifier
 
 __all__ = ["ChannelPruningModifier"]
