@@ -6,7 +6,8 @@ share a row or a head (pruning), which play which role around the residual strea
 norms feed them (SpinQuant). ``conv`` reads the channel coupling of plain ``nn.Sequential``
 conv nets. ``architecture_for(model)`` is the lookup.
 
-This is a bottom layer: it imports torch, transformers and ``compressor.utils`` only.
+This is a bottom layer: of this library it may import ``compressor.utils`` only (never
+``core``, ``modifiers``, ``recipe`` or what sits above them).
 """
 
 from compressor.architectures.base import Architecture, Feature
