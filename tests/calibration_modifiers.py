@@ -6,9 +6,9 @@ from __future__ import annotations
 import torch
 from pydantic import PrivateAttr
 
+from compressor.architectures import find_decoder_layers
 from compressor.core import Event, EventType, State
 from compressor.modifiers import Modifier
-from compressor.utils.architecture import find_decoder_layers
 
 
 @Modifier.register()

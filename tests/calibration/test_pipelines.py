@@ -11,6 +11,7 @@ from transformers import (
 
 from calibration_modifiers import LayerInputRecorder, LayerShrinker
 from compressor import create_session
+from compressor.architectures import find_decoder_layers
 from compressor.calibration.data import collate
 from compressor.calibration.pipelines import (
     resolve_pipeline,
@@ -19,7 +20,6 @@ from compressor.calibration.pipelines import (
     run_sequential,
 )
 from compressor.modifiers import Modifier
-from compressor.utils.architecture import find_decoder_layers
 from conftest import tiny_llama_config, tiny_opt
 
 

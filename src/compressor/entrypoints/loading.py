@@ -65,7 +65,7 @@ def layers_on_disk_map(path: str | Path) -> dict[str, str]:
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from compressor.utils.architecture import find_decoder_layers
+    from compressor.architectures import find_decoder_layers
 
     with init_empty_weights():
         skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from loguru import logger
 
+from compressor.architectures import find_decoder_layers
 from compressor.calibration.pipelines.basic import run_basic
 from compressor.calibration.pipelines.datafree import run_datafree
 from compressor.calibration.pipelines.sequential import (
@@ -20,7 +21,6 @@ from compressor.calibration.pipelines.sequential import (
     run_sequential,
 )
 from compressor.modifiers.base import Modifier
-from compressor.utils.architecture import find_decoder_layers
 
 __all__ = [
     "PIPELINES",

@@ -40,6 +40,7 @@ import torch
 from loguru import logger
 from tqdm.auto import tqdm
 
+from compressor.architectures import find_decoder_layers
 from compressor.calibration.data import Batch
 from compressor.calibration.pipelines.common import (
     calibration_mode,
@@ -50,7 +51,6 @@ from compressor.calibration.pipelines.common import (
 from compressor.calibration.pipelines.staged import StagePlan, calibrate_in_stages, plan_stages
 from compressor.core.session import CompressionSession
 from compressor.modifiers.hooks import HooksMixin
-from compressor.utils.architecture import find_decoder_layers
 from compressor.utils.memory import keep_freed_tensors_in_heap, release_free_memory
 from compressor.utils.offload import check_device_unset, is_offloaded, layer_onloaded
 

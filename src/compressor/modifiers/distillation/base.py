@@ -7,10 +7,10 @@ from typing import Any
 import torch
 from pydantic import Field, PrivateAttr
 
+from compressor.architectures import find_decoder_layers
 from compressor.core import Event, EventType, State
 from compressor.modifiers.base import Modifier
 from compressor.modifiers.distillation.losses import distillation_loss, hidden_state_loss
-from compressor.utils.architecture import find_decoder_layers
 
 __all__ = ["OutputDistillationModifier"]
 

@@ -8,10 +8,10 @@ import torch
 from loguru import logger
 from pydantic import Field, PrivateAttr, model_validator
 
+from compressor.architectures import find_decoder_layers_path
 from compressor.core import Event, State
 from compressor.modifiers.base import Modifier
 from compressor.modifiers.layer_reduction.surgery import angular_distance, keep_decoder_layers
-from compressor.utils.architecture import find_decoder_layers_path
 
 __all__ = ["LayerReductionModifier"]
 

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from compressor.utils.architecture import find_decoder_layers_path
+from compressor.architectures import find_decoder_layers_path
 
 __all__ = ["angular_distance", "keep_decoder_layers"]
 

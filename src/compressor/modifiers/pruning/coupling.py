@@ -13,10 +13,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["BATCH_NORMS", "Member", "Coupling", "member_tensors"]
+from compressor.architectures import BATCH_NORMS
 
-#: the norm layers a unit can pass through: their statistics and affine vectors are per unit
-BATCH_NORMS = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d)
+__all__ = ["Member", "Coupling", "member_tensors"]
 
 
 @dataclass(frozen=True)

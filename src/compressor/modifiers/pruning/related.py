@@ -12,7 +12,8 @@ import torch
 from compressed_tensors.utils import is_match
 from loguru import logger
 
-from compressor.modifiers.pruning.coupling import BATCH_NORMS, Coupling
+from compressor.architectures import BATCH_NORMS
+from compressor.modifiers.pruning.coupling import Coupling
 from compressor.modifiers.pruning.mappings import Kind, StructureMapping
 
 __all__ = ["check_related_modules", "match_related", "related_mappings"]

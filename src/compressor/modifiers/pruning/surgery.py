@@ -11,7 +11,8 @@ from typing import Any
 import torch
 from loguru import logger
 
-from compressor.modifiers.pruning.coupling import BATCH_NORMS, Coupling, member_tensors
+from compressor.architectures import BATCH_NORMS
+from compressor.modifiers.pruning.coupling import Coupling, member_tensors
 
 __all__ = [
     "check_config",

@@ -7,9 +7,11 @@ import torch
 from compressed_tensors.utils import is_match
 from loguru import logger
 
+from compressor.architectures import sequential_conv_mappings
 from compressor.modifiers.base import Modifier
+from compressor.architectures import sequential_conv_mappings
 from compressor.modifiers.pruning.coupling import Coupling
-from compressor.modifiers.pruning.mappings import build_couplings, sequential_conv_mappings
+from compressor.modifiers.pruning.mappings import build_couplings
 from compressor.modifiers.pruning.structured import StructuredPruningModifier
 
 __all__ = ["ChannelPruningModifier"]

@@ -16,9 +16,9 @@ from compressed_tensors.utils import match_named_modules
 from loguru import logger
 from tqdm.auto import tqdm
 
+from compressor.architectures import find_decoder_layers_path
 from compressor.modifiers.transform.spinquant.fusion import rotate_input, rotate_output
 from compressor.modifiers.transform.spinquant.matrices import TRANSFORM_TYPES, rotation_matrix
-from compressor.utils.architecture import find_decoder_layers_path
 
 __all__ = ["FUSED_LOCATIONS", "apply_fused_transforms", "check_fused_config"]
 

@@ -1,36 +1,35 @@
-"""Where the decoder layers of a transformers model live, by architecture."""
+"""Where the decoder (or encoder) layers of a transformers model live."""
 
 from __future__ import annotations
 
 import torch
 
+from compressor.architectures.registry import ARCHITECTURES, BY_MODEL_TYPE, model_type_of
+
 __all__ = ["DECODER_LAYER_PATHS", "find_decoder_layers", "find_decoder_layers_path"]
 
-# model_type -> dotted path of the ModuleList holding the repeated blocks
+#: model_type -> dotted path of the ModuleList holding the repeated blocks
 DECODER_LAYER_PATHS: dict[str, str] = {
-    "llama": "model.layers",
-    "mistral": "model.layers",
-    "qwen2": "model.layers",
-    "qwen3": "model.layers",
-    "gemma": "model.layers",
-    "phi3": "model.layers",
-    "gpt2": "transformer.h",
-    "opt": "model.decoder.layers",
-    "bert": "bert.encoder.layer",
+    model_type: architecture.layers for model_type, architecture in BY_MODEL_TYPE.items()
 }
 # where the list sits when the bare base model (no task head) is given
-_BASE_MODEL_PATHS = ("layers", "decoder.layers", "h", "encoder.layer")
+_BASE_MODEL_PATHS = tuple(dict.fromkeys(a.base_layers for a in ARCHITECTURES))
 
 
 def find_decoder_layers_path(model: torch.nn.Module) -> str:
     """The dotted name of the ModuleList of decoder (or encoder) blocks.
 
+    The model's own architecture is tried first, then every known layout, so an unlisted
+    model that names its layers as a known one does is found too.
+
+    :param model: the model
     :raises ValueError: naming the model type and the architectures that are known
     """
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    model_type = model_type_of(model)
     candidates = []
-    if model_type in DECODER_LAYER_PATHS:
-        candidates.append(DECODER_LAYER_PATHS[model_type])
+    if model_type in BY_MODEL_TYPE:
+        own = BY_MODEL_TYPE[model_type]
+        candidates += [own.layers, own.base_layers]
     candidates += list(DECODER_LAYER_PATHS.values()) + list(_BASE_MODEL_PATHS)
     for path in dict.fromkeys(candidates):
         try:
@@ -47,7 +46,10 @@ def find_decoder_layers_path(model: torch.nn.Module) -> str:
 
 
 def find_decoder_layers(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
-    """The dotted name and the ModuleList of the model's repeated blocks."""
+    """The dotted name and the ModuleList of the model's repeated blocks.
+
+    :param model: the model
+    """
     path = find_decoder_layers_path(model)
     layers = model.get_submodule(path)
     assert isinstance(layers, torch.nn.ModuleList)

@@ -1,0 +1,55 @@
+"""What the library knows of each model architecture, one table per family.
+
+Each family module (``llama``, ``bert``, ``gemma``, ``phi3``, ``gpt2``, ``opt``) holds its
+model types, where its layers live, and the typed mappings the techniques read: which modules
+share a row or a head (pruning), which play which role around the residual stream and which
+norms feed them (SpinQuant). ``conv`` reads the channel coupling of plain ``nn.Sequential``
+conv nets. ``architecture_for(model)`` is the lookup.
+
+This is a bottom layer: of this library it may import ``compressor.utils`` only (never
+``core``, ``modifiers``, ``recipe`` or what sits above them).
+"""
+
+from compressor.architectures.base import Architecture, Feature
+from compressor.architectures.conv import BATCH_NORMS, sequential_conv_mappings
+from compressor.architectures.layers import (
+    DECODER_LAYER_PATHS,
+    find_decoder_layers,
+    find_decoder_layers_path,
+)
+from compressor.architectures.mappings import (
+    Kind,
+    NormMapping,
+    SpinQuantMapping,
+    StructureBuilder,
+    StructureMapping,
+)
+from compressor.architectures.registry import (
+    ARCHITECTURES,
+    BY_MODEL_TYPE,
+    architecture_for,
+    find_architecture,
+    known_model_types,
+    model_type_of,
+)
+
+__all__ = [
+    "ARCHITECTURES",
+    "BATCH_NORMS",
+    "BY_MODEL_TYPE",
+    "DECODER_LAYER_PATHS",
+    "Architecture",
+    "Feature",
+    "Kind",
+    "NormMapping",
+    "SpinQuantMapping",
+    "StructureBuilder",
+    "StructureMapping",
+    "architecture_for",
+    "find_architecture",
+    "find_decoder_layers",
+    "find_decoder_layers_path",
+    "known_model_types",
+    "model_type_of",
+    "sequential_conv_mappings",
+]

@@ -1,0 +1,121 @@
+"""Typed mappings that describe where things sit in a model, as data a recipe can also give.
+
+``StructureMapping`` says which modules share a structured unit ("related modules"), for row,
+head and channel pruning; ``SpinQuantMapping`` and ``NormMapping`` say which modules play which
+role around the residual stream, for rotations and norm fusion. The per-architecture tables
+fill them in; recipes may pass their own for architectures not listed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from transformers import PretrainedConfig
+
+__all__ = [
+    "Kind",
+    "NormMapping",
+    "SpinQuantMapping",
+    "StructureBuilder",
+    "StructureMapping",
+]
+
+#: the structured unit a mapping couples: MLP rows, attention heads or conv channels
+Kind = Literal["rows", "heads", "channels"]
+
+
+class StructureMapping(BaseModel):
+    """Modules coupled through one kind of unit, in every block of ``blocks``.
+
+    A mapping names, relative to each repeated block, the modules that *produce* the units
+    (their output rows or channels, with biases and BatchNorm vectors) and the modules that
+    *consume* them (their input columns or channels). Removing a unit removes it from all of
+    them, so the pruned model computes exactly what the masked one did.
+
+    :param blocks: dotted name of the ModuleList of repeated blocks; unset: the whole model
+        is the one block (names are then full module names)
+    :param producers: modules whose outputs are the units (Linear rows, Conv2d out channels)
+    :param norms: BatchNorm layers over the units, between producer and consumer
+    :param consumers: modules reading the units (Linear columns, Conv2d in channels)
+    :param num_units: how many units (heads: key-value heads); unset: the first producer's
+        output size (one unit per row or channel)
+    :param config: model config keys to set to ``kept units * value`` after the clean-up
+    :param attributes: ``"relative.module.attribute"`` set to ``kept units * value`` after the
+        clean-up (for modules that store their own head counts)
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    blocks: str | None = None
+    producers: list[str] = Field(min_length=1)
+    norms: list[str] = Field(default_factory=list)
+    consumers: list[str] = Field(default_factory=list)
+    num_units: int | None = Field(default=None, gt=0)
+    config: dict[str, int] = Field(default_factory=dict)
+    attributes: dict[str, int] = Field(default_factory=dict)
+
+
+#: an architecture's mappings for one kind of unit, from the model config and the dotted
+#: name of its blocks (which differs between a model with a task head and the bare base model)
+StructureBuilder = Callable[[PretrainedConfig, str], list[StructureMapping]]
+
+
+def _as_list(value: object) -> object:
+    return [value] if isinstance(value, str) else value
+
+
+class SpinQuantMapping(BaseModel):
+    """The modules R1 and R2 rotate, by role.
+
+    Targets are compressed-tensors match strings (a module name, a class name or
+    ``re:<regex>``).
+
+    :param embedding: the token embedding (writes the residual stream)
+    :param attn_q: query projection (reads the residual stream)
+    :param attn_k: key projection (reads the residual stream)
+    :param attn_v: value projection (reads the residual stream; R2 on its output)
+    :param attn_o: attention output projection (writes the residual; R2 on its input)
+    :param mlp_in: MLP input projections (read the residual stream)
+    :param mlp_out: MLP output projections (write the residual stream)
+    :param lm_head: the output head (reads the residual stream)
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    embedding: str
+    attn_q: str
+    attn_k: str
+    attn_v: str
+    attn_o: str
+    mlp_in: list[str] = Field(min_length=1)
+    mlp_out: list[str] = Field(min_length=1)
+    lm_head: str
+
+    _wrap = field_validator("mlp_in", "mlp_out", mode="before")(_as_list)
+
+    @property
+    def residual_writers(self) -> list[str]:
+        """Modules whose output lands on the residual stream (R1 on their output side)."""
+        return [self.attn_o, *self.mlp_out]
+
+    @property
+    def residual_readers(self) -> list[str]:
+        """Linears that read the residual stream (R1 on their input side)."""
+        return [self.attn_q, self.attn_k, self.attn_v, *self.mlp_in, self.lm_head]
+
+
+class NormMapping(BaseModel):
+    """A normalisation layer and the linears that read its output.
+
+    :param norm: the norm whose scale is fused into ``linears``
+    :param linears: every linear fed by ``norm`` (one group per layer is matched)
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    norm: str
+    linears: list[str] = Field(min_length=1)
+
+    _wrap = field_validator("linears", mode="before")(_as_list)
