@@ -42,6 +42,7 @@ from compressor.modifiers.quantization.scheme import (
     QuantizationSchemeMixin,
     apply_quantization,
     match_quantizable_modules,
+    schemes_by_module,
 )
 from compressor.modifiers.quantization.training import (
     ActivationFakeQuantizer,
@@ -420,17 +421,8 @@ class QuantizationModifier(QuantizationSchemeMixin, Modifier):
         )
 
     def _schemes_by_module(self) -> dict[str, Any]:
-        """The scheme each module gets, by the first matching config group's targets."""
-        from compressed_tensors.utils.match import is_match
-
         assert self._config is not None
-        out = {}
-        for name, module in self._modules.items():
-            for group in self._config.config_groups.values():
-                if any(is_match(name, module, target) for target in group.targets):  # type: ignore[union-attr]
-                    out[name] = group
-                    break
-        return out
+        return schemes_by_module(self._modules, self._config)
 
     def _fake_quantize_activations(
         self, name: str, module: torch.nn.Module, base: str, args: Any
