@@ -74,7 +74,7 @@ def test_a_resumed_run_continues_the_bit_schedule_and_the_observers(tmp_path):
     again = make_trainer(model(), resumed_cb, tmp_path / "b", CompressionTrainer, **settings)
     again.train(resume_from_checkpoint=str(checkpoint))
     (done,), (resumed,) = full_cb.modifiers, resumed_cb.modifiers
-    assert resumed._start_step == done._start_step == 0
+    assert resumed.state_dict()["start_step"] == done.state_dict()["start_step"] == 0
     for (name, a), b in zip(
         full.model.state_dict().items(), again.model.state_dict().values(), strict=True
     ):

@@ -378,8 +378,7 @@ def test_a_layers_problems_of_equal_width_are_solved_in_lockstep_within_the_budg
     modifier = GPTQModifier(config_groups=GROUP16)
     scheme = QuantizationScheme(targets=["Linear"], weights=GROUP16["g"]["weights"])
     linears = [torch.nn.Linear(32, rows) for rows in (64, 48, 40, 30)]
-    for linear in linears:
-        linear.quantization_scheme = scheme
+    modifier._schemes = {f"m{i}": scheme for i in range(len(linears))}
     groups = [[(f"m{i}", linear)] for i, linear in enumerate(linears)]
     bundles = modifier._lockstep_bundles(groups)  # budget 128 rows: 64 + 48, then 40 + 30
     assert [[g[0][0] for g in bundle] for bundle in bundles] == [["m0", "m1"], ["m2", "m3"]]

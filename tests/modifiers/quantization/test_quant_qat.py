@@ -72,8 +72,8 @@ def test_trained_model_matches_its_frozen_compressed_tensors_form(tiny_llama, to
     scales = []
 
     def inspect(step, model):
-        observer = modifier._observers[("model.layers.0.mlp.down_proj", "input")]
-        lo, hi = observer.range
+        observed = modifier.state_dict()["observers"]["model.layers.0.mlp.down_proj|input"]
+        lo, hi = observed["lo"], observed["hi"]
         scales.append(torch.maximum(lo.abs(), hi.abs()).clone())
 
     _train(tiny_llama, modifier, token_batches, steps=6, inspect=inspect)

@@ -53,8 +53,8 @@ def test_activations_pass_untouched_until_activation_start(tiny_llama, token_bat
         untouched.append(torch.equal(raw["x"], seen["x"]))
         levels.append(len(torch.unique(seen["x"])))
         weight_levels.append(len(torch.unique(down.weight.detach()[0])))
-        obs = modifier._observers.get(("model.layers.0.mlp.down_proj", "input"))
-        observed.append(0 if obs is None else obs.batches)
+        obs = modifier.state_dict()["observers"].get("model.layers.0.mlp.down_proj|input")
+        observed.append(0 if obs is None else obs["batches"])
 
     _train(tiny_llama, modifier, token_batches, steps=6, inspect=inspect)
     # weights from step 1, activations from step 3: the change is exactly at the step

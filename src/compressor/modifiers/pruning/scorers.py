@@ -13,10 +13,12 @@ The numbers themselves (scores, top-k and N:M masks) are pure functions in ``sco
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar, Protocol
 
 import torch
 from loguru import logger
+from torch.utils.hooks import RemovableHandle
 
 from compressor.modifiers.pruning.coupling import Coupling, Member
 from compressor.modifiers.pruning.scores import (
@@ -27,10 +29,29 @@ from compressor.modifiers.pruning.scores import (
 )
 from compressor.utils import distributed
 
-if TYPE_CHECKING:
-    from compressor.modifiers.pruning.base import PruningModifierBase
+__all__ = ["ActivationScorer", "L1Scorer", "Scorer", "ScorerHost"]
 
-__all__ = ["ActivationScorer", "L1Scorer", "Scorer"]
+
+class ScorerHost(Protocol):
+    """What a scorer uses of the pruning modifier that owns it (``PruningModifierBase``)."""
+
+    method: str
+
+    def final_density(self) -> float | None: ...
+
+    def select(self, coupling: Coupling, scores: torch.Tensor, density: float) -> torch.Tensor: ...
+
+    def score_mask_for(
+        self, coupling: Coupling, scores: torch.nn.Parameter, dim: int | None
+    ) -> Any: ...
+
+    def hold_mask(self, index: int, mask: torch.Tensor) -> None: ...
+
+    def register_hook(
+        self, target: torch.nn.Module | torch.Tensor, hook: Callable[..., Any], kind: Any
+    ) -> RemovableHandle: ...
+
+    def track_handle(self, handle: RemovableHandle) -> RemovableHandle: ...
 
 
 class Scorer:
@@ -50,7 +71,7 @@ class Scorer:
     #: the scores come from calibration data, in one shot: no training schedule
     calibrated: ClassVar[bool] = False
 
-    def __init__(self, modifier: PruningModifierBase, couplings: list[Coupling]) -> None:
+    def __init__(self, modifier: ScorerHost, couplings: list[Coupling]) -> None:
         self.modifier = modifier
         self.couplings = couplings
         #: the density the masks follow (None before the first masks, and when calibrated)
@@ -168,7 +189,7 @@ class ActivationScorer(Scorer):
 
     calibrated = True
 
-    def __init__(self, modifier: PruningModifierBase, couplings: list[Coupling]) -> None:
+    def __init__(self, modifier: ScorerHost, couplings: list[Coupling]) -> None:
         super().__init__(modifier, couplings)
         self._square_sums: dict[str, torch.Tensor] = {}  # by module: per input feature
         self._rows: dict[str, int] = {}  # by module: how many input rows the sums cover

@@ -3,7 +3,7 @@ Pruning", 2020, arXiv:2005.07683)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from loguru import logger
@@ -11,11 +11,8 @@ from loguru import logger
 from compressor.modifiers.pruning.coupling import Coupling, Member, member_tensors
 from compressor.modifiers.pruning.masks import ScoreMask, add_score_mask
 from compressor.modifiers.pruning.schedule import kept_count
-from compressor.modifiers.pruning.scorers import Scorer
+from compressor.modifiers.pruning.scorers import Scorer, ScorerHost
 from compressor.modifiers.pruning.scores import magnitude_scores
-
-if TYPE_CHECKING:
-    from compressor.modifiers.pruning.base import PruningModifierBase
 
 __all__ = ["TopKScorer"]
 
@@ -34,7 +31,7 @@ class TopKScorer(Scorer):
       and scores are released
     """
 
-    def __init__(self, modifier: PruningModifierBase, couplings: list[Coupling]) -> None:
+    def __init__(self, modifier: ScorerHost, couplings: list[Coupling]) -> None:
         super().__init__(modifier, couplings)
         #: by coupling index, the parametrizations sharing its scores (one per masked tensor)
         self.score_masks: dict[int, list[ScoreMask]] = {}

@@ -8,6 +8,7 @@ from compressor.modifiers.quantization.scheme import (
     apply_quantization,
     match_quantizable_modules,
     resolve_quantization_config,
+    scheme_for_module,
 )
 
 __all__ = [
@@ -18,4 +19,5 @@ __all__ = [
     "apply_quantization",
     "match_quantizable_modules",
     "resolve_quantization_config",
+    "scheme_for_module",
 ]

@@ -1,16 +1,36 @@
-"""Setting the scales of a compressed-tensors quantized module from observed ranges."""
+"""Post-training calibration: the scales of compressed-tensors quantized modules set from
+observed ranges, and ``PostTrainingPathway``, which observes them over calibration batches."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from compressed_tensors.offload import update_offload_parameter
-from compressed_tensors.quantization import QuantizationArgs, QuantizationStatus
+from compressed_tensors.quantization import (
+    QuantizationArgs,
+    QuantizationConfig,
+    QuantizationScheme,
+    QuantizationStatus,
+)
+from loguru import logger
 
-from compressor.modifiers.quantization.observers import qparams_from_range, weight_range
+from compressor.core.events import Event
+from compressor.modifiers.hooks import HooksMixin
+from compressor.modifiers.quantization.observers import (
+    ActivationObservers,
+    activation_range,
+    qparams_from_range,
+    weight_range,
+)
+from compressor.modifiers.quantization.scheme import apply_quantization
 
 __all__ = [
+    "PostTrainingPathway",
+    "bake_convolutions",
     "bake_quantized_weight",
     "freeze_quantization",
+    "held_by_compressed_tensors",
     "set_qparams",
     "static_activation_roles",
     "update_weight_qparams",
@@ -94,3 +114,134 @@ def bake_quantized_weight(
     else:
         values = fake_quantize_weight(module.weight, args, where=name)
     update_offload_parameter(module, "weight", values.to(module.weight.dtype))
+
+
+def held_by_compressed_tensors(modules: dict[str, torch.nn.Module]) -> dict[str, torch.nn.Module]:
+    """The modules compressed-tensors holds quantized: all but convolutions."""
+    return {n: m for n, m in modules.items() if not isinstance(m, torch.nn.Conv2d)}
+
+
+def bake_convolutions(
+    modules: dict[str, torch.nn.Module],
+    schemes: dict[str, QuantizationScheme],
+    levels: str | None = None,
+) -> None:
+    """``bake_quantized_weight`` for every convolution among ``modules``.
+
+    :param schemes: each module's scheme, by name
+    :param levels: ``ternary`` or ``binary`` instead of the schemes' integer grids
+    """
+    for name, module in modules.items():
+        if isinstance(module, torch.nn.Conv2d):
+            args = schemes[name].weights
+            assert args is not None
+            bake_quantized_weight(module, args, name, levels)
+
+
+class PostTrainingPathway:
+    """QuantizationModifier after training: compressed-tensors quantization attached with
+    scales from the weights, static activation ranges observed over the calibration batches,
+    and everything frozen at the end, ready to save.
+
+    :param model: the model
+    :param config: what to quantize
+    :param modules: the modules to quantize, by name (convolutions included)
+    :param schemes: each module's scheme (``schemes_by_module``)
+    :param observers: where the static activation ranges accumulate
+    :param hooks: registers the observing hooks (the modifier, which removes them at the end)
+    :param owner: the modifier's name, for messages
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        config: QuantizationConfig,
+        modules: dict[str, torch.nn.Module],
+        schemes: dict[str, QuantizationScheme],
+        observers: ActivationObservers,
+        hooks: HooksMixin,
+        owner: str,
+    ) -> None:
+        self.model, self.config, self.modules, self.schemes = model, config, modules, schemes
+        self.observers, self.hooks, self.owner = observers, hooks, owner
+        self._handles: list[Any] = []
+        # modules whose quantized forward waits for their output range (its first batch)
+        self._waiting_for_output: list[torch.nn.Module] = []
+
+    def start(self, event: Event) -> None:
+        """Attach quantization, set the weight scales, hook the static activations."""
+        apply_quantization(self.model, self.config, self.modules)
+        for name, module in held_by_compressed_tensors(self.modules).items():
+            update_weight_qparams(module, name)
+            roles = static_activation_roles(module)
+            if "output" in roles:  # its scale is unknown until the first output is seen
+                module.quantization_enabled = False
+                self._waiting_for_output.append(module)
+            for role, args in roles.items():
+                self._observe(name, module, role, args)
+
+    def _observe(
+        self, name: str, module: torch.nn.Module, role: str, args: QuantizationArgs
+    ) -> None:
+        observer = self.observers.add(name, role, args)
+
+        def update(value: torch.Tensor) -> None:
+            lo, hi = activation_range(value, args)
+            if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
+                qparams_from_range(lo, hi, args, f"{name} ({role} activations)")  # raises
+            observer.update(lo, hi)
+            set_qparams(module, role, *observer.range, args, name)
+
+        if role == "input":
+
+            def observe_input(_module: torch.nn.Module, inputs: tuple) -> None:
+                update(inputs[0])
+
+            self._handles.append(self.hooks.register_hook(module, observe_input, "forward_pre"))
+        else:
+
+            def observe_output(_module: torch.nn.Module, _inputs: tuple, output: Any) -> None:
+                update(output)
+
+            self._handles.append(self.hooks.register_hook(module, observe_output, "forward"))
+
+    def update(self, event: Event) -> None:
+        """Nothing: the hooks observe each calibration batch."""
+
+    def end(self, event: Event) -> None:
+        """Set the scales from the ranges (reduced over DDP ranks) and freeze every module."""
+        while self._handles:
+            self._handles.pop().remove()
+        self.observers.reduce_across_ranks(self.modules)
+        unseen = self.observers.unseen()
+        if unseen:
+            raise RuntimeError(
+                "calibration ended but no batch reached these modules, so their static "
+                f"activation ranges are unknown: {', '.join(unseen)}"
+            )
+        for (name, role), observer in self.observers.items():  # the reduced ranges
+            module = self.modules[name]
+            args = static_activation_roles(module)[role]
+            set_qparams(module, role, *observer.range, args, name)
+        for module in self._waiting_for_output:
+            module.quantization_enabled = True
+        self._waiting_for_output.clear()
+        bake_convolutions(self.modules, self.schemes)
+        for module in held_by_compressed_tensors(self.modules).values():
+            freeze_quantization(module)
+        logger.info(
+            "{}: {} module(s) quantized and frozen ({} activation range(s) observed)",
+            self.owner,
+            len(self.modules),
+            len(self.observers),
+        )
+
+    def finalize(self) -> None:
+        """Nothing: the modules were frozen at the end of calibration."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """The observed ranges, in the modifier's checkpoint format (no bit schedule here)."""
+        return {"start_step": 0, "ranges_frozen": False, "observers": self.observers.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.observers.load_state_dict(state_dict.get("observers", {}))

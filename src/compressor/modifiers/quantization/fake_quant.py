@@ -19,9 +19,15 @@ from compressed_tensors.quantization import (
 )
 from compressed_tensors.quantization.utils import compute_dynamic_scales_and_zp
 
-from compressor.modifiers.quantization.observers import qparams_from_range, weight_range
+from compressor.modifiers.quantization.observers import (
+    RangeObserver,
+    activation_range,
+    qparams_from_range,
+    weight_range,
+)
 
 __all__ = [
+    "ActivationFakeQuantizer",
     "LowBitWeights",
     "WeightFakeQuantizer",
     "binarize",
@@ -249,3 +255,39 @@ class WeightFakeQuantizer(torch.nn.Module):
         if share > 0.0:
             quantized = share * weight.detach() + (1.0 - share) * quantized
         return straight_through(weight, quantized)
+
+
+class ActivationFakeQuantizer:
+    """Fake-quantizes activations with a straight-through gradient.
+
+    Dynamic args compute their scales from each batch; static ones from ``observer``'s
+    range, which each batch updates until ``frozen`` is set. While ``active`` is False the
+    activations pass through untouched and nothing is observed.
+
+    :param args: the activation's quantization args
+    :param observer: the range observer (None for dynamic args)
+    :param where: the module and role, for errors about NaN or inf
+    """
+
+    def __init__(self, args: QuantizationArgs, observer: RangeObserver | None, where: str) -> None:
+        self.args = args
+        self.observer = observer
+        self.where = where
+        self.frozen = False
+        self.active = True
+
+    def __call__(self, value: torch.Tensor) -> torch.Tensor:
+        if not self.active:
+            return value
+        if self.observer is None:
+            fused = fused_fake_quantize(value, self.args, "activation", self.where)
+            if fused is not None:
+                return fused
+            return straight_through(value, fake_quantize_activation(value, self.args))
+        if not self.frozen or self.observer.batches == 0:
+            lo, hi = activation_range(value, self.args)
+            qparams_from_range(lo, hi, self.args, self.where)  # raises on NaN / inf
+            self.observer.update(lo, hi)
+        scale, zero_point = qparams_from_range(*self.observer.range, self.args, self.where)
+        quantized = fake_quantize_activation(value, self.args, scale, zero_point)
+        return straight_through(value, quantized)

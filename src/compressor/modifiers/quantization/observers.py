@@ -1,6 +1,7 @@
 """Ranges of weights and activations, reduced to the shape of their quantization scales.
 
-Pure functions and two small stateful observers; compressed-tensors turns ranges into scales
+Pure functions, a stateful observer per range and ``ActivationObservers``, the ranges a
+quantizing pathway observes by module; compressed-tensors turns ranges into scales
 and zero points (``calculate_qparams``), which also keeps an all-zero group's scale away
 from zero (it becomes the dtype's epsilon, so nothing divides by zero).
 """
@@ -8,7 +9,7 @@ from zero (it becomes the dtype's epsilon, so nothing divides by zero).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from compressed_tensors.quantization import QuantizationArgs, QuantizationStrategy
@@ -17,6 +18,7 @@ from compressed_tensors.quantization.utils import calculate_qparams
 from compressor.utils import distributed
 
 __all__ = [
+    "ActivationObservers",
     "ObserverKind",
     "RangeObserver",
     "activation_range",
@@ -193,3 +195,70 @@ def make_observer(
         kind=chosen,  # type: ignore[arg-type]
         momentum=float(args.observer_kwargs.get("momentum", momentum) if prefer_args else momentum),
     )
+
+
+class ActivationObservers:
+    """The static activation ranges observed for a model's modules, one ``RangeObserver`` per
+    module name and role (``input`` or ``output``).
+
+    :param kind: the observer for args that name none (and for presets' args)
+    :param momentum: the moving average's momentum for those args
+    :param prefer_args: whether an args' own ``observer`` / ``observer_kwargs`` win over
+        ``kind`` and ``momentum`` (explicit config groups: yes; a preset's defaults: no)
+    """
+
+    def __init__(self, kind: ObserverKind, momentum: float, prefer_args: bool) -> None:
+        self.kind, self.momentum, self.prefer_args = kind, momentum, prefer_args
+        self._by_role: dict[tuple[str, str], RangeObserver] = {}
+
+    def add(self, name: str, role: str, args: QuantizationArgs) -> RangeObserver:
+        """A new observer for module ``name``'s ``role`` activations."""
+        observer = make_observer(args, self.kind, self.momentum, prefer_args=self.prefer_args)
+        self._by_role[(name, role)] = observer
+        return observer
+
+    def get(self, name: str, role: str) -> RangeObserver | None:
+        return self._by_role.get((name, role))
+
+    def items(self) -> list[tuple[tuple[str, str], RangeObserver]]:
+        """``((module name, role), observer)`` pairs, in the order they were added."""
+        return list(self._by_role.items())
+
+    def __len__(self) -> int:
+        return len(self._by_role)
+
+    def unseen(self) -> list[str]:
+        """``"name (role)"`` of every observer that no batch reached."""
+        return [f"{name} ({role})" for (name, role), obs in self.items() if obs.batches == 0]
+
+    def reduce_across_ranks(self, modules: dict[str, torch.nn.Module]) -> None:
+        """Under DDP, every range becomes the range over all ranks' data, the same on every
+        rank (a no-op in one process). Call it once, when the ranges are final.
+
+        :param modules: the observed modules by name (a reduction runs on its weight's device)
+        """
+        for (name, _role), observer in self._by_role.items():
+            weight = modules[name].weight
+            assert isinstance(weight, torch.Tensor)
+            observer.reduce_across_ranks(device=weight.device)
+
+    def state_dict(self) -> dict[str, dict[str, Any]]:
+        """Every range by ``"name|role"``: ``{"lo", "hi", "batches"}``."""
+        return {
+            f"{name}|{role}": {"lo": obs.lo, "hi": obs.hi, "batches": obs.batches}
+            for (name, role), obs in self._by_role.items()
+        }
+
+    def load_state_dict(self, saved: dict[str, dict[str, Any]]) -> None:
+        """Restore ``state_dict()``; ValueError when it holds a range this run does not observe."""
+        observers = {f"{name}|{role}": obs for (name, role), obs in self._by_role.items()}
+        unknown = sorted(set(saved) - set(observers))
+        if unknown:
+            raise ValueError(
+                f"the checkpoint has observers {unknown} that this run does not have (was it "
+                "saved with another scheme or targets?)"
+            )
+        for key, saved_range in saved.items():
+            observer = observers[key]
+            observer.lo, observer.hi = saved_range["lo"], saved_range["hi"]
+            observer.batches = saved_range["batches"]

@@ -1,153 +1,288 @@
-"""Quantization-aware training: option checks and the activation fake quantizer."""
+"""Quantization-aware training: ``TrainingPathway``, QuantizationModifier's runtime while it
+fake-quantizes a model in training, and its conversion to compressed-tensors at finalize."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from compressed_tensors.quantization import (
     QuantizationArgs,
     QuantizationConfig,
-    QuantizationStrategy,
+    QuantizationScheme,
 )
+from loguru import logger
+from torch.nn.utils import parametrize
 
+from compressor.core.events import Event, EventType
+from compressor.modifiers.hooks import HooksMixin
+from compressor.modifiers.quantization.calibration import (
+    bake_convolutions,
+    freeze_quantization,
+    held_by_compressed_tensors,
+    set_qparams,
+    static_activation_roles,
+    update_weight_qparams,
+)
 from compressor.modifiers.quantization.fake_quant import (
-    fake_quantize_activation,
-    fused_fake_quantize,
-    straight_through,
+    ActivationFakeQuantizer,
+    LowBitWeights,
+    WeightFakeQuantizer,
+    low_bit_weight,
 )
-from compressor.modifiers.quantization.observers import (
-    RangeObserver,
-    activation_range,
-    qparams_from_range,
+from compressor.modifiers.quantization.observers import ActivationObservers
+from compressor.modifiers.quantization.progressive import (
+    bit_drop_steps,
+    full_precision_share,
+    progressive_bits,
 )
+from compressor.modifiers.quantization.scheme import apply_quantization
+from compressor.utils.parametrize import register_parametrization, remove_parametrizations
 
-__all__ = ["ActivationFakeQuantizer", "check_training_options"]
+__all__ = ["TrainingPathway"]
+
+_ROLES = {"input": "input_activations", "output": "output_activations"}
 
 
-class ActivationFakeQuantizer:
-    """Fake-quantizes activations with a straight-through gradient.
+class _ParametrizationHandle:
+    """Removes a weight parametrization, putting the original Parameter object back."""
 
-    Dynamic args compute their scales from each batch; static ones from ``observer``'s
-    range, which each batch updates until ``frozen`` is set. While ``active`` is False the
-    activations pass through untouched and nothing is observed.
+    def __init__(self, module: torch.nn.Module, name: str) -> None:
+        self.module, self.name = module, name
 
-    :param args: the activation's quantization args
-    :param observer: the range observer (None for dynamic args)
-    :param where: the module and role, for errors about NaN or inf
+    def remove(self) -> None:
+        if parametrize.is_parametrized(self.module, self.name):
+            remove_parametrizations(self.module, self.name, leave_parametrized=False)
+
+
+class TrainingPathway:
+    """QuantizationModifier during training: weights fake-quantized through a
+    parametrization and activations through hooks, both with straight-through gradients;
+    at finalize, compressed-tensors quantization with scales from the final weights and the
+    observed ranges, frozen.
+
+    :param model: the model
+    :param config: what to quantize
+    :param modules: the modules to quantize, by name (convolutions included)
+    :param schemes: each module's scheme (``schemes_by_module``)
+    :param observers: where the static activation ranges accumulate
+    :param hooks: registers the hooks and parametrizations (the modifier, which removes
+        them all at finalize)
+    :param owner: the modifier's name, for messages
+    :param rounding: ``nearest`` or ``stochastic`` rounding of the weights
+    :param low_bit_weights: ``ternary`` or ``binary`` weights instead of the schemes' grids
+    :param start_bits: progressive bit reduction: the weight bits at the start (with
+        ``target_bits`` and ``quantization_period``; see ``progressive_bits``)
+    :param target_bits: progressive bit reduction: the final weight bits
+    :param quantization_period: progressive bit reduction: steps before the first drop
+    :param weight_blend_rate: how fast the full-precision share of the weights falls
+        (``full_precision_share``); None: no blend
+    :param activation_start: the step (or epoch) from which activations are fake-quantized;
+        None: from the start
     """
 
-    def __init__(self, args: QuantizationArgs, observer: RangeObserver | None, where: str) -> None:
-        self.args = args
-        self.observer = observer
-        self.where = where
-        self.frozen = False
-        self.active = True
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        config: QuantizationConfig,
+        modules: dict[str, torch.nn.Module],
+        schemes: dict[str, QuantizationScheme],
+        observers: ActivationObservers,
+        hooks: HooksMixin,
+        owner: str,
+        *,
+        rounding: str = "nearest",
+        low_bit_weights: LowBitWeights | None = None,
+        start_bits: int | None = None,
+        target_bits: int | None = None,
+        quantization_period: int | None = None,
+        weight_blend_rate: float | None = None,
+        activation_start: float | None = None,
+    ) -> None:
+        self.model, self.config, self.modules, self.schemes = model, config, modules, schemes
+        self.observers, self.hooks, self.owner = observers, hooks, owner
+        self.rounding, self.low_bit_weights = rounding, low_bit_weights
+        self.start_bits, self.target_bits = start_bits, target_bits
+        self.quantization_period = quantization_period
+        self.weight_blend_rate, self.activation_start = weight_blend_rate, activation_start
+        self.start_step = 0  # the optimizer step the schedules count from
+        self._handles: list[Any] = []
+        self._weight_quantizers: dict[str, WeightFakeQuantizer] = {}
+        self._activation_quantizers: list[ActivationFakeQuantizer] = []
+        self._blend_share = 0.0
 
-    def __call__(self, value: torch.Tensor) -> torch.Tensor:
-        if not self.active:
-            return value
-        if self.observer is None:
-            fused = fused_fake_quantize(value, self.args, "activation", self.where)
-            if fused is not None:
-                return fused
-            return straight_through(value, fake_quantize_activation(value, self.args))
-        if not self.frozen or self.observer.batches == 0:
-            lo, hi = activation_range(value, self.args)
-            qparams_from_range(lo, hi, self.args, self.where)  # raises on NaN / inf
-            self.observer.update(lo, hi)
-        scale, zero_point = qparams_from_range(*self.observer.range, self.args, self.where)
-        quantized = fake_quantize_activation(value, self.args, scale, zero_point)
-        return straight_through(value, quantized)
-
-
-def check_training_options(
-    *,
-    config: QuantizationConfig,
-    start: float | None,
-    end: float | None,
-    activation_start: float | None,
-    rounding: str,
-    start_bits: int | None,
-    target_bits: int | None,
-    quantization_period: int | None,
-    low_bit_weights: str | None,
-    weight_blend_rate: float | None,
-) -> None:
-    """Raise ValueError for training options that do not fit together or the scheme."""
-    progressive = (start_bits, target_bits, quantization_period)
-    if any(v is not None for v in progressive) and any(v is None for v in progressive):
-        raise ValueError(
-            "progressive bit reduction needs start_bits, target_bits and "
-            f"quantization_period together; got start_bits={start_bits}, "
-            f"target_bits={target_bits}, quantization_period={quantization_period}"
-        )
-    training_only = []
-    if rounding == "stochastic":
-        training_only.append("rounding='stochastic'")
-    if start_bits is not None:
-        training_only.append("progressive bit reduction")
-        assert target_bits is not None
-        if start_bits <= target_bits:
-            raise ValueError(f"start_bits={start_bits} must exceed target_bits={target_bits}")
-        for name, group in config.config_groups.items():
-            bits = group.weights.num_bits if group.weights is not None else None  # type: ignore[union-attr]
-            if bits != target_bits:
-                raise ValueError(
-                    f"target_bits={target_bits} must equal the weights' num_bits of "
-                    f"every config group; {name} has {bits}"
+    # ---------------------------------------------------------------- schedule
+    def start(self, event: Event) -> None:
+        """Fake-quantize every module's weights and activations from this step."""
+        self.start_step = event.global_step
+        for name, module in self.modules.items():
+            scheme = self.schemes[name]
+            if scheme.weights is not None:
+                quantizer = WeightFakeQuantizer(
+                    scheme.weights,
+                    stochastic=self.rounding == "stochastic",
+                    where=name,
+                    levels=self.low_bit_weights,
                 )
-    if low_bit_weights is not None:
-        training_only.append(f"low_bit_weights={low_bit_weights!r}")
-        if rounding == "stochastic" or start_bits is not None:
-            raise ValueError(
-                "low_bit_weights rounds to nearest at a fixed level set; it cannot be "
-                "combined with rounding='stochastic' or progressive bit reduction"
-            )
-        for name, group in config.config_groups.items():
-            w = group.weights  # type: ignore[union-attr]
-            fits = (
-                w is not None
-                and w.type == "int"
-                and w.num_bits == 2
-                and w.symmetric
-                and QuantizationStrategy(w.strategy) == QuantizationStrategy.CHANNEL
-            )
-            if not fits:
-                raise ValueError(
-                    f"low_bit_weights={low_bit_weights!r} needs int, num_bits 2, "
-                    f"symmetric, strategy 'channel' weights; config group {name} has {w}"
+                register_parametrization(module, "weight", quantizer, unsafe=True, where=name)
+                self._handles.append(
+                    self.hooks.track_handle(_ParametrizationHandle(module, "weight"))  # type: ignore[arg-type]
                 )
-    if weight_blend_rate is not None:
-        training_only.append(f"weight_blend_rate={weight_blend_rate}")
-        if all(g.weights is None for g in config.config_groups.values()):  # type: ignore[union-attr]
-            raise ValueError(
-                f"weight_blend_rate={weight_blend_rate}: no config group quantizes weights"
+                self._weight_quantizers[name] = quantizer
+            for role, field in _ROLES.items():
+                args = getattr(scheme, field)
+                if args is not None:
+                    self._fake_quantize_activations(name, module, role, args)
+        if self.start_bits is not None:
+            self._set_progressive_bits(0)
+        if self.weight_blend_rate is not None:
+            self._set_blend(0)
+        logger.info(
+            "{}: quantization-aware training of {} module(s)", self.owner, len(self.modules)
+        )
+        self._maybe_start_activations(event)
+
+    def update(self, event: Event) -> None:
+        """Lower the bits and the full-precision share on their schedules; switch activation
+        fake quantization on at ``activation_start``."""
+        steps_event = event.type_ in (EventType.BATCH_START, EventType.OPTIM_POST_STEP)
+        if self.start_bits is not None and steps_event:
+            self._set_progressive_bits(event.global_step - self.start_step)
+        if self.weight_blend_rate is not None and event.type_ == EventType.BATCH_START:
+            self._set_blend(event.global_step - self.start_step)
+        if event.type_ == EventType.BATCH_START:
+            self._maybe_start_activations(event)
+
+    def end(self, event: Event) -> None:
+        """Stop updating the activation ranges (reduced over DDP ranks first)."""
+        self.observers.reduce_across_ranks(self.modules)
+        self.freeze_ranges()
+        logger.info("{}: activation ranges frozen at step {}", self.owner, event.global_step)
+
+    def freeze_ranges(self) -> None:
+        for quantizer in self._activation_quantizers:
+            quantizer.frozen = True
+
+    @property
+    def ranges_frozen(self) -> bool:
+        return any(q.frozen for q in self._activation_quantizers)
+
+    def _fake_quantize_activations(
+        self, name: str, module: torch.nn.Module, role: str, args: QuantizationArgs
+    ) -> None:
+        observer = None if args.dynamic else self.observers.add(name, role, args)
+        quantize = ActivationFakeQuantizer(args, observer, f"{name} ({role} activations)")
+        quantize.active = self.activation_start is None  # else from activation_start on
+        self._activation_quantizers.append(quantize)
+
+        if role == "input":
+
+            def quantize_input(_module: torch.nn.Module, inputs: tuple) -> tuple:
+                return (quantize(inputs[0]), *inputs[1:])
+
+            self._handles.append(self.hooks.register_hook(module, quantize_input, "forward_pre"))
+        else:
+
+            def quantize_output(_module: torch.nn.Module, _inputs: tuple, output: Any) -> Any:
+                return quantize(output)
+
+            self._handles.append(self.hooks.register_hook(module, quantize_output, "forward"))
+
+    def _maybe_start_activations(self, event: Event) -> None:
+        """Switch activation fake quantization on once ``activation_start`` is reached."""
+        waiting = [q for q in self._activation_quantizers if not q.active]
+        if not waiting or event.current_index < self.activation_start:  # type: ignore[operator]
+            return
+        for quantizer in waiting:
+            quantizer.active = True
+        logger.info(
+            "{}: activations fake-quantized from step {} (activation_start={})",
+            self.owner,
+            event.global_step,
+            self.activation_start,
+        )
+
+    def _set_progressive_bits(self, steps: int) -> None:
+        assert self.start_bits is not None and self.target_bits is not None
+        assert self.quantization_period is not None
+        bits = progressive_bits(steps, self.start_bits, self.target_bits, self.quantization_period)
+        changed = [q for q in self._weight_quantizers.values() if q.num_bits != bits]
+        for quantizer in changed:
+            quantizer.num_bits = bits
+        if changed:
+            logger.info("{}: weights now at {} bits (step {})", self.owner, bits, steps)
+
+    def _set_blend(self, steps: int) -> None:
+        assert self.weight_blend_rate is not None
+        drops = None
+        if self.start_bits is not None:
+            assert self.target_bits is not None and self.quantization_period is not None
+            drops = bit_drop_steps(self.start_bits, self.target_bits, self.quantization_period)
+        share = full_precision_share(steps, self.weight_blend_rate, drops)
+        for quantizer in self._weight_quantizers.values():
+            quantizer.full_precision_share = share
+        self._blend_share = share
+
+    # ---------------------------------------------------------------- finalize
+    def finalize(self) -> None:
+        """Remove the fake quantization; attach compressed-tensors quantization with scales
+        from the final weights and the observed ranges, frozen."""
+        if self._blend_share > 0.0:
+            logger.warning(
+                "{}: the last forward still blended {:.3f} full-precision weight "
+                "(weight_blend_rate had not brought it to 0); the finalized model holds the "
+                "fully quantized weights",
+                self.owner,
+                self._blend_share,
             )
-    if activation_start is not None:
-        training_only.append(f"activation_start={activation_start}")
-        _check_activation_start(config, start, end, activation_start)
-    if training_only and start is None:
-        raise ValueError(
-            f"{' and '.join(training_only)} apply to training: set start (for example "
-            "start: 0); post-training calibration rounds to nearest at the target bits"
-        )
+        while self._handles:
+            self._handles.pop().remove()
+        self._weight_quantizers.clear()
+        apply_quantization(self.model, self.config, self.modules)
+        bake_convolutions(self.modules, self.schemes, self.low_bit_weights)
+        for name, module in held_by_compressed_tensors(self.modules).items():
+            self._final_weight_qparams(name, module)
+            for role, args in static_activation_roles(module).items():
+                observer = self.observers.get(name, role)
+                if observer is None or observer.batches == 0:
+                    late = (
+                        f" (activations are quantized from activation_start={self.activation_start})"
+                        if self.activation_start is not None
+                        else ""
+                    )
+                    raise RuntimeError(
+                        f"{name}: no training batch reached it to observe its {role} range{late}"
+                    )
+                set_qparams(module, role, *observer.range, args, name)
+            freeze_quantization(module)
+        logger.info("{}: {} module(s) quantized and frozen", self.owner, len(self.modules))
 
+    def _final_weight_qparams(self, name: str, module: torch.nn.Module) -> None:
+        if self.low_bit_weights is None:
+            update_weight_qparams(module, name)
+            return
+        # the weight becomes its ternary / binary values; alpha is the scale of codes in
+        # {-1, 0, 1}, which a 2-bit symmetric int grid holds exactly
+        with torch.no_grad():
+            values, alpha = low_bit_weight(module.weight, self.low_bit_weights)
+            module.weight.copy_(values)
+            module.weight_scale.copy_(alpha.clamp(min=torch.finfo(alpha.dtype).tiny))
+            zero_point = getattr(module, "weight_zero_point", None)
+            if zero_point is not None:
+                zero_point.zero_()
 
-def _check_activation_start(
-    config: QuantizationConfig, start: float | None, end: float | None, activation_start: float
-) -> None:
-    roles = ("input_activations", "output_activations")
-    if not any(getattr(g, r) is not None for g in config.config_groups.values() for r in roles):
-        raise ValueError(
-            f"activation_start={activation_start}: no config group quantizes activations "
-            "(input_activations or output_activations)"
-        )
-    if start is not None and activation_start < start:
-        raise ValueError(
-            f"activation_start={activation_start} must not come before start={start}: "
-            "activations can start later than the weights, not earlier"
-        )
-    if end is not None and activation_start >= end:
-        raise ValueError(
-            f"activation_start={activation_start} must come before end={end}, or the "
-            "activation ranges are never observed"
-        )
+    # ---------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """The step the bit schedule counts from, whether the activation ranges are frozen,
+        and every observed range."""
+        return {
+            "start_step": self.start_step,
+            "ranges_frozen": self.ranges_frozen,
+            "observers": self.observers.state_dict(),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.start_step = int(state_dict.get("start_step", self.start_step))
+        if state_dict.get("ranges_frozen", False):
+            self.freeze_ranges()
+        self.observers.load_state_dict(state_dict.get("observers", {}))

@@ -9,7 +9,6 @@ from loguru import logger
 
 from compressor.architectures import sequential_conv_mappings
 from compressor.modifiers.base import Modifier
-from compressor.architectures import sequential_conv_mappings
 from compressor.modifiers.pruning.coupling import Coupling
 from compressor.modifiers.pruning.mappings import build_couplings
 from compressor.modifiers.pruning.structured import StructuredPruningModifier

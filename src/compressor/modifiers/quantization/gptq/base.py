@@ -28,6 +28,7 @@ from compressor.modifiers.quantization.scheme import (
     QuantizationSchemeMixin,
     apply_quantization,
     match_quantizable_modules,
+    schemes_by_module,
 )
 from compressor.utils.memory import overwrite_all_
 
@@ -101,6 +102,7 @@ class GPTQModifier(QuantizationSchemeMixin, Modifier):
 
     _config: QuantizationConfig | None = PrivateAttr(default=None)
     _modules: dict[str, torch.nn.Module] = PrivateAttr(default_factory=dict)
+    _schemes: dict[str, QuantizationScheme] = PrivateAttr(default_factory=dict)
     _hessians: SharedHessians = PrivateAttr(default_factory=SharedHessians)
     _quantized: set[str] = PrivateAttr(default_factory=set)
 
@@ -165,6 +167,7 @@ class GPTQModifier(QuantizationSchemeMixin, Modifier):
             raise ValueError("GPTQModifier needs a model in the state")
         self._config = self.resolve_quantization_config()
         self._modules = match_quantizable_modules(state.model, self._config)
+        self._schemes = schemes_by_module(self._modules, self._config)
         logger.info("GPTQModifier will quantize {} module(s)", len(self._modules))
 
     def on_start(self, state: State, event: Event) -> None:
@@ -229,8 +232,8 @@ class GPTQModifier(QuantizationSchemeMixin, Modifier):
             freeze_quantization(module)
 
     # ---------------------------------------------------------------- quantization
-    def _weight_args(self, module: torch.nn.Module) -> QuantizationArgs | None:
-        return module.quantization_scheme.weights
+    def _weight_args(self, name: str) -> QuantizationArgs | None:
+        return self._schemes[name].weights
 
     def _same_problem_groups(self, pending: list[tuple[str, torch.nn.Module]]) -> list[_Group]:
         """Split ``pending`` into groups GPTQ can solve as one weight.
@@ -242,13 +245,13 @@ class GPTQModifier(QuantizationSchemeMixin, Modifier):
         """
         groups: list[_Group] = []
         for name, module in pending:
-            args = self._weight_args(module)
+            args = self._weight_args(name)
             for group in groups:
                 first_name, first = group[0]
                 if (
                     args is not None
                     and args.strategy in _ROW_WISE
-                    and args == self._weight_args(first)
+                    and args == self._weight_args(first_name)
                     and module.weight.dtype == first.weight.dtype
                     and module.weight.shape[1] == first.weight.shape[1]
                     and self._hessians.same_set(name, first_name)
@@ -275,12 +278,12 @@ class GPTQModifier(QuantizationSchemeMixin, Modifier):
         budget = 2 * max((size(g) for g in groups), default=0)
         bundles: list[list[_Group]] = []
         for group in groups:
-            args = self._weight_args(group[0][1])
+            args = self._weight_args(group[0][0])
             for bundle in bundles:
-                first = bundle[0][0][1]
+                first_name, first = bundle[0][0]
                 if (
                     args is not None
-                    and args == self._weight_args(first)
+                    and args == self._weight_args(first_name)
                     and group[0][1].weight.shape[1] == first.weight.shape[1]
                     and group[0][1].weight.device == first.weight.device
                     and sum(size(g) for g in bundle) + size(group) <= budget
@@ -294,7 +297,7 @@ class GPTQModifier(QuantizationSchemeMixin, Modifier):
     def _quantize_bundle(self, bundle: list[_Group]) -> None:
         """Solve problems in lockstep: each a single Linear, or several sharing one Hessian
         with their rows stacked (``_same_problem_groups``); then write each module's share."""
-        args = self._weight_args(bundle[0][0][1])
+        args = self._weight_args(bundle[0][0][0])
         if args is None:
             for group in bundle:
                 for name, module in group:
@@ -337,7 +340,7 @@ class GPTQModifier(QuantizationSchemeMixin, Modifier):
                 self._finish(name, module)
 
     def _round_to_nearest(self, name: str, module: torch.nn.Module) -> None:
-        args = self._weight_args(module)
+        args = self._weight_args(name)
         if args is not None:
             self._write([(module, *round_to_nearest(module.weight.data, args))])
         self._finish(name, module)
@@ -372,7 +375,7 @@ class GPTQModifier(QuantizationSchemeMixin, Modifier):
         if it also quantizes activations (dynamically): fake-quantizing a weight that is
         already quantized gives it back unchanged, so the sequential pipeline's re-run of the
         layer skips that cost; ``on_end`` switches every module on."""
-        scheme = module.quantization_scheme
+        scheme = self._schemes[name]
         module.quantization_enabled = bool(scheme.input_activations or scheme.output_activations)
         self._quantized.add(name)
 
