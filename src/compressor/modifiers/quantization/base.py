@@ -14,13 +14,13 @@ from compressor.core.state import State
 from compressor.modifiers.base import Modifier
 from compressor.modifiers.quantization.calibration import PostTrainingPathway
 from compressor.modifiers.quantization.fake_quant import LowBitWeights
-from compressor.modifiers.quantization.observers import ActivationObservers, ObserverKind
-from compressor.modifiers.quantization.scheme import (
+from compressor.modifiers.quantization.matching import (
     QUANTIZABLE_MODULE_TYPES,
-    QuantizationSchemeMixin,
     match_quantizable_modules,
     schemes_by_module,
 )
+from compressor.modifiers.quantization.observers import ActivationObservers, ObserverKind
+from compressor.modifiers.quantization.scheme import QuantizationSchemeMixin
 from compressor.modifiers.quantization.training import TrainingPathway
 from compressor.modifiers.quantization.training_options import check_training_options
 

@@ -17,13 +17,13 @@ from loguru import logger
 
 from compressor.core.events import Event
 from compressor.modifiers.hooks import HooksMixin
+from compressor.modifiers.quantization.matching import apply_quantization
 from compressor.modifiers.quantization.observers import (
     ActivationObservers,
     activation_range,
     qparams_from_range,
     weight_range,
 )
-from compressor.modifiers.quantization.scheme import apply_quantization
 
 __all__ = [
     "PostTrainingPathway",

@@ -30,13 +30,13 @@ from compressor.modifiers.quantization.fake_quant import (
     WeightFakeQuantizer,
     low_bit_weight,
 )
+from compressor.modifiers.quantization.matching import apply_quantization
 from compressor.modifiers.quantization.observers import ActivationObservers
 from compressor.modifiers.quantization.progressive import (
     bit_drop_steps,
     full_precision_share,
     progressive_bits,
 )
-from compressor.modifiers.quantization.scheme import apply_quantization
 from compressor.utils.parametrize import register_parametrization, remove_parametrizations
 
 __all__ = ["TrainingPathway"]

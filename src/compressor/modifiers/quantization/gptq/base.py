@@ -24,12 +24,12 @@ from compressor.modifiers.quantization.gptq import (
     gptq_quantize_weights,
     round_to_nearest,
 )
-from compressor.modifiers.quantization.scheme import (
-    QuantizationSchemeMixin,
+from compressor.modifiers.quantization.matching import (
     apply_quantization,
     match_quantizable_modules,
     schemes_by_module,
 )
+from compressor.modifiers.quantization.scheme import QuantizationSchemeMixin
 from compressor.utils.memory import overwrite_all_
 
 __all__ = ["GPTQModifier"]

@@ -9,11 +9,8 @@ import torch
 from compressed_tensors.quantization import QuantizationConfig, apply_quantization_config
 from loguru import logger
 
-from compressor.modifiers.quantization.scheme import (
-    match_quantizable_modules,
-    resolve_quantization_config,
-    scheme_for_module,
-)
+from compressor.modifiers.quantization.matching import match_quantizable_modules, scheme_for_module
+from compressor.modifiers.quantization.scheme import resolve_quantization_config
 
 
 def _config(groups: dict, ignore=("lm_head",)) -> QuantizationConfig:
