@@ -192,6 +192,21 @@ def test_a_failing_initialize_finalizes_the_modifiers_already_initialized():
     assert not session.initialized
 
 
+def test_a_failing_initialize_stops_watching_the_optimizer_and_can_be_retried():
+    class Failing(RecordingModifier):
+        def on_initialize(self, state):
+            raise ValueError("does not fit")
+
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    session = CompressionSession()
+    with pytest.raises(ValueError, match="does not fit"):
+        session.initialize(model=model, recipe=[Failing()], optimizer=optimizer)
+    optimizer.step()  # a hook left behind would dispatch into the uninitialized session
+    session.initialize(model=model, recipe=[RecordingModifier()], optimizer=optimizer)
+    assert session.initialized
+
+
 def test_finalize_finalizes_every_modifier_even_when_one_fails():
     class Failing(RecordingModifier):
         def on_finalize(self, state):

@@ -65,6 +65,22 @@ def test_a_modifier_that_needs_data_fails_early_without_it(tmp_path):
         oneshot(torch.nn.Linear(2, 2), [], pipeline="basic")
 
 
+def test_checks_run_in_order_and_before_the_model_is_loaded(tmp_path):
+    # each call fixes the problem the one before it reported; the model never exists
+    missing, existing = tmp_path / "no-model", tmp_path / "ckpt"
+    existing.mkdir()
+    with pytest.raises(ValueError, match="num_calibration_samples"):
+        oneshot(missing, "no recipe", output_dir=existing, num_calibration_samples=0)
+    with pytest.raises(FileExistsError, match="already exists"):
+        oneshot(missing, "no recipe", output_dir=existing)
+    with pytest.raises(TypeError, match="recipe is a str"):
+        oneshot(missing, "no recipe")
+    with pytest.raises(ValueError, match="LayerShrinker need.*calibration data"):
+        oneshot(missing, [LayerShrinker()])
+    with pytest.raises(FileNotFoundError, match="neither a checkpoint directory"):  # only now
+        oneshot(missing, [LayerShrinker()], "self")
+
+
 def test_an_existing_output_dir_is_refused_before_any_work(tiny_llama, tmp_path):
     out = tmp_path / "ckpt"
     out.mkdir()

@@ -80,7 +80,7 @@ def _schemes(model: torch.nn.Module) -> dict[str, list[str]]:
 
 
 def _modifier_line(modifier: Any) -> str:
-    args = modifier.model_dump(mode="json", exclude_defaults=True)
+    args = modifier.recipe_args()  # as recipe.yaml has it (e.g. the layers an angular run chose)
     return f"- `{type(modifier).__name__}`: `{json.dumps(args, sort_keys=True)}`"
 
 

@@ -107,6 +107,36 @@ class CompressionSession:
         if model is None:
             raise ValueError("model is required")
         self.recipe = self._resolve_recipe(recipe)
+        state = self._create_state_and_lifecycle(
+            model,
+            optimizer=optimizer,
+            watch_optimizer=watch_optimizer,
+            teacher_model=teacher_model,
+            steps_per_epoch=steps_per_epoch,
+            batches_per_step=batches_per_step,
+            start=start,
+        )
+        initialized = self._initialize_modifiers()
+        logger.info(
+            "session initialized with {} modifier(s): {}",
+            len(initialized),
+            ", ".join(type(m).__name__ for m in initialized) or "none",
+        )
+        return state
+
+    def _create_state_and_lifecycle(
+        self,
+        model: torch.nn.Module,
+        *,
+        optimizer: torch.optim.Optimizer | None,
+        watch_optimizer: bool,
+        teacher_model: torch.nn.Module | None,
+        steps_per_epoch: int | None,
+        batches_per_step: int | None,
+        start: float | None,
+    ) -> State:
+        """The state the modifiers share and the counters of the run (see ``initialize``
+        for the parameters); the optimizer's steps are watched from here on."""
         self.state = State().update(model=model, teacher_model=teacher_model, optimizer=optimizer)
         self._lifecycle = Lifecycle(
             steps_per_epoch=steps_per_epoch,
@@ -116,25 +146,34 @@ class CompressionSession:
         )
         if optimizer is not None and watch_optimizer:
             self._watch_optimizer(optimizer)
+        return self.state
+
+    def _initialize_modifiers(self) -> list[Any]:
+        """Initialize the recipe's modifiers in order, at the INITIALIZE event.
+
+        When one fails, the ones already initialized are finalized, the optimizer is no
+        longer watched and the session is left uninitialized, then the error propagates.
+
+        :return: the modifiers initialized (all of them)
+        """
+        assert self.state is not None and self._lifecycle is not None
         event = self._lifecycle.event.new_instance(type_=EventType.INITIALIZE)
-        done: list[Any] = []
+        initialized: list[Any] = []
         try:
             for modifier in self.recipe.modifiers:
                 modifier.initialize(self.state, event)
-                done.append(modifier)
+                initialized.append(modifier)
         except BaseException:
-            for modifier in done:
-                with contextlib.suppress(Exception):
-                    modifier.finalize(self.state)
-            self._unwatch_optimizer()
-            self._lifecycle = None
+            self._roll_back_initialize(initialized)
             raise
-        logger.info(
-            "session initialized with {} modifier(s): {}",
-            len(done),
-            ", ".join(type(m).__name__ for m in done) or "none",
-        )
-        return self.state
+        return initialized
+
+    def _roll_back_initialize(self, initialized: list[Any]) -> None:
+        for modifier in initialized:
+            with contextlib.suppress(Exception):  # the initialize error is the one to raise
+                modifier.finalize(self.state)
+        self._unwatch_optimizer()
+        self._lifecycle = None
 
     @classmethod
     def _resolve_recipe(cls, recipe: Any) -> Any:

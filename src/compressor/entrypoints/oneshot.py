@@ -10,12 +10,12 @@ import torch
 from loguru import logger
 
 from compressor.calibration.arguments import CalibrationArguments, PipelineName
-from compressor.calibration.data import build_calibration_batches
+from compressor.calibration.data import Batch, build_calibration_batches
 from compressor.calibration.pipelines import PIPELINES, resolve_pipeline
 from compressor.checkpoint.directory import OutputArguments, check_output_dir, save_checkpoint
 from compressor.core.session import create_session
 from compressor.entrypoints.loading import load_model, load_tokenizer
-from compressor.recipe import resolve_recipe
+from compressor.recipe import Recipe, resolve_recipe
 from compressor.utils.offload import (
     check_device_unset,
     check_offload_support,
@@ -67,6 +67,37 @@ def oneshot(
         offloaded to disk in this folder (for a model larger than memory)
     :return: the compressed model
     """
+    calibration, output = _check_arguments(
+        num_calibration_samples=num_calibration_samples,
+        max_seq_length=max_seq_length,
+        batch_size=batch_size,
+        pipeline=pipeline,
+        device=device,
+        output_dir=output_dir,
+        save_compressed=save_compressed,
+        overwrite=overwrite,
+    )
+    parsed = _parse_recipe(recipe, dataset)
+    loaded, tokenizer = _load(model, tokenizer, parsed, device, offload_folder)
+    pipeline_name = resolve_pipeline(calibration.pipeline, parsed.modifiers, loaded)
+    batches = _calibration_batches(pipeline_name, dataset, calibration, loaded, tokenizer)
+    _compress(loaded, parsed, pipeline_name, batches, device)
+    _save(loaded, output, parsed, tokenizer)
+    return loaded
+
+
+def _check_arguments(
+    *,
+    num_calibration_samples: int,
+    max_seq_length: int,
+    batch_size: int,
+    pipeline: PipelineName,
+    device: str | None,
+    output_dir: str | Path | None,
+    save_compressed: bool,
+    overwrite: bool,
+) -> tuple[CalibrationArguments, OutputArguments]:
+    """Validate every option and check the output directory, before anything is loaded."""
     calibration = CalibrationArguments(
         num_calibration_samples=num_calibration_samples,
         max_seq_length=max_seq_length,
@@ -79,6 +110,11 @@ def oneshot(
     )
     if output.output_dir is not None:
         check_output_dir(output.output_dir, output.overwrite)
+    return calibration, output
+
+
+def _parse_recipe(recipe: Any, dataset: Any) -> Recipe:
+    """The recipe as a ``Recipe``; an error when a modifier needs data and none is given."""
     parsed = resolve_recipe(recipe)
     needs_data = [type(m).__name__ for m in parsed.modifiers if m.requires_calibration_data()]
     if needs_data and dataset is None:
@@ -87,51 +123,84 @@ def oneshot(
             "dataset (a datasets.Dataset, a list of str, a pathlib.Path to a text file, a "
             "DataLoader) or dataset='self' to calibrate on text sampled from the model"
         )
+    return parsed
 
+
+def _load(
+    model: torch.nn.Module | str | Path,
+    tokenizer: Any,
+    recipe: Recipe,
+    device: str | None,
+    offload_folder: str | Path | None,
+) -> tuple[torch.nn.Module, Any]:
+    """The model and tokenizer, loaded; an offloaded model prepared for one layer at a time
+    (when the recipe's modifiers support it)."""
     tokenizer = load_tokenizer(model, tokenizer)
     loaded = load_model(model, offload_folder)
     if prepare_offloaded_model(loaded):
-        check_offload_support(parsed.modifiers)
+        check_offload_support(recipe.modifiers)
     check_device_unset(loaded, device)
-    name = resolve_pipeline(calibration.pipeline, parsed.modifiers, loaded)
-    if name == "datafree":
+    return loaded, tokenizer
+
+
+def _calibration_batches(
+    pipeline: str,
+    dataset: Any,
+    calibration: CalibrationArguments,
+    model: torch.nn.Module,
+    tokenizer: Any,
+) -> list[Batch]:
+    """The batches ``pipeline`` runs through the model (none for the datafree one)."""
+    if pipeline == "datafree":
         if dataset is not None:
             logger.warning("the datafree pipeline runs no data; dataset is not used")
-        batches = []
-    else:
-        if dataset is None:
-            raise ValueError(
-                f"pipeline={name!r} runs calibration data through the model but dataset is None"
-            )
-        batches = build_calibration_batches(dataset, calibration, model=loaded, tokenizer=tokenizer)
+        return []
+    if dataset is None:
+        raise ValueError(
+            f"pipeline={pipeline!r} runs calibration data through the model but dataset is None"
+        )
+    return build_calibration_batches(dataset, calibration, model=model, tokenizer=tokenizer)
+
+
+def _compress(
+    model: torch.nn.Module,
+    recipe: Recipe,
+    pipeline: str,
+    batches: list[Batch],
+    device: str | None,
+) -> None:
+    """Run the recipe's session with ``pipeline`` over ``batches``; on an error every
+    modifier's hooks are removed before it propagates."""
     logger.info(
         "oneshot: {} pipeline, {} calibration batch(es), modifiers: {}",
-        name,
+        pipeline,
         len(batches),
-        ", ".join(type(m).__name__ for m in parsed.modifiers),
+        ", ".join(type(m).__name__ for m in recipe.modifiers),
     )
-
     began = time.perf_counter()
     with create_session() as session:
-        session.initialize(model=loaded, recipe=parsed)
+        session.initialize(model=model, recipe=recipe)
         try:
             # nothing reads the last layer's outputs: the sequential pipeline may skip them
-            extra = {"keep_outputs": False} if name == "sequential" else {}
-            PIPELINES[name](loaded, batches, session, device=device, **extra)
+            extra = {"keep_outputs": False} if pipeline == "sequential" else {}
+            PIPELINES[pipeline](model, batches, session, device=device, **extra)
         except BaseException:
-            for modifier in parsed.modifiers:
+            for modifier in recipe.modifiers:
                 modifier.remove_hooks()
             raise
         session.finalize()
     logger.info("oneshot: compressed in {:.1f} s", time.perf_counter() - began)
 
-    if output.output_dir is not None:
-        save_checkpoint(
-            loaded,
-            output.output_dir,
-            parsed,
-            tokenizer,
-            save_compressed=output.save_compressed,
-            overwrite=output.overwrite,
-        )
-    return loaded
+
+def _save(model: torch.nn.Module, output: OutputArguments, recipe: Recipe, tokenizer: Any) -> None:
+    """Save model, tokenizer and recipe to ``output.output_dir`` when one is given."""
+    if output.output_dir is None:
+        return
+    save_checkpoint(
+        model,
+        output.output_dir,
+        recipe,
+        tokenizer,
+        save_compressed=output.save_compressed,
+        overwrite=output.overwrite,
+    )

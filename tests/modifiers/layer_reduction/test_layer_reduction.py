@@ -81,15 +81,20 @@ def test_gpt2_drop_layers():
     assert model.generate(_ids(length=4) % 64, max_new_tokens=3, do_sample=False).shape == (1, 7)
 
 
+def _redundant_middle(model):
+    with torch.no_grad():  # layers 1 and 2 add nothing to the residual stream
+        for layer in model.model.layers[1:3]:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+    return model
+
+
 @pytest.mark.parametrize(
     "size, pipeline",
     [("num_layers_to_drop: 2", "basic"), ("keep_number_layer: 2", "sequential")],
 )
 def test_angular_strategy_drops_the_redundant_block_and_writes_it_back(llama4, size, pipeline):
-    with torch.no_grad():  # layers 1 and 2 add nothing to the residual stream
-        for layer in llama4.model.layers[1:3]:
-            layer.self_attn.o_proj.weight.zero_()
-            layer.mlp.down_proj.weight.zero_()
+    _redundant_middle(llama4)
     recipe = Recipe.from_yaml(
         "prune_stage:\n  depth_modifiers:\n    LayerReductionModifier: {strategy: angular, "
         + size
@@ -102,13 +107,37 @@ def test_angular_strategy_drops_the_redundant_block_and_writes_it_back(llama4, s
 
     model = oneshot(llama4, recipe, Dataset.from_dict({"input_ids": ids}), pipeline=pipeline)
     assert len(model.model.layers) == 2
+    assert modifier.dropped_layers == [1, 2]
+    assert modifier.strategy == "angular"  # the fields stay the recipe as given
+    again = Recipe.from_yaml(recipe.to_yaml()).modifiers[0]
+    assert (again.strategy, again.drop_layers, again.num_layers_to_drop) == ("index", [1, 2], None)
+    assert not again.requires_calibration_data()
+
+
+def test_saved_recipe_after_an_angular_run_names_the_dropped_layers(llama4, tmp_path):
+    from datasets import Dataset
+
+    fresh = copy.deepcopy(_redundant_middle(llama4))
+    recipe = Recipe.from_yaml(
+        "prune_stage:\n  depth_modifiers:\n"
+        "    LayerReductionModifier: {strategy: angular, keep_number_layer: 2}\n"
+    )
+    ids = [_ids(seed)[0].tolist() for seed in range(3)]
+    oneshot(llama4, recipe, Dataset.from_dict({"input_ids": ids}), output_dir=tmp_path / "out")
+
+    saved = Recipe.from_file(tmp_path / "out" / "recipe.yaml")
+    (modifier,) = saved.modifiers
     assert (modifier.strategy, modifier.drop_layers, modifier.num_layers_to_drop) == (
         "index",
         [1, 2],
         None,
     )
-    again = Recipe.from_yaml(recipe.to_yaml()).modifiers[0]
-    assert again.drop_layers == [1, 2] and not again.requires_calibration_data()
+    assert '"drop_layers": [1, 2]' in (tmp_path / "out" / "README.md").read_text()
+    # the saved recipe reproduces the run without calibration data
+    again = oneshot(fresh, saved)
+    assert len(again.model.layers) == 2
+    for name, weight in llama4.state_dict().items():
+        assert torch.equal(weight, again.state_dict()[name]), name
 
 
 def test_angular_distance():

@@ -33,8 +33,9 @@ class LayerReductionModifier(Modifier):
       output hidden states on every calibration batch
     - ``on_end`` on CALIBRATION_EPOCH_END (``angular``): drop the block of
       ``num_layers_to_drop`` consecutive layers whose input and output are closest in angle;
-      the chosen indices are logged and written into ``drop_layers`` (and ``strategy``
-      becomes ``index``), so the saved recipe reproduces the run
+      the chosen indices are logged and kept as ``dropped_layers``; ``recipe_args`` then
+      reports them as ``drop_layers`` with ``strategy: index``, so the saved recipe
+      reproduces the run without calibration data
 
     :param keep_number_layer: how many layers are kept (DeepSpeed's name); must match
         ``teacher_layer``
@@ -59,6 +60,7 @@ class LayerReductionModifier(Modifier):
 
     _path: str | None = PrivateAttr(default=None)
     _states: dict[int, list[torch.Tensor]] = PrivateAttr(default_factory=dict)
+    _dropped: list[int] | None = PrivateAttr(default=None)
 
     @model_validator(mode="after")
     def _consistent(self) -> LayerReductionModifier:
@@ -106,6 +108,22 @@ class LayerReductionModifier(Modifier):
 
     def requires_calibration_data(self) -> bool:
         return self.strategy == "angular"
+
+    @property
+    def dropped_layers(self) -> list[int] | None:
+        """The layers the angular strategy chose and removed (None until it has chosen)."""
+        return None if self._dropped is None else list(self._dropped)
+
+    def recipe_args(self) -> dict[str, Any]:
+        """The recipe's arguments; after an angular run, the layers it chose, as
+        ``drop_layers`` with ``strategy: index``, so the saved recipe reproduces the run."""
+        if self._dropped is None:
+            return super().recipe_args()
+        # The choice is a result of the run, kept privately: the public fields stay the
+        # recipe as given (and could not be reassigned one by one under validate_assignment,
+        # each half-way state failing the validator). The resolved form is validated whole.
+        chosen = {"strategy": "index", "num_layers_to_drop": None, "drop_layers": self._dropped}
+        return type(self).model_validate({**self.model_dump(), **chosen}).recipe_args()
 
     # ---------------------------------------------------------------- lifecycle
     def on_initialize(self, state: State) -> None:
@@ -241,8 +259,4 @@ class LayerReductionModifier(Modifier):
             dropped,
         )
         keep_decoder_layers(state.model, [i for i in range(count) if i not in dropped], self._path)
-        # written back so that the saved recipe reproduces this run without data; validated
-        # as a whole, since the three fields only make sense together
-        chosen = {"strategy": "index", "num_layers_to_drop": None, "drop_layers": dropped}
-        checked = type(self).model_validate({**self.model_dump(), **chosen})
-        self.__dict__.update({name: getattr(checked, name) for name in chosen})
+        self._dropped = dropped
