@@ -75,13 +75,11 @@ class OnloadedProbe(Modifier):
 
     def on_update(self, state: State, event: Event) -> None:
         if event.type_ == EventType.SEQUENTIAL_EPOCH_END:
-            part = state.batch_data
-            parts = part if isinstance(part, list) else [part]
             layers = state.model.model.layers
             inside = [
                 i
                 for i, layer in enumerate(layers)
-                if any(p is m for m in layer.modules() for p in parts)
+                if any(p is m for m in layer.modules() for p in event.modules)
             ]
             index = inside[0] if inside else None
             if index is None:  # the basic pipeline's one epoch: the whole model

@@ -49,7 +49,7 @@ class LayerProbe(Modifier):
     def on_update(self, state: State, event: Event) -> None:
         if event.type_ == EventType.SEQUENTIAL_EPOCH_END:
             gptq = state.model._probe_gptq
-            layer = state.batch_data
+            (layer,) = event.modules
             inside = [m for m in layer.modules() if isinstance(m, torch.nn.Linear)]
             self._seen.append((sorted(gptq._hessians), all(on_grid(m) for m in inside)))
 
@@ -136,7 +136,8 @@ class InputRecorder(Modifier):
         from compressor.modifiers.quantization.gptq import accumulate_hessian
 
         gptq = state.model._probe_gptq
-        inside = {id(m) for m in state.batch_data.modules()}
+        (layer,) = event.modules
+        inside = {id(m) for m in layer.modules()}
         for name, module in linears(state.model).items():
             if id(module) not in inside:
                 continue

@@ -200,9 +200,9 @@ class PruningModifierBase(Modifier):
             # zero, the lowest score), so the per-step top-k is skipped
             if self.method != "l1" or density != self._applied_density:
                 self._update_masks(density)
-        calibrated = kind == EventType.SEQUENTIAL_EPOCH_END and self.method == "activation"
-        if calibrated and isinstance(state.batch_data, torch.nn.Module):
-            self._prune_calibrated(within=state.batch_data)
+        if kind == EventType.SEQUENTIAL_EPOCH_END and self.method == "activation":
+            for module in event.modules:  # the layer (or model) just calibrated
+                self._prune_calibrated(within=module)
 
     def on_end(self, state: State, event: Event) -> None:
         if self.method == "activation":

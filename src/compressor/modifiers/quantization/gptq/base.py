@@ -62,7 +62,7 @@ class GPTQModifier(QuantizationSchemeMixin, Modifier):
       quantization to them with the quantized forward switched off
     - ``on_start`` (calibration start): a Hessian-accumulating forward pre-hook on each Linear
     - ``on_update`` at SEQUENTIAL_EPOCH_END: quantize the Linears of the layer just calibrated
-      (``state.batch_data``) and free their Hessians; their weights now lie on the grid, so
+      (``event.modules``) and free their Hessians; their weights now lie on the grid, so
       their quantized forward stays off (it would give the same weights back) unless they
       also quantize activations
     - ``on_end`` (calibration end): quantize whatever is still pending (every Linear, on the
@@ -190,9 +190,7 @@ class GPTQModifier(QuantizationSchemeMixin, Modifier):
     def on_update(self, state: State, event: Event) -> None:
         if event.type_ != EventType.SEQUENTIAL_EPOCH_END:
             return
-        part = state.batch_data
-        parts = part if isinstance(part, list | tuple) else [part]
-        inside = {id(m) for p in parts if isinstance(p, torch.nn.Module) for m in p.modules()}
+        inside = {id(m) for part in event.modules for m in part.modules()}
         pending = [
             (name, module)
             for name, module in self._modules.items()
