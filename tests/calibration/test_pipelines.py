@@ -19,6 +19,7 @@ from compressor.calibration.pipelines import (
     run_sequential,
 )
 from compressor.modifiers import Modifier
+from compressor.modifiers.base import CalibrationTraits
 from compressor.utils.architecture import find_decoder_layers
 from conftest import tiny_llama_config, tiny_opt
 
@@ -159,8 +160,8 @@ class InputsOnly(Modifier):
     reads_outputs: bool = True
     _inputs: dict = PrivateAttr(default_factory=dict)
 
-    def calibration_reads_outputs(self) -> bool:
-        return self.reads_outputs
+    def calibration_traits(self) -> CalibrationTraits:
+        return CalibrationTraits(reads_outputs=self.reads_outputs)
 
     def on_start(self, state, event):
         for name, module in state.model.named_modules():
@@ -257,8 +258,8 @@ def test_sequential_refuses_layers_with_different_masks():
 class MergingRecorder(InputsOnly):
     """InputsOnly that lets the pipeline calibrate on merged calls."""
 
-    def calibration_merges_batches(self) -> bool:
-        return True
+    def calibration_traits(self) -> CalibrationTraits:
+        return CalibrationTraits(reads_outputs=self.reads_outputs, merges_batches=True)
 
 
 def _equal_length_batches(count=5, length=12):

@@ -237,8 +237,8 @@ def test_dynamic_tensor_wide_activation_scales_keep_calls_apart(strategy, merges
             "input_activations": {"num_bits": 8, "dynamic": True, "strategy": strategy},
         }
     }
-    assert GPTQModifier(config_groups=groups).calibration_merges_batches() is merges
-    assert GPTQModifier(config_groups=GROUP16).calibration_merges_batches()
+    assert GPTQModifier(config_groups=groups).calibration_traits().merges_batches is merges
+    assert GPTQModifier(config_groups=GROUP16).calibration_traits().merges_batches
 
 
 def test_basic_pipeline_quantizes_every_linear_at_calibration_end(tiny_llama):

@@ -11,7 +11,7 @@ each layer ``i``:
 3. it runs again with hooks disabled, and its outputs, computed with the compressed
    weights, become the inputs of layer ``i + 1``.
 
-When every modifier calibrates in stages (``Modifier.calibration_in_stages``: GPTQ's
+When every modifier calibrates in stages (``CalibrationTraits.in_stages``: GPTQ's
 ``true_sequential``) and the layers have Llama's form, steps 1 to 3 run instead as stages
 within each layer, one group of modules at a time (``compressor.calibration.pipelines.staged``).
 
@@ -22,7 +22,7 @@ Cached calls that differ only in their hidden states (equal-length batches, the 
 run through a layer together, up to ``MERGE_TOKENS`` tokens and ``MERGE_ELEMENTS``
 hidden-state values per forward: larger matrix products run markedly faster on CPU, and the
 result is the same (checked once, on the first layer, against the calls run one by one).
-Calls merge only when every modifier allows it (``Modifier.calibration_merges_batches``).
+Calls merge only when every modifier allows it (``CalibrationTraits.merges_batches``).
 
 The other arguments are taken from the first layer and reused for every layer, which holds
 for architectures whose layers all see the same mask (Llama-family, GPT-2, OPT, BERT; not
@@ -315,9 +315,10 @@ def run_sequential(
     target = torch.device(device) if device is not None else home
     logger.info("sequential pipeline over {} layers of {} on {}", len(layers), path, target)
     # stop each calibration forward early when no modifier reads past a module's inputs
-    cut_short = not any(m.calibration_reads_outputs() for m in session.modifiers)
-    merge = all(m.calibration_merges_batches() for m in session.modifiers)
-    in_stages = cut_short and all(m.calibration_in_stages() for m in session.modifiers)
+    traits = [m.calibration_traits() for m in session.modifiers]
+    cut_short = not any(t.reads_outputs for t in traits)
+    merge = all(t.merges_batches for t in traits)
+    in_stages = cut_short and all(t.in_stages for t in traits)
     plan: StagePlan | None = None
     keep_freed_tensors_in_heap()  # no page faults for every activation (glibc)
     session.calibration_epoch_start()
