@@ -360,8 +360,7 @@ def test_merging_never_holds_the_cached_inputs_twice(monkeypatch):
     import gc
     import weakref
 
-    import compressor.calibration.pipelines.sequential as sequential
-    from compressor.calibration.pipelines.sequential import LayerInputs
+    from compressor.calibration.pipelines.layer_calls import LayerInputs, merge_calls
 
     shared = {"attention_mask": None, "position_ids": torch.arange(12)[None]}
     calls = [LayerInputs((torch.randn(1, 12, 8),), dict(shared)) for _ in range(6)]
@@ -375,9 +374,9 @@ def test_merging_never_holds_the_cached_inputs_twice(monkeypatch):
         return cat(tensors, *args, **kwargs)
 
     monkeypatch.setattr(torch, "cat", spy)
-    merged = sequential._merge_calls(calls, max_tokens=24, max_elements=10**9)
+    merged = merge_calls(calls, max_tokens=24, max_elements=10**9)
     monkeypatch.setattr(torch, "cat", cat)
-    assert [m.sizes for m in merged] == [[1, 1]] * 3
+    assert [m.batch_sizes for m in merged] == [(1, 1)] * 3
     assert calls == []  # the caller's list was emptied
     # at the k-th merge, the calls of the k-1 groups before are already gone
     assert alive_at_each_cat == [6, 4, 2]

@@ -14,11 +14,8 @@ from loguru import logger
 
 from compressor.calibration.pipelines.basic import run_basic
 from compressor.calibration.pipelines.datafree import run_datafree
-from compressor.calibration.pipelines.sequential import (
-    LayerInputs,
-    capture_layer_inputs,
-    run_sequential,
-)
+from compressor.calibration.pipelines.layer_calls import LayerInputs
+from compressor.calibration.pipelines.sequential import capture_layer_inputs, run_sequential
 from compressor.modifiers.base import Modifier
 from compressor.utils.architecture import find_decoder_layers
 
