@@ -39,8 +39,9 @@ class LayerInputRecorder(Modifier):
         assert event.type_ is not None
         self._events.append(event.type_.value)
         if event.type_ == EventType.SEQUENTIAL_EPOCH_END:
-            self._epoch_ends.append(state.batch_data)
-            self.compress(state.batch_data)
+            (module,) = event.modules  # a decoder layer, or the whole model
+            self._epoch_ends.append(module)
+            self.compress(module)
 
     def compress(self, module: torch.nn.Module) -> None:
         """Nothing here; subclasses change the layer."""

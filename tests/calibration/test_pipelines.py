@@ -20,6 +20,7 @@ from compressor.calibration.pipelines import (
     run_sequential,
 )
 from compressor.modifiers import Modifier
+from compressor.modifiers.base import CalibrationTraits
 from conftest import tiny_llama_config, tiny_opt
 
 
@@ -159,8 +160,8 @@ class InputsOnly(Modifier):
     reads_outputs: bool = True
     _inputs: dict = PrivateAttr(default_factory=dict)
 
-    def calibration_reads_outputs(self) -> bool:
-        return self.reads_outputs
+    def calibration_traits(self) -> CalibrationTraits:
+        return CalibrationTraits(reads_outputs=self.reads_outputs)
 
     def on_start(self, state, event):
         for name, module in state.model.named_modules():
@@ -257,8 +258,8 @@ def test_sequential_refuses_layers_with_different_masks():
 class MergingRecorder(InputsOnly):
     """InputsOnly that lets the pipeline calibrate on merged calls."""
 
-    def calibration_merges_batches(self) -> bool:
-        return True
+    def calibration_traits(self) -> CalibrationTraits:
+        return CalibrationTraits(reads_outputs=self.reads_outputs, merges_batches=True)
 
 
 def _equal_length_batches(count=5, length=12):
@@ -359,8 +360,7 @@ def test_merging_never_holds_the_cached_inputs_twice(monkeypatch):
     import gc
     import weakref
 
-    import compressor.calibration.pipelines.sequential as sequential
-    from compressor.calibration.pipelines.sequential import LayerInputs
+    from compressor.calibration.pipelines.layer_calls import LayerInputs, merge_calls
 
     shared = {"attention_mask": None, "position_ids": torch.arange(12)[None]}
     calls = [LayerInputs((torch.randn(1, 12, 8),), dict(shared)) for _ in range(6)]
@@ -374,9 +374,9 @@ def test_merging_never_holds_the_cached_inputs_twice(monkeypatch):
         return cat(tensors, *args, **kwargs)
 
     monkeypatch.setattr(torch, "cat", spy)
-    merged = sequential._merge_calls(calls, max_tokens=24, max_elements=10**9)
+    merged = merge_calls(calls, max_tokens=24, max_elements=10**9)
     monkeypatch.setattr(torch, "cat", cat)
-    assert [m.sizes for m in merged] == [[1, 1]] * 3
+    assert [m.batch_sizes for m in merged] == [(1, 1)] * 3
     assert calls == []  # the caller's list was emptied
     # at the k-th merge, the calls of the k-1 groups before are already gone
     assert alive_at_each_cat == [6, 4, 2]

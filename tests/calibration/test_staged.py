@@ -55,7 +55,7 @@ def whole_layer_once_per_group(layer, inputs, plan, session, index, outputs=True
             for position, merged in enumerate(inputs):
                 out = layer(*merged.call.args, **merged.call.kwargs)
                 out = out[0] if isinstance(out, tuple) else out
-                inputs[position] = type(merged)(merged.call.with_hidden_states(out), merged.sizes)
+                inputs[position] = merged.with_hidden_states(out)
 
 
 @pytest.mark.parametrize(

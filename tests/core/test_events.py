@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from compressor.core import Event, EventType
 
@@ -95,7 +96,7 @@ def test_should_update(kwargs, start, end, update, expected):
     assert Event(**kwargs).should_update(start, end, update) is expected
 
 
-def test_new_instance_is_a_changed_deep_copy():
+def test_new_instance_is_a_changed_copy():
     event = Event(type_=EventType.BATCH_START, steps_per_epoch=3, global_step=2)
     copy = event.new_instance(type_=EventType.BATCH_END, global_batch=9)
     assert copy is not event
@@ -103,3 +104,18 @@ def test_new_instance_is_a_changed_deep_copy():
     assert (event.type_, event.global_batch) == (EventType.BATCH_START, 0)
     with pytest.raises(TypeError, match="no field"):
         event.new_instance(step=3)
+
+
+def test_new_instance_carries_the_very_modules_not_copies():
+    """A SEQUENTIAL_EPOCH_END's modules are the model's own: a modifier compressing a copy
+    would leave the model unchanged."""
+    layer = torch.nn.Linear(4, 4)
+    stage = (torch.nn.Linear(4, 2), torch.nn.Linear(4, 2))
+    event = Event(type_=EventType.SEQUENTIAL_EPOCH_END, modules=(layer,))
+    copy = event.new_instance(global_step=5)
+    assert copy.modules[0] is layer
+    assert event.global_step == 0  # the counters are the copy's own
+    changed = copy.new_instance(modules=stage)
+    assert all(got is want for got, want in zip(changed.modules, stage, strict=True))
+    assert copy.modules[0] is layer
+    assert Event().modules == ()

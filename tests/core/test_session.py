@@ -257,3 +257,31 @@ def test_calibration_events_run_post_training_modifiers():
         EventType.CALIBRATION_EPOCH_END.value,
     ]
     assert mod.ended and mod.finalized
+
+
+def test_the_calibrated_modules_travel_in_the_event_not_in_the_state():
+    """SEQUENTIAL_EPOCH_END carries the very modules just calibrated (one, or a stage's
+    several); the state's batch_data keeps the training batch throughout."""
+    from compressor.modifiers import Modifier
+
+    seen = []
+
+    class Probe(Modifier):
+        def on_event(self, state, event):
+            if event.type_ == EventType.SEQUENTIAL_EPOCH_END:
+                seen.append((event.modules, state.batch_data))
+
+    session = CompressionSession()
+    session.initialize(model=torch.nn.Linear(2, 2), recipe=[Probe()])
+    session.state.batch_data = batch = {"input_ids": torch.zeros(1, 2)}
+    layer, stage = torch.nn.Linear(2, 2), [torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)]
+    session.calibration_epoch_start()
+    session.sequential_epoch_end(layer)
+    session.sequential_epoch_end(stage)
+    session.calibration_epoch_end()
+    session.finalize()
+    (one, batch_one), (several, batch_several) = seen
+    assert len(one) == 1 and one[0] is layer
+    assert len(several) == 2 and all(a is b for a, b in zip(several, stage, strict=True))
+    assert batch_one is batch and batch_several is batch
+    assert session.event.modules == ()

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, LlamaForCausalLM
 from compressor import Recipe, oneshot
 from compressor.core.events import Event, EventType
 from compressor.core.state import State
-from compressor.modifiers.base import Modifier
+from compressor.modifiers.base import CalibrationTraits, Modifier
 from conftest import tiny_llama_config
 
 GPTQ_YAML = (
@@ -58,30 +58,21 @@ class OnloadedProbe(Modifier):
 
     _held: list = PrivateAttr(default_factory=list)
 
-    def supports_offloaded_models(self) -> bool:
-        return True
-
     def requires_calibration_data(self) -> bool:
         return True
 
-    def calibration_reads_outputs(self) -> bool:
-        return False
-
-    def calibration_in_stages(self) -> bool:
-        return True
-
-    def calibration_merges_batches(self) -> bool:
-        return True
+    def calibration_traits(self) -> CalibrationTraits:
+        return CalibrationTraits(
+            supports_offloaded_models=True, reads_outputs=False, merges_batches=True, in_stages=True
+        )
 
     def on_update(self, state: State, event: Event) -> None:
         if event.type_ == EventType.SEQUENTIAL_EPOCH_END:
-            part = state.batch_data
-            parts = part if isinstance(part, list) else [part]
             layers = state.model.model.layers
             inside = [
                 i
                 for i, layer in enumerate(layers)
-                if any(p is m for m in layer.modules() for p in parts)
+                if any(p is m for m in layer.modules() for p in event.modules)
             ]
             index = inside[0] if inside else None
             if index is None:  # the basic pipeline's one epoch: the whole model

@@ -5,6 +5,10 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, fields
 from enum import Enum
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["EventType", "Event"]
 
@@ -36,6 +40,9 @@ class Event:
     :param invocations_per_step: calls of the step function per optimizer step
     :param global_step: optimizer steps taken so far
     :param global_batch: batches seen so far
+    :param modules: the modules a SEQUENTIAL_EPOCH_END is about (a decoder layer, a stage's
+        modules, the whole model), which the modifiers may compress now; empty for every
+        other event. Never copied: they are the model's own modules
     """
 
     type_: EventType | None = None
@@ -44,6 +51,7 @@ class Event:
     invocations_per_step: int = 1
     global_step: int = 0
     global_batch: int = 0
+    modules: tuple[torch.nn.Module, ...] = ()
 
     @property
     def epoch_based(self) -> bool:
@@ -103,12 +111,16 @@ class Event:
         return _is_multiple(current, update)
 
     def new_instance(self, **kwargs) -> Event:
-        """A deep copy with the given fields changed."""
+        """A copy with the given fields changed.
+
+        Shallow: every field but ``modules`` is an immutable value, and ``modules`` must stay
+        the model's own modules (a deep copy would compress a copy, or clone a whole model).
+        """
         names = {f.name for f in fields(self)}
         unknown = set(kwargs) - names
         if unknown:
             raise TypeError(f"Event has no field(s) {sorted(unknown)}; fields are {sorted(names)}")
-        instance = copy.deepcopy(self)
+        instance = copy.copy(self)
         for key, value in kwargs.items():
             setattr(instance, key, value)
         return instance

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -207,8 +207,15 @@ class CompressionSession:
             raise RuntimeError("session is finalized: create a new session for another run")
         return self._lifecycle
 
-    def _dispatch(self, type_: EventType, global_step: int | None = None) -> Event:
+    def _dispatch(
+        self,
+        type_: EventType,
+        global_step: int | None = None,
+        modules: tuple[torch.nn.Module, ...] = (),
+    ) -> Event:
         event = self._require_lifecycle().advance(type_, global_step=global_step)
+        if modules:
+            event = event.new_instance(modules=modules)
         assert self.state is not None and self.recipe is not None
         for modifier in self.recipe.modifiers:
             modifier.update_event(self.state, event)
@@ -253,19 +260,17 @@ class CompressionSession:
     def calibration_epoch_start(self) -> Event:
         return self._dispatch(EventType.CALIBRATION_EPOCH_START)
 
-    def sequential_epoch_end(self, modules: Any = None) -> Event:
-        """One part of the model (a decoder layer) finished calibrating.
+    def sequential_epoch_end(
+        self, modules: torch.nn.Module | Sequence[torch.nn.Module] = ()
+    ) -> Event:
+        """One part of the model (a decoder layer, a stage of one) finished calibrating.
 
-        :param modules: the module(s) just calibrated, kept on the state's batch_data slot
-            for modifiers that compress them now
+        :param modules: the module or modules just calibrated, which the event carries
+            (``Event.modules``) to the modifiers that compress them now
         """
-        state = self._require_state()
-        previous = state.batch_data
-        state.batch_data = modules
-        try:
-            return self._dispatch(EventType.SEQUENTIAL_EPOCH_END)
-        finally:
-            state.batch_data = previous
+        if isinstance(modules, torch.nn.Module):
+            modules = (modules,)
+        return self._dispatch(EventType.SEQUENTIAL_EPOCH_END, modules=tuple(modules))
 
     def calibration_epoch_end(self) -> Event:
         return self._dispatch(EventType.CALIBRATION_EPOCH_END)

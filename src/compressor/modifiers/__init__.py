@@ -1,6 +1,7 @@
 """Every modifier, registered for recipes by the imports below (explicit, never discovered)."""
 
 from compressor.modifiers.base import (
+    CalibrationTraits,
     Modifier,
     UnknownModifierError,
     get_modifier_class,
@@ -24,6 +25,7 @@ from compressor.modifiers.quantization import (
 from compressor.modifiers.transform import SpinQuantModifier
 
 __all__ = [
+    "CalibrationTraits",
     "ChannelPruningModifier",
     "ConstantPruningModifier",
     "HeadPruningModifier",

@@ -12,9 +12,16 @@ from torch.utils.hooks import RemovableHandle
 
 from compressor.core.events import Event, EventType
 from compressor.core.state import State
+from compressor.modifiers.calibration_traits import CalibrationTraits
 from compressor.modifiers.hooks import HooksMixin
 
-__all__ = ["Modifier", "UnknownModifierError", "get_modifier_class", "registered_modifiers"]
+__all__ = [
+    "CalibrationTraits",
+    "Modifier",
+    "UnknownModifierError",
+    "get_modifier_class",
+    "registered_modifiers",
+]
 
 M = TypeVar("M", bound=type["Modifier"])
 
@@ -242,44 +249,11 @@ class Modifier(BaseModel, HooksMixin):
         Hessians). Entry points use it to pick a pipeline and to fail early without data."""
         return False
 
-    def supports_offloaded_models(self) -> bool:
-        """Whether the modifier works on a model whose weights are offloaded (to CPU memory or
-        disk, ``compressor.utils.offload``): every weight it changes is written with
-        ``update_offload_parameter``, never into the temporary onloaded copy. Conservative
-        default: False (``oneshot`` then refuses an offloaded model with a clear error)."""
-        return False
-
-    def calibration_reads_outputs(self) -> bool:
-        """Whether the modifier's calibration hooks read anything computed after a module's
-        inputs (module outputs, a decoder layer's output). When no modifier does, the
-        sequential pipeline stops each calibration forward of a layer as soon as its last
-        module has received its inputs: the rest would be computed and thrown away (the
-        layer's outputs come from the re-run after compression). Conservative default: True.
-        """
-        return True
-
-    def calibration_merges_batches(self) -> bool:
-        """Whether the result is unchanged when several calibration batches run through a layer
-        as one forward (their rows stacked): the modifier's statistics (true of sums and
-        extremes over tokens, like GPTQ's Hessians; false of running averages per batch, or
-        of ranges that already quantize the forward while they are being observed), and the
-        outputs of the layers it has compressed (false when they quantize activations with
-        one dynamic scale per forward). When every modifier says so, the sequential pipeline
-        runs stacked batches, whose larger matrix products run faster; otherwise each batch
-        runs alone, as the user batched it. Conservative default: False."""
-        return False
-
-    def calibration_in_stages(self) -> bool:
-        """Whether the modifier compresses a decoder layer's modules in the order the layer
-        calls them, each group calibrated on the outputs of the groups already compressed
-        ("true sequential", as the GPTQ authors' code and AutoGPTQ do): q/k/v, then o on the
-        compressed attention, then gate/up, then down. Only for modifiers whose hooks are
-        forward pre-hooks on the modules they compress and whose ``SEQUENTIAL_EPOCH_END``
-        compresses the modules it is given. When every modifier says so, the sequential
-        pipeline calibrates a Llama-style layer in those stages, which needs fewer matrix
-        products than calibrating it whole and running it again (see
-        ``compressor.calibration.pipelines.staged``). Conservative default: False."""
-        return False
+    def calibration_traits(self) -> CalibrationTraits:
+        """What the calibration pipelines may do with this modifier (offloaded models,
+        forwards stopped early, merged batches, stages); override to allow more than the
+        conservative defaults of ``CalibrationTraits``."""
+        return CalibrationTraits()
 
     # ---------------------------------------------------------------- recipe form
     def recipe_args(self) -> dict[str, Any]:

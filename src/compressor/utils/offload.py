@@ -88,7 +88,13 @@ def check_offload_support(modifiers: Iterable[Any]) -> None:
 
     :raises ValueError: naming the modifiers that do not support offloaded models
     """
-    unsupported = sorted({type(m).__name__ for m in modifiers if not m.supports_offloaded_models()})
+    unsupported = sorted(
+        {
+            type(m).__name__
+            for m in modifiers
+            if not m.calibration_traits().supports_offloaded_models
+        }
+    )
     if unsupported:
         raise ValueError(
             f"the model is offloaded (its weights live on CPU or disk and are brought in for "

@@ -49,7 +49,7 @@ class LayerProbe(Modifier):
     def on_update(self, state: State, event: Event) -> None:
         if event.type_ == EventType.SEQUENTIAL_EPOCH_END:
             gptq = state.model._probe_gptq
-            layer = state.batch_data
+            (layer,) = event.modules
             inside = [m for m in layer.modules() if isinstance(m, torch.nn.Linear)]
             self._seen.append((sorted(gptq._hessians), all(on_grid(m) for m in inside)))
 
@@ -136,7 +136,8 @@ class InputRecorder(Modifier):
         from compressor.modifiers.quantization.gptq import accumulate_hessian
 
         gptq = state.model._probe_gptq
-        inside = {id(m) for m in state.batch_data.modules()}
+        (layer,) = event.modules
+        inside = {id(m) for m in layer.modules()}
         for name, module in linears(state.model).items():
             if id(module) not in inside:
                 continue
@@ -236,8 +237,8 @@ def test_dynamic_tensor_wide_activation_scales_keep_calls_apart(strategy, merges
             "input_activations": {"num_bits": 8, "dynamic": True, "strategy": strategy},
         }
     }
-    assert GPTQModifier(config_groups=groups).calibration_merges_batches() is merges
-    assert GPTQModifier(config_groups=GROUP16).calibration_merges_batches()
+    assert GPTQModifier(config_groups=groups).calibration_traits().merges_batches is merges
+    assert GPTQModifier(config_groups=GROUP16).calibration_traits().merges_batches
 
 
 def test_basic_pipeline_quantizes_every_linear_at_calibration_end(tiny_llama):

@@ -15,11 +15,8 @@ from loguru import logger
 from compressor.architectures import find_decoder_layers
 from compressor.calibration.pipelines.basic import run_basic
 from compressor.calibration.pipelines.datafree import run_datafree
-from compressor.calibration.pipelines.sequential import (
-    LayerInputs,
-    capture_layer_inputs,
-    run_sequential,
-)
+from compressor.calibration.pipelines.layer_calls import LayerInputs
+from compressor.calibration.pipelines.sequential import capture_layer_inputs, run_sequential
 from compressor.modifiers.base import Modifier
 
 __all__ = [

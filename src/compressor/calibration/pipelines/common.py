@@ -1,14 +1,23 @@
-"""What every pipeline shares: evaluation mode without caches, and moving batches."""
+"""What every pipeline shares: evaluation mode without caches, moving batches, and ending a
+forward early at a module whose inputs are all that is needed."""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 
-__all__ = ["calibration_mode", "first_output", "model_device", "to_device"]
+__all__ = [
+    "StopForward",
+    "calibration_mode",
+    "first_output",
+    "model_device",
+    "run_until_stopped",
+    "stop_forward_at",
+    "to_device",
+]
 
 
 @contextlib.contextmanager
@@ -51,3 +60,51 @@ def first_output(output: Any) -> Any:
     """A module's main output: the first element when it returns a tuple or list (a decoder
     layer's hidden states, an attention's output)."""
     return output[0] if isinstance(output, tuple | list) else output
+
+
+class StopForward(Exception):
+    """Ends a forward at a module: what it and everything after it would compute is not
+    needed. Raised by the hook of ``stop_forward_at``, caught by ``run_until_stopped``.
+
+    :param args: the positional arguments the module was about to receive
+    :param kwargs: its keyword arguments
+    """
+
+    def __init__(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        super().__init__()
+        self.module_args = args
+        self.module_kwargs = kwargs
+
+
+@contextlib.contextmanager
+def stop_forward_at(module: torch.nn.Module, *, before_other_hooks: bool = False) -> Iterator[None]:
+    """End every forward that reaches ``module`` there (``StopForward``), until the block ends.
+
+    :param module: the module whose inputs are the last thing needed
+    :param before_other_hooks: stop before the module's other forward pre-hooks run, so that
+        the modifiers' hooks do not see the call; by default they run first and see its inputs
+    """
+
+    def stop(_module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        raise StopForward(args, kwargs)
+
+    handle = module.register_forward_pre_hook(stop, with_kwargs=True, prepend=before_other_hooks)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def run_until_stopped(
+    forward: Callable[..., Any], *args: Any, **kwargs: Any
+) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+    """Call ``forward(*args, **kwargs)``, which a ``stop_forward_at`` block may end early.
+
+    :return: the positional and keyword arguments the stopping module was about to receive,
+        or None when the forward ran to its end
+    """
+    try:
+        forward(*args, **kwargs)
+    except StopForward as stop:
+        return stop.module_args, stop.module_kwargs
+    return None

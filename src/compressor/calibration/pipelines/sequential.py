@@ -6,12 +6,12 @@ each layer ``i``:
 
 1. its cached inputs run through it with the modifiers' hooks live (calibration; when no
    modifier reads module outputs, each forward stops once the layer's last module has its
-   inputs, see ``_CalibrationCutter``);
+   inputs, see ``_calibrate``);
 2. ``session.sequential_epoch_end(layer)`` lets modifiers compress it (GPTQ does so here);
 3. it runs again with hooks disabled, and its outputs, computed with the compressed
    weights, become the inputs of layer ``i + 1``.
 
-When every modifier calibrates in stages (``Modifier.calibration_in_stages``: GPTQ's
+When every modifier calibrates in stages (``CalibrationTraits.in_stages``: GPTQ's
 ``true_sequential``) and the layers have Llama's form, steps 1 to 3 run instead as stages
 within each layer, one group of modules at a time (``compressor.calibration.pipelines.staged``).
 
@@ -19,10 +19,11 @@ No graph tracing is needed, so any model whose decoder layers ``find_decoder_lay
 works. Only the current layer and the cached activations sit on the compute device.
 
 Cached calls that differ only in their hidden states (equal-length batches, the usual case)
-run through a layer together, up to ``MERGE_TOKENS`` tokens and ``MERGE_ELEMENTS``
-hidden-state values per forward: larger matrix products run markedly faster on CPU, and the
-result is the same (checked once, on the first layer, against the calls run one by one).
-Calls merge only when every modifier allows it (``Modifier.calibration_merges_batches``).
+run through a layer together (``layer_calls.MergedCalls``), up to ``MERGE_TOKENS`` tokens and
+``MERGE_ELEMENTS`` hidden-state values per forward: larger matrix products run markedly
+faster on CPU, and the result is the same (checked once, on the first layer, against the
+calls run one by one). Calls merge only when every modifier allows it
+(``CalibrationTraits.merges_batches``).
 
 The other arguments are taken from the first layer and reused for every layer, which holds
 for architectures whose layers all see the same mask (Llama-family, GPT-2, OPT, BERT; not
@@ -32,8 +33,8 @@ models that alternate sliding-window and full attention per layer).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -46,7 +47,16 @@ from compressor.calibration.pipelines.common import (
     calibration_mode,
     first_output,
     model_device,
+    run_until_stopped,
+    stop_forward_at,
     to_device,
+)
+from compressor.calibration.pipelines.layer_calls import (
+    LayerInputs,
+    MergedCalls,
+    merge_calls,
+    merging_is_exact,
+    unmerge,
 )
 from compressor.calibration.pipelines.staged import StagePlan, calibrate_in_stages, plan_stages
 from compressor.core.session import CompressionSession
@@ -57,7 +67,6 @@ from compressor.utils.offload import check_device_unset, is_offloaded, layer_onl
 __all__ = [
     "MERGE_ELEMENTS",
     "MERGE_TOKENS",
-    "LayerInputs",
     "capture_layer_inputs",
     "run_sequential",
 ]
@@ -68,196 +77,32 @@ the number of sequences) on narrow models, whose hidden states alone would allow
 
 MERGE_ELEMENTS = 1024 * 576
 """Most hidden-state values (tokens x hidden size) per merged forward of a layer (see the module
-doc): 1024 tokens of SmolLM2-135M (width 576), 512 of a model of width 1024, none merged from
-width 2304 up with 256-token calls, whose matrix products are large enough already. This bounds
-the extra activation memory of merging; on 2 CPU cores it made a SmolLM2-135M GPTQ run 15%
-faster than one 256-token call at a time, for about 10 MB more peak memory."""
+doc): 1024 tokens at width 576 (SmolLM2-135M), 512 at width 1024, none merged from width 2304
+up with 256-token calls, whose matrix products are large enough already. This bounds the
+extra activation memory of merging (what it gained and cost when chosen:
+bench/results/2026-12-01-notes-pipelines.md)."""
 
 
-@dataclass
-class LayerInputs:
-    """The positional and keyword arguments of one call of a decoder layer."""
+@dataclass(frozen=True)
+class _Shortcuts:
+    """What every modifier of the run allows (``CalibrationTraits``)."""
 
-    args: tuple[Any, ...]
-    kwargs: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def hidden_states(self) -> torch.Tensor:
-        return self.args[0] if self.args else self.kwargs["hidden_states"]
-
-    def with_hidden_states(self, hidden_states: torch.Tensor) -> LayerInputs:
-        """The same call with other hidden states (the other arguments are shared)."""
-        if self.args:
-            return LayerInputs((hidden_states, *self.args[1:]), self.kwargs)
-        return LayerInputs(self.args, {**self.kwargs, "hidden_states": hidden_states})
-
-
-@dataclass
-class _Merged:
-    """Consecutive cached calls run as one: ``call`` holds their hidden states concatenated
-    along the batch dimension and their shared other arguments; ``sizes`` are the calls'
-    batch sizes (one entry: a call on its own)."""
-
-    call: LayerInputs
-    sizes: list[int]
+    cut_short: bool
+    """No modifier reads past a module's inputs: calibration forwards may stop early."""
+    merge: bool
+    """Cached calls may run merged."""
+    in_stages: bool
+    """Llama-style layers may be calibrated in stages."""
 
     @classmethod
-    def alone(cls, call: LayerInputs) -> _Merged:
-        """A call on its own."""
-        return cls(call, [call.hidden_states.shape[0]])
-
-    def calls(self) -> list[LayerInputs]:
-        """The calls one by one (views into the merged hidden states)."""
-        if len(self.sizes) == 1:
-            return [self.call]
-        hidden = self.call.hidden_states.split(self.sizes)
-        return [self.call.with_hidden_states(h) for h in hidden]
-
-
-def _merge_calls(inputs: list[LayerInputs], max_tokens: int, max_elements: int) -> list[_Merged]:
-    """Group consecutive calls whose hidden states have the same shape past the batch
-    dimension and whose other arguments are equal, up to ``max_tokens`` tokens and
-    ``max_elements`` hidden-state values a group.
-
-    ``inputs`` is emptied group by group as the merged copies are made, so the cache is never
-    held twice (it can be the largest thing in memory)."""
-    groups: list[list[int]] = []
-    tokens = elements = 0
-    for position, call in enumerate(inputs):
-        hidden = call.hidden_states
-        size, length = hidden.numel(), hidden.shape[:-1].numel()
-        if (
-            groups
-            and tokens + length <= max_tokens
-            and elements + size <= max_elements
-            and _same_but_hidden(inputs[groups[-1][0]], call)
-        ):
-            groups[-1].append(position)
-            tokens, elements = tokens + length, elements + size
-        else:
-            groups.append([position])
-            tokens, elements = length, size
-    merged = []
-    for group in groups:
-        calls = [inputs[position] for position in group]
-        if len(calls) == 1:
-            merged.append(_Merged.alone(calls[0]))
-        else:
-            hidden = torch.cat([call.hidden_states for call in calls])
-            sizes = [call.hidden_states.shape[0] for call in calls]
-            merged.append(_Merged(calls[0].with_hidden_states(hidden), sizes))
-        for position in group:  # release the calls' own hidden states now
-            inputs[position] = merged[-1].call
-        del calls
-    inputs.clear()
-    return merged
-
-
-def _unmerge(merged: list[_Merged]) -> list[_Merged]:
-    return [_Merged.alone(call) for m in merged for call in m.calls()]
-
-
-def _same_but_hidden(a: LayerInputs, b: LayerInputs) -> bool:
-    """Whether two calls differ at most in their hidden states' values and batch size."""
-    ha, hb = a.hidden_states, b.hidden_states
-    if ha.shape[1:] != hb.shape[1:] or ha.dtype != hb.dtype or ha.device != hb.device:
-        return False
-    rest_a = (a.args[1:], {k: v for k, v in a.kwargs.items() if k != "hidden_states"})
-    rest_b = (b.args[1:], {k: v for k, v in b.kwargs.items() if k != "hidden_states"})
-    return _equal(rest_a, rest_b)
-
-
-def _equal(a: Any, b: Any) -> bool:
-    if a is b:
-        return True
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        return (
-            isinstance(a, torch.Tensor)
-            and isinstance(b, torch.Tensor)
-            and a.shape == b.shape
-            and a.dtype == b.dtype
-            and a.device == b.device
-            and torch.equal(a, b)
+    def of(cls, modifiers: Iterable[Any]) -> _Shortcuts:
+        traits = [modifier.calibration_traits() for modifier in modifiers]
+        cut_short = not any(t.reads_outputs for t in traits)
+        return cls(
+            cut_short=cut_short,
+            merge=all(t.merges_batches for t in traits),
+            in_stages=cut_short and all(t.in_stages for t in traits),
         )
-    if isinstance(a, tuple | list) and isinstance(b, tuple | list):
-        return type(a) is type(b) and len(a) == len(b) and all(map(_equal, a, b))
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
-    if a is None or b is None or isinstance(a, bool | int | float | str):
-        return type(a) is type(b) and a == b
-    return False  # other objects (a cache, a config): only the very same one is equal
-
-
-def _merging_is_exact(layer: torch.nn.Module, inputs: list[_Merged]) -> bool:
-    """Whether ``layer`` gives the first merged call the outputs of its calls run one by one
-    (the other arguments, taken from the first call, must broadcast over the larger batch).
-    True when nothing is merged."""
-    if not inputs or len(inputs[0].sizes) == 1:
-        return True
-    merged = inputs[0]
-    with HooksMixin.disable_hooks():
-        separate = torch.cat([first_output(layer(*c.args, **c.kwargs)) for c in merged.calls()])
-        try:
-            together = first_output(layer(*merged.call.args, **merged.call.kwargs))
-        except Exception as error:  # e.g. a mask whose batch dimension does not broadcast
-            logger.debug("merged calls fail on {}: {}", type(layer).__name__, error)
-            return False
-    if together.shape != separate.shape:
-        return False
-    return bool((together - separate).abs().max() <= 1e-4 * separate.abs().max().clamp_min(1.0))
-
-
-class _StopForward(Exception):
-    """Raised by the capture hook: nothing after the first decoder layer needs to run."""
-
-
-class _StopLayer(Exception):
-    """Raised once a layer's last module has received its inputs, when no modifier reads
-    what comes after (the calibration forward's outputs are discarded anyway)."""
-
-
-class _CalibrationCutter:
-    """Ends a layer's calibration forwards at its last module's inputs.
-
-    The first forward runs whole, recording the order in which the layer's leaf modules are
-    called. From then on a forward pre-hook on the last of them, registered after every
-    modifier's hooks (so they still see its inputs), stops the forward: what that module
-    and the layer would compute is discarded by calibration anyway (on a Llama layer this
-    skips the down projection, a quarter of its matrix products).
-    """
-
-    def __init__(self, layer: torch.nn.Module) -> None:
-        self.layer = layer
-        self.last: torch.nn.Module | None = None
-        self.handle: Any = None
-
-    def __call__(self, call: LayerInputs) -> None:
-        if self.last is None:
-            order: list[torch.nn.Module] = []
-            leaves = [m for m in self.layer.modules() if not any(m.children())]
-            handles = [
-                leaf.register_forward_pre_hook(lambda m, _a: order.append(m)) for leaf in leaves
-            ]
-            try:
-                self.layer(*call.args, **call.kwargs)
-            finally:
-                for handle in handles:
-                    handle.remove()
-            if order:
-                self.last = order[-1]
-                self.handle = self.last.register_forward_pre_hook(_raise_stop_layer)
-            return
-        with contextlib.suppress(_StopLayer):
-            self.layer(*call.args, **call.kwargs)
-
-    def remove(self) -> None:
-        if self.handle is not None:
-            self.handle.remove()
-            self.handle = None
-
-
-def _raise_stop_layer(_module: torch.nn.Module, _args: Any) -> None:
-    raise _StopLayer
 
 
 def capture_layer_inputs(
@@ -265,26 +110,18 @@ def capture_layer_inputs(
 ) -> list[LayerInputs]:
     """Run each batch through the model up to ``layer`` and record the layer's arguments."""
     captured: list[LayerInputs] = []
-
-    def hook(_module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        captured.append(LayerInputs(tuple(args), dict(kwargs)))
-        raise _StopForward
-
-    # prepended: the layer's own hooks (the modifiers') must not see this call
-    handle = layer.register_forward_pre_hook(hook, with_kwargs=True, prepend=True)
-    try:
+    # stopped before the layer's own hooks (the modifiers'): they must not see this call
+    with stop_forward_at(layer, before_other_hooks=True):
         for position, batch in enumerate(tqdm(batches, desc="capturing layer inputs", leave=False)):
-            try:
-                model(**to_device(batch, device))
-            except _StopForward:
-                continue
-            raise RuntimeError(
-                f"batch {position} ran through the whole model without calling its first "
-                f"decoder layer ({type(layer).__name__}); the sequential pipeline cannot capture "
-                "its inputs (use pipeline='basic')"
-            )
-    finally:
-        handle.remove()
+            caught = run_until_stopped(model, **to_device(batch, device))
+            if caught is None:
+                raise RuntimeError(
+                    f"batch {position} ran through the whole model without calling its first "
+                    f"decoder layer ({type(layer).__name__}); the sequential pipeline cannot "
+                    "capture its inputs (use pipeline='basic')"
+                )
+            args, kwargs = caught
+            captured.append(LayerInputs(tuple(args), dict(kwargs)))
     return captured
 
 
@@ -314,84 +151,147 @@ def run_sequential(
     home = model_device(model)
     target = torch.device(device) if device is not None else home
     logger.info("sequential pipeline over {} layers of {} on {}", len(layers), path, target)
-    # stop each calibration forward early when no modifier reads past a module's inputs
-    cut_short = not any(m.calibration_reads_outputs() for m in session.modifiers)
-    merge = all(m.calibration_merges_batches() for m in session.modifiers)
-    in_stages = cut_short and all(m.calibration_in_stages() for m in session.modifiers)
+    shortcuts = _Shortcuts.of(session.modifiers)
     plan: StagePlan | None = None
     keep_freed_tensors_in_heap()  # no page faults for every activation (glibc)
     session.calibration_epoch_start()
     with calibration_mode(model):
-        moved = _move_outside(model, path, target) if target != home else []
-        try:
-            captured = capture_layer_inputs(model, layers[0], batches, target)
-        finally:
-            _move_back(moved, home)
-        if merge:
-            inputs = _merge_calls(captured, MERGE_TOKENS, MERGE_ELEMENTS)
-        else:
-            inputs = [_Merged.alone(call) for call in captured]
-        del captured
+        inputs = _cached_calls(model, path, layers[0], batches, target, home, shortcuts.merge)
         for index, layer in enumerate(tqdm(layers, desc="layers")):
-            if target != home:
-                layer.to(target)
-            try:
-                # an offloaded layer's weights stay in memory for its turn only
-                with layer_onloaded(offloaded):
-                    # merged calls are checked once, on the first layer, before it changes
-                    if index == 0 and not _merging_is_exact(layer, inputs):
-                        logger.info("{} does not take merged calls: one at a time", path)
-                        inputs = _unmerge(inputs)
-                    if index == 0 and in_stages and inputs:
-                        plan = plan_stages(layer, inputs[0].call)
-                        if plan is None:
-                            logger.info(
-                                "{} layers are not Llama-style: each is calibrated whole",
-                                type(layer).__name__,
-                            )
-                    if plan is not None:
-                        last = index == len(layers) - 1
-                        outputs = keep_outputs or not last
-                        calibrate_in_stages(layer, inputs, plan, session, index, outputs)
-                        if not outputs:
-                            inputs = []
-                        continue
-                    _calibrate(layer, [m.call for m in inputs], cut_short, index)
-                    # the calibration forwards' temporaries, before the modifiers' own work;
-                    # once per layer: a second trim after the outputs made the next layer's
-                    # forwards fault their memory in again (SmolLM2 GPTQ: 1.5 s more, the
-                    # same peak)
-                    release_free_memory()
-                    session.sequential_epoch_end(layer)
-                    if index < len(layers) - 1 or keep_outputs:
-                        _propagate(layer, inputs, index)
-                    else:
-                        inputs = []  # nothing reads the last layer's outputs
-            finally:
-                if target != home:
-                    layer.to(home)
+            outputs = keep_outputs or index < len(layers) - 1
+            # an offloaded layer's weights stay in memory for its turn only
+            with _on_device(layer, target, home), layer_onloaded(offloaded):
+                if index == 0:  # checked once, before the first layer changes
+                    inputs = _unmerged_unless_exact(layer, inputs, path)
+                    plan = _stage_plan(layer, inputs) if shortcuts.in_stages else None
+                if plan is not None:
+                    calibrate_in_stages(layer, inputs, plan, session, index, outputs)
+                else:
+                    _calibrate_whole(layer, inputs, session, shortcuts.cut_short, index, outputs)
+                if not outputs:
+                    inputs = []  # nothing reads the last layer's outputs
     session.calibration_epoch_end()
     return [call.hidden_states for merged in inputs for call in merged.calls()]
 
 
-def _calibrate(
-    layer: torch.nn.Module, inputs: list[LayerInputs], cut_short: bool, index: int
-) -> None:
-    """Run every cached call through ``layer`` with the modifiers' hooks live; with
-    ``cut_short``, each forward stops at the layer's last module (``_CalibrationCutter``)."""
-    cutter = _CalibrationCutter(layer) if cut_short else None
+def _cached_calls(
+    model: torch.nn.Module,
+    layers_path: str,
+    first_layer: torch.nn.Module,
+    batches: Sequence[Batch],
+    target: torch.device,
+    home: torch.device,
+    merge: bool,
+) -> list[MergedCalls]:
+    """The first decoder layer's calls for every batch, computed on ``target`` (what lies
+    outside the decoder layers goes there for the capture, and back ``home`` after); merged
+    up to ``MERGE_TOKENS`` and ``MERGE_ELEMENTS`` when ``merge``, else each on its own."""
+    moved = _move_outside(model, layers_path, target) if target != home else []
     try:
-        for call in tqdm(inputs, desc=f"layer {index} calibration", leave=False):
-            if cutter is not None:
-                cutter(call)
-            else:
-                layer(*call.args, **call.kwargs)
+        captured = capture_layer_inputs(model, first_layer, batches, target)
     finally:
-        if cutter is not None:
-            cutter.remove()
+        _move_back(moved, home)
+    if merge:
+        return merge_calls(captured, MERGE_TOKENS, MERGE_ELEMENTS)
+    return [MergedCalls.alone(call) for call in captured]
 
 
-def _propagate(layer: torch.nn.Module, inputs: list[_Merged], index: int) -> None:
+@contextlib.contextmanager
+def _on_device(layer: torch.nn.Module, target: torch.device, home: torch.device) -> Iterator[None]:
+    """``layer`` on ``target`` for its turn, back ``home`` after."""
+    if target == home:
+        yield
+        return
+    layer.to(target)
+    try:
+        yield
+    finally:
+        layer.to(home)
+
+
+def _unmerged_unless_exact(
+    layer: torch.nn.Module, inputs: list[MergedCalls], layers_path: str
+) -> list[MergedCalls]:
+    """``inputs``, or each call on its own when ``layer`` computes something else for merged
+    calls (``merging_is_exact``)."""
+    if merging_is_exact(layer, inputs):
+        return inputs
+    logger.info("{} does not take merged calls: one at a time", layers_path)
+    return unmerge(inputs)
+
+
+def _stage_plan(layer: torch.nn.Module, inputs: list[MergedCalls]) -> StagePlan | None:
+    """The stages of every layer, planned on the first layer's first call; None (each layer
+    calibrated whole) when the layers are not Llama-style."""
+    if not inputs:
+        return None
+    plan = plan_stages(layer, inputs[0].call)
+    if plan is None:
+        logger.info("{} layers are not Llama-style: each is calibrated whole", type(layer).__name__)
+    return plan
+
+
+def _calibrate_whole(
+    layer: torch.nn.Module,
+    inputs: list[MergedCalls],
+    session: CompressionSession,
+    cut_short: bool,
+    index: int,
+    outputs: bool,
+) -> None:
+    """Calibrate ``layer`` on every cached call, let the modifiers compress it, and (with
+    ``outputs``) replace each call's hidden states by the compressed layer's outputs."""
+    _calibrate(layer, [merged.call for merged in inputs], cut_short, index)
+    # the calibration forwards' temporaries go back to the system before the modifiers' own
+    # work; once per layer: trimming again after the outputs made the next layer's forwards
+    # fault their memory in again (bench/results/2026-12-01-notes-pipelines.md)
+    release_free_memory()
+    session.sequential_epoch_end(layer)
+    if outputs:
+        _propagate(layer, inputs, index)
+
+
+def _calibrate(
+    layer: torch.nn.Module, calls: list[LayerInputs], cut_short: bool, index: int
+) -> None:
+    """Run every cached call through ``layer`` with the modifiers' hooks live.
+
+    With ``cut_short``, the first forward runs whole to find the last module the layer calls;
+    every later one stops at that module, once the modifiers' hooks have seen its inputs:
+    what it and the layer would compute is discarded by calibration anyway (on a Llama layer
+    this skips the down projection, a quarter of its matrix products).
+    """
+    progress = tqdm(calls, desc=f"layer {index} calibration", leave=False)
+    if not cut_short:
+        for call in progress:
+            layer(*call.args, **call.kwargs)
+        return
+    last: torch.nn.Module | None = None
+    with contextlib.ExitStack() as stopping:
+        for call in progress:
+            if last is not None:
+                run_until_stopped(layer, *call.args, **call.kwargs)
+                continue
+            last = _last_module_called(layer, call)
+            if last is not None:
+                # registered after the modifiers' hooks, so they still see its inputs
+                stopping.enter_context(stop_forward_at(last))
+
+
+def _last_module_called(layer: torch.nn.Module, call: LayerInputs) -> torch.nn.Module | None:
+    """Run ``call`` through ``layer`` whole; the last of its leaf modules it called."""
+    order: list[torch.nn.Module] = []
+    leaves = [m for m in layer.modules() if not any(m.children())]
+    handles = [leaf.register_forward_pre_hook(lambda m, _a: order.append(m)) for leaf in leaves]
+    try:
+        layer(*call.args, **call.kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return order[-1] if order else None
+
+
+def _propagate(layer: torch.nn.Module, inputs: list[MergedCalls], index: int) -> None:
     """Replace each cached (merged) call's hidden states by ``layer``'s (compressed) outputs,
     in place and one at a time, so the old activations are freed as the new ones appear."""
     with HooksMixin.disable_hooks():
@@ -399,7 +299,7 @@ def _propagate(layer: torch.nn.Module, inputs: list[_Merged], index: int) -> Non
             merged = inputs[position]
             call = merged.call
             output = first_output(layer(*call.args, **call.kwargs))
-            inputs[position] = _Merged(call.with_hidden_states(output), merged.sizes)
+            inputs[position] = merged.with_hidden_states(output)
 
 
 def _check_uniform_layers(model: torch.nn.Module) -> None:

@@ -23,10 +23,11 @@ what its group needs, reusing what the stage before it computed:
 
 Calibrating the layer whole and then running it again for its outputs computes the
 attention twice and the MLP's gate/up twice. The stages compute the attention once, and
-gate/up once for the calls whose down-projection inputs are kept: on SmolLM2-135M, a fifth
-fewer multiply-adds in the Linears and one attention fewer per layer. Besides the layer's
-hidden states, the kept tensors take at most as much memory again (``x`` and the kept
-``o_proj`` inputs), then half as much (``h`` and the kept ``down_proj`` inputs).
+gate/up once for the calls whose down-projection inputs are kept: fewer multiply-adds in the
+Linears and one attention fewer per layer (counted for SmolLM2-135M in
+bench/results/2026-12-01-notes-pipelines.md). Besides the layer's hidden states, the kept
+tensors take at most as much memory again (``x`` and the kept ``o_proj`` inputs), then half
+as much (``h`` and the kept ``down_proj`` inputs).
 
 The layer must have the pre-norm residual form of Llama, Mistral, Qwen2/3 and their kin::
 
@@ -40,8 +41,7 @@ calibrated whole (``compressor.calibration.pipelines.sequential``).
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,7 +49,12 @@ import torch
 from loguru import logger
 from tqdm.auto import tqdm
 
-from compressor.calibration.pipelines.common import first_output
+from compressor.calibration.pipelines.common import (
+    first_output,
+    run_until_stopped,
+    stop_forward_at,
+)
+from compressor.calibration.pipelines.layer_calls import LayerInputs, MergedCalls
 from compressor.core.session import CompressionSession
 from compressor.modifiers.hooks import HooksMixin
 from compressor.utils.memory import release_free_memory
@@ -73,18 +78,14 @@ class StagePlan:
     """The MLP's last module (down_proj)."""
 
 
-class _StopStage(Exception):
-    """Raised once a stage's last module has received its inputs."""
-
-
-def _other_kwargs(call: Any) -> dict[str, Any]:
+def _other_kwargs(call: LayerInputs) -> dict[str, Any]:
     return {key: value for key, value in call.kwargs.items() if key != "hidden_states"}
 
 
-def plan_stages(layer: torch.nn.Module, call: Any) -> StagePlan | None:
+def plan_stages(layer: torch.nn.Module, call: LayerInputs) -> StagePlan | None:
     """The stages of ``layer`` (see the module doc), or None when it does not have the
-    Llama-style form: checked by running ``call`` (a ``LayerInputs``) through the layer both
-    whole and decomposed, with every hook paused, and comparing the outputs exactly.
+    Llama-style form: checked by running ``call`` through the layer both whole and
+    decomposed, with every hook paused, and comparing the outputs exactly.
 
     Every module of the layer with a modifier's hook must be one of the stages' modules.
     """
@@ -163,9 +164,8 @@ of the layer's cached hidden states; past it, stage 3 runs the calls' attention 
 KEEP_MLP = 0.5
 """The same for the ``down_proj`` inputs kept from stage 4 for stage 5 (past it, stage 5 runs
 gate/up again). Less than for the attention: each kept value saves fewer multiply-adds
-(gate/up's outputs are wider), and stage 4's own temporaries are larger. On SmolLM2-135M
-with its layers on disk, 1.0 gave 830-840 MB of peak memory and 0.5 gave 800-820 MB, for
-about 1.5 s more out of 38."""
+(gate/up's outputs are wider), and stage 4's own temporaries are larger (the peak memory and
+time it was chosen on: bench/results/2026-12-01-notes-pipelines.md)."""
 
 
 class _Kept:
@@ -189,32 +189,9 @@ class _Kept:
         return tensor
 
 
-@contextlib.contextmanager
-def _stop_at(module: torch.nn.Module, kept: list[torch.Tensor]) -> Iterator[None]:
-    """Stop every forward at ``module``'s inputs, after the modifiers' hooks have seen them
-    (registered last), keeping the inputs in ``kept``."""
-
-    def stop(_module: torch.nn.Module, args: tuple) -> None:
-        kept.append(args[0])
-        raise _StopStage
-
-    handle = module.register_forward_pre_hook(stop)
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
-def _stopped_input(stopped: list[torch.Tensor], name: str, index: int) -> torch.Tensor:
-    """The one input ``_stop_at`` caught in the forward just run."""
-    if len(stopped) != 1:
-        raise RuntimeError(f"layer {index}: {name} was not called")
-    return stopped.pop()
-
-
 def calibrate_in_stages(
     layer: torch.nn.Module,
-    inputs: list[Any],
+    inputs: list[MergedCalls],
     plan: StagePlan,
     session: CompressionSession,
     index: int,
@@ -222,94 +199,147 @@ def calibrate_in_stages(
 ) -> None:
     """Calibrate and compress ``layer`` stage by stage (see the module doc).
 
-    :param inputs: the layer's cached calls (``_Merged``); each one's hidden states are
-        replaced by the layer's compressed outputs (when ``outputs``)
+    :param inputs: the layer's cached calls; each one's hidden states are replaced by the
+        layer's compressed outputs (when ``outputs``)
     :param outputs: compute the outputs (False for the last layer when nothing reads them)
     """
-    norm1, attention, norm2, mlp = (getattr(layer, part) for part in _PARTS)
-    attention_readers = [layer.get_submodule(name) for name in plan.attention_readers]
-    o_proj = layer.get_submodule(plan.attention_output)
-    mlp_readers = [layer.get_submodule(name) for name in plan.mlp_readers]
-    down_proj = layer.get_submodule(plan.mlp_output)
-    count = len(inputs)
-    progress = tqdm(total=count * (5 if outputs else 4), desc=f"layer {index}", leave=False)
-
-    def replace_hidden(position: int, hidden: torch.Tensor) -> None:
-        merged = inputs[position]
-        inputs[position] = type(merged)(merged.call.with_hidden_states(hidden), merged.sizes)
-
-    # 1: the attention's inputs, to q/k/v's hooks without running them
-    with HooksMixin.hooks_only_on(attention_readers):
-        for merged in inputs:
-            normed = norm1(merged.call.hidden_states)
-            for module in attention_readers:
-                HooksMixin.call_forward_pre_hooks(module, normed)
-            progress.update()
-    session.sequential_epoch_end(attention_readers)
-
-    # 2: o_proj's inputs, from the compressed q/k/v; kept within the budget
+    stages = _Stages(layer, plan, inputs, index, outputs)
     hidden_bytes = sum(merged.call.hidden_states.nbytes for merged in inputs)
-    kept = _Kept(KEEP_ATTENTION * hidden_bytes)
-    stopped: list[torch.Tensor] = []
-    with HooksMixin.hooks_only_on([o_proj]), _stop_at(o_proj, stopped):
-        for merged in inputs:
-            call = merged.call
-            with contextlib.suppress(_StopStage):
-                attention(hidden_states=norm1(call.hidden_states), **_other_kwargs(call))
-            kept.offer(_stopped_input(stopped, plan.attention_output, index))
-            progress.update()
-    session.sequential_epoch_end([o_proj])
-
-    # 3: the residual stream after the attention replaces the inputs; gate/up's inputs
-    with HooksMixin.hooks_only_on(mlp_readers):
-        for position in range(count):
-            call = inputs[position].call
-            o_input = kept.take(position)
-            with HooksMixin.disable_hooks():
-                if o_input is not None:
-                    attended = o_proj(o_input)
-                else:
-                    attended = first_output(
-                        attention(hidden_states=norm1(call.hidden_states), **_other_kwargs(call))
-                    )
-            del o_input
-            hidden = call.hidden_states + attended
-            del attended
-            replace_hidden(position, hidden)
-            normed = norm2(hidden)
-            for module in mlp_readers:
-                HooksMixin.call_forward_pre_hooks(module, normed)
-            progress.update()
-    session.sequential_epoch_end(mlp_readers)
+    stages.feed_attention_readers()
+    session.sequential_epoch_end(stages.attention_readers)
+    kept_o_inputs = stages.stop_at_attention_output(_Kept(KEEP_ATTENTION * hidden_bytes))
+    session.sequential_epoch_end([stages.attention_output])
+    stages.add_attention(kept_o_inputs)
+    session.sequential_epoch_end(stages.mlp_readers)
     # the heap's holes left by stages 2 and 3 (the freed o_proj inputs, the replaced hidden
     # states) are too small for the MLP's temporaries: returned to the system before stage
-    # 4, they no longer count on top of it (SmolLM2-135M, layers on disk: 30-50 MB less peak)
+    # 4, they no longer count on top of it (bench/results/2026-12-01-notes-pipelines.md)
     release_free_memory()
-
-    # 4: down_proj's inputs, from the compressed gate/up; kept within the budget
-    kept = _Kept(KEEP_MLP * hidden_bytes if outputs else 0)
-    with HooksMixin.hooks_only_on([down_proj]), _stop_at(down_proj, stopped):
-        for merged in inputs:
-            with contextlib.suppress(_StopStage):
-                mlp(norm2(merged.call.hidden_states))
-            kept.offer(_stopped_input(stopped, plan.mlp_output, index))
-            progress.update()
-    # the stages' temporaries go back to the system before the layer's largest problem (as
-    # the whole-layer path does once per layer): SmolLM2-135M peaked 60-70 MB higher without
+    kept_down_inputs = stages.stop_at_mlp_output(_Kept(KEEP_MLP * hidden_bytes if outputs else 0))
+    # the stages' temporaries go back to the system before the layer's largest problem, as
+    # the whole-layer path does once per layer
     release_free_memory()
-    session.sequential_epoch_end([down_proj])
-
-    # 5: the outputs, with every hook paused
+    session.sequential_epoch_end([stages.mlp_output])
     if outputs:
+        stages.add_mlp(kept_down_inputs)
+    stages.progress.close()
+
+
+class _Stages:
+    """The stages of one Llama-style layer over its cached calls, one method each (see the
+    module doc); the modifiers compress each stage's modules in between (the caller).
+
+    :param layer: the decoder layer
+    :param plan: its stages' modules, by name
+    :param inputs: its cached calls, whose hidden states stages 3 and 5 replace
+    :param index: the layer's position, for messages
+    :param outputs: whether stage 5 runs (it counts in the progress bar)
+    """
+
+    def __init__(
+        self,
+        layer: torch.nn.Module,
+        plan: StagePlan,
+        inputs: list[MergedCalls],
+        index: int,
+        outputs: bool,
+    ) -> None:
+        self.input_norm, self.attention, self.post_attention_norm, self.mlp = (
+            getattr(layer, part) for part in _PARTS
+        )
+        self.attention_readers = [layer.get_submodule(name) for name in plan.attention_readers]
+        self.attention_output = layer.get_submodule(plan.attention_output)
+        self.mlp_readers = [layer.get_submodule(name) for name in plan.mlp_readers]
+        self.mlp_output = layer.get_submodule(plan.mlp_output)
+        self.plan = plan
+        self.inputs = inputs
+        self.index = index
+        steps = len(inputs) * (5 if outputs else 4)
+        self.progress = tqdm(total=steps, desc=f"layer {index}", leave=False)
+
+    def feed_attention_readers(self) -> None:
+        """Stage 1: the attention's inputs, to q/k/v's hooks without running them."""
+        with HooksMixin.hooks_only_on(self.attention_readers):
+            for merged in self.inputs:
+                _feed(self.attention_readers, self.input_norm(merged.call.hidden_states))
+                self.progress.update()
+
+    def stop_at_attention_output(self, kept: _Kept) -> _Kept:
+        """Stage 2: the attention on the compressed q/k/v, stopped at o_proj's inputs, which
+        o_proj's hooks see; they are kept within ``kept``'s budget."""
+        return self._stop_at(self.attention_output, self.plan.attention_output, self._attend, kept)
+
+    def add_attention(self, kept_o_inputs: _Kept) -> None:
+        """Stage 3: each call's hidden states become the residual stream after the
+        attention; its post-attention norm goes to gate/up's hooks."""
+        with HooksMixin.hooks_only_on(self.mlp_readers):
+            for position in range(len(self.inputs)):
+                call = self.inputs[position].call
+                attended = self._attention_out(call, kept_o_inputs.take(position))
+                hidden = call.hidden_states + attended
+                del attended
+                self.inputs[position] = self.inputs[position].with_hidden_states(hidden)
+                _feed(self.mlp_readers, self.post_attention_norm(hidden))
+                self.progress.update()
+
+    def stop_at_mlp_output(self, kept: _Kept) -> _Kept:
+        """Stage 4: the MLP on the compressed gate/up, stopped at down_proj's inputs, which
+        down_proj's hooks see; they are kept within ``kept``'s budget."""
+        return self._stop_at(self.mlp_output, self.plan.mlp_output, self._mlp_on, kept)
+
+    def add_mlp(self, kept_down_inputs: _Kept) -> None:
+        """Stage 5: each call's hidden states become the layer's outputs, every hook paused."""
         with HooksMixin.disable_hooks():
-            for position in range(count):
-                hidden = inputs[position].call.hidden_states
-                down_input = kept.take(position)
-                if down_input is not None:
-                    update = down_proj(down_input)
-                else:
-                    update = first_output(mlp(norm2(hidden)))
-                del down_input
-                replace_hidden(position, hidden + update)
-                progress.update()
-    progress.close()
+            for position in range(len(self.inputs)):
+                call = self.inputs[position].call
+                update = self._mlp_out(call, kept_down_inputs.take(position))
+                hidden = call.hidden_states + update
+                self.inputs[position] = self.inputs[position].with_hidden_states(hidden)
+                self.progress.update()
+
+    def _stop_at(
+        self,
+        module: torch.nn.Module,
+        name: str,
+        forward: Callable[[LayerInputs], Any],
+        kept: _Kept,
+    ) -> _Kept:
+        """Run ``forward`` on every call until it reaches ``module``, whose hooks alone see
+        the inputs; they are kept within ``kept``'s budget."""
+        with HooksMixin.hooks_only_on([module]), stop_forward_at(module):
+            for merged in self.inputs:
+                caught = run_until_stopped(forward, merged.call)
+                if caught is None:
+                    raise RuntimeError(f"layer {self.index}: {name} was not called")
+                args, _kwargs = caught
+                kept.offer(args[0])
+                self.progress.update()
+        return kept
+
+    def _attend(self, call: LayerInputs) -> Any:
+        return self.attention(
+            hidden_states=self.input_norm(call.hidden_states), **_other_kwargs(call)
+        )
+
+    def _mlp_on(self, call: LayerInputs) -> Any:
+        return self.mlp(self.post_attention_norm(call.hidden_states))
+
+    def _attention_out(self, call: LayerInputs, o_input: torch.Tensor | None) -> torch.Tensor:
+        """The attention's output, hooks paused: o_proj on its kept input, or the attention
+        run again when that was not kept."""
+        with HooksMixin.disable_hooks():
+            if o_input is not None:
+                return self.attention_output(o_input)
+            return first_output(self._attend(call))
+
+    def _mlp_out(self, call: LayerInputs, down_input: torch.Tensor | None) -> torch.Tensor:
+        """The MLP's output: down_proj on its kept input, or the MLP run again."""
+        if down_input is not None:
+            return self.mlp_output(down_input)
+        return first_output(self._mlp_on(call))
+
+
+def _feed(readers: list[torch.nn.Module], normed: torch.Tensor) -> None:
+    """Hand ``normed`` to the modifiers' forward pre-hooks of ``readers``, without running them."""
+    for module in readers:
+        HooksMixin.call_forward_pre_hooks(module, normed)

@@ -213,10 +213,9 @@ class PruningModifierBase(Modifier):
         training = kind == EventType.BATCH_START and not self._frozen
         if training and event.should_update(self.start, self.end, self.update):
             self.scorer.step(self._density(event))
-        # a sequential pipeline has calibrated the layer it passes in batch_data
-        calibrated = kind == EventType.SEQUENTIAL_EPOCH_END
-        if calibrated and isinstance(state.batch_data, torch.nn.Module):
-            self.scorer.layer_calibrated(state.batch_data)
+        if kind == EventType.SEQUENTIAL_EPOCH_END:
+            for module in event.modules:  # the layer (or model) just calibrated
+                self.scorer.layer_calibrated(module)
 
     def on_end(self, state: State, event: Event) -> None:
         final = self.final_density()

@@ -11,7 +11,7 @@ from pydantic import Field, PrivateAttr, model_validator
 
 from compressor.core.events import Event, EventType
 from compressor.core.state import State
-from compressor.modifiers.base import Modifier
+from compressor.modifiers.base import CalibrationTraits, Modifier
 from compressor.modifiers.quantization.calibration import PostTrainingPathway
 from compressor.modifiers.quantization.fake_quant import LowBitWeights
 from compressor.modifiers.quantization.matching import (
@@ -148,10 +148,11 @@ class QuantizationModifier(QuantizationSchemeMixin, Modifier):
         """True when a scheme has static activation ranges to observe."""
         return self.resolve_quantization_config().requires_calibration_data()
 
-    def supports_offloaded_models(self) -> bool:
-        """Post-training scales and baked weights are written with update_offload_parameter
-        (training-aware quantization does not run on offloaded models)."""
-        return True
+    def calibration_traits(self) -> CalibrationTraits:
+        """Offloaded models are supported: post-training scales and baked weights are written
+        with update_offload_parameter (training-aware quantization does not run on offloaded
+        models)."""
+        return CalibrationTraits(supports_offloaded_models=True)
 
     @property
     def quantized_modules(self) -> dict[str, torch.nn.Module]:

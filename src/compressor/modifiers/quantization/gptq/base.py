@@ -17,7 +17,7 @@ from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from compressor.core.events import Event, EventType
 from compressor.core.state import State
-from compressor.modifiers.base import Modifier
+from compressor.modifiers.base import CalibrationTraits, Modifier
 from compressor.modifiers.quantization.calibration import freeze_quantization
 from compressor.modifiers.quantization.gptq import (
     SharedHessians,
@@ -63,7 +63,7 @@ class GPTQModifier(QuantizationSchemeMixin, Modifier):
       quantization to them with the quantized forward switched off
     - ``on_start`` (calibration start): a Hessian-accumulating forward pre-hook on each Linear
     - ``on_update`` at SEQUENTIAL_EPOCH_END: quantize the Linears of the layer just calibrated
-      (``state.batch_data``) and free their Hessians; their weights now lie on the grid, so
+      (``event.modules``) and free their Hessians; their weights now lie on the grid, so
       their quantized forward stays off (it would give the same weights back) unless they
       also quantize activations
     - ``on_end`` (calibration end): quantize whatever is still pending (every Linear, on the
@@ -76,7 +76,7 @@ class GPTQModifier(QuantizationSchemeMixin, Modifier):
     Linears with identical Hessians and row-wise scales are solved as one stacked weight. The
     Hessian hooks are forward pre-hooks and read nothing else, so the sequential pipeline
     may stop each calibration forward at the layer's last module
-    (``calibration_reads_outputs`` is False).
+    (``calibration_traits().reads_outputs`` is False).
 
     :param block_size: columns per lazy-update block (128 in the paper)
     :param dampening_frac: fraction of the mean Hessian diagonal added to the diagonal before
@@ -142,13 +142,17 @@ class GPTQModifier(QuantizationSchemeMixin, Modifier):
     def requires_calibration_data(self) -> bool:
         return True
 
-    def calibration_reads_outputs(self) -> bool:
-        return False  # the Hessians need only each Linear's inputs (forward pre-hooks)
+    def calibration_traits(self) -> CalibrationTraits:
+        return CalibrationTraits(
+            # weights, scales and zero points are written with update_offload_parameter
+            supports_offloaded_models=True,
+            # the Hessians need only each Linear's inputs (forward pre-hooks)
+            reads_outputs=False,
+            merges_batches=self._merges_batches(),
+            in_stages=self.true_sequential,
+        )
 
-    def calibration_in_stages(self) -> bool:
-        return self.true_sequential
-
-    def calibration_merges_batches(self) -> bool:
+    def _merges_batches(self) -> bool:
         """A Hessian sums ``x x^T`` over tokens, however they are batched; but an activation
         quantized with one dynamic scale per forward (strategy tensor) would see other
         scales in the compressed layers' re-runs if batches were stacked."""
@@ -158,9 +162,6 @@ class GPTQModifier(QuantizationSchemeMixin, Modifier):
                 if args is not None and args.dynamic and args.strategy == "tensor":
                     return False
         return True
-
-    def supports_offloaded_models(self) -> bool:
-        return True  # weights, scales and zero points are written with update_offload_parameter
 
     def on_initialize(self, state: State) -> None:
         if state.model is None:
@@ -193,9 +194,7 @@ class GPTQModifier(QuantizationSchemeMixin, Modifier):
     def on_update(self, state: State, event: Event) -> None:
         if event.type_ != EventType.SEQUENTIAL_EPOCH_END:
             return
-        part = state.batch_data
-        parts = part if isinstance(part, list | tuple) else [part]
-        inside = {id(m) for p in parts if isinstance(p, torch.nn.Module) for m in p.modules()}
+        inside = {id(m) for part in event.modules for m in part.modules()}
         pending = [
             (name, module)
             for name, module in self._modules.items()

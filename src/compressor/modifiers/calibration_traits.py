@@ -1,0 +1,49 @@
+"""What a modifier allows the calibration pipelines to do (``Modifier.calibration_traits``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["CalibrationTraits"]
+
+
+@dataclass(frozen=True)
+class CalibrationTraits:
+    """How a modifier's calibration may be run; the defaults are the conservative answers.
+
+    A pipeline takes a shortcut only when every modifier of the run allows it.
+
+    :param supports_offloaded_models: the modifier works on a model whose weights are
+        offloaded (to CPU memory or disk, ``compressor.utils.offload``): every weight it
+        changes is written with ``update_offload_parameter``, never into the temporary
+        onloaded copy. Default False: ``oneshot`` then refuses an offloaded model with a
+        clear error
+    :param reads_outputs: the modifier's calibration hooks read something computed after a
+        module's inputs (module outputs, a decoder layer's output). When no modifier does,
+        the sequential pipeline stops each calibration forward of a layer as soon as its last
+        module has received its inputs: the rest would be computed and thrown away (the
+        layer's outputs come from the re-run after compression). Default True
+    :param merges_batches: the result is unchanged when several calibration batches run
+        through a layer as one forward (their rows stacked): the modifier's statistics (true
+        of sums and extremes over tokens, like GPTQ's Hessians; false of running averages per
+        batch, or of ranges that already quantize the forward while they are being
+        observed), and the outputs of the layers it has compressed (false when they quantize
+        activations with one dynamic scale per forward). When every modifier says so, the
+        sequential pipeline runs stacked batches, whose larger matrix products run faster;
+        otherwise each batch runs alone, as the user batched it. Default False
+    :param in_stages: the modifier compresses a decoder layer's modules in the order the
+        layer calls them, each group calibrated on the outputs of the groups already
+        compressed ("true sequential", as the GPTQ authors' code and AutoGPTQ do): q/k/v, then
+        o on the compressed attention, then gate/up, then down. Only for modifiers whose
+        hooks are forward pre-hooks on the modules they compress and whose
+        ``SEQUENTIAL_EPOCH_END`` compresses the modules the event carries. When every
+        modifier says so (and none reads outputs), the sequential pipeline calibrates a
+        Llama-style layer in those stages, which needs fewer matrix products than calibrating
+        it whole and running it again (``compressor.calibration.pipelines.staged``).
+        Default False
+    """
+
+    supports_offloaded_models: bool = False
+    reads_outputs: bool = True
+    merges_batches: bool = False
+    in_stages: bool = False
