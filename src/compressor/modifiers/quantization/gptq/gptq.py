@@ -37,10 +37,11 @@ __all__ = [
     "round_to_nearest",
 ]
 
-ActOrder = Literal["static", "group"]
+ActOrder = Literal["static"]
 """Activation ordering: ``static`` quantizes columns in order of decreasing Hessian diagonal with
-scales fixed up front on the contiguous groups (same checkpoint format as no reordering);
-``group`` also forms the groups in that order, with a ``g_idx`` mapping columns to groups."""
+scales fixed up front on the contiguous groups (same checkpoint format as no reordering).
+Groups formed in that order would need a ``g_idx`` (column -> group) tensor, which
+compressed-tensors' checkpoint format no longer has; ``GPTQModifier`` refuses them."""
 
 _SUB_BLOCK = 16
 """Columns per inner sub-block of GPTQ's two-level lazy updates (see the loop)."""
@@ -61,7 +62,6 @@ class GPTQResult:
     :param scale: per tensor ``(1,)``, per channel ``(rows, 1)`` or per group
         ``(rows, num_groups)``
     :param zero_point: same shape as ``scale`` (zeros when symmetric)
-    :param g_idx: for ``actorder="group"``, the group index of every input column; else None
     :param loss: GPTQ's estimate of the added squared error, ``sum (w - q)^2 / [H^-1]_jj / 2``
     :param dampening_frac: the dampening that made the Hessian invertible (may exceed the
         requested one)
@@ -70,7 +70,6 @@ class GPTQResult:
     weight: torch.Tensor
     scale: torch.Tensor
     zero_point: torch.Tensor
-    g_idx: torch.Tensor | None
     loss: float
     dampening_frac: float
 
@@ -235,7 +234,7 @@ def gptq_quantize_weight(
     Scales come from min-max of the weights being quantized: per tensor and per channel from
     the whole weight up front; per group when the group's first column is reached, from the
     group's current (error-updated) columns, except with ``actorder="static"``, where every
-    group's scale is fixed up front so the groups may stay contiguous in the original order.
+    group's scale is fixed up front so the groups stay contiguous in the original order.
 
     :param weight: the Linear's weight (not modified); or several weights with the same
         columns and one Hessian (q/k/v projections), quantized as one problem with their rows
@@ -244,7 +243,7 @@ def gptq_quantize_weight(
     :param args: compressed-tensors quantization args (int or float; tensor, channel or group)
     :param block_size: columns per lazy-update block
     :param dampening_frac: fraction of the mean Hessian diagonal added to its diagonal
-    :param actorder: None, ``"static"`` or ``"group"`` (see ``ActOrder``)
+    :param actorder: None or ``"static"`` (see ``ActOrder``)
     :param overwrite_hessian: the caller no longer needs ``hessian``: it may be changed in
         place instead of copied (saves two matrices of memory on the largest layers)
     """
@@ -300,7 +299,7 @@ def gptq_quantize_weights(
     :param args: compressed-tensors quantization args shared by every problem
     :param block_size: columns per lazy-update block
     :param dampening_frac: fraction of the mean Hessian diagonal added to its diagonal
-    :param actorder: None, ``"static"`` or ``"group"`` (see ``ActOrder``)
+    :param actorder: None or ``"static"`` (see ``ActOrder``)
     :param overwrite_hessian: the caller no longer needs the Hessians (see
         ``gptq_quantize_weight``)
     :return: one result per problem, in order
@@ -321,12 +320,10 @@ def gptq_quantize_weights(
             raise ValueError(
                 f"the Hessian is {tuple(hessian.shape)}, the weight has {columns} input columns"
             )
-    if actorder not in (None, "static", "group"):
-        raise ValueError(f"actorder must be None, 'static' or 'group'; got {actorder!r}")
+    if actorder not in (None, "static"):
+        raise ValueError(f"actorder must be None or 'static'; got {actorder!r}")
     grouped = args.strategy == QuantizationStrategy.GROUP
     group_size = args.group_size if grouped else columns
-    if actorder == "group" and not grouped:
-        actorder = "static"  # without groups, the two orders are the same
 
     # Work on the transpose, built in one copy: each input column is then one contiguous row,
     # which makes the thousands of per-column operations below several times cheaper. Each
@@ -389,14 +386,11 @@ def gptq_quantize_weights(
 
     results = []
     for problem in solved:
-        g_idx = None
         if problem.perm is None:
             quantized = wt[:, problem.rows].t()
         else:
             inverse = torch.argsort(problem.perm)
             quantized = wt[:, problem.rows].index_select(0, inverse).t()
-            if actorder == "group":
-                g_idx = (inverse // group_size).to(torch.int32)
         scale, zero = problem.fixed_scale, problem.fixed_zero
         if scale is None:
             scale, zero = problem.scale, problem.zero
@@ -408,7 +402,6 @@ def gptq_quantize_weights(
                 weight=quantized.to(problem.weights[0].dtype),
                 scale=scale,
                 zero_point=zero.to(args.zp_dtype),
-                g_idx=g_idx,
                 loss=problem.loss,
                 dampening_frac=problem.dampening_frac,
             )
