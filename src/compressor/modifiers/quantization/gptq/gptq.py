@@ -99,10 +99,9 @@ def _few_threads(tensor: torch.Tensor) -> Iterator[_Threads]:
 
     The loop is thousands of small tensor operations; on CPU, spreading each over OpenMP
     threads costs more in synchronisation than it saves, and on a busy machine every barrier
-    waits for a descheduled thread (measured: 2.2 s instead of 6.5 s for a 576x1536 weight
-    under load). Each block's update of the later columns is one large matrix product, which
-    takes every thread again (``_Threads.all``: SmolLM2-135M's solves 0.3 s faster over 30
-    layers, the same results). The previous thread count is restored afterwards.
+    waits for a descheduled thread. Each block's update of the later columns is one large
+    matrix product, which takes every thread again (``_Threads.all``). The previous thread
+    count is restored afterwards. Measurements: bench/results/2026-12-01-notes-gptq-memory.md.
     """
     previous = torch.get_num_threads()
     if tensor.device.type != "cpu" or previous == 1:
@@ -293,7 +292,8 @@ def gptq_quantize_weights(
     column, the bulk of GPTQ's thousands of small operations, is one set of operations for
     every problem; only the error feedback, which depends on each problem's inverse Hessian,
     is done per problem. (A decoder layer's q/k/v, o and gate/up problems read inputs of the
-    same width: solved together they take about a third fewer operations.)
+    same width, so they share one column loop; the saving is in
+    bench/results/2026-12-01-notes-gptq-memory.md.)
 
     :param problems: ``(weight or weights, hessian)`` pairs with the same number of columns
     :param args: compressed-tensors quantization args shared by every problem
