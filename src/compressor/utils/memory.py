@@ -68,11 +68,10 @@ def keep_freed_tensors_in_heap() -> bool:
 
     A forward pass allocates and frees megabyte-sized activations hundreds of times. With
     glibc's adaptive defaults, the heap's free top is often given back to the system on a
-    free and taken again on the next allocation, each page then faulting in anew: a
-    SmolLM2-135M decoder layer on 1024 tokens took 4,500 page faults and 38 ms per call on
-    these machines, against 30 faults and 32 ms with fixed thresholds (blocks up to 32 MB
-    from the heap, its top trimmed past 64 MB). Memory that is free for longer is still
-    returned between the steps of long runs (``release_free_memory``).
+    free and taken again on the next allocation, each page then faulting in anew. Fixed
+    thresholds (blocks up to 32 MB from the heap, its top trimmed past 64 MB) keep those
+    pages (measurements: bench/results/2026-12-01-notes-gptq-memory.md). Memory that is free
+    for longer is still returned between the steps of long runs (``release_free_memory``).
 
     Nothing is changed when the user tuned malloc already (``MALLOC_*_`` variables or a
     ``glibc.malloc`` tunable), or outside glibc.
@@ -96,8 +95,8 @@ def release_free_memory() -> None:
     Layer-by-layer compression allocates and frees the same large temporaries (activations,
     Hessians, weight copies) once per layer. glibc keeps freed blocks of up to 32 MB in the
     process heap, where fragmentation can make resident memory creep up from layer to layer;
-    trimming once per layer keeps the peak at what one layer needs (measured on a
-    4-layer, 49M-parameter Llama with GPTQ: 1065 MB without, 990 MB with, same time).
+    trimming once per layer keeps the peak at what one layer needs, at no cost in time
+    (measurements: bench/results/2026-12-01-notes-gptq-memory.md).
     """
     libc = _libc()
     if libc is not None:
@@ -131,8 +130,8 @@ def overwrite_(target: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
 
     A model loaded from safetensors on CPU keeps its weights in a private mapping of the
     checkpoint file. Writing a new weight there makes the kernel copy every page from the file
-    before it is overwritten: about 15 us a page on these machines, against under 2 us for a
-    fresh page (1.6 s of a 45 s GPTQ run of SmolLM2-135M). Since every byte is overwritten,
+    before it is overwritten, several times the cost of a fresh page (measurements:
+    bench/results/2026-12-01-notes-gptq-memory.md). Since every byte is overwritten,
     the whole pages inside ``target`` are first replaced by fresh anonymous pages at the same
     addresses (``mmap`` with ``MAP_FIXED``), then written. Addresses, views and aliases are
     unchanged, the file is not touched (as with a copy into a private mapping), and resident

@@ -61,7 +61,7 @@ def test_hessian_is_the_mean_of_outer_products_over_any_batching():
 
 
 @pytest.mark.parametrize("name", list(ARGS))
-@pytest.mark.parametrize("actorder", [None, "static", "group"])
+@pytest.mark.parametrize("actorder", [None, "static"])
 def test_gptq_beats_round_to_nearest(name, actorder):
     args = ARGS[name]
     w, x = correlated_layer()
@@ -78,15 +78,13 @@ def per_column_qparams(result, args, columns):
     if scale.dim() == 1:
         scale, zero = scale.reshape(1, 1), zero.reshape(1, 1)
     if args.strategy == "group":
-        index = result.g_idx.long() if result.g_idx is not None else None
-        if index is None:
-            index = torch.arange(columns) // args.group_size
+        index = torch.arange(columns) // args.group_size
         return scale[:, index], zero[:, index]
     return scale.expand(-1, columns), zero.expand(-1, columns)
 
 
 @pytest.mark.parametrize("name", list(ARGS))
-@pytest.mark.parametrize("actorder", [None, "static", "group"])
+@pytest.mark.parametrize("actorder", [None, "static"])
 def test_result_lies_on_the_returned_grid(name, actorder):
     args = ARGS[name]
     w, x = correlated_layer()
@@ -99,18 +97,15 @@ def test_result_lies_on_the_returned_grid(name, actorder):
     torch.testing.assert_close((codes - zero.float()) * scale, result.weight)
     # at most 2^bits distinct values in every row of every group
     group = args.group_size if args.strategy == "group" else w.shape[1]
-    ordered = result.weight
-    if result.g_idx is not None:
-        ordered = result.weight[:, torch.argsort(result.g_idx, stable=True)]
-    for row in ordered.unflatten(1, (-1, group)).reshape(-1, group):
+    for row in result.weight.unflatten(1, (-1, group)).reshape(-1, group):
         assert row.unique().numel() <= 2**args.num_bits
-    if result.g_idx is None:  # the checkpoint format: compressed-tensors' own quantizer
-        assert result.zero_point.dtype == torch.int8
-        if args.strategy in ("channel", "group"):
-            assert result.scale.shape[0] == w.shape[0]
-        torch.testing.assert_close(
-            fake_quantize(result.weight, result.scale, result.zero_point, args), result.weight
-        )
+    # the checkpoint format: compressed-tensors' own quantizer
+    assert result.zero_point.dtype == torch.int8
+    if args.strategy in ("channel", "group"):
+        assert result.scale.shape[0] == w.shape[0]
+    torch.testing.assert_close(
+        fake_quantize(result.weight, result.scale, result.zero_point, args), result.weight
+    )
 
 
 def test_static_actorder_keeps_contiguous_groups_with_round_to_nearest_scales():
@@ -119,13 +114,7 @@ def test_static_actorder_keeps_contiguous_groups_with_round_to_nearest_scales():
     h, _ = accumulate_hessian(x)
     _, rtn_scale, _ = round_to_nearest(w, args)
     static = gptq_quantize_weight(w, h, args, actorder="static")
-    assert static.g_idx is None
     torch.testing.assert_close(static.scale, rtn_scale)
-    grouped = gptq_quantize_weight(w, h, args, actorder="group")
-    # groups formed in order of decreasing Hessian diagonal, group_size columns each
-    assert torch.bincount(grouped.g_idx).tolist() == [16] * 6
-    top = torch.argsort(h.diagonal(), descending=True)[:16]
-    assert set(grouped.g_idx[top].tolist()) == {0}
 
 
 def test_lazy_block_updates_equal_column_by_column_updates():
@@ -176,6 +165,8 @@ def test_bad_arguments_name_the_problem():
         gptq_quantize_weight(w, h, QuantizationArgs(num_bits=4, group_size=40))
     with pytest.raises(ValueError, match="actorder must be"):
         gptq_quantize_weight(w, h, ARGS["channel-sym"], actorder="weird")
+    with pytest.raises(ValueError, match="actorder must be None or 'static'; got 'group'"):
+        gptq_quantize_weight(w, h, ARGS["group-sym"], actorder="group")  # no g_idx format
     with pytest.raises(ValueError, match="strategy"):
         gptq_quantize_weight(w, h, QuantizationArgs(num_bits=8, strategy="token", dynamic=True))
     with pytest.raises(ValueError, match="Hessian is"):
@@ -374,7 +365,7 @@ def _problem(rows, columns, seed, dead=None):
 
 
 @pytest.mark.parametrize("name", ["channel-sym", "group-sym", "group-asym", "tensor-sym"])
-@pytest.mark.parametrize("actorder", [None, "static", "group"])
+@pytest.mark.parametrize("actorder", [None, "static"])
 def test_problems_solved_in_lockstep_equal_each_solved_alone_bit_for_bit(name, actorder):
     """A layer's q/k/v, o and gate/up problems share their column loop (one rounding per
     position for all of them); each keeps its own Hessian, order, scales and loss."""
@@ -393,8 +384,6 @@ def test_problems_solved_in_lockstep_equal_each_solved_alone_bit_for_bit(name, a
         assert torch.equal(one.scale, joint.scale)
         assert torch.equal(one.zero_point, joint.zero_point)
         assert one.loss == pytest.approx(joint.loss, rel=1e-6)
-        assert (one.g_idx is None) == (joint.g_idx is None)
-        assert one.g_idx is None or torch.equal(one.g_idx, joint.g_idx)
     assert not together[1].weight[:, 5].any()  # the dead column of the second problem
     with pytest.raises(ValueError, match="same input columns"):
         gptq_quantize_weights([problems[1], _problem(8, 32, 4)], args)

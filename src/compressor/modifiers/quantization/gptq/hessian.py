@@ -272,7 +272,8 @@ def _upper_cholesky_of_inverse(h: torch.Tensor) -> torch.Tensor | None:
     """
     # ``J h J`` is symmetric, so its transpose (a column-major view of the same memory) is
     # the same matrix: LAPACK factorizes that view in place, where a row-major ``out`` would
-    # cost two transposing copies (half the Cholesky's time at 1536 wide and up)
+    # cost two transposing copies (a large share of the Cholesky's time on wide Hessians:
+    # bench/results/2026-12-01-notes-gptq-memory.md)
     lower = h.flip(0, 1).t()
     info = torch.empty((), dtype=torch.int32, device=h.device)
     torch.linalg.cholesky_ex(lower, out=(lower, info))
