@@ -77,17 +77,19 @@ def _oneshot(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from compressor.calibration.data import read_text_file
     from compressor.entrypoints.loading import load_model, load_tokenizer
     from compressor.utils.eval import perplexity
 
     data = Path(args.data)
     if not data.is_file():
         raise FileNotFoundError(f"--data file not found: {data}")
+    text = read_text_file(data)
     tokenizer = load_tokenizer(args.model)
     if tokenizer is None:
         raise ValueError(f"--model {args.model}: no tokenizer found beside the model")
     model = load_model(args.model)
-    ids = tokenizer(data.read_text(encoding="utf-8"), return_tensors="pt")["input_ids"][0]
+    ids = tokenizer(text, return_tensors="pt")["input_ids"][0]
     ppl = perplexity(model, ids, window=args.window, max_windows=args.max_windows)
     windows = min(ids.numel() // args.window, args.max_windows or ids.numel())
     print(f"perplexity {ppl:.4f} over {windows} window(s) of {args.window} tokens of {data}")
