@@ -13,6 +13,7 @@ from loguru import logger
 from compressor.calibration.arguments import CalibrationArguments, PipelineName
 from compressor.calibration.data import Batch, build_calibration_batches
 from compressor.calibration.pipelines import PIPELINES, resolve_pipeline
+from compressor.calibration.pipelines.common import check_model_takes
 from compressor.checkpoint.directory import OutputArguments, check_output_dir, save_checkpoint
 from compressor.core.session import create_session
 from compressor.entrypoints.loading import load_model, load_tokenizer
@@ -181,7 +182,9 @@ def _calibration_batches(
         raise ValueError(
             f"pipeline={pipeline!r} runs calibration data through the model but dataset is None"
         )
-    return build_calibration_batches(dataset, calibration, model=model, tokenizer=tokenizer)
+    batches = build_calibration_batches(dataset, calibration, model=model, tokenizer=tokenizer)
+    check_model_takes(model, batches[0])
+    return batches
 
 
 def _compress(

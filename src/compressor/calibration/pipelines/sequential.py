@@ -44,6 +44,7 @@ from compressor.architectures import find_decoder_layers
 from compressor.calibration.data import Batch
 from compressor.calibration.pipelines.common import (
     calibration_mode,
+    call_model,
     first_output,
     model_device,
     to_device,
@@ -275,7 +276,7 @@ def capture_layer_inputs(
     try:
         for position, batch in enumerate(tqdm(batches, desc="capturing layer inputs", leave=False)):
             try:
-                model(**to_device(batch, device))
+                call_model(model, to_device(batch, device))
             except _StopForward:
                 continue
             raise RuntimeError(
