@@ -16,7 +16,11 @@ __all__ = ["check_finite_weights"]
 
 
 @torch.no_grad()
-def check_finite_weights(modules: Iterable[tuple[str, torch.nn.Module]], who: str) -> None:
+def check_finite_weights(
+    modules: Iterable[tuple[str, torch.nn.Module]],
+    who: str,
+    attributes: tuple[str, ...] | None = None,
+) -> None:
     """Raise when a floating-point parameter of one of ``modules`` holds NaN or inf.
 
     Parameters that are not in memory (on the ``meta`` device, as offloaded weights are) are
@@ -24,10 +28,14 @@ def check_finite_weights(modules: Iterable[tuple[str, torch.nn.Module]], who: st
 
     :param modules: ``(name, module)`` pairs, e.g. ``model.named_modules()``
     :param who: the modifier checking, for the message
+    :param attributes: check only parameters of these names (e.g. ``("weight",)``); every
+        parameter when None
     :raises ValueError: naming the parameter and how many entries are NaN and inf
     """
     for name, module in modules:
         for attribute, value in module.named_parameters(recurse=False):
+            if attributes is not None and attribute not in attributes:
+                continue
             if not value.is_floating_point() or value.is_meta:
                 continue
             if torch.isfinite(value).all():

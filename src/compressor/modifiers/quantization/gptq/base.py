@@ -308,7 +308,9 @@ class GPTQModifier(QuantizationSchemeMixin, Modifier):
                     self._finish(name, module)
             return
         problems, counts = [], []
-        check_finite_weights((pair for group in bundle for pair in group), "GPTQModifier")
+        # the weights only: the scales attached for them are not computed yet
+        pairs = (pair for group in bundle for pair in group)
+        check_finite_weights(pairs, "GPTQModifier", attributes=("weight",))
         for group in bundle:
             hessian, count = self._hessians.pop([name for name, _ in group])
             problems.append(([module.weight.data for _, module in group], hessian))  # no copy
