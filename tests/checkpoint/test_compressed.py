@@ -157,3 +157,24 @@ def test_asymmetric_packed_weights_warn_that_transformers_cannot_reload_them(
     assert any("asymmetric weights" in m and "#1704" in m for m in messages)
     with pytest.raises(Exception, match="mismatch|size"):
         AutoModelForCausalLM.from_pretrained(out)
+
+
+def test_a_save_into_an_earlier_checkpoint_leaves_no_stale_description(tiny_llama, tmp_path):
+    from compressor import oneshot
+    from compressor.modifiers import SparsePruningModifier
+
+    out = tmp_path / "ckpt"
+    quantize = QuantizationModifier(config_groups={"g": {"targets": ["Linear"], "weights": {
+        "num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel"}}})  # fmt: skip
+    oneshot(tiny_llama, [quantize], output_dir=out)  # writes recipe.yaml and the model card
+    (out / "notes.txt").write_text("mine")
+    torch.manual_seed(1)
+    pruned = oneshot(LlamaForCausalLM(tiny_llama_config()), [SparsePruningModifier(density=0.5)])
+    save_compressed(pruned, out)  # no recipe: the quantizing one must not stay
+    assert not (out / "recipe.yaml").exists() and not (out / "README.md").exists()
+    assert (out / "notes.txt").read_text() == "mine"  # not ours: kept
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    (out / "README.md").write_text("# My own notes about this model\n")
+    save_compressed(pruned, out, recipe=[SparsePruningModifier(density=0.5)])
+    assert "SparsePruningModifier" in (out / "recipe.yaml").read_text()
+    assert (out / "README.md").read_text() == "# My own notes about this model\n"

@@ -27,3 +27,23 @@ def test_model_and_tokenizer_sources(tiny_llama, tmp_path, stories_model_path):
         load_model(tmp_path / "missing")
     with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
         load_model(3)
+
+
+def test_an_already_compressed_checkpoint_is_refused_before_any_work(tiny_llama, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from calibration_modifiers import FailAtLayer
+    from compressor import QuantizationModifier, oneshot
+
+    weights = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group"}
+    groups = {"g": {"targets": ["Linear"], "weights": weights | {"group_size": 16}}}
+    oneshot(tiny_llama, [QuantizationModifier(config_groups=groups, ignore=["lm_head"])],
+            output_dir=tmp_path / "packed")  # fmt: skip
+    failing = FailAtLayer()
+    with pytest.raises(ValueError, match=r"packed is already compressed .*'pack-quantized'.*orig"):
+        oneshot(tmp_path / "packed", [failing], "self")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "packed")  # as it is stored
+    with pytest.raises(ValueError, match=r"already compressed: model.layers.0.self_attn.q_proj "
+                       r"holds .*weight_packed.*run_compressed=False"):  # fmt: skip
+        oneshot(reloaded, [failing], "self")
+    assert failing._events == []

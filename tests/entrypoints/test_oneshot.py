@@ -95,6 +95,7 @@ def test_an_existing_output_dir_is_refused_before_any_work(tiny_llama, tmp_path)
 def test_overwrite_replaces_the_checkpoint(tiny_llama, tmp_path):
     out = tmp_path / "ckpt"
     out.mkdir()
+    (out / "config.json").write_text("{}")  # a checkpoint
     (out / "stale.txt").write_text("old")
     oneshot(tiny_llama, [LayerShrinker()], "self", num_calibration_samples=1,
             max_seq_length=4, output_dir=out, overwrite=True)  # fmt: skip
@@ -129,12 +130,12 @@ def test_a_failed_save_leaves_no_half_checkpoint(tiny_llama, tmp_path, monkeypat
 def test_a_failed_save_with_overwrite_keeps_the_old_checkpoint(tiny_llama, tmp_path, monkeypatch):
     out = tmp_path / "ckpt"
     out.mkdir()
-    (out / "keep.txt").write_text("good checkpoint")
+    (out / "recipe.yaml").write_text("good checkpoint")
     monkeypatch.setattr(saving, "_save_model", _failing_write)
     recipe = Recipe.from_modifiers([LayerShrinker()])
     with pytest.raises(OSError, match="disk full"):
         saving.save_checkpoint(tiny_llama, out, recipe, overwrite=True)
-    assert os.listdir(out) == ["keep.txt"] and os.listdir(tmp_path) == ["ckpt"]
+    assert os.listdir(out) == ["recipe.yaml"] and os.listdir(tmp_path) == ["ckpt"]
 
 
 def test_a_failed_rename_with_overwrite_restores_the_old_checkpoint(
@@ -142,7 +143,7 @@ def test_a_failed_rename_with_overwrite_restores_the_old_checkpoint(
 ):
     out = tmp_path / "ckpt"
     out.mkdir()
-    (out / "keep.txt").write_text("good checkpoint")
+    (out / "recipe.yaml").write_text("good checkpoint")
     real_rename = os.rename
     calls = []
 
@@ -155,7 +156,7 @@ def test_a_failed_rename_with_overwrite_restores_the_old_checkpoint(
     monkeypatch.setattr(saving.os, "rename", rename)
     with pytest.raises(OSError, match="rename failed"):
         saving.save_checkpoint(tiny_llama, out, Recipe.from_modifiers([]), overwrite=True)
-    assert os.listdir(out) == ["keep.txt"] and os.listdir(tmp_path) == ["ckpt"]
+    assert os.listdir(out) == ["recipe.yaml"] and os.listdir(tmp_path) == ["ckpt"]
 
 
 def test_a_quantized_model_is_saved_compressed_and_reloads(tiny_llama, tmp_path):
@@ -212,3 +213,34 @@ quant_stage:
     assert recipe.modifiers == [used] and used.finalized
     for (name, a), b in zip(first.state_dict().items(), second.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
+
+
+def test_overwrite_of_a_directory_that_is_not_a_checkpoint_is_refused_before_any_work(
+    tiny_llama, tmp_path
+):
+    models = tmp_path / "models"
+    (models / "other").mkdir(parents=True)
+    (models / "notes.txt").write_text("notes")
+    before = _weights(tiny_llama)
+    with pytest.raises(FileExistsError, match="is not a checkpoint.*choose another output_dir"):
+        oneshot(tiny_llama, [LayerShrinker()], "self", output_dir=models, overwrite=True)
+    assert all(torch.equal(before[k], v) for k, v in tiny_llama.state_dict().items())
+    assert sorted(os.listdir(models)) == ["notes.txt", "other"]
+
+
+@pytest.mark.parametrize("where", ["same", "inside", "around"])
+def test_an_offload_folder_overlapping_output_dir_is_refused_before_loading(tmp_path, where):
+    out = tmp_path / "ckpt"
+    offload = {"same": out, "inside": out / "offload", "around": tmp_path}[where]
+    # the model path does not exist: the check comes before loading
+    with pytest.raises(ValueError, match="offload_folder=.* and output_dir=.* overlap"):
+        oneshot(tmp_path / "no-model", [], output_dir=out, offload_folder=offload, overwrite=True)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("device", ["bogus", "cuda:7", "meta"])
+def test_a_device_this_torch_cannot_use_is_refused_before_loading(tmp_path, device):
+    if device == "cuda:7" and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has a cuda:7")
+    with pytest.raises(ValueError, match=rf"device='{device}'.*available here: cpu"):
+        oneshot(tmp_path / "no-model", [LayerShrinker()], "self", device=device)

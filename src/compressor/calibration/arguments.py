@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from compressor.utils.devices import check_device
 
 __all__ = ["CalibrationArguments", "PipelineName"]
 
@@ -21,7 +23,8 @@ class CalibrationArguments(BaseModel):
         ``datafree`` (no forward passes), ``basic`` (whole model per batch) or ``sequential``
         (one decoder layer at a time)
     :param device: where the sequential pipeline computes; each layer is moved there in turn.
-        Unset: where the model's parameters already are
+        Unset: where the model's parameters already are. Checked against the devices this
+        torch build sees
     :param seed: seed for text sampled from the model (``dataset="self"``)
     """
 
@@ -33,3 +36,10 @@ class CalibrationArguments(BaseModel):
     pipeline: PipelineName = "auto"
     device: str | None = None
     seed: int = 0
+
+    @field_validator("device")
+    @classmethod
+    def _device_exists(cls, device: str | None) -> str | None:
+        if device is not None:
+            check_device(device)
+        return device

@@ -16,8 +16,21 @@ from loguru import logger
 from tqdm.auto import tqdm
 
 from compressor.calibration.arguments import CalibrationArguments
+from compressor.calibration.checks import (
+    MIN_TOKENS,
+    check_token_ids,
+    describe,
+    drop_short_rows,
+    warn_if_much_smaller,
+)
 
-__all__ = ["Batch", "build_calibration_batches", "collate", "sample_from_model"]
+__all__ = [
+    "Batch",
+    "build_calibration_batches",
+    "collate",
+    "read_text_file",
+    "sample_from_model",
+]
 
 Batch = dict[str, torch.Tensor]
 SELF = "self"
@@ -37,10 +50,11 @@ def build_calibration_batches(
     :param model: the model, needed for ``"self"``
     :param tokenizer: needed for text (a list of str, a text file, a ``text`` column)
     :return: batches of ``input_ids`` (and ``attention_mask`` where padding was needed)
+    :raises ValueError: when no row holds 2 tokens or more (rows under 2 tokens, such as
+        empty text, are dropped with a warning), or a token id lies outside the model's
+        vocabulary; a warning when the data holds under a tenth of the tokens requested
+        (``num_calibration_samples`` x ``max_seq_length``)
     """
-    from datasets import Dataset
-    from torch.utils.data import DataLoader
-
     if isinstance(dataset, str):
         if dataset != SELF:
             raise TypeError(
@@ -51,6 +65,16 @@ def build_calibration_batches(
         if model is None:
             raise ValueError("dataset='self' samples text from the model, but no model was given")
         return sample_from_model(model, args, tokenizer=tokenizer)
+    batches = _batches(dataset, args, tokenizer)
+    if model is not None:
+        check_token_ids(batches, model)
+    return batches
+
+
+def _batches(dataset: Any, args: CalibrationArguments, tokenizer: Any) -> list[Batch]:
+    from datasets import Dataset
+    from torch.utils.data import DataLoader
+
     if isinstance(dataset, Path):
         sequences = _sequences_from_file(dataset, args, tokenizer)
     elif isinstance(dataset, Dataset):
@@ -62,11 +86,28 @@ def build_calibration_batches(
     else:
         raise TypeError(
             "dataset must be a datasets.Dataset, a list of str, a pathlib.Path to a text file, "
-            f"a torch DataLoader or 'self'; got {_describe(dataset)}"
+            f"a torch DataLoader or 'self'; got {describe(dataset)}"
         )
-    if not sequences:
-        raise ValueError(f"dataset {_describe(dataset)} holds no tokens to calibrate on")
+    sequences = drop_short_rows(sequences, dataset)
+    warn_if_much_smaller(sum(s.numel() for s in sequences), len(sequences), args)
     return collate(sequences, args.batch_size, _pad_id(tokenizer))
+
+
+def read_text_file(path: Path) -> str:
+    """The text of a UTF-8 file, or an error naming the file and where decoding failed.
+
+    :param path: a text file
+    :return: its text
+    """
+    if not path.is_file():
+        raise FileNotFoundError(f"text file not found: {path}")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"{path} is not UTF-8 text (byte {err.start}: {err.reason}); convert it to UTF-8 "
+            "(e.g. iconv -f latin1 -t utf-8)"
+        ) from None
 
 
 def collate(sequences: Sequence[torch.Tensor], batch_size: int, pad_id: int = 0) -> list[Batch]:
@@ -139,7 +180,7 @@ def sample_from_model(
 def _sequences_from_file(path: Path, args: CalibrationArguments, tokenizer: Any) -> list:
     if not path.is_file():
         raise FileNotFoundError(f"dataset file not found: {path}")
-    text = path.read_text(encoding="utf-8")
+    text = read_text_file(path)
     tokenize = _require_tokenizer(tokenizer, f"the text file {path}")
     ids = tokenize(text, return_tensors="pt")["input_ids"][0]
     length = args.max_seq_length
@@ -164,7 +205,7 @@ def _sequences_from_dataset(dataset: Any, args: CalibrationArguments, tokenizer:
 
 def _batches_from_loader(loader: Iterable[Any], args: CalibrationArguments) -> list[Batch]:
     batches: list[Batch] = []
-    seen = 0
+    seen = tokens = 0
     for position, batch in enumerate(loader):
         if isinstance(batch, torch.Tensor):
             batch = {"input_ids": batch}
@@ -177,23 +218,34 @@ def _batches_from_loader(loader: Iterable[Any], args: CalibrationArguments) -> l
             )
         if "input_ids" not in batch:
             raise ValueError(f"DataLoader batch {position} has no 'input_ids': {sorted(batch)}")
+        ids = batch["input_ids"]
+        if isinstance(ids, torch.Tensor) and not ids.is_floating_point() and ids.dim() == 2:
+            if ids.shape[-1] < MIN_TOKENS:
+                raise ValueError(
+                    f"DataLoader batch {position} holds sequences of {ids.shape[-1]} token(s); "
+                    f"calibration needs {MIN_TOKENS} or more per row"
+                )
+            tokens += ids.numel()
         batches.append(batch)
         seen += len(batch["input_ids"])
         if seen >= args.num_calibration_samples:
             break
     if not batches:
         raise ValueError("the DataLoader yielded no batches")
+    if tokens:
+        warn_if_much_smaller(tokens, seen, args)
     return batches
 
 
 def _tokenize(texts: list[str], args: CalibrationArguments, tokenizer: Any) -> list:
     tokenize = _require_tokenizer(tokenizer, "text data")
-    sequences = []
-    for text in texts:
-        ids = tokenize(text, truncation=True, max_length=args.max_seq_length)["input_ids"]
-        if ids:
-            sequences.append(torch.as_tensor(ids, dtype=torch.long))
-    return sequences
+    return [
+        torch.as_tensor(
+            tokenize(text, truncation=True, max_length=args.max_seq_length)["input_ids"],
+            dtype=torch.long,
+        )
+        for text in texts
+    ]
 
 
 # ---------------------------------------------------------------- helpers
@@ -225,7 +277,3 @@ def _bos_id(model: torch.nn.Module, tokenizer: Any) -> int:
                 return value
     logger.warning("no beginning-of-sequence token known; sampling from token id 0")
     return 0
-
-
-def _describe(value: Any) -> str:
-    return f"{type(value).__name__} {value!r}"[:120]

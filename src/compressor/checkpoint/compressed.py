@@ -10,6 +10,7 @@ from compressed_tensors.compressors import ModelCompressor
 from compressed_tensors.quantization.utils import is_model_quantized
 from loguru import logger
 
+from compressor.checkpoint.model_card import MODEL_CARD_FILE, is_model_card
 from compressor.core.session import CompressionSession
 from compressor.recipe import resolve_recipe
 
@@ -42,7 +43,9 @@ def save_compressed(
     :param model: a transformers model, typically after a compression session
     :param output_dir: the folder to write (created when missing)
     :param recipe: the recipe to store as ``recipe.yaml``: a Recipe, a list of modifiers,
-        a dict or a path; none is written when None
+        a dict or a path; none is written when None. A ``recipe.yaml`` and a model card
+        (``README.md`` that compressor wrote) left in ``output_dir`` by an earlier save are
+        removed first (logged), so they never describe another model; other files stay
     :param tokenizer: also saved into ``output_dir`` when given
     :param save_kwargs: passed to transformers' ``save_pretrained`` (``max_shard_size``, ...)
     :return: the output folder
@@ -54,6 +57,7 @@ def save_compressed(
         )
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
+    _remove_stale_descriptions(output)
     compressor = ModelCompressor.from_pretrained_model(model) if is_model_quantized(model) else None
     if compressor is None:
         logger.info("the model holds no quantized layers: saving it dense to {}", output)
@@ -86,6 +90,19 @@ def save_compressed(
     if recipe is not None:
         resolve_recipe(recipe).save(output / RECIPE_FILE)
     return output
+
+
+def _remove_stale_descriptions(output: Path) -> None:
+    """Remove the ``recipe.yaml`` and our ``README.md`` model card of an earlier save into
+    ``output``: this save rewrites the weights and config, and they would describe them."""
+    stale = [output / RECIPE_FILE]
+    card = output / MODEL_CARD_FILE
+    if card.is_file() and is_model_card(card.read_text(encoding="utf-8", errors="replace")):
+        stale.append(card)
+    for path in stale:
+        if path.is_file():
+            path.unlink()
+            logger.info("removed {} of an earlier save (it described another model)", path)
 
 
 def _dense_save(model: torch.nn.Module, output: Path, save_kwargs: dict[str, Any]) -> None:

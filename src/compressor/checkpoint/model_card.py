@@ -15,9 +15,17 @@ from compressed_tensors.quantization.lifecycle.forward import fake_quantize
 
 from compressor.recipe import Recipe
 
-__all__ = ["MODEL_CARD_FILE", "effective_weight", "linear_sparsity", "model_card"]
+__all__ = [
+    "MODEL_CARD_FILE",
+    "effective_weight",
+    "is_model_card",
+    "linear_sparsity",
+    "model_card",
+]
 
 MODEL_CARD_FILE = "README.md"
+# the card's fixed line, by which a README.md is recognised as ours
+_PRODUCED_BY = "Produced by `compressor` with this recipe:"
 
 
 def effective_weight(module: torch.nn.Module) -> torch.Tensor:
@@ -94,7 +102,7 @@ def model_card(model: torch.nn.Module, recipe: Recipe) -> str:
     :return: the card's text
     """
     overall, per_kind = linear_sparsity(model)
-    lines = ["# Compressed model", "", "Produced by `compressor` with this recipe:", ""]
+    lines = ["# Compressed model", "", _PRODUCED_BY, ""]
     lines += [_modifier_line(m) for m in recipe.modifiers] or ["- (no modifiers)"]
     lines += ["", "## Sparsity", ""]
     lines += [
@@ -110,3 +118,12 @@ def model_card(model: torch.nn.Module, recipe: Recipe) -> str:
         for scheme, names in schemes.items():
             lines.append(f"- {scheme} on {len(names)} module(s)")
     return "\n".join(lines) + "\n"
+
+
+def is_model_card(text: str) -> bool:
+    """Whether ``text`` (a ``README.md``) is a card ``model_card`` wrote.
+
+    :param text: the file's text
+    :return: True for our card
+    """
+    return _PRODUCED_BY in text.split("\n", 4)[:4]

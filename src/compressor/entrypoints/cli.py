@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
 from loguru import logger
 
-__all__ = ["main"]
+__all__ = ["main", "one_line"]
 
 
 def _schedule(value: float | None, unset: str) -> str:
@@ -76,17 +77,19 @@ def _oneshot(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from compressor.calibration.data import read_text_file
     from compressor.entrypoints.loading import load_model, load_tokenizer
     from compressor.utils.eval import perplexity
 
     data = Path(args.data)
     if not data.is_file():
         raise FileNotFoundError(f"--data file not found: {data}")
+    text = read_text_file(data)
     tokenizer = load_tokenizer(args.model)
     if tokenizer is None:
         raise ValueError(f"--model {args.model}: no tokenizer found beside the model")
     model = load_model(args.model)
-    ids = tokenizer(data.read_text(encoding="utf-8"), return_tensors="pt")["input_ids"][0]
+    ids = tokenizer(text, return_tensors="pt")["input_ids"][0]
     ppl = perplexity(model, ids, window=args.window, max_windows=args.max_windows)
     windows = min(ids.numel() // args.window, args.max_windows or ids.numel())
     print(f"perplexity {ppl:.4f} over {windows} window(s) of {args.window} tokens of {data}")
@@ -102,15 +105,25 @@ def _positive(value: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="compressor", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    verbose_help = "log progress to stderr, and the traceback of a failure"
+    parser.add_argument("-v", "--verbose", action="store_true", help=verbose_help)
+    # also accepted after the command (``compressor oneshot ... --verbose``)
+    verbose = argparse.ArgumentParser(add_help=False)
+    verbose.add_argument(
+        "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=verbose_help
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
-    recipe = commands.add_parser("recipe", help="work with recipe files")
+    recipe = commands.add_parser("recipe", help="work with recipe files", parents=[verbose])
     recipe_commands = recipe.add_subparsers(dest="recipe_command", required=True)
-    check = recipe_commands.add_parser("check", help="validate a recipe and show its schedule")
+    check = recipe_commands.add_parser(
+        "check", help="validate a recipe and show its schedule", parents=[verbose]
+    )
     check.add_argument("file", help="path to a YAML recipe")
     check.set_defaults(handler=_recipe_check)
-    convert = recipe_commands.add_parser("convert", help="convert another tool's config to YAML")
+    convert = recipe_commands.add_parser(
+        "convert", help="convert another tool's config to YAML", parents=[verbose]
+    )
     convert.add_argument(
         "--from", dest="source", required=True, choices=["deepspeed"], help="the config's tool"
     )
@@ -118,7 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("-o", "--output", help="write the YAML here instead of stdout")
     convert.set_defaults(handler=_recipe_convert)
 
-    one = commands.add_parser("oneshot", help="compress a model with a recipe after training")
+    one = commands.add_parser(
+        "oneshot", help="compress a model with a recipe after training", parents=[verbose]
+    )
     one.add_argument("--model", required=True, help="checkpoint directory or .gguf file")
     one.add_argument("--recipe", required=True, help="path to a YAML recipe")
     one.add_argument(
@@ -140,7 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     one.add_argument("--dense", action="store_true", help="save dense rather than packed weights")
     one.set_defaults(handler=_oneshot)
 
-    ev = commands.add_parser("eval", help="perplexity of a model over fixed windows of a text")
+    ev = commands.add_parser(
+        "eval", help="perplexity of a model over fixed windows of a text", parents=[verbose]
+    )
     ev.add_argument("--model", required=True, help="checkpoint directory or .gguf file")
     ev.add_argument("--data", required=True, help="a text file")
     ev.add_argument("--window", type=_positive, default=512, help="tokens per window")
@@ -149,7 +166,50 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# failures that come from the input or the environment (exit status 2); any other is a
+# failure of the run (exit status 1)
+_INPUT_ERRORS = (ValueError, TypeError, KeyError, OSError)
+
+
+def one_line(err: BaseException) -> str:
+    """``err`` as one line that says what went wrong and, where the error alone does not,
+    what to do.
+
+    :param err: the exception
+    :return: the line (without the ``compressor: error:`` prefix)
+    """
+    from pydantic import ValidationError
+
+    if isinstance(err, ValidationError):
+        parts = [
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg'].removeprefix('Value error, ')}"
+            for e in err.errors()
+        ]
+        return "; ".join(parts)
+    if isinstance(err, RecursionError):
+        return f"{err}: the input (recipe or model) is nested too deeply to process; simplify it"
+    if isinstance(err, MemoryError):
+        return (
+            "out of memory: lower --num-samples, --max-seq-length or --batch-size, or load the "
+            "model with --offload-folder"
+        )
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    text = lines[0] if lines else type(err).__name__
+    for line in lines[1:]:
+        text += (" " if text.endswith(":") else "; ") + line
+    if isinstance(err, KeyError):
+        text = f"missing key {text}"
+    if isinstance(err, OSError) and not isinstance(err, FileNotFoundError | FileExistsError):
+        text += " (check the path and its permissions)"
+    if not isinstance(err, _INPUT_ERRORS):
+        text = f"{type(err).__name__}: {text} (rerun with --verbose for the traceback)"
+    return text
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; every failure is one line on stderr (the traceback too with
+    ``--verbose``), exit status 2 for bad input or environment, 1 for a failed run, 130 when
+    interrupted."""
     parser = build_parser()
     args = parser.parse_args(argv)
     logger.remove()
@@ -157,9 +217,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     logger.enable("compressor")
     try:
         return int(args.handler(args))
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError, KeyError) as err:
-        print(f"compressor: error: {err}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print("compressor: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        if args.verbose:
+            traceback.print_exception(err, file=sys.stderr)
+        print(f"compressor: error: {one_line(err)}", file=sys.stderr)
+        return 2 if isinstance(err, _INPUT_ERRORS) else 1
 
 
 if __name__ == "__main__":

@@ -8,7 +8,52 @@ from typing import Any
 import torch
 from loguru import logger
 
-__all__ = ["layers_on_disk_map", "load_model", "load_tokenizer"]
+__all__ = ["check_not_compressed", "layers_on_disk_map", "load_model", "load_tokenizer"]
+
+_DECOMPRESS = (
+    "compress the original (uncompressed) model instead, or load this one decompressed "
+    "(from_pretrained(path, quantization_config=CompressedTensorsConfig(run_compressed=False))) "
+    "and pass the model"
+)
+
+
+def check_not_compressed(model: torch.nn.Module) -> None:
+    """Refuse a model whose layers hold compressed weights (a compressed-tensors checkpoint
+    loaded as it is stored): they have packed tensors (``weight_packed``, ...) and no
+    ``weight`` to compress.
+
+    :param model: a loaded model
+    :raises ValueError: naming a compressed layer and what to do
+    """
+    for name, module in model.named_modules():
+        params = [n for n, _ in module.named_parameters(recurse=False)]
+        if "weight" not in params and any(n.startswith("weight_") for n in params):
+            raise ValueError(
+                f"the model is already compressed: {name} holds {', '.join(params)} and no "
+                f"weight; {_DECOMPRESS}"
+            )
+
+
+def _check_config_not_compressed(path: Path) -> None:
+    """Refuse a checkpoint that ``config.json`` says is stored compressed (compressed-tensors
+    ``quantization_config`` with a format other than dense), before loading it."""
+    import json
+
+    config = path / "config.json"
+    if not config.is_file():
+        return
+    try:
+        quantization = json.loads(config.read_text(encoding="utf-8")).get("quantization_config")
+    except (ValueError, AttributeError):
+        return  # transformers reports an unreadable config when it loads it
+    if not isinstance(quantization, dict):
+        return
+    method, layout = quantization.get("quant_method"), quantization.get("format")
+    if method == "compressed-tensors" and layout not in (None, "dense"):
+        raise ValueError(
+            f"{path} is already compressed (compressed-tensors format {layout!r} in its "
+            f"config.json); {_DECOMPRESS}"
+        )
 
 
 def load_model(
@@ -17,12 +62,15 @@ def load_model(
     """A loaded model as is; a checkpoint directory or a ``.gguf`` file loaded as a causal LM.
 
     A GGUF file is dequantized by transformers' GGUF loader (which needs the ``gguf`` package).
+    A model that is already compressed (a compressed-tensors checkpoint with packed weights) is
+    refused, a checkpoint directory before it is loaded.
 
     :param offload_folder: load a checkpoint directory with its decoder layers offloaded to
         disk in this folder, the rest in memory (for a model larger than memory; the
         sequential pipeline then brings in one layer at a time)
     """
     if isinstance(model, torch.nn.Module):
+        check_not_compressed(model)
         if offload_folder is not None:
             raise ValueError(
                 "offload_folder applies when model is a checkpoint directory; a loaded model "
@@ -37,6 +85,8 @@ def load_model(
     from transformers import AutoModelForCausalLM
 
     path = Path(model)
+    if path.is_dir():
+        _check_config_not_compressed(path)
     if offload_folder is not None and not path.is_dir():
         raise ValueError(
             f"offload_folder applies to checkpoint directories; {str(model)!r} is not one "
@@ -53,7 +103,9 @@ def load_model(
                 path, device_map=layers_on_disk_map(path), offload_folder=str(offload_folder)
             )
         logger.info("loading {}", path)
-        return AutoModelForCausalLM.from_pretrained(path)
+        loaded = AutoModelForCausalLM.from_pretrained(path)
+        check_not_compressed(loaded)
+        return loaded
     raise FileNotFoundError(
         f"model {str(model)!r} is neither a checkpoint directory nor a .gguf file"
     )

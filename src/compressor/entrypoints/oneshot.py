@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ from loguru import logger
 from compressor.calibration.arguments import CalibrationArguments, PipelineName
 from compressor.calibration.data import Batch, build_calibration_batches
 from compressor.calibration.pipelines import PIPELINES, resolve_pipeline
+from compressor.calibration.pipelines.common import check_model_takes
 from compressor.checkpoint.directory import OutputArguments, check_output_dir, save_checkpoint
 from compressor.core.session import create_session
 from compressor.entrypoints.loading import load_model, load_tokenizer
@@ -43,8 +45,10 @@ def oneshot(
 ) -> torch.nn.Module:
     """Compress ``model`` with ``recipe`` after training, calibrating on ``dataset``.
 
-    Every option is validated (``CalibrationArguments``, ``OutputArguments``) and the output
-    directory checked before the model is loaded, so bad input fails at once.
+    Every option is validated (``CalibrationArguments``, ``OutputArguments``, the device
+    against those this torch build sees) and the output directory checked (writable; an
+    existing one replaced only with ``overwrite`` and only when it is a checkpoint or empty;
+    apart from ``offload_folder``) before the model is loaded, so bad input fails at once.
 
     :param model: a loaded model, a checkpoint directory or a ``.gguf`` file. A model loaded
         offloaded (``from_pretrained(..., device_map=..., offload_folder=...)``) stays
@@ -61,7 +65,8 @@ def oneshot(
     :param pipeline: auto, datafree, basic or sequential (see ``compressor.calibration.pipelines``)
     :param output_dir: save model, tokenizer and ``recipe.yaml`` here (atomically)
     :param save_compressed: save the compressed format rather than dense weights
-    :param overwrite: replace an existing ``output_dir``
+    :param overwrite: replace an existing ``output_dir`` that is a checkpoint (``config.json``,
+        ``recipe.yaml`` or our model card) or empty; anything else there is an error
     :param device: where the sequential pipeline computes, one layer at a time
     :param offload_folder: with a checkpoint directory as ``model``: load its decoder layers
         offloaded to disk in this folder (for a model larger than memory)
@@ -76,6 +81,7 @@ def oneshot(
         output_dir=output_dir,
         save_compressed=save_compressed,
         overwrite=overwrite,
+        offload_folder=offload_folder,
     )
     parsed = _parse_recipe(recipe, dataset)
     loaded, tokenizer = _load(model, tokenizer, parsed, device, offload_folder)
@@ -96,8 +102,10 @@ def _check_arguments(
     output_dir: str | Path | None,
     save_compressed: bool,
     overwrite: bool,
+    offload_folder: str | Path | None,
 ) -> tuple[CalibrationArguments, OutputArguments]:
-    """Validate every option and check the output directory, before anything is loaded."""
+    """Validate every option and check the output directory (writable, replaceable, apart
+    from ``offload_folder``), before anything is loaded."""
     calibration = CalibrationArguments(
         num_calibration_samples=num_calibration_samples,
         max_seq_length=max_seq_length,
@@ -109,8 +117,23 @@ def _check_arguments(
         output_dir=output_dir, save_compressed=save_compressed, overwrite=overwrite
     )
     if output.output_dir is not None:
+        if offload_folder is not None:
+            _check_apart(output.output_dir, Path(offload_folder))
         check_output_dir(output.output_dir, output.overwrite)
     return calibration, output
+
+
+def _check_apart(output_dir: Path, offload_folder: Path) -> None:
+    """Refuse an ``offload_folder`` that is, holds or lies in ``output_dir``: the save replaces
+    ``output_dir`` (and with it offloaded weights the model still reads) or refuses to."""
+    out = Path(os.path.realpath(output_dir))
+    offload = Path(os.path.realpath(offload_folder))
+    if out == offload or out in offload.parents or offload in out.parents:
+        raise ValueError(
+            f"offload_folder={str(offload_folder)!r} and output_dir={str(output_dir)!r} "
+            "overlap: the checkpoint written to output_dir would replace the offloaded weights "
+            "the model reads; choose an offload_folder outside output_dir"
+        )
 
 
 def _parse_recipe(recipe: Any, dataset: Any) -> Recipe:
@@ -159,7 +182,9 @@ def _calibration_batches(
         raise ValueError(
             f"pipeline={pipeline!r} runs calibration data through the model but dataset is None"
         )
-    return build_calibration_batches(dataset, calibration, model=model, tokenizer=tokenizer)
+    batches = build_calibration_batches(dataset, calibration, model=model, tokenizer=tokenizer)
+    check_model_takes(model, batches[0])
+    return batches
 
 
 def _compress(

@@ -127,3 +127,23 @@ def test_a_net_with_its_own_forward_needs_mappings():
     assert net.a.out_channels == 3 and net.b.in_channels == 3
     with torch.no_grad():
         torch.testing.assert_close(net(x), masked, rtol=0, atol=1e-6)
+
+
+def test_oneshot_prunes_a_sequential_convnet_by_activations_from_tensor_batches():
+    from torch.utils.data import DataLoader
+
+    from compressor import oneshot
+
+    net = _convnet()
+    images = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        dense = net(images)
+    pruned = oneshot(net, [ChannelPruningModifier(density=0.5, method="activation")],
+                     DataLoader(images, batch_size=4))  # fmt: skip
+    assert [m.out_channels for m in pruned.modules() if isinstance(m, nn.Conv2d)] == [4, 8, 8]
+    with torch.no_grad():
+        assert pruned(images).shape == dense.shape
+    keyed = DataLoader([{"input_ids": x, "attention_mask": x} for x in images], batch_size=4)
+    with pytest.raises(TypeError, match=r"Sequential.forward\(input\) takes no keyword.*"
+                       r"'attention_mask', 'input_ids'.*one input tensor per batch"):  # fmt: skip
+        oneshot(_convnet(), [ChannelPruningModifier(density=0.5, method="activation")], keyed)

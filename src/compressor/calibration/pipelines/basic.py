@@ -8,7 +8,12 @@ import torch
 from tqdm.auto import tqdm
 
 from compressor.calibration.data import Batch
-from compressor.calibration.pipelines.common import calibration_mode, model_device, to_device
+from compressor.calibration.pipelines.common import (
+    calibration_mode,
+    call_model,
+    model_device,
+    to_device,
+)
 from compressor.core.session import CompressionSession
 from compressor.utils.memory import keep_freed_tensors_in_heap
 
@@ -33,6 +38,6 @@ def run_basic(
     session.calibration_epoch_start()
     with calibration_mode(model):
         for batch in tqdm(batches, desc="calibration batches"):
-            model(**to_device(batch, target))
+            call_model(model, to_device(batch, target))
     session.sequential_epoch_end(model)
     session.calibration_epoch_end()

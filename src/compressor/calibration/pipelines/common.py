@@ -4,7 +4,8 @@ forward early at a module whose inputs are all that is needed."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+import inspect
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -12,6 +13,8 @@ import torch
 __all__ = [
     "StopForward",
     "calibration_mode",
+    "call_model",
+    "check_model_takes",
     "first_output",
     "model_device",
     "run_until_stopped",
@@ -108,3 +111,45 @@ def run_until_stopped(
     except StopForward as stop:
         return stop.module_args, stop.module_kwargs
     return None
+
+
+def _takes_keywords(model: torch.nn.Module, names: Iterator[str] | list[str]) -> bool:
+    try:
+        parameters = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):  # no signature to read: assume keywords work
+        return True
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return True
+    keywords = {
+        n
+        for n, p in parameters.items()
+        if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    }
+    return set(names) <= keywords
+
+
+def call_model(model: torch.nn.Module, batch: Mapping[str, Any]) -> Any:
+    """Run ``batch`` through ``model``: as keyword arguments when its forward takes them (a
+    transformers model: ``input_ids``, ``attention_mask``), else, for a batch of one tensor
+    (a DataLoader of plain tensors), that tensor as the one positional input (an
+    ``nn.Sequential`` conv net)."""
+    if _takes_keywords(model, list(batch)) or len(batch) != 1:
+        return model(**batch)
+    return model(next(iter(batch.values())))
+
+
+def check_model_takes(model: torch.nn.Module, batch: Mapping[str, Any]) -> None:
+    """Refuse, before calibration, a batch that ``call_model`` cannot pass to ``model``.
+
+    :param model: the model
+    :param batch: a calibration batch
+    :raises TypeError: naming the forward's signature and the batch's keys
+    """
+    if len(batch) == 1 or _takes_keywords(model, list(batch)):
+        return
+    signature = inspect.signature(model.forward)
+    raise TypeError(
+        f"{type(model).__name__}.forward{signature} takes no keyword argument(s) "
+        f"{sorted(set(batch))}, which the calibration batches hold; give a model whose forward "
+        "takes them, or a DataLoader yielding one input tensor per batch"
+    )

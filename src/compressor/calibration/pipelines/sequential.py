@@ -45,6 +45,7 @@ from compressor.architectures import find_decoder_layers
 from compressor.calibration.data import Batch
 from compressor.calibration.pipelines.common import (
     calibration_mode,
+    call_model,
     first_output,
     model_device,
     run_until_stopped,
@@ -113,7 +114,7 @@ def capture_layer_inputs(
     # stopped before the layer's own hooks (the modifiers'): they must not see this call
     with stop_forward_at(layer, before_other_hooks=True):
         for position, batch in enumerate(tqdm(batches, desc="capturing layer inputs", leave=False)):
-            caught = run_until_stopped(model, **to_device(batch, device))
+            caught = run_until_stopped(call_model, model, to_device(batch, device))
             if caught is None:
                 raise RuntimeError(
                     f"batch {position} ran through the whole model without calling its first "

@@ -12,6 +12,7 @@ from compressor.architectures import find_decoder_layers_path
 from compressor.core import Event, State
 from compressor.modifiers.base import Modifier
 from compressor.modifiers.layer_reduction.surgery import angular_distance, keep_decoder_layers
+from compressor.utils.finite import check_finite_weights
 
 __all__ = ["LayerReductionModifier"]
 
@@ -142,6 +143,8 @@ class LayerReductionModifier(Modifier):
                     f"other_module_name: {name!r} is not a module of the model"
                 ) from None
         if self.strategy == "angular":
+            # the angles compare hidden states, which a NaN or inf weight poisons
+            check_finite_weights(model.named_modules(), type(self).__name__)
             if self.keep_number_layer is not None and self.keep_number_layer >= count:
                 raise ValueError(
                     f"keep_number_layer={self.keep_number_layer} must be below the model's "

@@ -17,6 +17,7 @@ from compressor.modifiers.pruning.schedule import Ramp, density_at, kept_count
 from compressor.modifiers.pruning.scorers import ActivationScorer, L1Scorer, Scorer
 from compressor.modifiers.pruning.scores import topk_mask
 from compressor.modifiers.pruning.topk import TopKScorer
+from compressor.utils.finite import check_finite_weights
 
 __all__ = ["SCORERS", "PruningMethod", "PruningModifierBase"]
 
@@ -180,6 +181,9 @@ class PruningModifierBase(Modifier):
                 f"{type(self).__name__}: targets={self.targets} ignore={self.ignore} matched "
                 "nothing to prune in the model"
             )
+        check_finite_weights(
+            ((m.name, m.module) for c in self._couplings for m in c.members), type(self).__name__
+        )
         self._holder = MaskHolder(self)
         self._scorer = SCORERS[self.method](self, self._couplings)
         self._scorer.prepare(state.optimizer)

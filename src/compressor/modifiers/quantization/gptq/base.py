@@ -30,6 +30,7 @@ from compressor.modifiers.quantization.matching import (
     schemes_by_module,
 )
 from compressor.modifiers.quantization.scheme import QuantizationSchemeMixin
+from compressor.utils.finite import check_finite_weights
 from compressor.utils.memory import overwrite_all_
 
 __all__ = ["GPTQModifier"]
@@ -80,7 +81,7 @@ class GPTQModifier(QuantizationSchemeMixin, Modifier):
 
     :param block_size: columns per lazy-update block (128 in the paper)
     :param dampening_frac: fraction of the mean Hessian diagonal added to the diagonal before
-        inversion; raised automatically (with a warning) when the Hessian is not positive
+        inversion, a finite number in [0, 1] (0.01 by default); raised automatically (with a warning) when the Hessian is not positive
         definite
     :param actorder: ``static`` (the default, as in llm-compressor) quantizes columns in order
         of decreasing Hessian diagonal with group scales fixed up front (same checkpoint
@@ -96,7 +97,7 @@ class GPTQModifier(QuantizationSchemeMixin, Modifier):
     """
 
     block_size: int = Field(default=128, ge=1)
-    dampening_frac: float = Field(default=0.01, ge=0.0)
+    dampening_frac: float = Field(default=0.01, ge=0.0, le=1.0, allow_inf_nan=False)
     actorder: Literal["static", "group"] | None = "static"
     true_sequential: bool = True
 
@@ -169,6 +170,9 @@ class GPTQModifier(QuantizationSchemeMixin, Modifier):
         self._config = self.resolve_quantization_config()
         self._modules = match_quantizable_modules(state.model, self._config)
         self._schemes = schemes_by_module(self._modules, self._config)
+        # every module, not only the matched ones: a NaN weight anywhere before a Linear
+        # makes its Hessian NaN (weights offloaded to disk are checked at their turn)
+        check_finite_weights(state.model.named_modules(), "GPTQModifier")
         logger.info("GPTQModifier will quantize {} module(s)", len(self._modules))
 
     def on_start(self, state: State, event: Event) -> None:
@@ -303,6 +307,9 @@ class GPTQModifier(QuantizationSchemeMixin, Modifier):
                     self._finish(name, module)
             return
         problems, counts = [], []
+        # the weights only: the scales attached for them are not computed yet
+        pairs = (pair for group in bundle for pair in group)
+        check_finite_weights(pairs, "GPTQModifier", attributes=("weight",))
         for group in bundle:
             hessian, count = self._hessians.pop([name for name, _ in group])
             problems.append(([module.weight.data for _, module in group], hessian))  # no copy

@@ -33,6 +33,7 @@ from compressor.modifiers.transform.spinquant.mappings import (
     infer_norm_mappings_from_model,
 )
 from compressor.modifiers.transform.spinquant.matrices import hadamard_supported, rotation_matrix
+from compressor.utils.finite import check_finite_weights
 
 __all__ = ["SpinQuantModifier"]
 
@@ -146,6 +147,7 @@ class SpinQuantModifier(Modifier):
         model = state.model
         if model is None:
             raise ValueError("SpinQuantModifier needs a model in the state")
+        check_finite_weights(model.named_modules(), "SpinQuantModifier")
         self._norm_mappings = list(self.norm_mappings or infer_norm_mappings_from_model(model))
         self._check_norms(model)
         if self.transform_config is not None:
