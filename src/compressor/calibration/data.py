@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from compressor.calibration.arguments import CalibrationArguments
 
-__all__ = ["Batch", "build_calibration_batches", "collate", "sample_from_model"]
+__all__ = ["Batch", "TokenProgress", "build_calibration_batches", "collate", "sample_from_model"]
 
 Batch = dict[str, torch.Tensor]
 SELF = "self"
@@ -116,23 +116,46 @@ def sample_from_model(
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(args.seed)
-            for done in tqdm(range(0, total, group), desc="sampling calibration text"):
-                count = min(group, total - done)
-                start = torch.full((count, 1), start_id, dtype=torch.long, device=device)
-                out = generate(
-                    input_ids=start,
-                    attention_mask=torch.ones_like(start),
-                    do_sample=True,
-                    top_k=50,
-                    max_length=length,
-                    min_length=length,
-                    pad_token_id=start_id,
-                )
-                sequences.extend(row.cpu() for row in out)
+            with tqdm(
+                total=total * length, desc="sampling calibration text", unit="tok"
+            ) as bar:
+                for done in range(0, total, group):
+                    count = min(group, total - done)
+                    start = torch.full((count, 1), start_id, dtype=torch.long, device=device)
+                    out = generate(
+                        input_ids=start,
+                        attention_mask=torch.ones_like(start),
+                        do_sample=True,
+                        top_k=50,
+                        max_length=length,
+                        min_length=length,
+                        pad_token_id=start_id,
+                        streamer=TokenProgress(bar, limit=(done + count) * length),
+                    )
+                    sequences.extend(row.cpu() for row in out)
     finally:
         model.train(was_training)
     logger.info("sampled {} calibration sequences of {} tokens from the model", total, length)
     return collate(sequences, args.batch_size)
+
+
+class TokenProgress:
+    """A ``generate`` streamer that advances a progress bar by every token generated (the
+    prompt included), so that sampling shows progress token by token rather than per group.
+
+    :param bar: the tqdm bar to advance
+    :param limit: the bar position this generation ends at (it never passes it)
+    """
+
+    def __init__(self, bar: Any, limit: int) -> None:
+        self.bar = bar
+        self.limit = limit
+
+    def put(self, value: torch.Tensor) -> None:
+        self.bar.update(max(0, min(value.numel(), self.limit - self.bar.n)))
+
+    def end(self) -> None:
+        self.bar.update(max(0, self.limit - self.bar.n))
 
 
 # ---------------------------------------------------------------- sources
