@@ -1,6 +1,7 @@
 """Compress a real model in one call: SmolLM2-135M-Instruct, loaded from its GGUF file.
 
-Loads the model (dequantized by transformers' GGUF loader), measures perplexity, compresses it
+Loads the model (dequantized by transformers' GGUF loader once, then from its converted copy
+in ``build/gguf``), measures perplexity, compresses it
 with a recipe from ``recipes/`` through ``compressor.oneshot``, saves the checkpoint, reloads
 it from disk and measures again. Calibration and evaluation use ``../shared/data`` when it
 is present (WikiText-2: the first windows for evaluation, the end of the file, disjoint from
@@ -23,7 +24,12 @@ from datasets import Dataset
 from compressor import Recipe, oneshot
 from compressor.calibration.arguments import CalibrationArguments
 from compressor.calibration.data import sample_from_model
-from compressor.entrypoints.loading import load_model, load_tokenizer
+from compressor.entrypoints.loading import (
+    GGUF_SOURCE_FILE,
+    gguf_checkpoint,
+    load_model,
+    load_tokenizer,
+)
 from compressor.utils.eval import perplexity, token_windows
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,6 +105,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", type=Path, default=ROOT / "recipes" / "smollm2_w4a16.yaml")
     parser.add_argument("--output", type=Path, default=ROOT / "build" / "demo" / "smollm2")
+    parser.add_argument(
+        "--gguf-cache",
+        type=Path,
+        default=ROOT / "build" / "gguf",
+        help="where the GGUF file's dequantized conversion is kept (made once)",
+    )
     parser.add_argument("--num-samples", type=int, default=32)
     parser.add_argument("--max-seq-length", type=int, default=512)
     parser.add_argument("--window", type=int, default=512)
@@ -115,10 +127,14 @@ def main() -> None:
     gguf = find_gguf()
     print(f"model   {gguf.name} ({megabytes(gguf.stat().st_size)} GGUF, dequantized to fp32)")
     began = time.perf_counter()
-    tokenizer = load_tokenizer(gguf)
-    model = load_model(gguf)
+    started = time.time()
+    converted = gguf_checkpoint(gguf, args.gguf_cache)  # dequantized once, then reused
+    cached = (converted / GGUF_SOURCE_FILE).stat().st_mtime < started
+    tokenizer = load_tokenizer(converted)
+    model = load_model(converted)
+    how = "from the converted copy" if cached else "converted once"
     print(f"loaded  {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters "
-          f"in {time.perf_counter() - began:.1f} s")  # fmt: skip
+          f"in {time.perf_counter() - began:.1f} s ({how} in {converted})")  # fmt: skip
     evaluation, calibration, source = texts(model, tokenizer, args)
     print(f"text    {source}: {evaluation.numel()} tokens for evaluation")
     ppl_before = perplexity(model, evaluation, window=args.window)

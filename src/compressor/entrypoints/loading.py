@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from loguru import logger
 
-__all__ = ["layers_on_disk_map", "load_model", "load_tokenizer"]
+__all__ = [
+    "GGUF_SOURCE_FILE",
+    "gguf_checkpoint",
+    "gguf_key",
+    "layers_on_disk_map",
+    "load_model",
+    "load_tokenizer",
+]
 
 
 def load_model(
@@ -57,6 +69,63 @@ def load_model(
     raise FileNotFoundError(
         f"model {str(model)!r} is neither a checkpoint directory nor a .gguf file"
     )
+
+
+GGUF_SOURCE_FILE = "gguf_source.json"  # written last: a directory with it is complete
+
+
+def gguf_key(path: str | Path) -> str:
+    """The sha256 of a file's content (a GGUF file: its conversion's cache key)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        while block := stream.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def gguf_checkpoint(path: str | Path, cache_dir: str | Path) -> Path:
+    """A checkpoint directory (fp32 safetensors, config, tokenizer) holding the GGUF file at
+    ``path`` dequantized, converted once and reused while the file's content is the same.
+
+    Dequantizing a GGUF file and building its tokenizer takes far longer than loading the
+    result (tens of seconds against about one for SmolLM2-135M); the conversion is keyed by
+    the file's sha256, so a changed file is converted again and a copy elsewhere is not.
+    The directory is written beside its final place and renamed into it when complete.
+
+    :param path: a ``.gguf`` file
+    :param cache_dir: the folder holding converted models (one subfolder per file content)
+    :return: ``cache_dir/<the sha256's first 16 hex digits>`` (its ``gguf_source.json`` names
+        the file it came from)
+    """
+    path = Path(path)
+    if not path.is_file() or path.suffix != ".gguf":
+        raise FileNotFoundError(f"gguf_checkpoint needs a .gguf file; {str(path)!r} is not one")
+    key = gguf_key(path)
+    cache_dir = Path(cache_dir)
+    target = cache_dir / key[:16]  # the content alone: a copy or a renamed file reuses it
+    if (target / GGUF_SOURCE_FILE).is_file():
+        logger.info("{}: using its conversion in {}", path.name, target)
+        return target
+    logger.info("converting {} once into {}", path, target)
+    tokenizer = load_tokenizer(path)
+    model = load_model(path).float()
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=cache_dir))
+    try:
+        model.save_pretrained(partial)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(partial)
+        source = {"gguf": str(path.resolve()), "sha256": key, "bytes": path.stat().st_size}
+        (partial / GGUF_SOURCE_FILE).write_text(json.dumps(source, indent=1), encoding="utf-8")
+        if target.exists():  # an incomplete earlier attempt (no source file)
+            shutil.rmtree(target)
+        os.rename(partial, target)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        if (target / GGUF_SOURCE_FILE).is_file():  # another process finished it first
+            return target
+        raise
+    return target
 
 
 def layers_on_disk_map(path: str | Path) -> dict[str, str]:
