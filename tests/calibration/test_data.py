@@ -60,7 +60,7 @@ def test_text_sources_need_a_tokenizer_and_tokenize(tmp_path, stories_model_path
 
 
 def test_bad_sources_name_what_is_accepted(tmp_path):
-    with pytest.raises(TypeError, match="must be 'self'"):
+    with pytest.raises(ValueError, match="dataset='data.txt' is neither"):
         build_calibration_batches("data.txt", _args())
     with pytest.raises(FileNotFoundError, match="missing.txt"):
         build_calibration_batches(tmp_path / "missing.txt", _args(), tokenizer=object())

@@ -1,8 +1,9 @@
 """Calibration data: whatever the user gives, turned into a list of model-ready batches.
 
 Accepted sources: a ``datasets.Dataset`` (an ``input_ids`` or a ``text`` column), a list of
-strings, a ``pathlib.Path`` to a text file, a torch ``DataLoader``, or ``"self"`` (text sampled
-from the model itself, for data-free calibration).
+strings, a torch ``DataLoader``, ``"self"`` (text sampled from the model itself, for data-free
+calibration), or a str or ``pathlib.Path`` naming data: a text file, a json/csv/parquet file,
+a dataset directory or a Hub dataset id (``compressor.calibration.sources``).
 """
 
 from __future__ import annotations
@@ -16,11 +17,11 @@ from loguru import logger
 from tqdm.auto import tqdm
 
 from compressor.calibration.arguments import CalibrationArguments
+from compressor.calibration.sources import resolve_dataset
 
 __all__ = ["Batch", "TokenProgress", "build_calibration_batches", "collate", "sample_from_model"]
 
 Batch = dict[str, torch.Tensor]
-SELF = "self"
 
 
 def build_calibration_batches(
@@ -32,7 +33,8 @@ def build_calibration_batches(
 ) -> list[Batch]:
     """Turn ``dataset`` into at most ``args.num_calibration_samples`` sequences, batched.
 
-    :param dataset: a Dataset, a list of str, a Path to a text file, a DataLoader or "self"
+    :param dataset: a Dataset, a list of str, a DataLoader, "self", or a str or Path naming
+        data (``resolve_dataset``)
     :param args: sample count, sequence length, batch size and seed
     :param model: the model, needed for ``"self"``
     :param tokenizer: needed for text (a list of str, a text file, a ``text`` column)
@@ -41,13 +43,8 @@ def build_calibration_batches(
     from datasets import Dataset
     from torch.utils.data import DataLoader
 
-    if isinstance(dataset, str):
-        if dataset != SELF:
-            raise TypeError(
-                f"dataset={dataset!r}: a str dataset must be {SELF!r} (text sampled from the "
-                "model); pass pathlib.Path(...) for a text file (a string is never guessed to be "
-                "a path)"
-            )
+    dataset = resolve_dataset(dataset)  # a str or Path naming data, loaded
+    if isinstance(dataset, str):  # "self"
         if model is None:
             raise ValueError("dataset='self' samples text from the model, but no model was given")
         return sample_from_model(model, args, tokenizer=tokenizer)
@@ -61,8 +58,8 @@ def build_calibration_batches(
         sequences = _tokenize(list(dataset[: args.num_calibration_samples]), args, tokenizer)
     else:
         raise TypeError(
-            "dataset must be a datasets.Dataset, a list of str, a pathlib.Path to a text file, "
-            f"a torch DataLoader or 'self'; got {_describe(dataset)}"
+            "dataset must be a datasets.Dataset, a list of str, a torch DataLoader, 'self', or "
+            f"a str or pathlib.Path naming data; got {_describe(dataset)}"
         )
     if not sequences:
         raise ValueError(f"dataset {_describe(dataset)} holds no tokens to calibrate on")
@@ -116,9 +113,7 @@ def sample_from_model(
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(args.seed)
-            with tqdm(
-                total=total * length, desc="sampling calibration text", unit="tok"
-            ) as bar:
+            with tqdm(total=total * length, desc="sampling calibration text", unit="tok") as bar:
                 for done in range(0, total, group):
                     count = min(group, total - done)
                     start = torch.full((count, 1), start_id, dtype=torch.long, device=device)

@@ -13,10 +13,13 @@ from typing import Any
 import torch
 from loguru import logger
 
+from compressor.utils.hub import has_hub_id_form
+
 __all__ = [
     "GGUF_SOURCE_FILE",
     "gguf_checkpoint",
     "gguf_key",
+    "is_hub_id",
     "layers_on_disk_map",
     "load_model",
     "load_tokenizer",
@@ -26,7 +29,8 @@ __all__ = [
 def load_model(
     model: torch.nn.Module | str | Path, offload_folder: str | Path | None = None
 ) -> torch.nn.Module:
-    """A loaded model as is; a checkpoint directory or a ``.gguf`` file loaded as a causal LM.
+    """A loaded model as is; a checkpoint directory, a ``.gguf`` file or a Hugging Face Hub id
+    (a str naming no local path, of the form ``name`` or ``org/name``) loaded as a causal LM.
 
     A GGUF file is dequantized by transformers' GGUF loader (which needs the ``gguf`` package).
 
@@ -43,11 +47,19 @@ def load_model(
         return model
     if not isinstance(model, str | Path):
         raise TypeError(
-            "model must be a torch.nn.Module, a checkpoint directory or a .gguf file; "
-            f"got {type(model).__name__}"
+            "model must be a torch.nn.Module, a checkpoint directory, a .gguf file or a "
+            f"Hugging Face Hub id; got {type(model).__name__}"
         )
     from transformers import AutoModelForCausalLM
 
+    if is_hub_id(model):
+        if offload_folder is not None:
+            raise ValueError(
+                f"offload_folder applies to checkpoint directories; {model!r} is a hub id "
+                "(download it first, then pass its directory)"
+            )
+        logger.info("loading {} from the Hugging Face Hub", model)
+        return _from_hub(AutoModelForCausalLM, "model", str(model))
     path = Path(model)
     if offload_folder is not None and not path.is_dir():
         raise ValueError(
@@ -68,7 +80,32 @@ def load_model(
         return AutoModelForCausalLM.from_pretrained(path)
     raise FileNotFoundError(
         f"model {str(model)!r} is neither a checkpoint directory nor a .gguf file"
+        + ("" if isinstance(model, Path) else ", nor a Hugging Face Hub id ('name' or 'org/name')")
     )
+
+
+def is_hub_id(source: Any) -> bool:
+    """Whether ``source`` is read as a Hugging Face Hub id: a str (a ``pathlib.Path`` is
+    always a path) that names nothing on disk and has the form ``name`` or ``org/name``
+    (no ``..``, not ending like a weights file)."""
+    return (
+        isinstance(source, str)
+        and not Path(source).exists()
+        and has_hub_id_form(source, file_suffixes=(".gguf", ".safetensors", ".bin"))
+    )
+
+
+def _from_hub(auto_class: Any, what: str, hub_id: str, **kwargs: Any) -> Any:
+    """``auto_class.from_pretrained(hub_id)``; a failure (offline, unknown id) says that the
+    string was read as a hub id because no such local path exists."""
+    try:
+        return auto_class.from_pretrained(hub_id, **kwargs)
+    except OSError as err:
+        raise OSError(
+            f"{what} {hub_id!r}: no such local path ({Path(hub_id).absolute()}), so it was "
+            f"read as a Hugging Face Hub id, and loading it from the Hub failed (offline? "
+            f"HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', 'unset')}): {err}"
+        ) from err
 
 
 GGUF_SOURCE_FILE = "gguf_source.json"  # written last: a directory with it is complete
@@ -179,6 +216,8 @@ def load_tokenizer(model: Any, tokenizer: Any = None) -> Any:
         return None
     path = Path(source)
     try:
+        if is_hub_id(source):
+            return _from_hub(AutoTokenizer, "tokenizer", str(source))
         if path.is_file() and path.suffix == ".gguf":
             return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         return AutoTokenizer.from_pretrained(path)
