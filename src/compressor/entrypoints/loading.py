@@ -145,7 +145,8 @@ def gguf_checkpoint(path: str | Path, cache_dir: str | Path) -> Path:
         return target
     logger.info("converting {} once into {}", path, target)
     tokenizer = load_tokenizer(path)
-    model = load_model(path).float()
+    model: Any = load_model(path)
+    model = model.float()
     cache_dir.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=cache_dir))
     try:
