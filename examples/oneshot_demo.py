@@ -1,10 +1,12 @@
 """Compress a real model in one call: SmolLM2-135M-Instruct, loaded from its GGUF file.
 
-Loads the model (dequantized by transformers' GGUF loader), measures perplexity, compresses it
+Loads the model (dequantized by transformers' GGUF loader once, then from its converted copy
+in ``build/gguf``), measures perplexity, compresses it
 with a recipe from ``recipes/`` through ``compressor.oneshot``, saves the checkpoint, reloads
 it from disk and measures again. Calibration and evaluation use ``../shared/data`` when it
 is present (WikiText-2: the first windows for evaluation, the end of the file, disjoint from
-them, for calibration), otherwise text sampled from the model itself.
+them, for calibration), otherwise the public-domain book shipped in ``data/`` (the same split;
+``data/README.md``); ``--text self`` calibrates and scores on text sampled from the model.
 
 Usage: ``python examples/oneshot_demo.py [--recipe recipes/smollm2_w4a16.yaml]`` (``make demo``)
 """
@@ -22,11 +24,17 @@ from datasets import Dataset
 from compressor import Recipe, oneshot
 from compressor.calibration.arguments import CalibrationArguments
 from compressor.calibration.data import sample_from_model
-from compressor.entrypoints.loading import load_model, load_tokenizer
+from compressor.entrypoints.loading import (
+    GGUF_SOURCE_FILE,
+    gguf_checkpoint,
+    load_model,
+    load_tokenizer,
+)
 from compressor.utils.eval import perplexity, token_windows
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_TEXT = ROOT.parent / "shared" / "data" / "wikitext2_test.txt"
+SHIPPED_TEXT = ROOT / "data" / "botchan.txt"  # public domain; data/README.md
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -51,17 +59,37 @@ def checkpoint_bytes(directory: Path) -> int:
     return sum(f.stat().st_size for f in directory.glob("*.safetensors"))
 
 
+def gutenberg_body(text: str) -> str:
+    """The book between Project Gutenberg's start and end markers, with plain line ends."""
+    text = text.lstrip("\ufeff").replace("\r\n", "\n")
+    start = text.index("\n", text.index("*** START OF THIS PROJECT GUTENBERG EBOOK")) + 1
+    return text[start : text.index("*** END OF THIS PROJECT GUTENBERG EBOOK")]
+
+
+def split_text(tokenizer, head: str, tail: str, args) -> tuple[torch.Tensor, object]:
+    """Evaluation ids from ``head``, calibration windows (a Dataset of input_ids) from
+    ``tail``: two disjoint slices of one text."""
+    evaluation = tokenizer(head, return_tensors="pt")["input_ids"][0]
+    evaluation = evaluation[: args.eval_windows * args.window]
+    ids = tokenizer(tail, return_tensors="pt")["input_ids"][0]
+    calib = token_windows(ids, args.max_seq_length, args.num_samples)
+    return evaluation, Dataset.from_dict({"input_ids": [w.tolist() for w in calib]})
+
+
 def texts(model, tokenizer, args) -> tuple[torch.Tensor, object, str]:
     """Evaluation token ids, the calibration dataset, and where they came from."""
-    if SHARED_TEXT.is_file():
+    source = args.text
+    if source == "auto":
+        source = "shared" if SHARED_TEXT.is_file() else "shipped"
+    if source == "shared":
         text = SHARED_TEXT.read_text(encoding="utf-8")
         head, tail = text[:200_000], text[-400_000:]  # disjoint: the file holds 1.29 M chars
-        evaluation = tokenizer(head, return_tensors="pt")["input_ids"][0]
-        evaluation = evaluation[: args.eval_windows * args.window]
-        ids = tokenizer(tail, return_tensors="pt")["input_ids"][0]
-        calib = token_windows(ids, args.max_seq_length, args.num_samples)
-        dataset = Dataset.from_dict({"input_ids": [w.tolist() for w in calib]})
-        return evaluation, dataset, f"WikiText-2 test ({SHARED_TEXT})"
+        return *split_text(tokenizer, head, tail, args), f"WikiText-2 test ({SHARED_TEXT})"
+    if source == "shipped":
+        body = gutenberg_body(SHIPPED_TEXT.read_text(encoding="utf-8"))
+        head, tail = body[:60_000], body[-150_000:]  # disjoint: the book holds 0.27 M chars
+        where = f"Botchan, Project Gutenberg #8868 ({SHIPPED_TEXT.relative_to(ROOT)})"
+        return *split_text(tokenizer, head, tail, args), where
     sampled = sample_from_model(
         model,
         CalibrationArguments(
@@ -70,26 +98,43 @@ def texts(model, tokenizer, args) -> tuple[torch.Tensor, object, str]:
         tokenizer=tokenizer,
     )
     evaluation = torch.cat([b["input_ids"].reshape(-1) for b in sampled])
-    return evaluation, "self", "text sampled from the model (../shared/data is absent)"
+    return evaluation, "self", "text sampled from the model (dataset='self')"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", type=Path, default=ROOT / "recipes" / "smollm2_w4a16.yaml")
     parser.add_argument("--output", type=Path, default=ROOT / "build" / "demo" / "smollm2")
+    parser.add_argument(
+        "--gguf-cache",
+        type=Path,
+        default=ROOT / "build" / "gguf",
+        help="where the GGUF file's dequantized conversion is kept (made once)",
+    )
     parser.add_argument("--num-samples", type=int, default=32)
     parser.add_argument("--max-seq-length", type=int, default=512)
     parser.add_argument("--window", type=int, default=512)
     parser.add_argument("--eval-windows", type=int, default=8)
+    parser.add_argument(
+        "--text",
+        choices=["auto", "shared", "shipped", "self"],
+        default="auto",
+        help="calibration and evaluation text: WikiText-2 in ../shared/data, the book in "
+        "data/ (auto: the first present), or text sampled from the model",
+    )
     args = parser.parse_args()
 
     gguf = find_gguf()
     print(f"model   {gguf.name} ({megabytes(gguf.stat().st_size)} GGUF, dequantized to fp32)")
     began = time.perf_counter()
-    tokenizer = load_tokenizer(gguf)
-    model = load_model(gguf)
+    started = time.time()
+    converted = gguf_checkpoint(gguf, args.gguf_cache)  # dequantized once, then reused
+    cached = (converted / GGUF_SOURCE_FILE).stat().st_mtime < started
+    tokenizer = load_tokenizer(converted)
+    model = load_model(converted)
+    how = "from the converted copy" if cached else "converted once"
     print(f"loaded  {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters "
-          f"in {time.perf_counter() - began:.1f} s")  # fmt: skip
+          f"in {time.perf_counter() - began:.1f} s ({how} in {converted})")  # fmt: skip
     evaluation, calibration, source = texts(model, tokenizer, args)
     print(f"text    {source}: {evaluation.numel()} tokens for evaluation")
     ppl_before = perplexity(model, evaluation, window=args.window)

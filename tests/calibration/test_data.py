@@ -60,7 +60,7 @@ def test_text_sources_need_a_tokenizer_and_tokenize(tmp_path, stories_model_path
 
 
 def test_bad_sources_name_what_is_accepted(tmp_path):
-    with pytest.raises(TypeError, match="must be 'self'"):
+    with pytest.raises(ValueError, match="dataset='data.txt' is neither"):
         build_calibration_batches("data.txt", _args())
     with pytest.raises(FileNotFoundError, match="missing.txt"):
         build_calibration_batches(tmp_path / "missing.txt", _args(), tokenizer=object())
@@ -92,3 +92,26 @@ def test_arguments_are_validated_with_the_field_named():
         CalibrationArguments(num_calibration_samples=0)
     with pytest.raises(ValueError, match="pipeline"):
         CalibrationArguments(pipeline="layerwise")
+
+
+def test_self_sampling_progress_counts_tokens(tiny_llama, monkeypatch):
+    """The bar counts generated tokens, advancing step by step within one generate call."""
+    from tqdm.auto import tqdm
+
+    import compressor.calibration.data as data
+
+    positions: list[tuple[int, int]] = []
+
+    class Recording(tqdm):
+        def update(self, n=1):
+            out = super().update(n)
+            positions.append((self.n, self.total))
+            return out
+
+    monkeypatch.setattr(data, "tqdm", Recording)
+    args = _args(num_calibration_samples=3, max_seq_length=10, batch_size=1)
+    build_calibration_batches("self", args, model=tiny_llama)
+    assert positions[-1] == (3 * 10, 3 * 10)
+    # one group of 3 rows: the bar moved with each generated token, not once per group
+    assert len({n for n, _ in positions}) >= 9
+    assert all(b >= a for (a, _), (b, _) in zip(positions, positions[1:], strict=False))

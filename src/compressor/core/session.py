@@ -92,7 +92,11 @@ class CompressionSession:
         """Attach a recipe to a model and initialize every modifier.
 
         :param model: the model to compress
-        :param recipe: a Recipe, a list of Modifier objects, a dict or a ``pathlib.Path``
+        :param recipe: a Recipe, a list of Modifier objects, a dict, a ``pathlib.Path``, or a
+            str: resolved by ``recipe_resolver`` (the package root plugs in
+            ``compressor.recipe.resolve_recipe``, the same rules as ``oneshot``: a str naming
+            an existing file is that file, a str with a newline is YAML text, any other str
+            is refused with both readings shown)
         :param optimizer: the training optimizer; its steps then advance the schedule
         :param watch_optimizer: fire the optimizer events from torch's step hooks; False when
             the caller sends them itself with ``optim_pre_step`` / ``optim_post_step``

@@ -55,13 +55,10 @@ def _oneshot(args: argparse.Namespace) -> int:
     from compressor.entrypoints.oneshot import oneshot
 
     began = time.perf_counter()
-    dataset = (
-        None if args.dataset is None else "self" if args.dataset == "self" else Path(args.dataset)
-    )
     oneshot(
-        args.model,
-        Path(args.recipe),
-        dataset,
+        args.model,  # strings read by oneshot's rules: paths, YAML text, Hub ids
+        args.recipe,
+        args.dataset,
         num_calibration_samples=args.num_samples,
         max_seq_length=args.max_seq_length,
         batch_size=args.batch_size,
@@ -134,10 +131,16 @@ def build_parser() -> argparse.ArgumentParser:
     one = commands.add_parser(
         "oneshot", help="compress a model with a recipe after training", parents=[verbose]
     )
-    one.add_argument("--model", required=True, help="checkpoint directory or .gguf file")
-    one.add_argument("--recipe", required=True, help="path to a YAML recipe")
     one.add_argument(
-        "--dataset", help="text file to calibrate on, or 'self' for text sampled from the model"
+        "--model", required=True, help="checkpoint directory, .gguf file or Hugging Face Hub id"
+    )
+    one.add_argument(
+        "--recipe", required=True, help="path to a YAML recipe (or YAML text with a newline)"
+    )
+    one.add_argument(
+        "--dataset",
+        help="text, json, jsonl, csv or parquet file, dataset directory or Hub dataset id to "
+        "calibrate on, or 'self' for text sampled from the model",
     )
     one.add_argument("--output", required=True, help="directory for the compressed checkpoint")
     one.add_argument("--num-samples", type=_positive, default=256, help="calibration sequences")

@@ -2,13 +2,29 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from loguru import logger
 
-__all__ = ["check_not_compressed", "layers_on_disk_map", "load_model", "load_tokenizer"]
+from compressor.utils.hub import has_hub_id_form
+
+__all__ = [
+    "GGUF_SOURCE_FILE",
+    "check_not_compressed",
+    "gguf_checkpoint",
+    "gguf_key",
+    "is_hub_id",
+    "layers_on_disk_map",
+    "load_model",
+    "load_tokenizer",
+]
 
 _DECOMPRESS = (
     "compress the original (uncompressed) model instead, or load this one decompressed "
@@ -59,7 +75,8 @@ def _check_config_not_compressed(path: Path) -> None:
 def load_model(
     model: torch.nn.Module | str | Path, offload_folder: str | Path | None = None
 ) -> torch.nn.Module:
-    """A loaded model as is; a checkpoint directory or a ``.gguf`` file loaded as a causal LM.
+    """A loaded model as is; a checkpoint directory, a ``.gguf`` file or a Hugging Face Hub id
+    (a str naming no local path, of the form ``name`` or ``org/name``) loaded as a causal LM.
 
     A GGUF file is dequantized by transformers' GGUF loader (which needs the ``gguf`` package).
     A model that is already compressed (a compressed-tensors checkpoint with packed weights) is
@@ -79,11 +96,19 @@ def load_model(
         return model
     if not isinstance(model, str | Path):
         raise TypeError(
-            "model must be a torch.nn.Module, a checkpoint directory or a .gguf file; "
-            f"got {type(model).__name__}"
+            "model must be a torch.nn.Module, a checkpoint directory, a .gguf file or a "
+            f"Hugging Face Hub id; got {type(model).__name__}"
         )
     from transformers import AutoModelForCausalLM
 
+    if is_hub_id(model):
+        if offload_folder is not None:
+            raise ValueError(
+                f"offload_folder applies to checkpoint directories; {model!r} is a hub id "
+                "(download it first, then pass its directory)"
+            )
+        logger.info("loading {} from the Hugging Face Hub", model)
+        return _from_hub(AutoModelForCausalLM, "model", str(model))
     path = Path(model)
     if path.is_dir():
         _check_config_not_compressed(path)
@@ -108,7 +133,90 @@ def load_model(
         return loaded
     raise FileNotFoundError(
         f"model {str(model)!r} is neither a checkpoint directory nor a .gguf file"
+        + ("" if isinstance(model, Path) else ", nor a Hugging Face Hub id ('name' or 'org/name')")
     )
+
+
+def is_hub_id(source: Any) -> bool:
+    """Whether ``source`` is read as a Hugging Face Hub id: a str (a ``pathlib.Path`` is
+    always a path) that names nothing on disk and has the form ``name`` or ``org/name``
+    (no ``..``, not ending like a weights file)."""
+    return (
+        isinstance(source, str)
+        and not Path(source).exists()
+        and has_hub_id_form(source, file_suffixes=(".gguf", ".safetensors", ".bin"))
+    )
+
+
+def _from_hub(auto_class: Any, what: str, hub_id: str, **kwargs: Any) -> Any:
+    """``auto_class.from_pretrained(hub_id)``; a failure (offline, unknown id) says that the
+    string was read as a hub id because no such local path exists."""
+    try:
+        return auto_class.from_pretrained(hub_id, **kwargs)
+    except OSError as err:
+        raise OSError(
+            f"{what} {hub_id!r}: no such local path ({Path(hub_id).absolute()}), so it was "
+            f"read as a Hugging Face Hub id, and loading it from the Hub failed (offline? "
+            f"HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', 'unset')}): {err}"
+        ) from err
+
+
+GGUF_SOURCE_FILE = "gguf_source.json"  # written last: a directory with it is complete
+
+
+def gguf_key(path: str | Path) -> str:
+    """The sha256 of a file's content (a GGUF file: its conversion's cache key)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        while block := stream.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def gguf_checkpoint(path: str | Path, cache_dir: str | Path) -> Path:
+    """A checkpoint directory (fp32 safetensors, config, tokenizer) holding the GGUF file at
+    ``path`` dequantized, converted once and reused while the file's content is the same.
+
+    Dequantizing a GGUF file and building its tokenizer takes far longer than loading the
+    result (tens of seconds against about one for SmolLM2-135M); the conversion is keyed by
+    the file's sha256, so a changed file is converted again and a copy elsewhere is not.
+    The directory is written beside its final place and renamed into it when complete.
+
+    :param path: a ``.gguf`` file
+    :param cache_dir: the folder holding converted models (one subfolder per file content)
+    :return: ``cache_dir/<the sha256's first 16 hex digits>`` (its ``gguf_source.json`` names
+        the file it came from)
+    """
+    path = Path(path)
+    if not path.is_file() or path.suffix != ".gguf":
+        raise FileNotFoundError(f"gguf_checkpoint needs a .gguf file; {str(path)!r} is not one")
+    key = gguf_key(path)
+    cache_dir = Path(cache_dir)
+    target = cache_dir / key[:16]  # the content alone: a copy or a renamed file reuses it
+    if (target / GGUF_SOURCE_FILE).is_file():
+        logger.info("{}: using its conversion in {}", path.name, target)
+        return target
+    logger.info("converting {} once into {}", path, target)
+    tokenizer = load_tokenizer(path)
+    model: Any = load_model(path)
+    model = model.float()
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=cache_dir))
+    try:
+        model.save_pretrained(partial)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(partial)
+        source = {"gguf": str(path.resolve()), "sha256": key, "bytes": path.stat().st_size}
+        (partial / GGUF_SOURCE_FILE).write_text(json.dumps(source, indent=1), encoding="utf-8")
+        if target.exists():  # an incomplete earlier attempt (no source file)
+            shutil.rmtree(target)
+        os.rename(partial, target)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        if (target / GGUF_SOURCE_FILE).is_file():  # another process finished it first
+            return target
+        raise
+    return target
 
 
 def layers_on_disk_map(path: str | Path) -> dict[str, str]:
@@ -162,6 +270,8 @@ def load_tokenizer(model: Any, tokenizer: Any = None) -> Any:
         return None
     path = Path(source)
     try:
+        if is_hub_id(source):
+            return _from_hub(AutoTokenizer, "tokenizer", str(source))
         if path.is_file() and path.suffix == ".gguf":
             return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         return AutoTokenizer.from_pretrained(path)

@@ -14,6 +14,7 @@ from compressor.calibration.arguments import CalibrationArguments, PipelineName
 from compressor.calibration.data import Batch, build_calibration_batches
 from compressor.calibration.pipelines import PIPELINES, resolve_pipeline
 from compressor.calibration.pipelines.common import check_model_takes
+from compressor.calibration.sources import resolve_dataset
 from compressor.checkpoint.directory import OutputArguments, check_output_dir, save_checkpoint
 from compressor.core.session import create_session
 from compressor.entrypoints.loading import load_model, load_tokenizer
@@ -50,14 +51,20 @@ def oneshot(
     existing one replaced only with ``overwrite`` and only when it is a checkpoint or empty;
     apart from ``offload_folder``) before the model is loaded, so bad input fails at once.
 
-    :param model: a loaded model, a checkpoint directory or a ``.gguf`` file. A model loaded
+    :param model: a loaded model, a checkpoint directory, a ``.gguf`` file, or a Hugging Face
+        Hub id (a str naming no local path, ``name`` or ``org/name``). A model loaded
         offloaded (``from_pretrained(..., device_map=..., offload_folder=...)``) stays
         offloaded: one decoder layer at a time is brought into memory (GPTQModifier and
         post-training QuantizationModifier; other modifiers are refused)
-    :param recipe: a Recipe, a list of modifiers, a dict or a ``pathlib.Path`` to YAML
+    :param recipe: a Recipe, a list of modifiers, a dict, a ``pathlib.Path`` to YAML, or a
+        str: an existing file's path, or YAML text (a str with a newline); any other str is
+        refused with both readings shown (``compressor.recipe.resolve.recipe_from_str``)
     :param dataset: a ``datasets.Dataset`` (``input_ids`` or ``text``), a list of str, a
-        ``pathlib.Path`` to a text file, a DataLoader, or ``"self"`` (text sampled from the
-        model); required when a modifier needs calibration data
+        DataLoader, ``"self"`` (text sampled from the model), or a str or ``pathlib.Path``
+        naming data: a text file, a json/jsonl/csv/parquet file or a dataset directory
+        (``datasets.load_dataset`` / ``load_from_disk``), or a Hub dataset id; a str that is
+        none of these is refused (``compressor.calibration.sources``); required when a
+        modifier needs calibration data
     :param tokenizer: a tokenizer (or its path); by default the one beside a model path
     :param num_calibration_samples: sequences to calibrate on
     :param max_seq_length: tokens per sequence at most
@@ -84,6 +91,7 @@ def oneshot(
         offload_folder=offload_folder,
     )
     parsed = _parse_recipe(recipe, dataset)
+    dataset = resolve_dataset(dataset)  # a named dataset is loaded (or refused) before the model
     loaded, tokenizer = _load(model, tokenizer, parsed, device, offload_folder)
     pipeline_name = resolve_pipeline(calibration.pipeline, parsed.modifiers, loaded)
     batches = _calibration_batches(pipeline_name, dataset, calibration, loaded, tokenizer)
@@ -143,8 +151,9 @@ def _parse_recipe(recipe: Any, dataset: Any) -> Recipe:
     if needs_data and dataset is None:
         raise ValueError(
             f"{', '.join(needs_data)} need(s) calibration data but dataset is None: pass a "
-            "dataset (a datasets.Dataset, a list of str, a pathlib.Path to a text file, a "
-            "DataLoader) or dataset='self' to calibrate on text sampled from the model"
+            "dataset (a datasets.Dataset, a list of str, a DataLoader, a text, json, csv or "
+            "parquet file, a dataset directory or a Hub dataset id) or dataset='self' to "
+            "calibrate on text sampled from the model"
         )
     return parsed
 
@@ -158,8 +167,8 @@ def _load(
 ) -> tuple[torch.nn.Module, Any]:
     """The model and tokenizer, loaded; an offloaded model prepared for one layer at a time
     (when the recipe's modifiers support it)."""
+    loaded = load_model(model, offload_folder)  # first: its error is the one to show
     tokenizer = load_tokenizer(model, tokenizer)
-    loaded = load_model(model, offload_folder)
     if prepare_offloaded_model(loaded):
         check_offload_support(recipe.modifiers)
     check_device_unset(loaded, device)
