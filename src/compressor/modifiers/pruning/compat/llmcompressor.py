@@ -24,6 +24,7 @@ from compressor.modifiers.base import Modifier
 from compressor.modifiers.pruning.coupling import Coupling
 from compressor.modifiers.pruning.masks import MaskHolder
 from compressor.modifiers.pruning.sparse.base import SparsePruningModifier
+from compressor.utils.patterns import MatchPattern
 
 __all__ = [
     "ConstantPruningModifier",
@@ -136,8 +137,8 @@ class ConstantPruningModifier(Modifier):
     :param ignore: modules to leave alone
     """
 
-    targets: list[str] | None = None
-    ignore: list[str] = Field(default_factory=list)
+    targets: list[MatchPattern] | None = None
+    ignore: list[MatchPattern] = Field(default_factory=list)
 
     _holder: MaskHolder | None = PrivateAttr(default=None)
     _layers: list[torch.nn.Module] = PrivateAttr(default_factory=list)
