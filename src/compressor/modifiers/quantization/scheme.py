@@ -160,6 +160,8 @@ class QuantizationSchemeMixin(BaseModel):
             return data
         targets = data.get("targets", ["Linear"])
         targets = [targets] if isinstance(targets, str) else targets
+        if not isinstance(targets, list):
+            return data  # the targets field refuses it, naming it
         groups = {}
         for name, group in data["config_groups"].items():
             if isinstance(group, dict) and "targets" not in group:

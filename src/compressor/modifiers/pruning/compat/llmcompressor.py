@@ -37,12 +37,16 @@ _CATCH_ALL = {"__ALL_PRUNABLE__", "__ALL__"}
 _PRUNABLE = (torch.nn.Linear, torch.nn.Conv2d)
 
 
-def parameter_targets(targets: str | list[str] | None) -> list[str] | None:
-    """llm-compressor targets as a list; None (every prunable layer) for the catch-alls."""
+def parameter_targets(targets: Any) -> Any:
+    """llm-compressor targets as a list; None (every prunable layer) for the catch-alls.
+    Anything else than a string or a list is returned as it is, for the field to refuse."""
     if targets is None:
         return None
-    items = [targets] if isinstance(targets, str) else list(targets)
-    return None if any(t in _CATCH_ALL for t in items) else items
+    if isinstance(targets, str):
+        targets = [targets]
+    if not isinstance(targets, list):
+        return targets
+    return None if any(isinstance(t, str) and t in _CATCH_ALL for t in targets) else targets
 
 
 def layers_with_weights_matching(
