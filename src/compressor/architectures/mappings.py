@@ -14,6 +14,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from transformers import PretrainedConfig
 
+from compressor.utils.patterns import MatchPattern
+
 __all__ = [
     "Kind",
     "NormMapping",
@@ -84,14 +86,14 @@ class SpinQuantMapping(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    embedding: str
-    attn_q: str
-    attn_k: str
-    attn_v: str
-    attn_o: str
-    mlp_in: list[str] = Field(min_length=1)
-    mlp_out: list[str] = Field(min_length=1)
-    lm_head: str
+    embedding: MatchPattern
+    attn_q: MatchPattern
+    attn_k: MatchPattern
+    attn_v: MatchPattern
+    attn_o: MatchPattern
+    mlp_in: list[MatchPattern] = Field(min_length=1)
+    mlp_out: list[MatchPattern] = Field(min_length=1)
+    lm_head: MatchPattern
 
     _wrap = field_validator("mlp_in", "mlp_out", mode="before")(_as_list)
 
@@ -115,7 +117,7 @@ class NormMapping(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    norm: str
-    linears: list[str] = Field(min_length=1)
+    norm: MatchPattern
+    linears: list[MatchPattern] = Field(min_length=1)
 
     _wrap = field_validator("linears", mode="before")(_as_list)

@@ -18,7 +18,7 @@ from compressor.calibration.sources import resolve_dataset
 from compressor.checkpoint.directory import OutputArguments, check_output_dir, save_checkpoint
 from compressor.core.session import create_session
 from compressor.entrypoints.loading import load_model, load_tokenizer
-from compressor.recipe import Recipe, resolve_recipe
+from compressor.recipe import Recipe, RecipeError, resolve_recipe
 from compressor.utils.offload import (
     check_device_unset,
     check_offload_support,
@@ -49,7 +49,9 @@ def oneshot(
     Every option is validated (``CalibrationArguments``, ``OutputArguments``, the device
     against those this torch build sees) and the output directory checked (writable; an
     existing one replaced only with ``overwrite`` and only when it is a checkpoint or empty;
-    apart from ``offload_folder``) before the model is loaded, so bad input fails at once.
+    apart from ``offload_folder``) before the model is loaded, so bad input fails at once. A
+    modifier with a training schedule (``start``, ``end`` or ``update``) is refused the same
+    way: this is a post-training run (see ``_refuse_training_schedules``).
 
     :param model: a loaded model, a checkpoint directory, a ``.gguf`` file, or a Hugging Face
         Hub id (a str naming no local path, ``name`` or ``org/name``). A model loaded
@@ -145,8 +147,10 @@ def _check_apart(output_dir: Path, offload_folder: Path) -> None:
 
 
 def _parse_recipe(recipe: Any, dataset: Any) -> Recipe:
-    """The recipe as a ``Recipe``; an error when a modifier needs data and none is given."""
+    """The recipe as a ``Recipe``; an error when a modifier has a training schedule or needs
+    data and none is given."""
     parsed = resolve_recipe(recipe)
+    _refuse_training_schedules(parsed)
     needs_data = [type(m).__name__ for m in parsed.modifiers if m.requires_calibration_data()]
     if needs_data and dataset is None:
         raise ValueError(
@@ -156,6 +160,35 @@ def _parse_recipe(recipe: Any, dataset: Any) -> Recipe:
             "calibrate on text sampled from the model"
         )
     return parsed
+
+
+def _refuse_training_schedules(recipe: Recipe) -> None:
+    """The one rule for schedules in a post-training run: a modifier with ``start``, ``end``
+    or ``update`` set is refused, whatever the modifier, before any work.
+
+    Those offsets count optimizer steps (or epochs), and a post-training run takes none: a
+    scheduled modifier would start at once, never, or only at finalize depending on its
+    offsets and its kind, and the saved ``recipe.yaml`` would claim a schedule that did not
+    run. Refusing it, rather than running it at once, keeps one meaning for ``start``.
+
+    :raises RecipeError: naming the place in the recipe, the modifier and the field
+    """
+    for stage in recipe.stages:
+        for group in stage.groups:
+            for modifier in group.modifiers:
+                schedule = modifier.training_schedule()
+                if not schedule:
+                    continue
+                name = type(modifier).__name__
+                field = next(iter(schedule))
+                given = ", ".join(f"{k}: {v:g}" for k, v in schedule.items())
+                raise RecipeError(
+                    f"{stage.name}_stage -> {group.name}_modifiers -> {name} -> {field}: "
+                    f"{name} has a training schedule ({given}), but oneshot compresses after "
+                    "training, where no optimizer steps are counted. Remove "
+                    f"{' and '.join(schedule)} to compress in this run, or run the recipe "
+                    "during training (CompressionSession in your loop, or CompressionTrainer)"
+                )
 
 
 def _load(

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import difflib
+import math
 from collections.abc import Callable
 from typing import Any, ClassVar, TypeVar
 
 from loguru import logger
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator
 from torch.utils.hooks import RemovableHandle
 
 from compressor.core.events import Event, EventType
@@ -24,6 +25,11 @@ __all__ = [
 ]
 
 M = TypeVar("M", bound=type["Modifier"])
+
+#: schedule offsets (steps or epochs) beyond this magnitude are refused: no run reaches them, so
+#: a modifier given one would never fire (1e9 optimizer steps is ~1000x the longest runs)
+MAX_SCHEDULE_OFFSET = 1e9
+SCHEDULE_FIELDS = ("start", "end", "update")
 
 _CALIBRATION_START = EventType.CALIBRATION_EPOCH_START
 _CALIBRATION_END = EventType.CALIBRATION_EPOCH_END
@@ -58,6 +64,9 @@ class Modifier(BaseModel, HooksMixin):
         runs in post-training calibration; a negative value means from the beginning
     :param end: step (or epoch) at which it stops; unset means the end of the run
     :param update: how often, in steps (or epochs), ``should_update`` fires while active
+
+    ``start``, ``end`` and ``update`` are finite numbers within ``MAX_SCHEDULE_OFFSET``
+    (a boolean, such as YAML's ``yes``, is refused rather than read as 1).
     """
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -67,6 +76,26 @@ class Modifier(BaseModel, HooksMixin):
     start: float | None = None
     end: float | None = None
     update: float | None = None
+
+    @field_validator(*SCHEDULE_FIELDS, mode="before")
+    @classmethod
+    def _offset_not_a_boolean(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, bool):
+            raise ValueError(
+                f"{info.field_name} is a number of optimizer steps (or epochs), got the boolean "
+                f"{value} (YAML reads yes/no/on/off/true/false as booleans)"
+            )
+        return value
+
+    @field_validator(*SCHEDULE_FIELDS)
+    @classmethod
+    def _offset_in_range(cls, value: float | None, info: ValidationInfo) -> float | None:
+        if value is not None and not (math.isfinite(value) and abs(value) <= MAX_SCHEDULE_OFFSET):
+            raise ValueError(
+                f"{info.field_name} must be a finite number of optimizer steps (or epochs) "
+                f"between {-MAX_SCHEDULE_OFFSET:g} and {MAX_SCHEDULE_OFFSET:g}, got {value}"
+            )
+        return value
 
     _initialized: bool = PrivateAttr(default=False)
     _finalized: bool = PrivateAttr(default=False)
@@ -114,6 +143,12 @@ class Modifier(BaseModel, HooksMixin):
         return self._ended
 
     # ---------------------------------------------------------------- schedule
+    def training_schedule(self) -> dict[str, float]:
+        """The schedule fields that are set (``start``, ``end``, ``update``): a modifier with
+        any of them runs during training; post-training runs (``oneshot``) refuse it."""
+        values = {name: getattr(self, name) for name in SCHEDULE_FIELDS}
+        return {name: value for name, value in values.items() if value is not None}
+
     def should_start(self, event: Event) -> bool:
         if self.start is None:
             return False

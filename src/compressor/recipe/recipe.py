@@ -28,6 +28,12 @@ from pydantic import ValidationError
 from compressor.modifiers.base import Modifier, UnknownModifierError, get_modifier_class
 from compressor.recipe.deepspeed.convert import deepspeed_modifiers
 from compressor.recipe.errors import RecipeError
+from compressor.recipe.limits import (
+    check_recipe_data,
+    check_recipe_size,
+    load_recipe_yaml,
+)
+from compressor.utils.quote import quote
 
 __all__ = ["Recipe", "RecipeError", "RecipeGroup", "RecipeStage"]
 
@@ -69,12 +75,12 @@ class Recipe:
     # ---------------------------------------------------------------- reading
     @classmethod
     def from_yaml(cls, text: str) -> Recipe:
-        """Parse YAML text (safe loader only)."""
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as err:
-            raise RecipeError(f"recipe is not valid YAML: {err}") from err
-        return cls.from_dict(data)
+        """Parse YAML text (PyYAML's safe loader), refusing text above
+        ``compressor.recipe.limits.MAX_RECIPE_BYTES``, aliases that expand beyond
+        ``MAX_RECIPE_VALUES``, nesting beyond ``MAX_RECIPE_DEPTH`` and duplicate keys."""
+        if not isinstance(text, str):
+            raise TypeError(f"Recipe.from_yaml takes YAML text (a str), got {type(text).__name__}")
+        return cls.from_dict(load_recipe_yaml(text))
 
     @classmethod
     def from_file(cls, path: str | Path) -> Recipe:
@@ -83,7 +89,12 @@ class Recipe:
         if not path.is_file():
             raise FileNotFoundError(f"recipe file not found: {path}")
         try:
+            check_recipe_size(path.stat().st_size)
             return cls.from_yaml(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as err:
+            raise RecipeError(
+                f"{path}: not UTF-8 text ({err.reason} at byte {err.start})"
+            ) from None
         except RecipeError as err:
             raise RecipeError(f"{path}: {err}") from err
 
@@ -106,7 +117,9 @@ class Recipe:
 
     @classmethod
     def from_dict(cls, data: Any) -> Recipe:
-        """Parse the dict form of a recipe (what ``yaml.safe_load`` returns)."""
+        """Parse the dict form of a recipe (what ``yaml.safe_load`` returns); data larger or
+        deeper than ``compressor.recipe.limits`` allows is refused first."""
+        check_recipe_data(data)
         if not isinstance(data, dict) or not data:
             raise RecipeError(
                 "a recipe must be a mapping with '<name>_stage' keys or a 'modifiers' list; "
@@ -184,7 +197,7 @@ class Recipe:
 
 
 def _describe(value: Any) -> str:
-    return f"{type(value).__name__} {value!r}"[:120]
+    return f"{type(value).__name__} {quote(value, 120)}"
 
 
 def _parse_stage(key: str, body: Any) -> RecipeStage:
@@ -250,16 +263,30 @@ def _build_modifier(name: Any, args: Any, where: str, group: str) -> Modifier:
     return modifier
 
 
+#: problems listed per invalid modifier, and characters of each (a message quotes the input)
+_MAX_PROBLEMS = 10
+_MAX_PROBLEM_CHARS = 600
+
+
 def _format_validation(err: ValidationError, where: str, modifier_cls: type[Modifier]) -> str:
     lines = []
-    for problem in err.errors():
-        field_path = " -> ".join(str(part) for part in problem["loc"])
+    problems = err.errors(include_url=False, include_context=False)
+    for problem in problems[:_MAX_PROBLEMS]:
+        field_path = " -> ".join(
+            quote(part, 60) if not isinstance(part, str | int) else str(part)
+            for part in problem["loc"]
+        )
         target = f"{where} -> {field_path}" if field_path else where
         if problem["type"] == "extra_forbidden":
             allowed = ", ".join(
                 n for n, f in modifier_cls.model_fields.items() if n not in ("index", "group")
             )
-            lines.append(f"{target}: unknown field; {modifier_cls.__name__} accepts: {allowed}")
+            line = f"{target}: unknown field; {modifier_cls.__name__} accepts: {allowed}"
         else:
-            lines.append(f"{target}: got {problem.get('input')!r}; {problem['msg']}")
+            line = f"{target}: got {quote(problem.get('input'))}; {problem['msg']}"
+        if len(line) > _MAX_PROBLEM_CHARS:
+            line = line[: _MAX_PROBLEM_CHARS - 3] + "..."
+        lines.append(line)
+    if len(problems) > _MAX_PROBLEMS:
+        lines.append(f"... and {len(problems) - _MAX_PROBLEMS} more problem(s)")
     return "invalid recipe:\n  " + "\n  ".join(lines)

@@ -18,6 +18,7 @@ from compressor.modifiers.pruning.scorers import ActivationScorer, L1Scorer, Sco
 from compressor.modifiers.pruning.scores import topk_mask
 from compressor.modifiers.pruning.topk import TopKScorer
 from compressor.utils.finite import check_finite_weights
+from compressor.utils.patterns import MatchPattern
 
 __all__ = ["SCORERS", "PruningMethod", "PruningModifierBase"]
 
@@ -65,8 +66,8 @@ class PruningModifierBase(Modifier):
         (|W| times input norms from calibration data, one-shot only)
     """
 
-    targets: list[str] | None = None
-    ignore: list[str] = Field(default_factory=list)
+    targets: list[MatchPattern] | None = None
+    ignore: list[MatchPattern] = Field(default_factory=list)
     density: float | None = None
     init_density: float = 1.0
     ramp: Ramp = "cubic"

@@ -21,6 +21,7 @@ from compressor.modifiers.pruning.mappings import (
 from compressor.modifiers.pruning.related import check_related_modules, related_mappings
 from compressor.modifiers.pruning.schedule import kept_count
 from compressor.modifiers.pruning.surgery import check_config, shrink_couplings
+from compressor.utils.patterns import MatchPattern
 
 __all__ = ["StructuredPruningModifier"]
 
@@ -48,7 +49,7 @@ class StructuredPruningModifier(PruningModifierBase):
 
     mappings: list[StructureMapping] | None = None
     shrink: bool = True
-    related_modules: list[str] | None = Field(default=None, min_length=1)
+    related_modules: list[MatchPattern] | None = Field(default=None, min_length=1)
 
     _removed: dict[str, int] = PrivateAttr(default_factory=dict)
 

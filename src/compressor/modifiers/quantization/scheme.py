@@ -22,6 +22,8 @@ from compressed_tensors.quantization.quant_args import DynamicType
 from compressed_tensors.quantization.quant_scheme import PRESET_SCHEMES
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
+from compressor.utils.patterns import MatchPattern, check_match_pattern
+
 __all__ = [
     "SUPPORTED_PRESETS",
     "QuantizationSchemeMixin",
@@ -136,8 +138,8 @@ class QuantizationSchemeMixin(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    targets: list[str] = ["Linear"]
-    ignore: list[str] = ["lm_head"]
+    targets: list[MatchPattern] = ["Linear"]
+    ignore: list[MatchPattern] = ["lm_head"]
     scheme: str | None = None
     config_groups: dict[str, QuantizationScheme] | None = None
 
@@ -158,6 +160,8 @@ class QuantizationSchemeMixin(BaseModel):
             return data
         targets = data.get("targets", ["Linear"])
         targets = [targets] if isinstance(targets, str) else targets
+        if not isinstance(targets, list):
+            return data  # the targets field refuses it, naming it
         groups = {}
         for name, group in data["config_groups"].items():
             if isinstance(group, dict) and "targets" not in group:
@@ -195,6 +199,13 @@ class QuantizationSchemeMixin(BaseModel):
         for name, group in (self.config_groups or {}).items():
             if not group.targets:
                 raise ValueError(f"config_groups -> {name} -> targets: empty")
+            for position, target in enumerate(group.targets):
+                try:
+                    check_match_pattern(target)
+                except ValueError as err:
+                    raise ValueError(
+                        f"config_groups -> {name} -> targets -> {position}: {err}"
+                    ) from None
             _check_scheme(group, f"config_groups -> {name}")
         return self
 

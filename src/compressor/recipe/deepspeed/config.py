@@ -19,6 +19,8 @@ from loguru import logger
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from compressor.recipe.errors import RecipeError
+from compressor.recipe.limits import check_recipe_data, check_recipe_size
+from compressor.utils.quote import quote
 
 __all__ = [
     "DeepSpeedCompressionConfig",
@@ -203,8 +205,21 @@ def _error(where: str, err: ValidationError) -> RecipeError:
         elif problem["type"] == "missing":
             lines.append(f"{target}: required")
         else:
-            lines.append(f"{target}: got {problem.get('input')!r}; {problem['msg']}")
+            lines.append(f"{target}: got {quote(problem.get('input'))}; {problem['msg'][:600]}")
     return RecipeError("invalid DeepSpeed compression config:\n  " + "\n  ".join(lines))
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object, refusing a key given twice (``json`` would keep the last, silently)."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise RecipeError(
+                f"duplicate key {quote(key, 60)} in a JSON object (beside "
+                f"{', '.join(quote(k, 40) for k in list(out)[:5])}); each key may appear once"
+            )
+        out[key] = value
+    return out
 
 
 def load_deepspeed_config(config: dict[str, Any] | str | Path) -> DeepSpeedCompressionConfig:
@@ -217,10 +232,14 @@ def load_deepspeed_config(config: dict[str, Any] | str | Path) -> DeepSpeedCompr
         path = Path(config)
         if not path.is_file():
             raise FileNotFoundError(f"DeepSpeed config not found: {path}")
+        check_recipe_size(path.stat().st_size, str(path))
         try:
-            config = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
+            config = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_no_duplicates)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise RecipeError(f"{path}: not valid JSON: {err}") from err
+        except RecipeError as err:
+            raise RecipeError(f"{path}: {err}") from None
+    check_recipe_data(config)
     if not isinstance(config, dict):
         raise RecipeError(f"a DeepSpeed config must be a mapping, got {type(config).__name__}")
     block = config.get("compression_training", config)

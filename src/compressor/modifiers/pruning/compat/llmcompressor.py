@@ -24,6 +24,7 @@ from compressor.modifiers.base import Modifier
 from compressor.modifiers.pruning.coupling import Coupling
 from compressor.modifiers.pruning.masks import MaskHolder
 from compressor.modifiers.pruning.sparse.base import SparsePruningModifier
+from compressor.utils.patterns import MatchPattern
 
 __all__ = [
     "ConstantPruningModifier",
@@ -36,12 +37,16 @@ _CATCH_ALL = {"__ALL_PRUNABLE__", "__ALL__"}
 _PRUNABLE = (torch.nn.Linear, torch.nn.Conv2d)
 
 
-def parameter_targets(targets: str | list[str] | None) -> list[str] | None:
-    """llm-compressor targets as a list; None (every prunable layer) for the catch-alls."""
+def parameter_targets(targets: Any) -> Any:
+    """llm-compressor targets as a list; None (every prunable layer) for the catch-alls.
+    Anything else than a string or a list is returned as it is, for the field to refuse."""
     if targets is None:
         return None
-    items = [targets] if isinstance(targets, str) else list(targets)
-    return None if any(t in _CATCH_ALL for t in items) else items
+    if isinstance(targets, str):
+        targets = [targets]
+    if not isinstance(targets, list):
+        return targets
+    return None if any(isinstance(t, str) and t in _CATCH_ALL for t in targets) else targets
 
 
 def layers_with_weights_matching(
@@ -136,8 +141,8 @@ class ConstantPruningModifier(Modifier):
     :param ignore: modules to leave alone
     """
 
-    targets: list[str] | None = None
-    ignore: list[str] = Field(default_factory=list)
+    targets: list[MatchPattern] | None = None
+    ignore: list[MatchPattern] = Field(default_factory=list)
 
     _holder: MaskHolder | None = PrivateAttr(default=None)
     _layers: list[torch.nn.Module] = PrivateAttr(default_factory=list)
