@@ -93,8 +93,14 @@ def _quant(fields: str, name: str = "QuantizationModifier", scheme: str = "W4A16
             "s_stage:\n  t_modifiers:\n    SpinQuantModifier: {rotations: [R1, R3]}\n",
             r"rotations \['R3'\] are online rotations",
         ),
-        ("s_stage:\n  run_type: calibrate\n  q_modifiers:\n    GPTQ: {scheme: W4A16}\n", "run_type"),
-        ("s_stage:\n  q_modifiers:\n    GPTQModifier: {block_size: 64}\n", "no QuantizationModifier"),
+        (
+            "s_stage:\n  run_type: calibrate\n  q_modifiers:\n    GPTQ: {scheme: W4A16}\n",
+            "run_type",
+        ),
+        (
+            "s_stage:\n  q_modifiers:\n    GPTQModifier: {block_size: 64}\n",
+            "no QuantizationModifier",
+        ),
     ],
 )
 def test_fields_that_would_change_the_result_are_refused_with_the_reason(text, message):
