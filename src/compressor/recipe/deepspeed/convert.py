@@ -362,6 +362,13 @@ def _pruning(config: DeepSpeedCompressionConfig) -> list[Modifier]:
         parsed = _enabled_technique(config, technique)
         if parsed is None:
             continue
+        if parsed.shared.method == "snip_momentum":
+            raise RecipeError(
+                f"DeepSpeed {technique} -> shared_parameters -> method=snip_momentum: "
+                "DeepSpeed's SNIP-momentum pruner (Intel Neural Compressor's, with "
+                "block_pattern, schedule_offset_stride, excluded_modules and a shared "
+                "dense_ratio) is not implemented here; use method l1 or topk"
+            )
         for name, (params, group) in parsed.groups.items():
             modifiers.append(_pruning_group(technique, kind, parsed.shared, name, params, group))
     return modifiers
@@ -381,6 +388,9 @@ def _pruning_group(
     }
     if related is not None:
         fields["related_modules"] = related
+    if technique == "sparse_pruning" and targets is not None:
+        # DeepSpeed matches its keys against compressible layers only (Linear, Conv)
+        fields["layers_only"] = True
     if shared.schedule_offset_end is None:
         fields["init_density"] = params.dense_ratio
     else:
