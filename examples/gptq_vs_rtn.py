@@ -50,13 +50,16 @@ def main() -> None:
 
     rows = [("dense", ppl(LlamaForCausalLM.from_pretrained(MODEL)), 0.0)]
     runs = {
-        "RTN W4 channel": ([QuantizationModifier(config_groups=W4_CHANNEL)], {}),
+        "RTN W4 channel": (
+            [QuantizationModifier(config_groups=W4_CHANNEL, ignore=["lm_head"])],
+            {},
+        ),
         "GPTQ W4 channel": (
-            [GPTQModifier(config_groups=W4_CHANNEL)],
+            [GPTQModifier(config_groups=W4_CHANNEL, ignore=["lm_head"])],
             {"dataset": calib, "num_calibration_samples": args.samples, "max_seq_length": 512},
         ),
         "GPTQ W4 channel, actorder static": (
-            [GPTQModifier(config_groups=W4_CHANNEL, actorder="static")],
+            [GPTQModifier(config_groups=W4_CHANNEL, actorder="static", ignore=["lm_head"])],
             {"dataset": calib, "num_calibration_samples": args.samples, "max_seq_length": 512},
         ),
     }

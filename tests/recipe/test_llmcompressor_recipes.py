@@ -154,7 +154,7 @@ def test_constant_pruning_recipe_keeps_existing_zeros_through_training(tiny_llam
     [
         (
             "s_stage:\n  q_modifiers:\n    QuantizationModifier: {scheme: W4A16, kv_cache_scheme: {num_bits: 8}}\n",
-            "QuantizationModifier -> kv_cache_scheme: unknown field",
+            "kv_cache_scheme: got .*quantizing the KV cache .* is not supported",
         ),
         (
             "s_stage:\n  q_modifiers:\n    GPTQModifier: {scheme: W4A16, offload_hessians: true}\n",

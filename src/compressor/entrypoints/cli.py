@@ -7,7 +7,9 @@ import sys
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+import yaml
 from loguru import logger
 
 __all__ = ["main", "one_line"]
@@ -34,7 +36,39 @@ def _recipe_check(args: argparse.Namespace) -> int:
                     f"  [{modifier.index}] {stage.name}/{group.name}: {type(modifier).__name__}"
                     f"  start={start}  end={end}  update={update}"
                 )
+                for line in _resolved_fields(modifier):
+                    print(f"      {line}")
     return 0
+
+
+_SCHEDULE_FIELDS = ("index", "group", "start", "end", "update")
+
+
+def _resolved_fields(modifier: Any) -> list[str]:
+    """Every field the modifier will run with, defaults included, and for a quantizing
+    modifier the scheme each config group resolves to (a preset spelled out)."""
+    values = modifier.model_dump(mode="json", exclude=set(_SCHEDULE_FIELDS))
+    lines = [
+        f"{name}: {_flow(value)}"
+        for name, value in values.items()
+        if name != "config_groups" and value is not None  # unset options: nothing to show
+    ]
+    resolve = getattr(modifier, "resolve_quantization_config", None)
+    if resolve is not None:
+        config = resolve()
+        for name, scheme in config.config_groups.items():
+            lines.append(f"scheme {name}: targets {_flow(list(scheme.targets))}")
+            for role in ("weights", "input_activations", "output_activations"):
+                args = getattr(scheme, role)
+                if args is not None:
+                    resolved = args.model_dump(mode="json", exclude_none=True)
+                    lines.append(f"  {role}: {_flow(resolved)}")
+    return lines
+
+
+def _flow(value: Any) -> str:
+    text = yaml.safe_dump(value, default_flow_style=True, width=10_000).strip()
+    return text.removesuffix("...").strip()
 
 
 def _recipe_convert(args: argparse.Namespace) -> int:

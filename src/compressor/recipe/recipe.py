@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from loguru import logger
 from pydantic import ValidationError
 
 from compressor.modifiers.base import Modifier, UnknownModifierError, get_modifier_class
@@ -33,6 +34,12 @@ from compressor.recipe.limits import (
     check_recipe_size,
     load_recipe_yaml,
 )
+from compressor.recipe.llmcompressor import (
+    check_llmcompressor_fields,
+    gptq_args_from_earlier,
+    split_llmcompressor_fields,
+    wants_earlier_scheme,
+)
 from compressor.utils.quote import quote
 
 __all__ = ["Recipe", "RecipeError", "RecipeGroup", "RecipeStage"]
@@ -42,6 +49,10 @@ GROUP_SUFFIX = "_modifiers"
 FLAT_KEY = "modifiers"
 DEFAULT_STAGE = "default"
 DEFAULT_GROUP = "default"
+# llm-compressor's stage key naming the entry point a stage was written for; 0.14 reads and
+# ignores it, and here too each modifier's schedule (start or none) says when it runs
+RUN_TYPE_KEY = "run_type"
+RUN_TYPES = ("oneshot", "train")
 
 
 @dataclass
@@ -131,17 +142,19 @@ class Recipe:
                 raise RecipeError(
                     f"a recipe has either a 'modifiers' list or stages, not both; also found {others}"
                 )
-            group = _parse_group(data[FLAT_KEY], path=[FLAT_KEY], group=DEFAULT_GROUP)
-            return cls([RecipeStage(DEFAULT_STAGE, [group])])
+            context = _ParseContext()
+            group = _parse_group(data[FLAT_KEY], [FLAT_KEY], DEFAULT_GROUP, context)
+            return cls(_without_empty([RecipeStage(DEFAULT_STAGE, [group])]))
         stages = []
+        context = _ParseContext()
         for key, body in data.items():
             if not isinstance(key, str) or not key.endswith(STAGE_SUFFIX):
                 raise RecipeError(
                     f"top-level key {key!r} is not a stage: expected '<name>{STAGE_SUFFIX}' "
                     f"keys or a single '{FLAT_KEY}' list"
                 )
-            stages.append(_parse_stage(key, body))
-        return cls(stages)
+            stages.append(_parse_stage(key, body, context))
+        return cls(_without_empty(stages))
 
     @classmethod
     def from_deepspeed(cls, config: Any) -> Recipe:
@@ -200,7 +213,27 @@ def _describe(value: Any) -> str:
     return f"{type(value).__name__} {quote(value, 120)}"
 
 
-def _parse_stage(key: str, body: Any) -> RecipeStage:
+@dataclass
+class _ParseContext:
+    """What parsing a modifier may need from those before it: the last quantizing modifier
+    and the group list holding it (a GPTQModifier without a scheme takes its place)."""
+
+    last_quantizer: Modifier | None = None
+    last_quantizer_list: list[Modifier] | None = None
+
+
+def _without_empty(stages: list[RecipeStage]) -> list[RecipeStage]:
+    """Drop groups (and stages) left empty when a GPTQModifier took over the modifier before
+    it; a recipe as written has none (an empty group is an error)."""
+    out = []
+    for stage in stages:
+        stage.groups = [g for g in stage.groups if g.modifiers]
+        if stage.groups:
+            out.append(stage)
+    return out
+
+
+def _parse_stage(key: str, body: Any, context: _ParseContext) -> RecipeStage:
     name = key[: -len(STAGE_SUFFIX)]
     if not isinstance(body, dict) or not body:
         raise RecipeError(
@@ -208,16 +241,35 @@ def _parse_stage(key: str, body: Any) -> RecipeStage:
         )
     groups = []
     for group_key, group_body in body.items():
+        if group_key == RUN_TYPE_KEY:
+            _check_run_type(key, group_body)
+            continue
         if not isinstance(group_key, str) or not group_key.endswith(GROUP_SUFFIX):
             raise RecipeError(
                 f"{key} -> {group_key!r}: expected a '<group>{GROUP_SUFFIX}' key inside a stage"
             )
         group_name = group_key[: -len(GROUP_SUFFIX)]
-        groups.append(_parse_group(group_body, path=[key, group_key], group=group_name))
+        groups.append(_parse_group(group_body, [key, group_key], group_name, context))
+    if not groups:
+        raise RecipeError(f"{key}: the stage holds no '<group>{GROUP_SUFFIX}' keys")
     return RecipeStage(name, groups)
 
 
-def _parse_group(body: Any, path: list[str], group: str) -> RecipeGroup:
+def _check_run_type(stage: str, value: Any) -> None:
+    if value not in RUN_TYPES:
+        raise RecipeError(
+            f"{stage} -> {RUN_TYPE_KEY}: got {_describe(value)}; expected one of {list(RUN_TYPES)}"
+        )
+    logger.info(
+        "{} -> {}: {!r} has no effect (llm-compressor 0.14 ignores it too): each modifier runs "
+        "when its schedule says, post-training without start, in training with one",
+        stage,
+        RUN_TYPE_KEY,
+        value,
+    )
+
+
+def _parse_group(body: Any, path: list[str], group: str, context: _ParseContext) -> RecipeGroup:
     where = " -> ".join(path)
     if isinstance(body, dict):
         entries = list(body.items())
@@ -237,11 +289,18 @@ def _parse_group(body: Any, path: list[str], group: str) -> RecipeGroup:
         )
     if not entries:
         raise RecipeError(f"{where}: the group holds no modifiers")
-    modifiers = [_build_modifier(name, args, f"{where} -> {name}", group) for name, args in entries]
+    modifiers: list[Modifier] = []
+    for name, args in entries:
+        modifier = _build_modifier(name, args, f"{where} -> {name}", group, context)
+        modifiers.append(modifier)
+        if hasattr(modifier, "resolve_quantization_config"):
+            context.last_quantizer, context.last_quantizer_list = modifier, modifiers
     return RecipeGroup(group, modifiers)
 
 
-def _build_modifier(name: Any, args: Any, where: str, group: str) -> Modifier:
+def _build_modifier(
+    name: Any, args: Any, where: str, group: str, context: _ParseContext | None = None
+) -> Modifier:
     if not isinstance(name, str):
         raise RecipeError(f"{where}: a modifier name must be a string, got {_describe(name)}")
     try:
@@ -255,10 +314,23 @@ def _build_modifier(name: Any, args: Any, where: str, group: str) -> Modifier:
     for reserved in ("index", "group"):
         if reserved in args:
             raise RecipeError(f"{where} -> {reserved}: set by the recipe's layout, not an argument")
+    args, theirs = split_llmcompressor_fields(modifier_cls, args)
+    if context is not None and wants_earlier_scheme(modifier_cls, args):
+        try:
+            args = gptq_args_from_earlier(context.last_quantizer, args, where)
+        except ValueError as err:
+            raise RecipeError(str(err)) from None
+        assert context.last_quantizer_list is not None
+        context.last_quantizer_list.remove(context.last_quantizer)  # type: ignore[arg-type]
+        context.last_quantizer = None
     try:
         modifier = modifier_cls.model_validate(args)
     except ValidationError as err:
         raise RecipeError(_format_validation(err, where, modifier_cls)) from None
+    try:
+        check_llmcompressor_fields(modifier, theirs, where)
+    except ValueError as err:
+        raise RecipeError(str(err)) from None
     modifier.group = group
     return modifier
 

@@ -99,7 +99,7 @@ def test_sequential_run_quantizes_each_layer_at_its_end_and_frees_its_hessians(
     tiny_llama, actorder
 ):
     original = {k: v.clone() for k, v in tiny_llama.state_dict().items()}
-    gptq = GPTQModifier(config_groups=GROUP16, actorder=actorder, block_size=16)
+    gptq = GPTQModifier(config_groups=GROUP16, actorder=actorder, block_size=16, ignore=["lm_head"])
     probe = LayerProbe()
     tiny_llama._probe_gptq = gptq
     oneshot(tiny_llama, [gptq, probe], random_ids(), pipeline="sequential", batch_size=4)
@@ -242,7 +242,7 @@ def test_dynamic_tensor_wide_activation_scales_keep_calls_apart(strategy, merges
 
 
 def test_basic_pipeline_quantizes_every_linear_at_calibration_end(tiny_llama):
-    gptq = GPTQModifier(config_groups=GROUP16, actorder="static")
+    gptq = GPTQModifier(config_groups=GROUP16, actorder="static", ignore=["lm_head"])
     oneshot(tiny_llama, [gptq], random_ids(), pipeline="basic", batch_size=4)
     assert gptq.num_hooks == 0 and not gptq._hessians
     assert gptq._quantized == set(linears(tiny_llama))
@@ -255,7 +255,7 @@ def test_a_module_that_sees_no_data_is_rounded_to_nearest_with_a_warning(tiny_ll
     messages = []
     handle = logger.add(lambda m: messages.append(str(m)), level="WARNING")
     try:
-        gptq = GPTQModifier(config_groups=GROUP16)
+        gptq = GPTQModifier(config_groups=GROUP16, ignore=["lm_head"])
         oneshot(tiny_llama, [gptq], random_ids(), pipeline="datafree")
     finally:
         logger.remove(handle)

@@ -154,7 +154,9 @@ def test_target_matching_nothing_warns_naming_the_pattern(tiny_llama):
     messages: list[str] = []
     sink = logger.add(messages.append, level="WARNING")
     try:
-        modifier = QuantizationModifier(scheme="W8A8", targets=["Linear", "re:.*no_such_layer"])
+        modifier = QuantizationModifier(
+            scheme="W8A8", targets=["Linear", "re:.*no_such_layer"], ignore=["lm_head"]
+        )
         _initialize(tiny_llama, modifier)
     finally:
         logger.remove(sink)

@@ -192,8 +192,8 @@ def test_inf_activation_is_an_error_naming_the_layer(tiny_llama, token_batches):
             module(x)
 
 
-def test_hooks_are_removed_and_lm_head_is_left_alone(tiny_llama, token_batches):
-    modifier = QuantizationModifier(scheme="FP8")
+def test_hooks_are_removed_and_an_ignored_lm_head_is_left_alone(tiny_llama, token_batches):
+    modifier = QuantizationModifier(scheme="FP8", ignore=["lm_head"])
     _calibrate(tiny_llama, modifier, token_batches)
     assert modifier.num_hooks == 0
     assert not hasattr(tiny_llama.lm_head, "quantization_scheme")

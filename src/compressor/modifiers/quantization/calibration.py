@@ -107,10 +107,14 @@ def bake_quantized_weight(
 
     :param levels: ``ternary`` or ``binary`` instead of ``args``' integer grid
     """
-    from compressor.modifiers.quantization.fake_quant import fake_quantize_weight, low_bit_weight
+    from compressor.modifiers.quantization.fake_quant import (
+        fake_quantize_weight,
+        is_per_tensor,
+        low_bit_weight,
+    )
 
     if levels is not None:
-        values, _ = low_bit_weight(module.weight, levels)  # type: ignore[arg-type]
+        values, _ = low_bit_weight(module.weight, levels, is_per_tensor(args))  # type: ignore[arg-type]
     else:
         values = fake_quantize_weight(module.weight, args, where=name)
     update_offload_parameter(module, "weight", values.to(module.weight.dtype))

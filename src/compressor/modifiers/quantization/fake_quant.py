@@ -31,6 +31,7 @@ __all__ = [
     "LowBitWeights",
     "WeightFakeQuantizer",
     "binarize",
+    "is_per_tensor",
     "low_bit_weight",
     "ternarize",
     "expand_to_weight",
@@ -169,17 +170,26 @@ def fake_quantize_activation(
 LowBitWeights = Literal["ternary", "binary"]
 
 
+def _rows(weight: torch.Tensor, per_tensor: bool) -> torch.Tensor:
+    """The weight as (groups, values): one group per output row, or one for the tensor."""
+    if per_tensor:
+        return weight.reshape(1, -1)
+    return weight.flatten(1) if weight.dim() > 2 else weight
+
+
 @torch.no_grad()
-def ternarize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ternary weights per output row: ``alpha * {-1, 0, 1}``.
+def ternarize(weight: torch.Tensor, per_tensor: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ternary weights per output row (or per tensor): ``alpha * {-1, 0, 1}``.
 
     Weights below ``0.7 * mean|w|`` become 0 and the rest ``+-alpha``, with ``alpha`` the
     mean magnitude of those kept (Li et al., 2016, "Ternary Weight Networks",
     https://arxiv.org/abs/1605.04711; DeepSpeed's XTC).
 
-    :return: the ternary weight (same shape) and alpha, shaped (rows, 1)
+    :param per_tensor: one threshold and alpha for the whole tensor (DeepSpeed's
+        ``quantize_groups: 1``) instead of one per output row
+    :return: the ternary weight (same shape) and alpha, shaped (rows, 1) or (1, 1)
     """
-    w = weight.flatten(1) if weight.dim() > 2 else weight
+    w = _rows(weight, per_tensor)
     magnitude = w.abs()
     keep = magnitude > 0.7 * magnitude.mean(dim=1, keepdim=True)
     count = keep.sum(dim=1, keepdim=True).clamp(min=1)
@@ -188,23 +198,31 @@ def ternarize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
-def binarize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Binary weights per output row: ``alpha * {-1, 1}`` with ``alpha = mean|w|``
-    (Rastegari et al., 2016, "XNOR-Net", https://arxiv.org/abs/1603.05279).
+def binarize(weight: torch.Tensor, per_tensor: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Binary weights per output row (or per tensor): ``alpha * sign(w)`` with
+    ``alpha = mean|w|`` (Rastegari et al., 2016, "XNOR-Net", https://arxiv.org/abs/1603.05279);
+    a weight of exactly 0 stays 0, as in DeepSpeed's XTC.
 
-    :return: the binary weight (same shape) and alpha, shaped (rows, 1)
+    :param per_tensor: one alpha for the whole tensor instead of one per output row
+    :return: the binary weight (same shape) and alpha, shaped (rows, 1) or (1, 1)
     """
-    w = weight.flatten(1) if weight.dim() > 2 else weight
+    w = _rows(weight, per_tensor)
     alpha = w.abs().mean(dim=1, keepdim=True)
-    sign = torch.where(w >= 0, 1.0, -1.0).to(w.dtype)
-    return (sign * alpha).reshape(weight.shape), alpha
+    return (torch.sign(w) * alpha).reshape(weight.shape), alpha
 
 
 def low_bit_weight(
-    weight: torch.Tensor, levels: LowBitWeights
+    weight: torch.Tensor, levels: LowBitWeights, per_tensor: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``ternarize`` or ``binarize``."""
-    return ternarize(weight) if levels == "ternary" else binarize(weight)
+    """``ternarize`` or ``binarize`` (per output row, or per tensor)."""
+    if levels == "ternary":
+        return ternarize(weight, per_tensor)
+    return binarize(weight, per_tensor)
+
+
+def is_per_tensor(args: QuantizationArgs) -> bool:
+    """Whether ``args`` give the whole weight one scale (strategy ``tensor``)."""
+    return QuantizationStrategy(args.strategy) == QuantizationStrategy.TENSOR
 
 
 class WeightFakeQuantizer(torch.nn.Module):
@@ -248,7 +266,7 @@ class WeightFakeQuantizer(torch.nn.Module):
             if fused is not None:
                 return fused
         if self.levels is not None:
-            quantized, _ = low_bit_weight(weight, self.levels)
+            quantized, _ = low_bit_weight(weight, self.levels, is_per_tensor(self.args))
         else:
             quantized = fake_quantize_weight(weight, self.args, self.stochastic, self.where)
         share = self.full_precision_share

@@ -23,6 +23,8 @@ from compressed_tensors.quantization import (
 from compressed_tensors.utils.match import is_match, match_targets
 from loguru import logger
 
+from compressor.utils.embeddings import untie_word_embeddings
+
 __all__ = [
     "QUANTIZABLE_MODULE_TYPES",
     "apply_quantization",
@@ -247,6 +249,7 @@ def apply_quantization(
     """
     if modules is None:
         modules = match_quantizable_modules(model, config)
+    _untie_quantized_embeddings(model, modules)
     with _unmatched_target_warnings_dropped():
         apply_quantization_config(
             model, config, show_progress=False, allowed_modules=list(modules.values())
@@ -264,3 +267,24 @@ def apply_quantization(
                 "decides schemes by another precedence than this library expects"
             )
     return modules
+
+
+def _untie_quantized_embeddings(
+    model: torch.nn.Module, modules: dict[str, torch.nn.Module]
+) -> None:
+    """A quantized output head (or input embedding) that shares its weight with the other one
+    gets its own copy first, as llm-compressor does: the two are quantized differently (or one
+    not at all), and a checkpoint whose head holds scales but no weight of its own does not
+    reload."""
+    get_in = getattr(model, "get_input_embeddings", None)
+    get_out = getattr(model, "get_output_embeddings", None)
+    if get_in is None or get_out is None:
+        return
+    embedding, head = get_in(), get_out()
+    chosen = {id(m) for m in modules.values()}
+    if (
+        head is not None
+        and embedding is not None
+        and (id(head) in chosen or id(embedding) in chosen)
+    ):
+        untie_word_embeddings(model, reason="one of them is quantized")

@@ -128,7 +128,9 @@ class QuantizationSchemeMixin(BaseModel):
 
     :param targets: modules to quantize: class names (``Linear``), module names, or
         ``re:`` patterns; also the default targets of config groups that give none
-    :param ignore: modules to leave alone, in the same forms (``lm_head`` by default)
+    :param ignore: modules to leave alone, in the same forms; none by default, as in
+        llm-compressor: ``targets: [Linear]`` then quantizes ``lm_head`` too (tied to the input
+        embeddings, it is untied first); write ``ignore: [lm_head]`` to keep it dense
     :param scheme: a compressed-tensors preset name (W4A16, W8A8, FP8_DYNAMIC, ...)
     :param config_groups: explicit compressed-tensors schemes by group name, each with
         ``weights`` / ``input_activations`` / ``output_activations`` arguments (and optional
@@ -139,7 +141,7 @@ class QuantizationSchemeMixin(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     targets: list[MatchPattern] = ["Linear"]
-    ignore: list[MatchPattern] = ["lm_head"]
+    ignore: list[MatchPattern] = []
     scheme: str | None = None
     config_groups: dict[str, QuantizationScheme] | None = None
 

@@ -28,6 +28,7 @@ from compressor.modifiers.quantization.fake_quant import (
     ActivationFakeQuantizer,
     LowBitWeights,
     WeightFakeQuantizer,
+    is_per_tensor,
     low_bit_weight,
 )
 from compressor.modifiers.quantization.matching import apply_quantization
@@ -264,9 +265,12 @@ class TrainingPathway:
         # the weight becomes its ternary / binary values; alpha is the scale of codes in
         # {-1, 0, 1}, which a 2-bit symmetric int grid holds exactly
         with torch.no_grad():
-            values, alpha = low_bit_weight(module.weight, self.low_bit_weights)
+            args = self.schemes[name].weights
+            assert args is not None
+            values, alpha = low_bit_weight(module.weight, self.low_bit_weights, is_per_tensor(args))
             module.weight.copy_(values)
-            module.weight_scale.copy_(alpha.clamp(min=torch.finfo(alpha.dtype).tiny))
+            scale: torch.Tensor = getattr(module, "weight_scale")  # noqa: B009 (typed)
+            scale.copy_(alpha.clamp(min=torch.finfo(alpha.dtype).tiny).reshape(scale.shape))
             zero_point = getattr(module, "weight_zero_point", None)
             if zero_point is not None:
                 zero_point.zero_()

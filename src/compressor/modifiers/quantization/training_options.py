@@ -59,12 +59,14 @@ def check_training_options(
                 and w.type == "int"
                 and w.num_bits == 2
                 and w.symmetric
-                and QuantizationStrategy(w.strategy) == QuantizationStrategy.CHANNEL
+                and QuantizationStrategy(w.strategy)
+                in (QuantizationStrategy.CHANNEL, QuantizationStrategy.TENSOR)
             )
             if not fits:
                 raise ValueError(
                     f"low_bit_weights={low_bit_weights!r} needs int, num_bits 2, "
-                    f"symmetric, strategy 'channel' weights; config group {name} has {w}"
+                    "symmetric weights with strategy 'channel' (alpha per output row) or "
+                    f"'tensor' (one alpha); config group {name} has {w}"
                 )
     if weight_blend_rate is not None:
         training_only.append(f"weight_blend_rate={weight_blend_rate}")

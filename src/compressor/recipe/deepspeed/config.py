@@ -119,6 +119,34 @@ class PruningShared(_Strict):
         return self
 
 
+_SNIP_KEYS = ("block_pattern", "dense_ratio", "schedule_offset_stride", "excluded_modules")
+
+
+class SparsePruningShared(PruningShared):
+    """Sparse pruning's shared parameters. DeepSpeed also reads ``block_pattern``,
+    ``dense_ratio``, ``schedule_offset_stride`` and ``excluded_modules`` here, only with
+    ``method: snip_momentum`` (its pruner from Intel Neural Compressor); with another method
+    it ignores them, and so do we, with a log line."""
+
+    method: Literal["l1", "topk", "snip_momentum"] = "l1"  # type: ignore[assignment]
+    block_pattern: str | None = None
+    dense_ratio: float | None = Field(default=None, gt=0, lt=1)
+    schedule_offset_stride: int | None = Field(default=None, ge=1)
+    excluded_modules: list[str] | None = None
+
+    @model_validator(mode="after")
+    def _snip_keys(self) -> SparsePruningShared:
+        given = [k for k in _SNIP_KEYS if getattr(self, k) is not None]
+        if given and self.method != "snip_momentum":
+            logger.info(
+                "DeepSpeed sparse_pruning -> shared_parameters -> {}: read only with method "
+                "snip_momentum; with method {} DeepSpeed ignores them, so do we",
+                given,
+                self.method,
+            )
+        return self
+
+
 class HeadPruningShared(PruningShared):
     method: Literal["l1", "topk"] = "topk"
     num_heads: int | None = Field(default=None, ge=1)
@@ -161,7 +189,7 @@ class LayerReduction(_Strict):
 _SHARED_MODELS: dict[str, type[BaseModel]] = {
     "weight_quantization": WeightQuantizationShared,
     "activation_quantization": ActivationQuantizationShared,
-    "sparse_pruning": PruningShared,
+    "sparse_pruning": SparsePruningShared,
     "row_pruning": PruningShared,
     "head_pruning": HeadPruningShared,
     "channel_pruning": PruningShared,
@@ -263,7 +291,8 @@ def load_deepspeed_config(config: dict[str, Any] | str | Path) -> DeepSpeedCompr
             shared = _SHARED_MODELS[name].model_validate(technique.shared_parameters)
         except ValidationError as err:
             raise _error(f"{name} -> shared_parameters", err) from None
-        if shared.enabled and not technique.different_groups:  # type: ignore[attr-defined]
+        snip = getattr(shared, "method", None) == "snip_momentum"  # DeepSpeed: groups optional
+        if shared.enabled and not snip and not technique.different_groups:  # type: ignore[attr-defined]
             raise RecipeError(f"{name}: enabled, so different_groups must be given")
         groups = {}
         for group_name, group in technique.different_groups.items():

@@ -59,14 +59,64 @@ def _weight_args(shared: Any, bits: int, groups: int) -> dict[str, Any]:
 
 
 def _activation_args(shared: Any, bits: int) -> dict[str, Any]:
+    # DeepSpeed's dynamic activation quantizer takes one range per token (its num_groups is
+    # the number of rows of the flattened input); the static one a single running range
     dynamic = shared.range_calibration == "dynamic"
     return {
         "num_bits": bits,
         "type": "int",
         "symmetric": shared.quantization_type == "symmetric",
-        "strategy": "tensor",
+        "strategy": "token" if dynamic else "tensor",
         "dynamic": dynamic,
     }
+
+
+# DeepSpeed quantizes weights to ternary values at 2 bits and to binary values at 1 bit (its
+# TernaryQuantizer / BinaryQuantizer and the MoQ quantizer's quantize_tenary / quantize_binary)
+_LOW_BITS = {2: "ternary", 1: "binary"}
+
+
+def _low_bit_levels(shared: Any, params: Any, where: str) -> str | None:
+    """``low_bit_weights`` for a weight group at 1 or 2 target bits (None above)."""
+    levels = _LOW_BITS.get(params.target_bits)
+    if levels is None:
+        return None
+    if shared.quantization_type != "symmetric":
+        raise RecipeError(
+            f"DeepSpeed {where} -> target_bits={params.target_bits}: {levels} weights are "
+            "symmetric only (DeepSpeed asserts it too); set quantization_type: symmetric"
+        )
+    moq = not shared.quantize_weight_in_forward
+    if moq and params.start_bits != params.target_bits:
+        raise RecipeError(
+            f"DeepSpeed {where} -> start_bits={params.start_bits}: progressive bits down to "
+            f"{levels} weights are not supported (low_bit_weights holds one level set from "
+            f"the start); set start_bits to target_bits={params.target_bits}"
+        )
+    if moq and shared.rounding != "nearest":
+        raise RecipeError(
+            f"DeepSpeed weight_quantization -> shared_parameters -> rounding="
+            f"{shared.rounding}: {levels} weights round to nearest (DeepSpeed asserts it too)"
+        )
+    grouping = "one alpha for the whole weight"
+    if shared.quantize_groups > 1:
+        grouping = "alpha and threshold per output row"
+        logger.warning(
+            "DeepSpeed {}: quantize_groups={} with {} weights -> alpha and threshold per "
+            "output row (DeepSpeed takes them per block of whole rows: the same values "
+            "when quantize_groups equals a layer's rows, finer otherwise)",
+            where,
+            shared.quantize_groups,
+            levels,
+        )
+    logger.info(
+        "DeepSpeed {} -> target_bits={}: low_bit_weights={} ({}), stored as 2-bit codes",
+        where,
+        params.target_bits,
+        levels,
+        grouping,
+    )
+    return levels
 
 
 def _blend_rate(shared: Any) -> float | None:
@@ -194,7 +244,9 @@ def _weight_quantization(
     modifiers = []
     for name, (params, group) in weights.groups.items():
         where = f"weight_quantization -> different_groups -> {name}"
-        scheme = _weight_scheme(shared, params.target_bits, group.modules, where)
+        levels = _low_bit_levels(shared, params, where)
+        bits = params.target_bits if levels is None else 2
+        scheme = _weight_scheme(shared, bits, group.modules, where)
         inputs, activation_start = _merge_activations(
             acts, unmerged, group.modules, shared.schedule_offset, where
         )
@@ -209,7 +261,10 @@ def _weight_quantization(
             fields["activation_start"] = activation_start
         if blend_rate is not None:
             fields["weight_blend_rate"] = blend_rate
-        fields.update(_progressive(shared, params, where))
+        if levels is not None:
+            fields["low_bit_weights"] = levels
+        else:
+            fields.update(_progressive(shared, params, where))
         modifiers.append(_build("QuantizationModifier", where, **fields))
     return modifiers
 
@@ -307,6 +362,13 @@ def _pruning(config: DeepSpeedCompressionConfig) -> list[Modifier]:
         parsed = _enabled_technique(config, technique)
         if parsed is None:
             continue
+        if parsed.shared.method == "snip_momentum":
+            raise RecipeError(
+                f"DeepSpeed {technique} -> shared_parameters -> method=snip_momentum: "
+                "DeepSpeed's SNIP-momentum pruner (Intel Neural Compressor's, with "
+                "block_pattern, schedule_offset_stride, excluded_modules and a shared "
+                "dense_ratio) is not implemented here; use method l1 or topk"
+            )
         for name, (params, group) in parsed.groups.items():
             modifiers.append(_pruning_group(technique, kind, parsed.shared, name, params, group))
     return modifiers
@@ -326,6 +388,9 @@ def _pruning_group(
     }
     if related is not None:
         fields["related_modules"] = related
+    if technique == "sparse_pruning" and targets is not None:
+        # DeepSpeed matches its keys against compressible layers only (Linear, Conv)
+        fields["layers_only"] = True
     if shared.schedule_offset_end is None:
         fields["init_density"] = params.dense_ratio
     else:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from compressed_tensors.utils import match_named_modules
+from loguru import logger
 from pydantic import field_validator
 
 from compressor.modifiers.base import Modifier
@@ -46,9 +47,14 @@ class SparsePruningModifier(PruningModifierBase):
     :param mask_structure: ``unstructured`` or ``N:M``; with N:M the density is N/M (giving
         ``density`` is optional, and it must equal N/M) and there is no ramp
     :param targets: default: every Linear and Conv2d except the output embeddings
+    :param layers_only: prune only the Linear and Conv2d modules among those ``targets``
+        match, skipping (and logging) the others, as DeepSpeed matches its ``modules`` keys
+        against compressible layers only; by default a target that matches another module
+        is an error
     """
 
     mask_structure: str = "unstructured"
+    layers_only: bool = False
 
     @field_validator("mask_structure")
     @classmethod
@@ -88,6 +94,21 @@ class SparsePruningModifier(PruningModifierBase):
             named = [(n, m) for n, m in named if n in kept]
         else:
             named = list(match_named_modules(model, self.targets, self.ignore))
+        if self.layers_only:
+            skipped = [n for n, m in named if not isinstance(m, _PRUNABLE)]
+            if skipped:
+                logger.info(
+                    "{}: layers_only: {} matched module(s) that are not Linear or Conv2d are "
+                    "not pruned themselves: {}",
+                    type(self).__name__,
+                    len(skipped),
+                    ", ".join(skipped[:8]) + (" ..." if len(skipped) > 8 else ""),
+                )
+            named = [(n, m) for n, m in named if isinstance(m, _PRUNABLE)]
+            if not named:
+                raise ValueError(
+                    f"{type(self).__name__}: targets {self.targets} match no Linear or Conv2d"
+                )
         couplings = []
         for name, module in named:
             if not isinstance(module, _PRUNABLE):

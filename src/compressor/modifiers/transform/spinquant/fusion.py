@@ -15,7 +15,8 @@ A rotation smaller than the rotated side is applied block-diagonally, one block 
 from __future__ import annotations
 
 import torch
-from loguru import logger
+
+from compressor.utils.embeddings import untie_word_embeddings
 
 __all__ = [
     "fuse_norm_into_linears",
@@ -118,33 +119,3 @@ def fuse_norm_into_linears(
         fused = linear.weight.to(precision) * scale.to(linear.weight.device, precision)
         linear.weight.copy_(fused.to(linear.weight.dtype))
     scale.fill_(1.0)
-
-
-def untie_word_embeddings(model: torch.nn.Module) -> bool:
-    """Give the output head its own copy of tied input embeddings, and record it in the config.
-
-    Rotations act on the embedding's output side and the head's input side, which differ, so
-    a shared tensor must be split first. The model still saves and reloads as usual.
-
-    :return: whether the embeddings were tied
-    """
-    get_in = getattr(model, "get_input_embeddings", None)
-    get_out = getattr(model, "get_output_embeddings", None)
-    if get_in is None or get_out is None:
-        return False
-    embedding, head = get_in(), get_out()
-    if embedding is None or head is None or head.weight is not embedding.weight:
-        return False
-    head.weight = torch.nn.Parameter(
-        embedding.weight.detach().clone(), requires_grad=embedding.weight.requires_grad
-    )
-    config = getattr(model, "config", None)
-    if config is not None and getattr(config, "tie_word_embeddings", False):
-        config.tie_word_embeddings = False
-    tied = getattr(model, "all_tied_weights_keys", None)  # transformers >= 5
-    if isinstance(tied, dict):
-        for name, module in model.named_modules():
-            if module is head:
-                tied.pop(f"{name}.weight", None)
-    logger.info("untied the input and output embeddings")
-    return True
