@@ -23,6 +23,13 @@ def _job_peak(run: dict[str, Any]) -> float | None:
     return max(peaks) if peaks else None
 
 
+def _save_rate(run: dict[str, Any]) -> float | None:
+    """Checkpoint megabytes written per second of the save phase (None without a save)."""
+    seconds = run.get("phases", {}).get("save", {}).get("wall_s")
+    size = run.get("metrics", {}).get("checkpoint_mb")
+    return size / seconds if seconds and size is not None else None
+
+
 def summarize_side(entry: dict[str, Any], key_phase: str) -> dict[str, Any]:
     runs = [r for r in entry["runs"] if r["status"] == "ok"]
     summary: dict[str, Any] = {"status": entry["status"], "repeats": len(runs)}
@@ -37,6 +44,8 @@ def summarize_side(entry: dict[str, Any], key_phase: str) -> dict[str, Any]:
         process_cpu_s=_median([r["process"]["cpu_s"] for r in runs]),
         process_peak_rss_mb=_median([r["process"]["peak_rss_mb"] for r in runs]),
         job_peak_rss_mb=_median([_job_peak(r) for r in runs]),
+        import_s=_median([r["phases"].get("import", {}).get("wall_s") for r in runs]),
+        save_mb_per_s=_median([_save_rate(r) for r in runs]),
     )
     metrics: dict[str, Any] = {}
     for key in dict.fromkeys(k for r in runs for k in r.get("metrics", {})):
@@ -131,12 +140,13 @@ def markdown(report: dict[str, Any], description: str) -> str:
         f"Machine: {report['machine']['platform']}, {report['machine']['cpus']} CPUs, torch "
         f"{report['machine']['torch']}; {report['settings']['threads']} threads per case. "
         "Times are medians over repeats (process-level times from the OS's rusage of each "
-        "case process; *job* time is the named phase inside it; *job peak* is the process's "
+        "case process; *job* time is the named phase inside it; *import s* the import of the "
+        "library, *save MB/s* the checkpoint's size over the save phase; *job peak* is the process's "
         "VmHWM before evaluation, *process peak* its VmHWM at the end). Ratios are medians of per-repeat ratios, sides alternating.",
         "",
-        "| case | model | side | job phase | job s | job CPU s | process s | job peak MB "
-        "| process peak MB | checkpoint MB | ppl | details |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| case | model | side | job phase | job s | job CPU s | process s | import s "
+        "| save MB/s | job peak MB | process peak MB | checkpoint MB | ppl | details |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for rec in report["cases"]:
         for side, s in rec["summary"].items():
@@ -144,7 +154,7 @@ def markdown(report: dict[str, Any], description: str) -> str:
                 reason = s.get("reason", s["status"]).replace("|", "/").replace("\n", " ")
                 lines.append(
                     f"| {rec['case']} | {rec['model']} | {side} | - | **{s['status']}**: "
-                    f"{reason[:200]} | | | | | | | |"
+                    f"{reason[:200]} | | | | | | | | | |"
                 )
                 continue
             m = s.get("metrics", {})
@@ -154,6 +164,7 @@ def markdown(report: dict[str, Any], description: str) -> str:
             lines.append(
                 f"| {rec['case']} | {rec['model']} | {side} | {rec['key_phase']} | "
                 f"{_f(s['time_s'])} | {_f(s['cpu_s'])} | {_f(s['process_wall_s'])} | "
+                f"{_f(s.get('import_s'))} | {_f(s.get('save_mb_per_s'), 1)} | "
                 f"{_f(s['job_peak_rss_mb'], 0)} | {_f(s['process_peak_rss_mb'], 0)} | "
                 f"{_f(m.get('checkpoint_mb'), 3)} | {_f(m.get('ppl'), 3)} | {details} |"
             )

@@ -21,8 +21,8 @@ from benchmarks.runners.timing import count_params
 
 
 def oneshot_task(spec: dict[str, Any], phases: Phases) -> dict[str, Any]:
-    from llmcompressor import oneshot
-
+    with phases("import"):  # as on our side
+        from llmcompressor import oneshot
     offload = tempfile.TemporaryDirectory() if spec["params"].get("layers_on_disk") else None
     with phases("load"):
         model, tokenizer = load_model(spec["model_path"], offload.name if offload else None)

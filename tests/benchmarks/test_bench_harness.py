@@ -56,6 +56,30 @@ def test_medians_and_paired_ratios():
     assert ratios["peak_ratio"] == pytest.approx(2.0)
 
 
+def test_import_time_and_save_rate_are_summarised_and_tabled():
+    runs = []
+    for repeat, (import_s, save_s) in enumerate([(1.0, 2.0), (3.0, 4.0), (2.0, 1.0)]):
+        run = _run(repeat, 1.0, 10, 100, 5.0)
+        run["phases"]["import"] = {"wall_s": import_s, "cpu_s": import_s, "peak_rss_mb": 50}
+        run["phases"]["save"] = {"wall_s": save_s, "cpu_s": save_s, "peak_rss_mb": 100}
+        run["metrics"]["checkpoint_mb"] = 40.0
+        runs.append(run)
+    summary = report.summarize_side({"status": "ok", "runs": runs}, "compress")
+    assert summary["import_s"] == 2.0
+    assert summary["save_mb_per_s"] == 20.0  # median of 20, 10 and 40 MB/s
+    record = {"case": "c", "model": "m", "key_phase": "compress", "compare": {},
+              "summary": {"ours": summary}}  # fmt: skip
+    table = report.markdown(
+        {"suite": "s", "size": "quick", "date": "d", "cases": [record], "settings": {"threads": 2},
+         "machine": {"platform": "p", "cpus": 2, "torch": "t"}}, "")  # fmt: skip
+    header = next(line for line in table.splitlines() if line.startswith("| case | model | side"))
+    row = next(line for line in table.splitlines() if line.startswith("| c | m | ours"))
+    columns = [c.strip() for c in header.split("|")]
+    cells = [c.strip() for c in row.split("|")]
+    assert len(cells) == len(columns)
+    assert cells[columns.index("import s")] == "2" and cells[columns.index("save MB/s")] == "20"
+
+
 def test_a_failed_side_reports_its_reason():
     entry = {"status": "unavailable", "reason": "compressor.x has not landed", "runs": []}
     summary = report.summarize_side(entry, "compress")
