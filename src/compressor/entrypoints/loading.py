@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from loguru import logger
 
+from compressor.checkpoint.kv_cache import restore_kv_cache_quantization
+
 __all__ = ["layers_on_disk_map", "load_model", "load_tokenizer"]
 
 
@@ -15,6 +17,8 @@ def load_model(
     model: torch.nn.Module | str | Path, offload_folder: str | Path | None = None
 ) -> torch.nn.Module:
     """A loaded model as is; a checkpoint directory or a ``.gguf`` file loaded as a causal LM.
+
+    A checkpoint with a quantized key/value cache gets it back (``restore_kv_cache_quantization``).
 
     A GGUF file is dequantized by transformers' GGUF loader (which needs the ``gguf`` package).
 
@@ -53,7 +57,9 @@ def load_model(
                 path, device_map=layers_on_disk_map(path), offload_folder=str(offload_folder)
             )
         logger.info("loading {}", path)
-        return AutoModelForCausalLM.from_pretrained(path)
+        loaded = AutoModelForCausalLM.from_pretrained(path)
+        restore_kv_cache_quantization(loaded, path)
+        return loaded
     raise FileNotFoundError(
         f"model {str(model)!r} is neither a checkpoint directory nor a .gguf file"
     )

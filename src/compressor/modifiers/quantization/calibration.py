@@ -13,14 +13,18 @@ from compressed_tensors.quantization import (
     QuantizationScheme,
     QuantizationStatus,
 )
+from compressed_tensors.quantization.quant_args import DynamicType
 from loguru import logger
 
 from compressor.core.events import Event
 from compressor.modifiers.hooks import HooksMixin
+from compressor.modifiers.quantization.kv_cache import KVCacheCalibration
 from compressor.modifiers.quantization.matching import apply_quantization
 from compressor.modifiers.quantization.observers import (
     ActivationObservers,
     activation_range,
+    check_finite_range,
+    global_scale,
     qparams_from_range,
     weight_range,
 )
@@ -49,10 +53,22 @@ def set_qparams(
 ) -> None:
     """Write the scale (and zero point, when the module has one) for a range in place.
 
+    tensor_group (NVFP4) also writes the tensor's global scale, from the same range, and
+    the group scales are computed under it; activations whose group scales are dynamic
+    (``dynamic: local``) take only that global scale.
+
     :param base_name: ``weight``, ``input`` or ``output``
     :param where: the module's name, for errors about NaN or inf ranges
     """
-    scale, zero_point = qparams_from_range(lo, hi, args, f"{where} ({base_name})")
+    label = f"{where} ({base_name})"
+    tensor_scale = None
+    if hasattr(module, f"{base_name}_global_scale"):
+        check_finite_range(lo, hi, label)
+        tensor_scale = global_scale(lo, hi)
+        update_offload_parameter(module, f"{base_name}_global_scale", tensor_scale)
+    if args.dynamic == DynamicType.LOCAL:
+        return
+    scale, zero_point = qparams_from_range(lo, hi, args, label, global_scale=tensor_scale)
     # through update_offload_parameter: an offloaded module is updated where it lives
     param = getattr(module, f"{base_name}_scale")
     update_offload_parameter(
@@ -83,12 +99,13 @@ def update_weight_qparams(
 
 
 def static_activation_roles(module: torch.nn.Module) -> dict[str, QuantizationArgs]:
-    """``{"input": args, "output": args}`` for the activations that need observed ranges."""
+    """``{"input": args, "output": args}`` for the activations that need observed ranges:
+    static ones, and NVFP4's (``dynamic: local``), whose global scale is static."""
     scheme = getattr(module, "quantization_scheme", None)
     roles = {}
     for role, base in _ROLE_TO_BASE.items():
         args = getattr(scheme, role, None) if scheme is not None else None
-        if args is not None and not args.dynamic:
+        if args is not None and args.dynamic in (False, DynamicType.LOCAL):
             roles[base] = args
     return roles
 
@@ -150,6 +167,7 @@ class PostTrainingPathway:
     :param observers: where the static activation ranges accumulate
     :param hooks: registers the observing hooks (the modifier, which removes them at the end)
     :param owner: the modifier's name, for messages
+    :param kv_cache: calibrates the key/value cache's scales, when the config quantizes it
     """
 
     def __init__(
@@ -161,9 +179,11 @@ class PostTrainingPathway:
         observers: ActivationObservers,
         hooks: HooksMixin,
         owner: str,
+        kv_cache: KVCacheCalibration | None = None,
     ) -> None:
         self.model, self.config, self.modules, self.schemes = model, config, modules, schemes
         self.observers, self.hooks, self.owner = observers, hooks, owner
+        self.kv_cache = kv_cache
         self._handles: list[Any] = []
         # modules whose quantized forward waits for their output range (its first batch)
         self._waiting_for_output: list[torch.nn.Module] = []
@@ -179,6 +199,8 @@ class PostTrainingPathway:
                 self._waiting_for_output.append(module)
             for role, args in roles.items():
                 self._observe(name, module, role, args)
+        if self.kv_cache is not None:
+            self.kv_cache.start()
 
     def _observe(
         self, name: str, module: torch.nn.Module, role: str, args: QuantizationArgs
@@ -212,6 +234,8 @@ class PostTrainingPathway:
         """Set the scales from the ranges (reduced over DDP ranks) and freeze every module."""
         while self._handles:
             self._handles.pop().remove()
+        if self.kv_cache is not None:
+            self.kv_cache.end()
         self.observers.reduce_across_ranks(self.modules)
         unseen = self.observers.unseen()
         if unseen:
