@@ -207,3 +207,29 @@ def test_fp4_arguments_we_cannot_run_are_refused(groups, match):
 def test_fp4_in_training_is_refused():
     with pytest.raises(ValueError, match="post-training only"):
         QuantizationModifier(scheme="NVFP4A16", start=0)
+
+
+def test_fused_projections_share_the_smallest_nvfp4_global_scale(tmp_path, token_batches):
+    """vLLM loads q/k/v (and gate/up) into one matrix with one global scale."""
+    model = _calibrate(
+        _bf16_llama(tmp_path), QuantizationModifier(scheme="NVFP4A16"), token_batches
+    )
+    attention, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    for group in (
+        (attention.q_proj, attention.k_proj, attention.v_proj),
+        (mlp.gate_proj, mlp.up_proj),
+    ):
+        own = torch.stack([FP8_E4M3_MAX * 6.0 / m.weight.float().abs().max() for m in group])
+        for module in group:
+            assert torch.allclose(module.weight_global_scale.float(), own.min(), rtol=1e-3)
+            codes = quantize(
+                module.weight,
+                module.weight_scale,
+                None,
+                module.quantization_scheme.weights,
+                dtype=torch.float32,
+                global_scale=module.weight_global_scale,
+            )
+            assert _on_grid(codes, FP4_E2M1)
+    # the one whose own scale was largest now has group scales below fp8's max
+    assert (attention.q_proj.weight_scale.float() <= FP8_E4M3_MAX).all()

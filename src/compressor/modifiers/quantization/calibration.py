@@ -36,6 +36,7 @@ __all__ = [
     "freeze_quantization",
     "held_by_compressed_tensors",
     "set_qparams",
+    "share_fused_global_scales",
     "static_activation_roles",
     "update_weight_qparams",
 ]
@@ -50,6 +51,7 @@ def set_qparams(
     hi: torch.Tensor,
     args: QuantizationArgs,
     where: str,
+    shared_global_scale: torch.Tensor | None = None,
 ) -> None:
     """Write the scale (and zero point, when the module has one) for a range in place.
 
@@ -59,12 +61,14 @@ def set_qparams(
 
     :param base_name: ``weight``, ``input`` or ``output``
     :param where: the module's name, for errors about NaN or inf ranges
+    :param shared_global_scale: tensor_group: this global scale instead of the range's own
+        (one shared by projections a runtime fuses, see ``share_fused_global_scales``)
     """
     label = f"{where} ({base_name})"
     tensor_scale = None
     if hasattr(module, f"{base_name}_global_scale"):
         check_finite_range(lo, hi, label)
-        tensor_scale = global_scale(lo, hi)
+        tensor_scale = global_scale(lo, hi) if shared_global_scale is None else shared_global_scale
         update_offload_parameter(module, f"{base_name}_global_scale", tensor_scale)
     if args.dynamic == DynamicType.LOCAL:
         return
@@ -84,18 +88,54 @@ def set_qparams(
 
 
 def update_weight_qparams(
-    module: torch.nn.Module, name: str, args: QuantizationArgs | None = None
+    module: torch.nn.Module,
+    name: str,
+    args: QuantizationArgs | None = None,
+    shared_global_scale: torch.Tensor | None = None,
 ) -> None:
     """Scales and zero points of a module's weight from its current values.
 
     :param args: the weight's quantization args (the module's scheme when None)
+    :param shared_global_scale: NVFP4: the global scale to use instead of the weight's own
     """
     if args is None:
         args = module.quantization_scheme.weights
     if args is None:
         return
     lo, hi = weight_range(module.weight, args)
-    set_qparams(module, "weight", lo, hi, args, name)
+    set_qparams(module, "weight", lo, hi, args, name, shared_global_scale)
+
+
+# projections a runtime fuses into one matrix (vLLM: qkv_proj, gate_up_proj), which then
+# has one NVFP4 global scale
+_FUSED_PROJECTIONS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+@torch.no_grad()
+def share_fused_global_scales(modules: dict[str, torch.nn.Module]) -> int:
+    """Give projections that runtimes fuse (q/k/v, gate/up of one layer) one NVFP4 weight
+    global scale, the smallest of theirs (so every member's group scales stay within fp8's
+    range), and recompute their group scales under it. vLLM loads such a checkpoint into
+    one fused matrix with a single global scale; llm-compressor writes it this way too.
+
+    :param modules: the quantized modules by name (those without a weight global scale, and
+        groups not wholly among them, are left alone)
+    :return: how many fused groups now share a global scale
+    """
+    shared = 0
+    for name in modules:
+        parent, _, leaf = name.rpartition(".")
+        for fused in _FUSED_PROJECTIONS:
+            if leaf != fused[0]:
+                continue
+            members = [f"{parent}.{p}" if parent else p for p in fused]
+            if not all(hasattr(modules.get(m), "weight_global_scale") for m in members):
+                continue
+            scale = torch.stack([modules[m].weight_global_scale.float() for m in members]).amin(0)
+            for member in members:
+                update_weight_qparams(modules[member], member, shared_global_scale=scale)
+            shared += 1
+    return shared
 
 
 def static_activation_roles(module: torch.nn.Module) -> dict[str, QuantizationArgs]:
@@ -191,8 +231,11 @@ class PostTrainingPathway:
     def start(self, event: Event) -> None:
         """Attach quantization, set the weight scales, hook the static activations."""
         apply_quantization(self.model, self.config, self.modules)
-        for name, module in held_by_compressed_tensors(self.modules).items():
+        held = held_by_compressed_tensors(self.modules)
+        for name, module in held.items():
             update_weight_qparams(module, name)
+        share_fused_global_scales(held)
+        for name, module in held.items():
             roles = static_activation_roles(module)
             if "output" in roles:  # its scale is unknown until the first output is seen
                 module.quantization_enabled = False
