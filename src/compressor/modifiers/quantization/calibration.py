@@ -131,7 +131,8 @@ def share_fused_global_scales(modules: dict[str, torch.nn.Module]) -> int:
             members = [f"{parent}.{p}" if parent else p for p in fused]
             if not all(hasattr(modules.get(m), "weight_global_scale") for m in members):
                 continue
-            scale = torch.stack([modules[m].weight_global_scale.float() for m in members]).amin(0)
+            scales: list[torch.Tensor] = [modules[m].weight_global_scale for m in members]  # type: ignore[misc]
+            scale = torch.stack([s.float() for s in scales]).amin(0)
             for member in members:
                 update_weight_qparams(modules[member], member, shared_global_scale=scale)
             shared += 1
