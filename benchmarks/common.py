@@ -121,22 +121,27 @@ def evaluate(model: Any, tokenizer: Any, spec: dict[str, Any] | None) -> float |
 
 
 # ------------------------------------------------------------------ models and files
-def load_model(path: str | Path, offload_folder: str | Path | None = None) -> tuple[Any, Any]:
-    """The fp32 causal LM and its tokenizer from a local directory.
+def load_model(
+    path: str | Path, offload_folder: str | Path | None = None, dtype: str = "float32"
+) -> tuple[Any, Any]:
+    """The causal LM (fp32 unless ``dtype`` says otherwise) and its tokenizer from a local
+    directory.
 
     :param offload_folder: load the decoder layers offloaded to disk there (accelerate's
         ``device_map`` / ``offload_folder``), the rest in memory, as for a model larger than
         memory
+    :param dtype: the torch dtype to load in (``bfloat16`` for the FP4 / MX formats)
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    torch_dtype = getattr(torch, dtype)
     if offload_folder is None:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
     else:
         model = AutoModelForCausalLM.from_pretrained(
             path,
-            dtype=torch.float32,
+            dtype=torch_dtype,
             device_map=layers_on_disk_map(path),
             offload_folder=str(offload_folder),
         )

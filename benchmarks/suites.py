@@ -74,6 +74,31 @@ def quant_cases(size: str) -> list[Case]:
                     repeats=repeats,
                 )
             )
+        cases.extend(_fp4_and_kv_cache_cases(model, ev, repeats))
+    return cases
+
+
+def _fp4_and_kv_cache_cases(model: str, ev: tuple[int, int | None], repeats: int) -> list[Case]:
+    """Issue 20's schemes: NVFP4A16 and MXFP4A16 (which need a bfloat16 model: their
+    checkpoints decompress to bfloat16; compared with the model's own bfloat16 perplexity),
+    and an FP8 key/value cache alone (static per-tensor scales calibrated on issue 20's 32x128
+    rows)."""
+    bf16 = {"dtype": "bfloat16"}
+    suffix = "_stories" if model == "stories260K" else ""  # its down_proj is 172 wide
+    cases = [
+        Case("quant", "FP bf16", model, "eval", {"ours": None}, eval=ev, params=bf16,
+             key_phase="eval"),
+    ]  # fmt: skip
+    for name, recipe in (("NVFP4A16", "quant_nvfp4a16"), ("MXFP4A16", "quant_mxfp4a16")):
+        cases.append(
+            Case("quant", name, model, "oneshot", _both(recipe + suffix), eval=ev,
+                 requires=(ONESHOT, SAVE, QUANT), params=bf16, save=True, repeats=repeats)
+        )  # fmt: skip
+    cases.append(
+        Case("quant", "FP8 kv cache", model, "oneshot", _both("quant_fp8_kv_cache"),
+             calibration=(32, 128), eval=ev, requires=(ONESHOT, SAVE, QUANT), save=True,
+             repeats=repeats)
+    )  # fmt: skip
     return cases
 
 

@@ -174,6 +174,8 @@ def main() -> None:
             torch.manual_seed(0)
             try:
                 model = build()
+                if "fp4" in recipe.stem:  # NVFP4 / MX checkpoints need a bfloat16 model
+                    model = model.to(torch.bfloat16)
                 with (
                     tempfile.TemporaryDirectory() as tmp,
                     contextlib.redirect_stdout(io.StringIO()),

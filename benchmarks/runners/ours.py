@@ -31,7 +31,9 @@ def _require_all(spec: dict[str, Any]) -> None:
 def eval_task(spec: dict[str, Any], phases: Phases) -> dict[str, Any]:
     """The uncompressed model's perplexity: the 'before' of every accuracy figure."""
     with phases("load"):
-        model, tokenizer = load_model(spec["model_path"])
+        model, tokenizer = load_model(
+            spec["model_path"], dtype=spec["params"].get("dtype", "float32")
+        )
     with phases("eval"):
         ppl = evaluate(model, tokenizer, spec.get("eval"))
     return {"ppl": ppl, "params": count_params(model)}
@@ -44,7 +46,11 @@ def oneshot_task(spec: dict[str, Any], phases: Phases) -> dict[str, Any]:
         oneshot = require("compressor.oneshot")
     offload = tempfile.TemporaryDirectory() if spec["params"].get("layers_on_disk") else None
     with phases("load"):
-        model, tokenizer = load_model(spec["model_path"], offload.name if offload else None)
+        model, tokenizer = load_model(
+            spec["model_path"],
+            offload.name if offload else None,
+            dtype=spec["params"].get("dtype", "float32"),
+        )
         calib = spec.get("calibration")
         rows = calibration_ids(tokenizer, calib) if calib else None
         # the calibration set is input, built (and `datasets` imported) before the timing

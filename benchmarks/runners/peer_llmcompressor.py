@@ -25,7 +25,11 @@ def oneshot_task(spec: dict[str, Any], phases: Phases) -> dict[str, Any]:
         from llmcompressor import oneshot
     offload = tempfile.TemporaryDirectory() if spec["params"].get("layers_on_disk") else None
     with phases("load"):
-        model, tokenizer = load_model(spec["model_path"], offload.name if offload else None)
+        model, tokenizer = load_model(
+            spec["model_path"],
+            offload.name if offload else None,
+            dtype=spec["params"].get("dtype", "float32"),
+        )
         calib = spec.get("calibration")
         rows = calibration_ids(tokenizer, calib) if calib else None
         # the calibration set is input, built before the timing (as on our side)

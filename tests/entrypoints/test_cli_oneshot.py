@@ -55,3 +55,35 @@ def test_cli_reports_bad_input(tmp_path, capsys):
     assert "need(s) calibration data" in capsys.readouterr().err
     assert main(["eval", "--model", str(tmp_path), "--data", str(tmp_path / "none.txt")]) == 2
     assert "--data file not found" in capsys.readouterr().err
+
+
+def test_cli_evaluates_a_quantized_checkpoint(
+    tmp_path, capsys, stories_model_path, tinystories_text
+):
+    """A packed compressed-tensors checkpoint is refused as oneshot's input, but evaluated."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        "quant_stage:\n  quant_modifiers:\n    QuantizationModifier:\n      ignore: [lm_head]\n"
+        "      config_groups:\n        g:\n          targets: [Linear]\n"
+        "          weights: {num_bits: 4, symmetric: true, strategy: channel}\n"
+    )
+    data = tmp_path / "calib.txt"
+    data.write_text(tinystories_text[:20000])
+    out = tmp_path / "out"
+    assert main(["oneshot", "--model", str(stories_model_path), "--recipe", str(recipe),
+                 "--output", str(out)]) == 0  # fmt: skip
+    capsys.readouterr()
+    evaluate = ["eval", "--data", str(data), "--window", "128", "--max-windows", "2"]
+    assert main([*evaluate, "--model", str(out)]) == 0
+    assert 1.5 < _perplexity(capsys.readouterr().out) < 50
+    again = [
+        "oneshot",
+        "--model",
+        str(out),
+        "--recipe",
+        str(recipe),
+        "--output",
+        str(tmp_path / "x"),
+    ]
+    assert main(again) == 2
+    assert "already compressed" in capsys.readouterr().err

@@ -84,7 +84,6 @@ def _quant(fields: str, name: str = "QuantizationModifier", scheme: str = "W4A16
         (_quant("batched_quantization: 4"), "QuantizationModifier -> batched_quantization"),
         (_quant("weight_observer: mse"), "overriding the scheme's observer"),
         (_quant("observer: {weights: mse}"), "mapping of roles to observer names"),
-        (_quant("kv_cache_scheme: {num_bits: 8, type: float}"), "KV cache"),
         (
             "s_stage:\n  t_modifiers:\n    SpinQuantModifier: {transform_block_size: 16}\n",
             "block-diagonal rotations",

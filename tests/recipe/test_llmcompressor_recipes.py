@@ -153,8 +153,9 @@ def test_constant_pruning_recipe_keeps_existing_zeros_through_training(tiny_llam
     "text, message",
     [
         (
-            "s_stage:\n  q_modifiers:\n    QuantizationModifier: {scheme: W4A16, kv_cache_scheme: {num_bits: 8}}\n",
-            "kv_cache_scheme: got .*quantizing the KV cache .* is not supported",
+            "s_stage:\n  q_modifiers:\n    QuantizationModifier: "
+            "{scheme: W4A16, kv_cache_scheme: {num_bits: 8, dynamic: true}}\n",
+            "QuantizationModifier.*kv_cache_scheme: dynamic=True is not supported",
         ),
         (
             "s_stage:\n  q_modifiers:\n    GPTQModifier: {scheme: W4A16, offload_hessians: true}\n",
@@ -185,3 +186,43 @@ def test_constant_pruning_without_a_match_is_an_error(tiny_llama):
         session.initialize(
             model=tiny_llama, recipe=[ConstantPruningModifier(targets=["re:nothing.*"])]
         )
+
+
+def _bf16(model, tmp_path):
+    """FP4 / MX need a bfloat16 model: the model as a user loads it in bfloat16."""
+    from transformers import AutoModelForCausalLM
+
+    model.save_pretrained(tmp_path / "dense")
+    return AutoModelForCausalLM.from_pretrained(tmp_path / "dense", dtype=torch.bfloat16).eval()
+
+
+@pytest.mark.parametrize(("name", "fmt"), [("nvfp4", "nvfp4"), ("mxfp4_a16", "mxfp4")])
+def test_fp4_recipes_run_and_save_packed(llama128, tmp_path, name, fmt):
+    import json
+
+    recipe = Recipe.from_file(DATA / f"{name}.yaml")
+    model = oneshot(_bf16(llama128, tmp_path), recipe, _data(), output_dir=tmp_path / "out")
+    down = model.model.layers[0].mlp.down_proj
+    assert down.quantization_scheme.weights.num_bits == 4
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["quantization_config"]["format"] == f"{fmt}-pack-quantized"
+
+
+def test_fp8_kv_cache_recipe_calibrates_the_cache_and_saves_its_scales(llama128, tmp_path):
+    import json
+
+    from safetensors.torch import load_file
+
+    recipe = Recipe.from_file(DATA / "fp8_kv_cache.yaml")
+    (modifier,) = recipe.modifiers
+    assert modifier.kv_cache_scheme is not None and modifier.kv_cache_scheme.type == "float"
+    model = oneshot(llama128, recipe, _data(), output_dir=tmp_path / "out")
+    attention = model.model.layers[1].self_attn
+    assert attention.k_scale.item() > 0 and attention.v_scale.item() > 0
+    tensors = load_file(tmp_path / "out" / "model.safetensors")
+    assert torch.equal(tensors["model.layers.1.self_attn.k_scale"], attention.k_scale.data)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["quantization_config"]["kv_cache_scheme"]["num_bits"] == 8
+    # the recipe written beside the checkpoint round-trips the field
+    again = Recipe.from_file(tmp_path / "out" / "recipe.yaml")
+    assert again.modifiers[0].kv_cache_scheme == modifier.kv_cache_scheme

@@ -6,11 +6,13 @@ from compressor.checkpoint.compressed import (
     save_pretrained_compressed_after,
 )
 from compressor.checkpoint.directory import OutputArguments, check_output_dir, save_checkpoint
+from compressor.checkpoint.kv_cache import restore_kv_cache_quantization
 
 __all__ = [
     "OutputArguments",
     "check_output_dir",
     "enable_compressed_save_pretrained",
+    "restore_kv_cache_quantization",
     "save_checkpoint",
     "save_compressed",
     "save_pretrained_compressed_after",

@@ -7,11 +7,13 @@ from typing import Any
 
 import torch
 from compressed_tensors.compressors import ModelCompressor
+from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus
 from compressed_tensors.quantization.utils import is_model_quantized
 from loguru import logger
 
 from compressor.checkpoint.model_card import MODEL_CARD_FILE, is_model_card
 from compressor.core.session import CompressionSession
+from compressor.modifiers.quantization.kv_cache import kv_cache_scheme_of
 from compressor.recipe import Recipe, resolve_recipe
 
 __all__ = [
@@ -35,9 +37,10 @@ def save_compressed(
     """Write ``model`` to ``output_dir`` in compressed-tensors format, loadable by
     ``transformers.AutoModelForCausalLM.from_pretrained``.
 
-    Quantized layers are stored as the scheme says (packed int4, int8, fp8) with their
-    scales and zero points, and ``config.json`` gets the ``quantization_config``; a model
-    without quantization is saved as is. The model is unchanged afterwards (it is
+    Quantized layers are stored as the scheme says (packed int4, int8, fp8, nvfp4, mxfp4)
+    with their scales and zero points, and ``config.json`` gets the ``quantization_config``
+    (with the ``kv_cache_scheme`` of a quantized key/value cache, whose scales are saved on
+    the attention modules); a model without quantization is saved as is. The model is unchanged afterwards (it is
     compressed for the write, then decompressed).
 
     :param model: a transformers model, typically after a compression session
@@ -58,7 +61,18 @@ def save_compressed(
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
     _remove_stale_descriptions(output)
+    kv_cache_scheme = kv_cache_scheme_of(model)
     compressor = ModelCompressor.from_pretrained_model(model) if is_model_quantized(model) else None
+    if compressor is None and kv_cache_scheme is not None:  # only the cache is quantized
+        compressor = ModelCompressor(
+            quantization_config=QuantizationConfig(
+                config_groups={}, quantization_status=QuantizationStatus.FROZEN
+            )
+        )
+    if compressor is not None and kv_cache_scheme is not None:
+        # compressed-tensors finds the scheme only on attention modules it hooked itself
+        assert compressor.quantization_config is not None
+        compressor.quantization_config.kv_cache_scheme = kv_cache_scheme.model_copy(deep=True)
     if compressor is None:
         logger.info("the model holds no quantized layers: saving it dense to {}", output)
         _dense_save(model, output, save_kwargs)
@@ -132,7 +146,7 @@ def save_pretrained_compressed_after(session: CompressionSession) -> None:
     compressed format with the session's recipe (a ``CompressionSession.finalize_steps``
     entry, plugged in by the package root)."""
     model = session.state.model if session.state is not None else None
-    if model is not None and is_model_quantized(model):
+    if model is not None and (is_model_quantized(model) or kv_cache_scheme_of(model) is not None):
         enable_compressed_save_pretrained(model, session.recipe)
 
 

@@ -119,7 +119,7 @@ def _eval(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(args.model)
     if tokenizer is None:
         raise ValueError(f"--model {args.model}: no tokenizer found beside the model")
-    model = load_model(args.model)
+    model = load_model(args.model, compressed_ok=True)  # evaluating a compressed checkpoint
     ids = tokenizer(text, return_tensors="pt")["input_ids"][0]
     ppl = perplexity(model, ids, window=args.window, max_windows=args.max_windows)
     windows = min(ids.numel() // args.window, args.max_windows or ids.numel())

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from loguru import logger
 
+from compressor.checkpoint.kv_cache import restore_kv_cache_quantization
 from compressor.utils.hub import has_hub_id_form
 
 __all__ = [
@@ -73,10 +74,15 @@ def _check_config_not_compressed(path: Path) -> None:
 
 
 def load_model(
-    model: torch.nn.Module | str | Path, offload_folder: str | Path | None = None
+    model: torch.nn.Module | str | Path,
+    offload_folder: str | Path | None = None,
+    *,
+    compressed_ok: bool = False,
 ) -> torch.nn.Module:
     """A loaded model as is; a checkpoint directory, a ``.gguf`` file or a Hugging Face Hub id
     (a str naming no local path, of the form ``name`` or ``org/name``) loaded as a causal LM.
+
+    A checkpoint with a quantized key/value cache gets it back (``restore_kv_cache_quantization``).
 
     A GGUF file is dequantized by transformers' GGUF loader (which needs the ``gguf`` package).
     A model that is already compressed (a compressed-tensors checkpoint with packed weights) is
@@ -85,9 +91,12 @@ def load_model(
     :param offload_folder: load a checkpoint directory with its decoder layers offloaded to
         disk in this folder, the rest in memory (for a model larger than memory; the
         sequential pipeline then brings in one layer at a time)
+    :param compressed_ok: accept an already-compressed model (to evaluate it, not to
+        compress it again)
     """
     if isinstance(model, torch.nn.Module):
-        check_not_compressed(model)
+        if not compressed_ok:
+            check_not_compressed(model)
         if offload_folder is not None:
             raise ValueError(
                 "offload_folder applies when model is a checkpoint directory; a loaded model "
@@ -110,7 +119,7 @@ def load_model(
         logger.info("loading {} from the Hugging Face Hub", model)
         return _from_hub(AutoModelForCausalLM, "model", str(model))
     path = Path(model)
-    if path.is_dir():
+    if path.is_dir() and not compressed_ok:
         _check_config_not_compressed(path)
     if offload_folder is not None and not path.is_dir():
         raise ValueError(
@@ -129,7 +138,9 @@ def load_model(
             )
         logger.info("loading {}", path)
         loaded = AutoModelForCausalLM.from_pretrained(path)
-        check_not_compressed(loaded)
+        if not compressed_ok:
+            check_not_compressed(loaded)
+        restore_kv_cache_quantization(loaded, path)
         return loaded
     raise FileNotFoundError(
         f"model {str(model)!r} is neither a checkpoint directory nor a .gguf file"

@@ -86,13 +86,6 @@ LLMCOMPRESSOR_FIELDS: tuple[LlmcompressorField, ...] = (
         "for memory; the result does not depend on it",
         "it must be 'auto', a positive integer or null",
     ),
-    LlmcompressorField(
-        "kv_cache_scheme",
-        _QUANTIZING,
-        _is_none,
-        "null: the KV cache is not quantized, as here",
-        "quantizing the KV cache (k_proj/v_proj outputs) is not supported",
-    ),
     *(
         LlmcompressorField(
             name,

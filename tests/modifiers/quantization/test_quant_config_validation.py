@@ -28,8 +28,9 @@ def test_unknown_preset_lists_the_allowed_ones():
 
 
 def test_known_but_unsupported_preset_says_why():
-    with pytest.raises(RecipeError, match="NVFP4.*supported presets"):
-        _parse({"scheme": "NVFP4"})
+    # FP6 has no grid here
+    with pytest.raises(RecipeError, match="MXFP6A16.*float num_bits.*supported presets"):
+        _parse({"scheme": "MXFP6A16"})
 
 
 def test_scheme_and_config_groups_are_exclusive():
@@ -38,13 +39,16 @@ def test_scheme_and_config_groups_are_exclusive():
         _parse({"scheme": "W4A16", "config_groups": groups})
     with pytest.raises(RecipeError, match="give scheme"):
         _parse({})
+    with pytest.raises(RecipeError, match="kv_cache_scheme: strategy 'channel'"):
+        _parse({"kv_cache_scheme": {"num_bits": 8, "type": "float", "strategy": "channel"}})
 
 
 @pytest.mark.parametrize(
     ("weights", "expected"),
     [
         ({"num_bits": 12}, "num_bits=12"),
-        ({"num_bits": 4, "type": "float"}, "float num_bits"),
+        ({"num_bits": 6, "type": "float"}, "float num_bits"),
+        ({"num_bits": 4, "type": "float"}, "FP4 with strategy 'tensor'"),
         ({"num_bits": 4, "strategy": "token", "dynamic": True}, "dynamic"),
         ({"num_bits": 4, "observer": "mse"}, "observer='mse'"),
     ],

@@ -14,6 +14,7 @@ from compressor.core.state import State
 from compressor.modifiers.base import CalibrationTraits, Modifier
 from compressor.modifiers.quantization.calibration import PostTrainingPathway
 from compressor.modifiers.quantization.fake_quant import LowBitWeights
+from compressor.modifiers.quantization.kv_cache import KVCacheCalibration, match_kv_cache_modules
 from compressor.modifiers.quantization.matching import (
     QUANTIZABLE_MODULE_TYPES,
     match_quantizable_modules,
@@ -44,6 +45,23 @@ class QuantizationPathway(Protocol):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None: ...
 
 
+def _refuse_microscaling_in_training(config: QuantizationConfig, start: float) -> None:
+    """NVFP4 / MX scales (a global scale, fp8 or power-of-two group scales) are calibrated
+    post-training only; the training pathway's fake quantization has plain scales."""
+    for name, group in config.config_groups.items():
+        assert isinstance(group, QuantizationScheme)
+        for role in ("weights", "input_activations", "output_activations"):
+            args = getattr(group, role)
+            if args is not None and (
+                args.scale_dtype is not None or args.num_bits == 4 and args.type == "float"
+            ):
+                raise ValueError(
+                    f"config_groups -> {name} -> {role}: {args.num_bits}-bit float with "
+                    f"{args.scale_dtype} scales (NVFP4 / MX) with start={start!r}: these formats "
+                    "are quantized post-training only; leave start unset"
+                )
+
+
 @Modifier.register()
 class QuantizationModifier(QuantizationSchemeMixin, Modifier):
     """Quantize weights and activations with compressed-tensors schemes.
@@ -57,10 +75,11 @@ class QuantizationModifier(QuantizationSchemeMixin, Modifier):
     **Lifecycle**
 
     - ``on_initialize``: resolve the scheme, check it against the model (targets, group
-      sizes); nothing changes yet
+      sizes, dtypes; with ``kv_cache_scheme``, that every attention module's cache can be
+      hooked); nothing changes yet
     - ``on_start`` on CALIBRATION_EPOCH_START (post-training): attach compressed-tensors
       quantization, set weight scales from the weights, observe static activation ranges
-      with forward hooks
+      with forward hooks (and the keys and values written to the cache)
     - ``on_start`` on BATCH_START (training): fake-quantize weights (a parametrization) and
       activations (hooks), both with straight-through gradients; observers update ranges
     - ``on_update`` (training): lower the weight bits on the progressive schedule and the
@@ -82,6 +101,7 @@ class QuantizationModifier(QuantizationSchemeMixin, Modifier):
     :param ignore: see QuantizationSchemeMixin
     :param scheme: see QuantizationSchemeMixin
     :param config_groups: see QuantizationSchemeMixin
+    :param kv_cache_scheme: see QuantizationSchemeMixin (post-training only)
     :param observer: how static activation ranges accumulate: ``minmax`` (extremes) or
         ``moving_average`` (an explicit config group's own ``observer`` wins over it)
     :param momentum: weight of the running range in the moving average
@@ -126,6 +146,7 @@ class QuantizationModifier(QuantizationSchemeMixin, Modifier):
     _modules: dict[str, torch.nn.Module] = PrivateAttr(default_factory=dict)
     _schemes: dict[str, QuantizationScheme] = PrivateAttr(default_factory=dict)
     _pathway: QuantizationPathway | None = PrivateAttr(default=None)
+    _kv_modules: dict[str, torch.nn.Module] = PrivateAttr(default_factory=dict)
 
     @model_validator(mode="after")
     def _check_training_options(self) -> QuantizationModifier:
@@ -141,6 +162,14 @@ class QuantizationModifier(QuantizationSchemeMixin, Modifier):
             low_bit_weights=self.low_bit_weights,
             weight_blend_rate=self.weight_blend_rate,
         )
+        if self.start is not None:
+            _refuse_microscaling_in_training(self.resolve_quantization_config(), self.start)
+        if self.kv_cache_scheme is not None and self.start is not None:
+            raise ValueError(
+                f"kv_cache_scheme with start={self.start!r}: the key/value cache is quantized "
+                "post-training only (calibrated scales); leave start unset, or drop "
+                "kv_cache_scheme from this training-aware modifier"
+            )
         return self
 
     # ---------------------------------------------------------------- calibration needs
@@ -164,9 +193,12 @@ class QuantizationModifier(QuantizationSchemeMixin, Modifier):
         if state.model is None:
             raise ValueError("QuantizationModifier needs a model in the state")
         self._config = self.resolve_quantization_config()
-        self._modules = match_quantizable_modules(
-            state.model, self._config, (*QUANTIZABLE_MODULE_TYPES, torch.nn.Conv2d)
-        )
+        if self._config.kv_cache_scheme is not None:
+            self._kv_modules = match_kv_cache_modules(state.model)
+        if self._config.config_groups:
+            self._modules = match_quantizable_modules(
+                state.model, self._config, (*QUANTIZABLE_MODULE_TYPES, torch.nn.Conv2d)
+            )
         self._schemes = schemes_by_module(self._modules, self._config)
         convs = sum(isinstance(m, torch.nn.Conv2d) for m in self._modules.values())
         if convs:
@@ -176,7 +208,14 @@ class QuantizationModifier(QuantizationSchemeMixin, Modifier):
                 type(self).__name__,
                 convs,
             )
-        logger.info("{} will quantize {} module(s)", type(self).__name__, len(self._modules))
+        logger.info(
+            "{} will quantize {} module(s){}",
+            type(self).__name__,
+            len(self._modules),
+            f" and the key/value cache of {len(self._kv_modules)} attention module(s)"
+            if self._kv_modules
+            else "",
+        )
 
     def on_start(self, state: State, event: Event) -> None:
         if event.type_ == EventType.CALIBRATION_EPOCH_START:
@@ -220,6 +259,15 @@ class QuantizationModifier(QuantizationSchemeMixin, Modifier):
             self._observers(),
             hooks=self,
             owner=type(self).__name__,
+            kv_cache=KVCacheCalibration(
+                state.model,
+                self._kv_modules,
+                self._config.kv_cache_scheme,
+                self._observers(),
+                hooks=self,
+            )
+            if self._config.kv_cache_scheme is not None
+            else None,
         )
 
     def _training_pathway(self, state: State) -> TrainingPathway:

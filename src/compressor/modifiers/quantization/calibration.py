@@ -13,14 +13,18 @@ from compressed_tensors.quantization import (
     QuantizationScheme,
     QuantizationStatus,
 )
+from compressed_tensors.quantization.quant_args import DynamicType
 from loguru import logger
 
 from compressor.core.events import Event
 from compressor.modifiers.hooks import HooksMixin
+from compressor.modifiers.quantization.kv_cache import KVCacheCalibration
 from compressor.modifiers.quantization.matching import apply_quantization
 from compressor.modifiers.quantization.observers import (
     ActivationObservers,
     activation_range,
+    check_finite_range,
+    global_scale,
     qparams_from_range,
     weight_range,
 )
@@ -32,6 +36,7 @@ __all__ = [
     "freeze_quantization",
     "held_by_compressed_tensors",
     "set_qparams",
+    "share_fused_global_scales",
     "static_activation_roles",
     "update_weight_qparams",
 ]
@@ -46,13 +51,28 @@ def set_qparams(
     hi: torch.Tensor,
     args: QuantizationArgs,
     where: str,
+    shared_global_scale: torch.Tensor | None = None,
 ) -> None:
     """Write the scale (and zero point, when the module has one) for a range in place.
 
+    tensor_group (NVFP4) also writes the tensor's global scale, from the same range, and
+    the group scales are computed under it; activations whose group scales are dynamic
+    (``dynamic: local``) take only that global scale.
+
     :param base_name: ``weight``, ``input`` or ``output``
     :param where: the module's name, for errors about NaN or inf ranges
+    :param shared_global_scale: tensor_group: this global scale instead of the range's own
+        (one shared by projections a runtime fuses, see ``share_fused_global_scales``)
     """
-    scale, zero_point = qparams_from_range(lo, hi, args, f"{where} ({base_name})")
+    label = f"{where} ({base_name})"
+    tensor_scale = None
+    if hasattr(module, f"{base_name}_global_scale"):
+        check_finite_range(lo, hi, label)
+        tensor_scale = global_scale(lo, hi) if shared_global_scale is None else shared_global_scale
+        update_offload_parameter(module, f"{base_name}_global_scale", tensor_scale)
+    if args.dynamic == DynamicType.LOCAL:
+        return
+    scale, zero_point = qparams_from_range(lo, hi, args, label, global_scale=tensor_scale)
     # through update_offload_parameter: an offloaded module is updated where it lives
     param = getattr(module, f"{base_name}_scale")
     update_offload_parameter(
@@ -68,27 +88,65 @@ def set_qparams(
 
 
 def update_weight_qparams(
-    module: torch.nn.Module, name: str, args: QuantizationArgs | None = None
+    module: torch.nn.Module,
+    name: str,
+    args: QuantizationArgs | None = None,
+    shared_global_scale: torch.Tensor | None = None,
 ) -> None:
     """Scales and zero points of a module's weight from its current values.
 
     :param args: the weight's quantization args (the module's scheme when None)
+    :param shared_global_scale: NVFP4: the global scale to use instead of the weight's own
     """
     if args is None:
         args = module.quantization_scheme.weights
     if args is None:
         return
     lo, hi = weight_range(module.weight, args)
-    set_qparams(module, "weight", lo, hi, args, name)
+    set_qparams(module, "weight", lo, hi, args, name, shared_global_scale)
+
+
+# projections a runtime fuses into one matrix (vLLM: qkv_proj, gate_up_proj), which then
+# has one NVFP4 global scale
+_FUSED_PROJECTIONS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+@torch.no_grad()
+def share_fused_global_scales(modules: dict[str, torch.nn.Module]) -> int:
+    """Give projections that runtimes fuse (q/k/v, gate/up of one layer) one NVFP4 weight
+    global scale, the smallest of theirs (so every member's group scales stay within fp8's
+    range), and recompute their group scales under it. vLLM loads such a checkpoint into
+    one fused matrix with a single global scale; llm-compressor writes it this way too.
+
+    :param modules: the quantized modules by name (those without a weight global scale, and
+        groups not wholly among them, are left alone)
+    :return: how many fused groups now share a global scale
+    """
+    shared = 0
+    for name in modules:
+        parent, _, leaf = name.rpartition(".")
+        for fused in _FUSED_PROJECTIONS:
+            if leaf != fused[0]:
+                continue
+            members = [f"{parent}.{p}" if parent else p for p in fused]
+            if not all(hasattr(modules.get(m), "weight_global_scale") for m in members):
+                continue
+            scales: list[torch.Tensor] = [modules[m].weight_global_scale for m in members]  # type: ignore[misc]
+            scale = torch.stack([s.float() for s in scales]).amin(0)
+            for member in members:
+                update_weight_qparams(modules[member], member, shared_global_scale=scale)
+            shared += 1
+    return shared
 
 
 def static_activation_roles(module: torch.nn.Module) -> dict[str, QuantizationArgs]:
-    """``{"input": args, "output": args}`` for the activations that need observed ranges."""
+    """``{"input": args, "output": args}`` for the activations that need observed ranges:
+    static ones, and NVFP4's (``dynamic: local``), whose global scale is static."""
     scheme = getattr(module, "quantization_scheme", None)
     roles = {}
     for role, base in _ROLE_TO_BASE.items():
         args = getattr(scheme, role, None) if scheme is not None else None
-        if args is not None and not args.dynamic:
+        if args is not None and args.dynamic in (False, DynamicType.LOCAL):
             roles[base] = args
     return roles
 
@@ -154,6 +212,7 @@ class PostTrainingPathway:
     :param observers: where the static activation ranges accumulate
     :param hooks: registers the observing hooks (the modifier, which removes them at the end)
     :param owner: the modifier's name, for messages
+    :param kv_cache: calibrates the key/value cache's scales, when the config quantizes it
     """
 
     def __init__(
@@ -165,9 +224,11 @@ class PostTrainingPathway:
         observers: ActivationObservers,
         hooks: HooksMixin,
         owner: str,
+        kv_cache: KVCacheCalibration | None = None,
     ) -> None:
         self.model, self.config, self.modules, self.schemes = model, config, modules, schemes
         self.observers, self.hooks, self.owner = observers, hooks, owner
+        self.kv_cache = kv_cache
         self._handles: list[Any] = []
         # modules whose quantized forward waits for their output range (its first batch)
         self._waiting_for_output: list[torch.nn.Module] = []
@@ -175,14 +236,19 @@ class PostTrainingPathway:
     def start(self, event: Event) -> None:
         """Attach quantization, set the weight scales, hook the static activations."""
         apply_quantization(self.model, self.config, self.modules)
-        for name, module in held_by_compressed_tensors(self.modules).items():
+        held = held_by_compressed_tensors(self.modules)
+        for name, module in held.items():
             update_weight_qparams(module, name)
+        share_fused_global_scales(held)
+        for name, module in held.items():
             roles = static_activation_roles(module)
             if "output" in roles:  # its scale is unknown until the first output is seen
                 module.quantization_enabled = False
                 self._waiting_for_output.append(module)
             for role, args in roles.items():
                 self._observe(name, module, role, args)
+        if self.kv_cache is not None:
+            self.kv_cache.start()
 
     def _observe(
         self, name: str, module: torch.nn.Module, role: str, args: QuantizationArgs
@@ -216,6 +282,8 @@ class PostTrainingPathway:
         """Set the scales from the ranges (reduced over DDP ranks) and freeze every module."""
         while self._handles:
             self._handles.pop().remove()
+        if self.kv_cache is not None:
+            self.kv_cache.end()
         self.observers.reduce_across_ranks(self.modules)
         unseen = self.observers.unseen()
         if unseen:

@@ -50,7 +50,16 @@ def _check_module_fits(name: str, module: torch.nn.Module, scheme: QuantizationS
         args = getattr(scheme, role)
         if args is None:
             continue
-        if args.strategy == QuantizationStrategy.GROUP and width % args.group_size != 0:
+        if args.scale_dtype is not None and module.weight.dtype != torch.bfloat16:
+            raise ValueError(
+                f"{role}: the {args.num_bits}-bit float format with {args.scale_dtype} scales "
+                f"(NVFP4 / MX) on {label} needs a bfloat16 model, and its weights are "
+                f"{module.weight.dtype}: compressed-tensors decompresses these checkpoints to "
+                "bfloat16, which a model of another dtype cannot run after saving or "
+                "reloading. Load or cast the model in bfloat16 (model.to(torch.bfloat16))"
+            )
+        grouped = (QuantizationStrategy.GROUP, QuantizationStrategy.TENSOR_GROUP)
+        if args.strategy in grouped and width % args.group_size != 0:
             divisors = [g for g in (16, 32, 64, 128, 256) if width % g == 0]
             hint = (
                 f"group sizes that divide it: {divisors}"
@@ -239,7 +248,7 @@ def apply_quantization(
     """Attach compressed-tensors quantization (scheme, scale parameters, quantized forward).
 
     Scales are left uninitialized: set them with ``update_weight_qparams`` and the
-    activation observers. Returns the quantized modules by name. Each module's attached
+    activation observers. A ``kv_cache_scheme`` is not attached here (``KVCacheCalibration``). Returns the quantized modules by name. Each module's attached
     scheme is checked against ``scheme_for_module`` (RuntimeError if they differ), so that
     what is saved is what the modifiers quantized with.
 
@@ -250,9 +259,13 @@ def apply_quantization(
     if modules is None:
         modules = match_quantizable_modules(model, config)
     _untie_quantized_embeddings(model, modules)
+    # the key/value cache is attached by compressor.modifiers.quantization.kv_cache, which
+    # hooks the attention forwards of the installed transformers (compressed-tensors 0.20's
+    # own hook looks for an argument transformers 5.24 renamed)
+    linear_config = config.model_copy(update={"kv_cache_scheme": None})
     with _unmatched_target_warnings_dropped():
         apply_quantization_config(
-            model, config, show_progress=False, allowed_modules=list(modules.values())
+            model, linear_config, show_progress=False, allowed_modules=list(modules.values())
         )
     for name, module in modules.items():
         if not isinstance(module, QUANTIZABLE_MODULE_TYPES):

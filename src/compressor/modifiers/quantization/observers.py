@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 import torch
 from compressed_tensors.quantization import QuantizationArgs, QuantizationStrategy
-from compressed_tensors.quantization.utils import calculate_qparams
+from compressed_tensors.quantization.utils import calculate_qparams, generate_gparam
 
 from compressor.utils import distributed
 
@@ -23,6 +23,7 @@ __all__ = [
     "RangeObserver",
     "activation_range",
     "check_finite_range",
+    "global_scale",
     "make_observer",
     "qparams_from_range",
     "weight_range",
@@ -41,7 +42,8 @@ def _as_matrix(weight: torch.Tensor) -> torch.Tensor:
 def weight_range(weight: torch.Tensor, args: QuantizationArgs) -> tuple[torch.Tensor, torch.Tensor]:
     """The min and max of a weight, one per scale, in the shape compressed-tensors expects.
 
-    tensor: (1,); channel: (rows, 1); group: (rows, columns / group_size);
+    tensor: (1,); channel: (rows, 1); group and tensor_group: (rows, columns / group_size)
+    (tensor_group's global scale comes from the whole weight's range, see ``global_scale``);
     block: (row blocks, column blocks).
     """
     w = _as_matrix(weight.detach()).float()
@@ -51,7 +53,7 @@ def weight_range(weight: torch.Tensor, args: QuantizationArgs) -> tuple[torch.Te
         return lo.reshape(1), hi.reshape(1)
     if strategy == QuantizationStrategy.CHANNEL:
         return w.amin(dim=1, keepdim=True), w.amax(dim=1, keepdim=True)
-    if strategy == QuantizationStrategy.GROUP:
+    if strategy in (QuantizationStrategy.GROUP, QuantizationStrategy.TENSOR_GROUP):
         size = args.group_size
         if w.shape[1] % size:
             raise ValueError(f"group_size={size} does not divide {w.shape[1]} weight columns")
@@ -72,10 +74,11 @@ def weight_range(weight: torch.Tensor, args: QuantizationArgs) -> tuple[torch.Te
 def activation_range(x: torch.Tensor, args: QuantizationArgs) -> tuple[torch.Tensor, torch.Tensor]:
     """The min and max of a batch of activations for a static scale.
 
-    tensor: (1,); group: (features / group_size,), reduced over every token.
+    tensor: (1,); group: (features / group_size,), reduced over every token; tensor_group
+    (NVFP4 activations, whose group scales are dynamic): (1,), for their global scale.
     """
     x = x.detach().float()
-    if args.strategy == QuantizationStrategy.TENSOR:
+    if args.strategy in (QuantizationStrategy.TENSOR, QuantizationStrategy.TENSOR_GROUP):
         lo, hi = torch.aminmax(x)
         return lo.reshape(1), hi.reshape(1)
     if args.strategy == QuantizationStrategy.GROUP:
@@ -96,11 +99,26 @@ def check_finite_range(lo: torch.Tensor, hi: torch.Tensor, where: str) -> None:
 
 
 def qparams_from_range(
-    lo: torch.Tensor, hi: torch.Tensor, args: QuantizationArgs, where: str
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    args: QuantizationArgs,
+    where: str,
+    global_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and zero point for a finite range (an all-zero range gets epsilon scales)."""
+    """Scale and zero point for a finite range (an all-zero range gets epsilon scales).
+
+    :param global_scale: tensor_group (NVFP4): the tensor's global scale, which the group
+        scales are multiplied by before they are rounded to their fp8 grid
+    """
     check_finite_range(lo, hi, where)
-    return calculate_qparams(lo, hi, args)
+    return calculate_qparams(lo, hi, args, global_scale=global_scale)
+
+
+def global_scale(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """NVFP4's per-tensor global scale from the tensor's range, shape (1,): it maps the
+    tensor's largest magnitude to the largest fp8 (E4M3) group scale times the largest FP4
+    (E2M1) value, so the fp8 group scales use their whole range. A zero range gives 1."""
+    return generate_gparam(lo.amin().reshape(1), hi.amax().reshape(1))
 
 
 @dataclass

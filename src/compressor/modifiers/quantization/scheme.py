@@ -22,6 +22,7 @@ from compressed_tensors.quantization.quant_args import DynamicType
 from compressed_tensors.quantization.quant_scheme import PRESET_SCHEMES
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
+from compressor.modifiers.quantization.kv_cache import check_kv_cache_args
 from compressor.utils.patterns import MatchPattern, check_match_pattern
 
 __all__ = [
@@ -31,12 +32,15 @@ __all__ = [
     "resolve_quantization_config",
 ]
 
-_WEIGHT_STRATEGIES = ("tensor", "channel", "group", "block")
+_WEIGHT_STRATEGIES = ("tensor", "channel", "group", "block", "tensor_group")
 # static activation groups: compressed-tensors 0.20's forward quantizes activation groups
 # with per-token scales only (dynamic), and fails on one fixed scale per group
 _STATIC_ACTIVATION_STRATEGIES = ("tensor",)
 _DYNAMIC_ACTIVATION_STRATEGIES = ("token", "tensor", "group")
-_FLOAT_BITS = (8,)
+_FLOAT_BITS = (4, 8)
+# FP4 (E2M1) has no zero point and no per-tensor or per-row form in compressed-tensors:
+# its scales are per group, under a global scale (NVFP4, tensor_group) or powers of two (MX)
+_FP4_STRATEGIES = ("group", "tensor_group")
 _INT_BITS = range(2, 9)
 # compressed-tensors presets name plain min-max "static_minmax" / "memoryless_minmax"
 _OBSERVERS = (None, "minmax", "static_minmax", "memoryless_minmax", "moving_average")
@@ -59,6 +63,15 @@ def check_args_supported(args: QuantizationArgs, role: str) -> None:
             f"{role}: int quantization with num_bits={args.num_bits} is not supported; "
             f"int num_bits must be {_INT_BITS.start}..{_INT_BITS.stop - 1}"
         )
+    if args.type == QuantizationType.FLOAT and args.num_bits == 4:
+        if strategy not in _FP4_STRATEGIES:
+            raise ValueError(
+                f"{role}: FP4 with strategy {strategy!r} is not supported; FP4 takes one of "
+                f"{list(_FP4_STRATEGIES)} (NVFP4: tensor_group, group_size 16; MXFP4: group, "
+                "group_size 32)"
+            )
+        if not args.symmetric:
+            raise ValueError(f"{role}: FP4 is symmetric only; set symmetric: true")
     if args.observer not in _OBSERVERS:
         raise ValueError(
             f"{role}: observer={args.observer!r} is not supported; use one of {list(_OBSERVERS)}"
@@ -77,8 +90,16 @@ def check_args_supported(args: QuantizationArgs, role: str) -> None:
                 f"weights take one of {list(_WEIGHT_STRATEGIES)}"
             )
         return
-    if args.dynamic == DynamicType.LOCAL:
-        raise ValueError(f"{role}: dynamic='local' (NVFP4) is not supported; use true or false")
+    if args.dynamic == DynamicType.LOCAL or strategy == "tensor_group":
+        # NVFP4 activations: a static global scale observed in calibration, group scales
+        # computed per forward under it; compressed-tensors' forward runs it on CPU
+        if args.dynamic != DynamicType.LOCAL or strategy != "tensor_group":
+            raise ValueError(
+                f"{role}: dynamic={args.dynamic!r} with strategy {strategy!r} is not supported; "
+                "dynamic 'local' goes with strategy 'tensor_group' (NVFP4 activations) and "
+                "tensor_group activations need dynamic 'local'"
+            )
+        return
     allowed = _DYNAMIC_ACTIVATION_STRATEGIES if args.dynamic else _STATIC_ACTIVATION_STRATEGIES
     if strategy not in allowed:
         kind = "dynamic" if args.dynamic else "static"
@@ -136,6 +157,12 @@ class QuantizationSchemeMixin(BaseModel):
         ``weights`` / ``input_activations`` / ``output_activations`` arguments (and optional
         ``targets``); exclusive with ``scheme``. Where several groups' targets match a module,
         the most specific target decides its scheme (see ``scheme_for_module``)
+    :param kv_cache_scheme: quantize the keys and values attention modules write to their
+        cache (compressed-tensors' ``kv_cache_scheme``): 8-bit int or float, symmetric,
+        static, ``strategy`` tensor or attn_head (one scale per key-value head); the scales
+        are calibrated and saved as ``k_scale`` / ``v_scale`` on each attention module. With
+        it, ``scheme`` and ``config_groups`` may both be left out (only the cache is
+        quantized)
     """
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -144,6 +171,7 @@ class QuantizationSchemeMixin(BaseModel):
     ignore: list[MatchPattern] = []
     scheme: str | None = None
     config_groups: dict[str, QuantizationScheme] | None = None
+    kv_cache_scheme: QuantizationArgs | None = None
 
     @field_validator("targets", "ignore", mode="before")
     @classmethod
@@ -179,9 +207,13 @@ class QuantizationSchemeMixin(BaseModel):
             raise ValueError(
                 f"scheme={self.scheme!r} and config_groups are exclusive: give one of them"
             )
-        if self.scheme is None and self.config_groups is None:
+        if self.kv_cache_scheme is not None:
+            check_kv_cache_args(self.kv_cache_scheme)
+        if self.scheme is None and self.config_groups is None and self.kv_cache_scheme is None:
             raise ValueError(
-                "give scheme (a preset: " + ", ".join(SUPPORTED_PRESETS) + ") or config_groups"
+                "give scheme (a preset: "
+                + ", ".join(SUPPORTED_PRESETS)
+                + "), config_groups or kv_cache_scheme"
             )
         if self.scheme is not None and self.scheme not in SUPPORTED_PRESETS:
             if self.scheme in PRESET_SCHEMES:
@@ -215,9 +247,12 @@ class QuantizationSchemeMixin(BaseModel):
         """The compressed-tensors config these fields describe."""
         return resolve_quantization_config(
             scheme=self.scheme,
-            config_groups=self.config_groups,
+            config_groups=self.config_groups
+            if self.scheme is not None or self.config_groups is not None
+            else {},
             targets=self.targets,
             ignore=self.ignore,
+            kv_cache_scheme=self.kv_cache_scheme,
         )
 
 
@@ -227,13 +262,15 @@ def resolve_quantization_config(
     config_groups: dict[str, QuantizationScheme] | None = None,
     targets: list[str] | None = None,
     ignore: list[str] | None = None,
+    kv_cache_scheme: QuantizationArgs | None = None,
 ) -> QuantizationConfig:
     """Turn a preset name or explicit groups into a compressed-tensors QuantizationConfig.
 
     :param scheme: a preset name; exclusive with ``config_groups``
-    :param config_groups: explicit schemes by group name
+    :param config_groups: explicit schemes by group name (empty: only the cache is quantized)
     :param targets: the preset's targets (``Linear`` by default)
     :param ignore: modules to leave alone
+    :param kv_cache_scheme: the key/value cache's quantization, if any
     """
     if (scheme is None) == (config_groups is None):
         raise ValueError("give exactly one of scheme and config_groups")
@@ -242,4 +279,5 @@ def resolve_quantization_config(
     else:
         assert config_groups is not None
         groups = {name: group.model_copy(deep=True) for name, group in config_groups.items()}
-    return QuantizationConfig(config_groups=groups, ignore=list(ignore or []))
+    kv = kv_cache_scheme.model_copy(deep=True) if kv_cache_scheme is not None else None
+    return QuantizationConfig(config_groups=groups, ignore=list(ignore or []), kv_cache_scheme=kv)

@@ -24,11 +24,13 @@ from compressor.modifiers.quantization.gptq import (
     gptq_quantize_weights,
     round_to_nearest,
 )
+from compressor.modifiers.quantization.kv_cache import KVCacheCalibration, match_kv_cache_modules
 from compressor.modifiers.quantization.matching import (
     apply_quantization,
     match_quantizable_modules,
     schemes_by_module,
 )
+from compressor.modifiers.quantization.observers import ActivationObservers
 from compressor.modifiers.quantization.scheme import QuantizationSchemeMixin
 from compressor.utils.finite import check_finite_weights
 from compressor.utils.memory import overwrite_all_
@@ -62,14 +64,15 @@ class GPTQModifier(QuantizationSchemeMixin, Modifier):
 
     - ``on_initialize``: resolve the scheme, match the targets, attach compressed-tensors
       quantization to them with the quantized forward switched off
-    - ``on_start`` (calibration start): a Hessian-accumulating forward pre-hook on each Linear
+    - ``on_start`` (calibration start): a Hessian-accumulating forward pre-hook on each Linear;
+      with ``kv_cache_scheme``, the quantized key/value cache attached and its ranges observed
     - ``on_update`` at SEQUENTIAL_EPOCH_END: quantize the Linears of the layer just calibrated
       (``event.modules``) and free their Hessians; their weights now lie on the grid, so
       their quantized forward stays off (it would give the same weights back) unless they
       also quantize activations
     - ``on_end`` (calibration end): quantize whatever is still pending (every Linear, on the
-      basic pipeline); round to nearest, with a warning, any module that saw no data; switch
-      every quantized forward on
+      basic pipeline); round to nearest, with a warning, any module that saw no data; set the
+      key/value cache's scales; switch every quantized forward on
     - ``finalize``: hooks removed; the modules stay quantized (frozen)
 
     **Cost.** Linears that read one tensor (q/k/v, gate/up) share one Hessian and compute
@@ -106,6 +109,8 @@ class GPTQModifier(QuantizationSchemeMixin, Modifier):
     _schemes: dict[str, QuantizationScheme] = PrivateAttr(default_factory=dict)
     _hessians: SharedHessians = PrivateAttr(default_factory=SharedHessians)
     _quantized: set[str] = PrivateAttr(default_factory=set)
+    _kv_modules: dict[str, torch.nn.Module] = PrivateAttr(default_factory=dict)
+    _kv_cache: KVCacheCalibration | None = PrivateAttr(default=None)
 
     @field_validator("actorder", mode="before")
     @classmethod
@@ -168,6 +173,8 @@ class GPTQModifier(QuantizationSchemeMixin, Modifier):
         if state.model is None:
             raise ValueError("GPTQModifier needs a model in the state")
         self._config = self.resolve_quantization_config()
+        if self._config.kv_cache_scheme is not None:
+            self._kv_modules = match_kv_cache_modules(state.model)
         self._modules = match_quantizable_modules(state.model, self._config)
         self._schemes = schemes_by_module(self._modules, self._config)
         # every module, not only the matched ones: a NaN weight anywhere before a Linear
@@ -180,6 +187,17 @@ class GPTQModifier(QuantizationSchemeMixin, Modifier):
         for name, module in self._modules.items():
             if isinstance(module, torch.nn.Linear):
                 self.register_hook(module, self._hessian_hook(name), "forward_pre")
+        if self._config is not None and self._config.kv_cache_scheme is not None:
+            # the cache's ranges, observed as the calibration batches pass (after the
+            # layer's q/k/v projections, quantized or not yet, as the pipeline runs them)
+            self._kv_cache = KVCacheCalibration(
+                state.model,
+                self._kv_modules,
+                self._config.kv_cache_scheme,
+                ActivationObservers("minmax", 0.95, prefer_args=True),
+                hooks=self,
+            )
+            self._kv_cache.start()
 
     def _attach(self, state: State) -> None:
         assert self._config is not None
@@ -222,6 +240,8 @@ class GPTQModifier(QuantizationSchemeMixin, Modifier):
                     name,
                 )
                 self._round_to_nearest(name, module)
+        if self._kv_cache is not None:
+            self._kv_cache.end()
         self.remove_hooks()
         self._hessians.clear()
         for module in self._modules.values():
