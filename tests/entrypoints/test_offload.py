@@ -245,3 +245,30 @@ def test_a_model_dispatched_by_accelerate_without_offloading_takes_every_modifie
         dispatched = AutoModelForCausalLM.from_pretrained(checkpoint / "fp").eval()
         dispatch_model(dispatched, device_map=placement, force_hooks=True)
         oneshot(dispatched, GPTQ, calibration(), device="cpu")
+
+
+AWQ_GPTQ_YAML = (
+    "modifiers:\n"
+    "  - AWQModifier: {n_grid: 6}\n"
+    "  - GPTQModifier: {ignore: [lm_head], config_groups: {g: {targets: [Linear], weights:"
+    " {num_bits: 4, strategy: group, group_size: 16, symmetric: true}}}}\n"
+)
+
+
+def test_awq_then_gptq_on_a_disk_offloaded_model_equals_the_in_memory_run(checkpoint):
+    in_memory = AutoModelForCausalLM.from_pretrained(checkpoint / "fp").eval()
+    oneshot(in_memory, Recipe.from_yaml(AWQ_GPTQ_YAML), calibration())
+    out = oneshot(
+        load_offloaded(checkpoint),
+        Recipe.from_yaml(AWQ_GPTQ_YAML),
+        calibration(),
+        output_dir=checkpoint / "awq",
+    )
+    ids = torch.tensor([[5, 9, 1, 77, 3, 12, 40, 2]])
+    reloaded = AutoModelForCausalLM.from_pretrained(checkpoint / "awq").eval()
+    norm = out.model.layers[0].input_layernorm.weight
+    assert not torch.allclose(norm, torch.ones_like(norm))  # AWQ's scales were folded
+    with torch.no_grad():
+        expected = in_memory(ids).logits
+        torch.testing.assert_close(out(ids).logits, expected, rtol=0, atol=1e-5)
+        torch.testing.assert_close(reloaded(ids).logits, expected, rtol=0, atol=1e-5)

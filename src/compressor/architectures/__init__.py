@@ -3,7 +3,8 @@
 Each family module (``llama``, ``bert``, ``gemma``, ``phi3``, ``gpt2``, ``opt``) holds its
 model types, where its layers live, and the typed mappings the techniques read: which modules
 share a row or a head (pruning), which play which role around the residual stream and which
-norms feed them (SpinQuant). ``conv`` reads the channel coupling of plain ``nn.Sequential``
+norms feed them (SpinQuant), which modules a per-channel scale moves between (SmoothQuant,
+AWQ). ``conv`` reads the channel coupling of plain ``nn.Sequential``
 conv nets. ``architecture_for(model)`` is the lookup.
 
 This is a bottom layer: of this library it may import ``compressor.utils`` only (never
@@ -20,6 +21,7 @@ from compressor.architectures.layers import (
 from compressor.architectures.mappings import (
     Kind,
     NormMapping,
+    SmoothingMapping,
     SpinQuantMapping,
     StructureBuilder,
     StructureMapping,
@@ -42,6 +44,7 @@ __all__ = [
     "Feature",
     "Kind",
     "NormMapping",
+    "SmoothingMapping",
     "SpinQuantMapping",
     "StructureBuilder",
     "StructureMapping",

@@ -5,12 +5,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from compressor.architectures.mappings import NormMapping, SpinQuantMapping, StructureBuilder
+from compressor.architectures.mappings import (
+    NormMapping,
+    SmoothingMapping,
+    SpinQuantMapping,
+    StructureBuilder,
+)
 
 __all__ = ["Architecture", "Feature"]
 
 #: what a caller needs from a table: a field of ``Architecture`` that must be set
-Feature = Literal["rows", "heads", "spinquant", "norms"]
+Feature = Literal["rows", "heads", "spinquant", "norms", "smoothquant", "awq"]
 
 
 @dataclass(frozen=True)
@@ -38,6 +43,9 @@ class Architecture:
     heads: StructureBuilder | None = None
     spinquant: SpinQuantMapping | None = None
     norms: tuple[NormMapping, ...] = ()
+    smoothquant: tuple[SmoothingMapping, ...] = ()
+    awq: tuple[SmoothingMapping, ...] = ()
+    norm_weight_offset: float = 0.0
 
     def has(self, feature: Feature) -> bool:
         """Whether the table holds ``feature``."""

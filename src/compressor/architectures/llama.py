@@ -6,9 +6,14 @@ from __future__ import annotations
 from transformers import PretrainedConfig
 
 from compressor.architectures.base import Architecture
-from compressor.architectures.mappings import NormMapping, SpinQuantMapping, StructureMapping
+from compressor.architectures.mappings import (
+    NormMapping,
+    SmoothingMapping,
+    SpinQuantMapping,
+    StructureMapping,
+)
 
-__all__ = ["ARCHITECTURE", "head_mappings", "row_mappings"]
+__all__ = ["ARCHITECTURE", "AWQ", "SMOOTHQUANT", "head_mappings", "row_mappings"]
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 LAYERS = "model.layers"
@@ -106,6 +111,27 @@ NORMS = (
     NormMapping(norm=FINAL_NORM, linears=[LM_HEAD]),
 )
 
+# SmoothQuant smooths the two norms' outputs (the activations a W8A8 scheme quantizes first)
+SMOOTHQUANT = (
+    SmoothingMapping(
+        smooth_layer=_anywhere(INPUT_NORM),
+        balance_layers=[_anywhere(Q_PROJ), _anywhere(K_PROJ), _anywhere(V_PROJ)],
+    ),
+    SmoothingMapping(
+        smooth_layer=_anywhere(POST_ATTENTION_NORM),
+        balance_layers=[_anywhere(GATE_PROJ), _anywhere(UP_PROJ)],
+    ),
+)
+
+# AWQ also moves scales between linears: v's rows to o's columns (only when v writes what o
+# reads: not under grouped-query attention), up's rows to down's columns
+AWQ = (
+    SMOOTHQUANT[0],
+    SmoothingMapping(smooth_layer=_anywhere(V_PROJ), balance_layers=[_anywhere(O_PROJ)]),
+    SMOOTHQUANT[1],
+    SmoothingMapping(smooth_layer=_anywhere(UP_PROJ), balance_layers=[_anywhere(DOWN_PROJ)]),
+)
+
 ARCHITECTURE = Architecture(
     family="llama",
     model_types=MODEL_TYPES,
@@ -115,4 +141,6 @@ ARCHITECTURE = Architecture(
     heads=head_mappings,
     spinquant=SPINQUANT,
     norms=NORMS,
+    smoothquant=SMOOTHQUANT,
+    awq=AWQ,
 )

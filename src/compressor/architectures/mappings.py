@@ -2,7 +2,9 @@
 
 ``StructureMapping`` says which modules share a structured unit ("related modules"), for row,
 head and channel pruning; ``SpinQuantMapping`` and ``NormMapping`` say which modules play which
-role around the residual stream, for rotations and norm fusion. The per-architecture tables
+role around the residual stream, for rotations and norm fusion; ``SmoothingMapping`` says which
+module's output a per-channel scale divides and which linears it multiplies back (SmoothQuant,
+AWQ). The per-architecture tables
 fill them in; recipes may pass their own for architectures not listed.
 """
 
@@ -11,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from transformers import PretrainedConfig
 
 from compressor.utils.patterns import MatchPattern
@@ -19,6 +21,7 @@ from compressor.utils.patterns import MatchPattern
 __all__ = [
     "Kind",
     "NormMapping",
+    "SmoothingMapping",
     "SpinQuantMapping",
     "StructureBuilder",
     "StructureMapping",
@@ -121,3 +124,39 @@ class NormMapping(BaseModel):
     linears: list[MatchPattern] = Field(min_length=1)
 
     _wrap = field_validator("linears", mode="before")(_as_list)
+
+
+class SmoothingMapping(BaseModel):
+    """A module whose output channels a per-channel scale divides (the smooth layer) and the
+    linears reading that output, whose input columns it multiplies (the balance layers), so
+    the model computes the same function (SmoothQuant, AWQ).
+
+    Written as llm-compressor writes them: a dict ``{smooth_layer, balance_layers}`` (its AWQ
+    form) or a list ``[balance_layers, smooth_layer]`` (its SmoothQuant form). Targets are
+    compressed-tensors match strings; in each decoder layer the balance layers closest to the
+    smooth layer are matched with it.
+
+    :param smooth_layer: a norm (its scale), or a linear (its output rows; when it writes
+        more rows than the balance layers read, its last rows: v inside a fused qkv, up
+        inside a fused gate_up)
+    :param balance_layers: the linears reading the smooth layer's output
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    smooth_layer: str
+    balance_layers: list[str] = Field(min_length=1)
+
+    _wrap = field_validator("balance_layers", mode="before")(_as_list)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_pair(cls, value: object) -> object:
+        if isinstance(value, list | tuple):
+            if len(value) != 2 or not isinstance(value[1], str):
+                raise ValueError(
+                    "a mapping given as a list must be [balance_layers, smooth_layer] "
+                    f"(llm-compressor's SmoothQuant form), got {value!r}"
+                )
+            return {"balance_layers": value[0], "smooth_layer": value[1]}
+        return value

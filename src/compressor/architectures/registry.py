@@ -40,6 +40,8 @@ _WHAT = {
     "heads": "heads mapping",
     "spinquant": "SpinQuant mapping",
     "norms": "norm mappings",
+    "smoothquant": "SmoothQuant mappings",
+    "awq": "AWQ mappings",
 }
 
 
@@ -66,7 +68,8 @@ def architecture_for(model: torch.nn.Module, needs: Feature | None = None) -> Ar
     """The table of the model's family.
 
     :param model: a transformers model (its ``config.model_type`` decides)
-    :param needs: a field the table must hold (``rows``, ``heads``, ``spinquant``, ``norms``)
+    :param needs: a field the table must hold (``rows``, ``heads``, ``spinquant``, ``norms``,
+        ``smoothquant``, ``awq``)
     :raises ValueError: naming the model class, its model_type and the known model types
     """
     architecture = find_architecture(model)

@@ -216,13 +216,15 @@ class CompressionSession:
         type_: EventType,
         global_step: int | None = None,
         modules: tuple[torch.nn.Module, ...] = (),
+        only: Sequence[Any] | None = None,
     ) -> Event:
         event = self._require_lifecycle().advance(type_, global_step=global_step)
         if modules:
             event = event.new_instance(modules=modules)
         assert self.state is not None and self.recipe is not None
         for modifier in self.recipe.modifiers:
-            modifier.update_event(self.state, event)
+            if only is None or any(modifier is chosen for chosen in only):
+                modifier.update_event(self.state, event)
         return event
 
     def batch_start(self, batch_data: Any = None, *, global_step: int | None = None) -> Event:
@@ -265,16 +267,20 @@ class CompressionSession:
         return self._dispatch(EventType.CALIBRATION_EPOCH_START)
 
     def sequential_epoch_end(
-        self, modules: torch.nn.Module | Sequence[torch.nn.Module] = ()
+        self,
+        modules: torch.nn.Module | Sequence[torch.nn.Module] = (),
+        only: Sequence[Any] | None = None,
     ) -> Event:
         """One part of the model (a decoder layer, a stage of one) finished calibrating.
 
         :param modules: the module or modules just calibrated, which the event carries
             (``Event.modules``) to the modifiers that compress them now
+        :param only: the recipe's modifiers that calibrated it (all when None): a pipeline
+            that calibrates some modifiers before the others sends each group its own event
         """
         if isinstance(modules, torch.nn.Module):
             modules = (modules,)
-        return self._dispatch(EventType.SEQUENTIAL_EPOCH_END, modules=tuple(modules))
+        return self._dispatch(EventType.SEQUENTIAL_EPOCH_END, modules=tuple(modules), only=only)
 
     def calibration_epoch_end(self) -> Event:
         return self._dispatch(EventType.CALIBRATION_EPOCH_END)

@@ -22,9 +22,10 @@ from compressor.modifiers.quantization import (
     QuantizationModifier,
     QuantizationSchemeMixin,
 )
-from compressor.modifiers.transform import SpinQuantModifier
+from compressor.modifiers.transform import AWQModifier, SmoothQuantModifier, SpinQuantModifier
 
 __all__ = [
+    "AWQModifier",
     "CalibrationTraits",
     "ChannelPruningModifier",
     "ConstantPruningModifier",
@@ -38,6 +39,7 @@ __all__ = [
     "QuantizationModifier",
     "QuantizationSchemeMixin",
     "RowPruningModifier",
+    "SmoothQuantModifier",
     "SparsePruningModifier",
     "SpinQuantModifier",
     "UnknownModifierError",

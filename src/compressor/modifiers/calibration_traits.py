@@ -41,9 +41,17 @@ class CalibrationTraits:
         Llama-style layer in those stages, which needs fewer matrix products than calibrating
         it whole and running it again (``compressor.calibration.pipelines.staged``).
         Default False
+    :param transforms_first: the modifier changes a layer's weights without changing its
+        function (SmoothQuant's and AWQ's scales), from statistics it gathers on that layer,
+        and the other modifiers must calibrate the changed layer. The sequential pipeline then
+        runs, for each layer, a first pass with only such modifiers' hooks live and every
+        quantized forward of the layer off, sends them alone a ``SEQUENTIAL_EPOCH_END`` for
+        the layer, and only then calibrates the others on it (the basic pipeline does the same
+        for the whole model). Default False
     """
 
     supports_offloaded_models: bool = False
     reads_outputs: bool = True
     merges_batches: bool = False
     in_stages: bool = False
+    transforms_first: bool = False

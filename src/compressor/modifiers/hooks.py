@@ -25,6 +25,8 @@ class HooksMixin:
     _HOOKS_DISABLED: bool = False
     # class-level: when set, only the hooks on these modules (by id) run
     _HOOKS_ONLY_ON: frozenset[int] | None = None
+    # class-level: when set, only the hooks registered by these objects (by id) run
+    _HOOKS_ONLY_OF: frozenset[int] | None = None
 
     _handles: list[RemovableHandle]
 
@@ -52,13 +54,16 @@ class HooksMixin:
         :param kwargs: passed to torch's register function (``with_kwargs``, ``prepend``)
         """
 
-        target_id = id(target)
+        target_id, owner_id = id(target), id(self)
 
         def wrapped(*args: Any, **kw: Any) -> Any:
             if HooksMixin._HOOKS_DISABLED:
                 return None
             only = HooksMixin._HOOKS_ONLY_ON
             if only is not None and target_id not in only:
+                return None
+            owners = HooksMixin._HOOKS_ONLY_OF
+            if owners is not None and owner_id not in owners:
                 return None
             return hook(*args, **kw)
 
@@ -119,6 +124,19 @@ class HooksMixin:
             yield
         finally:
             HooksMixin._HOOKS_ONLY_ON = previous
+
+    @staticmethod
+    @contextlib.contextmanager
+    def hooks_only_of(owners: Iterable[object]) -> Iterator[None]:
+        """Inside the block, only the hooks that ``owners`` registered run; every other
+        object's hooks are paused. A pipeline that calibrates some modifiers before the others
+        (``CalibrationTraits.transforms_first``) uses it for each group's pass."""
+        previous = HooksMixin._HOOKS_ONLY_OF
+        HooksMixin._HOOKS_ONLY_OF = frozenset(id(owner) for owner in owners)
+        try:
+            yield
+        finally:
+            HooksMixin._HOOKS_ONLY_OF = previous
 
     @staticmethod
     def has_hooks(module: torch.nn.Module) -> bool:

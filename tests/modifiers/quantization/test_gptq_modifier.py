@@ -63,11 +63,11 @@ def test_fields_are_validated_when_the_recipe_is_parsed():
         GPTQModifier(scheme="W4A16", actorder="sideways")
     with pytest.raises(ValidationError, match="g_idx"):
         GPTQModifier(scheme="W4A16", actorder="group")
-    static_inputs = {
-        "g": {"targets": ["Linear"], "weights": {"num_bits": 4}, "input_activations": {}}
+    static_outputs = {
+        "g": {"targets": ["Linear"], "weights": {"num_bits": 4}, "output_activations": {}}
     }
-    with pytest.raises(ValidationError, match="input_activations are static"):
-        GPTQModifier(config_groups=static_inputs)
+    with pytest.raises(ValidationError, match="output_activations are static"):
+        GPTQModifier(config_groups=static_outputs)
     with pytest.raises(ValidationError, match="start=0.0: GPTQModifier runs only in post-training"):
         GPTQModifier(scheme="W4A16", start=0)
     assert GPTQModifier(scheme="W4A16", actorder="weight").actorder == "static"

@@ -11,6 +11,11 @@ each layer ``i``:
 3. it runs again with hooks disabled, and its outputs, computed with the compressed
    weights, become the inputs of layer ``i + 1``.
 
+Modifiers that change a layer's weights without changing its function before the others
+calibrate it (``CalibrationTraits.transforms_first``: SmoothQuant, AWQ) get a pass of their own
+first, with every quantized forward of the layer off, and their own SEQUENTIAL_EPOCH_END; the
+other modifiers then calibrate the transformed layer in steps 1 to 3.
+
 When every modifier calibrates in stages (``CalibrationTraits.in_stages``: GPTQ's
 ``true_sequential``) and the layers have Llama's form, steps 1 to 3 run instead as stages
 within each layer, one group of modules at a time (``compressor.calibration.pipelines.staged``).
@@ -62,6 +67,7 @@ from compressor.calibration.pipelines.layer_calls import (
 from compressor.calibration.pipelines.staged import StagePlan, calibrate_in_stages, plan_stages
 from compressor.core.session import CompressionSession
 from compressor.modifiers.hooks import HooksMixin
+from compressor.modifiers.transform.smoothing import quantized_forwards_off
 from compressor.utils.memory import keep_freed_tensors_in_heap, release_free_memory
 from compressor.utils.offload import check_device_unset, is_offloaded, layer_onloaded
 
@@ -70,6 +76,7 @@ __all__ = [
     "MERGE_TOKENS",
     "capture_layer_inputs",
     "run_sequential",
+    "transforming_first",
 ]
 
 MERGE_TOKENS = 1024
@@ -97,13 +104,27 @@ class _Shortcuts:
 
     @classmethod
     def of(cls, modifiers: Iterable[Any]) -> _Shortcuts:
+        """The shortcuts of every modifier's traits; those that transform first
+        (``transforms_first``) calibrate in a pass of their own, so only merging concerns
+        them."""
         traits = [modifier.calibration_traits() for modifier in modifiers]
-        cut_short = not any(t.reads_outputs for t in traits)
+        rest = [t for t in traits if not t.transforms_first]
+        cut_short = not any(t.reads_outputs for t in rest)
         return cls(
             cut_short=cut_short,
             merge=all(t.merges_batches for t in traits),
-            in_stages=cut_short and all(t.in_stages for t in traits),
+            in_stages=cut_short and all(t.in_stages for t in rest),
         )
+
+
+def transforming_first(modifiers: Iterable[Any]) -> tuple[list[Any], list[Any]]:
+    """The modifiers that transform a layer before the others calibrate it
+    (``CalibrationTraits.transforms_first``), and the others."""
+    first: list[Any] = []
+    rest: list[Any] = []
+    for modifier in modifiers:
+        (first if modifier.calibration_traits().transforms_first else rest).append(modifier)
+    return first, rest
 
 
 def capture_layer_inputs(
@@ -153,6 +174,7 @@ def run_sequential(
     target = torch.device(device) if device is not None else home
     logger.info("sequential pipeline over {} layers of {} on {}", len(layers), path, target)
     shortcuts = _Shortcuts.of(session.modifiers)
+    first, rest = transforming_first(session.modifiers)
     plan: StagePlan | None = None
     keep_freed_tensors_in_heap()  # no page faults for every activation (glibc)
     session.calibration_epoch_start()
@@ -165,10 +187,15 @@ def run_sequential(
                 if index == 0:  # checked once, before the first layer changes
                     inputs = _unmerged_unless_exact(layer, inputs, path)
                     plan = _stage_plan(layer, inputs) if shortcuts.in_stages else None
-                if plan is not None:
-                    calibrate_in_stages(layer, inputs, plan, session, index, outputs)
-                else:
-                    _calibrate_whole(layer, inputs, session, shortcuts.cut_short, index, outputs)
+                if first:
+                    _transform_first(layer, inputs, session, first, index)
+                with HooksMixin.hooks_only_of(rest) if first else contextlib.nullcontext():
+                    if plan is not None:
+                        calibrate_in_stages(layer, inputs, plan, session, index, outputs)
+                    else:
+                        _calibrate_whole(
+                            layer, inputs, session, shortcuts.cut_short, index, outputs
+                        )
                 if not outputs:
                     inputs = []  # nothing reads the last layer's outputs
     session.calibration_epoch_end()
@@ -250,6 +277,22 @@ def _calibrate_whole(
     session.sequential_epoch_end(layer)
     if outputs:
         _propagate(layer, inputs, index)
+
+
+def _transform_first(
+    layer: torch.nn.Module,
+    inputs: list[MergedCalls],
+    session: CompressionSession,
+    modifiers: list[Any],
+    index: int,
+) -> None:
+    """Calibrate ``layer`` with only the hooks of ``modifiers`` (those that transform first)
+    live and its quantized forwards off, and send them alone the layer's
+    SEQUENTIAL_EPOCH_END, at which they change its weights (not its function)."""
+    with HooksMixin.hooks_only_of(modifiers), quantized_forwards_off(layer):
+        _calibrate(layer, [merged.call for merged in inputs], False, index)
+    release_free_memory()
+    session.sequential_epoch_end(layer, only=modifiers)
 
 
 def _calibrate(

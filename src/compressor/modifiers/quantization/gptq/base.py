@@ -18,7 +18,11 @@ from pydantic import Field, PrivateAttr, field_validator, model_validator
 from compressor.core.events import Event, EventType
 from compressor.core.state import State
 from compressor.modifiers.base import CalibrationTraits, Modifier
-from compressor.modifiers.quantization.calibration import freeze_quantization
+from compressor.modifiers.quantization.calibration import (
+    freeze_quantization,
+    set_qparams,
+    static_activation_roles,
+)
 from compressor.modifiers.quantization.gptq import (
     SharedHessians,
     gptq_quantize_weights,
@@ -30,7 +34,12 @@ from compressor.modifiers.quantization.matching import (
     match_quantizable_modules,
     schemes_by_module,
 )
-from compressor.modifiers.quantization.observers import ActivationObservers
+from compressor.modifiers.quantization.observers import (
+    ActivationObservers,
+    RangeObserver,
+    activation_range,
+    check_finite_range,
+)
 from compressor.modifiers.quantization.scheme import QuantizationSchemeMixin
 from compressor.utils.finite import check_finite_weights
 from compressor.utils.memory import overwrite_all_
@@ -57,19 +66,24 @@ class GPTQModifier(QuantizationSchemeMixin, Modifier):
     before it, and quantized as soon as it has seen all the calibration data.
 
     The checkpoint format is compressed-tensors', the same as QuantizationModifier's: scales
-    and zero points on the modules, written by ``compressor.save_compressed``. Weights only:
-    activation quantization may be dynamic (computed at run time), never static.
+    and zero points on the modules, written by ``compressor.save_compressed``. Input
+    activations may be dynamic (computed at run time) or static: a static input range is
+    observed, as QuantizationModifier's observers do, on the calibration inputs the Hessian
+    hook already sees (each Linear's inputs on the layers quantized before it), and set when
+    the Linear is quantized (the W8A8 static recipes of SmoothQuant). Output activations may
+    only be dynamic.
 
     **Lifecycle**
 
     - ``on_initialize``: resolve the scheme, match the targets, attach compressed-tensors
       quantization to them with the quantized forward switched off
-    - ``on_start`` (calibration start): a Hessian-accumulating forward pre-hook on each Linear;
-      with ``kv_cache_scheme``, the quantized key/value cache attached and its ranges observed
+    - ``on_start`` (calibration start): a Hessian-accumulating forward pre-hook on each Linear
+      (which also observes the input range, when the input activations are static); with
+      ``kv_cache_scheme``, the quantized key/value cache attached and its ranges observed
     - ``on_update`` at SEQUENTIAL_EPOCH_END: quantize the Linears of the layer just calibrated
-      (``event.modules``) and free their Hessians; their weights now lie on the grid, so
-      their quantized forward stays off (it would give the same weights back) unless they
-      also quantize activations
+      (``event.modules``) and free their Hessians; set their static input scales from the
+      observed ranges; their weights now lie on the grid, so their quantized forward stays
+      off (it would give the same weights back) unless they also quantize activations
     - ``on_end`` (calibration end): quantize whatever is still pending (every Linear, on the
       basic pipeline); round to nearest, with a warning, any module that saw no data; set the
       key/value cache's scales; switch every quantized forward on
@@ -111,6 +125,9 @@ class GPTQModifier(QuantizationSchemeMixin, Modifier):
     _quantized: set[str] = PrivateAttr(default_factory=set)
     _kv_modules: dict[str, torch.nn.Module] = PrivateAttr(default_factory=dict)
     _kv_cache: KVCacheCalibration | None = PrivateAttr(default=None)
+    _input_observers: ActivationObservers = PrivateAttr(
+        default_factory=lambda: ActivationObservers("minmax", 0.95, prefer_args=True)
+    )
 
     @field_validator("actorder", mode="before")
     @classmethod
@@ -167,6 +184,9 @@ class GPTQModifier(QuantizationSchemeMixin, Modifier):
             for args in (scheme.input_activations, scheme.output_activations):
                 if args is not None and args.dynamic and args.strategy == "tensor":
                     return False
+                # a moving average of ranges depends on how the tokens are batched
+                if args is not None and not args.dynamic and args.observer == "moving_average":
+                    return False
         return True
 
     def on_initialize(self, state: State) -> None:
@@ -186,7 +206,7 @@ class GPTQModifier(QuantizationSchemeMixin, Modifier):
         self._attach(state)
         for name, module in self._modules.items():
             if isinstance(module, torch.nn.Linear):
-                self.register_hook(module, self._hessian_hook(name), "forward_pre")
+                self.register_hook(module, self._hessian_hook(name, module), "forward_pre")
         if self._config is not None and self._config.kv_cache_scheme is not None:
             # the cache's ranges, observed as the calibration batches pass (after the
             # layer's q/k/v projections, quantized or not yet, as the pipeline runs them)
@@ -205,11 +225,16 @@ class GPTQModifier(QuantizationSchemeMixin, Modifier):
         for module in self._modules.values():
             module.quantization_enabled = False  # calibrate on the unquantized weights
 
-    def _hessian_hook(self, name: str) -> Any:
+    def _hessian_hook(self, name: str, module: torch.nn.Module) -> Any:
         hessians = self._hessians
+        args = static_activation_roles(module).get("input")
+        observer = self._input_observers.add(name, "input", args) if args is not None else None
 
         def hook(module: torch.nn.Module, inputs: tuple) -> None:
             hessians.observe(name, inputs[0])
+            if observer is not None:
+                assert args is not None
+                _observe_range(observer, inputs[0], args, name)
 
         return hook
 
@@ -402,22 +427,41 @@ class GPTQModifier(QuantizationSchemeMixin, Modifier):
         already quantized gives it back unchanged, so the sequential pipeline's re-run of the
         layer skips that cost; ``on_end`` switches every module on."""
         scheme = self._schemes[name]
+        args = static_activation_roles(module).get("input")
+        if args is not None:
+            observer = self._input_observers.get(name, "input")
+            if observer is None or observer.batches == 0:
+                raise RuntimeError(
+                    f"GPTQModifier: {name} has static input activations but no calibration "
+                    "input reached it, so its input scale is unknown; give calibration data "
+                    "that reaches it, or make its input_activations dynamic"
+                )
+            set_qparams(module, "input", *observer.range, args, name)
         module.quantization_enabled = bool(scheme.input_activations or scheme.output_activations)
         self._quantized.add(name)
 
 
+def _observe_range(
+    observer: RangeObserver, x: torch.Tensor, args: QuantizationArgs, name: str
+) -> None:
+    lo, hi = activation_range(x, args)
+    check_finite_range(lo, hi, f"{name} (input activations)")
+    observer.update(lo, hi)
+
+
 def _check_scheme_for_gptq(name: str, scheme: QuantizationScheme, actorder: str | None) -> None:
-    """GPTQ quantizes weights; activations may only be quantized dynamically."""
+    """GPTQ quantizes weights; input activations may be static or dynamic, output activations
+    only dynamic."""
     where = f"config group {name!r}"
     if scheme.weights is None:
         raise ValueError(f"{where}: GPTQModifier quantizes weights, but weights is not set")
-    for role in ("input_activations", "output_activations"):
-        args = getattr(scheme, role)
-        if args is not None and not args.dynamic:
-            raise ValueError(
-                f"{where}: {role} are static (dynamic=False); GPTQModifier does not observe "
-                "activations: make them dynamic, or quantize them with QuantizationModifier"
-            )
+    args = scheme.output_activations
+    if args is not None and not args.dynamic:
+        raise ValueError(
+            f"{where}: output_activations are static (dynamic=False); GPTQModifier observes "
+            "only the inputs of the Linears it quantizes: make them dynamic, or quantize them "
+            "with QuantizationModifier"
+        )
     if scheme.weights.strategy not in ("tensor", "channel", "group"):
         raise ValueError(
             f"{where}: weights strategy {scheme.weights.strategy!r} is not supported by GPTQ; "
