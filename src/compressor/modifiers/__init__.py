@@ -14,6 +14,7 @@ from compressor.modifiers.pruning import (
     ChannelPruningModifier,
     HeadPruningModifier,
     RowPruningModifier,
+    SparseGPTModifier,
     SparsePruningModifier,
 )
 from compressor.modifiers.pruning.compat import ConstantPruningModifier, MagnitudePruningModifier
@@ -38,6 +39,7 @@ __all__ = [
     "QuantizationModifier",
     "QuantizationSchemeMixin",
     "RowPruningModifier",
+    "SparseGPTModifier",
     "SparsePruningModifier",
     "SpinQuantModifier",
     "UnknownModifierError",
