@@ -16,6 +16,7 @@ from compressor.modifiers.pruning import (
     RowPruningModifier,
     SparseGPTModifier,
     SparsePruningModifier,
+    WandaPruningModifier,
 )
 from compressor.modifiers.pruning.compat import ConstantPruningModifier, MagnitudePruningModifier
 from compressor.modifiers.quantization import (
@@ -43,6 +44,7 @@ __all__ = [
     "SparsePruningModifier",
     "SpinQuantModifier",
     "UnknownModifierError",
+    "WandaPruningModifier",
     "get_modifier_class",
     "registered_modifiers",
 ]

@@ -1,4 +1,4 @@
-"""Pruning: sparse (unstructured, N:M; SparseGPT), rows, attention heads and channels."""
+"""Pruning: sparse (unstructured, N:M; SparseGPT, Wanda), rows, attention heads and channels."""
 
 from compressor.modifiers.pruning.base import PruningModifierBase
 from compressor.modifiers.pruning.channel import ChannelPruningModifier
@@ -7,6 +7,7 @@ from compressor.modifiers.pruning.mappings import StructureMapping
 from compressor.modifiers.pruning.row import RowPruningModifier
 from compressor.modifiers.pruning.sparse import SparsePruningModifier
 from compressor.modifiers.pruning.sparsegpt import SparseGPTModifier
+from compressor.modifiers.pruning.wanda import WandaPruningModifier
 
 __all__ = [
     "ChannelPruningModifier",
@@ -16,4 +17,5 @@ __all__ = [
     "SparseGPTModifier",
     "SparsePruningModifier",
     "StructureMapping",
+    "WandaPruningModifier",
 ]
