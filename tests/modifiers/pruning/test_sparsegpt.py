@@ -178,8 +178,8 @@ def test_bad_recipes_are_refused_at_parse_or_initialize_naming_the_module(tiny_l
         SparseGPTModifier()
     with pytest.raises(ValidationError, match="start"):
         SparseGPTModifier(sparsity=0.5, start=0)
-    with pytest.raises(ValidationError, match="sparsity_profile"):
-        SparseGPTModifier(sparsity=0.5, sparsity_profile="owl", owl_m=5, owl_lmbda=0.08)
+    with pytest.raises(ValidationError, match="sparsity_profile: owl needs one sparsity"):
+        SparseGPTModifier(sparsity=[0.5, 0.5], sparsity_profile="owl", owl_m=5, owl_lmbda=0.08)
     cases = [
         (dict(mask_structure="2:12", block_size=24), "M=12 does not divide the input width 32 of"),
         (

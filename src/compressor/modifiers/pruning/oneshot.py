@@ -9,6 +9,7 @@ matched layer, in model order.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -18,8 +19,15 @@ from loguru import logger
 from pydantic import Field, field_validator, model_validator
 
 from compressor.modifiers.base import Modifier
+from compressor.modifiers.pruning.owl import outlier_ratio, owl_layer_sparsities
 
-__all__ = ["OneShotSparsityModifier", "parse_n_m", "resolve_sparsity_targets"]
+__all__ = [
+    "OneShotSparsityModifier",
+    "SparsityTarget",
+    "apply_owl",
+    "parse_n_m",
+    "resolve_sparsity_targets",
+]
 
 
 def parse_n_m(value: str) -> tuple[int, int] | None:
@@ -45,9 +53,13 @@ class OneShotSparsityModifier(Modifier):
     :param sparsity: the fraction pruned, in [0, 1); or one value per matched target layer
     :param mask_structure: ``0:0`` unstructured, or ``N:M`` (keep N of every M consecutive
         input weights, e.g. ``2:4``); with N:M the sparsity is 1 - N/M
-    :param sparsity_profile: ``owl`` (not supported yet: refused)
-    :param owl_m: OWL's outlier threshold (with ``sparsity_profile: owl``)
-    :param owl_lmbda: OWL's spread of layer sparsities (with ``sparsity_profile: owl``)
+    :param sparsity_profile: ``owl``: layer sparsities from their outlier ratios (``owl.py``),
+        keeping the model's total at ``sparsity``. OWL needs every layer's outliers before it
+        chooses any sparsity, so every layer is calibrated on the unpruned model and pruned at
+        calibration end (as llm-compressor's OWL pass does); unstructured masks only
+    :param owl_m: OWL's outlier threshold, a multiple of the mean score (with ``owl``)
+    :param owl_lmbda: OWL's spread: layer sparsities range over ``sparsity +- owl_lmbda``
+        (with ``owl``)
     :param targets: layers whose Linears are pruned (names, ``re:`` patterns, class names)
     :param ignore: Linears left alone, same syntax
     :param sequential_update: accepted for old recipes; layers are always pruned one at a time
@@ -86,13 +98,28 @@ class OneShotSparsityModifier(Modifier):
                     f"{field}={getattr(self, field)!r}: {type(self).__name__} runs only in "
                     "post-training calibration (oneshot); leave start, end and update unset"
                 )
-        if self.sparsity_profile is not None:
+        owl = (
+            self.sparsity_profile is not None,
+            self.owl_m is not None,
+            self.owl_lmbda is not None,
+        )
+        if any(owl) and not all(owl):
             raise ValueError(
-                f"sparsity_profile={self.sparsity_profile!r} is not supported yet; leave it "
-                "unset (uniform sparsity), or give one sparsity per layer as a list"
+                "give all of sparsity_profile: owl, owl_m and owl_lmbda, or none of them "
+                f"(got sparsity_profile={self.sparsity_profile!r}, owl_m={self.owl_m!r}, "
+                f"owl_lmbda={self.owl_lmbda!r})"
             )
-        if self.owl_m is not None or self.owl_lmbda is not None:
-            raise ValueError("owl_m and owl_lmbda go with sparsity_profile: owl (not supported)")
+        if self.sparsity_profile is not None:
+            if self.sparsity_profile.lower() != "owl":
+                raise ValueError(
+                    f"sparsity_profile must be 'owl' or unset, got {self.sparsity_profile!r}"
+                )
+            if n_m is not None or not isinstance(self.sparsity, float | int):
+                raise ValueError(
+                    "sparsity_profile: owl needs one sparsity (a number) and an unstructured "
+                    f"mask (mask_structure 0:0); got sparsity={self.sparsity!r}, "
+                    f"mask_structure={self.mask_structure!r}"
+                )
         if n_m is None and self.sparsity is None:
             raise ValueError("sparsity is required with an unstructured mask (mask_structure 0:0)")
         if n_m is not None and self.sparsity is not None:
@@ -109,16 +136,28 @@ class OneShotSparsityModifier(Modifier):
     def n_m(self) -> tuple[int, int] | None:
         return parse_n_m(self.mask_structure)
 
+    def uses_owl(self) -> bool:
+        return self.sparsity_profile is not None
+
     def target_list(self) -> list[str]:
         return [self.targets] if isinstance(self.targets, str) else list(self.targets)
+
+
+@dataclass
+class SparsityTarget:
+    """A Linear to prune: the module, its sparsity, and the matched target layer it is in."""
+
+    module: torch.nn.Linear
+    sparsity: float
+    layer: str
 
 
 def resolve_sparsity_targets(
     model: torch.nn.Module,
     fields: OneShotSparsityModifier,
     owner: str,
-) -> dict[str, tuple[torch.nn.Linear, float]]:
-    """Every Linear the fields prune, by name, with its sparsity.
+) -> dict[str, SparsityTarget]:
+    """Every Linear the fields prune, by name, with its sparsity and target layer.
 
     :raises ValueError: no layer matches; a matched layer is a weight-carrying module that is
         not a Linear, or holds no Linear; a sparsity list of another length than the matched
@@ -146,7 +185,7 @@ def resolve_sparsity_targets(
     default = 1.0 - n_m[0] / n_m[1] if n_m is not None else 0.0
     get_output_embeddings = getattr(model, "get_output_embeddings", None)
     out_emb = get_output_embeddings() if callable(get_output_embeddings) else None
-    chosen: dict[str, tuple[torch.nn.Linear, float]] = {}
+    chosen: dict[str, SparsityTarget] = {}
     for index, (layer_name, layer) in enumerate(layers):
         if isinstance(sparsity, list):
             layer_sparsity = sparsity[index]
@@ -177,7 +216,7 @@ def resolve_sparsity_targets(
                     owner,
                     name,
                 )
-            chosen[name] = (module, layer_sparsity)
+            chosen[name] = SparsityTarget(module, float(layer_sparsity), layer_name)
         if not found:
             raise ValueError(
                 f"{owner}: target {layer_name} is a {type(layer).__name__} that holds no "
@@ -186,3 +225,32 @@ def resolve_sparsity_targets(
     if not chosen:
         raise ValueError(f"{owner}: every Linear matched by {targets} is in ignore {fields.ignore}")
     return chosen
+
+
+def apply_owl(
+    targets: dict[str, SparsityTarget],
+    norms: dict[str, torch.Tensor],
+    fields: OneShotSparsityModifier,
+    owner: str,
+) -> None:
+    """Set every target's sparsity from OWL (``owl.py``), in place: each target layer's
+    outlier ratio from its Linears' ``|W| * norms`` (``norms``: each Linear's per-input-feature
+    norm, up to one factor common to all), and the layer sparsities around ``fields.sparsity``
+    that keep the total."""
+    assert fields.owl_m is not None and fields.owl_lmbda is not None
+    assert isinstance(fields.sparsity, float | int)
+    layers: dict[str, list[str]] = {}
+    for name, target in targets.items():
+        layers.setdefault(target.layer, []).append(name)
+    ratios, sizes = [], []
+    for names in layers.values():
+        scores = [targets[n].module.weight.detach().abs() * norms[n] for n in names]
+        ratios.append(outlier_ratio(scores, fields.owl_m))
+        sizes.append(sum(targets[n].module.weight.numel() for n in names))
+    sparsities = owl_layer_sparsities(ratios, sizes, float(fields.sparsity), fields.owl_lmbda)
+    for (layer, names), ratio, sparsity in zip(layers.items(), ratios, sparsities, strict=True):
+        logger.info(
+            "{}: OWL layer {}: outlier ratio {:.4f}, sparsity {:.4f}", owner, layer, ratio, sparsity
+        )
+        for name in names:
+            targets[name].sparsity = sparsity

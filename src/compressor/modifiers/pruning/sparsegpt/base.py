@@ -12,7 +12,12 @@ from pydantic import Field, PrivateAttr, model_validator
 from compressor.core.events import Event, EventType
 from compressor.core.state import State
 from compressor.modifiers.base import CalibrationTraits, Modifier
-from compressor.modifiers.pruning.oneshot import OneShotSparsityModifier, resolve_sparsity_targets
+from compressor.modifiers.pruning.oneshot import (
+    OneShotSparsityModifier,
+    SparsityTarget,
+    apply_owl,
+    resolve_sparsity_targets,
+)
 from compressor.modifiers.pruning.sparsegpt.sparsegpt import sparsegpt_prune
 from compressor.modifiers.quantization.gptq.hessian import SharedHessians
 from compressor.utils.memory import overwrite_all_
@@ -73,7 +78,7 @@ class SparseGPTModifier(OneShotSparsityModifier):
     preserve_sparsity_mask: bool = False
     offload_hessians: bool = False
 
-    _modules: dict[str, tuple[torch.nn.Linear, float]] = PrivateAttr(default_factory=dict)
+    _modules: dict[str, SparsityTarget] = PrivateAttr(default_factory=dict)
     _hessians: SharedHessians = PrivateAttr(default_factory=SharedHessians)
     _pruned: set[str] = PrivateAttr(default_factory=set)
 
@@ -113,8 +118,8 @@ class SparseGPTModifier(OneShotSparsityModifier):
         logger.info("SparseGPTModifier will prune {} Linear(s)", len(self._modules))
 
     def on_start(self, state: State, event: Event) -> None:
-        for name, (module, _) in self._modules.items():
-            self.register_hook(module, self._hessian_hook(name), "forward_pre")
+        for name, target in self._modules.items():
+            self.register_hook(target.module, self._hessian_hook(name), "forward_pre")
 
     def _hessian_hook(self, name: str) -> Any:
         hessians = self._hessians
@@ -125,23 +130,32 @@ class SparseGPTModifier(OneShotSparsityModifier):
         return hook
 
     def on_update(self, state: State, event: Event) -> None:
-        if event.type_ != EventType.SEQUENTIAL_EPOCH_END:
-            return
+        if event.type_ != EventType.SEQUENTIAL_EPOCH_END or self.uses_owl():
+            return  # OWL: every layer pruned at calibration end
         inside = {id(m) for part in event.modules for m in part.modules()}
-        for name, (module, _) in self._modules.items():
-            if id(module) in inside and name in self._hessians:
+        for name, target in self._modules.items():
+            if id(target.module) in inside and name in self._hessians:
                 self._prune(name)
 
     def on_end(self, state: State, event: Event) -> None:
+        if self.uses_owl():
+            # the norm of each input feature, up to a factor common to all: sqrt(diag H)
+            norms = {
+                name: self._hessians[name][0].diagonal().clamp_min(0).sqrt()
+                for name in self._modules
+                if name in self._hessians
+            }
+            _owl_before_pruning(self._modules, norms, self, "SparseGPTModifier")
         for name in self._modules:
             if name not in self._pruned and name in self._hessians:
                 self._prune(name)
-        for name, (module, _) in self._modules.items():
+        for name, target in self._modules.items():
             if name not in self._pruned:
                 logger.warning(
                     "SparseGPTModifier: {} received no calibration data; pruning it by magnitude",
                     name,
                 )
+                module = target.module
                 identity = torch.eye(module.in_features, device=module.weight.device)
                 self._prune(name, identity)
         self.remove_hooks()
@@ -159,7 +173,7 @@ class SparseGPTModifier(OneShotSparsityModifier):
 
     # ---------------------------------------------------------------- pruning
     def _prune(self, name: str, hessian: torch.Tensor | None = None) -> None:
-        module, sparsity = self._modules[name]
+        module, sparsity = self._modules[name].module, self._modules[name].sparsity
         count = 0
         if hessian is None:
             hessian, count = self._hessians.pop([name])
@@ -184,3 +198,24 @@ class SparseGPTModifier(OneShotSparsityModifier):
         else:
             overwrite_all_([(module.weight.data, result.weight)])
         self._pruned.add(name)
+
+
+def _owl_before_pruning(
+    targets: dict[str, SparsityTarget],
+    norms: dict[str, torch.Tensor],
+    modifier: OneShotSparsityModifier,
+    owner: str,
+) -> None:
+    """OWL's layer sparsities, set before any layer is pruned. Pruning at calibration end
+    comes after modifiers that compress at each layer's end (GPTQ): refused on a weight that
+    one has already quantized, whose grid pruning would leave."""
+    for name, target in targets.items():
+        if getattr(target.module, "quantization_scheme", None) is not None:
+            raise ValueError(
+                f"{owner}: {name} has quantization attached; OWL prunes every layer at "
+                "calibration end, after a quantizer has compressed it: run the pruning in its "
+                "own oneshot first"
+            )
+        if name not in norms:
+            raise ValueError(f"{owner}: {name} received no calibration data; OWL needs it")
+    apply_owl(targets, norms, modifier, owner)

@@ -12,7 +12,12 @@ from pydantic import PrivateAttr
 from compressor.core.events import Event, EventType
 from compressor.core.state import State
 from compressor.modifiers.base import CalibrationTraits, Modifier
-from compressor.modifiers.pruning.oneshot import OneShotSparsityModifier, resolve_sparsity_targets
+from compressor.modifiers.pruning.oneshot import (
+    OneShotSparsityModifier,
+    SparsityTarget,
+    apply_owl,
+    resolve_sparsity_targets,
+)
 from compressor.modifiers.pruning.wanda.wanda import accumulate_square_sums, wanda_mask
 from compressor.utils.memory import overwrite_all_
 
@@ -55,7 +60,7 @@ class WandaPruningModifier(OneShotSparsityModifier):
     ``targets``, ``ignore``, ...)
     """
 
-    _modules: dict[str, tuple[torch.nn.Linear, float]] = PrivateAttr(default_factory=dict)
+    _modules: dict[str, SparsityTarget] = PrivateAttr(default_factory=dict)
     _sums: dict[str, torch.Tensor] = PrivateAttr(default_factory=dict)
     _pruned: set[str] = PrivateAttr(default_factory=set)
 
@@ -77,8 +82,8 @@ class WandaPruningModifier(OneShotSparsityModifier):
         logger.info("WandaPruningModifier will prune {} Linear(s)", len(self._modules))
 
     def on_start(self, state: State, event: Event) -> None:
-        for name, (module, _) in self._modules.items():
-            self.register_hook(module, self._norm_hook(name), "forward_pre")
+        for name, target in self._modules.items():
+            self.register_hook(target.module, self._norm_hook(name), "forward_pre")
 
     def _norm_hook(self, name: str) -> Any:
         sums = self._sums
@@ -89,15 +94,19 @@ class WandaPruningModifier(OneShotSparsityModifier):
         return hook
 
     def on_update(self, state: State, event: Event) -> None:
-        if event.type_ != EventType.SEQUENTIAL_EPOCH_END:
-            return
+        if event.type_ != EventType.SEQUENTIAL_EPOCH_END or self.uses_owl():
+            return  # OWL: every layer pruned at calibration end
         inside = {id(m) for part in event.modules for m in part.modules()}
-        for name, (module, _) in self._modules.items():
-            if id(module) in inside and name in self._sums:
+        for name, target in self._modules.items():
+            if id(target.module) in inside and name in self._sums:
                 self._prune(name, self._sums.pop(name))
 
     def on_end(self, state: State, event: Event) -> None:
-        for name, (module, _) in self._modules.items():
+        if self.uses_owl():
+            norms = {name: sums.sqrt() for name, sums in self._sums.items()}
+            _owl_before_pruning(self._modules, norms, self, "WandaPruningModifier")
+        for name, target in self._modules.items():
+            module = target.module
             if name in self._pruned:
                 continue
             sums = self._sums.pop(name, None)
@@ -123,7 +132,7 @@ class WandaPruningModifier(OneShotSparsityModifier):
             )
 
     def _prune(self, name: str, sums: torch.Tensor) -> None:
-        module, sparsity = self._modules[name]
+        module, sparsity = self._modules[name].module, self._modules[name].sparsity
         mask = wanda_mask(module.weight.data, sums, sparsity, self.n_m())
         weight = module.weight.data.masked_fill(mask, 0.0)
         logger.debug("Wanda {}: sparsity {:.3f}", name, float(mask.float().mean()))
@@ -132,3 +141,24 @@ class WandaPruningModifier(OneShotSparsityModifier):
         else:
             overwrite_all_([(module.weight.data, weight)])
         self._pruned.add(name)
+
+
+def _owl_before_pruning(
+    targets: dict[str, SparsityTarget],
+    norms: dict[str, torch.Tensor],
+    modifier: OneShotSparsityModifier,
+    owner: str,
+) -> None:
+    """OWL's layer sparsities, set before any layer is pruned. Pruning at calibration end
+    comes after modifiers that compress at each layer's end (GPTQ): refused on a weight that
+    one has already quantized, whose grid pruning would leave."""
+    for name, target in targets.items():
+        if getattr(target.module, "quantization_scheme", None) is not None:
+            raise ValueError(
+                f"{owner}: {name} has quantization attached; OWL prunes every layer at "
+                "calibration end, after a quantizer has compressed it: run the pruning in its "
+                "own oneshot first"
+            )
+        if name not in norms:
+            raise ValueError(f"{owner}: {name} received no calibration data; OWL needs it")
+    apply_owl(targets, norms, modifier, owner)

@@ -55,7 +55,7 @@ def wanda_mask(
         groups = scores.unflatten(1, (-1, m))
         smallest = groups.topk(m - n, dim=2, largest=False).indices
         return mask.unflatten(1, (-1, m)).scatter_(2, smallest, True).flatten(1)
-    count = int(weight.shape[1] * sparsity)
+    count = int(weight.shape[1] * sparsity)  # as the paper's code (and llm-compressor) count
     if count:
         smallest = scores.topk(count, dim=1, largest=False).indices
         mask.scatter_(1, smallest, True)
