@@ -198,3 +198,22 @@ def set_threads(threads: int | None) -> None:
 def log(message: str) -> None:
     """Case processes talk to stderr only; their stdout is left to the libraries they run."""
     print(f"[case] {message}", file=sys.stderr, flush=True)
+
+
+def two_of_four_after_reload(output_dir: str | Path) -> float:
+    """Fraction of the groups of 4 consecutive input weights with at most 2 non-zeros, over
+    the decoder layers' Linears of the checkpoint in ``output_dir`` reloaded by transformers
+    (quantized weights dequantized): whether 2:4 survived quantization, saving and reload."""
+    import torch
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    model = AutoModelForCausalLM.from_pretrained(
+        output_dir, quantization_config=CompressedTensorsConfig(run_compressed=False)
+    )
+    kept = total = 0
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and ".layers." in name:
+            groups = (module.weight.detach().reshape(-1, 4) != 0).sum(dim=1)
+            kept += int((groups <= 2).sum())
+            total += groups.numel()
+    return kept / total

@@ -221,13 +221,16 @@ def spinquant_cases(size: str) -> list[Case]:
 def prune_cases(size: str) -> list[Case]:
     acc_model = "llama-tiny" if size == "smoke" else "stories260K"
     lat_model = {"smoke": "llama-tiny", "quick": "llama-m"}.get(size, "llama-l")
-    ev = (64, 2) if size == "smoke" else (128, 32)
+    # issue 26's protocol: 32x128 calibration tokens, 16 evaluation windows of 128
+    ev = (64, 2) if size == "smoke" else (128, 16)
     sparse = "compressor.modifiers.SparsePruningModifier"
+    sgpt = "compressor.modifiers.SparseGPTModifier"
+    gptq = "compressor.modifiers.GPTQModifier"
     structured = (
         "compressor.modifiers.RowPruningModifier",
         "compressor.modifiers.HeadPruningModifier",
     )
-    calib = (4, 32) if size == "smoke" else (16, 128)
+    calib = (4, 32) if size == "smoke" else (32, 128)
     iters = {"smoke": 3, "quick": 20, "full": 40}[size]
     return [
         Case("prune", "heads 50% + rows 50%, cleaned", lat_model, "latency",
@@ -247,6 +250,24 @@ def prune_cases(size: str) -> list[Case]:
         Case("prune", "2:4, activation-aware", acc_model, "oneshot",
              _both_named("prune_act_2of4", "prune_wanda_2of4"), calibration=calib, eval=ev,
              requires=(ONESHOT, sparse)),
+        Case("prune", "SparseGPT 50% unstructured", acc_model, "oneshot",
+             _both("prune_sparsegpt_50"), calibration=calib, eval=ev, requires=(ONESHOT, sgpt)),
+        Case("prune", "SparseGPT 2:4", acc_model, "oneshot", _both("prune_sparsegpt_2of4"),
+             calibration=calib, eval=ev, requires=(ONESHOT, sgpt)),
+        Case("prune", "Wanda 50% unstructured (per row)", acc_model, "oneshot",
+             _both("prune_wanda_50"), calibration=calib, eval=ev,
+             requires=(ONESHOT, "compressor.modifiers.WandaPruningModifier")),
+        Case("prune", "SparseGPT 70% unstructured", acc_model, "oneshot",
+             _both("prune_sparsegpt_70"), calibration=calib, eval=ev, requires=(ONESHOT, sgpt)),
+        Case("prune", "SparseGPT OWL 50%", acc_model, "oneshot", _both("prune_sparsegpt_owl_50"),
+             calibration=calib, eval=ev, requires=(ONESHOT, sgpt)),
+        Case("prune", "SparseGPT OWL 70%", acc_model, "oneshot", _both("prune_sparsegpt_owl_70"),
+             calibration=calib, eval=ev, requires=(ONESHOT, sgpt)),
+        Case("prune", "GPTQ W4A16 alone", acc_model, "oneshot", _both("gptq_w4a16_channel"),
+             calibration=calib, eval=ev, requires=(ONESHOT, gptq)),
+        Case("prune", "SparseGPT 2:4 + GPTQ W4A16", acc_model, "oneshot",
+             _both("prune_sparsegpt_2of4_gptq_w4a16"), calibration=calib, eval=ev,
+             requires=(ONESHOT, SAVE, sgpt, gptq), save=True, params={"two_of_four": True}),
     ]  # fmt: skip
 
 
@@ -320,7 +341,12 @@ SUITES: dict[str, Suite] = {
               "removed) against the dense one, and perplexity of stories260K at 50% "
               "unstructured and 2:4 sparsity: by magnitude (ours alone: llm-compressor's "
               "magnitude pruning is training-only and prunes nothing in oneshot) and "
-              "activation-aware (|W| x input norm), against llm-compressor's Wanda.", prune_cases),
+              "activation-aware (|W| x input norm, ranked per layer), against llm-compressor's "
+              "Wanda; SparseGPT (50%, 2:4) and Wanda (per row) against llm-compressor's; and "
+              "SparseGPT 2:4 then GPTQ W4A16 (groups still 2:4 after save and reload, "
+              "perplexity against 2:4 alone and GPTQ W4A16 alone). Calibration: 32x128 tokens "
+              "from the start of tinystories_val.txt; evaluation: 16 windows of 128.",
+              prune_cases),
         Suite("layers", "Perplexity after dropping 25% of the decoder layers chosen by angular "
               "distance against dropping the last 25% (no peer offers this).", layers_cases),
         Suite("train", "Training step time with each training-aware modifier active against a "

@@ -19,6 +19,7 @@ from benchmarks.common import (
     dir_size_mb,
     evaluate,
     load_model,
+    two_of_four_after_reload,
 )
 from benchmarks.runners.timing import Trainee, alternate_timings, count_params, train_step_case
 
@@ -69,6 +70,8 @@ def oneshot_task(spec: dict[str, Any], phases: Phases) -> dict[str, Any]:
         with phases("save"):
             save_compressed(model, spec["output_dir"])
         metrics["checkpoint_mb"] = dir_size_mb(spec["output_dir"])
+        if spec["params"].get("two_of_four"):
+            metrics["groups_2of4_reloaded"] = two_of_four_after_reload(spec["output_dir"])
     with phases("eval"):
         metrics["ppl"] = evaluate(model, tokenizer, spec.get("eval"))
     return metrics

@@ -16,6 +16,7 @@ from benchmarks.common import (
     dir_size_mb,
     evaluate,
     load_model,
+    two_of_four_after_reload,
 )
 from benchmarks.runners.timing import count_params
 
@@ -52,6 +53,8 @@ def oneshot_task(spec: dict[str, Any], phases: Phases) -> dict[str, Any]:
         with phases("save"):
             model.save_pretrained(spec["output_dir"], save_compressed=True)
         metrics["checkpoint_mb"] = dir_size_mb(spec["output_dir"])
+        if spec["params"].get("two_of_four"):
+            metrics["groups_2of4_reloaded"] = two_of_four_after_reload(spec["output_dir"])
     with phases("eval"):
         metrics["ppl"] = evaluate(model, tokenizer, spec.get("eval"))
     return metrics

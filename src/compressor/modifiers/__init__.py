@@ -14,7 +14,9 @@ from compressor.modifiers.pruning import (
     ChannelPruningModifier,
     HeadPruningModifier,
     RowPruningModifier,
+    SparseGPTModifier,
     SparsePruningModifier,
+    WandaPruningModifier,
 )
 from compressor.modifiers.pruning.compat import ConstantPruningModifier, MagnitudePruningModifier
 from compressor.modifiers.quantization import (
@@ -40,9 +42,11 @@ __all__ = [
     "QuantizationSchemeMixin",
     "RowPruningModifier",
     "SmoothQuantModifier",
+    "SparseGPTModifier",
     "SparsePruningModifier",
     "SpinQuantModifier",
     "UnknownModifierError",
+    "WandaPruningModifier",
     "get_modifier_class",
     "registered_modifiers",
 ]

@@ -99,7 +99,7 @@ def check_offload_support(modifiers: Iterable[Any]) -> None:
         raise ValueError(
             f"the model is offloaded (its weights live on CPU or disk and are brought in for "
             f"each forward), which {', '.join(unsupported)} do(es) not support yet: their "
-            "weight updates would be lost. Supported with offloading: GPTQModifier, "
+            "weight updates would be lost. Supported with offloading: GPTQModifier, SparseGPTModifier, WandaPruningModifier, "
             "QuantizationModifier. Load the model without offloading to use the others"
         )
 

@@ -1,4 +1,4 @@
-"""Pruning: sparse (unstructured, N:M), rows, attention heads and convolution channels."""
+"""Pruning: sparse (unstructured, N:M; SparseGPT, Wanda), rows, attention heads and channels."""
 
 from compressor.modifiers.pruning.base import PruningModifierBase
 from compressor.modifiers.pruning.channel import ChannelPruningModifier
@@ -6,12 +6,16 @@ from compressor.modifiers.pruning.head import HeadPruningModifier
 from compressor.modifiers.pruning.mappings import StructureMapping
 from compressor.modifiers.pruning.row import RowPruningModifier
 from compressor.modifiers.pruning.sparse import SparsePruningModifier
+from compressor.modifiers.pruning.sparsegpt import SparseGPTModifier
+from compressor.modifiers.pruning.wanda import WandaPruningModifier
 
 __all__ = [
     "ChannelPruningModifier",
     "HeadPruningModifier",
     "PruningModifierBase",
     "RowPruningModifier",
+    "SparseGPTModifier",
     "SparsePruningModifier",
     "StructureMapping",
+    "WandaPruningModifier",
 ]

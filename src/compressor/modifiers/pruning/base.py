@@ -63,7 +63,8 @@ class PruningModifierBase(Modifier):
     :param init_density: the fraction kept at ``start``, ramped down to ``density`` by ``end``
     :param ramp: ``cubic`` (Zhu & Gupta 2017) or ``linear``
     :param method: ``l1`` magnitude, ``topk`` learnable scores, or ``activation``
-        (|W| times input norms from calibration data, one-shot only)
+        (|W| times input norms from calibration data, ranked per layer, one-shot only;
+        ``WandaPruningModifier`` ranks per output row, as the Wanda paper does)
     """
 
     targets: list[MatchPattern] | None = None

@@ -178,7 +178,10 @@ class L1Scorer(Scorer):
 class ActivationScorer(Scorer):
     """``activation``: |W| times the L2 norm of each weight's input feature over the
     calibration data (Sun et al., "A Simple and Effective Pruning Approach for Large Language
-    Models", Wanda, 2023, arXiv:2306.11695).
+    Models", Wanda, 2023, arXiv:2306.11695): Wanda's score, but compared across the whole
+    coupling (per layer, as every method of the pruning modifiers ranks), not within each
+    output row as the paper does. ``WandaPruningModifier`` is the paper's per-row
+    comparison; this scorer is kept as it was, so existing recipes keep their results.
 
     From ``start``, forward hooks sum the squared inputs of every scored module. A coupling's
     mask is chosen at the final density once the data has passed through all its members:

@@ -65,6 +65,11 @@ class GPTQModifier(QuantizationSchemeMixin, Modifier):
     pipeline, each decoder layer is calibrated on the outputs of the already quantized layers
     before it, and quantized as soon as it has seen all the calibration data.
 
+    A weight that already has zeros (pruned before, e.g. to 2:4) keeps every one of them,
+    exactly zero in memory and in the checkpoint: only the kept weights set the scales and
+    are quantized, the pruned ones are set to zero in the column loop (``gptq.py``,
+    ``gptq_quantize_weights``).
+
     The checkpoint format is compressed-tensors', the same as QuantizationModifier's: scales
     and zero points on the modules, written by ``compressor.save_compressed``. Input
     activations may be dynamic (computed at run time) or static: a static input range is

@@ -235,6 +235,9 @@ def gptq_quantize_weight(
     group's current (error-updated) columns, except with ``actorder="static"``, where every
     group's scale is fixed up front so the groups stay contiguous in the original order.
 
+    Zeros the weight already has (a pruned weight) stay exactly zero: see
+    ``gptq_quantize_weights``.
+
     :param weight: the Linear's weight (not modified); or several weights with the same
         columns and one Hessian (q/k/v projections), quantized as one problem with their rows
         stacked (the result holds them in that order), without a stacked copy of them
@@ -293,6 +296,17 @@ def gptq_quantize_weights(
     same width, so they share one column loop; the saving is in
     bench/results/2026-12-01-notes-gptq-memory.md.)
 
+    **Zeros stay zero.** When a weight already has zeros (it was pruned), they are its mask:
+    each pruned position is quantized to exactly zero, and only kept weights set the scales
+    (min-max over the kept values; zero is always on the grid). This is SparseGPT's joint
+    prune-and-quantize step with the mask fixed (Frantar & Alistarh, 2023, "SparseGPT:
+    Massive Language Models Can Be Accurately Pruned in One-Shot"): pruned positions not yet reached still absorb compensation like any
+    unfixed weight, and when the loop reaches one, setting it to zero is an OBS step like
+    rounding is, its error (whatever compensation it absorbed) fed to the later columns. So
+    every step stays the exact OBS update over the weights not yet fixed, and the result has
+    every zero of the input. Whether a bundle has any zero is checked once, on the stacked
+    weights; a dense bundle runs the loop without masking.
+
     :param problems: ``(weight or weights, hessian)`` pairs with the same number of columns
     :param args: compressed-tensors quantization args shared by every problem
     :param block_size: columns per lazy-update block
@@ -304,6 +318,7 @@ def gptq_quantize_weights(
     """
     parts = _checked_weights(problems, args, block_size, actorder)
     wt, solved = _stack_transposed(parts)
+    keep = _kept_positions(wt)
     columns = wt.shape[0]
     group_size = args.group_size if args.strategy == QuantizationStrategy.GROUP else columns
     for problem, (_, hessian) in zip(solved, problems, strict=True):
@@ -316,8 +331,9 @@ def gptq_quantize_weights(
             actorder=actorder,
             dampening_frac=dampening_frac,
             overwrite_hessian=overwrite_hessian,
+            keep=None if keep is None else keep[:, problem.rows],
         )
-    _lockstep_columns(wt, solved, args, block_size, group_size)
+    _lockstep_columns(wt, solved, args, block_size, group_size, keep)
     return [_result(problem, wt, args) for problem in solved]
 
 
@@ -371,6 +387,15 @@ def _stack_transposed(parts: list[list[torch.Tensor]]) -> tuple[torch.Tensor, li
     return wt, problems
 
 
+def _kept_positions(wt: torch.Tensor) -> torch.Tensor | None:
+    """The positions of ``wt`` that are not zero, as 1.0 (kept) and 0.0 (pruned) in its dtype;
+    None when no position is zero (a dense weight: the column loop needs no mask)."""
+    keep = wt != 0
+    if bool(keep.all()):
+        return None
+    return keep.to(wt.dtype)
+
+
 def _prepare(
     problem: _Problem,
     mine: torch.Tensor,
@@ -381,12 +406,15 @@ def _prepare(
     actorder: ActOrder | None,
     dampening_frac: float,
     overwrite_hessian: bool,
+    keep: torch.Tensor | None = None,
 ) -> None:
     """What one problem needs before the column loop: dead columns zeroed, scales fixed up front
     (all but running group scales), its columns reordered (``actorder``), and the factor of its
     inverse Hessian, which takes the working Hessian's memory.
 
     :param mine: the problem's ``(columns, rows)`` part of the shared buffer, changed in place
+    :param keep: the problem's part of the kept-positions mask (``_kept_positions``), reordered
+        with its columns
     """
     h = _working_hessian(hessian, mine.device, overwrite_hessian)
     _zero_dead_columns_(h, mine)
@@ -394,6 +422,8 @@ def _prepare(
         problem.scale, problem.zero = _fixed_scales(mine, args, group_size)
     if actorder is not None:
         problem.perm = _order_by_hessian_diagonal_(h, mine)
+        if keep is not None:
+            keep.copy_(keep.index_select(0, problem.perm))
     if problem.scale is not None:
         # (group_size is the whole width for tensor and channel scales: one group)
         order = problem.perm if problem.perm is not None else torch.arange(mine.shape[0])
@@ -475,12 +505,14 @@ def _lockstep_columns(
     args: QuantizationArgs,
     block_size: int,
     group_size: int,
+    keep: torch.Tensor | None = None,
 ) -> None:
     """GPTQ's column loop over ``wt`` (``(columns, rows)``, each problem owning a range of its
     rows, already permuted), in place: ``wt`` ends up quantized. Sets each problem's loss and,
-    without fixed scales, its group scales."""
+    without fixed scales, its group scales. Positions where ``keep`` (same layout) is 0 are
+    quantized to zero (see ``gptq_quantize_weights``)."""
     columns, rows = wt.shape
-    scales = _scale_lookup(wt, problems, args, group_size)
+    scales = _scale_lookup(wt, problems, args, group_size, keep)
     round_column = _column_rounder(args)
     losses = torch.zeros(rows, device=wt.device)
     # Two levels of lazy updates: inside a block, each column's error reaches the rest of its
@@ -490,7 +522,7 @@ def _lockstep_columns(
     inner = math.gcd(_SUB_BLOCK, block_size, group_size)
     with _few_threads(wt) as threads:
         for start in range(0, columns, block_size):
-            block = _Block(wt, problems, start, min(start + block_size, columns))
+            block = _Block(wt, problems, start, min(start + block_size, columns), keep)
             scales.start_block(block)
             for sub in range(0, block.width, inner):
                 sub_end = min(sub + inner, block.width)
@@ -512,7 +544,14 @@ class _Block:
     """Columns ``start:stop`` of the buffer in the column loop, and the views of them that the
     loop reads, made once per block: indexing costs as much as a small kernel."""
 
-    def __init__(self, wt: torch.Tensor, problems: list[_Problem], start: int, stop: int) -> None:
+    def __init__(
+        self,
+        wt: torch.Tensor,
+        problems: list[_Problem],
+        start: int,
+        stop: int,
+        keep: torch.Tensor | None = None,
+    ) -> None:
         self.start, self.stop, self.width = start, stop, stop - start
         self.rows = [p.rows for p in problems]
         self.work = wt[start:stop].clone()  # (columns in block, rows), error-updated
@@ -527,6 +566,8 @@ class _Block:
         self.quantized_columns = self.quantized.unbind(0)
         self.err_columns = self.err.unbind(0)
         self.problem_err_columns = [self.err[:, r].unbind(0) for r in self.rows]
+        # 1.0 where a weight is kept, 0.0 where it was pruned; None for dense weights
+        self.keep_columns = None if keep is None else keep[start:stop].unbind(0)
 
 
 def _round_sub_block(
@@ -541,6 +582,7 @@ def _round_sub_block(
     rest of the sub-block at once (rank 1 per problem)."""
     work_columns, quantized_columns = block.work_columns, block.quantized_columns
     err_columns, problem_err_columns = block.err_columns, block.problem_err_columns
+    keep_columns = block.keep_columns
     diagonal = block.hinv_diag_values
     # each column's error reaches the whole sub-block through its Hessian row with zeros up to
     # its own position: the rows already quantized (and its own) get exact zeros added, so one
@@ -551,6 +593,8 @@ def _round_sub_block(
     for i, (s, zf) in zip(range(sub, sub_end), column_scales, strict=True):
         column = work_columns[i]
         q = round_column(column, s, zf, out=quantized_columns[i])
+        if keep_columns is not None:  # pruned positions become zero (an OBS step too)
+            q.mul_(keep_columns[i])
         # the raw rounding error; scaled by 1 / [H^-1]_ii once per sub-block (next step)
         torch.sub(column, q, out=err_columns[i])
         if i + 1 < sub_end:  # this column's error to the rest of its sub-block
@@ -597,11 +641,17 @@ class _ScaleLookup(Protocol):
 
 
 def _scale_lookup(
-    wt: torch.Tensor, problems: list[_Problem], args: QuantizationArgs, group_size: int
+    wt: torch.Tensor,
+    problems: list[_Problem],
+    args: QuantizationArgs,
+    group_size: int,
+    keep: torch.Tensor | None = None,
 ) -> _ScaleLookup:
-    """The lookup for these problems: running group scales, or tables of the fixed ones."""
+    """The lookup for these problems: running group scales (from the kept positions only when
+    ``keep`` is given), or tables of the fixed ones (set while pruned positions were still
+    zero)."""
     if problems[0].col_group is None:  # no scales fixed up front
-        return _RunningGroupScales(wt, args, group_size)
+        return _RunningGroupScales(wt, args, group_size, keep)
     # symmetric integer grids round without their zero point (all zeros): not gathered
     zero_free = args.symmetric and args.type == QuantizationType.INT
     tables: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -672,13 +722,20 @@ class _RunningGroupScales:
     (error-updated) columns when the loop reaches its first position, for every problem at
     once; ``scale`` and ``zero`` (``(rows, groups)``) collect them."""
 
-    def __init__(self, wt: torch.Tensor, args: QuantizationArgs, group_size: int) -> None:
+    def __init__(
+        self,
+        wt: torch.Tensor,
+        args: QuantizationArgs,
+        group_size: int,
+        keep: torch.Tensor | None = None,
+    ) -> None:
         columns, rows = wt.shape
         self.scale = torch.empty(rows, columns // group_size, device=wt.device)
         self.zero = torch.empty(rows, columns // group_size, device=wt.device, dtype=args.zp_dtype)
         self._args = args
         self._group_size = group_size
         self._wt = wt
+        self._keep = keep
         self._block: _Block | None = None
         self._current: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -700,6 +757,10 @@ class _RunningGroupScales:
         current = torch.cat(
             [block.work[i : i + group_size], self._wt[block.stop : first + group_size]]
         )
+        if self._keep is not None:
+            # pruned positions hold compensation they will give back: the scale is the kept
+            # weights' (zero is always on the grid, so a zero in their place changes nothing)
+            current.mul_(self._keep[first : first + group_size])
         scale, zero = _qparams(current.t(), self._args)
         g = first // group_size
         self.scale[:, g], self.zero[:, g] = scale, zero

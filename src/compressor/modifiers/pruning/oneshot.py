@@ -1,0 +1,256 @@
+"""What one-shot sparsity modifiers (SparseGPT, Wanda) share: llm-compressor's fields, their
+validation, and which Linears each target prunes at which sparsity.
+
+llm-compressor's ``targets`` name *layers* (``Linear`` by default, often the decoder layers,
+``re:model.layers.\\d+$``); every Linear inside a matched layer (or the layer itself, when it
+is a Linear) is pruned unless ``ignore`` names it. A ``sparsity`` list gives one value per
+matched layer, in model order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from compressed_tensors.utils import match_named_modules
+from compressed_tensors.utils.match import match_targets
+from loguru import logger
+from pydantic import Field, field_validator, model_validator
+
+from compressor.modifiers.base import Modifier
+from compressor.modifiers.pruning.owl import outlier_ratio, owl_layer_sparsities
+
+__all__ = [
+    "OneShotSparsityModifier",
+    "SparsityTarget",
+    "apply_owl",
+    "parse_n_m",
+    "resolve_sparsity_targets",
+]
+
+
+def parse_n_m(value: str) -> tuple[int, int] | None:
+    """``mask_structure`` as llm-compressor writes it: ``"0:0"`` (or ``"unstructured"``) is
+    unstructured (None); ``"N:M"`` keeps N of every M consecutive input weights."""
+    if value in ("0:0", "unstructured"):
+        return None
+    parts = value.split(":")
+    if len(parts) == 2 and all(p.strip().isdigit() for p in parts):
+        n, m = (int(p) for p in parts)
+        if 0 < n < m:
+            return n, m
+    raise ValueError(
+        f"mask_structure must be '0:0' (unstructured) or 'N:M' with 0 < N < M, such as "
+        f"'2:4'; got {value!r}"
+    )
+
+
+class OneShotSparsityModifier(Modifier):
+    """The recipe fields of llm-compressor's one-shot sparsity modifiers, validated when the
+    recipe is parsed (a base class, not registered itself).
+
+    :param sparsity: the fraction pruned, in [0, 1); or one value per matched target layer
+    :param mask_structure: ``0:0`` unstructured, or ``N:M`` (keep N of every M consecutive
+        input weights, e.g. ``2:4``); with N:M the sparsity is 1 - N/M
+    :param sparsity_profile: ``owl``: layer sparsities from their outlier ratios (``owl.py``),
+        keeping the model's total at ``sparsity``. OWL needs every layer's outliers before it
+        chooses any sparsity, so every layer is calibrated on the unpruned model and pruned at
+        calibration end (as llm-compressor's OWL pass does); unstructured masks only
+    :param owl_m: OWL's outlier threshold, a multiple of the mean score (with ``owl``)
+    :param owl_lmbda: OWL's spread: layer sparsities range over ``sparsity +- owl_lmbda``
+        (with ``owl``)
+    :param targets: layers whose Linears are pruned (names, ``re:`` patterns, class names)
+    :param ignore: Linears left alone, same syntax
+    :param sequential_update: accepted for old recipes; layers are always pruned one at a time
+    """
+
+    sparsity: float | list[float] | None = None
+    mask_structure: str = "0:0"
+    sparsity_profile: str | None = None
+    owl_m: int | None = None
+    owl_lmbda: float | None = None
+    targets: str | list[str] = Field(default_factory=lambda: ["Linear"])
+    ignore: list[str] = Field(default_factory=list)
+    sequential_update: bool | None = None
+
+    @field_validator("sparsity")
+    @classmethod
+    def _sparsity_in_range(cls, value: Any) -> Any:
+        values = value if isinstance(value, list) else [value]
+        for item in values:
+            if item is not None and not 0.0 <= item < 1.0:
+                raise ValueError(f"sparsity must be in [0, 1), got {item!r}")
+        return value
+
+    @field_validator("mask_structure")
+    @classmethod
+    def _valid_structure(cls, value: str) -> str:
+        parse_n_m(value)
+        return value
+
+    @model_validator(mode="after")
+    def _check_sparsity_fields(self) -> OneShotSparsityModifier:
+        n_m = parse_n_m(self.mask_structure)
+        for field in ("start", "end", "update"):
+            if getattr(self, field) is not None:
+                raise ValueError(
+                    f"{field}={getattr(self, field)!r}: {type(self).__name__} runs only in "
+                    "post-training calibration (oneshot); leave start, end and update unset"
+                )
+        owl = (
+            self.sparsity_profile is not None,
+            self.owl_m is not None,
+            self.owl_lmbda is not None,
+        )
+        if any(owl) and not all(owl):
+            raise ValueError(
+                "give all of sparsity_profile: owl, owl_m and owl_lmbda, or none of them "
+                f"(got sparsity_profile={self.sparsity_profile!r}, owl_m={self.owl_m!r}, "
+                f"owl_lmbda={self.owl_lmbda!r})"
+            )
+        if self.sparsity_profile is not None:
+            if self.sparsity_profile.lower() != "owl":
+                raise ValueError(
+                    f"sparsity_profile must be 'owl' or unset, got {self.sparsity_profile!r}"
+                )
+            if n_m is not None or not isinstance(self.sparsity, float | int):
+                raise ValueError(
+                    "sparsity_profile: owl needs one sparsity (a number) and an unstructured "
+                    f"mask (mask_structure 0:0); got sparsity={self.sparsity!r}, "
+                    f"mask_structure={self.mask_structure!r}"
+                )
+        if n_m is None and self.sparsity is None:
+            raise ValueError("sparsity is required with an unstructured mask (mask_structure 0:0)")
+        if n_m is not None and self.sparsity is not None:
+            implied = 1.0 - n_m[0] / n_m[1]
+            values = self.sparsity if isinstance(self.sparsity, list) else [self.sparsity]
+            if any(abs(v - implied) > 1e-9 for v in values):
+                raise ValueError(
+                    f"sparsity={self.sparsity} contradicts mask_structure "
+                    f"{self.mask_structure!r}, which prunes {implied:g}; give that or leave "
+                    "sparsity unset"
+                )
+        return self
+
+    def n_m(self) -> tuple[int, int] | None:
+        return parse_n_m(self.mask_structure)
+
+    def uses_owl(self) -> bool:
+        return self.sparsity_profile is not None
+
+    def target_list(self) -> list[str]:
+        return [self.targets] if isinstance(self.targets, str) else list(self.targets)
+
+
+@dataclass
+class SparsityTarget:
+    """A Linear to prune: the module, its sparsity, and the matched target layer it is in."""
+
+    module: torch.nn.Linear
+    sparsity: float
+    layer: str
+
+
+def resolve_sparsity_targets(
+    model: torch.nn.Module,
+    fields: OneShotSparsityModifier,
+    owner: str,
+) -> dict[str, SparsityTarget]:
+    """Every Linear the fields prune, by name, with its sparsity and target layer.
+
+    :raises ValueError: no layer matches; a matched layer is a weight-carrying module that is
+        not a Linear, or holds no Linear; a sparsity list of another length than the matched
+        layers; N:M whose M does not divide a Linear's input width (each naming the module)
+    """
+    targets = fields.target_list()
+    layers = list(match_named_modules(model, targets))
+    if not layers:
+        raise ValueError(f"{owner}: targets {targets} match no module of the model")
+    # a layer inside another matched layer is pruned through the outer one
+    names = [name for name, _ in layers]
+    layers = [
+        (name, layer)
+        for name, layer in layers
+        if not any(name.startswith(other + ".") for other in names if other != name)
+    ]
+    sparsity = fields.sparsity
+    n_m = fields.n_m()
+    if isinstance(sparsity, list) and len(sparsity) != len(layers):
+        raise ValueError(
+            f"{owner}: sparsity has {len(sparsity)} values but targets {targets} match "
+            f"{len(layers)} layers ({', '.join(n for n, _ in layers[:4])}"
+            f"{', ...' if len(layers) > 4 else ''})"
+        )
+    default = 1.0 - n_m[0] / n_m[1] if n_m is not None else 0.0
+    get_output_embeddings = getattr(model, "get_output_embeddings", None)
+    out_emb = get_output_embeddings() if callable(get_output_embeddings) else None
+    chosen: dict[str, SparsityTarget] = {}
+    for index, (layer_name, layer) in enumerate(layers):
+        if isinstance(sparsity, list):
+            layer_sparsity = sparsity[index]
+        else:
+            layer_sparsity = sparsity if sparsity is not None else default
+        if not isinstance(layer, torch.nn.Linear) and "weight" in layer._parameters:
+            raise ValueError(
+                f"{owner}: target {layer_name} is a {type(layer).__name__}; only Linear "
+                "weights are pruned (narrow targets or add it to ignore)"
+            )
+        found = 0
+        for sub_name, module in layer.named_modules():
+            name = f"{layer_name}.{sub_name}" if sub_name else layer_name
+            if not isinstance(module, torch.nn.Linear):
+                continue
+            found += 1
+            if match_targets(name, module, fields.ignore):
+                continue
+            if n_m is not None and module.in_features % n_m[1]:
+                raise ValueError(
+                    f"{owner}: mask_structure {fields.mask_structure!r}: M={n_m[1]} does not "
+                    f"divide the input width {module.in_features} of {name}; add it to ignore"
+                )
+            if module is out_emb:
+                logger.warning(
+                    "{}: {} (the output embeddings) is pruned; add it to ignore if that is "
+                    "not intended",
+                    owner,
+                    name,
+                )
+            chosen[name] = SparsityTarget(module, float(layer_sparsity), layer_name)
+        if not found:
+            raise ValueError(
+                f"{owner}: target {layer_name} is a {type(layer).__name__} that holds no "
+                "Linear; only Linear weights are pruned"
+            )
+    if not chosen:
+        raise ValueError(f"{owner}: every Linear matched by {targets} is in ignore {fields.ignore}")
+    return chosen
+
+
+def apply_owl(
+    targets: dict[str, SparsityTarget],
+    norms: dict[str, torch.Tensor],
+    fields: OneShotSparsityModifier,
+    owner: str,
+) -> None:
+    """Set every target's sparsity from OWL (``owl.py``), in place: each target layer's
+    outlier ratio from its Linears' ``|W| * norms`` (``norms``: each Linear's per-input-feature
+    norm, up to one factor common to all), and the layer sparsities around ``fields.sparsity``
+    that keep the total."""
+    assert fields.owl_m is not None and fields.owl_lmbda is not None
+    assert isinstance(fields.sparsity, float | int)
+    layers: dict[str, list[str]] = {}
+    for name, target in targets.items():
+        layers.setdefault(target.layer, []).append(name)
+    ratios, sizes = [], []
+    for names in layers.values():
+        scores = [targets[n].module.weight.detach().abs() * norms[n] for n in names]
+        ratios.append(outlier_ratio(scores, fields.owl_m))
+        sizes.append(sum(targets[n].module.weight.numel() for n in names))
+    sparsities = owl_layer_sparsities(ratios, sizes, float(fields.sparsity), fields.owl_lmbda)
+    for (layer, names), ratio, sparsity in zip(layers.items(), ratios, sparsities, strict=True):
+        logger.info(
+            "{}: OWL layer {}: outlier ratio {:.4f}, sparsity {:.4f}", owner, layer, ratio, sparsity
+        )
+        for name in names:
+            targets[name].sparsity = sparsity

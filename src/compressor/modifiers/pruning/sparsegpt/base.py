@@ -1,0 +1,221 @@
+"""SparseGPTModifier: one-shot pruning with the inverse Hessian, one decoder layer at a time."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from compressed_tensors.offload import OffloadCache, update_offload_parameter
+from loguru import logger
+from pydantic import Field, PrivateAttr, model_validator
+
+from compressor.core.events import Event, EventType
+from compressor.core.state import State
+from compressor.modifiers.base import CalibrationTraits, Modifier
+from compressor.modifiers.pruning.oneshot import (
+    OneShotSparsityModifier,
+    SparsityTarget,
+    apply_owl,
+    resolve_sparsity_targets,
+)
+from compressor.modifiers.pruning.sparsegpt.sparsegpt import sparsegpt_prune
+from compressor.modifiers.quantization.gptq.hessian import SharedHessians
+from compressor.utils.memory import overwrite_all_
+
+__all__ = ["SparseGPTModifier"]
+
+
+@Modifier.register("SparseGPT")
+class SparseGPTModifier(OneShotSparsityModifier):
+    """Prune Linear weights in one shot with SparseGPT: masks chosen with the inverse Hessian
+    of each Linear's inputs, the weights kept updated to compensate.
+
+    SparseGPT (Frantar & Alistarh, 2023, "SparseGPT: Massive Language Models Can Be
+    Accurately Pruned in One-Shot") collects the Hessian ``2/n sum x x^T`` of every targeted
+    Linear's inputs, as GPTQ does (the same ``SharedHessians``), and prunes the weight column
+    by column, block by block (``sparsegpt.py``). On the sequential pipeline each decoder
+    layer is calibrated on the outputs of the already pruned layers before it, and, on
+    Llama-style layers, its Linears in the order the layer calls them (q/k/v, o, gate/up,
+    down), each group on the outputs of those already pruned, as GPTQ does. The fields are
+    llm-compressor's, so its recipes run unchanged; the zeros stay in the dense weights (and
+    a later ``GPTQModifier`` keeps them).
+
+    **Lifecycle**
+
+    - ``on_initialize``: match the targets to Linears and their sparsities (errors name the
+      module: not a Linear, N:M that does not fit, a sparsity list of the wrong length)
+    - ``on_start`` (calibration start): a Hessian-accumulating forward pre-hook on each Linear
+    - ``on_update`` at SEQUENTIAL_EPOCH_END: prune the Linears the event carries and free
+      their Hessians
+    - ``on_end`` (calibration end): prune whatever is still pending; a Linear that saw no data
+      is pruned by magnitude, with a warning naming it
+    - ``finalize``: hooks removed; the pruned weights stay zero
+
+    .. code-block:: yaml
+
+        sparsity_stage:
+          sparsity_modifiers:
+            SparseGPTModifier:
+              sparsity: 0.5
+              mask_structure: "2:4"
+              targets: ["re:model.layers.\\\\d+$"]
+              ignore: ["re:.*lm_head"]
+
+    :param block_size: columns per mask-selection and lazy-update block (128 in the paper);
+        with N:M a multiple of M
+    :param dampening_frac: fraction of the mean Hessian diagonal added to the diagonal before
+        inversion (raised, with a warning, when the Hessian is not positive definite)
+    :param preserve_sparsity_mask: llm-compressor's option to extend the zeros a weight
+        already has; not supported yet (refused when true)
+    :param offload_hessians: llm-compressor's option to keep Hessians in CPU memory; not
+        supported (refused when true)
+    (and the fields of ``OneShotSparsityModifier``: ``sparsity``, ``mask_structure``,
+    ``targets``, ``ignore``, ...)
+    """
+
+    block_size: int = Field(default=128, ge=1)
+    dampening_frac: float = Field(default=0.01, ge=0.0)
+    preserve_sparsity_mask: bool = False
+    offload_hessians: bool = False
+
+    _modules: dict[str, SparsityTarget] = PrivateAttr(default_factory=dict)
+    _hessians: SharedHessians = PrivateAttr(default_factory=SharedHessians)
+    _pruned: set[str] = PrivateAttr(default_factory=set)
+
+    @model_validator(mode="after")
+    def _check_sparsegpt(self) -> SparseGPTModifier:
+        n_m = self.n_m()
+        if n_m is not None and self.block_size % n_m[1]:
+            raise ValueError(
+                f"block_size={self.block_size} must be a multiple of M={n_m[1]} "
+                f"(mask_structure {self.mask_structure!r}), so no group straddles two blocks"
+            )
+        if self.preserve_sparsity_mask:
+            raise ValueError("preserve_sparsity_mask=True is not supported yet; leave it false")
+        if self.offload_hessians:
+            raise ValueError(
+                "offload_hessians=True is not supported: Hessians live with their layer; "
+                "leave it false"
+            )
+        return self
+
+    # ---------------------------------------------------------------- lifecycle
+    def requires_calibration_data(self) -> bool:
+        return True
+
+    def calibration_traits(self) -> CalibrationTraits:
+        return CalibrationTraits(
+            supports_offloaded_models=True,  # weights written with update_offload_parameter
+            reads_outputs=False,  # forward pre-hooks only
+            merges_batches=True,  # Hessians sum over tokens
+            in_stages=True,
+        )
+
+    def on_initialize(self, state: State) -> None:
+        if state.model is None:
+            raise ValueError("SparseGPTModifier needs a model in the state")
+        self._modules = resolve_sparsity_targets(state.model, self, "SparseGPTModifier")
+        logger.info("SparseGPTModifier will prune {} Linear(s)", len(self._modules))
+
+    def on_start(self, state: State, event: Event) -> None:
+        for name, target in self._modules.items():
+            self.register_hook(target.module, self._hessian_hook(name), "forward_pre")
+
+    def _hessian_hook(self, name: str) -> Any:
+        hessians = self._hessians
+
+        def hook(module: torch.nn.Module, inputs: tuple) -> None:
+            hessians.observe(name, inputs[0])
+
+        return hook
+
+    def on_update(self, state: State, event: Event) -> None:
+        if event.type_ != EventType.SEQUENTIAL_EPOCH_END or self.uses_owl():
+            return  # OWL: every layer pruned at calibration end
+        inside = {id(m) for part in event.modules for m in part.modules()}
+        for name, target in self._modules.items():
+            if id(target.module) in inside and name in self._hessians:
+                self._prune(name)
+
+    def on_end(self, state: State, event: Event) -> None:
+        if self.uses_owl():
+            # the norm of each input feature, up to a factor common to all: sqrt(diag H)
+            norms = {
+                name: self._hessians[name][0].diagonal().clamp_min(0).sqrt()
+                for name in self._modules
+                if name in self._hessians
+            }
+            _owl_before_pruning(self._modules, norms, self, "SparseGPTModifier")
+        for name in self._modules:
+            if name not in self._pruned and name in self._hessians:
+                self._prune(name)
+        for name, target in self._modules.items():
+            if name not in self._pruned:
+                logger.warning(
+                    "SparseGPTModifier: {} received no calibration data; pruning it by magnitude",
+                    name,
+                )
+                module = target.module
+                identity = torch.eye(module.in_features, device=module.weight.device)
+                self._prune(name, identity)
+        self.remove_hooks()
+        self._hessians.clear()
+
+    def on_finalize(self, state: State) -> None:
+        if self.started and not self.ended:
+            self.on_end(state, Event(type_=EventType.FINALIZE))
+        missing = [name for name in self._modules if name not in self._pruned]
+        if missing:
+            raise ValueError(
+                f"SparseGPTModifier never calibrated, so it pruned nothing: {missing[:4]}; "
+                "run it with calibration data (oneshot with a dataset)"
+            )
+
+    # ---------------------------------------------------------------- pruning
+    def _prune(self, name: str, hessian: torch.Tensor | None = None) -> None:
+        module, sparsity = self._modules[name].module, self._modules[name].sparsity
+        count = 0
+        if hessian is None:
+            hessian, count = self._hessians.pop([name])
+        result = sparsegpt_prune(
+            module.weight.data,
+            hessian,
+            sparsity,
+            mask_structure=self.n_m(),
+            block_size=self.block_size,
+            dampening_frac=self.dampening_frac,
+            overwrite_hessian=True,  # popped: its own, or a copy
+        )
+        logger.debug(
+            "SparseGPT {}: {} samples, sparsity {:.3f}, error {:.4g}",
+            name,
+            count,
+            float(result.mask.float().mean()),
+            result.loss,
+        )
+        if isinstance(module._parameters, OffloadCache):
+            update_offload_parameter(module, "weight", result.weight.contiguous())
+        else:
+            overwrite_all_([(module.weight.data, result.weight)])
+        self._pruned.add(name)
+
+
+def _owl_before_pruning(
+    targets: dict[str, SparsityTarget],
+    norms: dict[str, torch.Tensor],
+    modifier: OneShotSparsityModifier,
+    owner: str,
+) -> None:
+    """OWL's layer sparsities, set before any layer is pruned. Pruning at calibration end
+    comes after modifiers that compress at each layer's end (GPTQ): refused on a weight that
+    one has already quantized, whose grid pruning would leave."""
+    for name, target in targets.items():
+        if getattr(target.module, "quantization_scheme", None) is not None:
+            raise ValueError(
+                f"{owner}: {name} has quantization attached; OWL prunes every layer at "
+                "calibration end, after a quantizer has compressed it: run the pruning in its "
+                "own oneshot first"
+            )
+        if name not in norms:
+            raise ValueError(f"{owner}: {name} received no calibration data; OWL needs it")
+    apply_owl(targets, norms, modifier, owner)

@@ -1,0 +1,164 @@
+"""WandaPruningModifier: one-shot pruning by |W| times input norms, per output row."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from compressed_tensors.offload import OffloadCache, update_offload_parameter
+from loguru import logger
+from pydantic import PrivateAttr
+
+from compressor.core.events import Event, EventType
+from compressor.core.state import State
+from compressor.modifiers.base import CalibrationTraits, Modifier
+from compressor.modifiers.pruning.oneshot import (
+    OneShotSparsityModifier,
+    SparsityTarget,
+    apply_owl,
+    resolve_sparsity_targets,
+)
+from compressor.modifiers.pruning.wanda.wanda import accumulate_square_sums, wanda_mask
+from compressor.utils.memory import overwrite_all_
+
+__all__ = ["WandaPruningModifier"]
+
+
+@Modifier.register("Wanda")
+class WandaPruningModifier(OneShotSparsityModifier):
+    """Prune Linear weights in one shot with Wanda: the weights of least ``|W_ij| *
+    ||X_j||_2`` in each output row (Sun et al., 2024, "A Simple and Effective Pruning
+    Approach for Large Language Models"; ``wanda.py``). Nothing is updated to compensate.
+
+    The fields are llm-compressor's, so its recipes run unchanged. On the sequential pipeline
+    each decoder layer's norms come from the outputs of the already pruned layers before it,
+    and on Llama-style layers each group of Linears (q/k/v, o, gate/up, down) from the outputs
+    of those already pruned. (``SparsePruningModifier`` with ``method: activation`` scores
+    the same way but compares the scores across the whole layer, not per row.)
+
+    **Lifecycle**
+
+    - ``on_initialize``: match the targets to Linears and their sparsities (errors name the
+      module)
+    - ``on_start`` (calibration start): a forward pre-hook on each Linear summing its inputs'
+      squares per feature
+    - ``on_update`` at SEQUENTIAL_EPOCH_END: prune the Linears the event carries
+    - ``on_end`` (calibration end): prune whatever is still pending; a Linear that saw no data
+      is pruned by magnitude per row, with a warning naming it
+    - ``finalize``: hooks removed; the pruned weights stay zero
+
+    .. code-block:: yaml
+
+        sparsity_stage:
+          sparsity_modifiers:
+            WandaPruningModifier:
+              sparsity: 0.5
+              mask_structure: "0:0"
+              ignore: ["re:.*lm_head"]
+
+    (the fields of ``OneShotSparsityModifier``: ``sparsity``, ``mask_structure``,
+    ``targets``, ``ignore``, ...)
+    """
+
+    _modules: dict[str, SparsityTarget] = PrivateAttr(default_factory=dict)
+    _sums: dict[str, torch.Tensor] = PrivateAttr(default_factory=dict)
+    _pruned: set[str] = PrivateAttr(default_factory=set)
+
+    def requires_calibration_data(self) -> bool:
+        return True
+
+    def calibration_traits(self) -> CalibrationTraits:
+        return CalibrationTraits(
+            supports_offloaded_models=True,  # weights written with update_offload_parameter
+            reads_outputs=False,  # forward pre-hooks only
+            merges_batches=True,  # sums over tokens
+            in_stages=True,
+        )
+
+    def on_initialize(self, state: State) -> None:
+        if state.model is None:
+            raise ValueError("WandaPruningModifier needs a model in the state")
+        self._modules = resolve_sparsity_targets(state.model, self, "WandaPruningModifier")
+        logger.info("WandaPruningModifier will prune {} Linear(s)", len(self._modules))
+
+    def on_start(self, state: State, event: Event) -> None:
+        for name, target in self._modules.items():
+            self.register_hook(target.module, self._norm_hook(name), "forward_pre")
+
+    def _norm_hook(self, name: str) -> Any:
+        sums = self._sums
+
+        def hook(module: torch.nn.Module, inputs: tuple) -> None:
+            sums[name] = accumulate_square_sums(inputs[0], sums.get(name))
+
+        return hook
+
+    def on_update(self, state: State, event: Event) -> None:
+        if event.type_ != EventType.SEQUENTIAL_EPOCH_END or self.uses_owl():
+            return  # OWL: every layer pruned at calibration end
+        inside = {id(m) for part in event.modules for m in part.modules()}
+        for name, target in self._modules.items():
+            if id(target.module) in inside and name in self._sums:
+                self._prune(name, self._sums.pop(name))
+
+    def on_end(self, state: State, event: Event) -> None:
+        if self.uses_owl():
+            norms = {name: sums.sqrt() for name, sums in self._sums.items()}
+            _owl_before_pruning(self._modules, norms, self, "WandaPruningModifier")
+        for name, target in self._modules.items():
+            module = target.module
+            if name in self._pruned:
+                continue
+            sums = self._sums.pop(name, None)
+            if sums is None:
+                logger.warning(
+                    "WandaPruningModifier: {} received no calibration data; pruning it by "
+                    "magnitude",
+                    name,
+                )
+                sums = torch.ones(module.in_features, device=module.weight.device)
+            self._prune(name, sums)
+        self.remove_hooks()
+        self._sums.clear()
+
+    def on_finalize(self, state: State) -> None:
+        if self.started and not self.ended:
+            self.on_end(state, Event(type_=EventType.FINALIZE))
+        missing = [name for name in self._modules if name not in self._pruned]
+        if missing:
+            raise ValueError(
+                f"WandaPruningModifier never calibrated, so it pruned nothing: {missing[:4]}; "
+                "run it with calibration data (oneshot with a dataset)"
+            )
+
+    def _prune(self, name: str, sums: torch.Tensor) -> None:
+        module, sparsity = self._modules[name].module, self._modules[name].sparsity
+        mask = wanda_mask(module.weight.data, sums, sparsity, self.n_m())
+        weight = module.weight.data.masked_fill(mask, 0.0)
+        logger.debug("Wanda {}: sparsity {:.3f}", name, float(mask.float().mean()))
+        if isinstance(module._parameters, OffloadCache):
+            update_offload_parameter(module, "weight", weight.contiguous())
+        else:
+            overwrite_all_([(module.weight.data, weight)])
+        self._pruned.add(name)
+
+
+def _owl_before_pruning(
+    targets: dict[str, SparsityTarget],
+    norms: dict[str, torch.Tensor],
+    modifier: OneShotSparsityModifier,
+    owner: str,
+) -> None:
+    """OWL's layer sparsities, set before any layer is pruned. Pruning at calibration end
+    comes after modifiers that compress at each layer's end (GPTQ): refused on a weight that
+    one has already quantized, whose grid pruning would leave."""
+    for name, target in targets.items():
+        if getattr(target.module, "quantization_scheme", None) is not None:
+            raise ValueError(
+                f"{owner}: {name} has quantization attached; OWL prunes every layer at "
+                "calibration end, after a quantizer has compressed it: run the pruning in its "
+                "own oneshot first"
+            )
+        if name not in norms:
+            raise ValueError(f"{owner}: {name} received no calibration data; OWL needs it")
+    apply_owl(targets, norms, modifier, owner)
