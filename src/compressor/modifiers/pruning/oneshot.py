@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from compressed_tensors.offload import OffloadCache, update_offload_parameter
 from compressed_tensors.utils import match_named_modules
 from compressed_tensors.utils.match import match_targets
 from loguru import logger
@@ -20,13 +21,16 @@ from pydantic import Field, field_validator, model_validator
 
 from compressor.modifiers.base import Modifier
 from compressor.modifiers.pruning.owl import outlier_ratio, owl_layer_sparsities
+from compressor.utils.memory import overwrite_all_
 
 __all__ = [
     "OneShotSparsityModifier",
     "SparsityTarget",
     "apply_owl",
+    "apply_owl_before_pruning",
     "parse_n_m",
     "resolve_sparsity_targets",
+    "write_pruned_weight",
 ]
 
 
@@ -254,3 +258,34 @@ def apply_owl(
         )
         for name in names:
             targets[name].sparsity = sparsity
+
+
+def apply_owl_before_pruning(
+    targets: dict[str, SparsityTarget],
+    norms: dict[str, torch.Tensor],
+    modifier: OneShotSparsityModifier,
+    owner: str,
+) -> None:
+    """OWL's layer sparsities, set before any layer is pruned. Pruning at calibration end
+    comes after modifiers that compress at each layer's end (GPTQ): refused on a weight that
+    one has already quantized, whose grid pruning would leave."""
+    for name, target in targets.items():
+        if getattr(target.module, "quantization_scheme", None) is not None:
+            raise ValueError(
+                f"{owner}: {name} has quantization attached; OWL prunes every layer at "
+                "calibration end, after a quantizer has compressed it: run the pruning in its "
+                "own oneshot first"
+            )
+        if name not in norms:
+            raise ValueError(f"{owner}: {name} received no calibration data; OWL needs it")
+    apply_owl(targets, norms, modifier, owner)
+
+
+def write_pruned_weight(module: torch.nn.Module, weight: torch.Tensor) -> None:
+    """Write ``weight`` as ``module``'s weight where it lives: through the offload cache of a
+    model offloaded to disk, else into the weight's own storage (fresh pages, not a
+    copy-on-write of a memory-mapped checkpoint)."""
+    if isinstance(module._parameters, OffloadCache):
+        update_offload_parameter(module, "weight", weight.contiguous())
+    else:
+        overwrite_all_([(module.weight.data, weight)])

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from compressed_tensors.offload import OffloadCache, update_offload_parameter
 from loguru import logger
 from pydantic import Field, PrivateAttr, model_validator
 
@@ -15,12 +14,12 @@ from compressor.modifiers.base import CalibrationTraits, Modifier
 from compressor.modifiers.pruning.oneshot import (
     OneShotSparsityModifier,
     SparsityTarget,
-    apply_owl,
+    apply_owl_before_pruning,
     resolve_sparsity_targets,
+    write_pruned_weight,
 )
 from compressor.modifiers.pruning.sparsegpt.sparsegpt import sparsegpt_prune
 from compressor.modifiers.quantization.gptq.hessian import SharedHessians
-from compressor.utils.memory import overwrite_all_
 
 __all__ = ["SparseGPTModifier"]
 
@@ -145,7 +144,7 @@ class SparseGPTModifier(OneShotSparsityModifier):
                 for name in self._modules
                 if name in self._hessians
             }
-            _owl_before_pruning(self._modules, norms, self, "SparseGPTModifier")
+            apply_owl_before_pruning(self._modules, norms, self, "SparseGPTModifier")
         for name in self._modules:
             if name not in self._pruned and name in self._hessians:
                 self._prune(name)
@@ -193,29 +192,5 @@ class SparseGPTModifier(OneShotSparsityModifier):
             float(result.mask.float().mean()),
             result.loss,
         )
-        if isinstance(module._parameters, OffloadCache):
-            update_offload_parameter(module, "weight", result.weight.contiguous())
-        else:
-            overwrite_all_([(module.weight.data, result.weight)])
+        write_pruned_weight(module, result.weight)
         self._pruned.add(name)
-
-
-def _owl_before_pruning(
-    targets: dict[str, SparsityTarget],
-    norms: dict[str, torch.Tensor],
-    modifier: OneShotSparsityModifier,
-    owner: str,
-) -> None:
-    """OWL's layer sparsities, set before any layer is pruned. Pruning at calibration end
-    comes after modifiers that compress at each layer's end (GPTQ): refused on a weight that
-    one has already quantized, whose grid pruning would leave."""
-    for name, target in targets.items():
-        if getattr(target.module, "quantization_scheme", None) is not None:
-            raise ValueError(
-                f"{owner}: {name} has quantization attached; OWL prunes every layer at "
-                "calibration end, after a quantizer has compressed it: run the pruning in its "
-                "own oneshot first"
-            )
-        if name not in norms:
-            raise ValueError(f"{owner}: {name} received no calibration data; OWL needs it")
-    apply_owl(targets, norms, modifier, owner)

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from compressed_tensors.offload import OffloadCache, update_offload_parameter
 from loguru import logger
 from pydantic import PrivateAttr
 
@@ -15,11 +14,11 @@ from compressor.modifiers.base import CalibrationTraits, Modifier
 from compressor.modifiers.pruning.oneshot import (
     OneShotSparsityModifier,
     SparsityTarget,
-    apply_owl,
+    apply_owl_before_pruning,
     resolve_sparsity_targets,
+    write_pruned_weight,
 )
 from compressor.modifiers.pruning.wanda.wanda import accumulate_square_sums, wanda_mask
-from compressor.utils.memory import overwrite_all_
 
 __all__ = ["WandaPruningModifier"]
 
@@ -104,7 +103,7 @@ class WandaPruningModifier(OneShotSparsityModifier):
     def on_end(self, state: State, event: Event) -> None:
         if self.uses_owl():
             norms = {name: sums.sqrt() for name, sums in self._sums.items()}
-            _owl_before_pruning(self._modules, norms, self, "WandaPruningModifier")
+            apply_owl_before_pruning(self._modules, norms, self, "WandaPruningModifier")
         for name, target in self._modules.items():
             module = target.module
             if name in self._pruned:
@@ -136,29 +135,5 @@ class WandaPruningModifier(OneShotSparsityModifier):
         mask = wanda_mask(module.weight.data, sums, sparsity, self.n_m())
         weight = module.weight.data.masked_fill(mask, 0.0)
         logger.debug("Wanda {}: sparsity {:.3f}", name, float(mask.float().mean()))
-        if isinstance(module._parameters, OffloadCache):
-            update_offload_parameter(module, "weight", weight.contiguous())
-        else:
-            overwrite_all_([(module.weight.data, weight)])
+        write_pruned_weight(module, weight)
         self._pruned.add(name)
-
-
-def _owl_before_pruning(
-    targets: dict[str, SparsityTarget],
-    norms: dict[str, torch.Tensor],
-    modifier: OneShotSparsityModifier,
-    owner: str,
-) -> None:
-    """OWL's layer sparsities, set before any layer is pruned. Pruning at calibration end
-    comes after modifiers that compress at each layer's end (GPTQ): refused on a weight that
-    one has already quantized, whose grid pruning would leave."""
-    for name, target in targets.items():
-        if getattr(target.module, "quantization_scheme", None) is not None:
-            raise ValueError(
-                f"{owner}: {name} has quantization attached; OWL prunes every layer at "
-                "calibration end, after a quantizer has compressed it: run the pruning in its "
-                "own oneshot first"
-            )
-        if name not in norms:
-            raise ValueError(f"{owner}: {name} received no calibration data; OWL needs it")
-    apply_owl(targets, norms, modifier, owner)
