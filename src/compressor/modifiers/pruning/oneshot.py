@@ -17,9 +17,11 @@ from compressed_tensors.offload import OffloadCache, update_offload_parameter
 from compressed_tensors.utils import match_named_modules
 from compressed_tensors.utils.match import match_targets
 from loguru import logger
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, PrivateAttr, field_validator, model_validator
 
-from compressor.modifiers.base import Modifier
+from compressor.core.events import Event, EventType
+from compressor.core.state import State
+from compressor.modifiers.base import CalibrationTraits, Modifier
 from compressor.modifiers.pruning.owl import outlier_ratio, owl_layer_sparsities
 from compressor.utils.memory import overwrite_all_
 
@@ -50,6 +52,15 @@ def parse_n_m(value: str) -> tuple[int, int] | None:
     )
 
 
+@dataclass
+class SparsityTarget:
+    """A Linear to prune: the module, its sparsity, and the matched target layer it is in."""
+
+    module: torch.nn.Linear
+    sparsity: float
+    layer: str
+
+
 class OneShotSparsityModifier(Modifier):
     """The recipe fields of llm-compressor's one-shot sparsity modifiers, validated when the
     recipe is parsed (a base class, not registered itself).
@@ -68,6 +79,9 @@ class OneShotSparsityModifier(Modifier):
     :param ignore: Linears left alone, same syntax
     :param sequential_update: accepted for old recipes; layers are always pruned one at a time
     """
+
+    _modules: dict[str, SparsityTarget] = PrivateAttr(default_factory=dict)
+    _pruned: set[str] = PrivateAttr(default_factory=set)
 
     sparsity: float | list[float] | None = None
     mask_structure: str = "0:0"
@@ -146,14 +160,42 @@ class OneShotSparsityModifier(Modifier):
     def target_list(self) -> list[str]:
         return [self.targets] if isinstance(self.targets, str) else list(self.targets)
 
+    # ---------------------------------------------------------------- shared lifecycle
+    def requires_calibration_data(self) -> bool:
+        return True
 
-@dataclass
-class SparsityTarget:
-    """A Linear to prune: the module, its sparsity, and the matched target layer it is in."""
+    def calibration_traits(self) -> CalibrationTraits:
+        return CalibrationTraits(
+            supports_offloaded_models=True,  # weights written with update_offload_parameter
+            reads_outputs=False,  # forward pre-hooks only
+            merges_batches=True,  # statistics sum over tokens
+            in_stages=True,
+        )
 
-    module: torch.nn.Linear
-    sparsity: float
-    layer: str
+    def on_initialize(self, state: State) -> None:
+        owner = type(self).__name__
+        if state.model is None:
+            raise ValueError(f"{owner} needs a model in the state")
+        self._modules = resolve_sparsity_targets(state.model, self, owner)
+        logger.info("{} will prune {} Linear(s)", owner, len(self._modules))
+
+    def calibrated_targets(self, event: Event) -> list[str]:
+        """The targets inside the modules a SEQUENTIAL_EPOCH_END has just calibrated, to prune
+        now; none for other events, and none with OWL (every layer pruned at calibration end)."""
+        if event.type_ != EventType.SEQUENTIAL_EPOCH_END or self.uses_owl():
+            return []
+        inside = {id(m) for part in event.modules for m in part.modules()}
+        return [name for name, target in self._modules.items() if id(target.module) in inside]
+
+    def on_finalize(self, state: State) -> None:
+        if self.started and not self.ended:
+            self.on_end(state, Event(type_=EventType.FINALIZE))
+        missing = [name for name in self._modules if name not in self._pruned]
+        if missing:
+            raise ValueError(
+                f"{type(self).__name__} never calibrated, so it pruned nothing: {missing[:4]}; "
+                "run it with calibration data (oneshot with a dataset)"
+            )
 
 
 def resolve_sparsity_targets(

@@ -8,14 +8,12 @@ import torch
 from loguru import logger
 from pydantic import Field, PrivateAttr, model_validator
 
-from compressor.core.events import Event, EventType
+from compressor.core.events import Event
 from compressor.core.state import State
-from compressor.modifiers.base import CalibrationTraits, Modifier
+from compressor.modifiers.base import Modifier
 from compressor.modifiers.pruning.oneshot import (
     OneShotSparsityModifier,
-    SparsityTarget,
     apply_owl_before_pruning,
-    resolve_sparsity_targets,
     write_pruned_weight,
 )
 from compressor.modifiers.pruning.sparsegpt.sparsegpt import sparsegpt_prune
@@ -77,9 +75,7 @@ class SparseGPTModifier(OneShotSparsityModifier):
     preserve_sparsity_mask: bool = False
     offload_hessians: bool = False
 
-    _modules: dict[str, SparsityTarget] = PrivateAttr(default_factory=dict)
     _hessians: SharedHessians = PrivateAttr(default_factory=SharedHessians)
-    _pruned: set[str] = PrivateAttr(default_factory=set)
 
     @model_validator(mode="after")
     def _check_sparsegpt(self) -> SparseGPTModifier:
@@ -99,23 +95,6 @@ class SparseGPTModifier(OneShotSparsityModifier):
         return self
 
     # ---------------------------------------------------------------- lifecycle
-    def requires_calibration_data(self) -> bool:
-        return True
-
-    def calibration_traits(self) -> CalibrationTraits:
-        return CalibrationTraits(
-            supports_offloaded_models=True,  # weights written with update_offload_parameter
-            reads_outputs=False,  # forward pre-hooks only
-            merges_batches=True,  # Hessians sum over tokens
-            in_stages=True,
-        )
-
-    def on_initialize(self, state: State) -> None:
-        if state.model is None:
-            raise ValueError("SparseGPTModifier needs a model in the state")
-        self._modules = resolve_sparsity_targets(state.model, self, "SparseGPTModifier")
-        logger.info("SparseGPTModifier will prune {} Linear(s)", len(self._modules))
-
     def on_start(self, state: State, event: Event) -> None:
         for name, target in self._modules.items():
             self.register_hook(target.module, self._hessian_hook(name), "forward_pre")
@@ -129,11 +108,8 @@ class SparseGPTModifier(OneShotSparsityModifier):
         return hook
 
     def on_update(self, state: State, event: Event) -> None:
-        if event.type_ != EventType.SEQUENTIAL_EPOCH_END or self.uses_owl():
-            return  # OWL: every layer pruned at calibration end
-        inside = {id(m) for part in event.modules for m in part.modules()}
-        for name, target in self._modules.items():
-            if id(target.module) in inside and name in self._hessians:
+        for name in self.calibrated_targets(event):
+            if name in self._hessians:
                 self._prune(name)
 
     def on_end(self, state: State, event: Event) -> None:
@@ -159,16 +135,6 @@ class SparseGPTModifier(OneShotSparsityModifier):
                 self._prune(name, identity)
         self.remove_hooks()
         self._hessians.clear()
-
-    def on_finalize(self, state: State) -> None:
-        if self.started and not self.ended:
-            self.on_end(state, Event(type_=EventType.FINALIZE))
-        missing = [name for name in self._modules if name not in self._pruned]
-        if missing:
-            raise ValueError(
-                f"SparseGPTModifier never calibrated, so it pruned nothing: {missing[:4]}; "
-                "run it with calibration data (oneshot with a dataset)"
-            )
 
     # ---------------------------------------------------------------- pruning
     def _prune(self, name: str, hessian: torch.Tensor | None = None) -> None:

@@ -8,14 +8,12 @@ import torch
 from loguru import logger
 from pydantic import PrivateAttr
 
-from compressor.core.events import Event, EventType
+from compressor.core.events import Event
 from compressor.core.state import State
-from compressor.modifiers.base import CalibrationTraits, Modifier
+from compressor.modifiers.base import Modifier
 from compressor.modifiers.pruning.oneshot import (
     OneShotSparsityModifier,
-    SparsityTarget,
     apply_owl_before_pruning,
-    resolve_sparsity_targets,
     write_pruned_weight,
 )
 from compressor.modifiers.pruning.wanda.wanda import accumulate_square_sums, wanda_mask
@@ -59,26 +57,7 @@ class WandaPruningModifier(OneShotSparsityModifier):
     ``targets``, ``ignore``, ...)
     """
 
-    _modules: dict[str, SparsityTarget] = PrivateAttr(default_factory=dict)
     _sums: dict[str, torch.Tensor] = PrivateAttr(default_factory=dict)
-    _pruned: set[str] = PrivateAttr(default_factory=set)
-
-    def requires_calibration_data(self) -> bool:
-        return True
-
-    def calibration_traits(self) -> CalibrationTraits:
-        return CalibrationTraits(
-            supports_offloaded_models=True,  # weights written with update_offload_parameter
-            reads_outputs=False,  # forward pre-hooks only
-            merges_batches=True,  # sums over tokens
-            in_stages=True,
-        )
-
-    def on_initialize(self, state: State) -> None:
-        if state.model is None:
-            raise ValueError("WandaPruningModifier needs a model in the state")
-        self._modules = resolve_sparsity_targets(state.model, self, "WandaPruningModifier")
-        logger.info("WandaPruningModifier will prune {} Linear(s)", len(self._modules))
 
     def on_start(self, state: State, event: Event) -> None:
         for name, target in self._modules.items():
@@ -93,11 +72,8 @@ class WandaPruningModifier(OneShotSparsityModifier):
         return hook
 
     def on_update(self, state: State, event: Event) -> None:
-        if event.type_ != EventType.SEQUENTIAL_EPOCH_END or self.uses_owl():
-            return  # OWL: every layer pruned at calibration end
-        inside = {id(m) for part in event.modules for m in part.modules()}
-        for name, target in self._modules.items():
-            if id(target.module) in inside and name in self._sums:
+        for name in self.calibrated_targets(event):
+            if name in self._sums:
                 self._prune(name, self._sums.pop(name))
 
     def on_end(self, state: State, event: Event) -> None:
@@ -119,16 +95,6 @@ class WandaPruningModifier(OneShotSparsityModifier):
             self._prune(name, sums)
         self.remove_hooks()
         self._sums.clear()
-
-    def on_finalize(self, state: State) -> None:
-        if self.started and not self.ended:
-            self.on_end(state, Event(type_=EventType.FINALIZE))
-        missing = [name for name in self._modules if name not in self._pruned]
-        if missing:
-            raise ValueError(
-                f"WandaPruningModifier never calibrated, so it pruned nothing: {missing[:4]}; "
-                "run it with calibration data (oneshot with a dataset)"
-            )
 
     def _prune(self, name: str, sums: torch.Tensor) -> None:
         module, sparsity = self._modules[name].module, self._modules[name].sparsity
