@@ -262,12 +262,125 @@ def test_activations_before_the_weights_are_rejected():
     _error(config, "activation_quantization", "aq1", "schedule_offset", "activation_start")
 
 
-def test_activations_on_other_modules_than_the_weights_are_rejected():
+def _deepspeed_assignment(model: torch.nn.Module, config: dict) -> dict[str, tuple]:
+    """DeepSpeed's rule, written down from ``deepspeed/compression/compress.py``: a technique's
+    group takes every compressible layer whose name a key of its ``modules`` finds
+    (``re.search``); a layer found twice within one technique is an error there. Returns
+    layer name -> (weight bits or None, activation bits or None) for the Linear layers."""
+    import re
+
+    training = config["compression_training"]
+
+    def owner(technique: str, name: str) -> dict | None:
+        found = [
+            group
+            for group in training.get(technique, {}).get("different_groups", {}).values()
+            for key in group.get("modules", ["*"])
+            if key == "*" or re.search(key, name)
+        ]
+        assert len(found) <= 1, f"DeepSpeed refuses {name} in two {technique} groups"
+        return found[0] if found else None
+
+    result = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            weights = owner("weight_quantization", name)
+            acts = owner("activation_quantization", name)
+            result[name] = (
+                weights["params"]["target_bits"] if weights else None,
+                acts["params"]["bits"] if acts else None,
+            )
+    return result
+
+
+def _our_assignment(model: torch.nn.Module) -> dict[str, tuple]:
+    result = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            scheme = getattr(module, "quantization_scheme", None)
+            weights = getattr(scheme, "weights", None)
+            acts = getattr(scheme, "input_activations", None)
+            result[name] = (
+                weights.num_bits if weights else None,
+                acts.num_bits if acts else None,
+            )
+    return result
+
+
+def _groups(
+    weights: dict[str, tuple[int, list[str]]], acts: dict[str, tuple[int, list[str]]]
+) -> dict:
     config = _config("quantization")
-    config["compression_training"]["activation_quantization"]["different_groups"]["aq1"][
-        "modules"
-    ] = ["intermediate"]
-    _error(config, "activation_quantization", "aq1", "modules")
+    training = config["compression_training"]
+    training["weight_quantization"]["shared_parameters"]["schedule_offset"] = 0
+    training["activation_quantization"]["shared_parameters"]["schedule_offset"] = 0
+    training["weight_quantization"]["different_groups"] = {
+        name: {"params": {"start_bits": bits, "target_bits": bits}, "modules": modules}
+        for name, (bits, modules) in weights.items()
+    }
+    training["activation_quantization"]["different_groups"] = {
+        name: {"params": {"bits": bits}, "modules": modules}
+        for name, (bits, modules) in acts.items()
+    }
+    return config
+
+
+_LAYOUTS = {
+    # ZeroQuant's BERT config: 8-bit attention with 8-bit inputs, 4-bit MLP without
+    "zeroquant": _groups(
+        {
+            "wq1": (8, ["attention.self", "attention.output.dense"]),
+            "wq2": (4, ["intermediate", r"layer.\w+.output.dense"]),
+        },
+        {"aq1": (8, ["attention.self", "attention.output.dense"])},
+    ),
+    # DeepSpeed's GPT-2 W4/8A8 layout: one activation group over both weight groups
+    "one_activation_group_over_two": _groups(
+        {
+            "wq1": (4, ["intermediate", r"layer.\w+.output.dense"]),
+            "wq2": (8, ["attention.self", "attention.output.dense"]),
+        },
+        {
+            "aq1": (
+                8,
+                [
+                    "attention.self",
+                    "attention.output.dense",
+                    "intermediate",
+                    r"layer.\w+.output.dense",
+                ],
+            )
+        },
+    ),
+    # an activation key inside a weight key's layers, and one beyond every weight group
+    "overlapping_keys": _groups(
+        {"wq1": (4, ["layer.0"])},
+        {"aq1": (8, ["attention.self"]), "aq2": (4, ["intermediate"])},
+    ),
+    "every_linear_weights": _groups({"wq1": (4, ["*"])}, {"aq1": (8, ["attention.output"])}),
+    "every_linear_inputs": _groups({"wq1": (4, ["attention"])}, {"aq1": (4, ["*"])}),
+}
+
+
+@pytest.mark.parametrize("layout", sorted(_LAYOUTS))
+def test_activation_groups_quantize_the_layers_deepspeed_gives_them(layout):
+    config = _LAYOUTS[layout]
+    model = _bert()
+    expected = _deepspeed_assignment(model, config)
+    assert len({bits for bits in expected.values()}) > 1  # the layout tells layers apart
+    _train(model, Recipe.from_deepspeed(config), steps=2)
+    assert _our_assignment(model) == expected
+    _roundtrip(Recipe.from_deepspeed(config))
+
+
+def test_activation_only_layers_keep_their_weights_and_quantize_their_inputs():
+    model = _bert()
+    dense = model.bert.encoder.layer[1].intermediate.dense
+    seen = []
+    dense.register_forward_hook(lambda m, args, out: seen.append(args[0].detach()))
+    _train(model, Recipe.from_deepspeed(_LAYOUTS["overlapping_keys"]), steps=2)
+    assert hasattr(dense, "input_scale") and not hasattr(dense, "weight_scale")
+    assert len(torch.unique(seen[-1])) <= 256 < seen[-1].numel()
 
 
 def _mixed_config(in_forward: bool = False) -> dict:
@@ -387,6 +500,13 @@ def test_bits_our_modifier_cannot_run_name_the_group():
 
 def test_nothing_enabled_is_an_error():
     _error({"compression_training": {}}, "no technique is enabled")
+
+
+def test_a_training_config_without_compression_training_says_so():
+    training_only = {"train_batch_size": 8, "fp16": {"enabled": True}, "optimizer": {}}
+    _error(training_only, "no compression_training section", "train_batch_size", "sparse_pruning")
+    # a bare block with a misspelt technique names the key and the techniques
+    _error({"weight_quantisation": {}}, "weight_quantisation", "weight_quantization")
 
 
 # ---------------------------------------------------------------- CLI

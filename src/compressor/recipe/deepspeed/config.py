@@ -270,6 +270,12 @@ def load_deepspeed_config(config: dict[str, Any] | str | Path) -> DeepSpeedCompr
     check_recipe_data(config)
     if not isinstance(config, dict):
         raise RecipeError(f"a DeepSpeed config must be a mapping, got {type(config).__name__}")
+    if "compression_training" not in config and config and not set(config) & set(TECHNIQUES):
+        raise RecipeError(
+            "this DeepSpeed config has no compression_training section, and none of its keys "
+            f"({', '.join(sorted(map(str, config)))}) is a technique DeepSpeed reads there: "
+            f"{', '.join(TECHNIQUES)}"
+        )
     block = config.get("compression_training", config)
     if not isinstance(block, dict):
         raise RecipeError("compression_training must be a mapping of techniques")

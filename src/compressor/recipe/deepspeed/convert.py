@@ -211,49 +211,129 @@ def _enabled_technique(config: DeepSpeedCompressionConfig, name: str) -> ParsedT
 
 
 def _quantization(config: DeepSpeedCompressionConfig) -> list[Modifier]:
-    """One QuantizationModifier per weight group, with the activation groups naming the same
-    modules merged into it, then one per activation group when weights are not quantized."""
+    """One QuantizationModifier per weight group, its layers' input activations quantized
+    where an activation group names them too, then one for the layers only activation groups
+    name (every layer of those groups when weights are not quantized)."""
     weights = _enabled_technique(config, "weight_quantization")
     acts = _enabled_technique(config, "activation_quantization")
-    unmerged = dict(acts.groups) if acts is not None else {}
+    act_groups = _act_keys(acts)
     modifiers = []
+    weight_keys: list[str] = []
     if weights is not None:
-        modifiers += _weight_quantization(weights, acts, unmerged)
-        _require_merged(unmerged)
+        modifiers += _weight_quantization(weights, acts, act_groups)
+        weight_keys = [key for _, group in weights.groups.values() for key in group.modules]
     if acts is not None:
         modifiers += [
-            _activation_quantization(acts.shared, name, params, group)
-            for name, (params, group) in unmerged.items()
+            _activation_quantization(acts.shared, name, params, keys, weight_keys)
+            for name, (params, keys) in _activation_only(acts, act_groups, weight_keys).items()
         ]
     return modifiers
 
 
+def _act_keys(acts: ParsedTechnique | None) -> dict[str, list[str]]:
+    """Activation group name -> its ``modules`` keys."""
+    if acts is None:
+        return {}
+    return {name: list(group.modules) for name, (_, group) in acts.groups.items()}
+
+
+def _activation_only(
+    acts: ParsedTechnique, act_groups: dict[str, list[str]], weight_keys: list[str]
+) -> dict[str, tuple[Any, list[str]]]:
+    """The activation groups' keys whose layers may carry no weight quantization: every key
+    without weight quantization; with it, the keys that equal no weight key (a key equal to a
+    weight key names the same layers, which the weight groups take)."""
+    if "*" in weight_keys:
+        return {}  # every layer has its weights quantized
+    left = {}
+    for name, (params, _) in acts.groups.items():
+        keys = [key for key in act_groups[name] if key not in weight_keys]
+        if keys:
+            left[name] = (params, keys)
+    return left
+
+
+def _split_by_activations(
+    keys: list[str], act_groups: dict[str, list[str]], weight_keys: list[str]
+) -> dict[str | None, list[str]]:
+    """The targets of a weight group, split by the activation group that also names their
+    layers (None: no activation group does).
+
+    DeepSpeed gives each layer at most one key of a technique (a layer two keys of one
+    technique match is an error there), and matches a key anywhere in the name
+    (``re.search``). So a weight key equal to an activation key names exactly that group's
+    layers; an activation key equal to another weight key names none of this key's layers;
+    the layers of any other activation key are found by matching both keys (a look-ahead).
+    """
+    split: dict[str | None, list[str]] = {}
+    free = {
+        name: [key for key in group if key not in weight_keys] for name, group in act_groups.items()
+    }
+    all_free = [key for group in free.values() for key in group]
+    for key in keys:
+        owner = next((name for name, group in act_groups.items() if key in group), None)
+        if owner is not None or "*" in all_free:
+            owner = owner or next(name for name, group in free.items() if "*" in group)
+            split.setdefault(owner, []).extend(_targets([key]) or ["Linear"])
+            continue
+        for name, group in free.items():
+            for act in group:
+                both = f"re:(?=.*{act}).*{key}" if key != "*" else f"re:.*{act}"
+                split.setdefault(name, []).append(both)
+        if all_free and key != "*":
+            alternatives = "|".join(all_free)
+            split.setdefault(None, []).append(f"re:(?!.*(?:{alternatives})).*{key}")
+        else:
+            split.setdefault(None, []).extend(_targets([key]) or ["Linear"])
+    return split
+
+
 def _weight_quantization(
-    weights: ParsedTechnique, acts: ParsedTechnique | None, unmerged: dict[str, Any]
+    weights: ParsedTechnique, acts: ParsedTechnique | None, act_groups: dict[str, list[str]]
 ) -> list[Modifier]:
-    """One QuantizationModifier per weight group.
+    """One QuantizationModifier per weight group; a config group per activation group that
+    shares its layers (named after the weight group when it is the only one).
 
     :param weights: the enabled weight_quantization technique
     :param acts: the enabled activation_quantization technique, if any
-    :param unmerged: activation groups not merged yet; those merged here are removed from it
+    :param act_groups: activation group name -> its ``modules`` keys
     """
     shared = weights.shared
     blend_rate = _blend_rate(shared)
     rounding = _in_forward_rounding(shared)
     _log_no_effect_keys(shared)
+    weight_keys = [key for _, group in weights.groups.values() for key in group.modules]
     modifiers = []
     for name, (params, group) in weights.groups.items():
         where = f"weight_quantization -> different_groups -> {name}"
         levels = _low_bit_levels(shared, params, where)
         bits = params.target_bits if levels is None else 2
         scheme = _weight_scheme(shared, bits, group.modules, where)
-        inputs, activation_start = _merge_activations(
-            acts, unmerged, group.modules, shared.schedule_offset, where
-        )
-        if inputs is not None:
-            scheme["input_activations"] = inputs
+        split = _split_by_activations(group.modules, act_groups, weight_keys)
+        config_groups: dict[str, Any] = {}
+        activation_start = None
+        for act_name, targets in split.items():
+            part = {**scheme, "targets": targets}
+            if act_name is not None:
+                assert acts is not None
+                act_params, _ = acts.groups[act_name]
+                part["input_activations"] = _activation_args(acts.shared, act_params.bits)
+                activation_start = _activation_offset(
+                    acts.shared.schedule_offset, shared.schedule_offset, act_name, group.modules
+                )
+                logger.info(
+                    "DeepSpeed activation_quantization {} on the layers of {} it names too "
+                    "({}): weights from step {}, activations from step {}",
+                    act_name,
+                    where,
+                    targets,
+                    shared.schedule_offset,
+                    acts.shared.schedule_offset,
+                )
+            label = name if len(split) == 1 else f"{name}_{act_name or 'weights'}"
+            config_groups[label] = part
         fields: dict[str, Any] = {
-            "config_groups": {name: scheme},
+            "config_groups": config_groups,
             "start": shared.schedule_offset,
             "rounding": rounding,
         }
@@ -295,65 +375,20 @@ def _weight_scheme(shared: Any, bits: int, modules: list[str], where: str) -> di
     return scheme
 
 
-def _merge_activations(
-    acts: ParsedTechnique | None,
-    unmerged: dict[str, Any],
-    modules: list[str],
-    weight_offset: int,
-    where: str,
-) -> tuple[dict[str, Any] | None, int | None]:
-    """Merge the activation groups of ``unmerged`` that name exactly ``modules`` into the
-    weight group at ``where``, removing them from ``unmerged``.
-
-    :return: the input-activation arguments (None: no group merged) and the
-        ``activation_start`` (None: the weights' start)
-    """
-    inputs = activation_start = None
-    for act_name, (act_params, act_group) in list(unmerged.items()):
-        if act_group.modules != modules:
-            continue
-        assert acts is not None
-        activation_start = _activation_offset(
-            acts.shared.schedule_offset, weight_offset, act_name, modules
-        )
-        inputs = _activation_args(acts.shared, act_params.bits)
-        del unmerged[act_name]
-        logger.info(
-            "DeepSpeed activation_quantization {} merged into {}: weights from step {}, "
-            "activations from step {}",
-            act_name,
-            where,
-            weight_offset,
-            acts.shared.schedule_offset,
-        )
-    return inputs, activation_start
-
-
-def _require_merged(unmerged: dict[str, Any]) -> None:
-    if unmerged:
-        raise RecipeError(
-            f"DeepSpeed activation_quantization -> different_groups -> {sorted(unmerged)} "
-            "-> modules: weight quantization is enabled too, and no weight group names the "
-            "same modules; two QuantizationModifiers cannot share layers, so give the "
-            "activation group exactly the modules of a weight group"
-        )
-
-
 def _activation_quantization(
-    shared: Any, name: str, params: Any, group: DeepSpeedGroup
+    shared: Any, name: str, params: Any, keys: list[str], weight_keys: list[str]
 ) -> Modifier:
-    """The QuantizationModifier of an activation group without weight quantization."""
+    """The QuantizationModifier of an activation group's layers without weight quantization
+    (``weight_keys``: the weight groups' keys, whose layers the weight modifiers take)."""
     where = f"activation_quantization -> different_groups -> {name}"
     scheme = {
-        "targets": _targets(group.modules) or ["Linear"],
+        "targets": _targets(keys) or ["Linear"],
         "input_activations": _activation_args(shared, params.bits),
     }
-    return _build(
-        "QuantizationModifier",
-        where,
-        config_groups={name: scheme},
-        start=shared.schedule_offset,
-    )
+    fields: dict[str, Any] = {"config_groups": {name: scheme}, "start": shared.schedule_offset}
+    if weight_keys:
+        fields["ignore"] = _targets(weight_keys)
+    return _build("QuantizationModifier", where, **fields)
 
 
 def _pruning(config: DeepSpeedCompressionConfig) -> list[Modifier]:
