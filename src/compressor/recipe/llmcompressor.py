@@ -97,6 +97,30 @@ LLMCOMPRESSOR_FIELDS: tuple[LlmcompressorField, ...] = (
         )
         for name in ("weight_observer", "input_observer", "output_observer")
     ),
+    *(
+        LlmcompressorField(
+            name,
+            ("OutputDistillationModifier",),
+            lambda value: value in (None, {}, "identity", ["identity"]),
+            "null / identity: the layer outputs are compared as they are, as here",
+            "projections and transforms of the layer outputs before comparing them are not "
+            "supported; leave it unset",
+        )
+        for name in (
+            "projection",
+            "projection_args",
+            "transforms",
+            "transforms_args",
+            "comparison_args",
+        )
+    ),
+    LlmcompressorField(
+        "offload_layer_output",
+        ("OutputDistillationModifier",),
+        lambda value: isinstance(value, bool),
+        "it only moves the captured layer outputs to the CPU, for memory",
+        "it must be true or false",
+    ),
     LlmcompressorField(
         "transform_block_size",
         ("SpinQuantModifier",),

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["distillation_loss", "hidden_state_loss"]
+__all__ = ["distillation_loss", "hidden_state_loss", "square_head_loss"]
 
 
 def distillation_loss(
@@ -31,3 +31,31 @@ def hidden_state_loss(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tor
     if not pairs:
         raise ValueError("no hidden states to compare")
     return torch.stack([F.mse_loss(s.float(), t.float()) for s, t in pairs]).mean()
+
+
+def square_head_loss(
+    pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean over the pairs of ``sum((teacher - student)^2) / sum(teacher^2)``: each layer's
+    squared error relative to the teacher output's energy ("square head", Kurtic et al. 2023,
+    "Sparse Fine-tuning for Inference Acceleration of Large Language Models",
+    arXiv:2310.06927), so layers of different scale weigh alike.
+
+    :param pairs: (student output, teacher output), each ``[batch, tokens, ...]``
+    :param mask: ``[batch, tokens]``, true at the tokens to compare (the attention mask);
+        None compares every token
+    """
+    if not pairs:
+        raise ValueError("no layer outputs to compare")
+    losses = []
+    for student, teacher in pairs:
+        if student.shape != teacher.shape:
+            raise ValueError(
+                f"student output {tuple(student.shape)} and teacher output "
+                f"{tuple(teacher.shape)} differ in shape"
+            )
+        if mask is not None:
+            student, teacher = student[mask], teacher[mask]
+        student, teacher = student.float(), teacher.float()
+        losses.append(torch.sum(torch.square(teacher - student)) / torch.sum(torch.square(teacher)))
+    return torch.stack(losses).mean()
