@@ -186,3 +186,44 @@ def test_a_save_into_an_earlier_checkpoint_leaves_no_stale_description(tiny_llam
     save_compressed(pruned, out, recipe=[SparsePruningModifier(density=0.5)])
     assert "SparsePruningModifier" in (out / "recipe.yaml").read_text()
     assert (out / "README.md").read_text() == "# My own notes about this model\n"
+
+
+@pytest.mark.parametrize(
+    "weights",
+    [
+        {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel"},
+        {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "channel"},
+        {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "channel"},
+    ],
+    ids=["int8", "int4", "fp8"],
+)
+def test_a_quantized_embedding_reloads_with_the_same_logits(tiny_llama, tmp_path, weights):
+    groups = {
+        "emb": {"targets": ["Embedding"], "weights": weights},
+        "lin": {"targets": ["Linear"], "weights": {**weights, "strategy": "channel"}},
+    }
+    with create_session() as session:
+        session.initialize(tiny_llama, [QuantizationModifier(config_groups=groups)])
+        session.finalize()
+    save_compressed(tiny_llama, tmp_path / "out")
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    embed = reloaded.model.embed_tokens
+    assert hasattr(embed, "weight_scale")  # reloaded quantized, not dense
+    with torch.no_grad():
+        assert torch.allclose(reloaded(ids).logits, tiny_llama(ids).logits, atol=1e-5)
+    with safe_open(tmp_path / "out" / "model.safetensors", "pt") as f:
+        stored = f.get_tensor("model.embed_tokens.weight")
+    assert stored.dtype != torch.float32  # codes, not the dense weights
+
+
+def test_fp4_embeddings_are_refused_at_initialize(tiny_llama):
+    model = tiny_llama.to(torch.bfloat16)
+    groups = {
+        "emb": {
+            "targets": ["Embedding"],
+            "weights": {"num_bits": 4, "type": "float", "strategy": "group", "group_size": 16},
+        }
+    }
+    with create_session() as session, pytest.raises(ValueError, match="model.embed_tokens"):
+        session.initialize(model, [QuantizationModifier(config_groups=groups)])

@@ -62,6 +62,7 @@ def save_compressed(
     output.mkdir(parents=True, exist_ok=True)
     _remove_stale_descriptions(output)
     kv_cache_scheme = kv_cache_scheme_of(model)
+    _unpacked_embeddings(model)
     compressor = ModelCompressor.from_pretrained_model(model) if is_model_quantized(model) else None
     if compressor is None and kv_cache_scheme is not None:  # only the cache is quantized
         compressor = ModelCompressor(
@@ -78,17 +79,6 @@ def save_compressed(
         _dense_save(model, output, save_kwargs)
     else:
         assert compressor.quantization_config is not None
-        embeddings = [
-            name
-            for name, module in model.named_modules()
-            if isinstance(module, torch.nn.Embedding) and hasattr(module, "quantization_scheme")
-        ]
-        if embeddings:
-            logger.warning(
-                "quantized embeddings {} are saved compressed, but transformers cannot load a "
-                "compressed nn.Embedding back yet; add them to ignore for a loadable checkpoint",
-                embeddings,
-            )
         _warn_unloadable_zero_points(model, str(compressor.quantization_config.format))
         logger.info(
             "saving compressed ({} format) to {}", compressor.quantization_config.format, output
@@ -148,6 +138,30 @@ def save_pretrained_compressed_after(session: CompressionSession) -> None:
     model = session.state.model if session.state is not None else None
     if model is not None and (is_model_quantized(model) or kv_cache_scheme_of(model) is not None):
         enable_compressed_save_pretrained(model, session.recipe)
+
+
+def _unpacked_embeddings(model: torch.nn.Module) -> None:
+    """Give quantized embeddings a format that keeps their ``weight`` tensor.
+
+    A packed format replaces ``weight`` by ``weight_packed``; transformers, reloading, then
+    initialises the embedding's missing ``weight`` and fails. The unpacked formats store the
+    integer (or fp8) codes as ``weight`` with their scales, which it reloads: larger than
+    packed below 8 bits, still smaller than the dense embedding.
+    """
+    for name, module in model.named_modules():
+        scheme = getattr(module, "quantization_scheme", None)
+        if not isinstance(module, torch.nn.Embedding) or scheme is None or scheme.weights is None:
+            continue
+        unpacked = "naive-quantized" if scheme.weights.type == "int" else "float-quantized"
+        if scheme.format != unpacked:
+            logger.info(
+                "quantized embedding {} is saved in the {} format ({} codes unpacked): "
+                "transformers reloads embeddings only unpacked",
+                name,
+                unpacked,
+                scheme.weights.num_bits,
+            )
+            scheme.format = unpacked
 
 
 def _warn_unloadable_zero_points(model: torch.nn.Module, quantization_format: str) -> None:

@@ -89,6 +89,21 @@ def _check_module_fits(name: str, module: torch.nn.Module, scheme: QuantizationS
             f"input_activations cannot be quantized for {label}: an Embedding's inputs are "
             "token ids; target embeddings with a weights-only group"
         )
+    weights = scheme.weights
+    if (
+        isinstance(module, torch.nn.Embedding)
+        and weights is not None
+        and weights.type == "float"
+        and weights.num_bits != 8
+    ):
+        # saved embeddings keep their ``weight`` (transformers initialises a missing one on
+        # reload and fails), and compressed-tensors stores 4-bit floats only packed
+        raise ValueError(
+            f"weights: {weights.num_bits}-bit float weights (FP4 / MX) on {label} could not be "
+            "reloaded: transformers reloads a quantized Embedding only from an unpacked "
+            "format; give embeddings int weights (any bits) or 8-bit float weights, or add "
+            "the embedding to ignore"
+        )
 
 
 def _schemes_by_target(config: QuantizationConfig) -> dict[str, QuantizationScheme]:
