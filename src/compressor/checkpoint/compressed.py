@@ -15,6 +15,7 @@ from compressor.checkpoint.model_card import MODEL_CARD_FILE, is_model_card
 from compressor.core.session import CompressionSession
 from compressor.modifiers.quantization.kv_cache import kv_cache_scheme_of
 from compressor.recipe import Recipe, resolve_recipe
+from compressor.utils.conv1d import conv1d_layout_state_dict
 
 __all__ = [
     "RECIPE_FILE",
@@ -58,6 +59,9 @@ def save_compressed(
             f"save_compressed needs a transformers model with save_pretrained, got "
             f"{type(model).__name__}"
         )
+    conv1d_state = conv1d_layout_state_dict(model)  # refuses quantized Conv1D before writing
+    if conv1d_state is not None:
+        save_kwargs = {**save_kwargs, "state_dict": conv1d_state}
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
     _remove_stale_descriptions(output)

@@ -23,6 +23,7 @@ from compressed_tensors.quantization import (
 from compressed_tensors.utils.match import is_match, match_targets
 from loguru import logger
 
+from compressor.utils.conv1d import conv1d_hint
 from compressor.utils.embeddings import untie_word_embeddings
 
 __all__ = [
@@ -231,6 +232,7 @@ def match_quantizable_modules(
         raise ValueError(
             f"the quantization targets {list(schemes)} (ignoring {ignore}) match no "
             f"{' or '.join(t.__name__ for t in module_types)} module of {type(model).__name__}"
+            f"{conv1d_hint(model)}"
         )
     return matched
 

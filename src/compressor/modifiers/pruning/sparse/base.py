@@ -12,6 +12,7 @@ from compressor.modifiers.pruning.base import PruningModifierBase
 from compressor.modifiers.pruning.coupling import Coupling, Member
 from compressor.modifiers.pruning.masks import ScoreMask
 from compressor.modifiers.pruning.scores import nm_mask
+from compressor.utils.conv1d import conv1d_hint
 
 __all__ = ["SparsePruningModifier", "parse_mask_structure"]
 
@@ -108,6 +109,7 @@ class SparsePruningModifier(PruningModifierBase):
             if not named:
                 raise ValueError(
                     f"{type(self).__name__}: targets {self.targets} match no Linear or Conv2d"
+                    f"{conv1d_hint(model)}"
                 )
         couplings = []
         for name, module in named:
@@ -115,6 +117,7 @@ class SparsePruningModifier(PruningModifierBase):
                 raise ValueError(
                     f"{type(self).__name__}: target {name} is a {type(module).__name__}; only "
                     "Linear and Conv2d weights are pruned (narrow targets or add it to ignore)"
+                    f"{conv1d_hint(model)}"
                 )
             couplings.append(Coupling(name=name, members=[Member(name, module, None)]))
         return couplings
