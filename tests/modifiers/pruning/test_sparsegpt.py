@@ -259,3 +259,22 @@ def test_every_linear_of_a_layer_is_calibrated_on_the_layers_own_inputs(tiny_lla
         assert ((got == 0) == (expected[n] == 0)).float().mean() > 0.99, n
         torch.testing.assert_close(got, expected[n], atol=1e-4, rtol=1e-3, msg=n)
 
+
+def test_mask_structure_prunes_n_of_m_as_llmcompressor_reads_it(tiny_llama):
+    """llm-compressor's SparseGPT and Wanda prune N of every M (``topk(N, largest=False)``
+    in each group): "1:4" is 25% sparsity, not 75%."""
+    recipe = [SparseGPTModifier(mask_structure="1:4", block_size=16, ignore=["re:.*lm_head"])]
+    model = oneshot(tiny_llama, recipe, random_data())
+    for name, module in _linears(model).items():
+        zeros = (module.weight.detach().reshape(-1, 4) == 0).sum(dim=1)
+        assert (zeros == 1).all(), name
+    # the "keep N" reading of the same string is refused with what to write instead
+    with pytest.raises(ValidationError, match="write mask_structure '3:4'"):
+        SparseGPTModifier(mask_structure="1:4", sparsity=0.75)
+    SparseGPTModifier(mask_structure="1:4", sparsity=0.25)  # llm-compressor's meaning
+    with pytest.raises(ValidationError, match="contradicts mask_structure '2:4'"):
+        SparseGPTModifier(mask_structure="2:4", sparsity=0.6)
+    from compressor.modifiers.pruning.compat.llmcompressor import MagnitudePruningModifier
+
+    with pytest.raises(ValidationError, match="'1:4' is ambiguous"):
+        MagnitudePruningModifier(final_sparsity=0.75, mask_structure="1:4")
