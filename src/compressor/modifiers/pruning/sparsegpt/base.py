@@ -36,8 +36,10 @@ class SparseGPTModifier(OneShotSparsityModifier):
     of the layer on the layer's own inputs, as the paper does: not in GPTQ's stages (o on
     the pruned q/k/v, down on the pruned gate/up), whose Hessians would fit each Linear's
     compensation to inputs its pruned neighbours already distort, while its target stays
-    its own dense output on those inputs (worse perplexity, ``docs/pruning.md``). A GPTQ in
-    the same run is then calibrated without stages too. The fields are
+    its own dense output on those inputs (worse perplexity, ``docs/pruning.md``). With a
+    GPTQ in the same run that calibrates in stages (``true_sequential``), SparseGPT takes
+    them too: GPTQ's Hessians must come from the pruned Linears before it, or it
+    compensates for inputs the pruned layer never gives. The fields are
     llm-compressor's, so its recipes run unchanged; the zeros stay in the dense weights (and
     a later ``GPTQModifier`` keeps them).
 
@@ -100,8 +102,9 @@ class SparseGPTModifier(OneShotSparsityModifier):
 
     # ---------------------------------------------------------------- lifecycle
     def calibration_traits(self) -> CalibrationTraits:
-        # the paper's order: every Linear of a layer calibrated on the layer's inputs
-        return replace(super().calibration_traits(), in_stages=False)
+        # the paper's order (every Linear of a layer calibrated on the layer's inputs), unless
+        # a modifier of the run (GPTQ) needs stages
+        return replace(super().calibration_traits(), in_stages=False, accepts_stages=True)
 
     def on_start(self, state: State, event: Event) -> None:
         for name, target in self._modules.items():
