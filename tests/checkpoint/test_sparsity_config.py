@@ -141,3 +141,15 @@ def test_transformers_does_not_decompress_a_sparse_bitmask_checkpoint(tiny_llama
         reloaded.model.layers[0].self_attn.q_proj.weight,
         tiny_llama.model.layers[0].self_attn.q_proj.weight,
     )
+
+
+def test_quantization_alone_is_not_taken_for_sparsity(tiny_llama):
+    """NVFP4's group scales are relative to a global scale: without it every weight would
+    dequantize to zero and a dense model would read as 3:4 sparse."""
+    from compressor.modifiers import QuantizationModifier
+
+    model = oneshot(
+        tiny_llama.to(torch.bfloat16),
+        [QuantizationModifier(scheme="NVFP4A16", targets=["Linear"], ignore=["lm_head"])],
+    )
+    assert sparsity_config(model) is None

@@ -55,7 +55,11 @@ def effective_weight(module: torch.nn.Module) -> torch.Tensor:
     if scheme is None or scheme.weights is None or not hasattr(module, "weight_scale"):
         return weight
     zero_point = getattr(module, "weight_zero_point", None)
-    return fake_quantize(weight, module.weight_scale, zero_point, scheme.weights)
+    # NVFP4's group scales are relative to a per-tensor global scale
+    global_scale = getattr(module, "weight_global_scale", None)
+    return fake_quantize(
+        weight, module.weight_scale, zero_point, scheme.weights, global_scale=global_scale
+    )
 
 
 def _linears(model: torch.nn.Module) -> list[tuple[str, torch.nn.Linear]]:
@@ -164,6 +168,7 @@ def write_sparsity_config(directory: str | Path, config: SparsityCompressionConf
             "format": CompressionFormat.dense.value,
             "version": compressed_tensors.__version__,
         }
-    quantization[SPARSITY_CONFIG_NAME] = config.model_dump()
+    # the registry's own flag is no part of the config compressed-tensors reads
+    quantization[SPARSITY_CONFIG_NAME] = config.model_dump(exclude={"registry_requires_subclass"})
     data[QUANTIZATION_CONFIG_NAME] = quantization
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
