@@ -191,3 +191,16 @@ def test_hooks_only_on_pauses_the_other_modules_hooks_and_pre_hooks_can_be_fed()
     HooksMixin.call_forward_pre_hooks(first, x)  # ours only, and the module does not run
     assert seen == ["second", "first"] and foreign == []
     watcher.remove_hooks()
+
+
+def test_sparsegpt_calibrates_whole_layers_unless_gptq_in_the_run_needs_stages():
+    from compressor.calibration.pipelines.sequential import _Shortcuts
+    from compressor.modifiers import GPTQModifier, SparseGPTModifier
+
+    sparsegpt = SparseGPTModifier(sparsity=0.5)
+    gptq = GPTQModifier(scheme="W4A16", ignore=["lm_head"])
+    assert not _Shortcuts.of([sparsegpt]).in_stages  # the paper's order
+    assert _Shortcuts.of([sparsegpt, gptq]).in_stages  # GPTQ's Hessians on pruned inputs
+    whole = GPTQModifier(scheme="W4A16", ignore=["lm_head"], true_sequential=False)
+    assert not _Shortcuts.of([sparsegpt, whole]).in_stages
+    assert _Shortcuts.of([gptq]).in_stages and not _Shortcuts.of([whole]).in_stages

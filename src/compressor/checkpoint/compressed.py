@@ -12,7 +12,10 @@ from compressed_tensors.quantization.utils import is_model_quantized
 from loguru import logger
 
 from compressor.checkpoint.model_card import MODEL_CARD_FILE, is_model_card
+from compressor.checkpoint.sparsity import sparsity_config, write_sparsity_config
 from compressor.core.session import CompressionSession
+from compressor.modifiers.pruning.oneshot import OneShotSparsityModifier
+from compressor.modifiers.pruning.sparse import SparsePruningModifier
 from compressor.modifiers.quantization.kv_cache import kv_cache_scheme_of
 from compressor.recipe import Recipe, resolve_recipe
 from compressor.utils.conv1d import conv1d_layout_state_dict
@@ -25,6 +28,8 @@ __all__ = [
 ]
 
 RECIPE_FILE = "recipe.yaml"
+# the modifiers that leave zeros in dense weights (unstructured or N:M)
+_ZERO_MAKERS = (OneShotSparsityModifier, SparsePruningModifier)
 
 
 def save_compressed(
@@ -41,8 +46,11 @@ def save_compressed(
     Quantized layers are stored as the scheme says (packed int4, int8, fp8, nvfp4, mxfp4)
     with their scales and zero points, and ``config.json`` gets the ``quantization_config``
     (with the ``kv_cache_scheme`` of a quantized key/value cache, whose scales are saved on
-    the attention modules); a model without quantization is saved as is. The model is unchanged afterwards (it is
-    compressed for the write, then decompressed).
+    the attention modules); a model without quantization is saved as is. A model with sparse
+    Linears (pruned, measured on its weights) gets compressed-tensors' ``sparsity_config``
+    under ``quantization_config`` (structure, sparse modules, global fraction; format
+    ``dense``, see ``checkpoint.sparsity``), quantized or not. The model is unchanged
+    afterwards (it is compressed for the write, then decompressed).
 
     :param model: a transformers model, typically after a compression session
     :param output_dir: the folder to write (created when missing)
@@ -67,6 +75,7 @@ def save_compressed(
     _remove_stale_descriptions(output)
     kv_cache_scheme = kv_cache_scheme_of(model)
     _unpacked_embeddings(model)
+    sparsity = sparsity_config(model)  # on the weights as they compute, before compression
     compressor = ModelCompressor.from_pretrained_model(model) if is_model_quantized(model) else None
     if compressor is None and kv_cache_scheme is not None:  # only the cache is quantized
         compressor = ModelCompressor(
@@ -93,6 +102,14 @@ def save_compressed(
             compressor.update_config(str(output))
         finally:
             compressor.decompress_model(model)
+    if sparsity is not None:
+        write_sparsity_config(output, sparsity)
+        logger.info(
+            "recorded {} sparsity ({:.3f} of the Linear weights) in {}",
+            sparsity.sparsity_structure,
+            sparsity.global_sparsity,
+            output / "config.json",
+        )
     if tokenizer is not None:
         tokenizer.save_pretrained(output)
     if isinstance(recipe, Recipe):
@@ -136,11 +153,20 @@ def enable_compressed_save_pretrained(model: torch.nn.Module, recipe: Any = None
 
 
 def save_pretrained_compressed_after(session: CompressionSession) -> None:
-    """After a session that quantized its model, ``model.save_pretrained`` writes the
-    compressed format with the session's recipe (a ``CompressionSession.finalize_steps``
-    entry, plugged in by the package root)."""
+    """After a session that quantized or sparsified its model, ``model.save_pretrained``
+    writes the compressed format (with the ``sparsity_config`` of a sparse model) and the
+    session's recipe (a ``CompressionSession.finalize_steps`` entry, plugged in by the
+    package root)."""
     model = session.state.model if session.state is not None else None
-    if model is not None and (is_model_quantized(model) or kv_cache_scheme_of(model) is not None):
+    if model is None:
+        return
+    # measured only after a pruning recipe: it reads every weight
+    prunes = any(isinstance(m, _ZERO_MAKERS) for m in getattr(session.recipe, "modifiers", []))
+    if (
+        is_model_quantized(model)
+        or kv_cache_scheme_of(model) is not None
+        or (prunes and sparsity_config(model) is not None)
+    ):
         enable_compressed_save_pretrained(model, session.recipe)
 
 

@@ -1,7 +1,8 @@
 """A ``README.md`` model card for a saved checkpoint: what the recipe did and what it left.
 
-Unstructured and N:M sparsity are saved as dense weights (compressed-tensors ships no sparse
-format), so the card records the sparsity actually measured in the weights.
+Unstructured and N:M sparsity are saved as dense weights (no format that stores only the kept
+values reloads in transformers, see ``sparsity.py``), so the card records the sparsity
+measured in the weights: the same ``sparsity_config`` that ``config.json`` carries.
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ from collections import defaultdict
 from typing import Any
 
 import torch
-from compressed_tensors.quantization.lifecycle.forward import fake_quantize
 
+from compressor.checkpoint.sparsity import effective_weight, linear_sparsity, sparsity_config
 from compressor.recipe import Recipe
 
 __all__ = [
@@ -26,41 +27,6 @@ __all__ = [
 MODEL_CARD_FILE = "README.md"
 # the card's fixed line, by which a README.md is recognised as ours
 _PRODUCED_BY = "Produced by `compressor` with this recipe:"
-
-
-def effective_weight(module: torch.nn.Module) -> torch.Tensor:
-    """The weight a module computes with: fake-quantized by its calibrated scheme, else as is.
-
-    :param module: a layer with a ``weight``
-    :return: the weight, detached
-    """
-    weight = module.weight.detach()
-    scheme = getattr(module, "quantization_scheme", None)
-    if scheme is None or scheme.weights is None or not hasattr(module, "weight_scale"):
-        return weight
-    zero_point = getattr(module, "weight_zero_point", None)
-    return fake_quantize(weight, module.weight_scale, zero_point, scheme.weights)
-
-
-@torch.no_grad()
-def linear_sparsity(model: torch.nn.Module) -> tuple[float, dict[str, float]]:
-    """Fraction of exact zeros in the effective weights of every ``nn.Linear``.
-
-    :param model: the model
-    :return: the overall fraction, and one per module type (the last part of the name,
-        such as ``q_proj``)
-    """
-    zeros: dict[str, int] = defaultdict(int)
-    sizes: dict[str, int] = defaultdict(int)
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and isinstance(module.weight, torch.Tensor):
-            kind = name.rsplit(".", 1)[-1]
-            weight = effective_weight(module)
-            zeros[kind] += int((weight == 0).sum())
-            sizes[kind] += weight.numel()
-    total = sum(sizes.values())
-    overall = sum(zeros.values()) / total if total else 0.0
-    return overall, {kind: zeros[kind] / sizes[kind] for kind in sorted(sizes)}
 
 
 def _describe_args(args: Any) -> str:
@@ -102,22 +68,46 @@ def model_card(model: torch.nn.Module, recipe: Recipe) -> str:
     :return: the card's text
     """
     overall, per_kind = linear_sparsity(model)
+    schemes = _schemes(model)
     lines = ["# Compressed model", "", _PRODUCED_BY, ""]
     lines += [_modifier_line(m) for m in recipe.modifiers] or ["- (no modifiers)"]
     lines += ["", "## Sparsity", ""]
+    lines += _sparsity_lines(model, bool(schemes))
     lines += [
+        "",
         "Fraction of exact zeros in the (effective) weights of the Linear layers, stored as "
         "dense weights:",
         "",
         f"- overall: {overall:.4f}",
     ]
     lines += [f"- `{kind}`: {fraction:.4f}" for kind, fraction in per_kind.items()]
-    schemes = _schemes(model)
     if schemes:
         lines += ["", "## Quantization", ""]
         for scheme, names in schemes.items():
             lines.append(f"- {scheme} on {len(names)} module(s)")
     return "\n".join(lines) + "\n"
+
+
+def _sparsity_lines(model: torch.nn.Module, quantized: bool) -> list[str]:
+    config = sparsity_config(model)
+    if config is None:
+        return ["No Linear layer is sparse (`config.json` records no `sparsity_config`)."]
+    structure = config.sparsity_structure or "unstructured"
+    if structure != "unstructured":
+        pruned, group = structure.split(":")
+        structure += f" (at least {pruned} zeros in every {group} consecutive inputs)"
+    ignore = f", ignore {config.ignore}" if config.ignore else ""
+    return [
+        "`config.json` records it as compressed-tensors' `sparsity_config` (under "
+        "`quantization_config`):",
+        "",
+        f"- structure: {structure}",
+        f"- sparse modules: targets {config.targets}{ignore}",
+        f"- global sparsity (all Linear weights): {config.global_sparsity:.4f}",
+        f"- stored: `{config.format}` (the zeros are in the weights; no format that stores only "
+        "the kept values reloads in transformers), "
+        + ("also quantized (below)" if quantized else "not quantized"),
+    ]
 
 
 def is_model_card(text: str) -> bool:

@@ -41,6 +41,10 @@ class CalibrationTraits:
         Llama-style layer in those stages, which needs fewer matrix products than calibrating
         it whole and running it again (``compressor.calibration.pipelines.staged``).
         Default False
+    :param accepts_stages: the modifier calibrates whole layers when it has the choice, but
+        its hooks and ``SEQUENTIAL_EPOCH_END`` work in stages too (as ``in_stages`` describes);
+        the pipeline then uses stages when the other modifiers of the run ask for them
+        (``in_stages``) and none refuses them. Default False
     :param transforms_first: the modifier changes a layer's weights without changing its
         function (SmoothQuant's and AWQ's scales), from statistics it gathers on that layer,
         and the other modifiers must calibrate the changed layer. The sequential pipeline then
@@ -54,4 +58,5 @@ class CalibrationTraits:
     reads_outputs: bool = True
     merges_batches: bool = False
     in_stages: bool = False
+    accepts_stages: bool = False
     transforms_first: bool = False

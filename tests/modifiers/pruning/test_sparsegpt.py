@@ -225,3 +225,56 @@ def test_layers_on_disk_give_the_in_memory_result(tmp_path):
         weight = module.weight.detach().cpu()
         assert ((weight.reshape(-1, 4) != 0).sum(dim=1) <= 2).all(), name
         torch.testing.assert_close(weight, expected[name].weight.detach())
+
+
+def test_every_linear_of_a_layer_is_calibrated_on_the_layers_own_inputs(tiny_llama):
+    """As in the paper: the first layer's Linears all get the Hessians of the dense model's
+    inputs (o_proj not on the pruned q/k/v, down_proj not on the pruned gate/up)."""
+    layer = tiny_llama.model.layers[0]
+    names = [n for n, _ in layer.named_modules() if n.endswith(LINEARS)]
+    seen: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    handles = [
+        layer.get_submodule(n).register_forward_pre_hook(
+            lambda module, args, n=n: seen[n].append(
+                args[0].detach().reshape(-1, args[0].shape[-1])
+            )
+        )
+        for n in names
+    ]
+    data = random_data()
+    with torch.no_grad():
+        tiny_llama(input_ids=torch.tensor(data["input_ids"]))
+    for handle in handles:
+        handle.remove()
+    expected = {}
+    for n in names:
+        hessian, _ = accumulate_hessian(torch.cat(seen[n]), dtype=torch.float64)
+        weight = layer.get_submodule(n).weight.detach()
+        expected[n] = sparsegpt_prune(weight, hessian, 0.5, block_size=16).weight
+
+    recipe = [SparseGPTModifier(sparsity=0.5, block_size=16, ignore=["re:.*lm_head"])]
+    model = oneshot(tiny_llama, recipe, data, pipeline="sequential")
+    for n in names:
+        got = model.model.layers[0].get_submodule(n).weight.detach()
+        assert ((got == 0) == (expected[n] == 0)).float().mean() > 0.99, n
+        torch.testing.assert_close(got, expected[n], atol=1e-4, rtol=1e-3, msg=n)
+
+
+def test_mask_structure_prunes_n_of_m_as_llmcompressor_reads_it(tiny_llama):
+    """llm-compressor's SparseGPT and Wanda prune N of every M (``topk(N, largest=False)``
+    in each group): "1:4" is 25% sparsity, not 75%."""
+    recipe = [SparseGPTModifier(mask_structure="1:4", block_size=16, ignore=["re:.*lm_head"])]
+    model = oneshot(tiny_llama, recipe, random_data())
+    for name, module in _linears(model).items():
+        zeros = (module.weight.detach().reshape(-1, 4) == 0).sum(dim=1)
+        assert (zeros == 1).all(), name
+    # the "keep N" reading of the same string is refused with what to write instead
+    with pytest.raises(ValidationError, match="write mask_structure '3:4'"):
+        SparseGPTModifier(mask_structure="1:4", sparsity=0.75)
+    SparseGPTModifier(mask_structure="1:4", sparsity=0.25)  # llm-compressor's meaning
+    with pytest.raises(ValidationError, match="contradicts mask_structure '2:4'"):
+        SparseGPTModifier(mask_structure="2:4", sparsity=0.6)
+    from compressor.modifiers.pruning.compat.llmcompressor import MagnitudePruningModifier
+
+    with pytest.raises(ValidationError, match="'1:4' is ambiguous"):
+        MagnitudePruningModifier(final_sparsity=0.75, mask_structure="1:4")

@@ -87,3 +87,11 @@ def test_bad_wanda_recipes_are_refused(tiny_llama):
         oneshot(
             tiny_llama, [WandaPruningModifier(sparsity=0.5, targets=["Embedding"])], random_data()
         )
+
+
+def test_wanda_mask_structure_prunes_n_of_m(tiny_llama):
+    """As llm-compressor's Wanda: "3:4" prunes three of every four weights per row."""
+    recipe = [WandaPruningModifier(mask_structure="3:4", ignore=["re:.*lm_head"])]
+    model = oneshot(tiny_llama, recipe, random_data())
+    for name, module in _linears(model).items():
+        assert ((module.weight.detach().reshape(-1, 4) != 0).sum(dim=1) == 1).all(), name

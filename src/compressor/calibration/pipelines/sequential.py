@@ -17,7 +17,8 @@ first, with every quantized forward of the layer off, and their own SEQUENTIAL_E
 other modifiers then calibrate the transformed layer in steps 1 to 3.
 
 When every modifier calibrates in stages (``CalibrationTraits.in_stages``: GPTQ's
-``true_sequential``) and the layers have Llama's form, steps 1 to 3 run instead as stages
+``true_sequential``; or accepts them, ``accepts_stages``: SparseGPT, when one asks) and the
+layers have Llama's form, steps 1 to 3 run instead as stages
 within each layer, one group of modules at a time (``compressor.calibration.pipelines.staged``).
 
 No graph tracing is needed, so any model whose decoder layers ``find_decoder_layers`` finds
@@ -113,7 +114,10 @@ class _Shortcuts:
         return cls(
             cut_short=cut_short,
             merge=all(t.merges_batches for t in traits),
-            in_stages=cut_short and all(t.in_stages for t in rest),
+            # stages when every modifier takes them and one asks (or none calibrates here)
+            in_stages=cut_short
+            and all(t.in_stages or t.accepts_stages for t in rest)
+            and (not rest or any(t.in_stages for t in rest)),
         )
 
 

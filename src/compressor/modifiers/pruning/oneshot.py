@@ -37,18 +37,22 @@ __all__ = [
 
 
 def parse_n_m(value: str) -> tuple[int, int] | None:
-    """``mask_structure`` as llm-compressor writes it: ``"0:0"`` (or ``"unstructured"``) is
-    unstructured (None); ``"N:M"`` keeps N of every M consecutive input weights."""
+    """``mask_structure`` as llm-compressor's one-shot modifiers read it: ``"0:0"`` (or
+    ``"unstructured"``) is unstructured (None); ``"N:M"`` *prunes* N of every M consecutive
+    input weights (llm-compressor's SparseGPT and Wanda pick the N of least score in each
+    group of M), so its sparsity is N/M. Returned as ``(kept, M)``, ``kept = M - N``, the
+    form the numeric functions (``sparsegpt_prune``, ``wanda_mask``) take. Only 2:4 reads the
+    same either way: "1:4" prunes one weight of four here, not three."""
     if value in ("0:0", "unstructured"):
         return None
     parts = value.split(":")
     if len(parts) == 2 and all(p.strip().isdigit() for p in parts):
         n, m = (int(p) for p in parts)
         if 0 < n < m:
-            return n, m
+            return m - n, m
     raise ValueError(
-        f"mask_structure must be '0:0' (unstructured) or 'N:M' with 0 < N < M, such as "
-        f"'2:4'; got {value!r}"
+        f"mask_structure must be '0:0' (unstructured) or 'N:M' with 0 < N < M (prune N of "
+        f"every M weights, such as '2:4'); got {value!r}"
     )
 
 
@@ -66,8 +70,9 @@ class OneShotSparsityModifier(Modifier):
     recipe is parsed (a base class, not registered itself).
 
     :param sparsity: the fraction pruned, in [0, 1); or one value per matched target layer
-    :param mask_structure: ``0:0`` unstructured, or ``N:M`` (keep N of every M consecutive
-        input weights, e.g. ``2:4``); with N:M the sparsity is 1 - N/M
+    :param mask_structure: ``0:0`` unstructured, or ``N:M``: prune N of every M consecutive
+        input weights, as llm-compressor's code does (``2:4``: two of four; ``1:4``: one of
+        four, sparsity 0.25); with N:M the sparsity is N/M and ``sparsity`` may be left unset
     :param sparsity_profile: ``owl``: layer sparsities from their outlier ratios (``owl.py``),
         keeping the model's total at ``sparsity``. OWL needs every layer's outliers before it
         chooses any sparsity, so every layer is calibrated on the unpruned model and pruned at
@@ -140,18 +145,12 @@ class OneShotSparsityModifier(Modifier):
                 )
         if n_m is None and self.sparsity is None:
             raise ValueError("sparsity is required with an unstructured mask (mask_structure 0:0)")
-        if n_m is not None and self.sparsity is not None:
-            implied = 1.0 - n_m[0] / n_m[1]
-            values = self.sparsity if isinstance(self.sparsity, list) else [self.sparsity]
-            if any(abs(v - implied) > 1e-9 for v in values):
-                raise ValueError(
-                    f"sparsity={self.sparsity} contradicts mask_structure "
-                    f"{self.mask_structure!r}, which prunes {implied:g}; give that or leave "
-                    "sparsity unset"
-                )
+        if n_m is not None:
+            _check_n_m_sparsity(self.mask_structure, n_m, self.sparsity)
         return self
 
     def n_m(self) -> tuple[int, int] | None:
+        """``mask_structure`` as ``(kept, M)`` (``parse_n_m``), None when unstructured."""
         return parse_n_m(self.mask_structure)
 
     def uses_owl(self) -> bool:
@@ -198,6 +197,45 @@ class OneShotSparsityModifier(Modifier):
             )
 
 
+def _check_n_m_sparsity(
+    structure: str, kept_m: tuple[int, int], sparsity: float | list[float] | None
+) -> None:
+    """An N:M ``mask_structure`` with a ``sparsity`` that contradicts it is refused; one that
+    matches the other reading ("keep N", sparsity ``1 - N/M``) gets an error that says so,
+    as it is most likely a recipe written with that meaning."""
+    kept, m = kept_m
+    pruned = m - kept
+    if sparsity is None:
+        if pruned != kept:
+            logger.info(
+                "mask_structure {!r} prunes {} of every {} weights (llm-compressor's meaning: "
+                "sparsity {:g}); write '{}:{}' to keep {} instead",
+                structure,
+                pruned,
+                m,
+                pruned / m,
+                kept,
+                m,
+                pruned,
+            )
+        return
+    values = sparsity if isinstance(sparsity, list) else [sparsity]
+    implied = pruned / m
+    if all(abs(v - implied) <= 1e-9 for v in values):
+        return
+    if all(abs(v - kept / m) <= 1e-9 for v in values):
+        raise ValueError(
+            f"mask_structure {structure!r} prunes {pruned} of every {m} weights (sparsity "
+            f"{implied:g}), as in llm-compressor, but sparsity={sparsity} reads it as keeping "
+            f"{pruned} of {m}: for sparsity {kept / m:g} write mask_structure '{kept}:{m}'; "
+            f"for {implied:g}, give sparsity {implied:g} or leave it unset"
+        )
+    raise ValueError(
+        f"sparsity={sparsity} contradicts mask_structure {structure!r}, which prunes "
+        f"{pruned} of every {m} weights ({implied:g}); give that or leave sparsity unset"
+    )
+
+
 def resolve_sparsity_targets(
     model: torch.nn.Module,
     fields: OneShotSparsityModifier,
@@ -228,7 +266,7 @@ def resolve_sparsity_targets(
             f"{len(layers)} layers ({', '.join(n for n, _ in layers[:4])}"
             f"{', ...' if len(layers) > 4 else ''})"
         )
-    default = 1.0 - n_m[0] / n_m[1] if n_m is not None else 0.0
+    default = 1.0 - n_m[0] / n_m[1] if n_m is not None else 0.0  # n_m is (kept, M)
     get_output_embeddings = getattr(model, "get_output_embeddings", None)
     out_emb = get_output_embeddings() if callable(get_output_embeddings) else None
     chosen: dict[str, SparsityTarget] = {}

@@ -81,13 +81,30 @@ def _reject(data: dict[str, Any], key: str, allowed: Any, why: str) -> None:
     data.pop(key, None)
 
 
+def _refuse_ambiguous_n_m(structure: Any) -> None:
+    """An N:M other than N = M/2 has two meanings: llm-compressor's one-shot modifiers prune
+    N of every M, ``SparsePruningModifier`` keeps N (and llm-compressor's magnitude pruning
+    takes no N:M at all), so a recipe that names it here cannot say which."""
+    if not isinstance(structure, str) or ":" not in structure:
+        return
+    n, _, m = structure.partition(":")
+    if n.strip().isdigit() and m.strip().isdigit() and 2 * int(n) != int(m) and int(n):
+        raise ValueError(
+            f"MagnitudePruningModifier: mask_structure {structure!r} is ambiguous: "
+            "llm-compressor's SparseGPT and Wanda prune N of every M, SparsePruningModifier "
+            "keeps N, and llm-compressor's MagnitudePruningModifier has no N:M masks; write "
+            "SparsePruningModifier with mask_structure 'kept:M' instead"
+        )
+
+
 @Modifier.register()
 class MagnitudePruningModifier(SparsePruningModifier):
     """Gradual magnitude pruning with llm-compressor's field names (Zhu & Gupta 2017).
 
     Read into ``SparsePruningModifier``: ``init_sparsity``/``final_sparsity`` become
     ``init_density``/``density``, ``update_scheduler`` (``cubic`` or ``linear``) becomes
-    ``ramp``, ``mask_structure`` is kept; ``targets`` keep llm-compressor's meaning
+    ``ramp``, ``mask_structure`` is kept (an N:M other than 2:4 is refused as ambiguous);
+    ``targets`` keep llm-compressor's meaning
     (parameter names or patterns).
     ``apply_globally: true``, ``leave_enabled: true`` and non-empty ``scheduler_args`` are
     errors (not supported). The recipe it writes back uses our field names.
@@ -109,6 +126,7 @@ class MagnitudePruningModifier(SparsePruningModifier):
             data["ramp"] = data.pop("update_scheduler")
         if "targets" in data:
             data["targets"] = parameter_targets(data["targets"])
+        _refuse_ambiguous_n_m(data.get("mask_structure"))
         _reject(data, "apply_globally", False, "masks are chosen per layer")
         _reject(data, "leave_enabled", False, "masks always hold until finalize here")
         _reject(data, "scheduler_args", {}, "the ramps take no arguments")

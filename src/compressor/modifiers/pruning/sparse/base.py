@@ -45,8 +45,10 @@ class SparsePruningModifier(PruningModifierBase):
     through training (weights and gradients masked, re-zeroed after every optimizer step) and
     left in the weights at finalize.
 
-    :param mask_structure: ``unstructured`` or ``N:M``; with N:M the density is N/M (giving
-        ``density`` is optional, and it must equal N/M) and there is no ramp
+    :param mask_structure: ``unstructured`` or ``N:M``: *keep* N of every M (the density is
+        N/M; giving ``density`` is optional, and it must equal N/M) and there is no ramp.
+        llm-compressor's SparseGPT and Wanda (ours too, under their names) read ``N:M`` the
+        other way, pruning N; the two agree at 2:4
     :param targets: default: every Linear and Conv2d except the output embeddings
     :param layers_only: prune only the Linear and Conv2d modules among those ``targets``
         match, skipping (and logging) the others, as DeepSpeed matches its ``modules`` keys

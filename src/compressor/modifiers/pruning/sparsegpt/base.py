@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -10,7 +11,7 @@ from pydantic import Field, PrivateAttr, model_validator
 
 from compressor.core.events import Event
 from compressor.core.state import State
-from compressor.modifiers.base import Modifier
+from compressor.modifiers.base import CalibrationTraits, Modifier
 from compressor.modifiers.pruning.oneshot import (
     OneShotSparsityModifier,
     apply_owl_before_pruning,
@@ -31,9 +32,14 @@ class SparseGPTModifier(OneShotSparsityModifier):
     Accurately Pruned in One-Shot") collects the Hessian ``2/n sum x x^T`` of every targeted
     Linear's inputs, as GPTQ does (the same ``SharedHessians``), and prunes the weight column
     by column, block by block (``sparsegpt.py``). On the sequential pipeline each decoder
-    layer is calibrated on the outputs of the already pruned layers before it, and, on
-    Llama-style layers, its Linears in the order the layer calls them (q/k/v, o, gate/up,
-    down), each group on the outputs of those already pruned, as GPTQ does. The fields are
+    layer is calibrated on the outputs of the already pruned layers before it, every Linear
+    of the layer on the layer's own inputs, as the paper does: not in GPTQ's stages (o on
+    the pruned q/k/v, down on the pruned gate/up), whose Hessians would fit each Linear's
+    compensation to inputs its pruned neighbours already distort, while its target stays
+    its own dense output on those inputs (worse perplexity, ``docs/pruning.md``). With a
+    GPTQ in the same run that calibrates in stages (``true_sequential``), SparseGPT takes
+    them too: GPTQ's Hessians must come from the pruned Linears before it, or it
+    compensates for inputs the pruned layer never gives. The fields are
     llm-compressor's, so its recipes run unchanged; the zeros stay in the dense weights (and
     a later ``GPTQModifier`` keeps them).
 
@@ -95,6 +101,11 @@ class SparseGPTModifier(OneShotSparsityModifier):
         return self
 
     # ---------------------------------------------------------------- lifecycle
+    def calibration_traits(self) -> CalibrationTraits:
+        # the paper's order (every Linear of a layer calibrated on the layer's inputs), unless
+        # a modifier of the run (GPTQ) needs stages
+        return replace(super().calibration_traits(), in_stages=False, accepts_stages=True)
+
     def on_start(self, state: State, event: Event) -> None:
         for name, target in self._modules.items():
             self.register_hook(target.module, self._hessian_hook(name), "forward_pre")
