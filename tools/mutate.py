@@ -20,6 +20,7 @@ The report (one line per mutant: status, file:line, operator, code before and af
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import select
@@ -52,11 +53,13 @@ class Outcome:
     :param site: the mutant
     :param status: ``caught`` (a test failed), ``timeout`` (counted as caught) or ``survived``
     :param seconds: how long the tests ran
+    :param caught_by: the first test that failed (pytest's node id), when one did
     """
 
     site: Site
     status: str
     seconds: float
+    caught_by: str = ""
 
     @property
     def caught(self) -> bool:
@@ -141,8 +144,9 @@ class _Worker:
             raise RuntimeError(f"the test worker ended (exit {self._process.wait()})")
         return line.strip()
 
-    def run(self, timeout: float) -> tuple[str, float]:
-        """Run the tests once on the copy as it is now: (status, seconds)."""
+    def run(self, timeout: float) -> tuple[str, float, str]:
+        """Run the tests once on the copy as it is now: (status, seconds, the first failing
+        test or "")."""
         assert self._process.stdin is not None
         start = time.monotonic()
         self._process.stdin.write("run\n")
@@ -155,12 +159,14 @@ class _Worker:
         if finished is None:
             self._kill_child()
             self._read(timeout=60)  # the worker reports the killed child
-            return TIMEOUT, time.monotonic() - start
+            return TIMEOUT, time.monotonic() - start, ""
         self._child = None
-        code = int(finished.split()[1])
+        _, code_text, failed_json = finished.split(maxsplit=2)
+        code, failed = int(code_text), json.loads(failed_json)
         if code not in (0, 1):  # 2-5: interrupted, internal error, usage, no tests collected
             logger.debug("pytest exited {} on a mutant", code)
-        return (SURVIVED if code == 0 else CAUGHT), time.monotonic() - start
+        status = SURVIVED if code == 0 else CAUGHT
+        return status, time.monotonic() - start, failed
 
     def _kill_child(self) -> None:
         if self._child is not None:
@@ -259,11 +265,11 @@ def run_mutations(
         _check_imports_copy(copy, module)
         worker = _Worker(copy, tests, preload)
         try:
-            status, baseline = worker.run(timeout=3600)
+            status, baseline, failed = worker.run(timeout=3600)
             if status != SURVIVED:
                 raise RuntimeError(
-                    f"the tests {' '.join(tests)} do not pass on the unmutated code ({status}); "
-                    "fix them before mutating"
+                    f"the tests {' '.join(tests)} do not pass on the unmutated code ({status}"
+                    f"{': ' + failed if failed else ''}); fix them before mutating"
                 )
             per_mutant = timeout or 3 * baseline + 10
             logger.info(
@@ -273,10 +279,10 @@ def run_mutations(
                 mutated, site = mutant_source(source, index)
                 target.write_text(mutated, encoding="utf-8")
                 try:
-                    status, seconds = worker.run(per_mutant)
+                    status, seconds, failed = worker.run(per_mutant)
                 finally:
                     target.write_text(source, encoding="utf-8")
-                outcomes.append(Outcome(site, status, seconds))
+                outcomes.append(Outcome(site, status, seconds, failed))
         finally:
             worker.close()
     return outcomes
@@ -297,6 +303,7 @@ def format_report(module: Path, tests: Sequence[str], outcomes: Sequence[Outcome
             f"{outcome.status:<8} #{site.index:<3} {module}:{site.line}:{site.column} "
             f"[{site.operator}] "
             f"{site.before}  ->  {site.after}"
+            + (f"  (by {outcome.caught_by})" if outcome.caught_by else "")
         )
     return "\n".join(lines) + "\n"
 

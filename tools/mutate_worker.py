@@ -5,7 +5,7 @@ Run in the repository copy, with its ``src`` on the path; the package under test
 imported here (only in the forked children), so each child imports the mutated module afresh.
 Protocol, one line each: ``mutate.py`` writes ``run``; the worker answers ``pid <pid>`` when
 the child starts (its own process group, which ``mutate.py`` kills on a timeout) and
-``exit <code>`` when it ends. End of input ends the worker.
+``exit <code> <first failing test as a JSON string, "" when none>`` when it ends. End of input ends the worker.
 
     python mutate_worker.py <preload modules, comma separated> <pytest arguments...>
 """
@@ -13,6 +13,7 @@ the child starts (its own process group, which ``mutate.py`` kills on a timeout)
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import sys
 from contextlib import suppress
@@ -25,7 +26,20 @@ def _preload(names: str) -> None:
             importlib.import_module(name)
 
 
-def _child(pytest_args: list[str]) -> None:
+class _FirstFailure:
+    """A pytest plugin that writes the id of the first failing test to a pipe."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.written = False
+
+    def pytest_runtest_logreport(self, report) -> None:
+        if report.failed and not self.written:
+            os.write(self.fd, report.nodeid.encode()[:4000])
+            self.written = True
+
+
+def _child(pytest_args: list[str], fd: int) -> None:
     os.setpgid(0, 0)
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 1)
@@ -34,7 +48,7 @@ def _child(pytest_args: list[str]) -> None:
     try:
         import pytest
 
-        code = int(pytest.main(pytest_args))
+        code = int(pytest.main(pytest_args, plugins=[_FirstFailure(fd)]))
     finally:
         os._exit(code)
 
@@ -48,12 +62,18 @@ def main() -> None:
     for line in sys.stdin:
         if line.strip() != "run":
             continue
+        read_end, write_end = os.pipe()
         pid = os.fork()
         if pid == 0:
-            _child(pytest_args)
+            os.close(read_end)
+            _child(pytest_args, write_end)
+        os.close(write_end)
         print(f"pid {pid}", flush=True)
         _, status = os.waitpid(pid, 0)
-        print(f"exit {os.waitstatus_to_exitcode(status)}", flush=True)
+        with os.fdopen(read_end, "rb") as pipe:
+            failed = pipe.read().decode(errors="replace")
+        # JSON: a test id may hold spaces or newlines (pytest's parametrize ids)
+        print(f"exit {os.waitstatus_to_exitcode(status)} {json.dumps(failed)}", flush=True)
 
 
 if __name__ == "__main__":

@@ -128,6 +128,8 @@ def test_caught_survived_and_timeout_reported_and_tree_restored(tiny_repo, tmp_p
 
     # observable by test_double: x * 2 -> x / 2
     assert status_of("x * 2", "arith") == "caught"
+    (arith,) = [line for line in lines if "[arith]" in line and "x * 2" in line]
+    assert arith.endswith("(by tests/test_calc.py::test_double)")
     # nothing calls untested(): returning None instead of 1 cannot be seen
     assert status_of("return 1", "return") == "survived"
     # deleting the loop's increment never ends: stopped by the timeout, counted as caught
