@@ -108,6 +108,17 @@ def test_unquantized_model_is_saved_dense_with_its_recipe(tiny_llama, tmp_path):
     assert Recipe.from_file(out / "recipe.yaml") == expected
 
 
+def test_the_tokenizer_is_saved_beside_the_model(stories_model_path, tmp_path):
+    from transformers import AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(stories_model_path)
+    tokenizer = AutoTokenizer.from_pretrained(stories_model_path)
+    out = save_compressed(model, tmp_path / "ckpt", tokenizer=tokenizer)
+    reloaded = AutoTokenizer.from_pretrained(out)
+    text = "Once upon a time"
+    assert reloaded(text)["input_ids"] == tokenizer(text)["input_ids"]
+
+
 def test_a_readme_that_is_not_utf8_is_not_ours_and_stays(tiny_llama, tmp_path):
     out = tmp_path / "ckpt"
     out.mkdir()

@@ -97,6 +97,13 @@ def test_a_recipe_equals_only_recipes():
     assert recipe.__eq__(STAGED) is NotImplemented
 
 
+def test_repr_names_the_stages_and_the_modifiers():
+    assert repr(Recipe.from_yaml(STAGED)) == (
+        "Recipe(stages=['first', 'second'], modifiers=[RecordingModifier, RecordingModifier, "
+        "RecordingModifier, RecordingModifier, RecordingModifier])"
+    )
+
+
 def test_unknown_modifier_lists_closest_names():
     with pytest.raises(RecipeError) as err:
         Recipe.from_yaml("s_stage:\n  g_modifiers:\n    RecordingModifer: {}\n")
