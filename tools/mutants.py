@@ -70,7 +70,7 @@ def _short(node: ast.AST, limit: int = 70) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _changed_constant(value: object) -> object | None:
+def _changed_constant(value: object) -> bool | int | float | str | None:
     """The planted value for a constant, or None when it is not mutated."""
     if isinstance(value, bool):
         return not value
