@@ -20,18 +20,15 @@ The report (one line per mutant: status, file:line, operator, code before and af
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
-import select
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,10 +36,10 @@ from loguru import logger
 from tqdm import tqdm
 
 from tools.mutants import Site, find_sites, mutant_source
+from tools.mutate_worker import DEFAULT_PRELOAD, SURVIVED, TIMEOUT, PytestWorker
 
 __all__ = ["Outcome", "choose_sites", "format_report", "main", "run_mutations"]
 
-CAUGHT, TIMEOUT, SURVIVED = "caught", "timeout", "survived"
 _SKIP_DIRS = {".git", ".venv", "__pycache__", ".pytest_cache", ".mypy_cache", ".ruff_cache"}
 
 
@@ -103,87 +100,6 @@ def _copy_of(root: Path) -> Iterator[Path]:
         yield copy
     finally:
         shutil.rmtree(holder, ignore_errors=True)
-
-
-# imported once by the worker, before any mutant: what the tests of this project load anyway
-DEFAULT_PRELOAD = (
-    "torch,transformers,transformers.models.llama.modeling_llama,compressed_tensors,"
-    "pydantic,yaml,loguru,tqdm,accelerate,hypothesis,numpy"
-)
-
-
-class _Worker:
-    """A ``mutate_worker.py`` process in the copy, which forks one pytest run per request."""
-
-    def __init__(self, copy: Path, tests: Sequence[str], preload: str) -> None:
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(
-            [str(copy / "src"), str(copy)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
-        )
-        env["PYTHONDONTWRITEBYTECODE"] = "1"
-        worker = Path(__file__).resolve().parent / "mutate_worker.py"
-        args = ["-x", "-q", "-p", "no:cacheprovider", *tests]
-        self._process = subprocess.Popen(
-            [sys.executable, str(worker), preload, *args],
-            cwd=copy,
-            env=env,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            bufsize=1,
-        )
-        self._child: int | None = None
-
-    def _read(self, timeout: float | None) -> str | None:
-        assert self._process.stdout is not None
-        ready, _, _ = select.select([self._process.stdout], [], [], timeout)
-        if not ready:
-            return None
-        line = self._process.stdout.readline()
-        if not line:
-            raise RuntimeError(f"the test worker ended (exit {self._process.wait()})")
-        return line.strip()
-
-    def run(self, timeout: float) -> tuple[str, float, str]:
-        """Run the tests once on the copy as it is now: (status, seconds, the first failing
-        test or "")."""
-        assert self._process.stdin is not None
-        start = time.monotonic()
-        self._process.stdin.write("run\n")
-        self._process.stdin.flush()
-        started = self._read(timeout=600)
-        if started is None or not started.startswith("pid "):
-            raise RuntimeError(f"the test worker did not start a run: {started!r}")
-        self._child = int(started.split()[1])
-        finished = self._read(timeout=timeout)
-        if finished is None:
-            self._kill_child()
-            self._read(timeout=60)  # the worker reports the killed child
-            return TIMEOUT, time.monotonic() - start, ""
-        self._child = None
-        _, code_text, failed_json = finished.split(maxsplit=2)
-        code, failed = int(code_text), json.loads(failed_json)
-        if code not in (0, 1):  # 2-5: interrupted, internal error, usage, no tests collected
-            logger.debug("pytest exited {} on a mutant", code)
-        status = SURVIVED if code == 0 else CAUGHT
-        return status, time.monotonic() - start, failed
-
-    def _kill_child(self) -> None:
-        if self._child is not None:
-            with suppress(ProcessLookupError, PermissionError):
-                os.killpg(self._child, signal.SIGKILL)
-            self._child = None
-
-    def close(self) -> None:
-        self._kill_child()
-        with suppress(OSError):
-            assert self._process.stdin is not None
-            self._process.stdin.close()
-        try:
-            self._process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self._process.kill()
-            self._process.wait()
 
 
 def _check_imports_copy(copy: Path, module: Path) -> None:
@@ -263,7 +179,7 @@ def run_mutations(
     with _copy_of(root) as copy:
         target = copy / module
         _check_imports_copy(copy, module)
-        worker = _Worker(copy, tests, preload)
+        worker = PytestWorker(copy, tests, preload)
         try:
             status, baseline, failed = worker.run(timeout=3600)
             if status != SURVIVED:
