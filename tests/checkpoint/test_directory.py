@@ -252,3 +252,14 @@ def test_an_output_created_during_the_save_is_not_replaced(small_model, tmp_path
     assert len(watcher.saved_to) == 1
     assert os.listdir(out) == ["theirs.txt"]
     assert os.listdir(tmp_path) == ["ckpt"]  # the partial directory is gone too
+
+
+def test_output_arguments_default_to_a_compressed_save_that_replaces_nothing():
+    from pydantic import ValidationError
+
+    args = saving.OutputArguments(output_dir="out")
+    assert args.output_dir == Path("out")
+    assert args.save_compressed is True and args.overwrite is False
+    assert saving.OutputArguments().output_dir is None  # nothing is saved
+    with pytest.raises(ValidationError, match="overwrit"):
+        saving.OutputArguments(output_dir="out", overwrit=True)
