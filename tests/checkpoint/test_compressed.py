@@ -100,9 +100,32 @@ def test_w4a16_group128_checkpoint_is_under_0_3x_of_fp16(wide_llama, token_batch
 
 def test_unquantized_model_is_saved_dense_with_its_recipe(tiny_llama, tmp_path):
     out = save_compressed(
-        tiny_llama, tmp_path / "dense", recipe=[QuantizationModifier(scheme="W8A8")]
+        tiny_llama, tmp_path / "runs" / "dense", recipe=[QuantizationModifier(scheme="W8A8")]
     )
+    assert out == tmp_path / "runs" / "dense"  # missing parents created
     assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    expected = Recipe.from_modifiers([QuantizationModifier(scheme="W8A8")])
+    assert Recipe.from_file(out / "recipe.yaml") == expected
+
+
+def test_the_tokenizer_is_saved_beside_the_model(stories_model_path, tmp_path):
+    from transformers import AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(stories_model_path)
+    tokenizer = AutoTokenizer.from_pretrained(stories_model_path)
+    out = save_compressed(model, tmp_path / "ckpt", tokenizer=tokenizer)
+    reloaded = AutoTokenizer.from_pretrained(out)
+    text = "Once upon a time"
+    assert reloaded(text)["input_ids"] == tokenizer(text)["input_ids"]
+
+
+def test_a_readme_that_is_not_utf8_is_not_ours_and_stays(tiny_llama, tmp_path):
+    out = tmp_path / "ckpt"
+    out.mkdir()
+    latin1 = "# Modèle d'équipe\n".encode("latin-1")
+    (out / "README.md").write_bytes(latin1)
+    save_compressed(tiny_llama, out, recipe=[QuantizationModifier(scheme="W8A8")])
+    assert (out / "README.md").read_bytes() == latin1
     assert (out / "recipe.yaml").is_file()
 
 

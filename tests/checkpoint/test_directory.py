@@ -192,3 +192,74 @@ def test_leftovers_of_a_save_that_still_runs_are_left_alone(tmp_path):
     assert partial.is_dir()
     swap_into_place(partial, target)
     assert os.listdir(tmp_path) == ["ckpt"]
+
+
+class _WatchesTheSave:
+    """A tokenizer for save_checkpoint that records where it is asked to save (the partial
+    directory) and can run an action there, as another process would meanwhile."""
+
+    def __init__(self, meanwhile=None):
+        self.saved_to: list[Path] = []
+        self.meanwhile = meanwhile
+
+    def save_pretrained(self, directory):
+        directory = Path(directory)
+        self.saved_to.append(directory)
+        (directory / "tokenizer_config.json").write_text("{}")
+        if self.meanwhile is not None:
+            self.meanwhile()
+
+
+def test_the_checkpoint_is_written_beside_the_output_and_holds_its_recipe(small_model, tmp_path):
+    """The partial directory must sit on the output's file system (beside it), where renaming
+    it into place is atomic; the system temp directory may be another file system."""
+    from compressor.modifiers.quantization import QuantizationModifier
+
+    out = tmp_path / "runs" / "day1" / "ckpt"  # two parents missing
+    recipe = Recipe.from_modifiers([QuantizationModifier(scheme="W8A8", ignore=["lm_head"])])
+    watcher = _WatchesTheSave()
+    saving.save_checkpoint(small_model, out, recipe, watcher, save_compressed=False)
+    (partial,) = watcher.saved_to
+    assert partial.parent == out.parent and partial.name.startswith(".ckpt.partial-")
+    assert not partial.exists() and (out / "tokenizer_config.json").is_file()
+    assert Recipe.from_file(out / "recipe.yaml") == recipe
+    assert os.listdir(out.parent) == ["ckpt"]
+
+
+def test_an_existing_output_is_refused_before_anything_is_written(small_model, tmp_path):
+    out = tmp_path / "ckpt"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    watcher = _WatchesTheSave()
+    with pytest.raises(FileExistsError, match="already exists"):
+        saving.save_checkpoint(small_model, out, Recipe.from_modifiers([]), watcher)
+    assert watcher.saved_to == []  # refused before the model was written
+    assert os.listdir(out) == ["notes.txt"]
+
+
+def test_an_output_created_during_the_save_is_not_replaced(small_model, tmp_path):
+    """Another process may create output_dir while this save writes: the check is made again
+    just before the swap, so its files are never moved aside and removed."""
+    out = tmp_path / "ckpt"
+
+    def another_process_saves_there():
+        out.mkdir()
+        (out / "theirs.txt").write_text("their work")
+
+    watcher = _WatchesTheSave(meanwhile=another_process_saves_there)
+    with pytest.raises(FileExistsError, match="already exists"):
+        saving.save_checkpoint(small_model, out, Recipe.from_modifiers([]), watcher)
+    assert len(watcher.saved_to) == 1
+    assert os.listdir(out) == ["theirs.txt"]
+    assert os.listdir(tmp_path) == ["ckpt"]  # the partial directory is gone too
+
+
+def test_output_arguments_default_to_a_compressed_save_that_replaces_nothing():
+    from pydantic import ValidationError
+
+    args = saving.OutputArguments(output_dir="out")
+    assert args.output_dir == Path("out")
+    assert args.save_compressed is True and args.overwrite is False
+    assert saving.OutputArguments().output_dir is None  # nothing is saved
+    with pytest.raises(ValidationError, match="overwrit"):
+        saving.OutputArguments(output_dir="out", overwrit=True)

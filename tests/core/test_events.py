@@ -25,14 +25,15 @@ def test_event_type_values():
     [
         (dict(steps_per_epoch=10, global_step=25, global_batch=25), True, 2, 2.5, 5, 5, 2.5),
         (dict(steps_per_epoch=10, global_step=9, global_batch=9), True, 0, 0.9, 9, 9, 0.9),
+        # 8 batches an epoch under accumulation: 13 % 8, where 4 batches would give 13 % 4
         (
-            dict(steps_per_epoch=4, batches_per_step=2, global_step=5, global_batch=11),
+            dict(steps_per_epoch=4, batches_per_step=2, global_step=6, global_batch=13),
             True,
             1,
-            1.25,
-            1,
-            3,
-            1.25,
+            1.5,
+            2,
+            5,
+            1.5,
         ),
         (dict(steps_per_epoch=3, global_step=0), True, 0, 0.0, 0, 0, 0.0),
     ],
@@ -90,6 +91,11 @@ def test_current_index_setter(kwargs, value, global_step, global_batch):
         (dict(global_step=15, steps_per_epoch=10), 1, 2, 0.5, True),
         (dict(global_step=14, steps_per_epoch=10), 1, 2, 0.5, False),
         (dict(global_step=25, steps_per_epoch=10), 1, 2, None, False),
+        # every 0.1 epoch: 0.3 / 0.1 and 0.7 / 0.1 fall just below 3 and 7 in binary
+        (dict(global_step=3, steps_per_epoch=10), None, None, 0.1, True),
+        (dict(global_step=7, steps_per_epoch=10), None, None, 0.1, True),
+        (dict(global_step=5, steps_per_epoch=20), None, None, 0.1, False),
+        (dict(global_step=10, steps_per_epoch=3), None, None, 0.1, False),
     ],
 )
 def test_should_update(kwargs, start, end, update, expected):

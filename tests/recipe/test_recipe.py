@@ -57,6 +57,53 @@ def test_from_modifiers_and_file(tmp_path):
         Recipe.from_file(tmp_path / "nope.yaml")
 
 
+def test_from_modifiers_puts_each_modifier_in_the_named_group():
+    first, second = RecordingModifier(tag="a"), RecordingModifier(tag="b")
+    recipe = Recipe.from_modifiers([first, second], stage="train", group="prune")
+    assert [(m.group, m.index) for m in (first, second)] == [("prune", 0), ("prune", 1)]
+    assert list(recipe.to_dict()) == ["train_stage"]
+    assert list(recipe.to_dict()["train_stage"]) == ["prune_modifiers"]
+    assert Recipe.from_modifiers([RecordingModifier()]).modifiers[0].group == "default"
+
+
+@pytest.mark.parametrize(
+    "other",
+    [
+        STAGED.replace("tag: e, end: 9", "tag: e, end: 8"),  # one argument
+        STAGED.replace("second_stage", "third_stage"),  # a stage's name
+        STAGED.replace("other_modifiers", "another_modifiers"),  # a group's name
+        STAGED.replace("    - RecordingModifier: {tag: e, end: 9}\n", ""),  # one modifier fewer
+        STAGED.replace("{tag: d}", "{tag: D}")
+        .replace("{tag: e, end: 9}", "{tag: d}")
+        .replace("{tag: D}", "{tag: e, end: 9}"),  # two modifiers in the other order
+    ],
+)
+def test_recipes_that_differ_are_not_equal(other):
+    """The round-trip tests rest on ``==``: it must see a change anywhere in a recipe."""
+    recipe = Recipe.from_yaml(STAGED)
+    changed = Recipe.from_yaml(other)
+    assert changed != recipe
+    assert recipe == Recipe.from_yaml(STAGED)
+
+
+def test_a_recipe_equals_only_recipes():
+    recipe = Recipe.from_yaml(STAGED)
+    # Recorder is another name of RecordingModifier: the same recipe
+    flat = "modifiers:\n  - {}: {{tag: x, start: 1}}\n"
+    assert Recipe.from_yaml(flat.format("Recorder")) == Recipe.from_yaml(
+        flat.format("RecordingModifier")
+    )
+    assert recipe != STAGED and recipe != recipe.to_dict()
+    assert recipe.__eq__(STAGED) is NotImplemented
+
+
+def test_repr_names_the_stages_and_the_modifiers():
+    assert repr(Recipe.from_yaml(STAGED)) == (
+        "Recipe(stages=['first', 'second'], modifiers=[RecordingModifier, RecordingModifier, "
+        "RecordingModifier, RecordingModifier, RecordingModifier])"
+    )
+
+
 def test_unknown_modifier_lists_closest_names():
     with pytest.raises(RecipeError) as err:
         Recipe.from_yaml("s_stage:\n  g_modifiers:\n    RecordingModifer: {}\n")
@@ -92,6 +139,7 @@ def test_bad_value_names_the_path_the_value_and_what_was_expected():
         ("s_stage:\n  g_modifiers: []\n", "holds no modifiers"),
         ("s_stage:\n  g_modifiers:\n    Recorder: 5\n", "arguments must be a mapping"),
         ("s_stage:\n  g_modifiers:\n    Recorder: {index: 3}\n", "set by the recipe's layout"),
+        ("s_stage:\n  g_modifiers:\n    Recorder: {group: h}\n", "group: set by the recipe's"),
         ("modifiers: []\nx_stage: {}\n", "not both"),
         ("modifiers:\n  - {A: 1, B: 2}\n", r"modifiers\[0\]: expected a mapping of one"),
         ("s_stage: {g_modifiers: {Recorder: {}}\n", "not valid YAML"),
