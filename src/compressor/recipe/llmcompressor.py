@@ -97,15 +97,6 @@ LLMCOMPRESSOR_FIELDS: tuple[LlmcompressorField, ...] = (
         )
         for name in ("weight_observer", "input_observer", "output_observer")
     ),
-    LlmcompressorField(
-        "transform_block_size",
-        ("SpinQuantModifier",),
-        _is_none,
-        "null: each rotation spans its whole dimension (hidden size for R1, head size for "
-        "R2), as here",
-        "block-diagonal rotations (one Hadamard per block of that many channels) are not "
-        "supported; leave transform_block_size unset",
-    ),
 )
 
 

@@ -46,27 +46,14 @@ def test_fields_match_llm_compressor_and_normalise():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"rotations": ["R1", "r4"]}, r"\['R4'\] are online rotations.*out of scope"),
-        ({"rotations": ["R5"]}, r"must be among R1, R2; got \['R5'\]"),
+        ({"rotations": ["R1", "r3"]}, r"\['R3'\] are online rotations.*not supported"),
+        ({"rotations": ["R5"]}, r"must be among R1, R2, R3, R4; got \['R5'\]"),
         ({"rotations": ["R1", "r1"]}, "lists one twice"),
         ({"transform_type": "walsh"}, "hadamard"),
         ({"learnable": True}, "learnable=True"),
         ({"precision": "int8"}, r"precision must be one of torch.float64"),
         ({"precision": "float77"}, "No such torch dtype"),
         ({"mapping": {}}, "mapping"),
-        (
-            {
-                "transform_config": {
-                    "config_groups": {
-                        "R4": {
-                            "type": "hadamard",
-                            "apply": [{"targets": ["re:.*down_proj$"], "location": "input"}],
-                        }
-                    }
-                }
-            },
-            r"R4: location 'input' is an online rotation",
-        ),
         (
             {"transform_config": {"config_groups": {"R1": {"type": "quip", "apply": []}}}},
             r"config_groups.R1.type must be one of",
