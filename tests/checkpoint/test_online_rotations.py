@@ -30,7 +30,7 @@ def _llama(hidden_size=64, **overrides):
     return model
 
 
-def _w4a8():
+def _w4a8(**extra):
     weights = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "channel"}
     activations = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token"}
     return QuantizationModifier(
@@ -42,6 +42,7 @@ def _w4a8():
                 "input_activations": {**activations, "dynamic": True},
             }
         },
+        **extra,
     )
 
 
@@ -125,3 +126,22 @@ def test_llm_compressor_recipe_with_r4_and_a_block_size_runs_unchanged(tmp_path)
     model.save_pretrained(tmp_path)
     reloaded = load_model(tmp_path, compressed_ok=True)
     torch.testing.assert_close(_logits(reloaded), _logits(model), atol=1e-4, rtol=0)
+
+
+def test_r3_with_a_quantized_cache_reloads_equal(tmp_path):
+    from datasets import Dataset
+
+    model = _llama(intermediate_size=128)
+    kv = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "tensor", "dynamic": False}
+    quant = _w4a8(kv_cache_scheme=kv)
+    data = Dataset.from_dict({"input_ids": [row.tolist() for row in IDS]})
+    oneshot(model=model, recipe=[SpinQuantModifier(rotations=["R1", "R2", "R3", "R4"]), quant],
+            dataset=data)  # fmt: skip
+    expected = _logits(model)
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert list(saved["transform_config"]["config_groups"]) == ["R3", "R4"]
+    assert saved["kv_cache_scheme"]["num_bits"] == 8
+    reloaded = load_model(tmp_path, compressed_ok=True)
+    assert reloaded.model.layers[1].self_attn.R3_k_cache is not None
+    torch.testing.assert_close(_logits(reloaded), expected, atol=1e-4, rtol=0)

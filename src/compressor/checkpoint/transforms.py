@@ -22,11 +22,8 @@ from compressed_tensors.transform.factory.base import TransformBase
 from loguru import logger
 
 from compressor.checkpoint.kv_cache import _checkpoint_tensors
-from compressor.modifiers.transform.spinquant.online import (
-    TRANSFORM_CONFIG_ATTR,
-    apply_online_transforms,
-    online_part,
-)
+from compressor.modifiers.transform.spinquant.online import TRANSFORM_CONFIG_ATTR, online_part
+from compressor.modifiers.transform.spinquant.online_attention import apply_online_rotations
 
 __all__ = ["has_online_transforms", "restore_online_rotations", "saved_transform_config"]
 
@@ -63,7 +60,7 @@ def restore_online_rotations(model: torch.nn.Module, path: str | Path) -> bool:
     runtime = online_part(config)
     if not runtime.config_groups:
         return False
-    apply_online_transforms(model, runtime)
+    apply_online_rotations(model, runtime)
     setattr(model, TRANSFORM_CONFIG_ATTR, config)  # the whole config, as it was saved
     names = [
         f"{name}.{key}"

@@ -18,6 +18,7 @@ from pydantic import Field, PrivateAttr, field_validator
 from compressor.core.events import Event
 from compressor.core.state import State
 from compressor.modifiers.base import Modifier
+from compressor.modifiers.quantization.kv_cache import kv_cache_scheme_of
 from compressor.modifiers.transform.spinquant.apply import (
     apply_fused_transforms,
     check_fused_config,
@@ -34,19 +35,22 @@ from compressor.modifiers.transform.spinquant.mappings import (
 )
 from compressor.modifiers.transform.spinquant.matrices import hadamard_supported, rotation_matrix
 from compressor.modifiers.transform.spinquant.online import (
-    apply_online_transforms,
     check_online_scheme,
     is_online_scheme,
     online_hadamard_type,
     r4_scheme,
     split_transform_config,
 )
+from compressor.modifiers.transform.spinquant.online_attention import (
+    apply_online_rotations,
+    is_r3_scheme,
+    r3_scheme,
+)
 from compressor.utils.finite import check_finite_weights
 
 __all__ = ["SpinQuantModifier"]
 
 _ROTATIONS = ("R1", "R2", "R3", "R4")
-_ONLINE = ("R3",)  # R3 is not built yet
 _PRECISIONS = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -72,16 +76,19 @@ class SpinQuantModifier(Modifier):
       grouped-query attention stays exact); then the online R4 (a Hadamard on down_proj's
       input, at runtime, as compressed-tensors transform modules recorded in the model's
       ``transform_config``, with its inverse fused into down_proj's weight; see
-      ``spinquant/online.py``)
-    - ``on_end`` / ``on_finalize``: nothing left to undo; the weights are an ordinary
-      checkpoint
+      ``spinquant/online.py``) and R3 (per head on queries and keys after RoPE;
+      ``spinquant/online_attention.py``)
+    - ``on_finalize``: warn when R3 was applied but no ``kv_cache_scheme`` quantizes the cache
+    - ``on_end``: nothing left to undo; the weights are an ordinary checkpoint (online
+      rotations are recorded in the model's ``transform_config``, which saving writes)
 
     Embeddings are not centred: the inferred architectures use RMSNorm, for which centring is
     neither needed nor exact. LayerNorm models (which would need centring and a conversion to
     RMSNorm) are refused.
 
-    :param rotations: which rotations, case-insensitive: ``R1``, ``R2`` (fused; the default)
-        and ``R4`` (online, on down_proj's input)
+    :param rotations: which rotations, case-insensitive: ``R1``, ``R2`` (fused; the default),
+        ``R3`` (online, per head on the queries and keys after RoPE, for a quantized key/value
+        cache; a warning without one) and ``R4`` (online, on down_proj's input)
     :param transform_type: ``hadamard`` (powers of two and compressed-tensors' known orders
         ``k * 2**m``), ``random-hadamard`` (same sizes, random signs) or ``random-matrix``
         (random orthogonal, any size)
@@ -132,12 +139,6 @@ class SpinQuantModifier(Modifier):
         if not isinstance(value, list | tuple):
             return value
         names = [v.upper() if isinstance(v, str) else v for v in value]
-        online = [n for n in names if n in _ONLINE]
-        if online:
-            raise ValueError(
-                f"rotations {online} are online rotations of the queries and keys after RoPE, "
-                "not supported; allowed: R1, R2, R4"
-            )
         unknown = [v for v, n in zip(value, names, strict=True) if n not in _ROTATIONS]
         if unknown:
             raise ValueError(f"rotations must be among {', '.join(_ROTATIONS)}; got {unknown}")
@@ -201,7 +202,20 @@ class SpinQuantModifier(Modifier):
         fused, online = split_transform_config(self._config)
         apply_fused_transforms(model, fused, self.precision)
         if online.config_groups:
-            apply_online_transforms(model, online)
+            apply_online_rotations(model, online)
+
+    def on_finalize(self, state: State) -> None:
+        r3 = self._config is not None and any(
+            is_r3_scheme(s) for s in self._config.config_groups.values()
+        )
+        if r3 and state.model is not None and kv_cache_scheme_of(state.model) is None:
+            logger.warning(
+                "R3 rotates the queries and keys after RoPE so that a quantized key/value cache "
+                "loses less, but no kv_cache_scheme quantizes this model's cache: R3 changes "
+                "nothing and costs two head_dim x head_dim products per head and token in every "
+                "attention layer at runtime. Add a kv_cache_scheme to the QuantizationModifier, "
+                "or drop R3"
+            )
 
     # ---------------------------------------------------------------- parts
     def _build_config(self, model: torch.nn.Module, mapping: SpinQuantMapping) -> TransformConfig:
@@ -234,6 +248,14 @@ class SpinQuantModifier(Modifier):
                     TransformArgs(targets=[mapping.attn_v], location="weight_output"),
                     TransformArgs(targets=[mapping.attn_o], location="weight_input", inverse=True),
                 ],
+            )
+        if "R3" in self.rotations:
+            groups["R3"] = r3_scheme(
+                _attention_classes(model, mapping),
+                self.transform_type,
+                get_head_dim(model.config),
+                randomize=self.randomize,
+                precision=_online_precision(self.precision),
             )
         if "R4" in self.rotations:
             groups["R4"] = r4_scheme(
@@ -294,6 +316,10 @@ class SpinQuantModifier(Modifier):
                             f"rotation {name}: target {target!r} matches no module of "
                             f"{type(model).__name__}; pass `mappings` for this architecture"
                         )
+                if is_r3_scheme(scheme):
+                    assert scheme.head_dim is not None
+                    online_hadamard_type(scheme.type, scheme.head_dim, f"{name} (head_dim)")
+                    continue
                 found = match_named_modules(model, args.targets, args.ignore)
                 for module_name, module in found:
                     width = _rotated_width(module, args.location)
@@ -313,6 +339,12 @@ class SpinQuantModifier(Modifier):
         for norm, linears in groups:
             fuse_norm_into_linears(norm, linears, self.precision)
         return len(groups)
+
+
+def _attention_classes(model: torch.nn.Module, mapping: SpinQuantMapping) -> list[str]:
+    """The class names of the modules holding the query projections: the attention modules."""
+    parents = {name.rpartition(".")[0] for name, _ in match_named_modules(model, [mapping.attn_q])}
+    return sorted({type(model.get_submodule(parent)).__name__ for parent in parents})
 
 
 def _online_precision(precision: torch.dtype) -> torch.dtype:

@@ -11,7 +11,8 @@ checkpoint's ``config.json`` carries for runtimes (vLLM) and loaders to rebuild 
   activation) is spread out. ``block_size`` makes ``H`` block-diagonal.
 - **R3**: a Hadamard per head on the queries and keys after the rotary embedding
   (``q_attn`` / ``k_cache``): ``q . k`` is unchanged and a quantized key cache sees rotated keys.
-  (see :mod:`compressor.modifiers.transform.spinquant.online_attention` for how it is hooked).
+  (``spinquant/online_attention.py``, which also applies a whole online config:
+  ``apply_online_rotations``).
 
 compressed-tensors builds ``hadamard`` (Sylvester) for powers of two only and
 ``random-hadamard`` (a known order ``k`` times a power of two, with random signs) for the other
@@ -40,7 +41,9 @@ from compressor.modifiers.transform.spinquant.matrices import (
 __all__ = [
     "ONLINE_LOCATIONS",
     "ONLINE_TYPES",
-    "apply_online_transforms",
+    "TRANSFORM_CONFIG_ATTR",
+    "apply_input_rotations",
+    "record_transform_config",
     "check_online_scheme",
     "is_online_scheme",
     "online_hadamard_type",
@@ -192,10 +195,23 @@ def online_part(config: TransformConfig) -> TransformConfig:
     return TransformConfig(config_groups=groups)
 
 
-def apply_online_transforms(model: torch.nn.Module, config: TransformConfig) -> dict[str, int]:
-    """Apply online schemes with compressed-tensors (their fused inverses go into the weights,
-    their runtime parts become transform submodules with hooks) and record them in the
-    model's ``transform_config``, after any recorded before.
+def record_transform_config(model: torch.nn.Module, config: TransformConfig) -> None:
+    """Add ``config``'s schemes to the model's ``transform_config`` (what a checkpoint saves),
+    after any recorded before."""
+    previous: Any = getattr(model, TRANSFORM_CONFIG_ATTR, None)
+    merged = (
+        previous.model_copy(deep=True)
+        if isinstance(previous, TransformConfig)
+        else TransformConfig(config_groups={})
+    )
+    merged.merge(config.model_copy(deep=True))
+    setattr(model, TRANSFORM_CONFIG_ATTR, merged)
+
+
+def apply_input_rotations(model: torch.nn.Module, config: TransformConfig) -> dict[str, int]:
+    """Apply online schemes on Linear inputs (R4) with compressed-tensors: their fused inverses
+    go into the weights, their runtime parts become transform submodules with hooks. The model's
+    ``transform_config`` is left for the caller to record.
 
     :return: how many modules each scheme touched
     """
@@ -211,12 +227,7 @@ def apply_online_transforms(model: torch.nn.Module, config: TransformConfig) -> 
             raise ValueError(f"rotation {name}: its targets match no module of the model")
     previous: Any = getattr(model, TRANSFORM_CONFIG_ATTR, None)
     apply_transform_config(model, config)
-    if isinstance(previous, TransformConfig):
-        merged = previous.model_copy(deep=True)
-        merged.merge(config)
-        setattr(model, TRANSFORM_CONFIG_ATTR, merged)
+    setattr(model, TRANSFORM_CONFIG_ATTR, previous)  # the caller records what it applied
     for name, scheme in config.config_groups.items():
-        logger.info(
-            "online rotation {} ({}) applied to {} module(s)", name, scheme.type, counts[name]
-        )
+        logger.info("online rotation {} ({}) on {} module(s)", name, scheme.type, counts[name])
     return counts
