@@ -267,3 +267,17 @@ def test_targets_that_match_nothing_fail_at_initialize():
         pytest.raises(ValueError, match=r"target 're:.\*query\$' matches no"),
     ):
         session.initialize(_llama(), SpinQuantModifier(mappings=mapping))
+
+
+def test_opt_and_gpt2_layernorm_models_are_refused_naming_the_norm():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from conftest import tiny_opt
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=128))
+    for model in (tiny_opt(), gpt2):
+        with (
+            create_session() as session,
+            pytest.raises(ValueError, match=r"normalises with LayerNorm .*only RMSNorm models"),
+        ):
+            session.initialize(model, SpinQuantModifier())
