@@ -202,6 +202,7 @@ def spinquant_cases(size: str) -> list[Case]:
         ("R1R2 + W4A16", "spin_r1r2_w4a16", (spin, QUANT)),
         ("W4A4", "spin_w4a4", (QUANT,)),
         ("R1R2 + W4A4", "spin_r1r2_w4a4", (spin, QUANT)),
+        ("R1R2R4 + W4A4", "spin_r1r2r4_w4a4", (spin, QUANT)),
     ):
         cases.append(
             Case(
@@ -214,6 +215,27 @@ def spinquant_cases(size: str) -> list[Case]:
                 requires=(ONESHOT, *needs),
             )  # fmt: skip
         )
+    if size == "full":
+        cases.extend(_activation_only_cases())
+    return cases
+
+
+def _activation_only_cases() -> list[Case]:
+    """Issue 23's table: SmolLM2-135M with only the activations quantized (its weights sit on
+    a Q4_1 grid that any rotation leaves), per-token dynamic int4 and int6, with no rotation,
+    R1R2 and R1R2R4; WikiText-2, 6 windows of 512 tokens."""
+    model, ev, spin = "smollm2-135m", (512, 6), "compressor.modifiers.SpinQuantModifier"
+    cases = [_fp("spinquant", model, ev)]
+    for bits in (4, 6):
+        for name, recipe, needs in (
+            (f"A{bits}", f"spin_a{bits}", (QUANT,)),
+            (f"R1R2 + A{bits}", f"spin_r1r2_a{bits}", (spin, QUANT)),
+            (f"R1R2R4 + A{bits}", f"spin_r1r2r4_a{bits}", (spin, QUANT)),
+        ):
+            cases.append(Case("spinquant", name, model, "oneshot", _both(recipe), eval=ev,
+                              requires=(ONESHOT, *needs)))  # fmt: skip
+    cases.append(Case("spinquant", "R1R2R4 blocks of 64 + A4", model, "oneshot",
+                      _both("spin_r1r2r4_b64_a4"), eval=ev, requires=(ONESHOT, spin, QUANT)))  # fmt: skip
     return cases
 
 
@@ -335,8 +357,11 @@ SUITES: dict[str, Suite] = {
               "stories260K, SmolLM2 and synthetic Llamas, against llm-compressor on the same calibration rows: "
               "wall time, peak memory, perplexity. Goal: at least 2x faster.", gptq_cases),
         Suite("spinquant", "FP, W4A16 and W4A4 (int4 per-channel weights, int4 dynamic "
-              "per-token activations), each with and without R1+R2 rotations, on stories260K; "
-              "perplexity against llm-compressor's SpinQuantModifier.", spinquant_cases),
+              "per-token activations), each with and without R1+R2 rotations (and R1+R2+R4 "
+              "for W4A4), on stories260K; at size full also SmolLM2-135M with only its "
+              "activations quantized (per-token dynamic int4 and int6) under no rotation, "
+              "R1R2 and R1R2R4; perplexity against llm-compressor's SpinQuantModifier.",
+              spinquant_cases),
         Suite("prune", "Forward latency of the cleaned model (50% of heads and 50% of MLP rows "
               "removed) against the dense one, and perplexity of stories260K at 50% "
               "unstructured and 2:4 sparsity: by magnitude (ours alone: llm-compressor's "

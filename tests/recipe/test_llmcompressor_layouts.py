@@ -85,14 +85,6 @@ def _quant(fields: str, name: str = "QuantizationModifier", scheme: str = "W4A16
         (_quant("weight_observer: mse"), "overriding the scheme's observer"),
         (_quant("observer: {weights: mse}"), "mapping of roles to observer names"),
         (
-            "s_stage:\n  t_modifiers:\n    SpinQuantModifier: {transform_block_size: 16}\n",
-            "block-diagonal rotations",
-        ),
-        (
-            "s_stage:\n  t_modifiers:\n    SpinQuantModifier: {rotations: [R1, R3]}\n",
-            r"rotations \['R3'\] are online rotations",
-        ),
-        (
             "s_stage:\n  run_type: calibrate\n  q_modifiers:\n    GPTQ: {scheme: W4A16}\n",
             "run_type",
         ),

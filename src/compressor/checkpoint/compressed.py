@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from compressed_tensors import TRANSFORM_CONFIG_NAME
 from compressed_tensors.compressors import ModelCompressor
 from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus
 from compressed_tensors.quantization.utils import is_model_quantized
@@ -13,6 +14,7 @@ from loguru import logger
 
 from compressor.checkpoint.model_card import MODEL_CARD_FILE, is_model_card
 from compressor.checkpoint.sparsity import sparsity_config, write_sparsity_config
+from compressor.checkpoint.transforms import has_online_transforms
 from compressor.core.session import CompressionSession
 from compressor.modifiers.pruning.oneshot import OneShotSparsityModifier
 from compressor.modifiers.pruning.sparse import SparsePruningModifier
@@ -46,11 +48,12 @@ def save_compressed(
     Quantized layers are stored as the scheme says (packed int4, int8, fp8, nvfp4, mxfp4)
     with their scales and zero points, and ``config.json`` gets the ``quantization_config``
     (with the ``kv_cache_scheme`` of a quantized key/value cache, whose scales are saved on
-    the attention modules); a model without quantization is saved as is. A model with sparse
-    Linears (pruned, measured on its weights) gets compressed-tensors' ``sparsity_config``
-    under ``quantization_config`` (structure, sparse modules, global fraction; format
-    ``dense``, see ``checkpoint.sparsity``), quantized or not. The model is unchanged
-    afterwards (it is compressed for the write, then decompressed).
+    the attention modules, and the ``transform_config`` of online rotations, whose matrices
+    are saved on their modules); a model without any of these is saved as is. A model with
+    sparse Linears (pruned, measured on its weights) gets compressed-tensors'
+    ``sparsity_config`` under ``quantization_config`` (structure, sparse modules, global
+    fraction; format ``dense``, see ``checkpoint.sparsity``), quantized or not. The model is
+    unchanged afterwards (it is compressed for the write, then decompressed).
 
     :param model: a transformers model, typically after a compression session
     :param output_dir: the folder to write (created when missing)
@@ -83,6 +86,12 @@ def save_compressed(
                 config_groups={}, quantization_status=QuantizationStatus.FROZEN
             )
         )
+    transform_config = getattr(model, TRANSFORM_CONFIG_NAME, None)
+    if has_online_transforms(model) and transform_config is not None:
+        # the rotations applied at runtime must reach config.json, quantized or not
+        if compressor is None:
+            compressor = ModelCompressor(transform_config=transform_config)
+        compressor.transform_config = transform_config
     if compressor is not None and kv_cache_scheme is not None:
         # compressed-tensors finds the scheme only on attention modules it hooked itself
         assert compressor.quantization_config is not None
@@ -90,6 +99,10 @@ def save_compressed(
     if compressor is None:
         logger.info("the model holds no quantized layers: saving it dense to {}", output)
         _dense_save(model, output, save_kwargs)
+    elif compressor.quantization_config is None:
+        logger.info("saving dense with online rotations (transform_config) to {}", output)
+        _dense_save(model, output, save_kwargs)
+        compressor.update_config(str(output))
     else:
         assert compressor.quantization_config is not None
         _warn_unloadable_zero_points(model, str(compressor.quantization_config.format))
@@ -153,10 +166,10 @@ def enable_compressed_save_pretrained(model: torch.nn.Module, recipe: Any = None
 
 
 def save_pretrained_compressed_after(session: CompressionSession) -> None:
-    """After a session that quantized or sparsified its model, ``model.save_pretrained``
-    writes the compressed format (with the ``sparsity_config`` of a sparse model) and the
-    session's recipe (a ``CompressionSession.finalize_steps`` entry, plugged in by the
-    package root)."""
+    """After a session that quantized or sparsified its model (or gave it online rotations),
+    ``model.save_pretrained`` writes the compressed format (with the ``sparsity_config`` of a
+    sparse model) and the session's recipe (a ``CompressionSession.finalize_steps`` entry,
+    plugged in by the package root)."""
     model = session.state.model if session.state is not None else None
     if model is None:
         return
@@ -165,6 +178,7 @@ def save_pretrained_compressed_after(session: CompressionSession) -> None:
     if (
         is_model_quantized(model)
         or kv_cache_scheme_of(model) is not None
+        or has_online_transforms(model)
         or (prunes and sparsity_config(model) is not None)
     ):
         enable_compressed_save_pretrained(model, session.recipe)

@@ -14,6 +14,7 @@ import torch
 from loguru import logger
 
 from compressor.checkpoint.kv_cache import restore_kv_cache_quantization
+from compressor.checkpoint.transforms import restore_online_rotations
 from compressor.utils.hub import has_hub_id_form
 
 __all__ = [
@@ -82,7 +83,8 @@ def load_model(
     """A loaded model as is; a checkpoint directory, a ``.gguf`` file or a Hugging Face Hub id
     (a str naming no local path, of the form ``name`` or ``org/name``) loaded as a causal LM.
 
-    A checkpoint with a quantized key/value cache gets it back (``restore_kv_cache_quantization``).
+    A checkpoint with a quantized key/value cache gets it back (``restore_kv_cache_quantization``),
+    and one with online rotations gets them back (``restore_online_rotations``).
 
     A GGUF file is dequantized by transformers' GGUF loader (which needs the ``gguf`` package).
     A model that is already compressed (a compressed-tensors checkpoint with packed weights) is
@@ -141,6 +143,7 @@ def load_model(
         if not compressed_ok:
             check_not_compressed(loaded)
         restore_kv_cache_quantization(loaded, path)
+        restore_online_rotations(loaded, path)
         return loaded
     raise FileNotFoundError(
         f"model {str(model)!r} is neither a checkpoint directory nor a .gguf file"

@@ -121,15 +121,6 @@ LLMCOMPRESSOR_FIELDS: tuple[LlmcompressorField, ...] = (
         "it only moves the captured layer outputs to the CPU, for memory",
         "it must be true or false",
     ),
-    LlmcompressorField(
-        "transform_block_size",
-        ("SpinQuantModifier",),
-        _is_none,
-        "null: each rotation spans its whole dimension (hidden size for R1, head size for "
-        "R2), as here",
-        "block-diagonal rotations (one Hadamard per block of that many channels) are not "
-        "supported; leave transform_block_size unset",
-    ),
 )
 
 

@@ -50,3 +50,43 @@ def test_unsupported_size_points_to_random_matrix():
     assert rotation_matrix("random-matrix", 6).shape == (6, 6)
     with pytest.raises(ValueError, match="transform_type must be one of"):
         rotation_matrix("walsh", 8)
+
+
+# ---------------------------------------------------------------- compressed-tensors' table
+def test_the_table_holds_the_orders_compressed_tensors_own_construction_accepts():
+    """Pins what the known-order table is: the file compressed-tensors' public
+    random_hadamard_matrix builds from, so both accept exactly the same sizes."""
+    from compressed_tensors.transform.utils.hadamard import random_hadamard_matrix
+
+    from compressor.modifiers.transform.spinquant.matrices import (
+        hadamard_table_path,
+        known_hadamard,
+        supported_hadamard_orders,
+    )
+
+    assert hadamard_table_path() is not None
+    assert {12, 20, 28, 36, 172} <= set(supported_hadamard_orders())
+    for size in range(4, 400, 4):
+        try:
+            random_hadamard_matrix(size, torch.float64)
+            theirs = True
+        except ValueError:
+            theirs = False
+        assert hadamard_supported(size) == theirs, size
+    for order in (12, 172):
+        known = known_hadamard(order)
+        torch.testing.assert_close(known @ known.T, order * torch.eye(order, dtype=torch.float64))
+
+
+def test_without_the_table_only_powers_of_two_are_supported(monkeypatch):
+    from compressor.modifiers.transform.spinquant import matrices
+
+    monkeypatch.setattr(matrices, "hadamard_table_path", lambda: None)
+    matrices.supported_hadamard_orders.cache_clear()
+    try:
+        assert hadamard_supported(64) and not hadamard_supported(172)
+        with pytest.raises(ValueError, match=r"size 12: a Hadamard matrix needs a power of two"):
+            rotation_matrix("hadamard", 12)
+        assert rotation_matrix("hadamard", 8).shape == (8, 8)
+    finally:
+        matrices.supported_hadamard_orders.cache_clear()

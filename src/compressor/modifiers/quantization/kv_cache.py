@@ -245,7 +245,11 @@ def attach_kv_cache_quantization(
         assert argument is not None
         names = list(inspect.signature(module.forward).parameters)
         position = names.index(argument)
-        module.register_forward_pre_hook(_swap_in_quantizer(argument, position), with_kwargs=True)
+        # first among the module's pre-hooks: one that wraps the cache too (SpinQuant's R3,
+        # which rotates the keys) then wraps the quantizer, so the quantizer sees its result
+        module.register_forward_pre_hook(
+            _swap_in_quantizer(argument, position), with_kwargs=True, prepend=True
+        )
 
 
 def kv_cache_scheme_of(model: torch.nn.Module) -> QuantizationArgs | None:

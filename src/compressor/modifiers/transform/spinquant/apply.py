@@ -45,7 +45,8 @@ def check_fused_config(config: TransformConfig) -> TransformConfig:
             if args.location not in FUSED_LOCATIONS:
                 raise ValueError(
                     f"transform_config.config_groups.{name}: location {args.location!r} is an "
-                    f"online rotation (R3/R4), out of scope; allowed: {', '.join(FUSED_LOCATIONS)}"
+                    "online rotation (R3/R4: spinquant.online_attention.apply_online_rotations); "
+                    f"fused locations: {', '.join(FUSED_LOCATIONS)}"
                 )
     return config
 

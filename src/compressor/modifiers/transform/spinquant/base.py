@@ -18,6 +18,7 @@ from pydantic import Field, PrivateAttr, field_validator
 from compressor.core.events import Event
 from compressor.core.state import State
 from compressor.modifiers.base import Modifier
+from compressor.modifiers.quantization.kv_cache import kv_cache_scheme_of
 from compressor.modifiers.transform.spinquant.apply import (
     apply_fused_transforms,
     check_fused_config,
@@ -33,12 +34,23 @@ from compressor.modifiers.transform.spinquant.mappings import (
     infer_norm_mappings_from_model,
 )
 from compressor.modifiers.transform.spinquant.matrices import hadamard_supported, rotation_matrix
+from compressor.modifiers.transform.spinquant.online import (
+    check_online_scheme,
+    is_online_scheme,
+    online_hadamard_type,
+    r4_scheme,
+    split_transform_config,
+)
+from compressor.modifiers.transform.spinquant.online_attention import (
+    apply_online_rotations,
+    is_r3_scheme,
+    r3_scheme,
+)
 from compressor.utils.finite import check_finite_weights
 
 __all__ = ["SpinQuantModifier"]
 
-_ROTATIONS = ("R1", "R2")
-_ONLINE = ("R3", "R4")
+_ROTATIONS = ("R1", "R2", "R3", "R4")
 _PRECISIONS = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -46,7 +58,8 @@ _PRECISIONS = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 class SpinQuantModifier(Modifier):
     """Rotate the residual stream (R1) and each attention head's values (R2) by orthogonal
     matrices fused into the weights, so that outliers spread out and quantization loses less,
-    at no runtime cost. Without quantization the model computes the same function.
+    at no runtime cost, and optionally down_proj's input (R4) by a Hadamard applied at runtime.
+    Without quantization the model computes the same function.
 
     Paper: Liu et al. 2024, "SpinQuant: LLM quantization with learned rotations"
     (arXiv:2405.16406). The rotations here are fixed (Hadamard or random), not learned.
@@ -60,34 +73,55 @@ class SpinQuantModifier(Modifier):
       embeddings; fuse each norm's scale into the linears it feeds; fuse R1 (embedding and
       residual writers on the output side, residual readers and lm_head on the input side) and
       R2 (per head: v_proj output, o_proj input; one matrix for every head of a layer, so
-      grouped-query attention stays exact)
-    - ``on_end`` / ``on_finalize``: nothing left to undo; the weights are an ordinary
-      checkpoint
+      grouped-query attention stays exact); then the online R4 (a Hadamard on down_proj's
+      input, at runtime, as compressed-tensors transform modules recorded in the model's
+      ``transform_config``, with its inverse fused into down_proj's weight; see
+      ``spinquant/online.py``) and R3 (per head on queries and keys after RoPE;
+      ``spinquant/online_attention.py``)
+    - ``on_finalize``: warn when R3 was applied but no ``kv_cache_scheme`` quantizes the cache
+    - ``on_end``: nothing left to undo; the weights are an ordinary checkpoint (online
+      rotations are recorded in the model's ``transform_config``, which saving writes)
 
     Embeddings are not centred: the inferred architectures use RMSNorm, for which centring is
     neither needed nor exact. LayerNorm models (which would need centring and a conversion to
     RMSNorm) are refused.
 
-    :param rotations: which rotations, case-insensitive: ``R1`` and/or ``R2`` (default both);
-        ``R3``/``R4`` are online rotations, out of scope
+    :param rotations: which rotations, case-insensitive: ``R1``, ``R2`` (fused; the default),
+        ``R3`` (online, per head on the queries and keys after RoPE, for a quantized key/value
+        cache; a warning without one) and ``R4`` (online, on down_proj's input)
     :param transform_type: ``hadamard`` (powers of two and compressed-tensors' known orders
         ``k * 2**m``), ``random-hadamard`` (same sizes, random signs) or ``random-matrix``
         (random orthogonal, any size)
     :param randomize: draw randomised matrices: a permuted Hadamard, and a distinct R2 per
         decoder layer
     :param learnable: learned rotations (Cayley optimisation); not supported, must be False
-    :param precision: dtype the rotations are built and fused in (float64 by default)
+    :param precision: dtype the rotations are built and fused in (float64 by default); online
+        rotations run in float32 when this is float64, else in this dtype
+    :param transform_block_size: R1 and R4 as block-diagonal Hadamards of this order (it must
+        divide the hidden and MLP widths), as llm-compressor's field; None: over the whole width
     :param mappings: which modules play which role; inferred for known architectures
     :param norm_mappings: each norm and the linears it feeds; inferred for known architectures
-    :param transform_config: a compressed-tensors ``TransformConfig`` of offline rotations that
-        replaces the one built from ``rotations`` and ``mappings`` (norms are still fused)
+    :param transform_config: a compressed-tensors ``TransformConfig`` that replaces the one
+        built from ``rotations`` and ``mappings`` (norms are still fused): fused schemes
+        (``weight_input`` / ``weight_output`` only) and online ones (``input`` with its
+        ``weight_input`` inverse)
+
+    .. code-block:: yaml
+
+        transform_stage:
+          transform_modifiers:
+            SpinQuantModifier:
+              rotations: [R1, R2, R4]
+              transform_type: hadamard
+              transform_block_size: 64
     """
 
-    rotations: list[Literal["R1", "R2"]] = Field(default_factory=lambda: ["R1", "R2"])
+    rotations: list[Literal["R1", "R2", "R3", "R4"]] = Field(default_factory=lambda: ["R1", "R2"])
     transform_type: Literal["hadamard", "random-hadamard", "random-matrix"] = "hadamard"
     randomize: bool = False
     learnable: bool = False
     precision: TorchDtype = torch.float64
+    transform_block_size: int | None = Field(default=None, gt=0)
     mappings: SpinQuantMapping | None = None
     norm_mappings: list[NormMapping] | None = None
     transform_config: TransformConfig | None = None
@@ -105,12 +139,6 @@ class SpinQuantModifier(Modifier):
         if not isinstance(value, list | tuple):
             return value
         names = [v.upper() if isinstance(v, str) else v for v in value]
-        online = [n for n in names if n in _ONLINE]
-        if online:
-            raise ValueError(
-                f"rotations {online} are online rotations (R3 on queries/keys, R4 on the "
-                f"down_proj input) and are out of scope; allowed: {', '.join(_ROTATIONS)}"
-            )
         unknown = [v for v, n in zip(value, names, strict=True) if n not in _ROTATIONS]
         if unknown:
             raise ValueError(f"rotations must be among {', '.join(_ROTATIONS)}; got {unknown}")
@@ -139,8 +167,14 @@ class SpinQuantModifier(Modifier):
 
     @field_validator("transform_config")
     @classmethod
-    def _offline_only(cls, value: TransformConfig | None) -> TransformConfig | None:
-        return value if value is None else check_fused_config(value)
+    def _check_transform_config(cls, value: TransformConfig | None) -> TransformConfig | None:
+        if value is None:
+            return value
+        fused, online = split_transform_config(value)
+        check_fused_config(fused)
+        for name, scheme in online.config_groups.items():
+            check_online_scheme(name, scheme)
+        return value
 
     # ---------------------------------------------------------------- lifecycle
     def on_initialize(self, state: State) -> None:
@@ -163,9 +197,25 @@ class SpinQuantModifier(Modifier):
         model = state.model
         assert self._config is not None
         untie_word_embeddings(model)
-        fused = self._fuse_norms(model)
-        logger.info("fused {} norm(s) into the linears they feed", fused)
-        apply_fused_transforms(model, self._config, self.precision)
+        norms = self._fuse_norms(model)
+        logger.info("fused {} norm(s) into the linears they feed", norms)
+        fused, online = split_transform_config(self._config)
+        apply_fused_transforms(model, fused, self.precision)
+        if online.config_groups:
+            apply_online_rotations(model, online)
+
+    def on_finalize(self, state: State) -> None:
+        r3 = self._config is not None and any(
+            is_r3_scheme(s) for s in self._config.config_groups.values()
+        )
+        if r3 and state.model is not None and kv_cache_scheme_of(state.model) is None:
+            logger.warning(
+                "R3 rotates the queries and keys after RoPE so that a quantized key/value cache "
+                "loses less, but no kv_cache_scheme quantizes this model's cache: R3 changes "
+                "nothing and costs two head_dim x head_dim products per head and token in every "
+                "attention layer at runtime. Add a kv_cache_scheme to the QuantizationModifier, "
+                "or drop R3"
+            )
 
     # ---------------------------------------------------------------- parts
     def _build_config(self, model: torch.nn.Module, mapping: SpinQuantMapping) -> TransformConfig:
@@ -179,6 +229,7 @@ class SpinQuantModifier(Modifier):
         if "R1" in self.rotations:
             groups["R1"] = TransformScheme(
                 **common,
+                head_dim=self.transform_block_size,
                 apply=[
                     TransformArgs(
                         targets=[mapping.embedding, *mapping.residual_writers],
@@ -197,6 +248,23 @@ class SpinQuantModifier(Modifier):
                     TransformArgs(targets=[mapping.attn_v], location="weight_output"),
                     TransformArgs(targets=[mapping.attn_o], location="weight_input", inverse=True),
                 ],
+            )
+        if "R3" in self.rotations:
+            groups["R3"] = r3_scheme(
+                _attention_classes(model, mapping),
+                self.transform_type,
+                get_head_dim(model.config),
+                randomize=self.randomize,
+                precision=_online_precision(self.precision),
+            )
+        if "R4" in self.rotations:
+            groups["R4"] = r4_scheme(
+                model,
+                list(mapping.mlp_out),
+                self.transform_type,
+                block_size=self.transform_block_size,
+                randomize=self.randomize,
+                precision=_online_precision(self.precision),
             )
         return TransformConfig(config_groups=groups)
 
@@ -248,10 +316,22 @@ class SpinQuantModifier(Modifier):
                             f"rotation {name}: target {target!r} matches no module of "
                             f"{type(model).__name__}; pass `mappings` for this architecture"
                         )
+                if is_r3_scheme(scheme):
+                    assert scheme.head_dim is not None
+                    online_hadamard_type(scheme.type, scheme.head_dim, f"{name} (head_dim)")
+                    continue
                 found = match_named_modules(model, args.targets, args.ignore)
-                for _, module in found:
-                    size = scheme.head_dim or _rotated_width(module, args.location)
-                    if scheme.type != "random-matrix" and not hadamard_supported(size):
+                for module_name, module in found:
+                    width = _rotated_width(module, args.location)
+                    size = scheme.head_dim or width
+                    if width % size != 0:
+                        raise ValueError(
+                            f"rotation {name}: block size {size} does not divide the width "
+                            f"{width} of {module_name} ({args.location})"
+                        )
+                    if is_online_scheme(scheme):
+                        online_hadamard_type(scheme.type, size, f"{name} on {module_name}")
+                    elif scheme.type != "random-matrix" and not hadamard_supported(size):
                         rotation_matrix(scheme.type, size)  # type: ignore[arg-type]  # raises
 
     def _fuse_norms(self, model: torch.nn.Module) -> int:
@@ -261,9 +341,20 @@ class SpinQuantModifier(Modifier):
         return len(groups)
 
 
+def _attention_classes(model: torch.nn.Module, mapping: SpinQuantMapping) -> list[str]:
+    """The class names of the modules holding the query projections: the attention modules."""
+    parents = {name.rpartition(".")[0] for name, _ in match_named_modules(model, [mapping.attn_q])}
+    return sorted({type(model.get_submodule(parent)).__name__ for parent in parents})
+
+
+def _online_precision(precision: torch.dtype) -> torch.dtype:
+    # float64 is for building and fusing; at runtime float32 is exact enough and far cheaper
+    return torch.float32 if precision == torch.float64 else precision
+
+
 def _rotated_width(module: torch.nn.Module, location: str) -> int:
     if isinstance(module, torch.nn.Embedding):
         return module.embedding_dim
     if isinstance(module, torch.nn.Linear):
-        return module.in_features if location == "weight_input" else module.out_features
+        return module.in_features if location in ("weight_input", "input") else module.out_features
     raise ValueError(f"cannot rotate a {type(module).__name__}: only Linear and Embedding")

@@ -2,7 +2,10 @@
 
 - ``hadamard``: Sylvester's construction for powers of two; other sizes ``k * 2**m`` use the
   known Hadamard matrix of order ``k`` that compressed-tensors ships (``k`` a multiple of 4 up
-  to 256), combined by a Kronecker product.
+  to 256), combined by a Kronecker product. The known matrices are read from the table file
+  compressed-tensors builds its ``random_hadamard_matrix`` from (public functions only: no
+  private helper); without that file, only powers of two are supported (a test pins that the
+  file holds the orders compressed-tensors' own construction accepts).
 - ``random-hadamard``: compressed-tensors' Hadamard with random signs (same supported sizes).
 - ``random-matrix``: a Haar-random orthogonal matrix (QR of a Gaussian), any size.
   compressed-tensors' own ``random-matrix`` transform is a uniform random (not orthogonal)
@@ -15,36 +18,70 @@ from __future__ import annotations
 
 import functools
 import math
+from pathlib import Path
 from typing import Literal
 
+import compressed_tensors.transform.utils.hadamard as ct_hadamard
 import torch
 from compressed_tensors.transform.utils.hadamard import (
-    _fetch_hadamard_divisor,
     deterministic_hadamard_matrix,
     is_pow2,
     random_hadamard_matrix,
 )
+from loguru import logger
+from safetensors import safe_open
 
 __all__ = [
     "TRANSFORM_TYPES",
     "TransformType",
     "hadamard_supported",
+    "hadamard_table_path",
+    "known_hadamard",
     "rotation_matrix",
     "supported_hadamard_orders",
 ]
 
 TransformType = Literal["hadamard", "random-hadamard", "random-matrix"]
 TRANSFORM_TYPES: tuple[str, ...] = ("hadamard", "random-hadamard", "random-matrix")
+_CT_DIR = Path(ct_hadamard.__file__).parent
+
+
+def hadamard_table_path() -> Path | None:
+    """The file of known Hadamard matrices (one tensor per order, keyed ``"k"``) that
+    compressed-tensors ships beside ``random_hadamard_matrix``, or None when it is missing."""
+    candidates = [getattr(ct_hadamard, "REPO_PATH", None), _CT_DIR / "hadamards.safetensors"]
+    return next((Path(c) for c in candidates if c is not None and Path(c).is_file()), None)
 
 
 @functools.cache
 def supported_hadamard_orders() -> tuple[int, ...]:
-    """The orders ``k`` of the known Hadamard matrices compressed-tensors ships."""
-    from compressed_tensors.transform.utils.hadamard import REPO_PATH
-    from safetensors import safe_open
+    """The orders ``k`` of the known Hadamard matrices compressed-tensors ships (1 alone, that
+    is powers of two only, when its table file cannot be found)."""
+    path = hadamard_table_path()
+    if path is None:
+        logger.warning(
+            "compressed-tensors' table of known Hadamard matrices was not found beside {}: "
+            "Hadamard rotations are limited to powers of two",
+            ct_hadamard.__file__,
+        )
+        return (1,)
+    with safe_open(str(path), framework="pt") as file:
+        return tuple(sorted({1, *(int(key) for key in file.keys())}))  # noqa: SIM118
 
-    with safe_open(str(REPO_PATH), framework="pt") as file:
-        return tuple(sorted(int(key) for key in file.keys()))  # noqa: SIM118
+
+def known_hadamard(order: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """The known (unnormalised, entries +-1) Hadamard matrix of ``order`` from
+    compressed-tensors' table.
+
+    :raises ValueError: when the table holds no matrix of that order
+    """
+    path = hadamard_table_path()
+    if order not in supported_hadamard_orders() or path is None:
+        raise ValueError(f"compressed-tensors ships no known Hadamard matrix of order {order}")
+    if order == 1:
+        return torch.ones(1, 1, dtype=dtype)
+    with safe_open(str(path), framework="pt") as file:
+        return file.get_tensor(str(order)).to(dtype)
 
 
 def hadamard_supported(size: int) -> bool:
@@ -55,22 +92,28 @@ def hadamard_supported(size: int) -> bool:
 
 
 def _unsupported(size: int, transform_type: str) -> ValueError:
-    orders = supported_hadamard_orders()
+    odd = [k for k in supported_hadamard_orders() if not is_pow2(k)]
+    known = f"{odd[0]}, {odd[1]}, then multiples of 4 up to {odd[-1]}" if len(odd) > 2 else "none"
     return ValueError(
         f"transform_type={transform_type!r} cannot rotate size {size}: a Hadamard matrix needs "
-        f"an order k * 2**m with k in compressed-tensors' known orders "
-        f"({orders[0]}, {orders[1]}, {orders[2]}, then multiples of 4 up to {orders[-1]}); "
-        "use transform_type='random-matrix' (a random orthogonal matrix of any size)"
+        f"a power of two or an order k * 2**m with k in compressed-tensors' known orders "
+        f"({known}); use transform_type='random-matrix' (a random orthogonal matrix of any size)"
     )
 
 
 def _hadamard(size: int, dtype: torch.dtype) -> torch.Tensor:
     if is_pow2(size):
         return deterministic_hadamard_matrix(size, dtype=dtype)
-    known = _fetch_hadamard_divisor(size, dtype=dtype)
-    if known is None:
+    # the largest known order whose quotient is a power of two (as compressed-tensors picks)
+    order = max(
+        (k for k in supported_hadamard_orders() if size % k == 0 and is_pow2(size // k)),
+        default=None,
+    )
+    if order is None:
         raise _unsupported(size, "hadamard")
-    return torch.kron(deterministic_hadamard_matrix(size // known.shape[0], dtype=dtype), known)
+    return torch.kron(
+        deterministic_hadamard_matrix(size // order, dtype=dtype), known_hadamard(order, dtype)
+    )
 
 
 def rotation_matrix(
