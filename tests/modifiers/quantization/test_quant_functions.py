@@ -8,6 +8,7 @@ from compressed_tensors.quantization import QuantizationArgs
 
 from compressor.modifiers.quantization.fake_quant import (
     binarize,
+    fake_quantize_activation,
     fake_quantize_weight,
     straight_through,
     ternarize,
@@ -211,3 +212,9 @@ def test_stochastic_rounding_of_a_float_grid_is_refused():
     fp8 = QuantizationArgs(num_bits=8, type="float", strategy="channel")
     with pytest.raises(ValueError, match="int quantization only"):
         fake_quantize_weight(torch.randn(4, 8), fp8, stochastic=True)
+
+
+def test_static_activation_quantization_without_a_scale_is_refused():
+    static = QuantizationArgs(num_bits=8, dynamic=False)
+    with pytest.raises(ValueError, match="static activation quantization needs a scale"):
+        fake_quantize_activation(torch.randn(2, 4, 8), static)
