@@ -1,8 +1,14 @@
 import pytest
 import torch
+from torch.nn.utils import parametrize
 
 from compressor.modifiers.hooks import HooksMixin
-from compressor.modifiers.pruning.masks import MaskHolder, expand_unit_mask
+from compressor.modifiers.pruning.masks import (
+    MaskHolder,
+    ScoreMask,
+    add_score_mask,
+    expand_unit_mask,
+)
 from compressor.modifiers.pruning.schedule import density_at, kept_count
 from compressor.modifiers.pruning.scores import (
     activation_scores,
@@ -74,6 +80,11 @@ def test_straight_through_binarize_is_exact_and_passes_gradients():
 def test_expand_unit_mask_makes_contiguous_blocks():
     mask = expand_unit_mask(torch.tensor([True, False]), torch.Size([4, 3]), 0)
     assert mask.shape == (4, 1) and mask.view(-1).tolist() == [True, True, False, False]
+    columns = expand_unit_mask(torch.tensor([False, True, True]), torch.Size([2, 6]), 1)
+    assert columns.shape == (1, 6)
+    assert columns.view(-1).tolist() == [False, False, True, True, True, True]
+    with pytest.raises(ValueError, match="3 units do not divide a dimension of size 4"):
+        expand_unit_mask(torch.tensor([True, False, True]), torch.Size([4, 3]), 0)
 
 
 def test_mask_holder_masks_gradients_and_survives_momentum():
@@ -120,3 +131,128 @@ def test_mask_holder_fills_pruned_second_moments_without_changing_kept_weights()
     torch.testing.assert_close(filled_v[~mask], torch.full_like(filled_v[~mask], 0.999**3))
     assert (plain_v[~mask] == 0).all()
     assert torch.equal(filled_v[mask], plain_v[mask])
+
+
+def test_a_score_mask_keeps_every_weight_until_the_schedule_sets_how_many():
+    """A fresh ScoreMask (per entry, or per unit) is the identity: the model computes what it
+    did until the schedule's first step sets how many scores to keep."""
+    torch.manual_seed(0)
+    weight = torch.randn(4, 6)
+    per_entry = ScoreMask(torch.nn.Parameter(torch.rand(4, 6)), None)
+    per_row = ScoreMask(torch.nn.Parameter(torch.rand(2)), 0)
+    assert torch.equal(per_entry(weight), weight) and torch.equal(per_row(weight), weight)
+    per_row.keep = 1  # the higher-scored unit of 2 rows
+    kept_unit = int(per_row.scores.argmax())
+    expected = torch.zeros_like(weight)
+    expected[2 * kept_unit : 2 * kept_unit + 2] = weight[2 * kept_unit : 2 * kept_unit + 2]
+    assert torch.equal(per_row(weight), expected)
+
+
+def test_removing_a_score_mask_keeps_the_masked_weight_in_the_same_parameter():
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(6, 4)
+    original = layer.weight
+    before = layer.weight.detach().clone()
+    scores = torch.nn.Parameter(torch.rand(4, 6))
+    score_mask = ScoreMask(scores, None)
+    handle = add_score_mask(layer, "weight", score_mask, "layer")
+    score_mask.keep = 10
+    kept = topk_mask(scores, 10)
+    handle.remove()
+    assert not parametrize.is_parametrized(layer)
+    assert layer.weight is original  # the optimizer's reference still holds
+    assert torch.equal(layer.weight.detach(), before * kept)  # not the unmasked weight
+    handle.remove()  # a second removal (the modifier's hooks, then the scorer's) is a no-op
+
+
+def test_mask_holder_hooks_each_trainable_parameter_once_and_masks_frozen_ones_now():
+    owner = HooksMixin()
+    holder = MaskHolder(owner)
+    frozen, trained = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+    frozen.weight.requires_grad_(False)
+    first, second = torch.rand(4, 4) > 0.5, torch.rand(4, 4) > 0.3
+    holder.set(frozen.weight, first)  # nothing to hook: no gradient ever reaches it
+    assert owner.num_hooks == 0 and (frozen.weight[~first] == 0).all()
+    holder.set(trained.weight, first)
+    assert (trained.weight[~first] == 0).all()  # zeroed at once, not only after a step
+    holder.set(trained.weight, first & second)  # a later, sparser mask on the same tensor
+    assert owner.num_hooks == 1 and len(holder) == 2
+    assert torch.equal(holder.mask_of(trained.weight), first & second)
+    trained(torch.randn(3, 4)).pow(2).sum().backward()
+    assert (trained.weight.grad[~(first & second)] == 0).all()
+    assert (trained.weight.grad[first & second] != 0).any()
+
+
+def test_mask_holder_reapplies_masks_set_after_a_reapply_and_forgets_cleared_ones():
+    holder = MaskHolder(HooksMixin())
+    holder.reapply()  # nothing held: nothing to do
+    a, b, c = (torch.nn.Linear(4, 4) for _ in range(3))
+    mask = torch.rand(4, 4) > 0.5
+    holder.set(a.weight, mask)
+    holder.reapply()
+    holder.set(b.weight, mask)  # after the first reapply
+    with torch.no_grad():
+        a.weight.fill_(1.0)
+        b.weight.fill_(1.0)
+    holder.reapply()
+    assert (a.weight[~mask] == 0).all() and (b.weight[~mask] == 0).all()
+    holder.clear()
+    assert len(holder) == 0 and holder.mask_of(a.weight) is None
+    holder.set(c.weight, mask)
+    with torch.no_grad():
+        a.weight.fill_(1.0)
+        c.weight.fill_(1.0)
+    holder.reapply()
+    assert (a.weight == 1).all()  # cleared: free to train again
+    assert (c.weight[~mask] == 0).all()
+
+
+def test_a_sparser_mask_fills_the_newly_pruned_second_moments():
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(8, 8)
+    holder = MaskHolder(HooksMixin())
+    opt = torch.optim.Adam(layer.parameters(), lr=0.1)
+    first = torch.rand(8, 8) > 0.3
+    second = first & (torch.rand(8, 8) > 0.5)
+    for mask in (first, second):
+        holder.set(layer.weight, mask)
+        layer(torch.randn(3, 8)).pow(2).sum().backward()
+        opt.step()
+        opt.zero_grad()
+        holder.reapply(opt)
+        moments = opt.state[layer.weight]["exp_avg_sq"]
+        assert (moments[~mask] == 1).all()
+
+
+def test_topk_mask_keeps_exactly_k_and_refuses_k_outside_one_to_all():
+    scores = torch.randn(3, 4)
+    assert topk_mask(scores, 12).all()  # density 1 keeps everything
+    kept = topk_mask(scores, 3)
+    assert kept.sum() == 3 and scores[kept].min() > scores[~kept].max()
+    for k in (0, 13):
+        with pytest.raises(ValueError, match=rf"k must be in \[1, 12\], got {k}"):
+            topk_mask(scores, k)
+
+
+def test_nm_mask_groups_each_rows_consecutive_inputs():
+    torch.manual_seed(0)
+    scores = torch.randn(3, 2, 4)  # (out, in, kernel): the input dimension flattened
+    mask = nm_mask(scores, 2, 4)
+    for row, row_mask in zip(scores.reshape(3, -1), mask.reshape(3, -1), strict=True):
+        for run, run_mask in zip(row.split(4), row_mask.split(4), strict=True):
+            assert run_mask.sum() == 2 and run[run_mask].min() > run[~run_mask].max()
+    assert nm_mask(scores, 4, 4).all()
+    with pytest.raises(ValueError, match="0 < N <= M, got 0:4"):
+        nm_mask(scores, 0, 4)
+
+
+def test_activation_scores_of_a_wide_linear_and_a_convolution():
+    torch.manual_seed(0)
+    sums = torch.tensor([4.0, 9.0])
+    linear = torch.randn(3, 2)  # signed, and not square
+    assert torch.equal(activation_scores(linear, sums), linear.abs() * sums.sqrt())
+    conv = torch.randn(3, 2, 3, 3)
+    expected = conv.abs() * sums.sqrt().view(1, 2, 1, 1)
+    assert torch.equal(activation_scores(conv, sums), expected)
+    with pytest.raises(ValueError, match=r"shape \(3,\), expected \(2,\)"):
+        activation_scores(linear, torch.ones(3))

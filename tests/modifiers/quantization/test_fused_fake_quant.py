@@ -46,8 +46,13 @@ def test_other_schemes_take_the_general_path_and_nan_is_an_error():
     asym = QuantizationArgs(num_bits=8, strategy="channel", symmetric=False)
     group = QuantizationArgs(num_bits=4, strategy="group", group_size=16, symmetric=True)
     fp8 = QuantizationArgs(num_bits=8, type="float", strategy="channel", symmetric=True)
+    # a scale stored in half precision is rounded to it before use: not the fused arithmetic
+    half_scale = QuantizationArgs(
+        num_bits=8, strategy="channel", symmetric=True, scale_dtype=torch.float16
+    )
     w = torch.randn(8, 32)
-    assert all(fused_fake_quantize(w, a, "weight") is None for a in (asym, group, fp8))
+    others = (asym, group, fp8, half_scale)
+    assert all(fused_fake_quantize(w, a, "weight") is None for a in others)
     bad = w.clone()
     bad[0, 0] = float("nan")
     sym = QuantizationArgs(num_bits=8, strategy="channel", symmetric=True)

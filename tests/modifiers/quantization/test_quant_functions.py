@@ -7,8 +7,11 @@ import torch
 from compressed_tensors.quantization import QuantizationArgs
 
 from compressor.modifiers.quantization.fake_quant import (
+    binarize,
+    fake_quantize_activation,
     fake_quantize_weight,
     straight_through,
+    ternarize,
 )
 from compressor.modifiers.quantization.observers import (
     RangeObserver,
@@ -113,3 +116,105 @@ def test_conv_weights_are_quantized_per_output_channel():
     q = fake_quantize_weight(w, args)
     assert q.shape == w.shape
     assert all(len(torch.unique(q[c])) <= 16 for c in range(3))
+
+
+def _scale_of_each_weight(w: torch.Tensor, args: QuantizationArgs) -> torch.Tensor:
+    """The symmetric 4-bit scale (max |w| of the weight's group or block / 7.5) of every
+    entry of ``w``, computed one group or block at a time."""
+    scale = torch.empty_like(w)
+    rows, cols = (1, args.group_size) if args.strategy == "group" else args.block_structure
+    for r in range(0, w.shape[0], rows):
+        for c in range(0, w.shape[1], cols):
+            part = w[r : r + rows, c : c + cols]
+            scale[r : r + rows, c : c + cols] = part.abs().max() / 7.5
+    return scale
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        QuantizationArgs(num_bits=4, group_size=4),
+        QuantizationArgs(num_bits=4, strategy="block", block_structure=[2, 4]),
+    ],
+    ids=["group", "block"],
+)
+def test_stochastic_rounding_picks_a_neighbouring_grid_point_of_each_group(args):
+    """Each weight rounds to one of the two points of its own group's (or block's) grid
+    around it, up with probability equal to the fractional part: groups of very different
+    magnitudes side by side, and a row count the blocks do not divide."""
+    torch.manual_seed(0)
+    magnitude = torch.tensor([0.01, 1.0, 100.0]).repeat_interleave(4)  # per group of 4
+    w = torch.randn(5, 12) * magnitude
+    scale = _scale_of_each_weight(w, args)
+    codes = w / scale
+    samples = torch.stack([fake_quantize_weight(w, args, stochastic=True) for _ in range(2000)])
+    sampled_codes = samples / scale
+    down, up = codes.floor(), codes.ceil()
+    near = lambda a, b: (a - b).abs() < 1e-3  # noqa: E731
+    assert (near(sampled_codes, down) | near(sampled_codes, up)).all()
+    # unbiased: the mean lands on the weight (the largest entry of each group, at the edge
+    # of the grid, is clamped, so it is left out)
+    inside = codes.abs() < 7.4
+    mean_error = (sampled_codes.mean(0) - codes).abs()[inside]
+    assert mean_error.max() < 0.06
+    assert ((codes - codes.round()).abs()[inside] > 0.2).any()  # not nearest rounding
+
+
+def test_ternary_weights_keep_what_exceeds_0_7_of_the_mean_magnitude():
+    """Ternary Weight Networks: per row, weights with |w| > 0.7 mean|w| become +-alpha (the
+    mean magnitude of those kept), the rest 0; per tensor with one threshold for all."""
+    torch.manual_seed(0)
+    w = torch.randn(6, 40) * torch.rand(6, 1) * 3
+    for per_tensor in (False, True):
+        rows = w.reshape(1, -1) if per_tensor else w
+        expected = torch.zeros_like(rows)
+        for i, row in enumerate(rows.tolist()):
+            threshold = 0.7 * sum(abs(v) for v in row) / len(row)
+            kept = [abs(v) for v in row if abs(v) > threshold]
+            alpha = sum(kept) / len(kept)
+            expected[i] = (
+                torch.tensor([(v > 0) - (v < 0) if abs(v) > threshold else 0 for v in row]) * alpha
+            )
+        got, alpha = ternarize(w, per_tensor=per_tensor)
+        torch.testing.assert_close(got, expected.reshape(w.shape))
+        assert alpha.shape == ((1, 1) if per_tensor else (6, 1))
+    # the data has weights between 0.5 and 0.7 of the mean magnitude: the threshold matters
+    share = w.abs() / w.abs().mean(dim=1, keepdim=True)
+    assert ((share > 0.5) & (share <= 0.7)).any()
+
+
+def test_ternary_and_binary_weights_of_an_all_zero_row_stay_zero():
+    w = torch.randn(3, 8)
+    w[1] = 0.0
+    for low_bit in (ternarize, binarize):
+        got, alpha = low_bit(w)
+        assert torch.isfinite(got).all() and torch.isfinite(alpha).all(), low_bit.__name__
+        assert (got[1] == 0).all() and alpha[1].item() == 0.0
+
+
+def test_binary_weights_are_the_sign_times_the_mean_magnitude_and_zero_stays_zero():
+    """XNOR-Net's alpha * sign(w) per row, alpha = mean |w|; a weight of exactly 0 (a
+    pruned one) stays 0, as DeepSpeed's XTC computes it."""
+    w = torch.tensor([[0.5, -2.0, 0.0, 1.5], [-1.0, 0.0, 0.0, 3.0]])
+    got, alpha = binarize(w)
+    mean = w.abs().mean(dim=1, keepdim=True)
+    assert torch.equal(alpha, mean)
+    expected = torch.where(w > 0, mean, torch.where(w < 0, -mean, torch.zeros_like(w)))
+    assert torch.equal(got, expected)
+    per_tensor, alpha = binarize(w, per_tensor=True)
+    assert torch.equal(per_tensor, torch.sign(w) * w.abs().mean())
+    assert alpha.shape == (1, 1)
+
+
+def test_stochastic_rounding_of_a_float_grid_is_refused():
+    """Float grids are not evenly spaced: one step of noise per scale would not round them
+    stochastically."""
+    fp8 = QuantizationArgs(num_bits=8, type="float", strategy="channel")
+    with pytest.raises(ValueError, match="int quantization only"):
+        fake_quantize_weight(torch.randn(4, 8), fp8, stochastic=True)
+
+
+def test_static_activation_quantization_without_a_scale_is_refused():
+    static = QuantizationArgs(num_bits=8, dynamic=False)
+    with pytest.raises(ValueError, match="static activation quantization needs a scale"):
+        fake_quantize_activation(torch.randn(2, 4, 8), static)

@@ -651,7 +651,7 @@ def _scale_lookup(
     ``keep`` is given), or tables of the fixed ones (set while pruned positions were still
     zero)."""
     if problems[0].col_group is None:  # no scales fixed up front
-        return _RunningGroupScales(wt, args, group_size, keep)
+        return _RunningGroupScales(wt, problems, args, group_size, keep)
     # symmetric integer grids round without their zero point (all zeros): not gathered
     zero_free = args.symmetric and args.type == QuantizationType.INT
     tables: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -725,11 +725,13 @@ class _RunningGroupScales:
     def __init__(
         self,
         wt: torch.Tensor,
+        problems: list[_Problem],
         args: QuantizationArgs,
         group_size: int,
         keep: torch.Tensor | None = None,
     ) -> None:
         columns, rows = wt.shape
+        self._problems = problems
         self.scale = torch.empty(rows, columns // group_size, device=wt.device)
         self.zero = torch.empty(rows, columns // group_size, device=wt.device, dtype=args.zp_dtype)
         self._args = args
@@ -754,9 +756,21 @@ class _RunningGroupScales:
         assert block is not None
         i = first - block.start
         # the group's columns in this block (error-updated so far), then those after it
-        current = torch.cat(
-            [block.work[i : i + group_size], self._wt[block.stop : first + group_size]]
-        )
+        beyond = self._wt[block.stop : first + group_size]
+        if beyond.shape[0]:
+            # a group that runs past the block: the errors of the block's columns quantized
+            # so far reach those columns only at the block's end, so they are added here
+            # (the scale is the one a column-by-column loop would find, whatever the block
+            # size); the errors are final and scaled, sub-blocks never straddle a group start
+            beyond = beyond.clone()
+            for problem in self._problems:
+                assert problem.hinv is not None
+                beyond[:, problem.rows].addmm_(
+                    problem.hinv[block.start : first, block.stop : first + group_size].t(),
+                    block.err[:i, problem.rows],
+                    alpha=-1.0,
+                )
+        current = torch.cat([block.work[i : i + group_size], beyond])
         if self._keep is not None:
             # pruned positions hold compensation they will give back: the scale is the kept
             # weights' (zero is always on the grid, so a zero in their place changes nothing)
