@@ -30,6 +30,7 @@ __all__ = [
     "fold_smoothing_scales",
     "infer_smoothing_mappings",
     "quantized_forwards_off",
+    "refresh_module_weight_qparams",
     "refresh_weight_qparams",
     "resolve_smoothing_mappings",
     "smoothed_width",
@@ -270,12 +271,17 @@ def refresh_weight_qparams(resolved: ResolvedSmoothing) -> None:
     """Set again, from the folded weights, the weight scales a quantizer attached earlier in
     the run (QuantizationModifier attaches them with scales of the weights at calibration
     start); frozen modules are left alone."""
-    from compressor.modifiers.quantization.calibration import update_weight_qparams
-
     names = [resolved.smooth_name, *resolved.balance_names]
     for name, module in zip(names, resolved.modules(), strict=True):
-        scheme = getattr(module, "quantization_scheme", None)
-        frozen = getattr(module, "quantization_status", None) == QuantizationStatus.FROZEN
-        attached = hasattr(module, "weight_scale")
-        if scheme is not None and scheme.weights is not None and attached and not frozen:
-            update_weight_qparams(module, name)
+        refresh_module_weight_qparams(name, module)
+
+
+def refresh_module_weight_qparams(name: str, module: torch.nn.Module) -> None:
+    """``refresh_weight_qparams`` for one module whose weights changed."""
+    from compressor.modifiers.quantization.calibration import update_weight_qparams
+
+    scheme = getattr(module, "quantization_scheme", None)
+    frozen = getattr(module, "quantization_status", None) == QuantizationStatus.FROZEN
+    attached = hasattr(module, "weight_scale")
+    if scheme is not None and scheme.weights is not None and attached and not frozen:
+        update_weight_qparams(module, name)

@@ -16,6 +16,7 @@ from compressor.core.state import State
 from compressor.modifiers.base import Modifier
 from compressor.modifiers.hooks import HooksMixin
 from compressor.modifiers.quantization import QuantizationModifier
+from compressor.modifiers.transform.awq.clipping import WeightClipping, clip_groups
 from compressor.modifiers.transform.awq.search import (
     DuoScaling,
     awq_grid,
@@ -58,12 +59,14 @@ class AWQModifier(LayerSmoothingModifier):
       o_proj is left out, with a log line, where grouped-query attention makes v narrower than
       o's input); errors name a mapping that matches nothing or does not fit
     - ``on_start`` (calibration start): hooks keep each parent module's inputs (on
-      ``offload_device`` when set) and each mapping's per-channel ``sum |x|``
+      ``offload_device`` when set), each mapping's per-channel ``sum |x|`` and, with
+      ``apply_clip``, the Gram matrix ``X^T X`` of each linear's inputs
     - ``on_update`` at SEQUENTIAL_EPOCH_END: for the layer just calibrated, search each
       mapping's scales with every quantized forward off, fold them into the smooth layer
       (divided) and the balance layers (multiplied), and set the weight scales of an attached
-      quantizer again; the pipelines run this before the quantizers calibrate the layer
-      (``CalibrationTraits.transforms_first``)
+      quantizer again; with ``apply_clip``, then clip the layer's linears (their input Gram
+      matrices, gathered by the same hooks, divided by the folded scales); the pipelines run
+      this before the quantizers calibrate the layer (``CalibrationTraits.transforms_first``)
     - ``on_end``: hooks removed; a mapping no calibration data reached is an error
     - ``finalize``: with its own scheme, the weights are quantized to nearest and frozen
 
@@ -87,6 +90,13 @@ class AWQModifier(LayerSmoothingModifier):
     :param duo_scaling: True: candidates from activation and weight means (plus the
         identity); False: activation means alone; ``both``: half the grid each way
     :param n_grid: how many candidates are searched per mapping
+    :param apply_clip: after the scales, shrink each quantization chunk's weight range (every
+        linear of the searched parent modules) to the factor in [0.55, 1] whose quantized
+        weights change the layer's outputs on the calibration inputs the least: the paper's
+        clipping search (AutoAWQ's ``apply_clip``; llm-compressor 0.14 has none, hence off by
+        default). For rounding to nearest; GPTQ chooses its own rounding of the weights it is
+        given, and clipping them first measured worse (bench/results/2026-12-01-awq-sq.md).
+        Integer channel or group weights; other schemes are left unclipped with a log line
     :param offload_device: where the cached parent inputs wait for the search (``cpu``
         spares an accelerator's memory); unset: where they were computed
     :param targets: with ``scheme`` or ``config_groups``: what this modifier quantizes itself
@@ -98,6 +108,7 @@ class AWQModifier(LayerSmoothingModifier):
 
     duo_scaling: DuoScaling = True
     n_grid: int = Field(default=20, ge=2)
+    apply_clip: bool = False
     offload_device: str | None = None
     targets: list[str] | None = None
     ignore: list[str] | None = None
@@ -109,6 +120,7 @@ class AWQModifier(LayerSmoothingModifier):
     _calls: dict[str, list[_Call]] = PrivateAttr(default_factory=dict)
     _sums: dict[str, list[torch.Tensor]] = PrivateAttr(default_factory=dict)
     _checked_schemes: bool = PrivateAttr(default=False)
+    _clipping: WeightClipping | None = PrivateAttr(default=None)
 
     @field_validator("duo_scaling", mode="before")
     @classmethod
@@ -167,16 +179,30 @@ class AWQModifier(LayerSmoothingModifier):
     def on_start(self, state: State, event: Event) -> None:
         if self._quantizer is not None:  # attaches the schemes the search reads
             self._quantizer.update_event(state, event)
+        if self.apply_clip:
+            self._clipping = WeightClipping(clip_groups(self._resolved))
         super().on_start(state, event)
+        if self._clipping is not None:  # the mappings' inputs are gathered by _observe
+            for group in self._clipping.groups:
+                if group.mapping is None:
+                    self._observe_for_clipping(group.key, group.linears[0][1])
 
     def on_update(self, state: State, event: Event) -> None:
         super().on_update(state, event)
-        if self._quantizer is not None and event.type_ == EventType.SEQUENTIAL_EPOCH_END:
+        if event.type_ != EventType.SEQUENTIAL_EPOCH_END:
+            return
+        if self._clipping is not None:
+            inside = {id(m) for part in event.modules for m in part.modules()}
+            self._clipping.clip_ready(inside, self._done)
+        if self._quantizer is not None:
             self._quantizer.update_event(state, event)
 
     def on_end(self, state: State, event: Event) -> None:
         super().on_end(state, event)
         self._calls.clear()
+        if self._clipping is not None:
+            self._clipping.clip_ready(None, self._done)
+            self._clipping = None
         if self._quantizer is not None and event.type_ == EventType.CALIBRATION_EPOCH_END:
             self._quantizer.update_event(state, event)
 
@@ -198,6 +224,7 @@ class AWQModifier(LayerSmoothingModifier):
             self.register_hook(resolved.parent, keep_inputs, "forward_pre", with_kwargs=True)
         width = resolved.balances[0].in_features
         sums = self._sums
+        clipping = self._clipping
 
         def add_means(_module: torch.nn.Module, inputs: tuple) -> None:
             x = inputs[0].detach().reshape(-1, width)
@@ -207,11 +234,27 @@ class AWQModifier(LayerSmoothingModifier):
                 sums[resolved.smooth_name][1] += x.shape[0]
             else:
                 sums[resolved.smooth_name] = [total, torch.tensor(x.shape[0], dtype=torch.float64)]
+            if clipping is not None:
+                clipping.add(resolved.smooth_name, x)
 
         self.register_hook(resolved.balances[0], add_means, "forward_pre")
 
+    def _observe_for_clipping(self, key: str, linear: torch.nn.Linear) -> None:
+        clipping = self._clipping
+        assert clipping is not None
+
+        def add(_module: torch.nn.Module, inputs: tuple) -> None:
+            clipping.add(key, inputs[0].reshape(-1, linear.in_features))
+
+        self.register_hook(linear, add, "forward_pre")
+
     def _has_statistics(self, resolved: ResolvedSmoothing) -> bool:
         return resolved.smooth_name in self._sums
+
+    def _fold(self, resolved: ResolvedSmoothing, scales: torch.Tensor) -> None:
+        super()._fold(resolved, scales)
+        if self._clipping is not None:
+            self._clipping.rescale(resolved.smooth_name, scales)
 
     # ---------------------------------------------------------------- the search
     def _scales(self, resolved: ResolvedSmoothing) -> torch.Tensor | None:
