@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
+from compressed_tensors.offload import get_cache_init_kwargs, offload_module
+from compressed_tensors.offload.cache import OffloadCache
 from compressed_tensors.utils.match import is_match
 from loguru import logger
 
@@ -260,9 +262,17 @@ def unfold_experts(experts: torch.nn.Module, layout: MoELayout, name: str) -> Li
             )
             for i in range(gate_up.shape[0])
         ]
+    if isinstance(experts._parameters, OffloadCache):
+        # the experts of a layer offloaded (to disk) stay offloaded, one Linear at a time
+        cache = get_cache_init_kwargs(experts)
+        for module in modules:
+            for linear in module.projections():
+                offload_module(linear, **cache)
     template = copy.copy(experts)
     template._parameters = {
-        key: torch.nn.Parameter(torch.empty_like(value, device="meta"), value.requires_grad)
+        key: torch.nn.Parameter(
+            torch.empty(value.shape, dtype=value.dtype, device="meta"), value.requires_grad
+        )
         for key, value in experts._parameters.items()
         if value is not None
     }
