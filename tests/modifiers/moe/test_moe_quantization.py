@@ -190,3 +190,47 @@ def test_an_unknown_expert_layout_in_ignore_is_skipped_with_a_log(logged):
     model = oneshot(model, [modifier])
     assert any("model.layers.0.opaque left in full precision" in m for m in logged)
     assert len(expert_linears(model)) == 48
+
+
+def with_custom_family():
+    """A tiny Qwen3-MoE whose sparse blocks and experts are classes no table lists."""
+    from transformers.models.qwen3_moe import modeling_qwen3_moe as qwen3
+
+    class MyExperts(qwen3.Qwen3MoeExperts):
+        pass
+
+    class MyBlock(qwen3.Qwen3MoeSparseMoeBlock):
+        pass
+
+    model = tiny_moe("qwen3_moe")
+    for layer in model.model.layers:
+        layer.mlp.__class__ = MyBlock
+        layer.mlp.experts.__class__ = MyExperts
+    return model
+
+
+CUSTOM_MAPPING = {
+    "family": "mine",
+    "model_types": ["mine"],
+    "block_class": "MyBlock",
+    "experts": {"experts_class": "MyExperts", "checkpoint_names": ["w1", "w3", "w2"]},
+}
+
+
+def test_a_family_the_table_lacks_is_described_by_moe_mappings():
+    model = with_custom_family()
+    modifier = GPTQModifier(config_groups={"g": W4_GROUP16}, ignore=["lm_head"])
+    with pytest.raises(UnknownExpertsError, match="model.layers.0.mlp.experts \\(MyExperts\\)"):
+        oneshot(model, [modifier], dataset=calibration(), num_calibration_samples=4)
+    modifier = GPTQModifier(
+        config_groups={"g": W4_GROUP16}, ignore=["lm_head"], moe_mappings=[CUSTOM_MAPPING]
+    )
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        reference = model(ids).logits
+    model = oneshot(model, [modifier], dataset=calibration(), num_calibration_samples=4)
+    experts = expert_linears(model)
+    assert len(experts) == 48 and all(name.endswith(("w1", "w2", "w3")) for name in experts)
+    assert all(on_grid(module) for module in experts.values())
+    with torch.no_grad():  # quantized, not broken: close to the original
+        assert (model(ids).logits - reference).abs().max() < 1.0
