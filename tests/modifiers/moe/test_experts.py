@@ -3,6 +3,7 @@ own, and the unfolded module against the fused one on tiny models of every famil
 
 import pytest
 import torch
+from loguru import logger
 
 from compressor.architectures.moe import UNFOLDED_MARKER, ExpertsLayout, check_expert_modules
 from compressor.modifiers.moe import (
@@ -13,6 +14,16 @@ from compressor.modifiers.moe import (
     prepare_experts,
 )
 from moe_models import tiny_moe
+
+
+@pytest.fixture
+def logged():
+    """Every message logged (INFO and up) during the test, one string each."""
+    messages: list[str] = []
+    handle = logger.add(lambda m: messages.append(str(m)), level="INFO")
+    yield messages
+    logger.remove(handle)
+
 
 LAYOUTS = [
     ExpertsLayout("A"),

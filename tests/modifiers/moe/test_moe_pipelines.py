@@ -5,12 +5,23 @@ import pytest
 import torch
 from compressed_tensors.offload.cache import OffloadCache
 from datasets import Dataset
+from loguru import logger
 from transformers import AutoModelForCausalLM
 
 from compressor import oneshot
 from compressor.modifiers import GPTQModifier
 from compressor.modifiers.moe import LinearExperts
 from moe_models import tiny_moe
+
+
+@pytest.fixture
+def logged():
+    """Every message logged (INFO and up) during the test, one string each."""
+    messages: list[str] = []
+    handle = logger.add(lambda m: messages.append(str(m)), level="INFO")
+    yield messages
+    logger.remove(handle)
+
 
 W4_GROUP16 = {
     "targets": ["Linear"],

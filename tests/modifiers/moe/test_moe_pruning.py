@@ -4,12 +4,22 @@ every calibration token, the routing left dense, the checkpoint reloaded."""
 import pytest
 import torch
 from datasets import Dataset
+from loguru import logger
 from transformers import AutoModelForCausalLM
 
 from compressor import oneshot
 from compressor.modifiers import SparseGPTModifier, WandaPruningModifier
 from compressor.modifiers.moe import LinearExperts
 from moe_models import tiny_moe
+
+
+@pytest.fixture
+def logged():
+    """Every message logged (INFO and up) during the test, one string each."""
+    messages: list[str] = []
+    handle = logger.add(lambda m: messages.append(str(m)), level="INFO")
+    yield messages
+    logger.remove(handle)
 
 
 def calibration(rows=4, length=16):

@@ -6,6 +6,7 @@ import pytest
 import torch
 from compressed_tensors.quantization.lifecycle.forward import fake_quantize
 from datasets import Dataset
+from loguru import logger
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
@@ -14,6 +15,16 @@ from compressor.architectures.moe import UnknownExpertsError
 from compressor.modifiers import GPTQModifier, QuantizationModifier
 from compressor.modifiers.moe import LinearExperts
 from moe_models import MOE_FAMILIES, tiny_moe
+
+
+@pytest.fixture
+def logged():
+    """Every message logged (INFO and up) during the test, one string each."""
+    messages: list[str] = []
+    handle = logger.add(lambda m: messages.append(str(m)), level="INFO")
+    yield messages
+    logger.remove(handle)
+
 
 W4_GROUP16 = {
     "targets": ["Linear"],
