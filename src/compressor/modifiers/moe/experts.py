@@ -8,108 +8,23 @@ a model compressed by this library keeps: its state dict is the per-expert layou
 transformers (and vLLM) load a compressed-tensors checkpoint from. ``fold_experts`` puts a
 model back into the fused layout (dense weights, for a model that is not quantized).
 
-The weight split is pure (``expert_matrices``, ``fused_matrices``), tested on its own.
+The weight split is pure (``weights.py``), tested on its own; ``prepare.py`` is what a
+modifier calls on initialize.
 """
 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
-from typing import Any, cast
+from typing import cast
 
 import torch
 from compressed_tensors.offload import get_cache_init_kwargs, offload_module
 from compressed_tensors.offload.cache import OffloadCache
-from compressed_tensors.utils.match import is_match
-from loguru import logger
 
-from compressor.architectures.moe import (
-    ExpertsLayout,
-    MoELayout,
-    check_expert_modules,
-    moe_layout_for_experts,
-)
+from compressor.architectures.moe import MoELayout
+from compressor.modifiers.moe.weights import ExpertMatrices, expert_matrices, fused_matrices
 
-__all__ = [
-    "ExpertMLP",
-    "LinearExperts",
-    "PreparedExperts",
-    "expert_matrices",
-    "fold_experts",
-    "fused_matrices",
-    "keep_routing_exact",
-    "prepare_experts",
-    "unfold_experts",
-]
-
-
-@dataclass(frozen=True)
-class ExpertMatrices:
-    """One expert's matrices in the Linear convention ``[out, in]``, with biases or None."""
-
-    gate: torch.Tensor
-    up: torch.Tensor
-    down: torch.Tensor
-    gate_bias: torch.Tensor | None = None
-    up_bias: torch.Tensor | None = None
-    down_bias: torch.Tensor | None = None
-
-
-def _split_gate_up(fused: torch.Tensor, interleaved: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gate and up rows of a ``[2 * intermediate, ...]`` tensor."""
-    if interleaved:
-        return fused[0::2], fused[1::2]
-    half = fused.shape[0] // 2
-    return fused[:half], fused[half:]
-
-
-def expert_matrices(
-    layout: ExpertsLayout,
-    gate_up: torch.Tensor,
-    down: torch.Tensor,
-    index: int,
-    gate_up_bias: torch.Tensor | None = None,
-    down_bias: torch.Tensor | None = None,
-) -> ExpertMatrices:
-    """Expert ``index``'s gate, up and down matrices (``[out, in]``) from fused parameters.
-
-    :param layout: how the fused tensors are laid out
-    :param gate_up: the fused gate-and-up parameter ``[experts, ...]``
-    :param down: the down parameter ``[experts, ...]``
-    :param index: the expert
-    :param gate_up_bias: ``[experts, 2 * intermediate]`` when ``layout.bias``
-    :param down_bias: ``[experts, hidden]`` when ``layout.bias``
-    """
-    fused, down_matrix = gate_up[index], down[index]
-    if layout.transposed:
-        fused, down_matrix = fused.T, down_matrix.T
-    gate, up = _split_gate_up(fused, layout.interleaved)
-    biases: tuple[torch.Tensor | None, ...] = (None, None, None)
-    if gate_up_bias is not None and down_bias is not None:
-        biases = (*_split_gate_up(gate_up_bias[index], layout.interleaved), down_bias[index])
-    return ExpertMatrices(gate, up, down_matrix, *biases)
-
-
-def fused_matrices(
-    layout: ExpertsLayout, experts: list[ExpertMatrices]
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """The fused ``gate_up``, ``down`` (and biases) of ``experts``: the inverse of
-    ``expert_matrices``."""
-
-    def join(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        if layout.interleaved:
-            return torch.stack([gate, up], dim=1).reshape(-1, *gate.shape[1:])
-        return torch.cat([gate, up], dim=0)
-
-    gate_up = torch.stack([join(e.gate, e.up) for e in experts])
-    down = torch.stack([e.down for e in experts])
-    if layout.transposed:
-        gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
-    gate_up_bias = down_bias = None
-    if layout.bias:
-        gate_up_bias = torch.stack([join(e.gate_bias, e.up_bias) for e in experts])  # type: ignore[arg-type]
-        down_bias = torch.stack([e.down_bias for e in experts])  # type: ignore[misc]
-    return gate_up.contiguous(), down.contiguous(), gate_up_bias, down_bias
+__all__ = ["ExpertMLP", "LinearExperts", "fold_experts", "unfold_experts"]
 
 
 def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.nn.Linear:
@@ -316,89 +231,3 @@ def fold_experts(model: torch.nn.Module) -> list[str]:
         model.get_submodule(parent).register_module(child, fused)
         folded.append(name)
     return folded
-
-
-@dataclass(frozen=True)
-class PreparedExperts:
-    """What ``prepare_experts`` did to a model.
-
-    :param unfolded: experts modules turned into ``LinearExperts`` now
-    :param experts: every ``LinearExperts`` of the model (unfolded now or before)
-    :param exact: the routing modules (routers, shared-expert gates) to keep exact
-    :param skipped: expert-like modules left alone because ``ignore`` names them
-    """
-
-    unfolded: tuple[str, ...]
-    experts: tuple[str, ...]
-    exact: tuple[str, ...]
-    skipped: tuple[str, ...]
-
-
-def prepare_experts(
-    model: torch.nn.Module,
-    ignore: list[str],
-    owner: str,
-    extra_layouts: tuple[MoELayout, ...] = (),
-) -> PreparedExperts:
-    """Make every expert of ``model`` a Linear a modifier can compress, or refuse.
-
-    Every fused experts module of a known layout is replaced by its ``LinearExperts``
-    (unless ``ignore`` matches it, then it is left as it is, logged); an expert-like module
-    no layout knows is refused (``check_expert_modules``) unless ``ignore`` matches it
-    (skipped, logged). Called again on a prepared model, it changes nothing.
-
-    :param model: the model, changed in place
-    :param ignore: the modifier's ignore patterns (names, class names, ``re:``)
-    :param owner: the modifier, for logs
-    :param extra_layouts: layouts the recipe gives for families the table lacks
-    :return: what was done, and the routing modules to keep exact
-    """
-    ignored = [name for name, module in model.named_modules() if is_match(name, module, ignore)]
-    skipped = check_expert_modules(model, skip=ignored, extra_layouts=extra_layouts)
-    by_class = {x.experts.experts_class: x for x in extra_layouts}
-    unfolded, left = [], []
-    for name, module in list(model.named_modules()):
-        layout = moe_layout_for_experts(module) or by_class.get(type(module).__name__)
-        if layout is None:
-            continue
-        if name in ignored:
-            left.append(name)
-            continue
-        parent, _, child = name.rpartition(".")
-        model.get_submodule(parent).register_module(child, unfold_experts(module, layout, name))
-        unfolded.append(name)
-    exact: list[str] = []
-    experts: list[str] = []
-    for name, module in model.named_modules():
-        if isinstance(module, LinearExperts):
-            experts.append(name)
-            block = name.rpartition(".")[0]
-            exact += [f"{block}.{a}" for a in module.layout.exact_modules]
-    if unfolded:
-        logger.info(
-            "{}: {} fused experts module(s) unfolded into one Linear per expert and "
-            "projection (the checkpoint's per-expert layout), e.g. {}",
-            owner,
-            len(unfolded),
-            unfolded[0],
-        )
-    if exact:
-        logger.info(
-            "{}: the routing stays exact: {} router / shared-expert gate module(s) are not "
-            "compressed (a preset ignore), e.g. {}",
-            owner,
-            len(exact),
-            exact[0],
-        )
-    for name in (*skipped, *left):
-        logger.info("{}: experts {} left in full precision (ignore names it)", owner, name)
-    return PreparedExperts(tuple(unfolded), tuple(experts), tuple(exact), (*skipped, *left))
-
-
-def keep_routing_exact(config: Any, exact: tuple[str, ...]) -> Any:
-    """``config`` (a compressed-tensors QuantizationConfig) with the routing modules added to
-    its ignore list, so routers and shared-expert gates stay in full precision."""
-    if not exact:
-        return config
-    ignore = list(config.ignore or [])
-    return config.model_copy(update={"ignore": ignore + [n for n in exact if n not in ignore]})
