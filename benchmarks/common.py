@@ -217,3 +217,34 @@ def two_of_four_after_reload(output_dir: str | Path) -> float:
             kept += int((groups <= 2).sum())
             total += groups.numel()
     return kept / total
+
+
+def moe_metrics(model: Any, model_path: str | Path) -> dict[str, Any]:
+    """For a mixture-of-experts model after compression: how many expert matrices carry a
+    quantization scheme (out of experts x 3 per MoE layer), and whether every router weight
+    still equals the checkpoint's (the routing left exact). Empty for other models."""
+    import torch
+    from safetensors.torch import load_file
+
+    config = model.config
+    experts = getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None)
+    if not experts:
+        return {}
+    quantized = sum(
+        1
+        for name, module in model.named_modules()
+        if ".experts." in name
+        and isinstance(module, torch.nn.Linear)
+        and getattr(module, "quantization_scheme", None) is not None
+    )
+    original = {}
+    for file in sorted(Path(model_path).glob("*.safetensors")):
+        original.update(load_file(str(file)))
+    params = dict(model.named_parameters())
+    routers = [name for name in original if name.endswith("mlp.gate.weight")]
+    exact = bool(routers) and all(
+        name in params and torch.equal(params[name].detach().cpu(), original[name])
+        for name in routers
+    )
+    total = experts * 3 * config.num_hidden_layers
+    return {"experts_quantized": f"{quantized}/{total}", "router_exact": exact}

@@ -7,7 +7,9 @@ tokenizer), so that our side and the peers load exactly the same files:
   dequantized once by transformers' GGUF loader into ``build/gguf`` (keyed by the file's
   sha256, shared with ``make demo``);
 - ``llama-*``: synthetic Llamas built from configs with a fixed seed (hidden and MLP sizes
-  multiples of 128, so group-128 schemes apply on both sides), with the stories tokenizer.
+  multiples of 128, so group-128 schemes apply on both sides), with the stories tokenizer;
+- ``moe-*``: synthetic Qwen3-MoE models (8 experts routed top-2, widths multiples of 128),
+  built the same way.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ class ModelSpec:
     """One benchmark model: where it comes from and which text calibrates and scores it."""
 
     name: str
-    kind: str  # "local", "gguf" or "synthetic"
+    kind: str  # "local", "gguf", "synthetic" or "synthetic-moe"
     text: Path
     # calibration from the start of the text, evaluation from a later, disjoint slice
     eval_char_start: int
@@ -74,6 +76,31 @@ def _synthetic(name: str, hidden: int, mlp: int, layers: int, heads: int, kv: in
     )
 
 
+def _synthetic_moe(name: str, hidden: int, expert_mlp: int, layers: int) -> ModelSpec:
+    config = dict(
+        hidden_size=hidden,
+        intermediate_size=2 * expert_mlp,
+        moe_intermediate_size=expert_mlp,
+        num_experts=8,
+        num_experts_per_tok=2,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=hidden // 4,
+        vocab_size=512,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+    )
+    return ModelSpec(
+        name,
+        "synthetic-moe",
+        TINYSTORIES,
+        eval_char_start=500_000,
+        config=config,
+        about=f"synthetic Qwen3-MoE h{hidden} expert mlp{expert_mlp} L{layers}, 8 experts top-2",
+    )
+
+
 MODELS: dict[str, ModelSpec] = {
     "stories260K": ModelSpec(
         "stories260K",
@@ -93,6 +120,8 @@ MODELS: dict[str, ModelSpec] = {
     "llama-s": _synthetic("llama-s", 256, 768, 4, 4, 2),
     "llama-m": _synthetic("llama-m", 512, 1536, 4, 8, 4),
     "llama-l": _synthetic("llama-l", 1024, 2816, 4, 16, 8),
+    "moe-tiny": _synthetic_moe("moe-tiny", 128, 128, 2),
+    "moe-s": _synthetic_moe("moe-s", 256, 256, 4),
 }
 
 
@@ -137,7 +166,12 @@ def prepare(name: str, cache: Path) -> Path:
     if not (STORIES / "config.json").is_file():
         raise ModelUnavailable(f"synthetic models borrow the tokenizer at {STORIES}")
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**spec.config))
+    if spec.kind == "synthetic-moe":
+        from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+        model = Qwen3MoeForCausalLM(Qwen3MoeConfig(**spec.config))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(**spec.config))
     tokenizer = AutoTokenizer.from_pretrained(STORIES)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)

@@ -19,6 +19,7 @@ from benchmarks.common import (
     dir_size_mb,
     evaluate,
     load_model,
+    moe_metrics,
     two_of_four_after_reload,
 )
 from benchmarks.runners.timing import Trainee, alternate_timings, count_params, train_step_case
@@ -62,6 +63,7 @@ def oneshot_task(spec: dict[str, Any], phases: Phases) -> dict[str, Any]:
     with phases("compress"):
         model = oneshot(model, Path(spec["recipe"]), dataset, **kwargs)
     metrics: dict[str, Any] = {"params": count_params(model)}
+    metrics.update(moe_metrics(model, spec["model_path"]))
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "num_hidden_layers"):
         metrics["layers"] = int(config.num_hidden_layers)

@@ -16,6 +16,7 @@ from benchmarks.common import (
     dir_size_mb,
     evaluate,
     load_model,
+    moe_metrics,
     two_of_four_after_reload,
 )
 from benchmarks.runners.timing import count_params
@@ -49,6 +50,7 @@ def oneshot_task(spec: dict[str, Any], phases: Phases) -> dict[str, Any]:
         result = oneshot(**kwargs)
     model = result if isinstance(result, type(model)) else model
     metrics: dict[str, Any] = {"params": count_params(model)}
+    metrics.update(moe_metrics(model, spec["model_path"]))
     if spec.get("output_dir"):
         with phases("save"):
             model.save_pretrained(spec["output_dir"], save_compressed=True)

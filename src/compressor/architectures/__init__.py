@@ -4,7 +4,8 @@ Each family module (``llama``, ``bert``, ``gemma``, ``phi3``, ``gpt2``, ``opt``)
 model types, where its layers live, and the typed mappings the techniques read: which modules
 share a row or a head (pruning), which play which role around the residual stream and which
 norms feed them (SpinQuant), which modules a per-channel scale moves between (SmoothQuant,
-AWQ). ``conv`` reads the channel coupling of plain ``nn.Sequential``
+AWQ). ``moe`` holds the mixture-of-experts layouts (sparse block, fused experts, router,
+shared experts, config keys) and finds the sparse blocks of a model. ``conv`` reads the channel coupling of plain ``nn.Sequential``
 conv nets. ``architecture_for(model)`` is the lookup.
 
 This is a bottom layer: of this library it may import ``compressor.utils`` only (never
@@ -26,6 +27,16 @@ from compressor.architectures.mappings import (
     StructureBuilder,
     StructureMapping,
 )
+from compressor.architectures.moe import (
+    MOE_LAYOUTS,
+    ExpertsLayout,
+    MoEBlock,
+    MoELayout,
+    UnknownExpertsError,
+    check_expert_modules,
+    find_moe_blocks,
+    moe_layout_for_experts,
+)
 from compressor.architectures.registry import (
     ARCHITECTURES,
     BY_MODEL_TYPE,
@@ -40,19 +51,27 @@ __all__ = [
     "BATCH_NORMS",
     "BY_MODEL_TYPE",
     "DECODER_LAYER_PATHS",
+    "MOE_LAYOUTS",
     "Architecture",
+    "ExpertsLayout",
     "Feature",
     "Kind",
+    "MoEBlock",
+    "MoELayout",
     "NormMapping",
     "SmoothingMapping",
     "SpinQuantMapping",
     "StructureBuilder",
     "StructureMapping",
+    "UnknownExpertsError",
     "architecture_for",
+    "check_expert_modules",
     "find_architecture",
     "find_decoder_layers",
     "find_decoder_layers_path",
+    "find_moe_blocks",
     "known_model_types",
     "model_type_of",
+    "moe_layout_for_experts",
     "sequential_conv_mappings",
 ]

@@ -16,6 +16,7 @@ from compressor.checkpoint.model_card import MODEL_CARD_FILE, is_model_card
 from compressor.checkpoint.sparsity import sparsity_config, write_sparsity_config
 from compressor.checkpoint.transforms import has_online_transforms
 from compressor.core.session import CompressionSession
+from compressor.modifiers.moe import LinearExperts
 from compressor.modifiers.pruning.oneshot import OneShotSparsityModifier
 from compressor.modifiers.pruning.sparse import SparsePruningModifier
 from compressor.modifiers.quantization.kv_cache import kv_cache_scheme_of
@@ -106,6 +107,7 @@ def save_compressed(
     else:
         assert compressor.quantization_config is not None
         _warn_unloadable_zero_points(model, str(compressor.quantization_config.format))
+        _warn_expert_activations(model, str(compressor.quantization_config.format))
         logger.info(
             "saving compressed ({} format) to {}", compressor.quantization_config.format, output
         )
@@ -229,3 +231,33 @@ def _warn_unloadable_zero_points(model: torch.nn.Module, quantization_format: st
             len(asymmetric),
             asymmetric[0],
         )
+
+
+def _warn_expert_activations(model: torch.nn.Module, quantization_format: str) -> None:
+    """transformers (5.x) reloads the per-expert Linears of a mixture-of-experts checkpoint
+    into its fused experts by dequantizing their weights: activation quantization of the
+    experts is not run after ``from_pretrained`` (their static input scales are unexpected
+    keys), and int-quantized experts (8-bit activations with int weights) do not load at all.
+    vLLM runs both. The checkpoint is written as it is; the user is told."""
+    quantized = [
+        f"{name}.{n}"
+        for name, experts in model.named_modules()
+        if isinstance(experts, LinearExperts)
+        for n, m in experts.named_modules()
+        if getattr(m, "quantization_scheme", None) is not None
+        and (m.quantization_scheme.input_activations or m.quantization_scheme.output_activations)
+    ]
+    if not quantized:
+        return
+    logger.warning(
+        "{} expert Linear(s) quantize activations (e.g. {}; format {}): transformers' "
+        "from_pretrained {}; vLLM runs them quantized. For a checkpoint that transformers "
+        "reloads exactly, quantize the experts' weights only (e.g. W4A16)",
+        len(quantized),
+        quantized[0],
+        quantization_format,
+        "cannot load int-quantized experts"
+        if "int" in quantization_format
+        else "dequantizes expert weights into its fused experts and runs their activations "
+        "in full precision",
+    )

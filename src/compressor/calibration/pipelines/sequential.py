@@ -68,6 +68,7 @@ from compressor.calibration.pipelines.layer_calls import (
 from compressor.calibration.pipelines.staged import StagePlan, calibrate_in_stages, plan_stages
 from compressor.core.session import CompressionSession
 from compressor.modifiers.hooks import HooksMixin
+from compressor.modifiers.moe import LinearExperts
 from compressor.modifiers.transform.smoothing import quantized_forwards_off
 from compressor.utils.memory import keep_freed_tensors_in_heap, release_free_memory
 from compressor.utils.offload import check_device_unset, is_offloaded, layer_onloaded
@@ -327,7 +328,13 @@ def _calibrate(
 
 
 def _last_module_called(layer: torch.nn.Module, call: LayerInputs) -> torch.nn.Module | None:
-    """Run ``call`` through ``layer`` whole; the last of its leaf modules it called."""
+    """Run ``call`` through ``layer`` whole; the last of its leaf modules it called. None
+    when the layer routes tokens to experts that run only when chosen: which module comes
+    last then differs from call to call, and stopping at one would hide later experts'
+    tokens from the hooks."""
+    if any(isinstance(m, LinearExperts) and m.all_experts_requests == 0 for m in layer.modules()):
+        layer(*call.args, **call.kwargs)
+        return None
     order: list[torch.nn.Module] = []
     leaves = [m for m in layer.modules() if not any(m.children())]
     handles = [leaf.register_forward_pre_hook(lambda m, _a: order.append(m)) for leaf in leaves]

@@ -22,6 +22,7 @@ from pydantic import Field, PrivateAttr, field_validator, model_validator
 from compressor.core.events import Event, EventType
 from compressor.core.state import State
 from compressor.modifiers.base import CalibrationTraits, Modifier
+from compressor.modifiers.moe import ExpertCalibrationFields, ExpertCoverage, prepare_experts
 from compressor.modifiers.pruning.owl import outlier_ratio, owl_layer_sparsities
 from compressor.utils.memory import overwrite_all_
 
@@ -65,7 +66,7 @@ class SparsityTarget:
     layer: str
 
 
-class OneShotSparsityModifier(Modifier):
+class OneShotSparsityModifier(ExpertCalibrationFields, Modifier):
     """The recipe fields of llm-compressor's one-shot sparsity modifiers, validated when the
     recipe is parsed (a base class, not registered itself).
 
@@ -83,10 +84,16 @@ class OneShotSparsityModifier(Modifier):
     :param targets: layers whose Linears are pruned (names, ``re:`` patterns, class names)
     :param ignore: Linears left alone, same syntax
     :param sequential_update: accepted for old recipes; layers are always pruned one at a time
+    :param calibrate_all_experts: see ``compressor.modifiers.moe.ExpertCalibrationFields``:
+        mixture-of-experts weights are unfolded into one Linear per expert, each pruned on
+        statistics from every calibration token (routers stay dense)
+    :param min_expert_tokens: see ExpertCalibrationFields
+    :param moe_mappings: see ExpertCalibrationFields
     """
 
     _modules: dict[str, SparsityTarget] = PrivateAttr(default_factory=dict)
     _pruned: set[str] = PrivateAttr(default_factory=set)
+    _coverage: ExpertCoverage | None = PrivateAttr(default=None)
 
     sparsity: float | list[float] | None = None
     mask_structure: str = "0:0"
@@ -175,8 +182,29 @@ class OneShotSparsityModifier(Modifier):
         owner = type(self).__name__
         if state.model is None:
             raise ValueError(f"{owner} needs a model in the state")
+        experts = prepare_experts(state.model, list(self.ignore), owner, tuple(self.moe_mappings))
         self._modules = resolve_sparsity_targets(state.model, self, owner)
+        for name in list(self._modules):  # the routing stays exact
+            if any(name == m or name.startswith(m + ".") for m in experts.exact):
+                del self._modules[name]
         logger.info("{} will prune {} Linear(s)", owner, len(self._modules))
+
+    def start_expert_coverage(self, state: State) -> None:
+        """All-expert calibration and per-expert token counts, from calibration start."""
+        assert state.model is not None
+        self._coverage = ExpertCoverage(
+            state.model,
+            self.calibrate_all_experts,
+            hooks=self,
+            owner=type(self).__name__,
+            min_tokens=self.min_expert_tokens,
+        )
+        self._coverage.start()
+
+    def end_expert_coverage(self) -> None:
+        """Log the tokens each expert calibrated on (warn for starved experts)."""
+        if self._coverage is not None:
+            self._coverage.end()
 
     def calibrated_targets(self, event: Event) -> list[str]:
         """The targets inside the modules a SEQUENTIAL_EPOCH_END has just calibrated, to prune

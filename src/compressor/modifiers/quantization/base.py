@@ -12,6 +12,12 @@ from pydantic import Field, PrivateAttr, model_validator
 from compressor.core.events import Event, EventType
 from compressor.core.state import State
 from compressor.modifiers.base import CalibrationTraits, Modifier
+from compressor.modifiers.moe import (
+    ExpertCalibrationFields,
+    ExpertCoverage,
+    keep_routing_exact,
+    prepare_experts,
+)
 from compressor.modifiers.quantization.calibration import PostTrainingPathway
 from compressor.modifiers.quantization.fake_quant import LowBitWeights
 from compressor.modifiers.quantization.kv_cache import KVCacheCalibration, match_kv_cache_modules
@@ -63,7 +69,7 @@ def _refuse_microscaling_in_training(config: QuantizationConfig, start: float) -
 
 
 @Modifier.register()
-class QuantizationModifier(QuantizationSchemeMixin, Modifier):
+class QuantizationModifier(QuantizationSchemeMixin, ExpertCalibrationFields, Modifier):
     """Quantize weights and activations with compressed-tensors schemes.
 
     Post-training, observers collect activation ranges over calibration batches and the
@@ -74,12 +80,14 @@ class QuantizationModifier(QuantizationSchemeMixin, Modifier):
 
     **Lifecycle**
 
-    - ``on_initialize``: resolve the scheme, check it against the model (targets, group
-      sizes, dtypes; with ``kv_cache_scheme``, that every attention module's cache can be
-      hooked); nothing changes yet
+    - ``on_initialize``: unfold fused mixture-of-experts weights into one Linear per expert
+      (``compressor.modifiers.moe``; routers stay exact, unknown expert layouts are refused);
+      resolve the scheme, check it against the model (targets, group sizes, dtypes; with
+      ``kv_cache_scheme``, that every attention module's cache can be hooked)
     - ``on_start`` on CALIBRATION_EPOCH_START (post-training): attach compressed-tensors
       quantization, set weight scales from the weights, observe static activation ranges
-      with forward hooks (and the keys and values written to the cache)
+      with forward hooks (and the keys and values written to the cache); every token runs
+      through every expert for those ranges (``calibrate_all_experts``)
     - ``on_start`` on BATCH_START (training): fake-quantize weights (a parametrization) and
       activations (hooks), both with straight-through gradients; observers update ranges
     - ``on_update`` (training): lower the weight bits on the progressive schedule and the
@@ -126,6 +134,9 @@ class QuantizationModifier(QuantizationSchemeMixin, Modifier):
         where it falls again; see ``full_precision_share``. Gradients reach ``w`` unchanged.
         Finalize always writes fully quantized weights (a warning says so if ``r`` had not
         reached 0)
+    :param calibrate_all_experts: see ExpertCalibrationFields (static activations only)
+    :param min_expert_tokens: see ExpertCalibrationFields
+    :param moe_mappings: see ExpertCalibrationFields
     :param low_bit_weights: training only: ``ternary`` (``alpha * {-1, 0, 1}``) or
         ``binary`` (``alpha * {-1, 1}``) weights per output row, as in DeepSpeed's XTC; the
         config groups' weights must be int, 2 bits, symmetric, channel strategy (the
@@ -147,6 +158,7 @@ class QuantizationModifier(QuantizationSchemeMixin, Modifier):
     _schemes: dict[str, QuantizationScheme] = PrivateAttr(default_factory=dict)
     _pathway: QuantizationPathway | None = PrivateAttr(default=None)
     _kv_modules: dict[str, torch.nn.Module] = PrivateAttr(default_factory=dict)
+    _coverage: ExpertCoverage | None = PrivateAttr(default=None)
 
     @model_validator(mode="after")
     def _check_training_options(self) -> QuantizationModifier:
@@ -192,7 +204,11 @@ class QuantizationModifier(QuantizationSchemeMixin, Modifier):
     def on_initialize(self, state: State) -> None:
         if state.model is None:
             raise ValueError("QuantizationModifier needs a model in the state")
-        self._config = self.resolve_quantization_config()
+        config = self.resolve_quantization_config()
+        experts = prepare_experts(
+            state.model, list(config.ignore or []), type(self).__name__, tuple(self.moe_mappings)
+        )
+        self._config = keep_routing_exact(config, experts.exact)
         if self._config.kv_cache_scheme is not None:
             self._kv_modules = match_kv_cache_modules(state.model)
         if self._config.config_groups:
@@ -220,6 +236,16 @@ class QuantizationModifier(QuantizationSchemeMixin, Modifier):
     def on_start(self, state: State, event: Event) -> None:
         if event.type_ == EventType.CALIBRATION_EPOCH_START:
             self._pathway = self._post_training_pathway(state)
+            if self.requires_calibration_data():
+                assert state.model is not None
+                self._coverage = ExpertCoverage(
+                    state.model,
+                    self.calibrate_all_experts,
+                    hooks=self,
+                    owner=type(self).__name__,
+                    min_tokens=self.min_expert_tokens,
+                )
+                self._coverage.start()
         else:
             self._pathway = self._training_pathway(state)
         self._pathway.start(event)
@@ -230,6 +256,8 @@ class QuantizationModifier(QuantizationSchemeMixin, Modifier):
 
     def on_end(self, state: State, event: Event) -> None:
         assert self._pathway is not None
+        if self._coverage is not None:
+            self._coverage.end()
         self._pathway.end(event)
 
     def on_finalize(self, state: State) -> None:

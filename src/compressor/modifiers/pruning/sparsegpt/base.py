@@ -45,9 +45,11 @@ class SparseGPTModifier(OneShotSparsityModifier):
 
     **Lifecycle**
 
-    - ``on_initialize``: match the targets to Linears and their sparsities (errors name the
-      module: not a Linear, N:M that does not fit, a sparsity list of the wrong length)
-    - ``on_start`` (calibration start): a Hessian-accumulating forward pre-hook on each Linear
+    - ``on_initialize``: unfold fused mixture-of-experts weights into one Linear per expert
+      (routers stay dense); match the targets to Linears and their sparsities (errors name
+      the module: not a Linear, N:M that does not fit, a sparsity list of the wrong length)
+    - ``on_start`` (calibration start): a Hessian-accumulating forward pre-hook on each
+      Linear; every token runs through every expert (``calibrate_all_experts``)
     - ``on_update`` at SEQUENTIAL_EPOCH_END: prune the Linears the event carries and free
       their Hessians
     - ``on_end`` (calibration end): prune whatever is still pending; a Linear that saw no data
@@ -109,6 +111,7 @@ class SparseGPTModifier(OneShotSparsityModifier):
     def on_start(self, state: State, event: Event) -> None:
         for name, target in self._modules.items():
             self.register_hook(target.module, self._hessian_hook(name), "forward_pre")
+        self.start_expert_coverage(state)
 
     def _hessian_hook(self, name: str) -> Any:
         hessians = self._hessians
@@ -124,6 +127,7 @@ class SparseGPTModifier(OneShotSparsityModifier):
                 self._prune(name)
 
     def on_end(self, state: State, event: Event) -> None:
+        self.end_expert_coverage()
         if self.uses_owl():
             # the norm of each input feature, up to a factor common to all: sqrt(diag H)
             norms = {

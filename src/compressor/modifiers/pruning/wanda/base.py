@@ -35,10 +35,11 @@ class WandaPruningModifier(OneShotSparsityModifier):
 
     **Lifecycle**
 
-    - ``on_initialize``: match the targets to Linears and their sparsities (errors name the
-      module)
+    - ``on_initialize``: unfold fused mixture-of-experts weights into one Linear per expert
+      (routers stay dense); match the targets to Linears and their sparsities (errors name
+      the module)
     - ``on_start`` (calibration start): a forward pre-hook on each Linear summing its inputs'
-      squares per feature
+      squares per feature; every token runs through every expert (``calibrate_all_experts``)
     - ``on_update`` at SEQUENTIAL_EPOCH_END: prune the Linears the event carries
     - ``on_end`` (calibration end): prune whatever is still pending; a Linear that saw no data
       is pruned by magnitude per row, with a warning naming it
@@ -62,6 +63,7 @@ class WandaPruningModifier(OneShotSparsityModifier):
     def on_start(self, state: State, event: Event) -> None:
         for name, target in self._modules.items():
             self.register_hook(target.module, self._norm_hook(name), "forward_pre")
+        self.start_expert_coverage(state)
 
     def _norm_hook(self, name: str) -> Any:
         sums = self._sums
@@ -77,6 +79,7 @@ class WandaPruningModifier(OneShotSparsityModifier):
                 self._prune(name, self._sums.pop(name))
 
     def on_end(self, state: State, event: Event) -> None:
+        self.end_expert_coverage()
         if self.uses_owl():
             norms = {name: sums.sqrt() for name, sums in self._sums.items()}
             apply_owl_before_pruning(self._modules, norms, self, "WandaPruningModifier")

@@ -18,6 +18,12 @@ from pydantic import Field, PrivateAttr, field_validator, model_validator
 from compressor.core.events import Event, EventType
 from compressor.core.state import State
 from compressor.modifiers.base import CalibrationTraits, Modifier
+from compressor.modifiers.moe import (
+    ExpertCalibrationFields,
+    ExpertCoverage,
+    keep_routing_exact,
+    prepare_experts,
+)
 from compressor.modifiers.quantization.calibration import (
     freeze_quantization,
     set_qparams,
@@ -55,7 +61,7 @@ _ACTORDER_ALIASES = {"none": None, "weight": "static", "static": "static", "grou
 
 
 @Modifier.register("GPTQ")
-class GPTQModifier(QuantizationSchemeMixin, Modifier):
+class GPTQModifier(QuantizationSchemeMixin, ExpertCalibrationFields, Modifier):
     """Quantize weights with GPTQ: each Linear's columns in turn, with error feedback.
 
     GPTQ (Frantar et al., 2022, "GPTQ: Accurate Post-Training Quantization for Generative
@@ -80,16 +86,20 @@ class GPTQModifier(QuantizationSchemeMixin, Modifier):
 
     **Lifecycle**
 
-    - ``on_initialize``: resolve the scheme, match the targets, attach compressed-tensors
-      quantization to them with the quantized forward switched off
+    - ``on_initialize``: unfold fused mixture-of-experts weights into one Linear per expert
+      (``compressor.modifiers.moe``; routers stay exact, unknown expert layouts are
+      refused); resolve the scheme, match the targets
     - ``on_start`` (calibration start): a Hessian-accumulating forward pre-hook on each Linear
-      (which also observes the input range, when the input activations are static); with
+      (which also observes the input range, when the input activations are static); every
+      token runs through every expert (``calibrate_all_experts``), each expert's tokens
+      counted; with
       ``kv_cache_scheme``, the quantized key/value cache attached and its ranges observed
     - ``on_update`` at SEQUENTIAL_EPOCH_END: quantize the Linears of the layer just calibrated
       (``event.modules``) and free their Hessians; set their static input scales from the
       observed ranges; their weights now lie on the grid, so their quantized forward stays
       off (it would give the same weights back) unless they also quantize activations
-    - ``on_end`` (calibration end): quantize whatever is still pending (every Linear, on the
+    - ``on_end`` (calibration end): log the tokens per expert (warn for starved ones);
+      quantize whatever is still pending (every Linear, on the
       basic pipeline); round to nearest, with a warning, any module that saw no data; set the
       key/value cache's scales; switch every quantized forward on
     - ``finalize``: hooks removed; the modules stay quantized (frozen)
@@ -116,6 +126,9 @@ class GPTQModifier(QuantizationSchemeMixin, Modifier):
         (``compressor.calibration.pipelines.staged``). False calibrates every Linear of a
         layer on the unquantized layer, as llm-compressor does. Layers of another form are
         always calibrated whole
+    :param calibrate_all_experts: see ExpertCalibrationFields
+    :param min_expert_tokens: see ExpertCalibrationFields
+    :param moe_mappings: see ExpertCalibrationFields
     """
 
     block_size: int = Field(default=128, ge=1)
@@ -130,6 +143,8 @@ class GPTQModifier(QuantizationSchemeMixin, Modifier):
     _quantized: set[str] = PrivateAttr(default_factory=set)
     _kv_modules: dict[str, torch.nn.Module] = PrivateAttr(default_factory=dict)
     _kv_cache: KVCacheCalibration | None = PrivateAttr(default=None)
+    _coverage: ExpertCoverage | None = PrivateAttr(default=None)
+    _hessian_tokens: dict[str, int] = PrivateAttr(default_factory=dict)
     _input_observers: ActivationObservers = PrivateAttr(
         default_factory=lambda: ActivationObservers("minmax", 0.95, prefer_args=True)
     )
@@ -197,7 +212,11 @@ class GPTQModifier(QuantizationSchemeMixin, Modifier):
     def on_initialize(self, state: State) -> None:
         if state.model is None:
             raise ValueError("GPTQModifier needs a model in the state")
-        self._config = self.resolve_quantization_config()
+        config = self.resolve_quantization_config()
+        experts = prepare_experts(
+            state.model, list(config.ignore or []), "GPTQModifier", tuple(self.moe_mappings)
+        )
+        self._config = keep_routing_exact(config, experts.exact)
         if self._config.kv_cache_scheme is not None:
             self._kv_modules = match_kv_cache_modules(state.model)
         self._modules = match_quantizable_modules(state.model, self._config)
@@ -209,6 +228,15 @@ class GPTQModifier(QuantizationSchemeMixin, Modifier):
 
     def on_start(self, state: State, event: Event) -> None:
         self._attach(state)
+        assert state.model is not None
+        self._coverage = ExpertCoverage(
+            state.model,
+            self.calibrate_all_experts,
+            hooks=self,
+            owner="GPTQModifier",
+            min_tokens=self.min_expert_tokens,
+        )
+        self._coverage.start()
         for name, module in self._modules.items():
             if isinstance(module, torch.nn.Linear):
                 self.register_hook(module, self._hessian_hook(name, module), "forward_pre")
@@ -255,7 +283,14 @@ class GPTQModifier(QuantizationSchemeMixin, Modifier):
         for bundle in self._lockstep_bundles(self._same_problem_groups(pending)):
             self._quantize_bundle(bundle)
 
+    @property
+    def hessian_tokens(self) -> dict[str, int]:
+        """The tokens each quantized Linear's Hessian was built from, by name."""
+        return dict(self._hessian_tokens)
+
     def on_end(self, state: State, event: Event) -> None:
+        if self._coverage is not None:
+            self._coverage.end()
         rest = [
             (name, module)
             for name, module in self._modules.items()
@@ -362,6 +397,7 @@ class GPTQModifier(QuantizationSchemeMixin, Modifier):
         check_finite_weights(pairs, "GPTQModifier", attributes=("weight",))
         for group in bundle:
             hessian, count = self._hessians.pop([name for name, _ in group])
+            self._hessian_tokens.update(dict.fromkeys((name for name, _ in group), count))
             problems.append(([module.weight.data for _, module in group], hessian))  # no copy
             counts.append(count)
         results = gptq_quantize_weights(
