@@ -86,11 +86,12 @@ def solve_gptq_shared(
 
     With row-wise scales (channel, group) GPTQ treats each output row alone given the inverse
     Hessian and the column order (both from the Hessian, the same on every rank), so each rank
-    solves its contiguous share of every problem's rows (the inversion is repeated on each, the
-    column loop, the bulk of the work, is split); the rows are then broadcast from the rank
-    that solved them. A per-tensor scale needs the whole weight: whole problems are shared out
-    by cost (rows x columns^2), as are problems with fewer rows than ranks. In one process
-    this is ``solve(problems)``.
+    solves its contiguous share of every problem's rows (the column loop is split; the
+    inversion is repeated on each rank, which where the Hessian is wider than the weight is
+    tall, as for down_proj, is most of the solve: bench/results/2026-12-01-oneshot-ranks.md);
+    the rows are then broadcast from the rank that solved them. A per-tensor scale needs the
+    whole weight: whole problems are shared out by cost (rows x columns^2), as are problems
+    with fewer rows than ranks. In one process this is ``solve(problems)``.
 
     :param problems: ``(weights, hessian)`` pairs, the same on every rank (Hessians reduced)
     :param args: the weights' quantization
