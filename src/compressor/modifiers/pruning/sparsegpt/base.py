@@ -114,7 +114,8 @@ class SparseGPTModifier(OneShotSparsityModifier):
         return hook
 
     def on_update(self, state: State, event: Event) -> None:
-        self._prune_calibrated(self.calibrated_targets(event))
+        targets = self.calibrated_targets(event)
+        self._prune_calibrated(reduce_hessians(self._hessians, targets, self._linears()))
 
     def on_end(self, state: State, event: Event) -> None:
         pending = [name for name in self._modules if name not in self._pruned]
@@ -142,20 +143,21 @@ class SparseGPTModifier(OneShotSparsityModifier):
     def _linears(self) -> dict[str, torch.nn.Module]:
         return {name: target.module for name, target in self._modules.items()}
 
-    def _prune_calibrated(self, names: list[str]) -> None:
-        """Prune those of ``names`` that have a Hessian: under a process group, the Hessian
-        over every rank's data (``reduce_hessians``; ``names`` come from the model, alike on
-        every rank), each Linear pruned by one rank (shared out by cost) and its weight
-        broadcast to the others."""
-        calibrated = reduce_hessians(self._hessians, names, self._linears())
+    def _prune_calibrated(self, calibrated: list[str]) -> None:
+        """Prune ``calibrated``, whose Hessians ``reduce_hessians`` has made those over every
+        rank's data (under a process group; the names come from the model, alike on every
+        rank): each Linear pruned by one rank (shared out by cost), its weight broadcast to the
+        others."""
         weights = [self._modules[name].module.weight for name in calibrated]
         owners = distributed.assign_by_cost([float(w.shape[0]) * w.shape[1] ** 2 for w in weights])
         results: list[torch.Tensor] = []
         for name, weight, owner in zip(calibrated, weights, owners, strict=True):
             hessian, count = self._hessians.pop([name])
             if owner == distributed.rank():
-                results.append(self._solve(name, hessian, count))
-                self._write(name, results[-1])
+                solved = self._solve(name, hessian, count)
+                self._write(name, solved)
+                # kept for the broadcast only (in one process, freed at once as before)
+                results.append(solved if distributed.is_distributed() else weight.data[:0])
             else:  # solved by its owner, received below
                 results.append(torch.empty_like(weight.data))
             del hessian
