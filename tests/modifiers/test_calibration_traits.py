@@ -13,7 +13,11 @@ def test_a_modifier_allows_no_shortcut_unless_it_says_so():
     """The defaults are the conservative answers: no offloaded models, outputs read, batches
     kept apart, layers calibrated whole."""
     assert RecordingModifier().calibration_traits() == CalibrationTraits(
-        supports_offloaded_models=False, reads_outputs=True, merges_batches=False, in_stages=False
+        supports_offloaded_models=False,
+        reads_outputs=True,
+        merges_batches=False,
+        in_stages=False,
+        reduces_across_ranks=False,
     )
 
 
@@ -30,6 +34,48 @@ def test_gptq_and_quantization_declare_their_traits(true_sequential):
         reads_outputs=False,
         merges_batches=True,
         in_stages=true_sequential,
+        reduces_across_ranks=True,
     )
     quantization = QuantizationModifier(scheme="W4A16", targets=["Linear"])
-    assert quantization.calibration_traits() == CalibrationTraits(supports_offloaded_models=True)
+    assert quantization.calibration_traits() == CalibrationTraits(
+        supports_offloaded_models=True, reduces_across_ranks=True
+    )
+
+
+def _static_inputs(observer: str) -> dict:
+    args = {"num_bits": 8, "strategy": "tensor", "dynamic": False, "observer": observer}
+    return {"g": {"targets": ["Linear"], "weights": {"num_bits": 8}, "input_activations": args}}
+
+
+def test_modifiers_that_calibrate_say_whether_ranks_can_share_the_data():
+    """Every registered modifier that needs calibration data reduces its statistics over the
+    ranks of a process group; a moving average of ranges cannot be (it depends on batch
+    order), so oneshot refuses it there."""
+    from compressor.modifiers import (
+        AWQModifier,
+        LayerReductionModifier,
+        SmoothQuantModifier,
+        SparseGPTModifier,
+        SparsePruningModifier,
+        WandaPruningModifier,
+    )
+
+    calibrating = [
+        GPTQModifier(config_groups=_static_inputs("minmax")),
+        QuantizationModifier(config_groups=_static_inputs("minmax")),
+        SparseGPTModifier(sparsity=0.5),
+        WandaPruningModifier(sparsity=0.5),
+        SparsePruningModifier(density=0.5, method="activation", targets=["Linear"]),
+        SmoothQuantModifier(),
+        AWQModifier(),
+        LayerReductionModifier(strategy="angular", num_layers_to_drop=1),
+    ]
+    for modifier in calibrating:
+        assert modifier.requires_calibration_data(), type(modifier).__name__
+        assert modifier.calibration_traits().reduces_across_ranks, type(modifier).__name__
+    for moving in (
+        GPTQModifier(config_groups=_static_inputs("moving_average")),
+        QuantizationModifier(config_groups=_static_inputs("moving_average")),
+    ):
+        assert moving.requires_calibration_data()
+        assert not moving.calibration_traits().reduces_across_ranks

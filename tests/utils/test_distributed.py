@@ -37,6 +37,30 @@ def test_single_process_reductions_are_no_ops():
         distributed.all_reduce_mean_(torch.zeros(2), 0)
 
 
+def test_batches_and_jobs_are_split_the_same_way_on_every_rank():
+    # contiguous, lengths within one, longer first; every item in exactly one share
+    assert distributed.split_evenly(7, 3) == [range(0, 3), range(3, 5), range(5, 7)]
+    assert distributed.split_evenly(2, 3) == [range(0, 1), range(1, 2), range(2, 2)]
+    with pytest.raises(ValueError, match="parts must be at least 1"):
+        distributed.split_evenly(3, 0)
+    assert distributed.share_of(["a", "b", "c"]) == ["a", "b", "c"]  # one process: all
+    # the costliest job first, each to the least loaded rank: loads 9+1 and 5+4+1
+    assert distributed.assign_by_cost([5, 9, 4, 1, 1], parts=2) == [1, 0, 1, 0, 1]
+    assert distributed.assign_by_cost([]) == []
+
+
+def test_single_process_agreement_and_optional_reductions_are_no_ops():
+    distributed.check_agreement("the recipe", "anything")
+    distributed.barrier()
+    assert distributed.all_gather_object({"a": 1}) == [{"a": 1}]
+    assert distributed.any_rank(False) is False
+    local = torch.tensor([1.0, 2.0])
+    assert distributed.reduce_optional(local, (2,), "max", device="cpu") is local
+    assert distributed.reduce_optional(None, (2,), "sum", device="cpu") is None
+    distributed.broadcast_parts([(local, 0)])
+    assert local.tolist() == [1.0, 2.0]
+
+
 def _worker(rank: int, world: int, port: int, out: str) -> None:
     import os
     from pathlib import Path

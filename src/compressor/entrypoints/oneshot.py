@@ -18,6 +18,12 @@ from compressor.calibration.sources import resolve_dataset
 from compressor.checkpoint.directory import OutputArguments, check_output_dir, save_checkpoint
 from compressor.core.session import create_session
 from compressor.entrypoints.loading import load_model, load_tokenizer
+from compressor.entrypoints.process_group import (
+    check_model_agreement,
+    check_recipe_for_ranks,
+    on_first_rank,
+    share_batches,
+)
 from compressor.recipe import Recipe, RecipeError, resolve_recipe
 from compressor.utils.offload import (
     check_device_unset,
@@ -80,6 +86,13 @@ def oneshot(
     :param offload_folder: with a checkpoint directory as ``model``: load its decoder layers
         offloaded to disk in this folder (for a model larger than memory)
     :return: the compressed model
+
+    Under an initialised process group (``torchrun``, ``accelerate launch``), each rank
+    calibrates on its contiguous share of the calibration batches, the modifiers reduce their
+    statistics over the ranks and share out their solves, every rank returns the same model,
+    and rank 0 alone writes ``output_dir`` while the others wait. Before any work, a modifier
+    that cannot reduce its statistics is refused, and ranks given different recipes, options,
+    models or data raise (``compressor.entrypoints.process_group``; docs/distributed.md).
     """
     calibration, output = _check_arguments(
         num_calibration_samples=num_calibration_samples,
@@ -93,12 +106,16 @@ def oneshot(
         offload_folder=offload_folder,
     )
     parsed = _parse_recipe(recipe, dataset)
+    check_recipe_for_ranks(parsed, calibration, output, model, offload_folder)
     dataset = resolve_dataset(dataset)  # a named dataset is loaded (or refused) before the model
     loaded, tokenizer = _load(model, tokenizer, parsed, device, offload_folder)
     pipeline_name = resolve_pipeline(calibration.pipeline, parsed.modifiers, loaded)
     batches = _calibration_batches(pipeline_name, dataset, calibration, loaded, tokenizer)
+    check_model_agreement(loaded, batches)
+    if batches:
+        batches = share_batches(batches)
     _compress(loaded, parsed, pipeline_name, batches, device)
-    _save(loaded, output, parsed, tokenizer)
+    on_first_rank("save the checkpoint", lambda: _save(loaded, output, parsed, tokenizer))
     return loaded
 
 
@@ -129,7 +146,8 @@ def _check_arguments(
     if output.output_dir is not None:
         if offload_folder is not None:
             _check_apart(output.output_dir, Path(offload_folder))
-        check_output_dir(output.output_dir, output.overwrite)
+        target, replace = output.output_dir, output.overwrite
+        on_first_rank("check output_dir", lambda: check_output_dir(target, replace))
     return calibration, output
 
 

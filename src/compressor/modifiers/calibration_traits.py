@@ -52,6 +52,12 @@ class CalibrationTraits:
         quantized forward of the layer off, sends them alone a ``SEQUENTIAL_EPOCH_END`` for
         the layer, and only then calibrates the others on it (the basic pipeline does the same
         for the whole model). Default False
+    :param reduces_across_ranks: under a process group (``oneshot`` under ``torchrun``), where
+        each rank calibrates on its share of the rows, every statistic the modifier gathers
+        from the data is reduced over the ranks at the point it is used, so every rank
+        computes what one process would from all the rows. ``oneshot`` refuses, before any
+        work, a modifier that needs calibration data and does not say so (each rank would
+        compress differently). Default False
     """
 
     supports_offloaded_models: bool = False
@@ -60,3 +66,4 @@ class CalibrationTraits:
     in_stages: bool = False
     accepts_stages: bool = False
     transforms_first: bool = False
+    reduces_across_ranks: bool = False

@@ -10,8 +10,9 @@ from pydantic import Field, PrivateAttr, model_validator
 
 from compressor.architectures import find_decoder_layers_path
 from compressor.core import Event, State
-from compressor.modifiers.base import Modifier
+from compressor.modifiers.base import CalibrationTraits, Modifier
 from compressor.modifiers.layer_reduction.surgery import angular_distance, keep_decoder_layers
+from compressor.utils import distributed
 from compressor.utils.finite import check_finite_weights
 
 __all__ = ["LayerReductionModifier"]
@@ -36,7 +37,8 @@ class LayerReductionModifier(Modifier):
       ``num_layers_to_drop`` consecutive layers whose input and output are closest in angle;
       the chosen indices are logged and kept as ``dropped_layers``; ``recipe_args`` then
       reports them as ``drop_layers`` with ``strategy: index``, so the saved recipe
-      reproduces the run without calibration data
+      reproduces the run without calibration data; under a process group the mean distances
+      are over every rank's batches (their sums and counts added over the ranks)
 
     :param keep_number_layer: how many layers are kept (DeepSpeed's name); must match
         ``teacher_layer``
@@ -109,6 +111,11 @@ class LayerReductionModifier(Modifier):
 
     def requires_calibration_data(self) -> bool:
         return self.strategy == "angular"
+
+    def calibration_traits(self) -> CalibrationTraits:
+        """The angular distances are means over batches, reduced over the ranks of a process
+        group as their sums and counts."""
+        return CalibrationTraits(reduces_across_ranks=True)
 
     @property
     def dropped_layers(self) -> list[int] | None:
@@ -244,7 +251,14 @@ class LayerReductionModifier(Modifier):
             )
             for b in range(batches.pop())
         ]
-        return torch.stack(per_batch).mean(dim=0)
+        if not distributed.is_distributed():
+            return torch.stack(per_batch).mean(dim=0)
+        # the mean over every rank's batches: their sum and number, added over the ranks
+        total = torch.stack(per_batch).double().sum(dim=0)
+        batches_seen = torch.tensor([len(per_batch)], dtype=torch.float64)
+        distributed.all_reduce_(total, "sum")
+        distributed.all_reduce_(batches_seen, "sum")
+        return (total / batches_seen).float()
 
     def on_end(self, state: State, event: Event) -> None:
         if self.strategy != "angular":

@@ -10,7 +10,7 @@ from loguru import logger
 from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from compressor.core import Event, EventType, State
-from compressor.modifiers.base import Modifier
+from compressor.modifiers.base import CalibrationTraits, Modifier
 from compressor.modifiers.pruning.coupling import Coupling, member_tensors
 from compressor.modifiers.pruning.masks import MaskHolder, ScoreMask, expand_unit_mask
 from compressor.modifiers.pruning.schedule import Ramp, density_at, kept_count
@@ -135,6 +135,11 @@ class PruningModifierBase(Modifier):
 
     def requires_calibration_data(self) -> bool:
         return SCORERS[self.method].calibrated
+
+    def calibration_traits(self) -> CalibrationTraits:
+        """The one calibrated scorer (``activation``) adds its input statistics over the ranks
+        of a process group before it chooses masks (``ActivationScorer``)."""
+        return CalibrationTraits(reduces_across_ranks=True)
 
     @property
     def scorer(self) -> Scorer:

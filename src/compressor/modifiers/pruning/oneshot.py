@@ -176,6 +176,7 @@ class OneShotSparsityModifier(ExpertCalibrationFields, Modifier):
             reads_outputs=False,  # forward pre-hooks only
             merges_batches=True,  # statistics sum over tokens
             in_stages=True,
+            reduces_across_ranks=True,  # Hessians and square sums, reduced before pruning
         )
 
     def on_initialize(self, state: State) -> None:

@@ -26,7 +26,11 @@ from compressor.modifiers.quantization.matching import (
     match_quantizable_modules,
     schemes_by_module,
 )
-from compressor.modifiers.quantization.observers import ActivationObservers, ObserverKind
+from compressor.modifiers.quantization.observers import (
+    ActivationObservers,
+    ObserverKind,
+    averages_over_batches,
+)
 from compressor.modifiers.quantization.scheme import QuantizationSchemeMixin
 from compressor.modifiers.quantization.training import TrainingPathway
 from compressor.modifiers.quantization.training_options import check_training_options
@@ -192,8 +196,12 @@ class QuantizationModifier(QuantizationSchemeMixin, ExpertCalibrationFields, Mod
     def calibration_traits(self) -> CalibrationTraits:
         """Offloaded models are supported: post-training scales and baked weights are written
         with update_offload_parameter (training-aware quantization does not run on offloaded
-        models)."""
-        return CalibrationTraits(supports_offloaded_models=True)
+        models). Static ranges are reduced over the ranks of a process group when they are
+        extremes (``minmax``); a moving average depends on batch order, so is not."""
+        moving = averages_over_batches(
+            self.resolve_quantization_config(), self.observer, prefer_args=self.scheme is None
+        )
+        return CalibrationTraits(supports_offloaded_models=True, reduces_across_ranks=not moving)
 
     @property
     def quantized_modules(self) -> dict[str, torch.nn.Module]:

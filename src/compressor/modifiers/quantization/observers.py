@@ -12,7 +12,12 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-from compressed_tensors.quantization import QuantizationArgs, QuantizationStrategy
+from compressed_tensors.quantization import (
+    QuantizationArgs,
+    QuantizationConfig,
+    QuantizationScheme,
+    QuantizationStrategy,
+)
 from compressed_tensors.quantization.utils import calculate_qparams, generate_gparam
 
 from compressor.utils import distributed
@@ -22,6 +27,7 @@ __all__ = [
     "ObserverKind",
     "RangeObserver",
     "activation_range",
+    "averages_over_batches",
     "check_finite_range",
     "global_scale",
     "make_observer",
@@ -213,6 +219,25 @@ def make_observer(
         kind=chosen,  # type: ignore[arg-type]
         momentum=float(args.observer_kwargs.get("momentum", momentum) if prefer_args else momentum),
     )
+
+
+def averages_over_batches(
+    config: QuantizationConfig, kind: ObserverKind, prefer_args: bool
+) -> bool:
+    """Whether a static activation range of ``config`` (inputs, outputs, the key/value cache)
+    is a moving average, as ``make_observer`` chooses: it depends on the order of the
+    batches, so no reduction over ranks reproduces what one process computes."""
+    static = [
+        args
+        for scheme in config.config_groups.values()
+        if isinstance(scheme, QuantizationScheme)
+        for args in (scheme.input_activations, scheme.output_activations)
+        if args is not None and not args.dynamic
+    ]
+    if config.kv_cache_scheme is not None and not config.kv_cache_scheme.dynamic:
+        static.append(config.kv_cache_scheme)
+    chosen = (make_observer(args, kind, 0.5, prefer_args).kind for args in static)
+    return any(c == "moving_average" for c in chosen)
 
 
 class ActivationObservers:

@@ -20,6 +20,7 @@ from compressor.modifiers.transform.smoothing import (
     refresh_weight_qparams,
     resolve_smoothing_mappings,
 )
+from compressor.utils import distributed
 
 __all__ = ["LayerSmoothingModifier"]
 
@@ -37,6 +38,11 @@ class LayerSmoothingModifier(Modifier):
       have statistics get their scales (the subclass's ``_scales``) folded into the weights
     - ``on_end`` (calibration end): hooks removed; a mapping never reached is an error
     - ``finalize``: nothing left; the weights are an ordinary checkpoint
+
+    Under a process group (each rank calibrating on its share of the rows), a mapping is
+    smoothed when any rank has statistics for it, from the statistics reduced over the ranks
+    (the subclass's ``_scales``: SmoothQuant's channel extremes, AWQ's mean magnitudes and the
+    squared errors of its grid search).
 
     The pipelines run these modifiers' calibration before the others'
     (``CalibrationTraits.transforms_first``), so quantizers calibrate the smoothed layer.
@@ -76,7 +82,8 @@ class LayerSmoothingModifier(Modifier):
 
     def _scales(self, resolved: ResolvedSmoothing) -> torch.Tensor | None:
         """The scales to fold (None: leave this mapping as it is, said in a log line); the
-        statistics of ``resolved`` are released."""
+        statistics of ``resolved`` are released. Under a process group, from the statistics
+        reduced over every rank (this rank may hold none: some other rank does)."""
         raise NotImplementedError
 
     def _fold(self, resolved: ResolvedSmoothing, scales: torch.Tensor) -> None:
@@ -95,6 +102,8 @@ class LayerSmoothingModifier(Modifier):
             # maxima, means over tokens and sums of squared errors: batching does not matter
             merges_batches=True,
             transforms_first=True,
+            # the statistics are reduced over the ranks in ``_scales`` (subclasses)
+            reduces_across_ranks=True,
         )
 
     def on_initialize(self, state: State) -> None:
@@ -142,7 +151,12 @@ class LayerSmoothingModifier(Modifier):
             )
 
     def _smooth_if_observed(self, resolved: ResolvedSmoothing) -> None:
-        if resolved.smooth_name in self._done or not self._has_statistics(resolved):
+        if resolved.smooth_name in self._done:
+            return
+        # under a process group, statistics on any rank: every rank then reduces them
+        # (``_scales``), reached alike since the mappings come from the model
+        device = resolved.balances[0].weight.device
+        if not distributed.any_rank(self._has_statistics(resolved), device):
             return
         scales = self._scales(resolved)
         self._done.add(resolved.smooth_name)

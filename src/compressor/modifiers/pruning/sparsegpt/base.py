@@ -19,6 +19,8 @@ from compressor.modifiers.pruning.oneshot import (
 )
 from compressor.modifiers.pruning.sparsegpt.sparsegpt import sparsegpt_prune
 from compressor.modifiers.quantization.gptq.hessian import SharedHessians
+from compressor.modifiers.quantization.gptq.ranks import reduce_hessians
+from compressor.utils import distributed
 
 __all__ = ["SparseGPTModifier"]
 
@@ -55,6 +57,10 @@ class SparseGPTModifier(OneShotSparsityModifier):
     - ``on_end`` (calibration end): prune whatever is still pending; a Linear that saw no data
       is pruned by magnitude, with a warning naming it
     - ``finalize``: hooks removed; the pruned weights stay zero
+
+    Under a process group each rank calibrates on its share of the rows: the Hessians are
+    reduced over the ranks (``reduce_hessians``, shared with GPTQ) and each Linear is pruned by
+    one rank, its weight broadcast to the others (docs/distributed.md).
 
     .. code-block:: yaml
 
@@ -122,23 +128,20 @@ class SparseGPTModifier(OneShotSparsityModifier):
         return hook
 
     def on_update(self, state: State, event: Event) -> None:
-        for name in self.calibrated_targets(event):
-            if name in self._hessians:
-                self._prune(name)
+        targets = self.calibrated_targets(event)
+        self._prune_calibrated(reduce_hessians(self._hessians, targets, self._linears()))
 
     def on_end(self, state: State, event: Event) -> None:
         self.end_expert_coverage()
+        pending = [name for name in self._modules if name not in self._pruned]
+        calibrated = reduce_hessians(self._hessians, pending, self._linears())
         if self.uses_owl():
             # the norm of each input feature, up to a factor common to all: sqrt(diag H)
             norms = {
-                name: self._hessians[name][0].diagonal().clamp_min(0).sqrt()
-                for name in self._modules
-                if name in self._hessians
+                name: self._hessians[name][0].diagonal().clamp_min(0).sqrt() for name in calibrated
             }
             apply_owl_before_pruning(self._modules, norms, self, "SparseGPTModifier")
-        for name in self._modules:
-            if name not in self._pruned and name in self._hessians:
-                self._prune(name)
+        self._prune_calibrated(calibrated)
         for name, target in self._modules.items():
             if name not in self._pruned:
                 logger.warning(
@@ -147,16 +150,39 @@ class SparseGPTModifier(OneShotSparsityModifier):
                 )
                 module = target.module
                 identity = torch.eye(module.in_features, device=module.weight.device)
-                self._prune(name, identity)
+                self._write(name, self._solve(name, identity, 0))
         self.remove_hooks()
         self._hessians.clear()
 
     # ---------------------------------------------------------------- pruning
-    def _prune(self, name: str, hessian: torch.Tensor | None = None) -> None:
-        module, sparsity = self._modules[name].module, self._modules[name].sparsity
-        count = 0
-        if hessian is None:
+    def _linears(self) -> dict[str, torch.nn.Module]:
+        return {name: target.module for name, target in self._modules.items()}
+
+    def _prune_calibrated(self, calibrated: list[str]) -> None:
+        """Prune ``calibrated``, whose Hessians ``reduce_hessians`` has made those over every
+        rank's data (under a process group; the names come from the model, alike on every
+        rank): each Linear pruned by one rank (shared out by cost), its weight broadcast to the
+        others."""
+        weights = [self._modules[name].module.weight for name in calibrated]
+        owners = distributed.assign_by_cost([float(w.shape[0]) * w.shape[1] ** 2 for w in weights])
+        results: list[torch.Tensor] = []
+        for name, weight, owner in zip(calibrated, weights, owners, strict=True):
             hessian, count = self._hessians.pop([name])
+            if owner == distributed.rank():
+                solved = self._solve(name, hessian, count)
+                self._write(name, solved)
+                # kept for the broadcast only (in one process, freed at once as before)
+                results.append(solved if distributed.is_distributed() else weight.data[:0])
+            else:  # solved by its owner, received below
+                results.append(torch.empty_like(weight.data))
+            del hessian
+        distributed.broadcast_parts(zip(results, owners, strict=True))
+        for name, result, owner in zip(calibrated, results, owners, strict=True):
+            if owner != distributed.rank():
+                self._write(name, result)
+
+    def _solve(self, name: str, hessian: torch.Tensor, count: int) -> torch.Tensor:
+        module, sparsity = self._modules[name].module, self._modules[name].sparsity
         result = sparsegpt_prune(
             module.weight.data,
             hessian,
@@ -173,5 +199,8 @@ class SparseGPTModifier(OneShotSparsityModifier):
             float(result.mask.float().mean()),
             result.loss,
         )
-        write_pruned_weight(module, result.weight)
+        return result.weight.to(module.weight.dtype).contiguous()
+
+    def _write(self, name: str, weight: torch.Tensor) -> None:
+        write_pruned_weight(self._modules[name].module, weight)
         self._pruned.add(name)

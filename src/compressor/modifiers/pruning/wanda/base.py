@@ -17,6 +17,7 @@ from compressor.modifiers.pruning.oneshot import (
     write_pruned_weight,
 )
 from compressor.modifiers.pruning.wanda.wanda import accumulate_square_sums, wanda_mask
+from compressor.utils import distributed
 
 __all__ = ["WandaPruningModifier"]
 
@@ -44,6 +45,9 @@ class WandaPruningModifier(OneShotSparsityModifier):
     - ``on_end`` (calibration end): prune whatever is still pending; a Linear that saw no data
       is pruned by magnitude per row, with a warning naming it
     - ``finalize``: hooks removed; the pruned weights stay zero
+
+    Under a process group each rank calibrates on its share of the rows; the square sums are
+    added over the ranks before a Linear is pruned (docs/distributed.md).
 
     .. code-block:: yaml
 
@@ -74,14 +78,14 @@ class WandaPruningModifier(OneShotSparsityModifier):
         return hook
 
     def on_update(self, state: State, event: Event) -> None:
-        for name in self.calibrated_targets(event):
-            if name in self._sums:
-                self._prune(name, self._sums.pop(name))
+        for name in self._reduce(self.calibrated_targets(event)):
+            self._prune(name, self._sums.pop(name))
 
     def on_end(self, state: State, event: Event) -> None:
         self.end_expert_coverage()
+        calibrated = self._reduce([name for name in self._modules if name not in self._pruned])
         if self.uses_owl():
-            norms = {name: sums.sqrt() for name, sums in self._sums.items()}
+            norms = {name: self._sums[name].sqrt() for name in calibrated}
             apply_owl_before_pruning(self._modules, norms, self, "WandaPruningModifier")
         for name, target in self._modules.items():
             module = target.module
@@ -98,6 +102,22 @@ class WandaPruningModifier(OneShotSparsityModifier):
             self._prune(name, sums)
         self.remove_hooks()
         self._sums.clear()
+
+    def _reduce(self, names: list[str]) -> list[str]:
+        """Those of ``names`` with input statistics: under a process group, the sums over
+        every rank's data (``names`` come from the model, alike on every rank)."""
+        if not distributed.is_distributed():
+            return [name for name in names if name in self._sums]
+        calibrated = []
+        for name in names:
+            module = self._modules[name].module
+            total = distributed.reduce_optional(
+                self._sums.get(name), (module.in_features,), "sum", device=module.weight.device
+            )
+            if total is not None:
+                self._sums[name] = total
+                calibrated.append(name)
+        return calibrated
 
     def _prune(self, name: str, sums: torch.Tensor) -> None:
         module, sparsity = self._modules[name].module, self._modules[name].sparsity

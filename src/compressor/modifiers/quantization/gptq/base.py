@@ -34,6 +34,7 @@ from compressor.modifiers.quantization.gptq import (
     gptq_quantize_weights,
     round_to_nearest,
 )
+from compressor.modifiers.quantization.gptq.ranks import reduce_hessians, solve_gptq_shared
 from compressor.modifiers.quantization.kv_cache import KVCacheCalibration, match_kv_cache_modules
 from compressor.modifiers.quantization.matching import (
     apply_quantization,
@@ -44,6 +45,7 @@ from compressor.modifiers.quantization.observers import (
     ActivationObservers,
     RangeObserver,
     activation_range,
+    averages_over_batches,
     check_finite_range,
 )
 from compressor.modifiers.quantization.scheme import QuantizationSchemeMixin
@@ -103,6 +105,11 @@ class GPTQModifier(QuantizationSchemeMixin, ExpertCalibrationFields, Modifier):
       basic pipeline); round to nearest, with a warning, any module that saw no data; set the
       key/value cache's scales; switch every quantized forward on
     - ``finalize``: hooks removed; the modules stay quantized (frozen)
+
+    Under a process group (``oneshot`` under ``torchrun``), each rank calibrates on its share
+    of the rows: the Hessians (with their token counts) and the static input ranges are
+    reduced over the ranks before use, and the solves are shared out, their results broadcast
+    (``gptq/ranks.py``; docs/distributed.md).
 
     **Cost.** Linears that read one tensor (q/k/v, gate/up) share one Hessian and compute
     its product ``x^T x`` once, upper triangle only (``SharedHessians``). At a layer's end,
@@ -193,6 +200,11 @@ class GPTQModifier(QuantizationSchemeMixin, ExpertCalibrationFields, Modifier):
             reads_outputs=False,
             merges_batches=self._merges_batches(),
             in_stages=self.true_sequential,
+            # Hessians and minmax input ranges (reduce_hessians, the observers); a moving
+            # average of ranges depends on batch order and cannot be
+            reduces_across_ranks=not averages_over_batches(
+                self.resolve_quantization_config(), "minmax", prefer_args=True
+            ),
         )
 
     def _merges_batches(self) -> bool:
@@ -275,13 +287,8 @@ class GPTQModifier(QuantizationSchemeMixin, ExpertCalibrationFields, Modifier):
         if event.type_ != EventType.SEQUENTIAL_EPOCH_END:
             return
         inside = {id(m) for part in event.modules for m in part.modules()}
-        pending = [
-            (name, module)
-            for name, module in self._modules.items()
-            if id(module) in inside and name in self._hessians
-        ]
-        for bundle in self._lockstep_bundles(self._same_problem_groups(pending)):
-            self._quantize_bundle(bundle)
+        calibrated = [name for name, module in self._modules.items() if id(module) in inside]
+        self._quantize_calibrated(calibrated)
 
     @property
     def hessian_tokens(self) -> dict[str, int]:
@@ -291,13 +298,7 @@ class GPTQModifier(QuantizationSchemeMixin, ExpertCalibrationFields, Modifier):
     def on_end(self, state: State, event: Event) -> None:
         if self._coverage is not None:
             self._coverage.end()
-        rest = [
-            (name, module)
-            for name, module in self._modules.items()
-            if name not in self._quantized and name in self._hessians
-        ]
-        for bundle in self._lockstep_bundles(self._same_problem_groups(rest)):
-            self._quantize_bundle(bundle)
+        self._quantize_calibrated([name for name in self._modules if name not in self._quantized])
         for name, module in self._modules.items():
             if name not in self._quantized:
                 logger.warning(
@@ -311,6 +312,15 @@ class GPTQModifier(QuantizationSchemeMixin, ExpertCalibrationFields, Modifier):
         self._hessians.clear()
         for module in self._modules.values():
             module.quantization_enabled = True
+
+    def _quantize_calibrated(self, names: list[str]) -> None:
+        """Quantize those of ``names`` that have a Hessian: under a process group, the Hessian
+        over every rank's data (``reduce_hessians``; ``names`` come from the model, alike on
+        every rank), the solves shared out over the ranks."""
+        calibrated = reduce_hessians(self._hessians, names, self._modules)
+        pending = [(name, self._modules[name]) for name in calibrated]
+        for bundle in self._lockstep_bundles(self._same_problem_groups(pending)):
+            self._quantize_bundle(bundle)
 
     def on_finalize(self, state: State) -> None:
         if not self.started:  # never calibrated: round to nearest so the scales are valid
@@ -400,13 +410,17 @@ class GPTQModifier(QuantizationSchemeMixin, ExpertCalibrationFields, Modifier):
             self._hessian_tokens.update(dict.fromkeys((name for name, _ in group), count))
             problems.append(([module.weight.data for _, module in group], hessian))  # no copy
             counts.append(count)
-        results = gptq_quantize_weights(
+        results = solve_gptq_shared(
             problems,
             args,
-            block_size=self.block_size,
-            dampening_frac=self.dampening_frac,
-            actorder=self.actorder,
-            overwrite_hessian=True,  # popped: its own, or a copy
+            lambda mine: gptq_quantize_weights(
+                mine,
+                args,
+                block_size=self.block_size,
+                dampening_frac=self.dampening_frac,
+                actorder=self.actorder,
+                overwrite_hessian=True,  # popped: its own, or a copy
+            ),
         )
         del problems
         writes: list[tuple[torch.nn.Module, torch.Tensor, torch.Tensor, torch.Tensor]] = []
@@ -471,6 +485,8 @@ class GPTQModifier(QuantizationSchemeMixin, ExpertCalibrationFields, Modifier):
         args = static_activation_roles(module).get("input")
         if args is not None:
             observer = self._input_observers.get(name, "input")
+            if observer is not None:  # over every rank's batches (once: each Linear once)
+                observer.reduce_across_ranks(device=module.weight.device)
             if observer is None or observer.batches == 0:
                 raise RuntimeError(
                     f"GPTQModifier: {name} has static input activations but no calibration "

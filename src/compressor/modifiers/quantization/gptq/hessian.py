@@ -198,6 +198,42 @@ class SharedHessians:
         self._pending = None
         self._set_of.clear()
 
+    # ------------------------------------------------ for the reduction across ranks
+    def sets_within(self, names: list[str]) -> list[list[str]]:
+        """The sets of ``names`` (those with a Hessian), each as its members in ``names``'
+        order, the sets in order of their first member. A set that also holds Linears outside
+        ``names`` is split first (each part keeping a copy of the Hessian), so that what is
+        done to the returned sets touches no other Linear."""
+        self.flush()
+        wanted = set(names)
+        seen: dict[int, list[str]] = {}
+        for name in names:
+            current = self._set_of.get(name)
+            if current is None or id(current) in seen:
+                continue
+            if not current.members <= wanted:
+                current = self._set_for(current, [n for n in names if n in current.members])
+            seen[id(current)] = [n for n in names if n in current.members]
+        return list(seen.values())
+
+    def separate(self, name: str) -> None:
+        """Give ``name`` a set of its own (a copy of its Hessian so far)."""
+        self.flush()
+        current = self._set_of.get(name)
+        if current is not None:
+            self._set_for(current, [name])
+
+    def replace(self, names: list[str], hessian: torch.Tensor, count: int) -> None:
+        """Make ``names`` (one whole set, or names without a Hessian) one set holding
+        ``hessian`` over ``count`` samples (the Hessian over every rank's data)."""
+        self.flush()
+        sets = {id(s): s for n in names if (s := self._set_of.get(n)) is not None}
+        if len(sets) > 1 or any(s.members != set(names) for s in sets.values()):
+            raise ValueError(f"{names} are not one whole set of Linears")
+        merged = _Set(set(names), hessian, count)
+        for name in names:
+            self._set_of[name] = merged
+
 
 def symmetrize_upper_(hessian: torch.Tensor) -> torch.Tensor:
     """Copy the upper triangle of ``hessian`` onto its lower one, in place (after

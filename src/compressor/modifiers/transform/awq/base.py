@@ -26,6 +26,7 @@ from compressor.modifiers.transform.awq.search import (
 )
 from compressor.modifiers.transform.layerwise import LayerSmoothingModifier
 from compressor.modifiers.transform.smoothing import ResolvedSmoothing, quantized_forwards_off
+from compressor.utils import distributed
 
 __all__ = ["AWQModifier"]
 
@@ -258,7 +259,17 @@ class AWQModifier(LayerSmoothingModifier):
 
     # ---------------------------------------------------------------- the search
     def _scales(self, resolved: ResolvedSmoothing) -> torch.Tensor | None:
-        total, count = self._sums.pop(resolved.smooth_name)
+        local_total, local_count = self._sums.pop(resolved.smooth_name, (None, None))
+        width = resolved.balances[0].in_features
+        device = resolved.balances[0].weight.device
+        # the sums over every rank's data (a no-op in one process)
+        total = distributed.reduce_optional(
+            local_total, (width,), "sum", device=device, dtype=torch.float64
+        )
+        count = distributed.reduce_optional(
+            local_count, (), "sum", device=device, dtype=torch.float64
+        )
+        assert total is not None and count is not None  # some rank observed it
         self._check_schemes()
         quantized = [
             (name, balance, args)
@@ -326,8 +337,8 @@ class AWQModifier(LayerSmoothingModifier):
         if self.duo_scaling is not False:
             w_mean = weight_means([(m.weight, args) for _, m, args in quantized]).to(device)
         originals = [module.weight.data for _, module, _ in quantized]
-        best: tuple[float, torch.Tensor] | None = None
-        first_error = None
+        candidates: list[torch.Tensor] = []
+        totals: list[tuple[float, int]] = []
         with quantized_forwards_off(parent), HooksMixin.disable_hooks():
             reference = [_output(parent(*args, **kwargs)) for args, kwargs in calls]
             try:
@@ -335,13 +346,17 @@ class AWQModifier(LayerSmoothingModifier):
                     scales = candidate_scales(x_mean, w_mean, ratio, duo)
                     for (name, module, args), weight in zip(quantized, originals, strict=True):
                         module.weight.data = quantize_with_scales(weight, scales, args, name)
-                    error = _mean_squared_error(parent, calls, reference)
-                    first_error = error if first_error is None else first_error
-                    if error < (best[0] if best is not None else float("inf")):
-                        best = (error, scales)
+                    candidates.append(scales)
+                    totals.append(_squared_error(parent, calls, reference))
             finally:
                 for (_, module, _), weight in zip(quantized, originals, strict=True):
                     module.weight.data = weight
+        best: tuple[float, torch.Tensor] | None = None
+        errors = _mean_errors(totals, device)
+        for error, scales in zip(errors, candidates, strict=True):
+            if error < (best[0] if best is not None else float("inf")):
+                best = (error, scales)
+        first_error = errors[0] if errors else None
         if best is None:
             raise RuntimeError(
                 f"AWQModifier: every candidate scale for {resolved.smooth_name} gave a NaN or "
@@ -371,12 +386,24 @@ def _output(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, tuple | list) else output
 
 
-def _mean_squared_error(
+def _squared_error(
     parent: torch.nn.Module, calls: list[_Call], reference: list[torch.Tensor]
-) -> float:
+) -> tuple[float, int]:
+    """The sum of squared differences from ``reference`` over this rank's calls, and how
+    many values it covers."""
     total, count = 0.0, 0
     for (args, kwargs), expected in zip(calls, reference, strict=True):
         diff = _output(parent(*args, **kwargs)).float() - expected.float()
         total += float(diff.pow(2).sum())
         count += diff.numel()
-    return total / max(count, 1)
+    return total, count
+
+
+def _mean_errors(totals: list[tuple[float, int]], device: torch.device) -> list[float]:
+    """Each candidate's mean squared error; under a process group, over every rank's calls
+    (one reduction for all candidates)."""
+    if distributed.is_distributed():
+        summed = torch.tensor(totals, dtype=torch.float64, device=device).reshape(-1, 2)
+        distributed.all_reduce_(summed, "sum")
+        totals = [(float(t), int(c)) for t, c in summed.tolist()]
+    return [total / max(count, 1) for total, count in totals]

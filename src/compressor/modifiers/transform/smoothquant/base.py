@@ -14,6 +14,7 @@ from compressor.modifiers.base import Modifier
 from compressor.modifiers.transform.layerwise import LayerSmoothingModifier
 from compressor.modifiers.transform.smoothing import ResolvedSmoothing, smoothed_width
 from compressor.modifiers.transform.smoothquant.scales import smoothquant_scales
+from compressor.utils import distributed
 
 __all__ = ["SmoothQuantModifier"]
 
@@ -120,6 +121,12 @@ class SmoothQuantModifier(LayerSmoothingModifier):
         return resolved.smooth_name in self._ranges
 
     def _scales(self, resolved: ResolvedSmoothing) -> torch.Tensor:
-        lo, hi = self._ranges.pop(resolved.smooth_name)
+        local_lo, local_hi = self._ranges.pop(resolved.smooth_name, (None, None))
+        width = resolved.balances[0].in_features
+        device = resolved.balances[0].weight.device
+        # the extremes over every rank's data (a no-op in one process)
+        lo = distributed.reduce_optional(local_lo, (width,), "min", device=device)
+        hi = distributed.reduce_optional(local_hi, (width,), "max", device=device)
+        assert lo is not None and hi is not None  # some rank observed it
         weights = [balance.weight for balance in resolved.balances]
         return smoothquant_scales(hi - lo, weights, self.smoothing_strength)
