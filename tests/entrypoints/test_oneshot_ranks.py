@@ -285,3 +285,23 @@ def test_what_cannot_run_on_several_ranks_is_refused_before_any_work(two_ranks):
         assert "1 calibration batch(es) for 2 ranks" in errors["batches"]
         assert "offload_folder=" in errors["offload"]
         assert "not supported under a process group" in errors["offload"]
+
+
+def test_awq_clipping_is_refused_under_a_process_group(monkeypatch):
+    """AWQ's clipping search reads this rank's input Grams only: refused by name, while AWQ's
+    scale search (reduced over the ranks) is accepted."""
+    from compressor.calibration.arguments import CalibrationArguments
+    from compressor.checkpoint.directory import OutputArguments
+    from compressor.entrypoints import process_group
+    from compressor.modifiers.transform.awq import AWQModifier
+    from compressor.recipe import Recipe, RecipeError
+    from compressor.utils import distributed
+
+    monkeypatch.setattr(distributed, "is_distributed", lambda: True)
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    clip = Recipe.from_modifiers([AWQModifier(scheme="W4A16", apply_clip=True)])
+    with pytest.raises(RecipeError, match="AWQModifier: oneshot runs under a process group"):
+        process_group.check_recipe_for_ranks(
+            clip, CalibrationArguments(), OutputArguments(), "model", None
+        )
+    assert AWQModifier(scheme="W4A16").calibration_traits().reduces_across_ranks

@@ -62,9 +62,9 @@ def check_recipe_for_ranks(
             f"{', '.join(unreduced)}: oneshot runs under a process group of "
             f"{distributed.world_size()} ranks, each calibrating on its share of the data, but "
             "these modifiers gather calibration statistics that are not reduced over the ranks "
-            "(a moving-average observer cannot be: it depends on batch order), so each rank "
-            "would compress differently. Run this recipe in one process, or use minmax "
-            "observers"
+            "(a moving-average observer cannot be: it depends on batch order; nor can "
+            "AWQModifier's apply_clip search), so each rank would compress differently. Run "
+            "this recipe in one process, or use minmax observers and apply_clip: false"
         )
     if offload_folder is not None:
         raise ValueError(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, ClassVar
 
 import torch
@@ -14,6 +15,7 @@ from compressor.architectures import Feature
 from compressor.core.events import Event, EventType
 from compressor.core.state import State
 from compressor.modifiers.base import Modifier
+from compressor.modifiers.calibration_traits import CalibrationTraits
 from compressor.modifiers.hooks import HooksMixin
 from compressor.modifiers.quantization import QuantizationModifier
 from compressor.modifiers.transform.awq.clipping import WeightClipping, clip_groups
@@ -171,6 +173,14 @@ class AWQModifier(LayerSmoothingModifier):
         return QuantizationModifier(**fields)
 
     # ---------------------------------------------------------------- lifecycle
+    def calibration_traits(self) -> CalibrationTraits:
+        traits = super().calibration_traits()
+        if self.apply_clip:
+            # the clipping search's input Grams are this rank's alone: refused under a
+            # process group rather than clipped differently on each rank
+            traits = dataclasses.replace(traits, reduces_across_ranks=False)
+        return traits
+
     def on_initialize(self, state: State) -> None:
         super().on_initialize(state)
         self._quantizer = self._own_quantizer()
