@@ -117,7 +117,17 @@ def save_compressed(
             compressor.update_config(str(output))
         finally:
             compressor.decompress_model(model)
-    if sparsity is not None:
+    if sparsity is not None and compressor is None and _has_experts(model):
+        # transformers (5.24) reloads the experts of a compressed-tensors checkpoint through
+        # its dequantizing converter, which fails on a config without quantization
+        logger.info(
+            "{} sparsity ({:.3f} of the Linear weights) is not recorded in config.json: a "
+            "mixture-of-experts checkpoint with a sparsity-only quantization_config does not "
+            "reload in transformers; the model card states it",
+            sparsity.sparsity_structure,
+            sparsity.global_sparsity,
+        )
+    elif sparsity is not None:
         write_sparsity_config(output, sparsity)
         logger.info(
             "recorded {} sparsity ({:.3f} of the Linear weights) in {}",
@@ -231,6 +241,10 @@ def _warn_unloadable_zero_points(model: torch.nn.Module, quantization_format: st
             len(asymmetric),
             asymmetric[0],
         )
+
+
+def _has_experts(model: torch.nn.Module) -> bool:
+    return any(isinstance(module, LinearExperts) for module in model.modules())
 
 
 def _warn_expert_activations(model: torch.nn.Module, quantization_format: str) -> None:
