@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
+from compressed_tensors.quantization import QuantizationArgs
 from compressed_tensors.transform import TransformArgs, TransformConfig, TransformScheme
 from compressed_tensors.utils import (
     TorchDtype,
@@ -13,11 +14,11 @@ from compressed_tensors.utils import (
     match_named_modules,
 )
 from loguru import logger
-from pydantic import Field, PrivateAttr, field_validator
+from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from compressor.core.events import Event
 from compressor.core.state import State
-from compressor.modifiers.base import Modifier
+from compressor.modifiers.base import CalibrationTraits, Modifier
 from compressor.modifiers.transform.spinquant.apply import (
     apply_fused_transforms,
     check_fused_config,
@@ -26,6 +27,11 @@ from compressor.modifiers.transform.spinquant.fusion import (
     fuse_norm_into_linears,
     untie_word_embeddings,
 )
+from compressor.modifiers.transform.spinquant.learned import (
+    LearnedRotations,
+    check_learning_arguments,
+    learn_and_fuse,
+)
 from compressor.modifiers.transform.spinquant.mappings import (
     NormMapping,
     SpinQuantMapping,
@@ -33,6 +39,7 @@ from compressor.modifiers.transform.spinquant.mappings import (
     infer_norm_mappings_from_model,
 )
 from compressor.modifiers.transform.spinquant.matrices import hadamard_supported, rotation_matrix
+from compressor.modifiers.transform.spinquant.rotated_model import LoopQuantizers
 from compressor.utils.finite import check_finite_weights
 
 __all__ = ["SpinQuantModifier"]
@@ -49,7 +56,10 @@ class SpinQuantModifier(Modifier):
     at no runtime cost. Without quantization the model computes the same function.
 
     Paper: Liu et al. 2024, "SpinQuant: LLM quantization with learned rotations"
-    (arXiv:2405.16406). The rotations here are fixed (Hadamard or random), not learned.
+    (arXiv:2405.16406). The rotations are fixed (Hadamard or random) or, with ``learnable``,
+    learned as in the paper: trained by Cayley SGD on calibration data, with the quantizers
+    ``learn_weights`` / ``learn_activations`` in the loop, the weights frozen
+    (``spinquant.learned``), then fused like fixed ones.
 
     **Lifecycle**
 
@@ -61,8 +71,22 @@ class SpinQuantModifier(Modifier):
       residual writers on the output side, residual readers and lm_head on the input side) and
       R2 (per head: v_proj output, o_proj input; one matrix for every head of a layer, so
       grouped-query attention stays exact)
+      With ``learnable``, R1 and R2 (one per layer) are first trained on ``Event.batches``:
+      oneshot's calibration batches (the modifier requires calibration data, so oneshot
+      refuses a run without a dataset), or under the Trainer the train dataloader offered at
+      train begin (``start: 0``), before any optimizer step
     - ``on_end`` / ``on_finalize``: nothing left to undo; the weights are an ordinary
       checkpoint
+
+    Sample recipe (learned rotations ahead of W4A4)::
+
+        SpinQuantModifier:
+          rotations: [R1, R2]
+          learnable: true
+          learn_steps: 100
+          learn_weights: {num_bits: 4, type: int, symmetric: true, strategy: channel}
+          learn_activations: {num_bits: 4, type: int, symmetric: true, strategy: token,
+                              dynamic: true}
 
     Embeddings are not centred: the inferred architectures use RMSNorm, for which centring is
     neither needed nor exact. LayerNorm models (which would need centring and a conversion to
@@ -75,7 +99,13 @@ class SpinQuantModifier(Modifier):
         (random orthogonal, any size)
     :param randomize: draw randomised matrices: a permuted Hadamard, and a distinct R2 per
         decoder layer
-    :param learnable: learned rotations (Cayley optimisation); not supported, must be False
+    :param learnable: learn R1/R2 on calibration data (Cayley SGD) from the fixed start
+    :param learn_steps: training steps, one calibration batch each (cycling)
+    :param learn_lr: Cayley SGD's learning rate, decayed linearly to 0 (the paper's 1.5)
+    :param learn_momentum: Cayley SGD's momentum, in ``[0, 1)``
+    :param learn_weights: the weight quantizer in the loop, on every Linear of the decoder
+        layers (compressed-tensors ``QuantizationArgs``; normally the recipe's own)
+    :param learn_activations: the input quantizer in the loop, on the same Linears; dynamic
     :param precision: dtype the rotations are built and fused in (float64 by default)
     :param mappings: which modules play which role; inferred for known architectures
     :param norm_mappings: each norm and the linears it feeds; inferred for known architectures
@@ -87,6 +117,11 @@ class SpinQuantModifier(Modifier):
     transform_type: Literal["hadamard", "random-hadamard", "random-matrix"] = "hadamard"
     randomize: bool = False
     learnable: bool = False
+    learn_steps: int = Field(default=100, gt=0)
+    learn_lr: float = Field(default=1.5, gt=0)
+    learn_momentum: float = Field(default=0.0, ge=0, lt=1)
+    learn_weights: QuantizationArgs | None = None
+    learn_activations: QuantizationArgs | None = None
     precision: TorchDtype = torch.float64
     mappings: SpinQuantMapping | None = None
     norm_mappings: list[NormMapping] | None = None
@@ -95,6 +130,7 @@ class SpinQuantModifier(Modifier):
     _mapping: SpinQuantMapping | None = PrivateAttr(default=None)
     _norm_mappings: list[NormMapping] = PrivateAttr(default_factory=list)
     _config: TransformConfig | None = PrivateAttr(default=None)
+    _learned: LearnedRotations | None = PrivateAttr(default=None)
 
     # ---------------------------------------------------------------- validation
     @field_validator("rotations", mode="before")
@@ -118,15 +154,16 @@ class SpinQuantModifier(Modifier):
             raise ValueError(f"rotations lists one twice: {list(value)}")
         return names
 
-    @field_validator("learnable")
-    @classmethod
-    def _no_learning(cls, value: bool) -> bool:
-        if value:
-            raise ValueError(
-                "learnable=True: learned rotations (Cayley SGD on the Stiefel manifold) are not "
-                "supported; the rotations are fixed and fused. Use learnable=False"
-            )
-        return value
+    @model_validator(mode="after")
+    def _check_learning(self) -> SpinQuantModifier:
+        check_learning_arguments(
+            self.learnable,
+            sorted(f for f in self.model_fields_set if f.startswith("learn_")),
+            has_transform_config=self.transform_config is not None,
+            weights=self.learn_weights,
+            activations=self.learn_activations,
+        )
+        return self
 
     @field_validator("precision")
     @classmethod
@@ -141,6 +178,23 @@ class SpinQuantModifier(Modifier):
     @classmethod
     def _offline_only(cls, value: TransformConfig | None) -> TransformConfig | None:
         return value if value is None else check_fused_config(value)
+
+    @property
+    def learned(self) -> LearnedRotations | None:
+        """With ``learnable``, after start: the learned rotations, each step's loss, the time."""
+        return self._learned
+
+    # ---------------------------------------------------------------- calibration needs
+    def requires_calibration_data(self) -> bool:
+        """Learned rotations train on the calibration batches; fixed ones need no data."""
+        return self.learnable
+
+    def calibration_traits(self) -> CalibrationTraits:
+        """Learned rotations are trained and fused at calibration start, before any forward
+        the pipeline runs, and put no hooks on them: every shortcut is allowed."""
+        if not self.learnable:
+            return super().calibration_traits()
+        return CalibrationTraits(reads_outputs=False, merges_batches=True, in_stages=True)
 
     # ---------------------------------------------------------------- lifecycle
     def on_initialize(self, state: State) -> None:
@@ -165,9 +219,37 @@ class SpinQuantModifier(Modifier):
         untie_word_embeddings(model)
         fused = self._fuse_norms(model)
         logger.info("fused {} norm(s) into the linears they feed", fused)
-        apply_fused_transforms(model, self._config, self.precision)
+        if self.learnable:
+            self._learn_and_fuse(model, event)
+        else:
+            apply_fused_transforms(model, self._config, self.precision)
 
     # ---------------------------------------------------------------- parts
+    def _learn_and_fuse(self, model: torch.nn.Module, event: Event) -> None:
+        batches = event.batches
+        if isinstance(batches, tuple | list) and not batches:
+            raise ValueError(
+                f"SpinQuantModifier(learnable=True) started on {event.type_} without data: "
+                "in oneshot pass a dataset; under the Trainer set start: 0, so the rotations "
+                "are learned from the train dataloader at train begin"
+            )
+        assert self._mapping is not None
+        config: Any = model.config
+        self._learned = learn_and_fuse(
+            model,
+            self._mapping,
+            self.rotations,
+            {"R1": config.hidden_size, "R2": get_head_dim(config)},
+            batches,
+            LoopQuantizers(self.learn_weights, self.learn_activations),
+            transform_type=self.transform_type,
+            randomize=self.randomize,
+            precision=self.precision,
+            steps=self.learn_steps,
+            lr=self.learn_lr,
+            momentum=self.learn_momentum,
+        )
+
     def _build_config(self, model: torch.nn.Module, mapping: SpinQuantMapping) -> TransformConfig:
         common: dict[str, Any] = {
             "type": self.transform_type,
