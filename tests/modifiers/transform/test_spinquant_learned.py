@@ -195,3 +195,41 @@ spinquant_stage:
     assert again == recipe
     modifier = again.modifiers[0]
     assert modifier.learn_steps == 50 and modifier.learn_weights.num_bits == 4
+
+
+def test_the_loop_computes_the_loss_of_the_model_it_fuses():
+    """The rotated weights the loss sees are those fusion writes: the loop's weight-quantized
+    loss equals the loss of the fused model with its Linears' weights fake-quantized (in
+    float64, where the loop's and the fusion's products agree to far below a rounding step;
+    the loop's cross-entropy itself is computed in float32)."""
+    import copy
+
+    from compressor.modifiers.quantization.fake_quant import fake_quantize_weight
+    from compressor.modifiers.transform.spinquant.learned import fuse_rotations
+    from compressor.modifiers.transform.spinquant.rotated_model import quantized_linears
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config(initializer_range=0.2)).eval().double()
+    plan = rotation_plan(model, infer_mapping_from_model(model), ["R1", "R2"])
+    gen = torch.Generator().manual_seed(0)
+    rotations = {
+        side.key: rotation_matrix("random-matrix", 32 if side.key == "R1" else 8, generator=gen)
+        for side in plan
+    }
+    quantizers = LoopQuantizers(weights=_learnable().learn_weights)
+    loop = quantized_loss(model, plan, rotations, {"input_ids": IDS}, quantizers)
+
+    fused = copy.deepcopy(model)
+    fused_plan = rotation_plan(fused, infer_mapping_from_model(fused), ["R1", "R2"])
+    fuse_rotations(fused_plan, rotations)
+    with torch.no_grad():
+        for name, linear in quantized_linears(fused).items():
+            linear.weight.copy_(fake_quantize_weight(linear.weight, quantizers.weights, where=name))
+        assert abs(fused(IDS, labels=IDS).loss.item() - loop.item()) < 1e-5
+
+
+def test_tied_embeddings_must_be_untied_before_planning():
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config(tie_word_embeddings=True))
+    with pytest.raises(ValueError, match="share one weight \\(tied embeddings\\)"):
+        rotation_plan(model, infer_mapping_from_model(model), ["R1"])

@@ -60,7 +60,6 @@ class LoopQuantizers:
     activations: QuantizationArgs | None = None
 
 
-# ---------------------------------------------------------------- where the rotations go
 def rotation_plan(
     model: torch.nn.Module, mapping: SpinQuantMapping, rotations: Iterable[str]
 ) -> list[RotatedSide]:
@@ -99,7 +98,9 @@ def _layer_of(name: str, layers_path: str) -> str:
     return name[len(layers_path) + 1 :].split(".", 1)[0]
 
 
-def _rotated(weight: torch.Tensor, rotation: torch.Tensor, side: str, embedding: bool):
+def _rotated(
+    weight: torch.Tensor, rotation: torch.Tensor, side: str, embedding: bool
+) -> torch.Tensor:
     """``weight`` as ``fusion.rotate_output`` / ``rotate_input`` would leave it, differentiably
     in ``rotation`` (block-diagonal when the rotation is smaller than the side)."""
     r = rotation.to(weight.dtype)
@@ -187,7 +188,12 @@ def quantized_loss(
     """The next-token cross-entropy of the rotated, fake-quantized model on ``batch``
     (padding, where ``attention_mask`` is 0, left out), differentiable in ``rotations``.
 
+    :param model: the model, norms fused and embeddings untied; left unchanged
+    :param plan: where the rotations go (``rotation_plan``)
+    :param rotations: each rotation of the plan, by key
     :param batch: ``input_ids`` and optionally ``attention_mask``, on the model's device
+    :param quantizers: the fake quantizers of the decoder layers' Linears
+    :param linears: those Linears by name (``quantized_linears``), when already known
     """
     linears = quantized_linears(model) if linears is None else linears
     params = _parameters(plan, rotations, linears, quantizers)
