@@ -215,6 +215,20 @@ def spinquant_cases(size: str) -> list[Case]:
                 requires=(ONESHOT, *needs),
             )  # fmt: skip
         )
+    # learned rotations (issue 23): ours only, llm-compressor refuses them; 100 Cayley steps
+    # over 32 calibration rows of 128 tokens
+    cases.append(
+        Case(
+            "spinquant",
+            "R1R2 learned + W4A4",
+            model,
+            "oneshot",
+            {"ours": "ours/spin_learned_r1r2_w4a4.yaml"},
+            calibration=(4, 32) if size == "smoke" else (32, 128),
+            eval=ev,
+            requires=(ONESHOT, spin, QUANT),
+        )  # fmt: skip
+    )
     if size == "full":
         cases.extend(_activation_only_cases())
     return cases

@@ -287,3 +287,42 @@ def test_the_calibrated_modules_travel_in_the_event_not_in_the_state():
     assert len(several) == 2 and all(a is b for a, b in zip(several, stage, strict=True))
     assert batch_one is batch and batch_several is batch
     assert session.event.modules == ()
+
+
+def test_the_data_to_learn_from_travels_in_the_start_events_only():
+    """CALIBRATION_EPOCH_START carries the pipeline's batches, a training run's INITIALIZE
+    (and the start it triggers) the batches given to initialize; no other event does."""
+    from compressor.modifiers import Modifier
+
+    seen = []
+
+    class Probe(Modifier):
+        def on_start(self, state, event):
+            seen.append(("start", event.type_, event.batches))
+
+        def on_event(self, state, event):
+            seen.append(("event", event.type_, event.batches))
+
+    calibration = [{"input_ids": torch.zeros(1, 2, dtype=torch.long)}]
+    session = CompressionSession()
+    session.initialize(model=torch.nn.Linear(2, 2), recipe=[Probe()])
+    session.calibration_epoch_start(calibration)
+    session.sequential_epoch_end(torch.nn.Linear(2, 2))
+    session.calibration_epoch_end()
+    session.finalize()
+    carried = [(kind, type_) for kind, type_, batches in seen if batches is calibration]
+    assert carried == [
+        ("event", EventType.CALIBRATION_EPOCH_START),
+        ("start", EventType.CALIBRATION_EPOCH_START),
+    ]
+    assert all(batches == () for _, _, batches in seen if batches is not calibration)
+
+    seen.clear()
+    training = [{"input_ids": torch.ones(1, 2, dtype=torch.long)}]
+    session = CompressionSession()
+    session.initialize(model=torch.nn.Linear(2, 2), recipe=[Probe(start=0)], batches=training)
+    session.batch_start()
+    session.batch_end()
+    session.finalize()
+    assert seen[0] == ("start", EventType.BATCH_START, training)
+    assert all(batches == () for _, _, batches in seen[1:])

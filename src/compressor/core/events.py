@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable
 from dataclasses import dataclass, fields
 from enum import Enum
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
@@ -43,6 +44,10 @@ class Event:
     :param modules: the modules a SEQUENTIAL_EPOCH_END is about (a decoder layer, a stage's
         modules, the whole model), which the modifiers may compress now; empty for every
         other event. Never copied: they are the model's own modules
+    :param batches: the data a run offers modifiers that optimise on it rather than observe
+        it through hooks (learned rotations): oneshot's calibration batches on
+        CALIBRATION_EPOCH_START, a Trainer's training dataloader on a training run's
+        INITIALIZE; empty otherwise. Never copied
     """
 
     type_: EventType | None = None
@@ -52,6 +57,7 @@ class Event:
     global_step: int = 0
     global_batch: int = 0
     modules: tuple[torch.nn.Module, ...] = ()
+    batches: Iterable[Any] = ()
 
     @property
     def epoch_based(self) -> bool:
@@ -113,8 +119,9 @@ class Event:
     def new_instance(self, **kwargs) -> Event:
         """A copy with the given fields changed.
 
-        Shallow: every field but ``modules`` is an immutable value, and ``modules`` must stay
-        the model's own modules (a deep copy would compress a copy, or clone a whole model).
+        Shallow: every field but ``modules`` and ``batches`` is an immutable value; ``modules``
+        must stay the model's own modules (a deep copy would compress a copy, or clone a whole
+        model) and ``batches`` the run's own data.
         """
         names = {f.name for f in fields(self)}
         unknown = set(kwargs) - names

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -88,6 +88,7 @@ class CompressionSession:
         steps_per_epoch: int | None = None,
         batches_per_step: int | None = None,
         start: float | None = None,
+        batches: Iterable[Any] = (),
     ) -> State:
         """Attach a recipe to a model and initialize every modifier.
 
@@ -104,6 +105,8 @@ class CompressionSession:
         :param steps_per_epoch: optimizer steps per epoch; offsets are then in epochs
         :param batches_per_step: batches per optimizer step (gradient accumulation)
         :param start: the step (or epoch) the run starts at, for resumed runs
+        :param batches: training data the INITIALIZE event offers modifiers that optimise on
+            data when they start (``Event.batches``; a Trainer's train dataloader)
         :return: the state the modifiers share
         """
         if self._lifecycle is not None:
@@ -120,7 +123,7 @@ class CompressionSession:
             batches_per_step=batches_per_step,
             start=start,
         )
-        initialized = self._initialize_modifiers()
+        initialized = self._initialize_modifiers(batches)
         logger.info(
             "session initialized with {} modifier(s): {}",
             len(initialized),
@@ -152,7 +155,7 @@ class CompressionSession:
             self._watch_optimizer(optimizer)
         return self.state
 
-    def _initialize_modifiers(self) -> list[Any]:
+    def _initialize_modifiers(self, batches: Iterable[Any] = ()) -> list[Any]:
         """Initialize the recipe's modifiers in order, at the INITIALIZE event.
 
         When one fails, the ones already initialized are finalized, the optimizer is no
@@ -161,7 +164,7 @@ class CompressionSession:
         :return: the modifiers initialized (all of them)
         """
         assert self.state is not None and self._lifecycle is not None
-        event = self._lifecycle.event.new_instance(type_=EventType.INITIALIZE)
+        event = self._lifecycle.event.new_instance(type_=EventType.INITIALIZE, batches=batches)
         initialized: list[Any] = []
         try:
             for modifier in self.recipe.modifiers:
@@ -217,10 +220,13 @@ class CompressionSession:
         global_step: int | None = None,
         modules: tuple[torch.nn.Module, ...] = (),
         only: Sequence[Any] | None = None,
+        batches: Iterable[Any] | None = None,
     ) -> Event:
         event = self._require_lifecycle().advance(type_, global_step=global_step)
         if modules:
             event = event.new_instance(modules=modules)
+        if batches is not None:
+            event = event.new_instance(batches=batches)
         assert self.state is not None and self.recipe is not None
         for modifier in self.recipe.modifiers:
             if only is None or any(modifier is chosen for chosen in only):
@@ -263,8 +269,10 @@ class CompressionSession:
         """A batch ended; ``global_step`` lets a trainer impose its own count."""
         return self._dispatch(EventType.BATCH_END, global_step)
 
-    def calibration_epoch_start(self) -> Event:
-        return self._dispatch(EventType.CALIBRATION_EPOCH_START)
+    def calibration_epoch_start(self, batches: Sequence[Any] = ()) -> Event:
+        """Calibration begins; ``batches`` (the pipeline's calibration data) reach modifiers
+        that optimise on the data before the others calibrate (``Event.batches``)."""
+        return self._dispatch(EventType.CALIBRATION_EPOCH_START, batches=batches)
 
     def sequential_epoch_end(
         self,

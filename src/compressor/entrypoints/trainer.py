@@ -61,8 +61,10 @@ class CompressionCallback(TrainerCallback):
 
     - ``on_train_begin``: a new session is initialized with the model, the optimizer (whose
       events this callback sends), ``batches_per_step`` = gradient accumulation steps and,
-      with ``offsets="epochs"``, ``steps_per_epoch``; parameters the modifiers added join the
-      optimizer; a resumed run restores the modifiers' state from the checkpoint
+      with ``offsets="epochs"``, ``steps_per_epoch``, and the train dataloader (read by
+      modifiers that learn from data when they start: learned rotations); parameters the
+      modifiers added join the optimizer; a resumed run restores the modifiers' state from
+      the checkpoint
     - each step: BATCH_START / OPTIM_PRE_STEP / OPTIM_POST_STEP / BATCH_END carrying the
       Trainer's ``global_step`` (see the module docstring for the exact order)
     - ``on_save``: the session's state goes to ``compressor_state.pt`` in the checkpoint
@@ -148,6 +150,8 @@ class CompressionCallback(TrainerCallback):
             steps_per_epoch=steps_per_epoch,
             batches_per_step=accumulation,
             start=start,
+            # offered to modifiers that learn from data when they start (learned rotations)
+            batches=train_dataloader if train_dataloader is not None else (),
         )
         if state.global_step > 0:
             self._restore(args, state.global_step)

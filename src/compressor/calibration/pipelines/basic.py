@@ -41,7 +41,7 @@ def run_basic(
     """
     target = model_device(model)
     keep_freed_tensors_in_heap()  # no page faults for every activation (glibc)
-    session.calibration_epoch_start()
+    session.calibration_epoch_start(batches)
     first, rest = transforming_first(session.modifiers)
     with calibration_mode(model):
         if first:  # their transforms first, then the others calibrate the transformed model

@@ -21,9 +21,10 @@ def run_datafree(
     """Calibration start, one SEQUENTIAL_EPOCH_END for the whole model, calibration end.
 
     For modifiers that need no data (round-to-nearest weight quantization, magnitude pruning):
-    they compress at SEQUENTIAL_EPOCH_END or at calibration end. ``batches`` and ``device``
-    are unused; the signature is that of every pipeline.
+    they compress at SEQUENTIAL_EPOCH_END or at calibration end. ``batches`` run through
+    nothing, they are only offered at calibration start (``Event.batches``); ``device`` is
+    unused; the signature is that of every pipeline.
     """
-    session.calibration_epoch_start()
+    session.calibration_epoch_start(batches)
     session.sequential_epoch_end(model)
     session.calibration_epoch_end()

@@ -182,7 +182,7 @@ def run_sequential(
     first, rest = transforming_first(session.modifiers)
     plan: StagePlan | None = None
     keep_freed_tensors_in_heap()  # no page faults for every activation (glibc)
-    session.calibration_epoch_start()
+    session.calibration_epoch_start(batches)
     with calibration_mode(model):
         inputs = _cached_calls(model, path, layers[0], batches, target, home, shortcuts.merge)
         for index, layer in enumerate(tqdm(layers, desc="layers")):

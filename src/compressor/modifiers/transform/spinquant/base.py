@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
+from compressed_tensors.quantization import QuantizationArgs
 from compressed_tensors.transform import TransformArgs, TransformConfig, TransformScheme
 from compressed_tensors.utils import (
     TorchDtype,
@@ -13,11 +14,11 @@ from compressed_tensors.utils import (
     match_named_modules,
 )
 from loguru import logger
-from pydantic import Field, PrivateAttr, field_validator
+from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from compressor.core.events import Event
 from compressor.core.state import State
-from compressor.modifiers.base import Modifier
+from compressor.modifiers.base import CalibrationTraits, Modifier
 from compressor.modifiers.quantization.kv_cache import kv_cache_scheme_of
 from compressor.modifiers.transform.spinquant.apply import (
     apply_fused_transforms,
@@ -26,6 +27,11 @@ from compressor.modifiers.transform.spinquant.apply import (
 from compressor.modifiers.transform.spinquant.fusion import (
     fuse_norm_into_linears,
     untie_word_embeddings,
+)
+from compressor.modifiers.transform.spinquant.learned import (
+    LearnedRotations,
+    check_learning_arguments,
+    learn_and_fuse,
 )
 from compressor.modifiers.transform.spinquant.mappings import (
     NormMapping,
@@ -46,6 +52,7 @@ from compressor.modifiers.transform.spinquant.online_attention import (
     is_r3_scheme,
     r3_scheme,
 )
+from compressor.modifiers.transform.spinquant.rotated_model import LoopQuantizers
 from compressor.utils.finite import check_finite_weights
 
 __all__ = ["SpinQuantModifier"]
@@ -62,7 +69,10 @@ class SpinQuantModifier(Modifier):
     Without quantization the model computes the same function.
 
     Paper: Liu et al. 2024, "SpinQuant: LLM quantization with learned rotations"
-    (arXiv:2405.16406). The rotations here are fixed (Hadamard or random), not learned.
+    (arXiv:2405.16406). The rotations are fixed (Hadamard or random) or, with ``learnable``,
+    learned as in the paper: trained by Cayley SGD on calibration data, with the quantizers
+    ``learn_weights`` / ``learn_activations`` in the loop, the weights frozen
+    (``spinquant.learned``), then fused like fixed ones.
 
     **Lifecycle**
 
@@ -78,9 +88,23 @@ class SpinQuantModifier(Modifier):
       ``transform_config``, with its inverse fused into down_proj's weight; see
       ``spinquant/online.py``) and R3 (per head on queries and keys after RoPE;
       ``spinquant/online_attention.py``)
+      With ``learnable``, R1 and R2 (one per layer) are first trained on ``Event.batches``:
+      oneshot's calibration batches (the modifier requires calibration data, so oneshot
+      refuses a run without a dataset), or under the Trainer the train dataloader offered at
+      train begin (``start: 0``), before any optimizer step
     - ``on_finalize``: warn when R3 was applied but no ``kv_cache_scheme`` quantizes the cache
     - ``on_end``: nothing left to undo; the weights are an ordinary checkpoint (online
       rotations are recorded in the model's ``transform_config``, which saving writes)
+
+    Sample recipe (learned rotations ahead of W4A4)::
+
+        SpinQuantModifier:
+          rotations: [R1, R2]
+          learnable: true
+          learn_steps: 100
+          learn_weights: {num_bits: 4, type: int, symmetric: true, strategy: channel}
+          learn_activations: {num_bits: 4, type: int, symmetric: true, strategy: token,
+                              dynamic: true}
 
     Embeddings are not centred: the inferred architectures use RMSNorm, for which centring is
     neither needed nor exact. LayerNorm models (which would need centring and a conversion to
@@ -94,7 +118,13 @@ class SpinQuantModifier(Modifier):
         (random orthogonal, any size)
     :param randomize: draw randomised matrices: a permuted Hadamard, and a distinct R2 per
         decoder layer
-    :param learnable: learned rotations (Cayley optimisation); not supported, must be False
+    :param learnable: learn R1/R2 on calibration data (Cayley SGD) from the fixed start
+    :param learn_steps: training steps, one calibration batch each (cycling)
+    :param learn_lr: Cayley SGD's learning rate, decayed linearly to 0 (the paper's 1.5)
+    :param learn_momentum: Cayley SGD's momentum, in ``[0, 1)``
+    :param learn_weights: the weight quantizer in the loop, on every Linear of the decoder
+        layers (compressed-tensors ``QuantizationArgs``; normally the recipe's own)
+    :param learn_activations: the input quantizer in the loop, on the same Linears; dynamic
     :param precision: dtype the rotations are built and fused in (float64 by default); online
         rotations run in float32 when this is float64, else in this dtype
     :param transform_block_size: R1 and R4 as block-diagonal Hadamards of this order (it must
@@ -120,6 +150,11 @@ class SpinQuantModifier(Modifier):
     transform_type: Literal["hadamard", "random-hadamard", "random-matrix"] = "hadamard"
     randomize: bool = False
     learnable: bool = False
+    learn_steps: int = Field(default=100, gt=0)
+    learn_lr: float = Field(default=1.5, gt=0)
+    learn_momentum: float = Field(default=0.0, ge=0, lt=1)
+    learn_weights: QuantizationArgs | None = None
+    learn_activations: QuantizationArgs | None = None
     precision: TorchDtype = torch.float64
     transform_block_size: int | None = Field(default=None, gt=0)
     mappings: SpinQuantMapping | None = None
@@ -129,6 +164,7 @@ class SpinQuantModifier(Modifier):
     _mapping: SpinQuantMapping | None = PrivateAttr(default=None)
     _norm_mappings: list[NormMapping] = PrivateAttr(default_factory=list)
     _config: TransformConfig | None = PrivateAttr(default=None)
+    _learned: LearnedRotations | None = PrivateAttr(default=None)
 
     # ---------------------------------------------------------------- validation
     @field_validator("rotations", mode="before")
@@ -146,15 +182,26 @@ class SpinQuantModifier(Modifier):
             raise ValueError(f"rotations lists one twice: {list(value)}")
         return names
 
-    @field_validator("learnable")
-    @classmethod
-    def _no_learning(cls, value: bool) -> bool:
-        if value:
+    @model_validator(mode="after")
+    def _check_learning(self) -> SpinQuantModifier:
+        check_learning_arguments(
+            self.learnable,
+            sorted(f for f in self.model_fields_set if f.startswith("learn_")),
+            has_transform_config=self.transform_config is not None,
+            weights=self.learn_weights,
+            activations=self.learn_activations,
+        )
+        if self.learnable and self.transform_block_size is not None:
             raise ValueError(
-                "learnable=True: learned rotations (Cayley SGD on the Stiefel manifold) are not "
-                "supported; the rotations are fixed and fused. Use learnable=False"
+                "learnable=True with transform_block_size: learned rotations span the whole "
+                "hidden and head dimensions; drop transform_block_size"
             )
-        return value
+        if self.learnable and not {"R1", "R2"} & set(self.rotations):
+            raise ValueError(
+                f"learnable=True learns R1 and R2, and rotations={self.rotations} has neither; "
+                "add R1 and/or R2"
+            )
+        return self
 
     @field_validator("precision")
     @classmethod
@@ -175,6 +222,23 @@ class SpinQuantModifier(Modifier):
         for name, scheme in online.config_groups.items():
             check_online_scheme(name, scheme)
         return value
+
+    @property
+    def learned(self) -> LearnedRotations | None:
+        """With ``learnable``, after start: the learned rotations, each step's loss, the time."""
+        return self._learned
+
+    # ---------------------------------------------------------------- calibration needs
+    def requires_calibration_data(self) -> bool:
+        """Learned rotations train on the calibration batches; fixed ones need no data."""
+        return self.learnable
+
+    def calibration_traits(self) -> CalibrationTraits:
+        """Learned rotations are trained and fused at calibration start, before any forward
+        the pipeline runs, and put no hooks on them: every shortcut is allowed."""
+        if not self.learnable:
+            return super().calibration_traits()
+        return CalibrationTraits(reads_outputs=False, merges_batches=True, in_stages=True)
 
     # ---------------------------------------------------------------- lifecycle
     def on_initialize(self, state: State) -> None:
@@ -200,7 +264,10 @@ class SpinQuantModifier(Modifier):
         norms = self._fuse_norms(model)
         logger.info("fused {} norm(s) into the linears they feed", norms)
         fused, online = split_transform_config(self._config)
-        apply_fused_transforms(model, fused, self.precision)
+        if self.learnable:
+            self._learn_and_fuse(model, event)
+        else:
+            apply_fused_transforms(model, fused, self.precision)
         if online.config_groups:
             apply_online_rotations(model, online)
 
@@ -218,6 +285,31 @@ class SpinQuantModifier(Modifier):
             )
 
     # ---------------------------------------------------------------- parts
+    def _learn_and_fuse(self, model: torch.nn.Module, event: Event) -> None:
+        batches = event.batches
+        if isinstance(batches, tuple | list) and not batches:
+            raise ValueError(
+                f"SpinQuantModifier(learnable=True) started on {event.type_} without data: "
+                "in oneshot pass a dataset; under the Trainer set start: 0, so the rotations "
+                "are learned from the train dataloader at train begin"
+            )
+        assert self._mapping is not None
+        config: Any = model.config
+        self._learned = learn_and_fuse(
+            model,
+            self._mapping,
+            [r for r in self.rotations if r in ("R1", "R2")],  # R3 / R4 are online, not learned
+            {"R1": config.hidden_size, "R2": get_head_dim(config)},
+            batches,
+            LoopQuantizers(self.learn_weights, self.learn_activations),
+            transform_type=self.transform_type,
+            randomize=self.randomize,
+            precision=self.precision,
+            steps=self.learn_steps,
+            lr=self.learn_lr,
+            momentum=self.learn_momentum,
+        )
+
     def _build_config(self, model: torch.nn.Module, mapping: SpinQuantMapping) -> TransformConfig:
         common: dict[str, Any] = {
             "type": self.transform_type,

@@ -1,0 +1,251 @@
+"""Learned rotations (SpinQuant's Cayley SGD with quantizers in the loop): the optimizer keeps
+the matrices orthogonal, training lowers the quantized model's loss, the fused model computes
+what the unrotated one did, in oneshot and under the Trainer, and bad input is refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from pydantic import ValidationError
+from transformers import LlamaForCausalLM
+
+from compressor import CompressionCallback, CompressionTrainer, Recipe, create_session, oneshot
+from compressor.modifiers import SpinQuantModifier
+from compressor.modifiers.transform.spinquant import infer_mapping_from_model, rotation_matrix
+from compressor.modifiers.transform.spinquant.cayley import cayley_sgd_step, orthogonality_error
+from compressor.modifiers.transform.spinquant.learned import initial_rotations, learn_rotations
+from compressor.modifiers.transform.spinquant.rotated_model import (
+    LoopQuantizers,
+    quantized_loss,
+    rotation_plan,
+)
+from conftest import tiny_llama_config
+from training_runs import make_trainer
+from training_runs import model as training_model
+
+W4 = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "channel"}
+A4 = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True}
+IDS = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(1))
+
+
+def _llama():
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config()).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.uniform_(0.5, 1.5)
+    return model
+
+
+def _learnable(**overrides):
+    values = dict(learnable=True, learn_steps=8, learn_weights=W4, learn_activations=A4)
+    values.update(overrides)
+    return SpinQuantModifier(**values)
+
+
+def _calibrate(model, modifier, batches):
+    with create_session() as session:
+        session.initialize(model, [modifier])
+        session.calibration_epoch_start(batches)
+        session.calibration_epoch_end()
+        session.finalize()
+
+
+# ---------------------------------------------------------------- the optimizer
+def test_cayley_sgd_stays_orthogonal_and_descends():
+    """Minimise ||X - T||^2 over orthogonal X: every iterate stays orthogonal, the loss falls."""
+    gen = torch.Generator().manual_seed(0)
+    target = rotation_matrix("random-matrix", 32, generator=gen)
+    x = rotation_matrix("random-matrix", 32, generator=gen)
+    buffer = None
+    losses = []
+    for _ in range(300):
+        losses.append((x - target).pow(2).sum().item())
+        x, buffer = cayley_sgd_step(x, 2 * (x - target), buffer, lr=0.1, momentum=0.5)
+        assert orthogonality_error(x) < 1e-10
+    assert losses[-1] < 0.1 * losses[0]
+    assert all(b <= a + 1e-9 for a, b in zip(losses[50:], losses[51:], strict=False))
+
+
+# ---------------------------------------------------------------- training on a tiny model
+def test_training_lowers_the_quantized_loss_of_a_tiny_model():
+    # unit norms (rotations are exact without fusing them) and weights large enough that the
+    # logits are far from uniform, so the quantization error shows in the loss
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config(initializer_range=0.2)).eval()
+    plan = rotation_plan(model, infer_mapping_from_model(model), ["R1", "R2"])
+    assert {side.key for side in plan} == {"R1", "R2:0", "R2:1"}
+    start = initial_rotations(plan, "hadamard", {"R1": 32, "R2": 8})
+    quantizers = LoopQuantizers(weights=None, activations=None)
+    batch = {"input_ids": IDS}
+    # without quantizers the loss does not depend on the rotations
+    plain = model(IDS, labels=IDS).loss
+    assert abs(quantized_loss(model, plan, start, batch, quantizers).item() - plain.item()) < 1e-4
+
+    quantizers = LoopQuantizers(_learnable().learn_weights, _learnable().learn_activations)
+    result = learn_rotations(model, plan, start, [batch], quantizers, steps=40, lr=1.0)
+    before = quantized_loss(model, plan, start, batch, quantizers).item()
+    after = quantized_loss(model, plan, result.rotations, batch, quantizers).item()
+    assert after < before - 0.05
+    assert sum(result.losses[-5:]) < sum(result.losses[:5])
+    assert all(orthogonality_error(r) < 1e-5 for r in result.rotations.values())
+    assert not torch.allclose(result.rotations["R1"], start["R1"], atol=1e-3)
+    assert all(not p.grad_fn and p.grad is None for p in model.parameters())
+
+
+# ---------------------------------------------------------------- through the lifecycle
+def test_learned_rotations_fuse_exactly_and_stay_orthogonal(token_batches):
+    model = _llama()
+    expected = model(IDS).logits
+    modifier = _learnable(randomize=True)
+    _calibrate(model, modifier, token_batches)
+    learned = modifier.learned
+    assert learned is not None and len(learned.losses) == 8
+    assert set(learned.rotations) == {"R1", "R2:0", "R2:1"}
+    assert all(orthogonality_error(r) < 1e-5 for r in learned.rotations.values())
+    assert (model(IDS).logits - expected).abs().max() < 1e-4
+
+
+def test_learned_r1_r2_compose_with_the_online_r4(token_batches):
+    model = _llama()
+    expected = model(IDS).logits
+    modifier = _learnable(rotations=["R1", "R2", "R4"])
+    _calibrate(model, modifier, token_batches)
+    assert set(modifier.learned.rotations) == {"R1", "R2:0", "R2:1"}  # R4 is not learned
+    down = model.model.layers[0].mlp.down_proj
+    assert any("R4" in name for name, _ in down.named_modules())  # the online Hadamard
+    assert (model(IDS).logits - expected).abs().max() < 1e-4
+
+
+def test_oneshot_learns_on_its_calibration_data(token_batches):
+    from datasets import Dataset
+
+    model = _llama()
+    expected = model(IDS).logits
+    rows = [row for batch in token_batches for row in batch["input_ids"].tolist()]
+    modifier = _learnable(rotations=["R1"])
+    compressed = oneshot(model, [modifier], dataset=Dataset.from_dict({"input_ids": rows}))
+    assert modifier.learned is not None and set(modifier.learned.rotations) == {"R1"}
+    assert (compressed(IDS).logits - expected).abs().max() < 1e-4
+
+
+def test_under_the_trainer_rotations_are_learned_from_the_training_batches(tmp_path):
+    model = training_model()
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = model(ids).logits
+    callback = CompressionCallback([_learnable(start=0)])
+    # learning rate 0: training leaves the weights alone, so only the rotations changed them
+    trainer = make_trainer(model, callback, tmp_path, cls=CompressionTrainer, learning_rate=0.0)
+    trainer.train()
+    (modifier,) = callback.modifiers
+    assert modifier.learned is not None and len(modifier.learned.losses) == 8
+    assert all(orthogonality_error(r) < 1e-5 for r in modifier.learned.rotations.values())
+    model.eval()
+    with torch.no_grad():
+        assert (model(ids).logits - expected).abs().max() < 1e-4
+    assert not torch.allclose(
+        model.model.embed_tokens.weight, training_model().model.embed_tokens.weight
+    )
+
+
+# ---------------------------------------------------------------- bad input
+def test_learnable_without_calibration_data_is_refused():
+    with pytest.raises(ValueError, match="SpinQuantModifier need\\(s\\) calibration data"):
+        oneshot(_llama(), [_learnable()])
+    model = _llama()
+    with create_session() as session:
+        session.initialize(model, [_learnable()])
+        with pytest.raises(ValueError, match="learnable=True.*without data"):
+            session.calibration_epoch_start()
+    assert _learnable().requires_calibration_data()
+    assert not SpinQuantModifier().requires_calibration_data()
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"learnable": True}, "needs a quantizer in the loop"),
+        ({"learn_steps": 5}, "learn_steps set but learnable is False"),
+        (
+            {"learnable": True, "learn_weights": W4, "transform_config": {"config_groups": {}}},
+            "learnable=True with transform_config",
+        ),
+        (
+            {
+                "learnable": True,
+                "learn_activations": {**A4, "strategy": "tensor", "dynamic": False},
+            },
+            "learn_activations.dynamic must be true",
+        ),
+        ({"learnable": True, "learn_weights": W4, "learn_steps": 0}, "learn_steps"),
+        ({"learnable": True, "learn_weights": W4, "learn_lr": -1}, "learn_lr"),
+        ({"learnable": True, "learn_weights": W4, "learn_momentum": 1.0}, "learn_momentum"),
+        (
+            {"learnable": True, "learn_weights": W4, "transform_block_size": 16},
+            "learnable=True with transform_block_size",
+        ),
+        ({"learnable": True, "learn_weights": W4, "rotations": ["R4"]}, "has neither"),
+    ],
+)
+def test_bad_learning_arguments_fail_at_parse_time(kwargs, message):
+    with pytest.raises(ValidationError, match=message):
+        SpinQuantModifier(**kwargs)
+
+
+def test_learning_arguments_round_trip_through_a_recipe():
+    recipe = Recipe.from_yaml(
+        """
+spinquant_stage:
+  rotation_modifiers:
+    SpinQuantModifier:
+      learnable: true
+      learn_steps: 50
+      learn_lr: 1.0
+      learn_momentum: 0.5
+      learn_weights: {num_bits: 4, type: int, symmetric: true, strategy: channel}
+"""
+    )
+    again = Recipe.from_yaml(recipe.to_yaml())
+    assert again == recipe
+    modifier = again.modifiers[0]
+    assert modifier.learn_steps == 50 and modifier.learn_weights.num_bits == 4
+
+
+def test_the_loop_computes_the_loss_of_the_model_it_fuses():
+    """The rotated weights the loss sees are those fusion writes: the loop's weight-quantized
+    loss equals the loss of the fused model with its Linears' weights fake-quantized (in
+    float64, where the loop's and the fusion's products agree to far below a rounding step;
+    the loop's cross-entropy itself is computed in float32)."""
+    import copy
+
+    from compressor.modifiers.quantization.fake_quant import fake_quantize_weight
+    from compressor.modifiers.transform.spinquant.learned import fuse_rotations
+    from compressor.modifiers.transform.spinquant.rotated_model import quantized_linears
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config(initializer_range=0.2)).eval().double()
+    plan = rotation_plan(model, infer_mapping_from_model(model), ["R1", "R2"])
+    gen = torch.Generator().manual_seed(0)
+    rotations = {
+        side.key: rotation_matrix("random-matrix", 32 if side.key == "R1" else 8, generator=gen)
+        for side in plan
+    }
+    quantizers = LoopQuantizers(weights=_learnable().learn_weights)
+    loop = quantized_loss(model, plan, rotations, {"input_ids": IDS}, quantizers)
+
+    fused = copy.deepcopy(model)
+    fused_plan = rotation_plan(fused, infer_mapping_from_model(fused), ["R1", "R2"])
+    fuse_rotations(fused_plan, rotations)
+    with torch.no_grad():
+        for name, linear in quantized_linears(fused).items():
+            linear.weight.copy_(fake_quantize_weight(linear.weight, quantizers.weights, where=name))
+        assert abs(fused(IDS, labels=IDS).loss.item() - loop.item()) < 1e-5
+
+
+def test_tied_embeddings_must_be_untied_before_planning():
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config(tie_word_embeddings=True))
+    with pytest.raises(ValueError, match="share one weight \\(tied embeddings\\)"):
+        rotation_plan(model, infer_mapping_from_model(model), ["R1"])
