@@ -89,6 +89,20 @@ class ExpertCoverage:
         self.tokens: dict[str, int] = {}
         self._active = False
 
+    @classmethod
+    def started_for(cls, modifier: Any, model: torch.nn.Module) -> ExpertCoverage:
+        """The coverage of ``modifier``'s experts in ``model``, started: its
+        ``calibrate_all_experts`` and ``min_expert_tokens`` fields, its hooks, its name."""
+        coverage = cls(
+            model,
+            modifier.calibrate_all_experts,
+            hooks=modifier,
+            owner=type(modifier).__name__,
+            min_tokens=modifier.min_expert_tokens,
+        )
+        coverage.start()
+        return coverage
+
     def start(self) -> None:
         """Count from now on (and run every expert on every token, when asked)."""
         if self._active:

@@ -193,14 +193,7 @@ class OneShotSparsityModifier(ExpertCalibrationFields, Modifier):
     def start_expert_coverage(self, state: State) -> None:
         """All-expert calibration and per-expert token counts, from calibration start."""
         assert state.model is not None
-        self._coverage = ExpertCoverage(
-            state.model,
-            self.calibrate_all_experts,
-            hooks=self,
-            owner=type(self).__name__,
-            min_tokens=self.min_expert_tokens,
-        )
-        self._coverage.start()
+        self._coverage = ExpertCoverage.started_for(self, state.model)
 
     def end_expert_coverage(self) -> None:
         """Log the tokens each expert calibrated on (warn for starved experts)."""

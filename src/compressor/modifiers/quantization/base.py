@@ -246,14 +246,7 @@ class QuantizationModifier(QuantizationSchemeMixin, ExpertCalibrationFields, Mod
             self._pathway = self._post_training_pathway(state)
             if self.requires_calibration_data():
                 assert state.model is not None
-                self._coverage = ExpertCoverage(
-                    state.model,
-                    self.calibrate_all_experts,
-                    hooks=self,
-                    owner=type(self).__name__,
-                    min_tokens=self.min_expert_tokens,
-                )
-                self._coverage.start()
+                self._coverage = ExpertCoverage.started_for(self, state.model)
         else:
             self._pathway = self._training_pathway(state)
         self._pathway.start(event)

@@ -241,14 +241,7 @@ class GPTQModifier(QuantizationSchemeMixin, ExpertCalibrationFields, Modifier):
     def on_start(self, state: State, event: Event) -> None:
         self._attach(state)
         assert state.model is not None
-        self._coverage = ExpertCoverage(
-            state.model,
-            self.calibrate_all_experts,
-            hooks=self,
-            owner="GPTQModifier",
-            min_tokens=self.min_expert_tokens,
-        )
-        self._coverage.start()
+        self._coverage = ExpertCoverage.started_for(self, state.model)
         for name, module in self._modules.items():
             if isinstance(module, torch.nn.Linear):
                 self.register_hook(module, self._hessian_hook(name, module), "forward_pre")
