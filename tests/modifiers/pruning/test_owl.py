@@ -1,5 +1,7 @@
 """OWL: layer sparsities from outlier ratios, the model's total kept, on both modifiers."""
 
+import copy
+
 import pytest
 import torch
 from datasets import Dataset
@@ -67,6 +69,70 @@ def test_owl_keeps_the_models_total_sparsity_with_layers_apart(tiny_llama, modif
     ]
     assert fractions[0] == pytest.approx(0.7, abs=1 / 32)
     assert fractions[1] == pytest.approx(0.5, abs=1 / 32)
+
+
+def owl_model(tiny_llama):
+    with torch.no_grad():  # outliers in the second layer's inputs to down_proj
+        tiny_llama.model.layers[1].mlp.down_proj.weight[:, :4] *= 40
+    return tiny_llama
+
+
+def test_owl_sparsities_come_from_a_dense_pass(tiny_llama):
+    model = owl_model(tiny_llama)
+    dense = copy.deepcopy(model)
+    data = random_data()
+    owl = SparseGPTModifier(
+        sparsity=0.6,
+        sparsity_profile="owl",
+        owl_m=5,
+        owl_lmbda=0.1,
+        targets=["re:model.layers.\\d+$"],
+    )
+    oneshot(model, [owl], data)
+    # by hand: every row through the dense model, each Linear's input norms, OWL's formula
+    sums = {}
+    hooks = [
+        module.register_forward_pre_hook(
+            lambda m, args, name=name: sums.__setitem__(
+                name, sums.get(name, 0) + args[0].reshape(-1, args[0].shape[-1]).square().sum(0)
+            )
+        )
+        for name, module in dense.named_modules()
+        if name.endswith(LINEARS)
+    ]
+    with torch.no_grad():
+        dense(input_ids=torch.tensor(data["input_ids"]))
+    for hook in hooks:
+        hook.remove()
+    ratios, sizes = [], []
+    for index in range(len(dense.model.layers)):
+        prefix = f"model.layers.{index}."
+        linears = [
+            (n, m) for n, m in dense.named_modules() if n.startswith(prefix) and n.endswith(LINEARS)
+        ]
+        ratios.append(outlier_ratio([m.weight.abs() * sums[n].sqrt() for n, m in linears], 5))
+        sizes.append(sum(m.weight.numel() for _, m in linears))
+    expected = owl_layer_sparsities(ratios, sizes, 0.6, 0.1)
+    assert expected[0] > expected[1]  # the outliers do move the sparsities
+    chosen = {t.layer: t.sparsity for t in owl._modules.values()}
+    assert [chosen[f"model.layers.{i}"] for i in range(2)] == pytest.approx(expected)
+
+
+def test_owl_prunes_layer_by_layer_on_the_pruned_outputs(tiny_llama):
+    """OWL's run equals a run with its layer sparsities given as a list, whose layers are
+    calibrated one at a time on the outputs of the pruned layers before them."""
+    model = owl_model(tiny_llama)
+    listed = copy.deepcopy(model)
+    targets = ["re:model.layers.\\d+$"]
+    owl = SparseGPTModifier(
+        sparsity=0.6, sparsity_profile="owl", owl_m=5, owl_lmbda=0.1, targets=targets
+    )
+    oneshot(model, [owl], random_data())
+    layers = [owl._modules[f"model.layers.{i}.mlp.down_proj"].sparsity for i in range(2)]
+    assert layers[0] != pytest.approx(layers[1])
+    oneshot(listed, [SparseGPTModifier(sparsity=layers, targets=targets)], random_data())
+    for (name, ours), theirs in zip(model.named_parameters(), listed.parameters(), strict=True):
+        torch.testing.assert_close(ours, theirs, msg=name)
 
 
 def test_owl_fields_are_all_or_none():

@@ -23,14 +23,18 @@ from compressor.core.events import Event, EventType
 from compressor.core.state import State
 from compressor.modifiers.base import CalibrationTraits, Modifier
 from compressor.modifiers.moe import ExpertCalibrationFields, ExpertCoverage, prepare_experts
-from compressor.modifiers.pruning.owl import outlier_ratio, owl_layer_sparsities
+from compressor.modifiers.pruning.owl import (
+    dense_square_sums,
+    outlier_ratio,
+    owl_layer_sparsities,
+)
+from compressor.utils import distributed
 from compressor.utils.memory import overwrite_all_
 
 __all__ = [
     "OneShotSparsityModifier",
     "SparsityTarget",
     "apply_owl",
-    "apply_owl_before_pruning",
     "parse_n_m",
     "resolve_sparsity_targets",
     "write_pruned_weight",
@@ -75,9 +79,9 @@ class OneShotSparsityModifier(ExpertCalibrationFields, Modifier):
         input weights, as llm-compressor's code does (``2:4``: two of four; ``1:4``: one of
         four, sparsity 0.25); with N:M the sparsity is N/M and ``sparsity`` may be left unset
     :param sparsity_profile: ``owl``: layer sparsities from their outlier ratios (``owl.py``),
-        keeping the model's total at ``sparsity``. OWL needs every layer's outliers before it
-        chooses any sparsity, so every layer is calibrated on the unpruned model and pruned at
-        calibration end (as llm-compressor's OWL pass does); unstructured masks only
+        keeping the model's total at ``sparsity``. The outlier ratios come from one dense pass
+        of the calibration data at calibration start (``choose_owl_sparsities``); the layers
+        are then pruned one at a time, as with one sparsity; unstructured masks only
     :param owl_m: OWL's outlier threshold, a multiple of the mean score (with ``owl``)
     :param owl_lmbda: OWL's spread: layer sparsities range over ``sparsity +- owl_lmbda``
         (with ``owl``)
@@ -200,10 +204,40 @@ class OneShotSparsityModifier(ExpertCalibrationFields, Modifier):
         if self._coverage is not None:
             self._coverage.end()
 
+    def choose_owl_sparsities(self, state: State, event: Event) -> None:
+        """With ``sparsity_profile: owl``, at calibration start: run the calibration batches
+        (``event.batches``) once through the dense model for every target's input norms
+        (summed over the ranks under a process group), and set each target layer's sparsity
+        from its outlier ratio (``apply_owl``). Nothing without OWL.
+
+        :raises ValueError: OWL started without calibration batches; a target no batch reached
+        """
+        if not self.uses_owl():
+            return
+        owner = type(self).__name__
+        batches = list(event.batches)
+        if not batches:
+            raise ValueError(
+                f"{owner}: sparsity_profile: owl started on {event.type_} without calibration "
+                "batches; run it in oneshot with a dataset"
+            )
+        assert state.model is not None
+        linears = {name: target.module for name, target in self._modules.items()}
+        sums = dense_square_sums(state.model, linears, batches)
+        norms: dict[str, torch.Tensor] = {}
+        for name, module in linears.items():
+            total = distributed.reduce_optional(
+                sums.get(name), (module.in_features,), "sum", device=module.weight.device
+            )
+            if total is None:
+                raise ValueError(f"{owner}: {name} received no calibration data; OWL needs it")
+            norms[name] = total.sqrt()
+        apply_owl(self._modules, norms, self, owner)
+
     def calibrated_targets(self, event: Event) -> list[str]:
         """The targets inside the modules a SEQUENTIAL_EPOCH_END has just calibrated, to prune
-        now; none for other events, and none with OWL (every layer pruned at calibration end)."""
-        if event.type_ != EventType.SEQUENTIAL_EPOCH_END or self.uses_owl():
+        now; none for other events."""
+        if event.type_ != EventType.SEQUENTIAL_EPOCH_END:
             return []
         inside = {id(m) for part in event.modules for m in part.modules()}
         return [name for name, target in self._modules.items() if id(target.module) in inside]
@@ -360,27 +394,6 @@ def apply_owl(
         )
         for name in names:
             targets[name].sparsity = sparsity
-
-
-def apply_owl_before_pruning(
-    targets: dict[str, SparsityTarget],
-    norms: dict[str, torch.Tensor],
-    modifier: OneShotSparsityModifier,
-    owner: str,
-) -> None:
-    """OWL's layer sparsities, set before any layer is pruned. Pruning at calibration end
-    comes after modifiers that compress at each layer's end (GPTQ): refused on a weight that
-    one has already quantized, whose grid pruning would leave."""
-    for name, target in targets.items():
-        if getattr(target.module, "quantization_scheme", None) is not None:
-            raise ValueError(
-                f"{owner}: {name} has quantization attached; OWL prunes every layer at "
-                "calibration end, after a quantizer has compressed it: run the pruning in its "
-                "own oneshot first"
-            )
-        if name not in norms:
-            raise ValueError(f"{owner}: {name} received no calibration data; OWL needs it")
-    apply_owl(targets, norms, modifier, owner)
 
 
 def write_pruned_weight(module: torch.nn.Module, weight: torch.Tensor) -> None:

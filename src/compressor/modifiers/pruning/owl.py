@@ -6,15 +6,57 @@ Wanda scores ``|W_ij| * ||X_j||`` (over every pruned Linear of the layer) above 
 their mean. Layers with more outliers keep more weights: the ratios, rescaled to ``[0, 2
 lambda]``, are subtracted from the target sparsity around their mean, so the model's total
 sparsity stays the target.
+
+The ratios come from one dense pass of the calibration data, before any layer is pruned
+(``dense_square_sums``), so that the layers are then pruned one at a time, each calibrated on
+the outputs of the pruned layers before it, as with a uniform sparsity.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
-__all__ = ["outlier_ratio", "owl_layer_sparsities"]
+__all__ = ["dense_square_sums", "outlier_ratio", "owl_layer_sparsities"]
+
+
+@torch.no_grad()
+def dense_square_sums(
+    model: torch.nn.Module,
+    linears: Mapping[str, torch.nn.Module],
+    batches: Iterable[Mapping[str, Any]],
+) -> dict[str, torch.Tensor]:
+    """Each Linear's sum of its input features' squares (``(in_features,)``, float32) over
+    every batch run through ``model`` as it is (dense): the squared input norms OWL's scores
+    ``|W| * ||x||`` need. A Linear no batch reaches is absent. The model runs on the device of
+    its first parameter, in eval mode, its training mode restored after."""
+    sums: dict[str, torch.Tensor] = {}
+
+    def hook_for(name: str) -> Any:
+        def hook(module: torch.nn.Module, inputs: tuple) -> None:
+            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
+            square = x.square().sum(dim=0)
+            sums[name] = square if name not in sums else sums[name].add_(square)
+
+        return hook
+
+    device = next(iter(model.parameters())).device
+    handles = [m.register_forward_pre_hook(hook_for(n)) for n, m in linears.items()]
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in tqdm(list(batches), desc="OWL dense pass"):
+            model(
+                **{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            )
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    return sums
 
 
 def outlier_ratio(scores: Sequence[torch.Tensor], m: float) -> float:

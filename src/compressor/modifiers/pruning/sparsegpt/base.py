@@ -14,7 +14,6 @@ from compressor.core.state import State
 from compressor.modifiers.base import CalibrationTraits, Modifier
 from compressor.modifiers.pruning.oneshot import (
     OneShotSparsityModifier,
-    apply_owl_before_pruning,
     write_pruned_weight,
 )
 from compressor.modifiers.pruning.sparsegpt.sparsegpt import sparsegpt_prune
@@ -50,7 +49,8 @@ class SparseGPTModifier(OneShotSparsityModifier):
     - ``on_initialize``: unfold fused mixture-of-experts weights into one Linear per expert
       (routers stay dense); match the targets to Linears and their sparsities (errors name
       the module: not a Linear, N:M that does not fit, a sparsity list of the wrong length)
-    - ``on_start`` (calibration start): a Hessian-accumulating forward pre-hook on each
+    - ``on_start`` (calibration start): with ``sparsity_profile: owl``, one dense pass of
+      the calibration batches for the layer sparsities; a Hessian-accumulating forward pre-hook on each
       Linear; every token runs through every expert (``calibrate_all_experts``)
     - ``on_update`` at SEQUENTIAL_EPOCH_END: prune the Linears the event carries and free
       their Hessians
@@ -115,6 +115,7 @@ class SparseGPTModifier(OneShotSparsityModifier):
         return replace(super().calibration_traits(), in_stages=False, accepts_stages=True)
 
     def on_start(self, state: State, event: Event) -> None:
+        self.choose_owl_sparsities(state, event)
         for name, target in self._modules.items():
             self.register_hook(target.module, self._hessian_hook(name), "forward_pre")
         self.start_expert_coverage(state)
@@ -135,12 +136,6 @@ class SparseGPTModifier(OneShotSparsityModifier):
         self.end_expert_coverage()
         pending = [name for name in self._modules if name not in self._pruned]
         calibrated = reduce_hessians(self._hessians, pending, self._linears())
-        if self.uses_owl():
-            # the norm of each input feature, up to a factor common to all: sqrt(diag H)
-            norms = {
-                name: self._hessians[name][0].diagonal().clamp_min(0).sqrt() for name in calibrated
-            }
-            apply_owl_before_pruning(self._modules, norms, self, "SparseGPTModifier")
         self._prune_calibrated(calibrated)
         for name, target in self._modules.items():
             if name not in self._pruned:

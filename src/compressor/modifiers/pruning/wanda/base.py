@@ -13,7 +13,6 @@ from compressor.core.state import State
 from compressor.modifiers.base import Modifier
 from compressor.modifiers.pruning.oneshot import (
     OneShotSparsityModifier,
-    apply_owl_before_pruning,
     write_pruned_weight,
 )
 from compressor.modifiers.pruning.wanda.wanda import accumulate_square_sums, wanda_mask
@@ -39,8 +38,9 @@ class WandaPruningModifier(OneShotSparsityModifier):
     - ``on_initialize``: unfold fused mixture-of-experts weights into one Linear per expert
       (routers stay dense); match the targets to Linears and their sparsities (errors name
       the module)
-    - ``on_start`` (calibration start): a forward pre-hook on each Linear summing its inputs'
-      squares per feature; every token runs through every expert (``calibrate_all_experts``)
+    - ``on_start`` (calibration start): with ``sparsity_profile: owl``, one dense pass of
+      the calibration batches for the layer sparsities; a forward pre-hook on each Linear
+      summing its inputs' squares per feature; every token runs through every expert (``calibrate_all_experts``)
     - ``on_update`` at SEQUENTIAL_EPOCH_END: prune the Linears the event carries
     - ``on_end`` (calibration end): prune whatever is still pending; a Linear that saw no data
       is pruned by magnitude per row, with a warning naming it
@@ -65,6 +65,7 @@ class WandaPruningModifier(OneShotSparsityModifier):
     _sums: dict[str, torch.Tensor] = PrivateAttr(default_factory=dict)
 
     def on_start(self, state: State, event: Event) -> None:
+        self.choose_owl_sparsities(state, event)
         for name, target in self._modules.items():
             self.register_hook(target.module, self._norm_hook(name), "forward_pre")
         self.start_expert_coverage(state)
@@ -83,10 +84,7 @@ class WandaPruningModifier(OneShotSparsityModifier):
 
     def on_end(self, state: State, event: Event) -> None:
         self.end_expert_coverage()
-        calibrated = self._reduce([name for name in self._modules if name not in self._pruned])
-        if self.uses_owl():
-            norms = {name: self._sums[name].sqrt() for name in calibrated}
-            apply_owl_before_pruning(self._modules, norms, self, "WandaPruningModifier")
+        self._reduce([name for name in self._modules if name not in self._pruned])
         for name, target in self._modules.items():
             module = target.module
             if name in self._pruned:
