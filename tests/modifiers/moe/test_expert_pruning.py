@@ -10,6 +10,7 @@ from compressor import oneshot
 from compressor.architectures.moe import find_moe_blocks
 from compressor.modifiers import ExpertPruningModifier
 from compressor.modifiers.pruning.experts import experts_to_keep, remove_experts
+from compressor.recipe import Recipe, RecipeError
 from moe_models import tiny_moe
 
 NUM_EXPERTS_KEY = {"qwen3_moe": "num_experts", "mixtral": "num_local_experts"}
@@ -93,8 +94,6 @@ def test_pruning_below_top_k_is_refused_before_any_work():
 
 
 def test_the_documented_recipe_parses_and_a_bad_count_is_refused():
-    from compressor.recipe import Recipe
-
     text = """
 prune_stage:
   pruning_modifiers:
@@ -105,8 +104,6 @@ prune_stage:
     assert isinstance(modifier, ExpertPruningModifier)
     assert modifier.num_experts_to_prune == 2
     assert modifier.requires_calibration_data()
-    from compressor.recipe import RecipeError
-
     with pytest.raises(
         RecipeError, match=r"num_experts_to_prune: got 0; .*greater than or equal to 1"
     ):
