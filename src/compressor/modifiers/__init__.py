@@ -12,6 +12,7 @@ from compressor.modifiers.hooks import HooksMixin
 from compressor.modifiers.layer_reduction import LayerReductionModifier
 from compressor.modifiers.pruning import (
     ChannelPruningModifier,
+    ExpertPruningModifier,
     HeadPruningModifier,
     RowPruningModifier,
     SparseGPTModifier,
@@ -30,6 +31,7 @@ __all__ = [
     "AWQModifier",
     "CalibrationTraits",
     "ChannelPruningModifier",
+    "ExpertPruningModifier",
     "ConstantPruningModifier",
     "HeadPruningModifier",
     "GPTQModifier",

@@ -1,7 +1,9 @@
-"""Pruning: sparse (unstructured, N:M; SparseGPT, Wanda), rows, attention heads and channels."""
+"""Pruning: sparse (unstructured, N:M; SparseGPT, Wanda), rows, attention heads, channels and
+whole mixture-of-experts experts."""
 
 from compressor.modifiers.pruning.base import PruningModifierBase
 from compressor.modifiers.pruning.channel import ChannelPruningModifier
+from compressor.modifiers.pruning.expert_pruning import ExpertPruningModifier
 from compressor.modifiers.pruning.head import HeadPruningModifier
 from compressor.modifiers.pruning.mappings import StructureMapping
 from compressor.modifiers.pruning.row import RowPruningModifier
@@ -11,6 +13,7 @@ from compressor.modifiers.pruning.wanda import WandaPruningModifier
 
 __all__ = [
     "ChannelPruningModifier",
+    "ExpertPruningModifier",
     "HeadPruningModifier",
     "PruningModifierBase",
     "RowPruningModifier",
