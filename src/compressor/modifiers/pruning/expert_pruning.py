@@ -25,8 +25,9 @@ __all__ = ["ExpertPruningModifier"]
 @Modifier.register("ExpertPruning")
 class ExpertPruningModifier(Modifier):
     """Removes whole routed experts from every sparse mixture-of-experts block, choosing
-    them by REAP saliency (Lasby et al., "REAP: Router-weighted Expert Activation Pruning",
-    2025, arXiv:2510.13999): over the calibration data, an expert's score is the mean, over
+    them by REAP saliency (Router-weighted Expert Activation Pruning; Lasby et al. 2025,
+    "REAP the Experts: Why Pruning Prevails for One-Shot MoE Compression"): over the
+    calibration data, an expert's score is the mean, over
     the tokens routed to it, of its router gate weight times the norm of its output. The
     ``num_experts_to_prune`` experts of least score in each block are removed physically:
     the fused expert tensors, the router's rows (and any router bias or score-correction

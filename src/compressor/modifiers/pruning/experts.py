@@ -1,6 +1,7 @@
 """Whole-expert pruning of mixture-of-experts blocks: REAP saliency and physical removal.
 
-REAP (Lasby et al., "REAP: Router-weighted Expert Activation Pruning", 2025) scores an
+REAP (Router-weighted Expert Activation Pruning; Lasby et al. 2025, "REAP the Experts:
+Why Pruning Prevails for One-Shot MoE Compression") scores an
 expert by the mean, over the calibration tokens routed to it, of the router's gate weight
 times the norm of the expert's output: an expert that is rarely chosen, chosen with a small
 weight, or that adds little when chosen contributes least to the block's output. The
