@@ -87,6 +87,7 @@ class OutputDistillationModifier(Modifier):
     _student_hidden: dict[int, torch.Tensor] = PrivateAttr(default_factory=dict)
     _student_outputs: dict[str, torch.Tensor] = PrivateAttr(default_factory=dict)
     _target_names: list[str] = PrivateAttr(default_factory=list)
+    _teacher_targets: dict[str, torch.nn.Module] = PrivateAttr(default_factory=dict)
 
     @model_validator(mode="after")
     def _one_form(self) -> OutputDistillationModifier:
@@ -164,6 +165,7 @@ class OutputDistillationModifier(Modifier):
                 f"(of {len(missing)}); student and teacher modules are paired by name"
             )
         self._target_names = names
+        self._teacher_targets = {name: teacher[name] for name in names}
         scale = self._layerwise_scale()
         logger.info(
             "OutputDistillationModifier: square-head distillation of {} modules ({} ...), "
@@ -243,10 +245,9 @@ class OutputDistillationModifier(Modifier):
             )
         batch = self._batch(state)
         teacher: dict[str, torch.Tensor] = {}
-        modules = dict(state.teacher_model.named_modules())  # type: ignore[union-attr]
         handles = [
-            modules[name].register_forward_hook(self._keep_output(teacher, name))
-            for name in self._target_names
+            module.register_forward_hook(self._keep_output(teacher, name))
+            for name, module in self._teacher_targets.items()
         ]
         try:
             with torch.no_grad():
