@@ -3,6 +3,7 @@
 python -m benchmarks                       # every suite, quick size
 python -m benchmarks --suite quant,gptq --size full
 python -m benchmarks --list                # the suites and their cases
+python -m benchmarks --suite prune --size full --model smollm2-135m   # one model's cases
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--suite", default="all", help=f"all, or any of: {', '.join(SUITES)}")
     parser.add_argument("--size", default="quick", choices=SIZES)
     parser.add_argument("--case", default=None, help="only the cases with these names (a,b)")
+    parser.add_argument("--model", default=None, help="only the cases on these models (a,b)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument("--repeats", type=int, default=None, help="override each case's repeats")
     parser.add_argument("--threads", type=int, default=2, help="torch threads in every case")
@@ -45,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         _say(f"unknown suite(s) {unknown}; known: {', '.join(SUITES)}")
         return 2
     only = {c.strip() for c in args.case.split(",")} if args.case else None
+    models = {m.strip() for m in args.model.split(",")} if args.model else None
     if args.list:
         for name in names:
             _say(f"{name}: {SUITES[name].description}")
@@ -66,7 +69,11 @@ def main(argv: list[str] | None = None) -> int:
     date = datetime.date.today().isoformat()
     for name in names:
         suite = SUITES[name]
-        cases = [c for c in suite.cases(args.size) if only is None or c.name in only]
+        cases = [
+            c
+            for c in suite.cases(args.size)
+            if (only is None or c.name in only) and (models is None or c.model in models)
+        ]
         _say(f"== suite {name} ({args.size}): {len(cases)} case(s)")
         records = [run_case(case, settings, log=_say) for case in cases]
         report = build_report(name, args.size, date, records, {

@@ -304,7 +304,26 @@ def prune_cases(size: str) -> list[Case]:
         Case("prune", "SparseGPT 2:4 + GPTQ W4A16", acc_model, "oneshot",
              _both("prune_sparsegpt_2of4_gptq_w4a16"), calibration=calib, eval=ev,
              requires=(ONESHOT, SAVE, sgpt, gptq), save=True, params={"two_of_four": True}),
-    ]  # fmt: skip
+    ] + (_owl_smollm2_cases() if size == "full" else [])  # fmt: skip
+
+
+def _owl_smollm2_cases() -> list[Case]:
+    """Issue 26's OWL goal on the second model: SparseGPT on SmolLM2-135M at 50% and 70%,
+    uniform against OWL layer sparsities, with the same recipes as stories260K; 32 rows of 512
+    calibration tokens from the start of WikiText-2's test text, 16 evaluation windows of 512
+    from its later, disjoint slice."""
+    model, calib, ev = "smollm2-135m", (32, 512), (512, 16)
+    sgpt = "compressor.modifiers.SparseGPTModifier"
+    cases = [_fp("prune", model, ev)]
+    for name, recipe in (
+        ("SparseGPT 50% unstructured", "prune_sparsegpt_50"),
+        ("SparseGPT OWL 50%", "prune_sparsegpt_owl_50"),
+        ("SparseGPT 70% unstructured", "prune_sparsegpt_70"),
+        ("SparseGPT OWL 70%", "prune_sparsegpt_owl_70"),
+    ):
+        cases.append(Case("prune", name, model, "oneshot", _both(recipe), calibration=calib,
+                          eval=ev, requires=(ONESHOT, sgpt)))  # fmt: skip
+    return cases
 
 
 # ------------------------------------------------------------------ layers (issue 6)
