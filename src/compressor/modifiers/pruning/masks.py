@@ -53,10 +53,14 @@ class MaskHolder:
     and those weights are zeroed after each step, so no kept weight sees the difference.
 
     :param owner: the modifier whose hook registry holds the gradient hooks
+    :param mask_gradients: False leaves gradients and optimizer state alone and only zeroes
+        the weights (now and after every step), for a method that prunes as DeepSpeed's
+        ``snip_momentum`` does (its clipping and optimizer state see every gradient)
     """
 
-    def __init__(self, owner: HooksMixin) -> None:
+    def __init__(self, owner: HooksMixin, mask_gradients: bool = True) -> None:
         self._owner = owner
+        self._mask_gradients = mask_gradients
         self._masks: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._lists: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
         self._moments_filled: set[int] = set()  # masks whose second moments are set
@@ -71,7 +75,7 @@ class MaskHolder:
         """
         key = id(param)
         factors = mask.to(device=param.device, dtype=torch.bool).to(param.dtype)
-        if key not in self._masks and param.requires_grad:
+        if key not in self._masks and param.requires_grad and self._mask_gradients:
             self._owner.register_hook(param, self._grad_hook(key), "accumulated_grad")
         self._masks[key] = (param, factors)
         self._lists = None
@@ -104,6 +108,8 @@ class MaskHolder:
             params, factors = zip(*self._masks.values(), strict=True)
             self._lists = list(params), list(factors)
         torch._foreach_mul_(*self._lists)
+        if not self._mask_gradients:
+            return
         if optimizer is not None and len(self._moments_filled) < len(self._masks):
             self._fill_second_moments(optimizer)
 

@@ -7,6 +7,8 @@ scorer, one object per ``method``, decides how weights are scored and when masks
 - ``TopKScorer`` (``topk``, in ``topk.py``): learnable scores that train with the model.
 - ``ActivationScorer`` (``activation``): |W| times the input norms from calibration data, in
   one shot.
+- ``SnipMomentumScorer`` (``snip_momentum``, in ``snip_momentum.py``): block SNIP scores with
+  momentum from the training gradients, pruned over all layers at once on its own schedule.
 
 The numbers themselves (scores, top-k and N:M masks) are pure functions in ``scores.py``.
 """
@@ -20,6 +22,7 @@ import torch
 from loguru import logger
 from torch.utils.hooks import RemovableHandle
 
+from compressor.core import Event
 from compressor.modifiers.pruning.coupling import Coupling, Member
 from compressor.modifiers.pruning.scores import (
     activation_scores,
@@ -70,6 +73,11 @@ class Scorer:
 
     #: the scores come from calibration data, in one shot: no training schedule
     calibrated: ClassVar[bool] = False
+    #: the scorer follows its own pruning steps (``at_step``) instead of the modifier's
+    #: density ramp (``start`` / ``step`` / ``end``)
+    own_schedule: ClassVar[bool] = False
+    #: the gradients of pruned weights are zeroed (else only the weights, after each step)
+    masks_gradients: ClassVar[bool] = True
 
     def __init__(self, modifier: ScorerHost, couplings: list[Coupling]) -> None:
         self.modifier = modifier
@@ -94,6 +102,13 @@ class Scorer:
 
     def layer_calibrated(self, layer: torch.nn.Module) -> None:
         """The calibration data has passed through ``layer`` (nothing here)."""
+
+    def before_optimizer_step(self) -> None:
+        """The gradients of an optimizer step are final (nothing here)."""
+
+    def at_step(self, event: Event) -> None:
+        """A batch starts while the modifier is active; only for ``own_schedule`` scorers."""
+        raise NotImplementedError
 
     def end(self, density: float) -> None:
         """At end: the final masks, held unchanged from then on."""

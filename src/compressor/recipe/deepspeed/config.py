@@ -16,8 +16,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 from loguru import logger
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
+from compressor.modifiers.pruning.snip import parse_block_pattern
 from compressor.recipe.errors import RecipeError
 from compressor.recipe.limits import check_recipe_data, check_recipe_size
 from compressor.utils.quote import quote
@@ -123,16 +132,24 @@ _SNIP_KEYS = ("block_pattern", "dense_ratio", "schedule_offset_stride", "exclude
 
 
 class SparsePruningShared(PruningShared):
-    """Sparse pruning's shared parameters. DeepSpeed also reads ``block_pattern``,
-    ``dense_ratio``, ``schedule_offset_stride`` and ``excluded_modules`` here, only with
-    ``method: snip_momentum`` (its pruner from Intel Neural Compressor); with another method
-    it ignores them, and so do we, with a log line."""
+    """Sparse pruning's shared parameters. With ``method: snip_momentum`` DeepSpeed also
+    reads ``block_pattern`` (default ``4x1``), ``dense_ratio`` (0.1), ``schedule_offset_stride``
+    (1) and ``excluded_modules`` (none) here, and ``schedule_offset_end`` defaults to
+    ``schedule_offset``; with another method it ignores those four, and so do we, with a log
+    line."""
 
     method: Literal["l1", "topk", "snip_momentum"] = "l1"  # type: ignore[assignment]
     block_pattern: str | None = None
     dense_ratio: float | None = Field(default=None, gt=0, lt=1)
     schedule_offset_stride: int | None = Field(default=None, ge=1)
     excluded_modules: list[str] | None = None
+
+    @field_validator("block_pattern")
+    @classmethod
+    def _snip_pattern(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and info.data.get("method") == "snip_momentum":
+            parse_block_pattern(value)
+        return value
 
     @model_validator(mode="after")
     def _snip_keys(self) -> SparsePruningShared:
