@@ -158,7 +158,7 @@ def test_the_session_adds_topk_scores_to_the_optimizer_it_was_given(tiny_llama):
         ({"density": 1.5}, r"density must be in \(0, 1\]"),
         ({"sparsity": 1.0}, r"sparsity must be a number in \[0, 1\)"),
         ({"sparsity": 0.5, "density": 0.5}, "density or sparsity, not both"),
-        ({"density": 0.5, "method": "movement"}, "'l1', 'topk' or 'activation'"),
+        ({"density": 0.5, "method": "movement"}, "'l1', 'topk', 'activation' or 'snip_momentum'"),
         ({}, "density \\(or sparsity\\) is required"),
         ({"mask_structure": "2:4", "density": 0.3}, "contradicts mask_structure"),
         ({"mask_structure": "4:2"}, "'N:M' with 0 < N < M"),

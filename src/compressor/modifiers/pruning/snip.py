@@ -47,7 +47,9 @@ SNIP_BETA = 1.0
 MAX_LAYER_SPARSITY = 0.98
 
 _PATTERN = re.compile(r"^(?:(\d+)|channel)x(?:(\d+)|channel)$")
-BLOCK_PATTERN_FORMS = "'NxM' with positive integers N and M (such as '4x1'), 'channelxM' or 'Nxchannel'"
+BLOCK_PATTERN_FORMS = (
+    "'NxM' with positive integers N and M (such as '4x1'), 'channelxM' or 'Nxchannel'"
+)
 
 
 @dataclass(frozen=True)
@@ -109,7 +111,9 @@ def to_matrix(tensor: torch.Tensor) -> torch.Tensor:
         return tensor
     if tensor.dim() == 4:
         return tensor.permute(0, 2, 3, 1).reshape(tensor.shape[0], -1)
-    raise ValueError(f"snip_momentum scores 2-D (Linear) or 4-D (Conv2d) weights, got {tuple(tensor.shape)}")
+    raise ValueError(
+        f"snip_momentum scores 2-D (Linear) or 4-D (Conv2d) weights, got {tuple(tensor.shape)}"
+    )
 
 
 def from_matrix(matrix: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -142,7 +146,9 @@ def momentum_update(
     return scores * SNIP_ALPHA + SNIP_BETA * saliency.float()
 
 
-def expand_block_mask(mask: torch.Tensor, block: tuple[int, int], shape: torch.Size) -> torch.Tensor:
+def expand_block_mask(
+    mask: torch.Tensor, block: tuple[int, int], shape: torch.Size
+) -> torch.Tensor:
     """A per-block mask broadcast to a weight of ``shape``."""
     matrix = mask.repeat_interleave(block[0], dim=0).repeat_interleave(block[1], dim=1)
     return from_matrix(matrix, shape)
@@ -275,9 +281,7 @@ def global_block_masks(
         threshold = torch.kthvalue(pool, to_prune).values
         for i in active:
             mask = scores[i] > threshold
-            adjust, ratio = _capped_sparsity(
-                out, i, int((~mask).sum()), mask.numel(), final_target
-            )
+            adjust, ratio = _capped_sparsity(out, i, int((~mask).sum()), mask.numel(), final_target)
             if adjust:
                 capped[i] = True
                 out[i] = _prune_below(scores[i], ratio)
@@ -285,7 +289,6 @@ def global_block_masks(
             else:
                 out[i] = mask
     return out
-
 
 
 def classifier_head(model: torch.nn.Module) -> str | None:

@@ -72,7 +72,7 @@ class SnipMomentumScorer(Scorer):
         self.steps_seen = 0
         self._handled_step = -1
 
-    def _weights(self) -> list[tuple[str, torch.Tensor]]:
+    def _weights(self) -> list[tuple[str, Any]]:
         return [(c.name, c.members[0].module.weight) for c in self.couplings]
 
     def prepare(self, optimizer: Any) -> None:

@@ -16,17 +16,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from loguru import logger
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    ValidationInfo,
-    field_validator,
-    model_validator,
-)
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from compressor.modifiers.pruning.snip import parse_block_pattern
 from compressor.recipe.errors import RecipeError
 from compressor.recipe.limits import check_recipe_data, check_recipe_size
 from compressor.utils.quote import quote
@@ -143,13 +134,6 @@ class SparsePruningShared(PruningShared):
     dense_ratio: float | None = Field(default=None, gt=0, lt=1)
     schedule_offset_stride: int | None = Field(default=None, ge=1)
     excluded_modules: list[str] | None = None
-
-    @field_validator("block_pattern")
-    @classmethod
-    def _snip_pattern(cls, value: str | None, info: ValidationInfo) -> str | None:
-        if value is not None and info.data.get("method") == "snip_momentum":
-            parse_block_pattern(value)
-        return value
 
     @model_validator(mode="after")
     def _snip_keys(self) -> SparsePruningShared:
