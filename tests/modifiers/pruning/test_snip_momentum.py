@@ -418,3 +418,41 @@ def test_deepspeed_layer_choice_leaves_out_the_head_and_takes_linear_named_class
 def test_bad_snip_arguments_fail_at_parse_time(kind, args, message):
     with pytest.raises(ValueError, match=message):
         kind(**args)
+
+
+def _snip_run(model, opt, start_step=None):
+    modifier = SparsePruningModifier(
+        method="snip_momentum", density=0.3, block_pattern="4x1", start=2, end=8, update=2
+    )
+    session = CompressionSession()
+    session.initialize(model=model, recipe=[modifier], optimizer=opt, start=start_step)
+    return session, modifier
+
+
+def test_a_resumed_run_prunes_as_the_uninterrupted_one():
+    import copy
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config())
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    session, modifier = _snip_run(model, opt)
+    batches = _batches(11, seed=4)
+    train(model, session, opt, batches[:5])  # pruned at steps 2 and 4
+    saved = copy.deepcopy(session.state_dict())
+    resumed_model = copy.deepcopy(model)
+    resumed_opt = torch.optim.SGD(resumed_model.parameters(), lr=0.05)
+    resumed_opt.load_state_dict(opt.state_dict())
+    train(model, session, opt, batches[5:])
+    session.finalize()
+
+    resumed, restored = _snip_run(resumed_model, resumed_opt, start_step=5)
+    resumed.load_state_dict(saved)
+    assert restored.scorer.done == modifier.scorer.done - 2  # steps 6 and 8 still to come
+    train(resumed_model, resumed, resumed_opt, batches[5:])
+    resumed.finalize()
+    for (name, a), b in zip(model.named_parameters(), resumed_model.parameters(), strict=True):
+        assert torch.equal(a == 0, b == 0), name
+    assert torch.equal(
+        torch.cat([m.flatten() for m in modifier.scorer.block_masks]),
+        torch.cat([m.flatten() for m in restored.scorer.block_masks]),
+    )
