@@ -42,7 +42,7 @@ class BlockReaders:
 
     def __init__(self, model: torch.nn.Module) -> None:
         self._blocks: dict[str, _Block] = {}
-        self._fused: dict[str, str] = {}  # a reader of a fused block's input -> the experts
+        self._fused: dict[int, str] = {}  # id of a reader of a fused block's input -> experts
         self._owner_of: dict[int, str] = {}
         for name, module in model.named_modules():
             if not isinstance(module, LinearExperts):
