@@ -224,3 +224,11 @@ def test_a_family_without_mappings_is_named(modifier):
         ValueError, match=rf"no {feature} mappings for GptOssForCausalLM \(model_type='gpt_oss'\)"
     ):
         oneshot(tiny_moe("gpt_oss"), [modifier()], random_ids())
+
+
+def test_smoothing_the_input_of_experts_kept_fused_is_refused_naming_them():
+    # AWQ's own quantizer ignores the experts: they stay fused, yet the shared expert's gate
+    # and up read the post-attention norm as they do
+    awq = AWQModifier(config_groups=W4_SYM, ignore=["lm_head", "re:.*mlp\\.experts$"])
+    with pytest.raises(ValueError, match=r"experts model\.layers\.0\.mlp\.experts stayed fused"):
+        oneshot(moe_model("qwen2_moe"), [awq], random_ids())
