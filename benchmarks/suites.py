@@ -361,9 +361,10 @@ def train_cases(size: str) -> list[Case]:
 
 # ------------------------------------------------------------------ MoE (issue 22)
 def moe_cases(size: str) -> list[Case]:
-    """W4A16 round-to-nearest and GPTQ on a synthetic Qwen3-MoE (8 experts, top-2), against
-    llm-compressor with the same recipes; each side reports how many expert matrices it
-    quantized and whether the routers are unchanged."""
+    """W4A16 round-to-nearest, GPTQ and AWQ on a synthetic Qwen3-MoE (8 experts, top-2),
+    against llm-compressor with the same recipes; each side reports how many expert matrices
+    it quantized and whether the routers are unchanged (AWQ folds its scales into the routers:
+    their weights change, their routing does not)."""
     model = "moe-tiny" if size == "smoke" else "moe-s"
     calib = (4, 32) if size == "smoke" else (16, 128)
     ev = (64, 2) if size == "smoke" else (128, 16)
@@ -374,6 +375,8 @@ def moe_cases(size: str) -> list[Case]:
              requires=(ONESHOT, SAVE, QUANT), save=True, repeats=repeats),
         Case("moe", "W4A16 GPTQ", model, "oneshot", _both("gptq_w4a16"), calibration=calib,
              eval=ev, requires=(ONESHOT, SAVE, GPTQ), save=True, repeats=repeats),
+        Case("moe", "W4A16 AWQ", model, "oneshot", _both("awq_w4a16"), calibration=calib,
+             eval=ev, requires=(ONESHOT, SAVE, AWQ), save=True, repeats=repeats),
     ]  # fmt: skip
 
 
@@ -410,10 +413,11 @@ SUITES: dict[str, Suite] = {
               "plain step of the same model (ratio of medians, steps alternating in one "
               "process), beside DeepSpeed compression's ratio for the same technique. Goals: "
               "weight+activation fake quantization <= 1.3x, masks <= 1.1x.", train_cases),
-        Suite("moe", "Mixture of experts: W4A16 round-to-nearest and GPTQ on a synthetic "
+        Suite("moe", "Mixture of experts: W4A16 round-to-nearest, GPTQ and AWQ on a synthetic "
               "Qwen3-MoE (8 experts routed top-2, fused 3-D expert weights as transformers 5 "
               "stores them), against llm-compressor on the same calibration rows: time, peak "
               "memory, perplexity, the expert matrices quantized (of experts x 3 per layer) and "
-              "whether every router weight is unchanged.", moe_cases),
+              "whether every router weight is unchanged (AWQ scales the routers' weights, "
+              "which keeps their routing).", moe_cases),
     )
 }  # fmt: skip
