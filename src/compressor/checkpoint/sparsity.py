@@ -25,6 +25,7 @@ import compressed_tensors
 import torch
 from compressed_tensors.base import QUANTIZATION_CONFIG_NAME, SPARSITY_CONFIG_NAME
 from compressed_tensors.config import CompressionFormat, SparsityCompressionConfig
+from compressed_tensors.quantization import QuantizationStatus
 from compressed_tensors.quantization.lifecycle.forward import fake_quantize
 
 __all__ = [
@@ -47,7 +48,9 @@ _LEAST_STRUCTURED = min(pruned / group for pruned, group in _STRUCTURES)
 
 
 def effective_weight(module: torch.nn.Module) -> torch.Tensor:
-    """The weight a module computes with: fake-quantized by its calibrated scheme, else as is.
+    """The weight a module computes with: fake-quantized by its calibrated scheme, else as is
+    (also once decompressed after a save: its weight then is the dequantized one, which
+    compressed-tensors' forward uses as it is).
 
     :param module: a layer with a ``weight``
     :return: the weight, detached
@@ -55,6 +58,9 @@ def effective_weight(module: torch.nn.Module) -> torch.Tensor:
     weight = module.weight.detach()
     scheme = getattr(module, "quantization_scheme", None)
     if scheme is None or scheme.weights is None or not hasattr(module, "weight_scale"):
+        return weight
+    status = getattr(module, "quantization_status", None)
+    if status is not None and status >= QuantizationStatus.COMPRESSED:
         return weight
     zero_point = getattr(module, "weight_zero_point", None)
     # NVFP4's group scales are relative to a per-tensor global scale
