@@ -79,7 +79,6 @@ def save_compressed(
     _remove_stale_descriptions(output)
     kv_cache_scheme = kv_cache_scheme_of(model)
     _unpacked_embeddings(model)
-    sparsity = sparsity_config(model)  # on the weights as they compute, before compression
     compressor = ModelCompressor.from_pretrained_model(model) if is_model_quantized(model) else None
     if compressor is None and kv_cache_scheme is not None:  # only the cache is quantized
         compressor = ModelCompressor(
@@ -98,9 +97,11 @@ def save_compressed(
         assert compressor.quantization_config is not None
         compressor.quantization_config.kv_cache_scheme = kv_cache_scheme.model_copy(deep=True)
     if compressor is None:
+        sparsity = sparsity_config(model)
         logger.info("the model holds no quantized layers: saving it dense to {}", output)
         _dense_save(model, output, save_kwargs)
     elif compressor.quantization_config is None:
+        sparsity = sparsity_config(model)
         logger.info("saving dense with online rotations (transform_config) to {}", output)
         _dense_save(model, output, save_kwargs)
         compressor.update_config(str(output))
@@ -117,6 +118,9 @@ def save_compressed(
             compressor.update_config(str(output))
         finally:
             compressor.decompress_model(model)
+        # measured on the decompressed weights, which are the checkpoint's and which the
+        # model now computes with as they are: no second quantization pass
+        sparsity = sparsity_config(model)
     if sparsity is not None and compressor is None and _has_experts(model):
         # transformers (5.24) reloads the experts of a compressed-tensors checkpoint through
         # its dequantizing converter, which fails on a config without quantization
