@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         extra += ["--threads", str(args.threads), "--timeout", str(args.timeout)]
         extra += ["--no-peers"] * args.no_peers + ["--repeats", str(args.repeats or 1)]
         if args.size == "smoke":
-            extra += ["--samples", "4", "--seq-len", "128"]
+            extra += ["--samples", "2", "--seq-len", "64"]
         return scale.main(extra)
     names = list(SUITES) if args.suite == "all" else [s.strip() for s in args.suite.split(",")]
     unknown = [n for n in names if n not in SUITES]

@@ -56,6 +56,28 @@ def test_the_memory_model_counts_one_layer_the_embeddings_and_its_hessians(tmp_p
     # q/k/v share one Hessian, gate/up another: hidden^2 three times (with o) and mlp^2 once
     assert shape["hessians_mb"] == pytest.approx((3 * hidden**2 + mlp**2) * 4 / mb)
     assert shape["activations_mb"] == pytest.approx(2 * 4 * 128 * hidden * 4 / mb)
-    budget = scale.memory_budget(shape, import_rss_mb=300.0)
-    assert budget == pytest.approx(300.0 + sum(shape[k] for k in (
+    assert scale.layer_terms_mb(shape) == pytest.approx(sum(shape[k] for k in (
         "largest_layer_mb", "embeddings_mb", "activations_mb", "hessians_mb")))  # fmt: skip
+
+
+def test_the_fixed_overhead_comes_from_the_smallest_model_and_each_side_has_its_own():
+    def run(side, peak):
+        return {"side": side, "row": {"status": "ok", "peak_rss_mb": peak}}
+
+    small = {
+        "largest_layer_mb": 4.0,
+        "embeddings_mb": 1.0,
+        "activations_mb": 0.5,
+        "hessians_mb": 4.5,
+        "params": 1,
+    }  # layer terms: 10 MB
+    big = dict(small, largest_layer_mb=204.0, params=2)  # 210 MB
+    report = {"models": [
+        {"model": "big", "shape": big, "runs": [run("ours", 900.0), run("peer", 700.0)]},
+        {"model": "small", "shape": small, "runs": [run("ours", 510.0), run("peer", 610.0)]},
+    ]}  # fmt: skip
+    scale.apply_budgets(report)
+    assert report["fixed_overhead_mb"] == {"ours": 500.0, "peer": 600.0}
+    ours_big, peer_big = (r["row"] for r in report["models"][0]["runs"])
+    assert ours_big["budget_mb"] == 710.0 and peer_big["budget_mb"] == 810.0
+    assert ours_big["peak_over_budget"] == pytest.approx(900 / 710)
