@@ -108,7 +108,7 @@ def apply_budgets(report: dict[str, Any]) -> None:
     for entry in report["models"]:
         for run in entry["runs"]:
             row = run["row"]
-            if row["status"] == "ok":
+            if row["status"] in ("ok", "partial") and run["side"] in overhead:
                 row["budget_mb"] = overhead[run["side"]] + layer_terms_mb(entry["shape"])
                 row["peak_over_budget"] = row["peak_rss_mb"] / row["budget_mb"]
 
@@ -206,6 +206,18 @@ def markdown(report: dict[str, Any]) -> str:
     for m in report["models"]:
         for run in m["runs"]:
             r = run["row"]
+            if r["status"] == "partial":
+                p = r["phase_peak_rss_mb"]
+                lines.append(
+                    f"| {m['model']} | {run['side']} | stopped: {r['reason']} | | "
+                    f"{r['phase_wall_s'].get('load', 0):.1f} | | "
+                    f"{r['compress_s_per_layer']:.1f} | | {p.get('load') or 0:.0f} | "
+                    f"{p.get('compress') or 0:.0f} | | {r['peak_rss_mb']:.0f} | "
+                    f"{r.get('budget_mb', 0):.0f} | {r.get('peak_over_budget', 0):.2f} | "
+                    f"{r['peak_rss_mb'] / m['shape']['model_mb']:.2f} | "
+                    f"{r['load_avg_before'][0]:.1f} |"
+                )
+                continue
             if r["status"] != "ok":
                 lines.append(f"| {m['model']} | {run['side']} | {r['status']}: "
                              f"{r['reason'][:200]} |" + " |" * 14)  # fmt: skip
@@ -226,8 +238,9 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def chart(report: dict[str, Any], path: Path) -> bool:
-    """Time and peak memory against parameter count, both sides, with the budget and the
-    whole fp32 model for scale."""
+    """Compress time per layer and peak memory against parameter count, both sides, with the
+    budget and the whole fp32 model for scale; a run stopped part way (``partial``: its
+    figures over the layers it finished) is drawn hollow."""
     try:
         import matplotlib
 
@@ -237,33 +250,34 @@ def chart(report: dict[str, Any], path: Path) -> bool:
         return False
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.2))
     params = [m["shape"]["params"] for m in report["models"]]
-    for side, marker in (("ours", "o"), ("llmcompressor", "s")):
-        xs, wall, comp, peak = [], [], [], []
-        for m in report["models"]:
-            rows = [r["row"] for r in m["runs"] if r["side"] == side and r["row"]["status"] == "ok"]
-            if rows:
-                xs.append(m["shape"]["params"])
-                wall.append(min(r["process_wall_s"] for r in rows))
-                comp.append(min(r["phase_wall_s"]["compress"] for r in rows))
-                peak.append(max(r["peak_rss_mb"] for r in rows))
-        if xs:
-            ax_t.plot(xs, wall, marker=marker, label=f"{side}: process")
-            ax_t.plot(xs, comp, marker=marker, linestyle="--", label=f"{side}: compress")
-            ax_m.plot(xs, peak, marker=marker, label=f"{side}: peak RSS")
+    for side, marker, color in (("ours", "o", "tab:blue"), ("llmcompressor", "s", "tab:orange")):
+        for status, face in (("ok", color), ("partial", "none")):
+            rows = [(m["shape"]["params"], r["row"]) for m in report["models"] for r in m["runs"]
+                    if r["side"] == side and r["row"]["status"] == status]  # fmt: skip
+            if not rows:
+                continue
+            label = f"{side}" + (" (stopped part way)" if status == "partial" else "")
+            xs = [x for x, _ in rows]
+            style = dict(marker=marker, color=color, markerfacecolor=face, label=label)
+            ax_t.plot(xs, [r["compress_s_per_layer"] for _, r in rows], **style)
+            ax_m.plot(xs, [r["peak_rss_mb"] for _, r in rows], **style)
     ax_m.plot(params, [m["shape"]["model_mb"] for m in report["models"]], color="grey",
               linestyle=":", label="whole fp32 model")  # fmt: skip
     budgets = [
         next((r["row"]["budget_mb"] for r in m["runs"]
-              if r["side"] == "ours" and r["row"]["status"] == "ok"), float("nan"))
+              if r["side"] == "ours" and "budget_mb" in r["row"]), float("nan"))
         for m in report["models"]
     ]  # fmt: skip
     ax_m.plot(params, budgets, color="black", linestyle="-.", label="budget (ours)")
-    for ax, title, unit in ((ax_t, "time", "seconds"), (ax_m, "peak memory", "MiB")):
+    for ax, title, unit in (
+        (ax_t, "compress time per layer", "seconds"),
+        (ax_m, "peak memory", "MiB"),
+    ):
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("parameters")
         ax.set_ylabel(unit)
-        ax.set_title(f"GPTQ W4A16, layers on disk: {title}")
+        ax.set_title(f"GPTQ W4A16, layers on disk: {title}", fontsize=9)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
