@@ -13,7 +13,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from benchmarks.common import NotAvailable, Phases, peak_rss_mb, set_threads, write_result
+from benchmarks.common import NotAvailable, Phases, set_threads, write_result
 
 # tasks timed from the interpreter's start (runners/whole.py): torch is imported inside
 # their import phase, so nothing imports it before
@@ -28,7 +28,8 @@ RUNNERS = {
 def main(argv: list[str]) -> int:
     spec_path, out_path = argv
     spec = json.loads(Path(spec_path).read_text(encoding="utf-8"))
-    phases = Phases()
+    # per-phase peaks restart the high-water mark: asked for by the cases that profile memory
+    phases = Phases(own_peaks=bool(spec.get("params", {}).get("phase_peaks")))
     try:
         if spec["task"] in WHOLE_PROCESS_TASKS:  # threads are set after their import
             whole = importlib.import_module("benchmarks.runners.whole")
@@ -50,7 +51,7 @@ def main(argv: list[str]) -> int:
             "traceback": traceback.format_exc()[-4000:],
         }
     result["phases"] = phases.records
-    result["peak_rss_mb_self"] = peak_rss_mb()
+    result["peak_rss_mb_self"] = phases.process_peak_mb()
     write_result(out_path, result)
     return 0
 

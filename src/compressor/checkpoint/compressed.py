@@ -13,6 +13,7 @@ from compressed_tensors.quantization.utils import is_model_quantized
 from loguru import logger
 
 from compressor.checkpoint.model_card import MODEL_CARD_FILE, is_model_card
+from compressor.checkpoint.offloaded import written_shard_by_shard
 from compressor.checkpoint.sparsity import sparsity_config, write_sparsity_config
 from compressor.checkpoint.transforms import has_online_transforms
 from compressor.core.session import CompressionSession
@@ -164,8 +165,10 @@ def _remove_stale_descriptions(output: Path) -> None:
 
 
 def _dense_save(model: torch.nn.Module, output: Path, save_kwargs: dict[str, Any]) -> None:
-    # the class's own method: the instance's may be the compressed wrapper below
-    type(model).save_pretrained(model, output, **save_kwargs)  # type: ignore[attr-defined]
+    # weights on disk are read one shard at a time, not all at once (checkpoint.offloaded)
+    with written_shard_by_shard(model, save_kwargs) as kwargs:
+        # the class's own method: the instance's may be the compressed wrapper below
+        type(model).save_pretrained(model, output, **kwargs)  # type: ignore[attr-defined]
 
 
 def enable_compressed_save_pretrained(model: torch.nn.Module, recipe: Any = None) -> None:
