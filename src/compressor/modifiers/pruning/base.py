@@ -11,7 +11,7 @@ from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from compressor.core import Event, EventType, State
 from compressor.modifiers.base import CalibrationTraits, Modifier
-from compressor.modifiers.pruning.coupling import Coupling, member_tensors
+from compressor.modifiers.pruning.coupling import Coupling, latent_weight, member_tensors
 from compressor.modifiers.pruning.masks import MaskHolder, ScoreMask, expand_unit_mask
 from compressor.modifiers.pruning.schedule import Ramp, density_at, kept_count
 from compressor.modifiers.pruning.scorers import ActivationScorer, L1Scorer, Scorer
@@ -20,6 +20,7 @@ from compressor.modifiers.pruning.snip_momentum import SnipMomentumScorer
 from compressor.modifiers.pruning.topk import TopKScorer
 from compressor.utils.finite import check_finite_weights
 from compressor.utils.patterns import MatchPattern
+from compressor.utils.sharding import is_sharded
 
 __all__ = ["SCORERS", "PruningMethod", "PruningModifierBase"]
 
@@ -201,6 +202,7 @@ class PruningModifierBase(Modifier):
                 f"{type(self).__name__}: targets={self.targets} ignore={self.ignore} matched "
                 "nothing to prune in the model"
             )
+        self._check_sharded()
         check_finite_weights(
             ((m.name, m.module) for c in self._couplings for m in c.members), type(self).__name__
         )
@@ -225,6 +227,22 @@ class PruningModifierBase(Modifier):
         # a scorer with its own schedule stops pruning after ``end`` by itself and holds its
         # masks to finalize, so a run stopping at ``end`` still takes its last pruning step
         return not SCORERS[self.method].own_schedule and super().should_end(event)
+
+    def _check_sharded(self) -> None:
+        """Tensor-parallel (DTensor) weights are scored by ``l1`` only, whose scores every rank
+        gathers whole (``L1Scorer``)."""
+        sharded = [
+            m.name
+            for c in self._couplings
+            for m in c.members
+            if is_sharded(latent_weight(m.module))
+        ]
+        if sharded and self.method != "l1":
+            raise ValueError(
+                f"{type(self).__name__}: method {self.method!r} is not supported on "
+                f"tensor-parallel (DTensor) weights, such as {sharded[0]}'s; use method 'l1' "
+                "(every rank gathers the whole weight's scores and keeps the same mask)"
+            )
 
     def on_start(self, state: State, event: Event) -> None:
         if not self.scorer.own_schedule:

@@ -23,7 +23,7 @@ from loguru import logger
 from torch.utils.hooks import RemovableHandle
 
 from compressor.core import Event
-from compressor.modifiers.pruning.coupling import Coupling, Member
+from compressor.modifiers.pruning.coupling import Coupling, Member, latent_weight
 from compressor.modifiers.pruning.scores import (
     activation_scores,
     input_square_sums,
@@ -31,6 +31,7 @@ from compressor.modifiers.pruning.scores import (
     unit_scores,
 )
 from compressor.utils import distributed
+from compressor.utils.sharding import full_tensor
 
 __all__ = ["ActivationScorer", "L1Scorer", "Scorer", "ScorerHost"]
 
@@ -172,10 +173,16 @@ class Scorer:
 
 class L1Scorer(Scorer):
     """``l1``: the magnitude of each weight (of a unit: the sum over its weights in every
-    scored member); the masks follow the density schedule."""
+    scored member); the masks follow the density schedule.
+
+    The weight scored is the trained (latent) one, also under quantization-aware training. A
+    tensor-parallel weight is gathered whole first, so that every rank ranks the whole
+    tensor (its units, or its entries for a per-layer top-k) and keeps the mask one process
+    would keep.
+    """
 
     def weight_scores(self, member: Member) -> torch.Tensor:
-        return magnitude_scores(member.module.weight)
+        return magnitude_scores(full_tensor(latent_weight(member.module)))
 
     def step(self, density: float) -> None:
         # at an unchanged density the masks already hold: the pruned weights are zero, the
