@@ -96,7 +96,8 @@ class SpinQuantModifier(Modifier):
       ``transform_config``, with its inverse fused into down_proj's weight; see
       ``spinquant/online.py``) and R3 (per head on queries and keys after RoPE;
       ``spinquant/online_attention.py``)
-      With ``learnable``, R1 and R2 (one per layer) are first trained on ``Event.batches``:
+      With ``learnable``, the online rotations are applied first and R1 and R2 (one per
+      layer) are trained with them in place on ``Event.batches``:
       oneshot's calibration batches (the modifier requires calibration data, so oneshot
       refuses a run without a dataset), or under the Trainer the train dataloader offered at
       train begin (``start: 0``), before any optimizer step
@@ -288,8 +289,14 @@ class SpinQuantModifier(Modifier):
         logger.info("fused {} norm(s) into the linears they feed", len(norms))
         fused, online = split_transform_config(self._config)
         if self.learnable:
+            # the fixed online rotations first, so the loop's quantizers see the inputs the
+            # deployed model quantizes (down_proj's after R4), as SpinQuant trains R1/R2 with
+            # its Hadamards R3/R4 in place
+            if online.config_groups:
+                apply_online_rotations(model, online)
             self._learn_and_fuse(model, event)
-        elif self._layer_norms:
+            return
+        if self._layer_norms:
             r1: dict[int, torch.Tensor] = {}
             apply_fused_transforms(
                 model, fused, self.precision, adjust=lambda n, m: _keep_ones(n, m, r1)
