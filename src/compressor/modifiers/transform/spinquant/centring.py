@@ -26,6 +26,8 @@ ordinary one of its architecture, reloaded by ``from_pretrained`` as it is.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from transformers.pytorch_utils import Conv1D
 
@@ -94,7 +96,7 @@ def centre_residual_writers(
     :raises TypeError: for another kind of module
     """
     for module in writers:
-        weight = module.weight
+        weight = cast(torch.Tensor, module.weight)
         if isinstance(module, torch.nn.Embedding):
             rows = weight.to(precision)
             weight.copy_((rows - rows.mean(dim=1, keepdim=True)).to(weight.dtype))
@@ -146,7 +148,7 @@ def fuse_layer_norm_into_linears(
             f"{type(norm).__name__} has a bias, zeros in its scale, and feeds a Linear without "
             "a bias: its bias can be neither folded nor kept as bias / scale"
         )
-    for linear in linears:
+    for linear in cast(list[torch.nn.Linear], linears):
         weight = linear.weight.to(precision)
         if b is not None and not keep:
             fused_bias = weight @ b.to(weight.device)
@@ -183,7 +185,7 @@ def rotate_norm_bias(
     norm: torch.nn.Module, rotation: torch.Tensor, precision: torch.dtype = torch.float64
 ) -> None:
     """Rotate a norm's kept bias with the stream: ``b <- b @ R`` (block-diagonal if smaller)."""
-    bias = norm.bias
+    bias = cast(torch.Tensor, norm.bias)
     rot = rotation.to(device=bias.device, dtype=precision)
     blocks = bias.to(precision).unflatten(0, (-1, rot.shape[0]))
     bias.copy_((blocks @ rot).flatten().to(bias.dtype))
