@@ -132,6 +132,18 @@ MODELS: dict[str, ModelSpec] = {
 }
 
 
+#: issue 23's SmolLM2 protocol (its activation-only SpinQuant table): the first windows of the
+#: raw WikiText-2 test split, blank lines kept, rather than the model's usual held-out slice
+WIKITEXT_RAW_FROM_START: dict[str, Any] = {
+    "char_start": 0,
+    "char_end": None,
+    "collapse_blank_lines": False,
+}
+#: calibration text for a model scored on WIKITEXT_RAW_FROM_START: WikiText-2 from the
+#: model's usual held-out slice, far from the scored windows
+WIKITEXT_CALIBRATION_AWAY: dict[str, Any] = {"char_start": 600_000}
+
+
 class ModelUnavailable(Exception):
     """A model cannot be made ready here (missing ../shared, package not installed)."""
 

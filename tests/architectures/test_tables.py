@@ -90,7 +90,7 @@ def test_the_table_names_modules_the_model_has(model_type):
     # every SpinQuant role and norm matches a module (once per layer inside the layers)
     if architecture.spinquant is not None:
         roles = architecture.spinquant.residual_readers + architecture.spinquant.residual_writers
-        for target in [architecture.spinquant.embedding, *roles]:
+        for target in [*architecture.spinquant.embeddings, *roles]:
             assert list(match_named_modules(model, [target])), target
     for norm in architecture.norms:
         for target in [norm.norm, *norm.linears]:
@@ -107,5 +107,5 @@ def test_an_unknown_model_type_names_itself_and_the_known_ones():
         ValueError, match=r"model_type=None.*known architectures: bert, deepseek_v3, gemma"
     ):
         architecture_for(torch.nn.Linear(2, 2))
-    assert known_model_types("spinquant") == ["llama", "mistral", "qwen2", "qwen3"]
+    assert known_model_types("spinquant") == ["llama", "mistral", "opt", "qwen2", "qwen3"]
     assert architecture_for(model).family == "gpt2"

@@ -204,3 +204,23 @@ def test_whole_process_runner_imports_nothing_heavy_before_its_import_phase():
     out = subprocess.run([sys.executable, "-c", probe], env=env, cwd=ROOT, capture_output=True,
                          text=True, check=True)  # fmt: skip
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_issue_23s_smollm2_cases_score_the_raw_text_from_its_start(tmp_path):
+    """The activation-only SmolLM2 table is scored as issue 23 measured it (raw WikiText-2, its
+    first windows); a learned case calibrates on text away from those windows."""
+    from benchmarks.models import MODELS
+    from benchmarks.suites import spinquant_cases
+
+    cases = {c.name: c for c in spinquant_cases("full") if c.model == "smollm2-135m"}
+    settings = harness.Settings(out=tmp_path)
+    spec = harness._spec(cases["R1R2R4 + A4"], "ours", tmp_path, tmp_path, settings, True)
+    assert spec["eval"]["char_start"] == 0 and spec["eval"]["collapse_blank_lines"] is False
+    assert spec["eval"]["file"] == str(MODELS["smollm2-135m"].text)
+    learned = harness._spec(cases["R1R2 learned + R4 + A4"], "ours", tmp_path, tmp_path,
+                            settings, True)  # fmt: skip
+    assert learned["calibration"]["char_start"] >= 500_000
+    # other models keep their own held-out slice
+    stories = next(c for c in spinquant_cases("full") if c.model == "stories260K" and c.eval)
+    spec = harness._spec(stories, "ours", tmp_path, tmp_path, settings, True)
+    assert spec["eval"]["char_start"] == MODELS["stories260K"].eval_char_start
