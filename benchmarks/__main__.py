@@ -4,6 +4,7 @@ python -m benchmarks                       # every suite, quick size
 python -m benchmarks --suite quant,gptq --size full
 python -m benchmarks --list                # the suites and their cases
 python -m benchmarks --suite prune --size full --model smollm2-135m   # one model's cases
+python -m benchmarks --suite scale --size full  # GPTQ, layers on disk, 16M-1B (benchmarks/scale.py)
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ def _say(message: str) -> None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    parser.add_argument("--suite", default="all", help=f"all, or any of: {', '.join(SUITES)}")
+    parser.add_argument(
+        "--suite", default="all", help=f"all, any of: {', '.join(SUITES)}; or scale alone"
+    )
     parser.add_argument("--size", default="quick", choices=SIZES)
     parser.add_argument("--case", default=None, help="only the cases with these names (a,b)")
     parser.add_argument("--model", default=None, help="only the cases on these models (a,b)")
@@ -39,8 +42,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+# runs that are their own scripts (long; never part of "all"), with the models of each size
+SCRIPTS = {"scale": {"smoke": "llama-16m", "quick": "llama-16m,llama-100m,llama-400m",
+                     "full": "llama-16m,llama-100m,llama-400m,llama-1b"}}  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.suite == "scale":  # GPTQ with layers on disk, 16M to 1B: benchmarks/scale.py
+        from benchmarks import scale
+
+        extra = ["--models", SCRIPTS["scale"][args.size], "--out", str(args.out)]
+        extra += ["--threads", str(args.threads), "--timeout", str(args.timeout)]
+        extra += ["--no-peers"] * args.no_peers + ["--repeats", str(args.repeats or 1)]
+        if args.size == "smoke":
+            extra += ["--samples", "2", "--seq-len", "64"]
+        return scale.main(extra)
     names = list(SUITES) if args.suite == "all" else [s.strip() for s in args.suite.split(",")]
     unknown = [n for n in names if n not in SUITES]
     if unknown:

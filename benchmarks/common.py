@@ -38,23 +38,49 @@ class NotAvailable(Exception):
     """This side cannot run this task: an API not landed yet, or a technique the peer lacks."""
 
 
+def reset_peak_rss() -> bool:
+    """Restart the process's high-water mark (VmHWM) at its current RSS (Linux: writing 5 to
+    ``/proc/self/clear_refs``); False where that is not possible."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
 class Phases:
     """Wall time and CPU time of named phases of one case process, and the process's peak RSS
     (VmHWM) at the end of each: the peak after the save phase is the job's own, before any
-    evaluation."""
+    evaluation.
 
-    def __init__(self) -> None:
+    :param own_peaks: also record each phase's own peak (``phase_peak_rss_mb``: the high-water
+        mark restarted as the phase begins), to tell which phase holds the most memory; the
+        process's peak is then the largest of them (``process_peak_mb``)
+    """
+
+    def __init__(self, own_peaks: bool = False) -> None:
         self.records: dict[str, dict[str, float]] = {}
+        self.own_peaks = own_peaks
+        self._peak_before = 0.0  # the process's peak before the last restart
 
     @contextlib.contextmanager
     def __call__(self, name: str) -> Iterator[None]:
+        if self.own_peaks:
+            self._peak_before = self.process_peak_mb()
+            self.own_peaks = reset_peak_rss()
         wall, cpu = time.perf_counter(), time.process_time()
         yield
         self.records[name] = {
             "wall_s": time.perf_counter() - wall,
             "cpu_s": time.process_time() - cpu,
-            "peak_rss_mb": peak_rss_mb(),
+            "peak_rss_mb": max(peak_rss_mb(), self._peak_before),
         }
+        if self.own_peaks:
+            self.records[name]["phase_peak_rss_mb"] = peak_rss_mb()
+
+    def process_peak_mb(self) -> float:
+        """The process's peak RSS so far, across the restarts of ``own_peaks``."""
+        return max(peak_rss_mb(), self._peak_before)
 
 
 # ------------------------------------------------------------------ text and tokens

@@ -40,6 +40,10 @@ class Case:
     recipes: dict[str, str | None]  # side -> recipe file under benchmarks/recipes (None: none)
     calibration: tuple[int, int] | None = None  # (samples, seq_len)
     eval: tuple[int, int | None] | None = None  # (window, max_windows)
+    # replaces keys of the model's evaluation text (models.ModelSpec.evaluation): another slice
+    # or the raw text, for a protocol fixed elsewhere (an issue's table)
+    eval_text: dict[str, Any] = field(default_factory=dict)
+    calibration_text: dict[str, Any] = field(default_factory=dict)  # likewise, for calibration
     requires: tuple[str, ...] = ()  # our public API the case needs
     params: dict[str, Any] = field(default_factory=dict)
     save: bool = False
@@ -153,9 +157,13 @@ def _spec(case: Case, side: str, model_path: Path, work: Path, settings: Setting
         "task": case.task,
         "model_path": str(model_path),
         "recipe": str(RECIPES / recipe) if recipe else None,
-        "calibration": spec.calibration(*case.calibration) if case.calibration else None,
+        "calibration": (
+            spec.calibration(*case.calibration) | case.calibration_text
+            if case.calibration
+            else None
+        ),
         # perplexity is deterministic: scored on the first repeat only
-        "eval": spec.evaluation(*case.eval) if case.eval and first else None,
+        "eval": spec.evaluation(*case.eval) | case.eval_text if case.eval and first else None,
         "requires": list(case.requires),
         "params": case.params,
         "output_dir": str(work / "checkpoint") if case.save else None,

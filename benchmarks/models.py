@@ -120,9 +120,28 @@ MODELS: dict[str, ModelSpec] = {
     "llama-s": _synthetic("llama-s", 256, 768, 4, 4, 2),
     "llama-m": _synthetic("llama-m", 512, 1536, 4, 8, 4),
     "llama-l": _synthetic("llama-l", 1024, 2816, 4, 16, 8),
+    # the scale series (benchmarks/scale.py): 16 layers, MLP 4x hidden, heads of 64 with a
+    # quarter as many key/value heads; the largest has Llama-3.2-1B's decoder (h2048, mlp 8192,
+    # 32/8 heads, 16 layers) with the stories vocabulary (512), so ~1B parameters are all layers
+    "llama-16m": _synthetic("llama-16m", 256, 1024, 16, 4, 1),
+    "llama-100m": _synthetic("llama-100m", 640, 2560, 16, 10, 2),
+    "llama-400m": _synthetic("llama-400m", 1280, 5120, 16, 20, 5),
+    "llama-1b": _synthetic("llama-1b", 2048, 8192, 16, 32, 8),
     "moe-tiny": _synthetic_moe("moe-tiny", 128, 128, 2),
     "moe-s": _synthetic_moe("moe-s", 256, 256, 4),
 }
+
+
+#: issue 23's SmolLM2 protocol (its activation-only SpinQuant table): the first windows of the
+#: raw WikiText-2 test split, blank lines kept, rather than the model's usual held-out slice
+WIKITEXT_RAW_FROM_START: dict[str, Any] = {
+    "char_start": 0,
+    "char_end": None,
+    "collapse_blank_lines": False,
+}
+#: calibration text for a model scored on WIKITEXT_RAW_FROM_START: WikiText-2 from the
+#: model's usual held-out slice, far from the scored windows
+WIKITEXT_CALIBRATION_AWAY: dict[str, Any] = {"char_start": 600_000}
 
 
 class ModelUnavailable(Exception):

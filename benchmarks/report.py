@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 NON_JOB_PHASES = {"eval", "latency"}  # phases after the job itself, excluded from its peak
+WHOLE_PHASES = ("import", "load", "compress", "save")  # a whole-process case, in order
+WHOLE_TASKS = ("whole", "import")  # cases timed from the interpreter's start to its exit
 
 
 def _median(values: list[float]) -> float | None:
@@ -30,6 +32,12 @@ def _save_rate(run: dict[str, Any]) -> float | None:
     return size / seconds if seconds and size is not None else None
 
 
+def _outside_phases(run: dict[str, Any]) -> float:
+    """The process's wall time outside its named phases."""
+    inside = sum(p.get("wall_s", 0.0) for p in run.get("phases", {}).values())
+    return max(0.0, run["process"]["wall_s"] - inside)
+
+
 def summarize_side(entry: dict[str, Any], key_phase: str) -> dict[str, Any]:
     runs = [r for r in entry["runs"] if r["status"] == "ok"]
     summary: dict[str, Any] = {"status": entry["status"], "repeats": len(runs)}
@@ -46,7 +54,16 @@ def summarize_side(entry: dict[str, Any], key_phase: str) -> dict[str, Any]:
         job_peak_rss_mb=_median([_job_peak(r) for r in runs]),
         import_s=_median([r["phases"].get("import", {}).get("wall_s") for r in runs]),
         save_mb_per_s=_median([_save_rate(r) for r in runs]),
+        save_s=_median([r["phases"].get("save", {}).get("wall_s") for r in runs]),
     )
+    if any(r["phases"] for r in runs):
+        # each phase's median, and what lies outside them: interpreter start, the harness's
+        # own imports, and exit (the whole-process cases are timed from start to exit)
+        summary["phase_s"] = {
+            name: _median([r["phases"].get(name, {}).get("wall_s") for r in runs])
+            for name in WHOLE_PHASES
+        }
+        summary["phase_s"]["other"] = _median([_outside_phases(r) for r in runs])
     metrics: dict[str, Any] = {}
     for key in dict.fromkeys(k for r in runs for k in r.get("metrics", {})):
         values = [r["metrics"][key] for r in runs if r["metrics"].get(key) is not None]
@@ -87,6 +104,20 @@ def compare(record: dict[str, Any]) -> dict[str, dict[str, Any]]:
                 ours["runs"], entry["runs"], lambda r: r["process"]["wall_s"]
             ),
             "peak_ratio": _paired_ratio(ours["runs"], entry["runs"], _job_peak),
+            "process_cpu_ratio": _paired_ratio(
+                ours["runs"], entry["runs"], lambda r: r["process"]["cpu_s"]
+            ),
+            "process_peak_ratio": _paired_ratio(
+                ours["runs"], entry["runs"], lambda r: r["process"]["peak_rss_mb"]
+            ),
+            "phase_speedup": {
+                name: _paired_ratio(
+                    ours["runs"],
+                    entry["runs"],
+                    lambda r, n=name: r["phases"].get(n, {}).get("wall_s"),
+                )
+                for name in WHOLE_PHASES
+            },
         }
     return out
 
@@ -189,8 +220,67 @@ def markdown(report: dict[str, Any], description: str) -> str:
                 f"{_f(c['process_speedup'])}x | {_f(c['peak_ratio'])} | {_f(ppl_ours, 3)} | "
                 f"{_f(ppl_peer, 3)} |"
             )
+    lines += _whole_process_lines(report)
     lines += ["", f"Chart: `{report['suite']}` PNG beside this file. Raw runs: the JSON beside it."]
     return "\n".join(lines) + "\n"
+
+
+def _whole_process_lines(report: dict[str, Any]) -> list[str]:
+    """The whole-process cases: each side's process from interpreter start to exit, split into
+    its phases, and the ratios of the two sides' runs taken in turns in this one run."""
+    cases = [r for r in report["cases"] if r.get("task") in WHOLE_TASKS]
+    if not cases:
+        return []
+    lines = [
+        "",
+        "## Whole process",
+        "",
+        "Each side in a fresh process, timed by the harness from before the interpreter "
+        "starts to its exit: import (the library, with torch and transformers as it pulls "
+        "them in), load (model, tokenizer, calibration rows), compress (`oneshot`), save "
+        "(the compressed checkpoint to disk); *other* is the rest (interpreter start, the "
+        "harness's own imports, exit). Nothing else runs in the process. CPU is user + "
+        "system time of the whole process; peak is its VmHWM.",
+        "",
+        "| case | model | side | process s | CPU s | peak MB | import s | load s | compress s "
+        "| save s | other s | save MB/s | checkpoint MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for rec in cases:
+        for side, s in rec["summary"].items():
+            if s["status"] != "ok" or not s.get("repeats"):
+                reason = s.get("reason", s["status"]).replace("|", "/").replace("\n", " ")
+                lines.append(f"| {rec['case']} | {rec['model']} | {side} | **{s['status']}**: "
+                             f"{reason[:200]} | | | | | | | | | |")  # fmt: skip
+                continue
+            phase = s.get("phase_s", {})
+            lines.append(
+                f"| {rec['case']} | {rec['model']} | {side} | {_f(s['process_wall_s'])} | "
+                f"{_f(s['process_cpu_s'])} | {_f(s['process_peak_rss_mb'], 0)} | "
+                + " | ".join(_f(phase.get(n)) for n in (*WHOLE_PHASES, "other"))
+                + f" | {_f(s.get('save_mb_per_s'), 1)} | "
+                f"{_f(s.get('metrics', {}).get('checkpoint_mb'), 3)} |"
+            )
+    ratios = [(r, p, c) for r in cases for p, c in r["compare"].items() if c["process_speedup"]]
+    if ratios:
+        lines += [
+            "",
+            "Ratios, peer / ours, of the runs paired by repeat (the sides alternate: ours, "
+            "peer, peer, ours, ...; above 1: ours is faster or smaller):",
+            "",
+            "| case | model | peer | process speed-up | CPU ratio | peak ratio | import | load "
+            "| compress | save |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for rec, peer, c in ratios:
+            phases = c.get("phase_speedup", {})
+            lines.append(
+                f"| {rec['case']} | {rec['model']} | {peer} | **{_f(c['process_speedup'])}x** | "
+                f"{_f(c.get('process_cpu_ratio'))} | {_f(c.get('process_peak_ratio'))} | "
+                + " | ".join(_f(phases.get(n)) for n in WHOLE_PHASES)
+                + " |"
+            )
+    return lines
 
 
 # ------------------------------------------------------------------ chart

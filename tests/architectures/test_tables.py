@@ -27,7 +27,27 @@ SMALL = dict(
     bos_token_id=1,
     eos_token_id=2,
 )
-EXTRA = {"opt": dict(ffn_dim=64, word_embed_proj_dim=32), "gpt2": dict(n_inner=64)}
+EXTRA = {
+    "opt": dict(ffn_dim=64, word_embed_proj_dim=32),
+    "gpt2": dict(n_inner=64),
+    # mixture-of-experts families: few, narrow experts
+    "mixtral": dict(num_local_experts=4),
+    "qwen2_moe": dict(num_experts=4, moe_intermediate_size=32, shared_expert_intermediate_size=32),
+    "qwen3_moe": dict(num_experts=4, moe_intermediate_size=32),
+    "olmoe": dict(num_experts=4),
+    "deepseek_v3": dict(
+        n_routed_experts=4,
+        moe_intermediate_size=32,
+        q_lora_rank=16,
+        kv_lora_rank=16,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=8,
+        v_head_dim=8,
+        first_k_dense_replace=1,
+        n_group=1,
+        topk_group=1,
+    ),
+}
 
 
 def _tiny(model_type):
@@ -70,7 +90,7 @@ def test_the_table_names_modules_the_model_has(model_type):
     # every SpinQuant role and norm matches a module (once per layer inside the layers)
     if architecture.spinquant is not None:
         roles = architecture.spinquant.residual_readers + architecture.spinquant.residual_writers
-        for target in [architecture.spinquant.embedding, *roles]:
+        for target in [*architecture.spinquant.embeddings, *roles]:
             assert list(match_named_modules(model, [target])), target
     for norm in architecture.norms:
         for target in [norm.norm, *norm.linears]:
@@ -83,7 +103,9 @@ def test_an_unknown_model_type_names_itself_and_the_known_ones():
         architecture_for(model, needs="rows")
     assert "model_type='gpt2'" in str(err.value)
     assert "known architectures: bert, llama, mistral, qwen2, qwen3" in str(err.value)
-    with pytest.raises(ValueError, match=r"model_type=None.*known architectures: bert, gemma"):
+    with pytest.raises(
+        ValueError, match=r"model_type=None.*known architectures: bert, deepseek_v3, gemma"
+    ):
         architecture_for(torch.nn.Linear(2, 2))
-    assert known_model_types("spinquant") == ["llama", "mistral", "qwen2", "qwen3"]
+    assert known_model_types("spinquant") == ["llama", "mistral", "opt", "qwen2", "qwen3"]
     assert architecture_for(model).family == "gpt2"

@@ -147,3 +147,80 @@ def test_a_case_process_peak_is_its_own_not_the_harness(tmp_path):
     own = result["peak_rss_mb_self"]
     assert 0 < own < 600
     assert result["process"]["peak_rss_mb"] == own
+
+
+def _whole_run(repeat: int, phases: dict[str, float], wall: float, cpu: float, peak: float):
+    return {
+        "status": "ok",
+        "repeat": repeat,
+        "metrics": {"checkpoint_mb": 10.0},
+        "phases": {n: {"wall_s": s, "cpu_s": s, "peak_rss_mb": peak} for n, s in phases.items()},
+        "process": {"wall_s": wall, "cpu_s": cpu, "peak_rss_mb": peak, "exit_code": 0},
+    }
+
+
+def test_whole_process_cases_are_split_into_phases_and_compared_run_by_run():
+    phases = {"import": 4.0, "load": 1.0, "compress": 2.0, "save": 1.0}
+    ours = [_whole_run(0, phases, 9.0, 8.0, 500), _whole_run(1, phases, 10.0, 8.0, 500)]
+    slower = {n: 2 * s for n, s in phases.items()}
+    peer = [_whole_run(0, slower, 18.0, 12.0, 600), _whole_run(1, slower, 20.0, 12.0, 600)]
+    record = {"case": "RTN whole", "model": "m", "task": "whole", "key_phase": "compress",
+              "sides": {"ours": {"status": "ok", "runs": ours},
+                        "llmcompressor": {"status": "ok", "runs": peer}}}  # fmt: skip
+    summary = report.summarize_side(record["sides"]["ours"], "compress")
+    # what lies outside the phases (interpreter start, exit): 9 - 8 and 10 - 8
+    assert summary["phase_s"] == {"import": 4.0, "load": 1.0, "compress": 2.0, "save": 1.0,
+                                  "other": 1.5}  # fmt: skip
+    assert summary["save_mb_per_s"] == 10.0
+    ratios = report.compare(record)["llmcompressor"]
+    assert ratios["process_speedup"] == pytest.approx(2.0)
+    assert ratios["process_cpu_ratio"] == pytest.approx(1.5)
+    assert ratios["process_peak_ratio"] == pytest.approx(1.2)
+    assert ratios["phase_speedup"] == pytest.approx(dict.fromkeys(phases, 2.0))
+    record["summary"] = {side: report.summarize_side(e, "compress")
+                         for side, e in record["sides"].items()}  # fmt: skip
+    record["compare"] = report.compare(record)
+    table = report.markdown(
+        {"suite": "s", "size": "quick", "date": "d", "cases": [record], "settings": {"threads": 2},
+         "machine": {"platform": "p", "cpus": 2, "torch": "t"}}, "")  # fmt: skip
+    section = table.split("## Whole process", 1)[1]
+    row = next(line for line in section.splitlines() if line.startswith("| RTN whole | m | ours"))
+    assert [c.strip() for c in row.split("|")][4:11] == ["9.50", "8", "500", "4", "1", "2", "1"]
+    ratio = next(line for line in section.splitlines() if "| llmcompressor | **" in line)
+    assert "**2x**" in ratio and "| 1.50 | 1.20 |" in ratio
+
+
+def test_whole_process_runner_imports_nothing_heavy_before_its_import_phase():
+    """The case process is timed from its start: what it loads before the task's import
+    phase (the child, the runner module) must not pull in torch or the library."""
+    import subprocess
+
+    probe = (
+        "import sys, benchmarks.child, benchmarks.runners.whole\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'compressor', 'datasets') "
+        "if m in sys.modules))"
+    )
+    env = harness.side_env("ours", 1)
+    out = subprocess.run([sys.executable, "-c", probe], env=env, cwd=ROOT, capture_output=True,
+                         text=True, check=True)  # fmt: skip
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_issue_23s_smollm2_cases_score_the_raw_text_from_its_start(tmp_path):
+    """The activation-only SmolLM2 table is scored as issue 23 measured it (raw WikiText-2, its
+    first windows); a learned case calibrates on text away from those windows."""
+    from benchmarks.models import MODELS
+    from benchmarks.suites import spinquant_cases
+
+    cases = {c.name: c for c in spinquant_cases("full") if c.model == "smollm2-135m"}
+    settings = harness.Settings(out=tmp_path)
+    spec = harness._spec(cases["R1R2R4 + A4"], "ours", tmp_path, tmp_path, settings, True)
+    assert spec["eval"]["char_start"] == 0 and spec["eval"]["collapse_blank_lines"] is False
+    assert spec["eval"]["file"] == str(MODELS["smollm2-135m"].text)
+    learned = harness._spec(cases["R1R2 learned + R4 + A4"], "ours", tmp_path, tmp_path,
+                            settings, True)  # fmt: skip
+    assert learned["calibration"]["char_start"] >= 500_000
+    # other models keep their own held-out slice
+    stories = next(c for c in spinquant_cases("full") if c.model == "stories260K" and c.eval)
+    spec = harness._spec(stories, "ours", tmp_path, tmp_path, settings, True)
+    assert spec["eval"]["char_start"] == MODELS["stories260K"].eval_char_start

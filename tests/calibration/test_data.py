@@ -115,3 +115,20 @@ def test_self_sampling_progress_counts_tokens(tiny_llama, monkeypatch):
     # one group of 3 rows: the bar moved with each generated token, not once per group
     assert len({n for n, _ in positions}) >= 9
     assert all(b >= a for (a, _), (b, _) in zip(positions, positions[1:], strict=False))
+
+
+def test_self_sampling_runs_on_one_cpu_thread_and_restores_the_count(tiny_llama):
+    """Token-by-token generation on several OpenMP threads stalls at every barrier when other
+    processes share the cores; it runs on one, and the caller's count comes back."""
+    seen: list[int] = []
+    hook = tiny_llama.register_forward_pre_hook(lambda *_: seen.append(torch.get_num_threads()))
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        build_calibration_batches("self", _args(num_calibration_samples=2, max_seq_length=6),
+                                  model=tiny_llama)  # fmt: skip
+        assert seen and set(seen) == {1}
+        assert torch.get_num_threads() == 2
+    finally:
+        hook.remove()
+        torch.set_num_threads(previous)

@@ -44,6 +44,31 @@ def test_n_m_structure_is_the_zeros_in_every_group():
     assert n_m_structure(weight) == (3, 4)
 
 
+def _structure_by_definition(weight):
+    """The first structure (largest N first within the smaller M) whose every group of M
+    consecutive inputs holds at least N zeros, checked one structure at a time."""
+    for pruned, group in ((3, 4), (2, 4), (1, 4), (6, 8), (4, 8), (2, 8)):
+        if weight.shape[1] % group == 0:
+            zeros = (weight.reshape(-1, group) == 0).sum(dim=1)
+            if bool((zeros >= pruned).all()):
+                return pruned, group
+    return None
+
+
+def test_n_m_structure_agrees_with_its_definition_on_every_mix_of_groups():
+    gen = torch.Generator().manual_seed(0)
+    for width in (8, 12, 16, 6):
+        for keep_per_group in range(0, 9):
+            # rows whose groups of 8 keep at most keep_per_group values, plus random zeros
+            weight = torch.randn(6, width, generator=gen)
+            if width % 8 == 0:
+                view = weight.view(-1, 8)
+                view[:, keep_per_group:] = 0
+            weight[torch.rand(weight.shape, generator=gen) < 0.2] = 0
+            assert n_m_structure(weight) == _structure_by_definition(weight), (width, weight)
+    assert n_m_structure(torch.zeros(3, 4, 2)) is None  # not a 2-D weight
+
+
 def test_two_of_four_checkpoint_records_its_structure_and_reloads_with_exact_zeros(
     tiny_llama, tmp_path
 ):

@@ -38,8 +38,31 @@ def test_gptq_and_quantization_declare_their_traits(true_sequential):
     )
     quantization = QuantizationModifier(scheme="W4A16", targets=["Linear"])
     assert quantization.calibration_traits() == CalibrationTraits(
-        supports_offloaded_models=True, reduces_across_ranks=True
+        supports_offloaded_models=True,
+        reads_outputs=False,
+        merges_batches=True,
+        reduces_across_ranks=True,
     )
+
+
+def test_quantization_merges_batches_only_when_its_ranges_are_extremes():
+    """Post-training static ranges are extremes observed in full precision: stacked batches
+    give the same; not a moving average, a cache quantized while it is observed, a dynamic
+    scale per forward, or training. Static outputs or the cache are read past the inputs."""
+    kv = {"num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False}
+    outputs = {"g": {"targets": ["Linear"], "output_activations": {"num_bits": 8}}}
+    per_forward = {"num_bits": 8, "strategy": "tensor", "dynamic": True}
+    dynamic = {"g": {"targets": ["Linear"], "input_activations": per_forward}}
+    for modifier, merges, reads in (
+        (QuantizationModifier(config_groups=_static_inputs("minmax")), True, False),
+        (QuantizationModifier(config_groups=outputs), True, True),
+        (QuantizationModifier(config_groups=_static_inputs("moving_average")), False, False),
+        (QuantizationModifier(scheme="W8A8", targets=["Linear"], kv_cache_scheme=kv), False, True),
+        (QuantizationModifier(config_groups=dynamic), False, False),
+        (QuantizationModifier(config_groups=_static_inputs("minmax"), start=0), False, True),
+    ):
+        traits = modifier.calibration_traits()
+        assert (traits.merges_batches, traits.reads_outputs) == (merges, reads), modifier
 
 
 def _static_inputs(observer: str) -> dict:

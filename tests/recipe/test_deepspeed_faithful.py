@@ -158,22 +158,23 @@ def test_sparse_pruning_of_a_container_key_prunes_its_linear_layers_as_deepspeed
         assert (layer.attention.output.dense.weight == 0).float().mean().item() < 0.01
 
 
-def test_snip_momentum_keys_are_read_and_the_method_refused_by_name():
+def test_snip_momentum_keys_with_another_method_are_ignored_as_deepspeed_ignores_them():
+    # DeepSpeed reads block_pattern, schedule_offset_stride and excluded_modules only with
+    # method snip_momentum (tests/recipe/test_deepspeed_snip_momentum.py); with l1 it does
+    # not, so they are accepted (and logged), never misread
     shared = {
         "enabled": True,
-        "method": "snip_momentum",
+        "method": "l1",
         "block_pattern": "4x1",
         "dense_ratio": 0.4,
         "schedule_offset": 0,
         "schedule_offset_stride": 2,
         "excluded_modules": ["classifier"],
     }
-    with pytest.raises(RecipeError, match="method=snip_momentum: DeepSpeed's SNIP-momentum"):
-        Recipe.from_deepspeed({"sparse_pruning": {"shared_parameters": shared}})
-    # with another method DeepSpeed ignores those keys: accepted (and logged), not misnamed
-    shared["method"] = "l1"
     groups = {"sp1": {"params": {"dense_ratio": 0.5}, "modules": ["query"]}}
     recipe = Recipe.from_deepspeed(
         {"sparse_pruning": {"shared_parameters": shared, "different_groups": groups}}
     )
-    assert recipe.modifiers[0].density == 0.5
+    (modifier,) = recipe.modifiers
+    assert modifier.density == 0.5 and modifier.method == "l1"
+    assert modifier.block_pattern is None and modifier.ignore == []

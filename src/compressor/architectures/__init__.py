@@ -5,7 +5,9 @@ model types, where its layers live, and the typed mappings the techniques read: 
 share a row or a head (pruning), which play which role around the residual stream and which
 norms feed them (SpinQuant), which modules a per-channel scale moves between (SmoothQuant,
 AWQ). ``moe`` holds the mixture-of-experts layouts (sparse block, fused experts, router,
-shared experts, config keys) and finds the sparse blocks of a model. ``conv`` reads the channel coupling of plain ``nn.Sequential``
+shared experts, config keys) and finds the sparse blocks of a model; ``moe_families`` the
+smoothing mappings of the mixture-of-experts decoders (Mixtral, Qwen2/3-MoE, OLMoE,
+DeepSeek-V3). ``conv`` reads the channel coupling of plain ``nn.Sequential``
 conv nets. ``architecture_for(model)`` is the lookup.
 
 This is a bottom layer: of this library it may import ``compressor.utils`` only (never

@@ -78,6 +78,8 @@ class SpinQuantMapping(BaseModel):
     ``re:<regex>``).
 
     :param embedding: the token embedding (writes the residual stream)
+    :param position_embedding: a learned position embedding added to the residual stream
+        (OPT), rotated like the token embedding; None: the model has none (rotary models)
     :param attn_q: query projection (reads the residual stream)
     :param attn_k: key projection (reads the residual stream)
     :param attn_v: value projection (reads the residual stream; R2 on its output)
@@ -90,6 +92,7 @@ class SpinQuantMapping(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     embedding: MatchPattern
+    position_embedding: MatchPattern | None = None
     attn_q: MatchPattern
     attn_k: MatchPattern
     attn_v: MatchPattern
@@ -99,6 +102,11 @@ class SpinQuantMapping(BaseModel):
     lm_head: MatchPattern
 
     _wrap = field_validator("mlp_in", "mlp_out", mode="before")(_as_list)
+
+    @property
+    def embeddings(self) -> list[str]:
+        """The embeddings whose rows start the residual stream (R1 on their output side)."""
+        return [self.embedding, *([self.position_embedding] if self.position_embedding else [])]
 
     @property
     def residual_writers(self) -> list[str]:

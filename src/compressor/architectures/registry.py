@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from compressor.architectures import bert, gemma, gpt2, llama, opt, phi3
+from compressor.architectures import bert, gemma, gpt2, llama, moe_families, opt, phi3
 from compressor.architectures.base import Architecture, Feature
 
 __all__ = [
@@ -25,6 +25,9 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     gpt2.ARCHITECTURE,
     opt.ARCHITECTURE,
     bert.ARCHITECTURE,
+    moe_families.MIXTRAL,
+    moe_families.QWEN_MOE,
+    moe_families.DEEPSEEK_V3,
 )
 
 #: model_type -> its family's table

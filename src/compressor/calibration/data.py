@@ -8,6 +8,8 @@ a dataset directory or a Hub dataset id (``compressor.calibration.sources``).
 
 from __future__ import annotations
 
+import contextlib
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,7 @@ from compressor.calibration.checks import (
     warn_if_much_smaller,
 )
 from compressor.calibration.sources import resolve_dataset
+from compressor.utils.threads import one_cpu_thread
 
 __all__ = [
     "Batch",
@@ -69,13 +72,19 @@ def build_calibration_batches(
     return batches
 
 
+def _is_dataset(dataset: Any) -> bool:
+    """Whether ``dataset`` is a ``datasets.Dataset``, without importing ``datasets`` (slow to
+    import) when nothing has: then no Dataset exists."""
+    module = sys.modules.get("datasets")
+    return module is not None and isinstance(dataset, module.Dataset)
+
+
 def _batches(dataset: Any, args: CalibrationArguments, tokenizer: Any) -> list[Batch]:
-    from datasets import Dataset
     from torch.utils.data import DataLoader
 
     if isinstance(dataset, Path):
         sequences = _sequences_from_file(dataset, args, tokenizer)
-    elif isinstance(dataset, Dataset):
+    elif _is_dataset(dataset):
         sequences = _sequences_from_dataset(dataset, args, tokenizer)
     elif isinstance(dataset, DataLoader):
         return _batches_from_loader(dataset, args)
@@ -152,8 +161,11 @@ def sample_from_model(
     sequences: list[torch.Tensor] = []
     was_training = model.training
     model.eval()
+    # token by token, generation is many small operations: on one CPU thread it does not
+    # stall when other processes share the cores (see compressor.utils.threads)
+    threads = one_cpu_thread() if device.type == "cpu" else contextlib.nullcontext()
     try:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        with threads, torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(args.seed)
             with tqdm(total=total * length, desc="sampling calibration text", unit="tok") as bar:
                 for done in range(0, total, group):

@@ -13,6 +13,7 @@ from compressed_tensors.quantization.utils import is_model_quantized
 from loguru import logger
 
 from compressor.checkpoint.model_card import MODEL_CARD_FILE, is_model_card
+from compressor.checkpoint.offloaded import written_shard_by_shard
 from compressor.checkpoint.sparsity import sparsity_config, write_sparsity_config
 from compressor.checkpoint.transforms import has_online_transforms
 from compressor.core.session import CompressionSession
@@ -79,7 +80,6 @@ def save_compressed(
     _remove_stale_descriptions(output)
     kv_cache_scheme = kv_cache_scheme_of(model)
     _unpacked_embeddings(model)
-    sparsity = sparsity_config(model)  # on the weights as they compute, before compression
     compressor = ModelCompressor.from_pretrained_model(model) if is_model_quantized(model) else None
     if compressor is None and kv_cache_scheme is not None:  # only the cache is quantized
         compressor = ModelCompressor(
@@ -98,9 +98,11 @@ def save_compressed(
         assert compressor.quantization_config is not None
         compressor.quantization_config.kv_cache_scheme = kv_cache_scheme.model_copy(deep=True)
     if compressor is None:
+        sparsity = sparsity_config(model)
         logger.info("the model holds no quantized layers: saving it dense to {}", output)
         _dense_save(model, output, save_kwargs)
     elif compressor.quantization_config is None:
+        sparsity = sparsity_config(model)
         logger.info("saving dense with online rotations (transform_config) to {}", output)
         _dense_save(model, output, save_kwargs)
         compressor.update_config(str(output))
@@ -117,6 +119,9 @@ def save_compressed(
             compressor.update_config(str(output))
         finally:
             compressor.decompress_model(model)
+        # measured on the decompressed weights, which are the checkpoint's and which the
+        # model now computes with as they are: no second quantization pass
+        sparsity = sparsity_config(model)
     if sparsity is not None and compressor is None and _has_experts(model):
         # transformers (5.24) reloads the experts of a compressed-tensors checkpoint through
         # its dequantizing converter, which fails on a config without quantization
@@ -160,8 +165,10 @@ def _remove_stale_descriptions(output: Path) -> None:
 
 
 def _dense_save(model: torch.nn.Module, output: Path, save_kwargs: dict[str, Any]) -> None:
-    # the class's own method: the instance's may be the compressed wrapper below
-    type(model).save_pretrained(model, output, **save_kwargs)  # type: ignore[attr-defined]
+    # weights on disk are read one shard at a time, not all at once (checkpoint.offloaded)
+    with written_shard_by_shard(model, save_kwargs) as kwargs:
+        # the class's own method: the instance's may be the compressed wrapper below
+        type(model).save_pretrained(model, output, **kwargs)  # type: ignore[attr-defined]
 
 
 def enable_compressed_save_pretrained(model: torch.nn.Module, recipe: Any = None) -> None:

@@ -25,6 +25,7 @@ import compressed_tensors
 import torch
 from compressed_tensors.base import QUANTIZATION_CONFIG_NAME, SPARSITY_CONFIG_NAME
 from compressed_tensors.config import CompressionFormat, SparsityCompressionConfig
+from compressed_tensors.quantization import QuantizationStatus
 from compressed_tensors.quantization.lifecycle.forward import fake_quantize
 
 __all__ = [
@@ -42,10 +43,14 @@ __all__ = [
 SPARSE_MODULE_THRESHOLD = 0.25
 # the N:M structures looked for, commonest first; N zeros in every group of M
 _STRUCTURES = ((2, 4), (1, 4), (3, 4), (4, 8), (2, 8), (6, 8))
+# the smallest fraction of zeros any of them leaves: a weight with fewer follows none
+_LEAST_STRUCTURED = min(pruned / group for pruned, group in _STRUCTURES)
 
 
 def effective_weight(module: torch.nn.Module) -> torch.Tensor:
-    """The weight a module computes with: fake-quantized by its calibrated scheme, else as is.
+    """The weight a module computes with: fake-quantized by its calibrated scheme, else as is
+    (also once decompressed after a save: its weight then is the dequantized one, which
+    compressed-tensors' forward uses as it is).
 
     :param module: a layer with a ``weight``
     :return: the weight, detached
@@ -53,6 +58,9 @@ def effective_weight(module: torch.nn.Module) -> torch.Tensor:
     weight = module.weight.detach()
     scheme = getattr(module, "quantization_scheme", None)
     if scheme is None or scheme.weights is None or not hasattr(module, "weight_scale"):
+        return weight
+    status = getattr(module, "quantization_status", None)
+    if status is not None and status >= QuantizationStatus.COMPRESSED:
         return weight
     zero_point = getattr(module, "weight_zero_point", None)
     # NVFP4's group scales are relative to a per-tensor global scale
@@ -97,12 +105,18 @@ def n_m_structure(weight: torch.Tensor) -> tuple[int, int] | None:
 
     :param weight: a ``(rows, columns)`` weight
     """
-    for pruned, m in sorted(_STRUCTURES, key=lambda s: (s[1], -s[0])):
-        if weight.dim() != 2 or weight.shape[1] % m:
+    if weight.dim() != 2:
+        return None
+    zero = weight == 0
+    for m in sorted({m for _, m in _STRUCTURES}):
+        if weight.shape[1] % m:
             continue
-        zeros = (weight.reshape(-1, m) == 0).sum(dim=1)
-        if bool((zeros >= pruned).all()):
-            return pruned, m
+        # the fewest zeros in any group decides every N at once: one pass per M
+        per_group = zero.reshape(-1, m).sum(dim=1)
+        least = int(per_group.min()) if per_group.numel() else m
+        for pruned in sorted((n for n, group in _STRUCTURES if group == m), reverse=True):
+            if least >= pruned:
+                return pruned, m
     return None
 
 
@@ -129,7 +143,8 @@ def sparsity_config(model: torch.nn.Module) -> SparsityCompressionConfig | None:
         weight = effective_weight(module)
         count = int((weight == 0).sum())
         zeros, size = zeros + count, size + weight.numel()
-        structure = n_m_structure(weight) if count else None
+        # a weight with too few zeros for any structure need not have its groups counted
+        structure = n_m_structure(weight) if count >= _LEAST_STRUCTURED * weight.numel() else None
         if structure is not None or count >= SPARSE_MODULE_THRESHOLD * weight.numel():
             sparse.append(name)
             structures.add(structure)

@@ -13,6 +13,7 @@ from loguru import logger
 from compressor.core.events import Event, EventType
 from compressor.core.lifecycle import Lifecycle
 from compressor.core.state import State
+from compressor.utils.sharding import check_not_fully_sharded, gather_sharded_model
 
 __all__ = ["CompressionSession", "active_session", "create_session"]
 
@@ -113,6 +114,8 @@ class CompressionSession:
             raise RuntimeError("session is already initialized; call finalize() or use a new one")
         if model is None:
             raise ValueError("model is required")
+        if isinstance(model, torch.nn.Module):
+            check_not_fully_sharded(model)  # FSDP2: refused before any work
         self.recipe = self._resolve_recipe(recipe)
         state = self._create_state_and_lifecycle(
             model,
@@ -294,10 +297,19 @@ class CompressionSession:
         return self._dispatch(EventType.CALIBRATION_EPOCH_END)
 
     def finalize(self) -> State:
-        """Finalize every modifier (all of them, even when one fails) and detach."""
+        """Finalize every modifier (all of them, even when one fails) and detach.
+
+        A tensor-parallel model (DTensor parameters, ``parallelize_module``) is first gathered
+        into an ordinary model on every rank (``utils.sharding.gather_sharded_model``), so that
+        the modifiers finalize (scales, masks, compressed-tensors quantization) on whole
+        weights exactly as in one process, and the model saves and reloads as one. A model
+        sharded with FSDP2 (``fully_shard``) after ``initialize`` is refused here.
+        """
         self._require_lifecycle()
         state = self._require_state()
         assert self.recipe is not None
+        if state.model is not None:
+            gather_sharded_model(state.model)
         errors: list[BaseException] = []
         for modifier in self.recipe.modifiers:
             try:

@@ -22,14 +22,16 @@ from loguru import logger
 
 from compressor.calibration.arguments import CalibrationArguments
 from compressor.calibration.data import Batch
-from compressor.checkpoint.directory import OutputArguments
-from compressor.recipe import Recipe, RecipeError
+from compressor.checkpoint.directory import OutputArguments, save_checkpoint
+from compressor.recipe import Recipe, RecipeError, resolve_recipe
 from compressor.utils import distributed
+from compressor.utils.sharding import has_sharded_parameters
 
 __all__ = [
     "check_model_agreement",
     "check_recipe_for_ranks",
     "on_first_rank",
+    "save_checkpoint_once",
     "share_batches",
 ]
 
@@ -161,3 +163,40 @@ def on_first_rank(what: str, action: Callable[[], None]) -> None:
         raise error
     if outcome is not None:
         raise RuntimeError(f"rank 0 failed to {what}: {outcome}")
+
+
+def save_checkpoint_once(
+    model: torch.nn.Module,
+    output_dir: str | Path,
+    recipe: Any,
+    tokenizer: Any = None,
+    *,
+    save_compressed: bool = True,
+    overwrite: bool = False,
+) -> None:
+    """After training on several ranks (tensor parallelism, DDP), write the checkpoint once:
+    rank 0 writes it atomically (``checkpoint.directory.save_checkpoint``) while the other
+    ranks wait, and every rank raises if it failed; in one process, just the write. Call every
+    rank's copy alike, after the session has finalized (which gathers a tensor-parallel model
+    into whole tensors on every rank).
+
+    :param recipe: the recipe trained with (a Recipe, a list of modifiers, a dict or a path)
+    :raises ValueError: the model still holds DTensor parameters (not finalized yet)
+    """
+    if has_sharded_parameters(model):
+        raise ValueError(
+            "save_checkpoint_once: the model still holds tensor-parallel (DTensor) parameters; "
+            "finalize the compression session first (it gathers them into whole tensors)"
+        )
+    parsed = resolve_recipe(recipe)
+    on_first_rank(
+        "save the checkpoint",
+        lambda: save_checkpoint(
+            model,
+            output_dir,
+            parsed,
+            tokenizer,
+            save_compressed=save_compressed,
+            overwrite=overwrite,
+        ),
+    )

@@ -158,7 +158,7 @@ def test_the_session_adds_topk_scores_to_the_optimizer_it_was_given(tiny_llama):
         ({"density": 1.5}, r"density must be in \(0, 1\]"),
         ({"sparsity": 1.0}, r"sparsity must be a number in \[0, 1\)"),
         ({"sparsity": 0.5, "density": 0.5}, "density or sparsity, not both"),
-        ({"density": 0.5, "method": "movement"}, "'l1', 'topk' or 'activation'"),
+        ({"density": 0.5, "method": "movement"}, "'l1', 'topk', 'activation' or 'snip_momentum'"),
         ({}, "density \\(or sparsity\\) is required"),
         ({"mask_structure": "2:4", "density": 0.3}, "contradicts mask_structure"),
         ({"mask_structure": "4:2"}, "'N:M' with 0 < N < M"),
@@ -219,3 +219,39 @@ def test_checkpoint_state_restores_masks_and_scores_and_rejects_another_recipe(t
         run("l1", type(tiny_llama)(tiny_llama.config)).load_state_dict({"scores": scores})
     with pytest.raises(ValueError, match=r"state for couplings \['99'\], but this run prunes 14"):
         restored.load_state_dict({"masks": {"99": torch.ones(1, dtype=torch.bool)}})
+
+
+def test_masks_ramp_on_the_latent_weights_of_quantization_aware_training(tiny_llama):
+    """QAT parametrizes the weights; masks recomputed during its training score and hold the
+    latent Parameter underneath (reading ``module.weight`` would give a fresh fake-quantized
+    tensor on every read, which no mask can hold)."""
+    from torch.nn.utils import parametrize
+
+    from compressor.modifiers import QuantizationModifier
+
+    model = tiny_llama
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    weights = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel"}
+    groups = {"g": {"targets": ["re:.*_proj$"], "weights": weights}}
+    sparse = SparsePruningModifier(
+        density=0.5, init_density=0.8, start=0, end=3, update=1, targets=["re:.*_proj$"]
+    )
+    session = CompressionSession()
+    session.initialize(
+        model=model,
+        recipe=[sparse, QuantizationModifier(config_groups=groups, start=0)],
+        optimizer=opt,
+    )
+    up = _targets(model)["model.layers.0.mlp.up_proj"]
+    latent = []
+
+    def check():
+        assert parametrize.is_parametrized(up, "weight")
+        latent.append(zero_fraction(up.parametrizations.weight.original))
+
+    train(model, session, opt, _batches(5), after_step=check)
+    session.finalize()
+    assert latent[0] == pytest.approx(0.2, abs=1e-3) and latent[-1] == pytest.approx(0.5, abs=1e-3)
+    assert latent[0] < latent[1] < latent[2]
+    for name, module in _targets(model).items():
+        assert zero_fraction(module.weight) == pytest.approx(0.5, abs=1e-3), name

@@ -116,6 +116,11 @@ def test_learned_r1_r2_compose_with_the_online_r4(token_batches):
     down = model.model.layers[0].mlp.down_proj
     assert any("R4" in name for name, _ in down.named_modules())  # the online Hadamard
     assert (model(IDS).logits - expected).abs().max() < 1e-4
+    # R4 is in the loop: down_proj's quantized input is rotated from the first step on, so
+    # the first loss differs from that of the same run without R4
+    without = _learnable(rotations=["R1", "R2"])
+    _calibrate(_llama(), without, token_batches)
+    assert abs(modifier.learned.losses[0] - without.learned.losses[0]) > 1e-4
 
 
 def test_oneshot_learns_on_its_calibration_data(token_batches):

@@ -64,8 +64,9 @@ def test_unknown_architecture_says_which_mapping_to_pass():
     model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=64))
     with pytest.raises(ValueError, match=r"model_type='gpt2'.*llama.*Pass `mappings`"):
         infer_mapping_from_model(model)
-    # GPT-2 normalises with LayerNorm: named as the reason before any mapping is asked for
-    with pytest.raises(ValueError, match="normalises with LayerNorm .*only RMSNorm models"):
+    # GPT-2 normalises with LayerNorm, named with what a LayerNorm model needs
+    with pytest.raises(ValueError, match="normalises with LayerNorm .*pass `norm_mappings`"):
         infer_norm_mappings_from_model(model)
-    with create_session() as session, pytest.raises(ValueError, match="norm_mappings"):
+    # and its Conv1D projections are refused before any mapping is looked up
+    with create_session() as session, pytest.raises(ValueError, match="Conv1D"):
         session.initialize(model, SpinQuantModifier())

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from loguru import logger
@@ -11,24 +11,27 @@ from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from compressor.core import Event, EventType, State
 from compressor.modifiers.base import CalibrationTraits, Modifier
-from compressor.modifiers.pruning.coupling import Coupling, member_tensors
+from compressor.modifiers.pruning.coupling import Coupling, latent_weight, member_tensors
 from compressor.modifiers.pruning.masks import MaskHolder, ScoreMask, expand_unit_mask
 from compressor.modifiers.pruning.schedule import Ramp, density_at, kept_count
 from compressor.modifiers.pruning.scorers import ActivationScorer, L1Scorer, Scorer
 from compressor.modifiers.pruning.scores import topk_mask
+from compressor.modifiers.pruning.snip_momentum import SnipMomentumScorer
 from compressor.modifiers.pruning.topk import TopKScorer
 from compressor.utils.finite import check_finite_weights
 from compressor.utils.patterns import MatchPattern
+from compressor.utils.sharding import is_sharded
 
 __all__ = ["SCORERS", "PruningMethod", "PruningModifierBase"]
 
-PruningMethod = Literal["l1", "topk", "activation"]
+PruningMethod = Literal["l1", "topk", "activation", "snip_momentum"]
 
 #: ``method`` -> the scorer that implements it
 SCORERS: dict[str, type[Scorer]] = {
     "l1": L1Scorer,
     "topk": TopKScorer,
     "activation": ActivationScorer,
+    "snip_momentum": SnipMomentumScorer,
 }
 
 
@@ -48,8 +51,9 @@ class PruningModifierBase(Modifier):
     - ``on_update``: on BATCH_START, when ``update`` says so, recompute the masks at the
       scheduled density (``activation``: when a sequential pipeline has calibrated a layer,
       choose the masks inside it)
-    - ``on_event``: after every optimizer step and at BATCH_END, zero the pruned weights
-      again (until finalize, also after ``end``)
+    - ``on_event``: before every optimizer step, the scorer sees the final gradients
+      (``snip_momentum`` scores them); after every optimizer step and at BATCH_END, zero the
+      pruned weights again (until finalize, also after ``end``)
     - ``on_end``: masks at the final density, then frozen (``topk`` scores become fixed masks);
       ``activation``: under DDP the input norms are summed over every rank before the masks
       are chosen, so every rank keeps the mask one process would choose from all the data
@@ -64,7 +68,9 @@ class PruningModifierBase(Modifier):
     :param ramp: ``cubic`` (Zhu & Gupta 2017) or ``linear``
     :param method: ``l1`` magnitude, ``topk`` learnable scores, or ``activation``
         (|W| times input norms from calibration data, ranked per layer, one-shot only;
-        ``WandaPruningModifier`` ranks per output row, as the Wanda paper does)
+        ``WandaPruningModifier`` ranks per output row, as the Wanda paper does);
+        ``SparsePruningModifier`` also has ``snip_momentum`` (DeepSpeed's block SNIP pruner,
+        with its own schedule: see there)
     """
 
     targets: list[MatchPattern] | None = None
@@ -80,6 +86,9 @@ class PruningModifierBase(Modifier):
     _masks: dict[int, torch.Tensor] = PrivateAttr(default_factory=dict)
     _frozen: bool = PrivateAttr(default=False)
     _reapplied: bool = PrivateAttr(default=False)
+
+    #: whether ``method: snip_momentum`` (unstructured blocks over all layers) applies here
+    supports_snip_momentum: ClassVar[bool] = False
 
     # ---------------------------------------------------------------- validation
     @model_validator(mode="before")
@@ -109,6 +118,11 @@ class PruningModifierBase(Modifier):
 
     @model_validator(mode="after")
     def _check_schedule(self) -> PruningModifierBase:
+        if self.method == "snip_momentum" and not self.supports_snip_momentum:
+            raise ValueError(
+                f"method 'snip_momentum' prunes blocks of single weights, with "
+                f"SparsePruningModifier; {type(self).__name__} takes method 'l1' or 'topk'"
+            )
         if SCORERS[self.method].calibrated and self.start is not None:
             trained = " or ".join(repr(m) for m, s in SCORERS.items() if not s.calibrated)
             raise ValueError(
@@ -188,11 +202,13 @@ class PruningModifierBase(Modifier):
                 f"{type(self).__name__}: targets={self.targets} ignore={self.ignore} matched "
                 "nothing to prune in the model"
             )
+        self._check_sharded()
         check_finite_weights(
             ((m.name, m.module) for c in self._couplings for m in c.members), type(self).__name__
         )
-        self._holder = MaskHolder(self)
-        self._scorer = SCORERS[self.method](self, self._couplings)
+        scorer_class = SCORERS[self.method]
+        self._holder = MaskHolder(self, mask_gradients=scorer_class.masks_gradients)
+        self._scorer = scorer_class(self, self._couplings)
         self._scorer.prepare(state.optimizer)
         logger.info(
             "{} prunes {} coupling(s) to density {} with method {}",
@@ -202,13 +218,42 @@ class PruningModifierBase(Modifier):
             self.method,
         )
 
+    def should_start(self, event: Event) -> bool:
+        if not SCORERS[self.method].own_schedule:
+            return super().should_start(event)
+        return self.start is not None and self.start <= event.current_index
+
+    def should_end(self, event: Event) -> bool:
+        # a scorer with its own schedule stops pruning after ``end`` by itself and holds its
+        # masks to finalize, so a run stopping at ``end`` still takes its last pruning step
+        return not SCORERS[self.method].own_schedule and super().should_end(event)
+
+    def _check_sharded(self) -> None:
+        """Tensor-parallel (DTensor) weights are scored by ``l1`` only, whose scores every rank
+        gathers whole (``L1Scorer``)."""
+        sharded = [
+            m.name
+            for c in self._couplings
+            for m in c.members
+            if is_sharded(latent_weight(m.module))
+        ]
+        if sharded and self.method != "l1":
+            raise ValueError(
+                f"{type(self).__name__}: method {self.method!r} is not supported on "
+                f"tensor-parallel (DTensor) weights, such as {sharded[0]}'s; use method 'l1' "
+                "(every rank gathers the whole weight's scores and keeps the same mask)"
+            )
+
     def on_start(self, state: State, event: Event) -> None:
-        self.scorer.start(self._density(event))
+        if not self.scorer.own_schedule:
+            self.scorer.start(self._density(event))
 
     def on_event(self, state: State, event: Event) -> None:
         # masks hold from the first mask to finalize, also after the schedule has ended:
         # re-zeroed after each optimizer step, or at batch end when no step was seen (an
         # optimizer the session does not watch)
+        if event.type_ == EventType.OPTIM_PRE_STEP and self._scorer is not None:
+            self._scorer.before_optimizer_step()
         if not self._holder:
             return
         if event.type_ == EventType.OPTIM_POST_STEP:
@@ -222,7 +267,9 @@ class PruningModifierBase(Modifier):
     def on_update(self, state: State, event: Event) -> None:
         kind = event.type_
         training = kind == EventType.BATCH_START and not self._frozen
-        if training and event.should_update(self.start, self.end, self.update):
+        if training and self.scorer.own_schedule:
+            self.scorer.at_step(event)
+        elif training and event.should_update(self.start, self.end, self.update):
             self.scorer.step(self._density(event))
         if kind == EventType.SEQUENTIAL_EPOCH_END:
             for module in event.modules:  # the layer (or model) just calibrated

@@ -12,10 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from torch.nn.utils import parametrize
 
 from compressor.architectures import BATCH_NORMS
 
-__all__ = ["Member", "Coupling", "member_tensors"]
+__all__ = ["Member", "Coupling", "latent_weight", "member_tensors"]
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,23 @@ def member_tensors(member: Member) -> list[tuple[str, torch.nn.Parameter]]:
         names.append("bias")
     out = []
     for name in names:
-        value = getattr(member.module, name, None)
+        value = _latent(member.module, name)
         if isinstance(value, torch.Tensor):
             out.append((name, value))
     return out
+
+
+def latent_weight(module: torch.nn.Module) -> torch.Tensor:
+    """The weight Parameter itself: under a parametrization (quantization-aware training
+    fake-quantizes ``module.weight`` on every read), the latent weight it computes from."""
+    weight = _latent(module, "weight")
+    assert isinstance(weight, torch.Tensor)
+    return weight
+
+
+def _latent(module: torch.nn.Module, name: str) -> torch.Tensor | None:
+    # a parametrized tensor is recomputed on every read: masks and scores belong to the
+    # Parameter underneath
+    if parametrize.is_parametrized(module, name):
+        return module.parametrizations[name].original
+    return getattr(module, name, None)

@@ -21,6 +21,7 @@ from torch.nn.utils import parametrize
 from compressor.modifiers.hooks import HooksMixin
 from compressor.modifiers.pruning.scores import binarize_topk
 from compressor.utils.parametrize import register_parametrization, remove_parametrizations
+from compressor.utils.sharding import local_part, local_view
 
 __all__ = ["MaskHolder", "ParametrizationHandle", "ScoreMask", "expand_unit_mask"]
 
@@ -52,11 +53,18 @@ class MaskHolder:
     on CPU (it made a 50% sparse model's Adam step ~18% slower). Adam's update is elementwise
     and those weights are zeroed after each step, so no kept weight sees the difference.
 
+    A tensor-parallel (DTensor) parameter is masked on this rank's slice: its mask is the
+    slice of the whole mask (the same on every rank) that this rank holds.
+
     :param owner: the modifier whose hook registry holds the gradient hooks
+    :param mask_gradients: False leaves gradients and optimizer state alone and only zeroes
+        the weights (now and after every step), for a method that prunes as DeepSpeed's
+        ``snip_momentum`` does (its clipping and optimizer state see every gradient)
     """
 
-    def __init__(self, owner: HooksMixin) -> None:
+    def __init__(self, owner: HooksMixin, mask_gradients: bool = True) -> None:
         self._owner = owner
+        self._mask_gradients = mask_gradients
         self._masks: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._lists: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
         self._moments_filled: set[int] = set()  # masks whose second moments are set
@@ -67,17 +75,19 @@ class MaskHolder:
     def set(self, param: torch.Tensor, mask: torch.Tensor) -> None:
         """Mask ``param`` (zeroing it now) and keep it masked from now on.
 
-        :param mask: boolean, of ``param``'s shape or broadcastable to it
+        :param mask: boolean, of ``param``'s shape or broadcastable to it (the whole mask
+            when ``param`` is a DTensor)
         """
         key = id(param)
         factors = mask.to(device=param.device, dtype=torch.bool).to(param.dtype)
-        if key not in self._masks and param.requires_grad:
+        factors = local_view(local_part(factors, param))  # this rank's slice of a DTensor
+        if key not in self._masks and param.requires_grad and self._mask_gradients:
             self._owner.register_hook(param, self._grad_hook(key), "accumulated_grad")
         self._masks[key] = (param, factors)
         self._lists = None
         self._moments_filled.discard(key)
         with torch.no_grad():
-            param.mul_(factors)
+            local_view(param).mul_(factors)
 
     def mask_of(self, param: torch.Tensor) -> torch.Tensor | None:
         """The boolean mask held on ``param`` (None when it has none)."""
@@ -87,7 +97,7 @@ class MaskHolder:
     def _grad_hook(self, key: int):
         def hook(param: torch.Tensor) -> None:
             if param.grad is not None:
-                param.grad.mul_(self._masks[key][1])
+                local_view(param.grad).mul_(self._masks[key][1])
 
         return hook
 
@@ -102,8 +112,10 @@ class MaskHolder:
             return
         if self._lists is None:
             params, factors = zip(*self._masks.values(), strict=True)
-            self._lists = list(params), list(factors)
+            self._lists = [local_view(p) for p in params], list(factors)
         torch._foreach_mul_(*self._lists)
+        if not self._mask_gradients:
+            return
         if optimizer is not None and len(self._moments_filled) < len(self._masks):
             self._fill_second_moments(optimizer)
 
@@ -119,7 +131,7 @@ class MaskHolder:
             for name in _SECOND_MOMENTS:
                 moment = state.get(name)
                 if isinstance(moment, torch.Tensor) and moment.shape == param.shape:
-                    moment.masked_fill_(pruned, 1.0)
+                    local_view(moment).masked_fill_(pruned, 1.0)
             self._moments_filled.add(key)
 
     def clear(self) -> None:

@@ -7,6 +7,8 @@ scorer, one object per ``method``, decides how weights are scored and when masks
 - ``TopKScorer`` (``topk``, in ``topk.py``): learnable scores that train with the model.
 - ``ActivationScorer`` (``activation``): |W| times the input norms from calibration data, in
   one shot.
+- ``SnipMomentumScorer`` (``snip_momentum``, in ``snip_momentum.py``): block SNIP scores with
+  momentum from the training gradients, pruned over all layers at once on its own schedule.
 
 The numbers themselves (scores, top-k and N:M masks) are pure functions in ``scores.py``.
 """
@@ -20,7 +22,8 @@ import torch
 from loguru import logger
 from torch.utils.hooks import RemovableHandle
 
-from compressor.modifiers.pruning.coupling import Coupling, Member
+from compressor.core import Event
+from compressor.modifiers.pruning.coupling import Coupling, Member, latent_weight
 from compressor.modifiers.pruning.scores import (
     activation_scores,
     input_square_sums,
@@ -28,6 +31,7 @@ from compressor.modifiers.pruning.scores import (
     unit_scores,
 )
 from compressor.utils import distributed
+from compressor.utils.sharding import full_tensor
 
 __all__ = ["ActivationScorer", "L1Scorer", "Scorer", "ScorerHost"]
 
@@ -70,6 +74,11 @@ class Scorer:
 
     #: the scores come from calibration data, in one shot: no training schedule
     calibrated: ClassVar[bool] = False
+    #: the scorer follows its own pruning steps (``at_step``) instead of the modifier's
+    #: density ramp (``start`` / ``step`` / ``end``)
+    own_schedule: ClassVar[bool] = False
+    #: the gradients of pruned weights are zeroed (else only the weights, after each step)
+    masks_gradients: ClassVar[bool] = True
 
     def __init__(self, modifier: ScorerHost, couplings: list[Coupling]) -> None:
         self.modifier = modifier
@@ -94,6 +103,13 @@ class Scorer:
 
     def layer_calibrated(self, layer: torch.nn.Module) -> None:
         """The calibration data has passed through ``layer`` (nothing here)."""
+
+    def before_optimizer_step(self) -> None:
+        """The gradients of an optimizer step are final (nothing here)."""
+
+    def at_step(self, event: Event) -> None:
+        """A batch starts while the modifier is active; only for ``own_schedule`` scorers."""
+        raise NotImplementedError
 
     def end(self, density: float) -> None:
         """At end: the final masks, held unchanged from then on."""
@@ -157,10 +173,16 @@ class Scorer:
 
 class L1Scorer(Scorer):
     """``l1``: the magnitude of each weight (of a unit: the sum over its weights in every
-    scored member); the masks follow the density schedule."""
+    scored member); the masks follow the density schedule.
+
+    The weight scored is the trained (latent) one, also under quantization-aware training. A
+    tensor-parallel weight is gathered whole first, so that every rank ranks the whole
+    tensor (its units, or its entries for a per-layer top-k) and keeps the mask one process
+    would keep.
+    """
 
     def weight_scores(self, member: Member) -> torch.Tensor:
-        return magnitude_scores(member.module.weight)
+        return magnitude_scores(full_tensor(latent_weight(member.module)))
 
     def step(self, density: float) -> None:
         # at an unchanged density the masks already hold: the pruned weights are zero, the

@@ -30,6 +30,8 @@ from compressor.modifiers.quantization.observers import (
     ActivationObservers,
     ObserverKind,
     averages_over_batches,
+    dynamic_per_forward,
+    reads_outputs,
 )
 from compressor.modifiers.quantization.scheme import QuantizationSchemeMixin
 from compressor.modifiers.quantization.training import TrainingPathway
@@ -90,16 +92,21 @@ class QuantizationModifier(QuantizationSchemeMixin, ExpertCalibrationFields, Mod
       ``kv_cache_scheme``, that every attention module's cache can be hooked)
     - ``on_start`` on CALIBRATION_EPOCH_START (post-training): attach compressed-tensors
       quantization, set weight scales from the weights, observe static activation ranges
-      with forward hooks (and the keys and values written to the cache); every token runs
-      through every expert for those ranges (``calibrate_all_experts``)
+      with forward hooks (and the keys and values written to the cache) while the quantized
+      forwards stay off; every token runs through every expert for those ranges
+      (``calibrate_all_experts``)
     - ``on_start`` on BATCH_START (training): fake-quantize weights (a parametrization) and
       activations (hooks), both with straight-through gradients; observers update ranges
+    - ``on_update`` at SEQUENTIAL_EPOCH_END (post-training): set the static scales of the
+      modules the event carries from their ranges and switch their quantized forwards on, so
+      the next layer calibrates on their quantized outputs
     - ``on_update`` (training): lower the weight bits on the progressive schedule and the
       full-precision share of blended weights; on the BATCH_START that reaches
       ``activation_start``, begin fake-quantizing activations
-    - ``on_end``: calibration: freeze the scales; training: stop updating activation
-      ranges. Under DDP the static ranges are first reduced over every rank (min / max, or
-      the mean for ``moving_average``), so every rank freezes and saves the same scales
+    - ``on_end``: calibration: set the scales of the modules no SEQUENTIAL_EPOCH_END
+      carried and freeze every module; training: stop updating activation ranges. Under DDP
+      the static ranges are first reduced over every rank (min / max, or the mean for
+      ``moving_average``), so every rank freezes and saves the same scales
     - ``on_finalize``: training: remove the fake quantization, attach compressed-tensors
       quantization with scales from the final weights and observed ranges, frozen; never
       started (when no calibration is needed): attach it with scales from the weights,
@@ -198,10 +205,22 @@ class QuantizationModifier(QuantizationSchemeMixin, ExpertCalibrationFields, Mod
         with update_offload_parameter (training-aware quantization does not run on offloaded
         models). Static ranges are reduced over the ranks of a process group when they are
         extremes (``minmax``); a moving average depends on batch order, so is not."""
-        moving = averages_over_batches(
-            self.resolve_quantization_config(), self.observer, prefer_args=self.scheme is None
+        config = self.resolve_quantization_config()
+        moving = averages_over_batches(config, self.observer, prefer_args=self.scheme is None)
+        post_training = self.start is None
+        return CalibrationTraits(
+            supports_offloaded_models=True,
+            # a layer is observed with its quantized forwards off and its scales set once its
+            # calibration ends (PostTrainingPathway): extremes over tokens, however batched,
+            # unless a range is a moving average, the cache is quantized as it is observed,
+            # or the re-run quantizes an activation with one dynamic scale per forward
+            reads_outputs=not post_training or reads_outputs(config),
+            merges_batches=post_training
+            and not moving
+            and config.kv_cache_scheme is None
+            and not dynamic_per_forward(config),
+            reduces_across_ranks=not moving,
         )
-        return CalibrationTraits(supports_offloaded_models=True, reduces_across_ranks=not moving)
 
     @property
     def quantized_modules(self) -> dict[str, torch.nn.Module]:

@@ -16,7 +16,7 @@ from compressed_tensors.quantization import (
 from compressed_tensors.quantization.quant_args import DynamicType
 from loguru import logger
 
-from compressor.core.events import Event
+from compressor.core.events import Event, EventType
 from compressor.modifiers.hooks import HooksMixin
 from compressor.modifiers.quantization.kv_cache import KVCacheCalibration
 from compressor.modifiers.quantization.matching import apply_quantization
@@ -205,6 +205,16 @@ class PostTrainingPathway:
     scales from the weights, static activation ranges observed over the calibration batches,
     and everything frozen at the end, ready to save.
 
+    A part of the model is calibrated in full precision: its quantized forwards stay off
+    while its ranges are observed (only their extremes are gathered, per batch). When the
+    part's calibration ends (the sequential pipeline's SEQUENTIAL_EPOCH_END for a decoder
+    layer, or the end of calibration for what no such event carried), its static scales are
+    set from the ranges over all its batches and its quantized forwards are switched on, so
+    the pipeline's re-run of the layer hands the next layer quantized outputs. This is what
+    GPTQModifier does with static inputs; the ranges are sums of extremes, so batches may
+    run stacked (``merges_batches``). The key/value cache is the exception: it quantizes with
+    the range observed so far from the first batch on (``KVCacheCalibration``).
+
     :param model: the model
     :param config: what to quantize
     :param modules: the modules to quantize, by name (convolutions included)
@@ -230,23 +240,22 @@ class PostTrainingPathway:
         self.observers, self.hooks, self.owner = observers, hooks, owner
         self.kv_cache = kv_cache
         self._handles: list[Any] = []
-        # modules whose quantized forward waits for their output range (its first batch)
-        self._waiting_for_output: list[torch.nn.Module] = []
+        # modules whose calibration has not ended: quantized forwards off, scales not set
+        self._calibrating: dict[str, torch.nn.Module] = {}
 
     def start(self, event: Event) -> None:
-        """Attach quantization, set the weight scales, hook the static activations."""
+        """Attach quantization, set the weight scales, hook the static activations, and
+        switch the quantized forwards off until each module's calibration ends."""
         apply_quantization(self.model, self.config, self.modules)
         held = held_by_compressed_tensors(self.modules)
         for name, module in held.items():
             update_weight_qparams(module, name)
         share_fused_global_scales(held)
         for name, module in held.items():
-            roles = static_activation_roles(module)
-            if "output" in roles:  # its scale is unknown until the first output is seen
-                module.quantization_enabled = False
-                self._waiting_for_output.append(module)
-            for role, args in roles.items():
+            for role, args in static_activation_roles(module).items():
                 self._observe(name, module, role, args)
+            module.quantization_enabled = False
+            self._calibrating[name] = module
         if self.kv_cache is not None:
             self.kv_cache.start()
 
@@ -254,13 +263,12 @@ class PostTrainingPathway:
         self, name: str, module: torch.nn.Module, role: str, args: QuantizationArgs
     ) -> None:
         observer = self.observers.add(name, role, args)
+        label = f"{name} ({role} activations)"
 
         def update(value: torch.Tensor) -> None:
             lo, hi = activation_range(value, args)
-            if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
-                qparams_from_range(lo, hi, args, f"{name} ({role} activations)")  # raises
+            check_finite_range(lo, hi, label)
             observer.update(lo, hi)
-            set_qparams(module, role, *observer.range, args, name)
 
         if role == "input":
 
@@ -275,29 +283,43 @@ class PostTrainingPathway:
 
             self._handles.append(self.hooks.register_hook(module, observe_output, "forward"))
 
-    def update(self, event: Event) -> None:
-        """Nothing: the hooks observe each calibration batch."""
-
-    def end(self, event: Event) -> None:
-        """Set the scales from the ranges (reduced over DDP ranks) and freeze every module."""
-        while self._handles:
-            self._handles.pop().remove()
-        if self.kv_cache is not None:
-            self.kv_cache.end()
-        self.observers.reduce_across_ranks(self.modules)
-        unseen = self.observers.unseen()
+    def _finish(self, names: list[str]) -> None:
+        """End the calibration of the modules ``names``: their static scales from the ranges
+        over every batch (reduced over DDP ranks), and their quantized forwards on."""
+        unseen = []
+        for name in names:
+            module = self._calibrating.pop(name)
+            for role, args in static_activation_roles(module).items():
+                observer = self.observers.get(name, role)
+                assert observer is not None
+                weight = module.weight
+                assert isinstance(weight, torch.Tensor)
+                observer.reduce_across_ranks(device=weight.device)
+                if observer.batches == 0:
+                    unseen.append(f"{name} ({role})")
+                    continue
+                set_qparams(module, role, *observer.range, args, name)
+            module.quantization_enabled = True
         if unseen:
             raise RuntimeError(
                 "calibration ended but no batch reached these modules, so their static "
                 f"activation ranges are unknown: {', '.join(unseen)}"
             )
-        for (name, role), observer in self.observers.items():  # the reduced ranges
-            module = self.modules[name]
-            args = static_activation_roles(module)[role]
-            set_qparams(module, role, *observer.range, args, name)
-        for module in self._waiting_for_output:
-            module.quantization_enabled = True
-        self._waiting_for_output.clear()
+
+    def update(self, event: Event) -> None:
+        """At SEQUENTIAL_EPOCH_END: end the calibration of the modules the event carries."""
+        if event.type_ != EventType.SEQUENTIAL_EPOCH_END:
+            return
+        inside = {id(m) for part in event.modules for m in part.modules()}
+        self._finish([name for name, m in self._calibrating.items() if id(m) in inside])
+
+    def end(self, event: Event) -> None:
+        """End the calibration of every module still calibrating, and freeze every module."""
+        while self._handles:
+            self._handles.pop().remove()
+        if self.kv_cache is not None:
+            self.kv_cache.end()
+        self._finish(list(self._calibrating))
         bake_convolutions(self.modules, self.schemes)
         for module in held_by_compressed_tensors(self.modules).values():
             freeze_quantization(module)

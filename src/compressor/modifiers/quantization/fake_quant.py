@@ -18,12 +18,19 @@ from compressed_tensors.quantization import (
     fake_quantize,
 )
 from compressed_tensors.quantization.utils import compute_dynamic_scales_and_zp
+from torch.distributed.tensor import DTensor
 
 from compressor.modifiers.quantization.observers import (
     RangeObserver,
     activation_range,
     qparams_from_range,
     weight_range,
+)
+from compressor.modifiers.quantization.sharded import (
+    Reduce,
+    activation_reduction,
+    on_local_slice,
+    shard_reduction,
 )
 
 __all__ = [
@@ -80,12 +87,20 @@ class _SymmetricIntFakeQuant(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, x: torch.Tensor, dim: int | None, low: float, high: float, where: str
+        ctx: Any,
+        x: torch.Tensor,
+        dim: int | None,
+        low: float,
+        high: float,
+        where: str,
+        reduce: Reduce | None = None,
     ) -> torch.Tensor:
         with torch.no_grad():
             magnitude = x.abs()
             peak = magnitude.amax() if dim is None else magnitude.amax(dim=dim, keepdim=True)
             del magnitude
+            if reduce is not None:  # a slice of a tensor-parallel weight
+                peak = reduce(peak.float(), "max").to(x.dtype)
             if not torch.isfinite(peak).all():
                 raise ValueError(f"{where}: the range holds NaN or infinite values")
             scale = peak.float().div_((high - low) / 2)
@@ -97,22 +112,28 @@ class _SymmetricIntFakeQuant(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
-        return grad, None, None, None, None
+        return grad, None, None, None, None, None
 
 
 def fused_fake_quantize(
-    x: torch.Tensor, args: QuantizationArgs, role: str, where: str = ""
+    x: torch.Tensor,
+    args: QuantizationArgs,
+    role: str,
+    where: str = "",
+    reduce: Reduce | None = None,
 ) -> torch.Tensor | None:
     """Fake-quantize ``x`` with a straight-through gradient on the fused path, or return None
     when ``args`` need compressed-tensors' general one (see ``_fast_path_dim``).
 
     :param role: ``weight`` (a 2-D matrix) or ``activation`` (tokens on the last dimension)
+    :param reduce: ``x`` is a rank's slice of a tensor-parallel weight whose scales span the
+        split dimension: reduces their ranges over the ranks (``sharded.shard_reduction``)
     """
     dim = _fast_path_dim(args, role)
     if dim is False or (role == "weight" and x.dim() != 2):
         return None
     low, high = (-(2 ** (args.num_bits - 1)), 2 ** (args.num_bits - 1) - 1)
-    return _SymmetricIntFakeQuant.apply(x, dim, float(low), float(high), where)
+    return _SymmetricIntFakeQuant.apply(x, dim, float(low), float(high), where, reduce)
 
 
 def expand_to_weight(values: torch.Tensor, matrix_shape: torch.Size, args: QuantizationArgs):
@@ -132,14 +153,19 @@ def fake_quantize_weight(
     args: QuantizationArgs,
     stochastic: bool = False,
     where: str = "weight",
+    reduce: Reduce | None = None,
 ) -> torch.Tensor:
     """Quantize then dequantize a weight with scales from its current range.
 
     :param stochastic: round up with probability equal to the fractional part (int only),
         so that the rounding is unbiased (Gupta et al., 2015, https://arxiv.org/abs/1502.02551)
+    :param reduce: ``weight`` is a rank's slice of a tensor-parallel weight: reduces its
+        ranges over the ranks (``sharded.shard_reduction``)
     """
     matrix = weight.flatten(1) if weight.dim() > 2 else weight
     lo, hi = weight_range(matrix, args)
+    if reduce is not None:
+        lo, hi = reduce(lo, "min"), reduce(hi, "max")
     scale, zero_point = qparams_from_range(lo, hi, args, where)
     scale = scale.to(matrix.dtype)
     if stochastic:
@@ -261,14 +287,20 @@ class WeightFakeQuantizer(torch.nn.Module):
         self.args = self.args.model_copy(update={"num_bits": bits})
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if isinstance(weight, DTensor):  # tensor parallelism: this rank's slice, reduced
+            reduce = shard_reduction(self.args, weight, self.where, self.levels)
+            return on_local_slice(weight, lambda local: self._quantize(local, reduce))
+        return self._quantize(weight)
+
+    def _quantize(self, weight: torch.Tensor, reduce: Reduce | None = None) -> torch.Tensor:
         if self.levels is None and not self.stochastic and self.full_precision_share <= 0.0:
-            fused = fused_fake_quantize(weight, self.args, "weight", self.where)
+            fused = fused_fake_quantize(weight, self.args, "weight", self.where, reduce)
             if fused is not None:
                 return fused
-        if self.levels is not None:
+        if self.levels is not None:  # a slice only when its rows are whole (shard_reduction)
             quantized, _ = low_bit_weight(weight, self.levels, is_per_tensor(self.args))
         else:
-            quantized = fake_quantize_weight(weight, self.args, self.stochastic, self.where)
+            quantized = fake_quantize_weight(weight, self.args, self.stochastic, self.where, reduce)
         share = self.full_precision_share
         if share > 0.0:
             quantized = share * weight.detach() + (1.0 - share) * quantized
@@ -297,13 +329,22 @@ class ActivationFakeQuantizer:
     def __call__(self, value: torch.Tensor) -> torch.Tensor:
         if not self.active:
             return value
+        if isinstance(value, DTensor):  # tensor parallelism: this rank's slice, reduced
+            fused = _fast_path_dim(self.args, "activation") is not False
+            reduce = activation_reduction(self.args, value, self.where, fused)
+            return on_local_slice(value, lambda local: self._quantize(local, reduce))
+        return self._quantize(value)
+
+    def _quantize(self, value: torch.Tensor, reduce: Reduce | None = None) -> torch.Tensor:
         if self.observer is None:
-            fused = fused_fake_quantize(value, self.args, "activation", self.where)
+            fused = fused_fake_quantize(value, self.args, "activation", self.where, reduce)
             if fused is not None:
                 return fused
             return straight_through(value, fake_quantize_activation(value, self.args))
         if not self.frozen or self.observer.batches == 0:
             lo, hi = activation_range(value, self.args)
+            if reduce is not None:
+                lo, hi = reduce(lo, "min"), reduce(hi, "max")
             qparams_from_range(lo, hi, self.args, self.where)  # raises on NaN / inf
             self.observer.update(lo, hi)
         scale, zero_point = qparams_from_range(*self.observer.range, self.args, self.where)

@@ -283,7 +283,9 @@ class KVCacheCalibration:
     calibration batches and sets their static scales (``k_scale``, ``v_scale``).
 
     ``start`` attaches the quantized cache (``attach_kv_cache_quantization``). Until the end, each batch's
-    forward quantizes with the range observed so far, as static input activations do.
+    forward quantizes with the range observed so far (a Linear's static activations, by
+    contrast, are observed with its quantized forward off until its layer's calibration
+    ends, see ``PostTrainingPathway``).
 
     :param model: the model
     :param modules: the attention modules (``match_kv_cache_modules``)

@@ -29,9 +29,11 @@ __all__ = [
     "activation_range",
     "averages_over_batches",
     "check_finite_range",
+    "dynamic_per_forward",
     "global_scale",
     "make_observer",
     "qparams_from_range",
+    "reads_outputs",
     "weight_range",
 ]
 
@@ -238,6 +240,37 @@ def averages_over_batches(
         static.append(config.kv_cache_scheme)
     chosen = (make_observer(args, kind, 0.5, prefer_args).kind for args in static)
     return any(c == "moving_average" for c in chosen)
+
+
+def _activation_args(config: QuantizationConfig) -> list[QuantizationArgs]:
+    return [
+        args
+        for scheme in config.config_groups.values()
+        if isinstance(scheme, QuantizationScheme)
+        for args in (scheme.input_activations, scheme.output_activations)
+        if args is not None
+    ]
+
+
+def dynamic_per_forward(config: QuantizationConfig) -> bool:
+    """Whether an activation of ``config`` is quantized with one dynamic scale per forward
+    (strategy tensor): its values then depend on which rows share the forward."""
+    return any(
+        args.dynamic is True and args.strategy == QuantizationStrategy.TENSOR
+        for args in _activation_args(config)
+    )
+
+
+def reads_outputs(config: QuantizationConfig) -> bool:
+    """Whether calibrating ``config`` observes something computed after a quantized module's
+    inputs: static output activations, or the key/value cache."""
+    static_outputs = any(
+        isinstance(scheme, QuantizationScheme)
+        and scheme.output_activations is not None
+        and scheme.output_activations.dynamic is not True
+        for scheme in config.config_groups.values()
+    )
+    return static_outputs or config.kv_cache_scheme is not None
 
 
 class ActivationObservers:

@@ -38,6 +38,7 @@ from compressor.modifiers.quantization.progressive import (
     full_precision_share,
     progressive_bits,
 )
+from compressor.modifiers.quantization.sharded import check_sharded_scheme
 from compressor.utils.parametrize import register_parametrization, remove_parametrizations
 
 __all__ = ["TrainingPathway"]
@@ -116,6 +117,10 @@ class TrainingPathway:
     def start(self, event: Event) -> None:
         """Fake-quantize every module's weights and activations from this step."""
         self.start_step = event.global_step
+        for name, module in self.modules.items():  # tensor-parallel weights: refused first
+            args = self.schemes[name].weights
+            if args is not None:
+                check_sharded_scheme(args, module.weight, name, self.low_bit_weights)
         for name, module in self.modules.items():
             scheme = self.schemes[name]
             if scheme.weights is not None:

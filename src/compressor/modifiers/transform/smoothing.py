@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from compressed_tensors.offload import update_offload_parameter
@@ -24,6 +24,7 @@ from compressed_tensors.utils import (
 from loguru import logger
 
 from compressor.architectures import Feature, SmoothingMapping, architecture_for
+from compressor.modifiers.transform.moe_smoothing import BlockReaders
 
 __all__ = [
     "ResolvedSmoothing",
@@ -40,7 +41,12 @@ __all__ = [
 @dataclass
 class ResolvedSmoothing:
     """One mapping in one place of a model: the smooth layer, its balance layers, and their
-    lowest common ancestor (``parent``: the module whose output AWQ compares)."""
+    lowest common ancestor (``parent``: the module whose output AWQ compares).
+
+    ``routing`` are the routers (and shared-expert gates) of the sparse blocks whose input
+    the balance layers read: their weight columns are multiplied by the scales as the balance
+    layers' are, so the routing stays exact, but they are neither searched nor quantized.
+    """
 
     smooth_name: str
     smooth: torch.nn.Module
@@ -48,9 +54,18 @@ class ResolvedSmoothing:
     balances: list[torch.nn.Linear]
     parent_name: str
     parent: torch.nn.Module
+    routing_names: list[str] = field(default_factory=list)
+    routing: list[torch.nn.Module] = field(default_factory=list)
 
     def modules(self) -> list[torch.nn.Module]:
         return [self.smooth, *self.balances]
+
+    @property
+    def reader(self) -> torch.nn.Module:
+        """A module whose input is the smoothed activation of every token: the router of a
+        sparse block (a routed expert's Linears may see only its own tokens), else the first
+        balance layer."""
+        return self.routing[0] if self.routing else self.balances[0]
 
 
 def infer_smoothing_mappings(
@@ -124,13 +139,16 @@ def resolve_smoothing_mappings(
     :param ignore: smooth layers not to smooth (match strings); skipped with a log line
     :param owner: the modifier's name, for messages
     :param inferred: whether the mappings are the architecture's defaults: then a place whose
-        shapes do not fit (v_proj -> o_proj under grouped-query attention) is skipped with a
-        log line; a mapping the user gave must fit everywhere
+        shapes do not fit (v_proj -> o_proj under grouped-query attention), or a mapping for
+        modules this model lacks (DeepSeek's ``q_a_layernorm`` without a query low rank), is
+        skipped with a log line; a mapping the user gave must match and fit everywhere
     :raises ValueError: a mapping that matches nothing, matches several smooth layers in one
-        place, pairs non-linear balance layers, or (given by the user) does not fit the shapes
+        place, pairs non-linear balance layers, balances only some of the readers of a sparse
+        block's input (``BlockReaders``), or (given by the user) does not fit the shapes
     """
     ignored = {name for name, _ in match_named_modules(model, list(ignore))} if ignore else set()
     names = {id(module): name for name, module in model.named_modules()}
+    readers = BlockReaders(model)
     resolved: list[ResolvedSmoothing] = []
     skipped: list[str] = []
     for mapping in mappings:
@@ -144,17 +162,13 @@ def resolve_smoothing_mappings(
                     "one module per decoder layer"
                 )
             smooth = smooths[0]
+            if names[id(smooth)] in ignored:
+                skipped.append(f"{names[id(smooth)]} (in ignore)")
+                continue
             matched = [module for group in balance_sets for module in group]
-            balance_names = [names[id(module)] for module in matched]
-            balances: list[torch.nn.Linear] = []
-            for name, module in zip(balance_names, matched, strict=True):
-                if isinstance(module, torch.nn.Linear):
-                    balances.append(module)
-                else:
-                    raise ValueError(
-                        f"{owner}: balance layer {name} of mapping {_show(mapping)} is a "
-                        f"{type(module).__name__}; balance layers must be Linear"
-                    )
+            balance_names, balances, routing_names, routing = _balances(
+                [names[id(module)] for module in matched], matched, readers, mapping, owner
+            )
             parent_name = get_lowest_common_ancestor_name(balance_names)
             while isinstance(model.get_submodule(parent_name), torch.nn.ModuleList):
                 parent_name = parent_name.rpartition(".")[0]
@@ -165,10 +179,9 @@ def resolve_smoothing_mappings(
                 balances=balances,
                 parent_name=parent_name,
                 parent=model.get_submodule(parent_name),
+                routing_names=routing_names,
+                routing=routing,
             )
-            if item.smooth_name in ignored:
-                skipped.append(f"{item.smooth_name} (in ignore)")
-                continue
             problem = _mismatch(item)
             if problem is not None:
                 if not inferred:
@@ -179,7 +192,9 @@ def resolve_smoothing_mappings(
                 skipped.append(f"{item.smooth_name} -> {', '.join(balance_names)} ({problem})")
                 continue
             resolved.append(item)
-        if not found:
+        if not found and inferred:
+            skipped.append(f"{_show(mapping)} (matches nothing in this model)")
+        elif not found:
             raise ValueError(
                 f"{owner}: mapping {_show(mapping)} matches nothing in {type(model).__name__}; "
                 "pass `mappings` whose smooth_layer and balance_layers name this model's modules"
@@ -192,6 +207,31 @@ def resolve_smoothing_mappings(
             f"(skipped: {'; '.join(skipped)})"
         )
     return resolved
+
+
+def _balances(
+    names: list[str],
+    matched: list[torch.nn.Module],
+    readers: BlockReaders,
+    mapping: SmoothingMapping,
+    owner: str,
+) -> tuple[list[str], list[torch.nn.Linear], list[str], list[torch.nn.Module]]:
+    """The balance Linears of one place, and the routing modules scaled with them."""
+    try:
+        balance_names, modules, routing_names, routing = readers.split(
+            names, matched, _show(mapping)
+        )
+    except ValueError as err:
+        raise ValueError(f"{owner}: {err}") from None
+    balances: list[torch.nn.Linear] = []
+    for name, module in zip(balance_names, modules, strict=True):
+        if not isinstance(module, torch.nn.Linear):
+            raise ValueError(
+                f"{owner}: balance layer {name} of mapping {_show(mapping)} is a "
+                f"{type(module).__name__}; balance layers must be Linear"
+            )
+        balances.append(module)
+    return balance_names, balances, routing_names, routing
 
 
 def _matched(
@@ -210,7 +250,7 @@ def _show(mapping: SmoothingMapping) -> str:
 @torch.no_grad()
 def fold_smoothing_scales(
     smooth: torch.nn.Module,
-    balances: Sequence[torch.nn.Linear],
+    balances: Sequence[torch.nn.Module],
     scales: torch.Tensor,
     norm_weight_offset: float = 0.0,
     precision: torch.dtype = torch.float64,
@@ -220,16 +260,19 @@ def fold_smoothing_scales(
 
     :param smooth: a norm with a 1-D scale (output ``(offset + weight) * normed``, and a bias
         if it has one) or a linear (its last ``len(scales)`` rows and bias entries)
-    :param balances: the linears reading ``smooth``'s output
+    :param balances: the linears reading ``smooth``'s output (or modules with a Linear's
+        ``[out, in]`` weight: a sparse block's router)
     :param scales: one positive scale per channel
     :param norm_weight_offset: ``offset`` above (Gemma's RMSNorm: 1)
     :param precision: dtype the products are computed in
     """
     width = scales.numel()
     for balance in balances:
-        s = scales.to(balance.weight.device, precision)
+        balance_weight = balance.weight
+        assert isinstance(balance_weight, torch.Tensor)
+        s = scales.to(balance_weight.device, precision)
         update_offload_parameter(
-            balance, "weight", (balance.weight.to(precision) * s).to(balance.weight.dtype)
+            balance, "weight", (balance_weight.to(precision) * s).to(balance_weight.dtype)
         )
     weight = smooth.weight
     assert isinstance(weight, torch.Tensor)

@@ -123,10 +123,11 @@ _SNIP_KEYS = ("block_pattern", "dense_ratio", "schedule_offset_stride", "exclude
 
 
 class SparsePruningShared(PruningShared):
-    """Sparse pruning's shared parameters. DeepSpeed also reads ``block_pattern``,
-    ``dense_ratio``, ``schedule_offset_stride`` and ``excluded_modules`` here, only with
-    ``method: snip_momentum`` (its pruner from Intel Neural Compressor); with another method
-    it ignores them, and so do we, with a log line."""
+    """Sparse pruning's shared parameters. With ``method: snip_momentum`` DeepSpeed also
+    reads ``block_pattern`` (default ``4x1``), ``dense_ratio`` (0.1), ``schedule_offset_stride``
+    (1) and ``excluded_modules`` (none) here, and ``schedule_offset_end`` defaults to
+    ``schedule_offset``; with another method it ignores those four, and so do we, with a log
+    line."""
 
     method: Literal["l1", "topk", "snip_momentum"] = "l1"  # type: ignore[assignment]
     block_pattern: str | None = None

@@ -398,15 +398,45 @@ def _pruning(config: DeepSpeedCompressionConfig) -> list[Modifier]:
         if parsed is None:
             continue
         if parsed.shared.method == "snip_momentum":
-            raise RecipeError(
-                f"DeepSpeed {technique} -> shared_parameters -> method=snip_momentum: "
-                "DeepSpeed's SNIP-momentum pruner (Intel Neural Compressor's, with "
-                "block_pattern, schedule_offset_stride, excluded_modules and a shared "
-                "dense_ratio) is not implemented here; use method l1 or topk"
-            )
+            modifiers.append(_snip_momentum(parsed))
+            continue
         for name, (params, group) in parsed.groups.items():
             modifiers.append(_pruning_group(technique, kind, parsed.shared, name, params, group))
     return modifiers
+
+
+def _snip_momentum(parsed: ParsedTechnique) -> Modifier:
+    """``sparse_pruning`` with ``method: snip_momentum``: one SparsePruningModifier over the
+    layers DeepSpeed's pruner takes, with DeepSpeed's defaults for the keys not given."""
+    where = "sparse_pruning -> shared_parameters"
+    shared = parsed.shared
+    if parsed.groups:
+        raise RecipeError(
+            f"DeepSpeed sparse_pruning -> different_groups ({', '.join(parsed.groups)}): with "
+            "method snip_momentum DeepSpeed prunes the whole model (less excluded_modules) "
+            "and its layers refuse a snip_momentum group (NotImplementedError); leave "
+            "different_groups empty"
+        )
+    start = shared.schedule_offset
+    end = shared.schedule_offset_end if shared.schedule_offset_end is not None else start
+    if end == 0:
+        raise RecipeError(
+            f"DeepSpeed {where} -> schedule_offset_end: 0; DeepSpeed's snip_momentum pruner "
+            "needs a last pruning step after step 0 (it asserts end_step > 0): give "
+            "schedule_offset_end of 1 or more"
+        )
+    fields: dict[str, Any] = {
+        "method": "snip_momentum",
+        "density": shared.dense_ratio if shared.dense_ratio is not None else 0.1,
+        "block_pattern": shared.block_pattern if shared.block_pattern is not None else "4x1",
+        "start": start,
+        "end": end,
+        "update": shared.schedule_offset_stride or 1,
+    }
+    if shared.excluded_modules:
+        # DeepSpeed finds each key anywhere in a layer's name, as a regular expression
+        fields["ignore"] = [f"re:.*(?:{key})" for key in shared.excluded_modules]
+    return _build("SparsePruningModifier", "sparse_pruning", **fields)
 
 
 def _pruning_group(

@@ -27,6 +27,7 @@ from compressor.modifiers.transform.awq.search import (
     weight_means,
 )
 from compressor.modifiers.transform.layerwise import LayerSmoothingModifier
+from compressor.modifiers.transform.moe_smoothing import routed_only
 from compressor.modifiers.transform.smoothing import ResolvedSmoothing, quantized_forwards_off
 from compressor.utils import distributed
 
@@ -58,12 +59,15 @@ class AWQModifier(LayerSmoothingModifier):
 
     **Lifecycle**
 
-    - ``on_initialize``: resolve the mappings (the architecture's when unset; v_proj ->
-      o_proj is left out, with a log line, where grouped-query attention makes v narrower than
-      o's input); errors name a mapping that matches nothing or does not fit
+    - ``on_initialize``: unfold fused experts into one Linear per expert; resolve the
+      mappings (the architecture's when unset; v_proj -> o_proj is left out, with a log line,
+      where grouped-query attention makes v narrower than o's input); errors name a mapping
+      that matches nothing or does not fit
     - ``on_start`` (calibration start): hooks keep each parent module's inputs (on
-      ``offload_device`` when set), each mapping's per-channel ``sum |x|`` and, with
-      ``apply_clip``, the Gram matrix ``X^T X`` of each linear's inputs
+      ``offload_device`` when set), each mapping's per-channel ``sum |x|`` (read where every
+      token passes: a sparse block's router) and, with ``apply_clip``, the Gram matrix
+      ``X^T X`` of each linear's inputs; with experts' up -> down mappings, every token also
+      runs through every expert (``calibrate_all_experts``)
     - ``on_update`` at SEQUENTIAL_EPOCH_END: for the layer just calibrated, search each
       mapping's scales with every quantized forward off, fold them into the smooth layer
       (divided) and the balance layers (multiplied), and set the weight scales of an attached
@@ -107,6 +111,10 @@ class AWQModifier(LayerSmoothingModifier):
     :param scheme: a preset (weights only or dynamic activations) this modifier quantizes to
         nearest with, after the search; unset: the next quantization modifier's scheme is used
     :param config_groups: explicit schemes instead of ``scheme``
+    :param calibrate_all_experts: see ExpertCalibrationFields: each expert's up -> down
+        search runs on every calibration token (off: on the tokens routed to it)
+    :param min_expert_tokens: see ExpertCalibrationFields
+    :param moe_mappings: see ExpertCalibrationFields
     """
 
     duo_scaling: DuoScaling = True
@@ -223,6 +231,12 @@ class AWQModifier(LayerSmoothingModifier):
             self._quantizer.finalize(state)
 
     # ---------------------------------------------------------------- statistics
+    def _experts_ignore(self) -> list[str]:
+        return list(self.ignore or []) if self._own_quantizer() is not None else []
+
+    def _statistics_modules(self, resolved: ResolvedSmoothing) -> list[torch.nn.Module]:
+        return [resolved.reader, resolved.parent]
+
     def _observe(self, resolved: ResolvedSmoothing) -> None:
         if resolved.parent_name not in self._calls:
             calls: list[_Call] = []
@@ -248,7 +262,8 @@ class AWQModifier(LayerSmoothingModifier):
             if clipping is not None:
                 clipping.add(resolved.smooth_name, x)
 
-        self.register_hook(resolved.balances[0], add_means, "forward_pre")
+        # a sparse block's router reads every token; an expert's Linear may see only its own
+        self.register_hook(resolved.reader, add_means, "forward_pre")
 
     def _observe_for_clipping(self, key: str, linear: torch.nn.Linear) -> None:
         clipping = self._clipping
@@ -349,7 +364,8 @@ class AWQModifier(LayerSmoothingModifier):
         originals = [module.weight.data for _, module, _ in quantized]
         candidates: list[torch.Tensor] = []
         totals: list[tuple[float, int]] = []
-        with quantized_forwards_off(parent), HooksMixin.disable_hooks():
+        # the parent's output is all the search compares: experts run on their routed tokens
+        with quantized_forwards_off(parent), HooksMixin.disable_hooks(), routed_only(parent):
             reference = [_output(parent(*args, **kwargs)) for args, kwargs in calls]
             try:
                 for ratio, duo in awq_grid(self.n_grid, self.duo_scaling):

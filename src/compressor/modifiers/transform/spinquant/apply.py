@@ -10,6 +10,8 @@ one that reaches outside them (R1, the residual stream) keeps one matrix.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from compressed_tensors.transform import TransformArgs, TransformConfig, TransformScheme
 from compressed_tensors.utils import match_named_modules
@@ -86,6 +88,7 @@ def apply_fused_transforms(
     config: TransformConfig,
     precision: torch.dtype = torch.float64,
     seed: int = 0,
+    adjust: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, int]:
     """Fuse every scheme of ``config`` into the weights it targets.
 
@@ -93,6 +96,9 @@ def apply_fused_transforms(
     :param config: offline rotations only (see :func:`check_fused_config`)
     :param precision: dtype the matrices are built and multiplied in
     :param seed: seeds the random matrices, so a run is reproducible
+    :param adjust: called with the scheme's name and each matrix as it is built; the
+        (orthogonal) matrix it returns is the one fused (LayerNorm models make R1 keep the
+        stream zero-mean: ``centring.ones_preserving``)
     :return: how many modules each scheme rotated
     """
     check_fused_config(config)
@@ -102,7 +108,9 @@ def apply_fused_transforms(
         layers_path = None
     counts: dict[str, int] = {}
     for index, (name, scheme) in enumerate(config.config_groups.items()):
-        counts[name] = _apply_scheme(model, name, scheme, precision, seed + index, layers_path)
+        counts[name] = _apply_scheme(
+            model, name, scheme, precision, seed + index, layers_path, adjust
+        )
         logger.info("rotation {} ({}) fused into {} modules", name, scheme.type, counts[name])
     return counts
 
@@ -114,6 +122,7 @@ def _apply_scheme(
     precision: torch.dtype,
     seed: int,
     layers_path: str | None,
+    adjust: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
 ) -> int:
     work = [
         (args, mname, module)
@@ -140,6 +149,8 @@ def _apply_scheme(
                 generator=generator,
                 dtype=precision,
             )
+            if adjust is not None:
+                matrices[key] = adjust(name, matrices[key])
         matrix = matrices[key]
         if args.location == "weight_output":
             rotate_output(module, matrix.T if args.inverse else matrix, precision)

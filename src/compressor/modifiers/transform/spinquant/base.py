@@ -24,6 +24,14 @@ from compressor.modifiers.transform.spinquant.apply import (
     apply_fused_transforms,
     check_fused_config,
 )
+from compressor.modifiers.transform.spinquant.centring import (
+    centre_residual_writers,
+    check_centrable,
+    fuse_layer_norm_into_linears,
+    is_layer_norm,
+    ones_preserving,
+    rotate_norm_bias,
+)
 from compressor.modifiers.transform.spinquant.fusion import (
     fuse_norm_into_linears,
     untie_word_embeddings,
@@ -88,7 +96,8 @@ class SpinQuantModifier(Modifier):
       ``transform_config``, with its inverse fused into down_proj's weight; see
       ``spinquant/online.py``) and R3 (per head on queries and keys after RoPE;
       ``spinquant/online_attention.py``)
-      With ``learnable``, R1 and R2 (one per layer) are first trained on ``Event.batches``:
+      With ``learnable``, the online rotations are applied first and R1 and R2 (one per
+      layer) are trained with them in place on ``Event.batches``:
       oneshot's calibration batches (the modifier requires calibration data, so oneshot
       refuses a run without a dataset), or under the Trainer the train dataloader offered at
       train begin (``start: 0``), before any optimizer step
@@ -106,9 +115,14 @@ class SpinQuantModifier(Modifier):
           learn_activations: {num_bits: 4, type: int, symmetric: true, strategy: token,
                               dynamic: true}
 
-    Embeddings are not centred: the inferred architectures use RMSNorm, for which centring is
-    neither needed nor exact. LayerNorm models (which would need centring and a conversion to
-    RMSNorm) are refused.
+    RMSNorm models' embeddings are not centred (it is neither needed nor exact for them).
+    LayerNorm models (OPT; pre-norm, Linear projections) are first centred: every residual
+    writer's output has its mean removed and each LayerNorm's scale and bias fold into the
+    Linears it feeds, so the stream is zero-mean and the LayerNorms act as RMSNorms; R1 is then
+    made to map the all-ones vector to itself so the stream stays zero-mean, and the model keeps
+    its LayerNorm modules (``spinquant/centring.py``; SliceGPT's conversion, which QuaRot and
+    SpinQuant use for OPT). Learned rotations are not supported on them (Cayley steps do not
+    keep the all-ones vector fixed); GPT-2's Conv1D layout and post-norm blocks are refused.
 
     :param rotations: which rotations, case-insensitive: ``R1``, ``R2`` (fused; the default),
         ``R3`` (online, per head on the queries and keys after RoPE, for a quantized key/value
@@ -165,6 +179,7 @@ class SpinQuantModifier(Modifier):
     _norm_mappings: list[NormMapping] = PrivateAttr(default_factory=list)
     _config: TransformConfig | None = PrivateAttr(default=None)
     _learned: LearnedRotations | None = PrivateAttr(default=None)
+    _layer_norms: bool = PrivateAttr(default=False)
 
     # ---------------------------------------------------------------- validation
     @field_validator("rotations", mode="before")
@@ -246,6 +261,8 @@ class SpinQuantModifier(Modifier):
         if model is None:
             raise ValueError("SpinQuantModifier needs a model in the state")
         check_finite_weights(model.named_modules(), "SpinQuantModifier")
+        if any(is_layer_norm(m) for m in model.modules()):
+            check_centrable(model)  # GPT-2's Conv1D and post-norm layouts, before any lookup
         self._norm_mappings = list(self.norm_mappings or infer_norm_mappings_from_model(model))
         self._check_norms(model)
         if self.transform_config is not None:
@@ -261,11 +278,32 @@ class SpinQuantModifier(Modifier):
         model = state.model
         assert self._config is not None
         untie_word_embeddings(model)
-        norms = self._fuse_norms(model)
-        logger.info("fused {} norm(s) into the linears they feed", norms)
+        if self._layer_norms:
+            assert self._mapping is not None
+            writers = [*self._mapping.embeddings, *self._mapping.residual_writers]
+            centre_residual_writers(
+                [m for _, m in match_named_modules(model, writers)], self.precision
+            )
+            logger.info("centred the residual stream's writers (LayerNorm model)")
+        norms, kept_biases = self._fuse_norms(model)
+        logger.info("fused {} norm(s) into the linears they feed", len(norms))
         fused, online = split_transform_config(self._config)
         if self.learnable:
+            # the fixed online rotations first, so the loop's quantizers see the inputs the
+            # deployed model quantizes (down_proj's after R4), as SpinQuant trains R1/R2 with
+            # its Hadamards R3/R4 in place
+            if online.config_groups:
+                apply_online_rotations(model, online)
             self._learn_and_fuse(model, event)
+            return
+        if self._layer_norms:
+            r1: dict[int, torch.Tensor] = {}
+            apply_fused_transforms(
+                model, fused, self.precision, adjust=lambda n, m: _keep_ones(n, m, r1)
+            )
+            for norm in kept_biases:  # a bias left in a norm sits in the rotated stream
+                if r1:
+                    rotate_norm_bias(norm, next(iter(r1.values())), self.precision)
         else:
             apply_fused_transforms(model, fused, self.precision)
         if online.config_groups:
@@ -324,7 +362,7 @@ class SpinQuantModifier(Modifier):
                 head_dim=self.transform_block_size,
                 apply=[
                     TransformArgs(
-                        targets=[mapping.embedding, *mapping.residual_writers],
+                        targets=[*mapping.embeddings, *mapping.residual_writers],
                         location="weight_output",
                     ),
                     TransformArgs(
@@ -376,13 +414,31 @@ class SpinQuantModifier(Modifier):
         return groups
 
     def _check_norms(self, model: torch.nn.Module) -> None:
-        for norm, _ in self._norm_groups(model):
-            if isinstance(norm, torch.nn.LayerNorm) or getattr(norm, "bias", None) is not None:
-                raise ValueError(
-                    f"{type(norm).__name__} is a LayerNorm (mean-subtracting, with a bias): "
-                    "rotating it needs centred residual writers and a conversion to RMSNorm, "
-                    "which SpinQuantModifier does not do; only RMSNorm models are supported"
-                )
+        """LayerNorm models: centred at start, which needs the mapping of every residual
+        writer and R1 built here (its matrix is made to keep the stream zero-mean)."""
+        kinds = {is_layer_norm(norm): type(norm).__name__ for norm, _ in self._norm_groups(model)}
+        self._layer_norms = True in kinds
+        if not self._layer_norms:
+            return
+        if False in kinds:
+            raise ValueError(
+                f"{type(model).__name__} mixes {kinds[True]} and {kinds[False]} on its residual "
+                "stream: centring the stream (for the LayerNorms) changes what an RMSNorm "
+                "reads; SpinQuant supports models whose norms are all RMSNorms or all LayerNorms"
+            )
+        check_centrable(model)
+        if self.learnable:
+            raise ValueError(
+                f"learnable=True on {type(model).__name__}, a LayerNorm model: its R1 must map "
+                "the all-ones vector to itself to keep the centred stream zero-mean, which "
+                "Cayley steps do not preserve; use fixed rotations (learnable: false)"
+            )
+        if self.transform_config is not None:
+            raise ValueError(
+                f"transform_config on {type(model).__name__}, a LayerNorm model: its rotations "
+                "are built from `rotations` and `mappings` (R1 made to keep the centred stream "
+                "zero-mean); drop transform_config"
+            )
 
     def _check_r1_readers_fused(self, model: torch.nn.Module, mapping: SpinQuantMapping) -> None:
         fed = {id(lin) for _, linears in self._norm_groups(model) for lin in linears}
@@ -426,11 +482,27 @@ class SpinQuantModifier(Modifier):
                     elif scheme.type != "random-matrix" and not hadamard_supported(size):
                         rotation_matrix(scheme.type, size)  # type: ignore[arg-type]  # raises
 
-    def _fuse_norms(self, model: torch.nn.Module) -> int:
+    def _fuse_norms(
+        self, model: torch.nn.Module
+    ) -> tuple[list[torch.nn.Module], list[torch.nn.Module]]:
+        """Fold every norm's scale (and a LayerNorm's bias) into its linears: the norms, and
+        those that kept their bias (it feeds a Linear without one)."""
         groups = self._norm_groups(model)
+        kept = []
         for norm, linears in groups:
-            fuse_norm_into_linears(norm, linears, self.precision)
-        return len(groups)
+            if not is_layer_norm(norm):
+                fuse_norm_into_linears(norm, linears, self.precision)
+            elif fuse_layer_norm_into_linears(norm, linears, self.precision):
+                kept.append(norm)
+        return [norm for norm, _ in groups], kept
+
+
+def _keep_ones(name: str, matrix: torch.Tensor, built: dict[int, torch.Tensor]) -> torch.Tensor:
+    """R1 of a LayerNorm model: made to fix the all-ones vector, and recorded by size."""
+    if name != "R1":
+        return matrix
+    built[matrix.shape[0]] = ones_preserving(matrix)
+    return built[matrix.shape[0]]
 
 
 def _attention_classes(model: torch.nn.Module, mapping: SpinQuantMapping) -> list[str]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from compressor.architectures import NormMapping, SpinQuantMapping, architecture_for
+from compressor.modifiers.transform.spinquant.centring import is_layer_norm
 
 __all__ = [
     "NormMapping",
@@ -36,34 +37,27 @@ def infer_mapping_from_model(model: torch.nn.Module) -> SpinQuantMapping:
 
 
 def infer_norm_mappings_from_model(model: torch.nn.Module) -> list[NormMapping]:
-    """The norm -> linears mappings of a known architecture.
+    """The norm -> linears mappings of a known architecture (RMSNorm families, and OPT's
+    LayerNorms, which the modifier centres: ``spinquant/centring.py``).
 
-    :raises ValueError: for LayerNorm models (naming the norm class) and other architectures,
-        saying to pass ``norm_mappings``
+    :raises ValueError: for other architectures, saying to pass ``norm_mappings`` (naming the
+        LayerNorm class of a LayerNorm model)
     """
-    layer_norms = sorted({type(m).__name__ for m in model.modules() if _is_layer_norm(m)})
-    if layer_norms:
-        raise ValueError(
-            f"SpinQuantModifier: {type(model).__name__} normalises with {', '.join(layer_norms)} "
-            "(mean-subtracting, with a bias). R1 needs norms that commute with a rotation: "
-            "RMSNorm does; LayerNorm does only after centring every residual writer and folding "
-            "its bias (QuaRot's conversion to RMSNorm), which is not done here; only RMSNorm "
-            "models are supported (Llama, Mistral, Qwen2, Qwen3, or others with mappings and "
-            "norm_mappings)"
-        )
     try:
         norms = architecture_for(model, needs="norms").norms
     except ValueError as err:
+        layer_norms = sorted({type(m).__name__ for m in model.modules() if is_layer_norm(m)})
+        if layer_norms:
+            raise ValueError(
+                f"SpinQuantModifier: {type(model).__name__} normalises with "
+                f"{', '.join(layer_norms)} (mean-subtracting, with a bias) and its norms are not "
+                f"in the architecture tables: {err}. LayerNorm models are rotated after their "
+                "residual stream is centred, which needs every norm and every residual writer: "
+                "pass `norm_mappings` and `mappings` (with position_embedding if the model adds "
+                "one), or use an RMSNorm model (Llama, Mistral, Qwen2, Qwen3) or OPT"
+            ) from None
         raise ValueError(
             f"SpinQuantModifier: {err}. Pass `norm_mappings` explicitly (a list of "
             "NormMapping: norm, linears)."
         ) from None
     return [mapping.model_copy(deep=True) for mapping in norms]
-
-
-def _is_layer_norm(module: torch.nn.Module) -> bool:
-    # torch's LayerNorm, or a model's own class of that name that carries a bias (OPT, GPT-2)
-    return isinstance(module, torch.nn.LayerNorm) or (
-        type(module).__name__.endswith("LayerNorm")
-        and isinstance(getattr(module, "bias", None), torch.Tensor)
-    )

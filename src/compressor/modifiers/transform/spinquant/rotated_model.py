@@ -70,7 +70,7 @@ def rotation_plan(
     plan: list[RotatedSide] = []
     if "R1" in chosen:
         for name, module in match_named_modules(
-            model, [mapping.embedding, *mapping.residual_writers]
+            model, [*mapping.embeddings, *mapping.residual_writers]
         ):
             plan.append(RotatedSide(name, module, "output", "R1"))
         for name, module in match_named_modules(model, mapping.residual_readers):
