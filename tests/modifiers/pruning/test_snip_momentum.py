@@ -456,3 +456,38 @@ def test_a_resumed_run_prunes_as_the_uninterrupted_one():
         torch.cat([m.flatten() for m in modifier.scorer.block_masks]),
         torch.cat([m.flatten() for m in restored.scorer.block_masks]),
     )
+
+
+def test_snip_momentum_prunes_the_latent_weights_under_quantization_aware_training():
+    """DeepSpeed configs may enable weight quantization beside snip_momentum: the scores take
+    the latent Parameter's gradient (``module.weight`` under QAT is recomputed on every read and
+    has none), and its whole 4x1 blocks are pruned to the target."""
+    from torch.nn.utils import parametrize
+
+    from compressor.modifiers import QuantizationModifier
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config())
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    weights = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel"}
+    snip = SparsePruningModifier(
+        method="snip_momentum", density=0.3, block_pattern="4x1", start=2, end=6, update=2
+    )
+    qat = QuantizationModifier(
+        config_groups={"g": {"targets": ["re:.*_proj$"], "weights": weights}}, start=0
+    )
+    session = CompressionSession()
+    session.initialize(model=model, recipe=[snip, qat], optimizer=opt)
+    train(model, session, opt, _batches(8, seed=2))
+    latent = {
+        c.name: c.members[0].module.parametrizations.weight.original
+        for c in snip._couplings
+        if parametrize.is_parametrized(c.members[0].module, "weight")
+    }
+    assert len(latent) == len(snip._couplings)  # every pruned layer was quantization-aware
+    pruned = sum(
+        int((w == 0).reshape(w.shape[0] // 4, 4, -1).all(dim=1).sum()) for w in latent.values()
+    )
+    blocks = sum(w.numel() // 4 for w in latent.values())
+    assert pruned == int(blocks * 0.7)  # DeepSpeed's final count, on the latent weights
+    session.finalize()

@@ -10,7 +10,7 @@ import torch
 from loguru import logger
 
 from compressor.core import Event
-from compressor.modifiers.pruning.coupling import Coupling
+from compressor.modifiers.pruning.coupling import Coupling, latent_weight
 from compressor.modifiers.pruning.scorers import Scorer, ScorerHost
 from compressor.modifiers.pruning.snip import (
     BlockPattern,
@@ -73,7 +73,9 @@ class SnipMomentumScorer(Scorer):
         self._handled_step = -1
 
     def _weights(self) -> list[tuple[str, Any]]:
-        return [(c.name, c.members[0].module.weight) for c in self.couplings]
+        # the Parameter itself: under quantization-aware training ``module.weight`` is a fresh
+        # fake-quantized tensor on every read, with no gradient of its own
+        return [(c.name, latent_weight(c.members[0].module)) for c in self.couplings]
 
     def prepare(self, optimizer: Any) -> None:
         for coupling in self.couplings:
