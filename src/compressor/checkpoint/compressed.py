@@ -98,11 +98,9 @@ def save_compressed(
         assert compressor.quantization_config is not None
         compressor.quantization_config.kv_cache_scheme = kv_cache_scheme.model_copy(deep=True)
     if compressor is None:
-        sparsity = sparsity_config(model)
         logger.info("the model holds no quantized layers: saving it dense to {}", output)
         _dense_save(model, output, save_kwargs)
     elif compressor.quantization_config is None:
-        sparsity = sparsity_config(model)
         logger.info("saving dense with online rotations (transform_config) to {}", output)
         _dense_save(model, output, save_kwargs)
         compressor.update_config(str(output))
@@ -119,9 +117,9 @@ def save_compressed(
             compressor.update_config(str(output))
         finally:
             compressor.decompress_model(model)
-        # measured on the decompressed weights, which are the checkpoint's and which the
-        # model now computes with as they are: no second quantization pass
-        sparsity = sparsity_config(model)
+    # measured after the save: a quantized model is then decompressed, and its weights are the
+    # checkpoint's and what it computes with as they are (no second quantization pass)
+    sparsity = sparsity_config(model)
     if sparsity is not None and compressor is None and _has_experts(model):
         # transformers (5.24) reloads the experts of a compressed-tensors checkpoint through
         # its dequantizing converter, which fails on a config without quantization
