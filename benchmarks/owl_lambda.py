@@ -8,18 +8,24 @@ them, and before the suite's evaluation slice), and names the lambda with the lo
 validation loss::
 
     python -m benchmarks.owl_lambda --model smollm2-135m --sparsity 0.7 \
-        [--lambdas 0,0.02,0.04,0.06,0.08] [--calibration 16x512] [--validation 8x512] [--eval 8x512]
+        [--lambdas 0,0.04,0.08] [--calibration 16x512] [--validation 32x512] \
+        [--eval 200x512 --eval-head 8] [--nll losses.json]
 
-With ``--eval``, each candidate's perplexity on the suite's evaluation windows is printed beside
-its validation perplexity, to show how well the choice transfers; the choice itself never sees
-the evaluation text.
+With ``--eval``, each candidate is also scored on the suite's evaluation slice (its first
+``--eval-head`` windows, what the suite reports, and all of them), to show how well the choice
+transfers; the choice itself never sees the evaluation text. Every candidate is compared with
+the uniform profile (lambda 0) window by window: the mean difference of log perplexity with two
+standard errors, and whether that interval excludes zero. ``--nll`` keeps each candidate's
+per-window losses, so adding a lambda later runs only that one.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
+from pathlib import Path
 
 import torch
 
@@ -33,7 +39,7 @@ from benchmarks.common import (
     set_threads,
 )
 from benchmarks.models import MODELS, prepare
-from benchmarks.paired_windows import window_nll
+from benchmarks.paired_windows import paired, window_nll
 
 RECIPE = """\
 sparsity_stage:
@@ -94,6 +100,10 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--calibration", type=_size, default=(16, 512), help="ROWSxTOKENS")
     parser.add_argument("--validation", type=_size, default=(8, 512), help="WINDOWSxTOKENS")
     parser.add_argument("--eval", type=_size, default=None, help="WINDOWSxTOKENS (report only)")
+    parser.add_argument(
+        "--eval-head", type=int, default=8, help="also score the first N evaluation windows"
+    )
+    parser.add_argument("--nll", type=Path, default=None, help="JSON file of per-window losses")
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
     args = parser.parse_args()
     args.lambdas = [float(v) for v in args.lambdas.split(",")]
@@ -101,6 +111,24 @@ def _parse() -> argparse.Namespace:
     if bad:
         parser.error(f"--lambdas {bad}: each must lie in [0, sparsity)")
     return args
+
+
+def _row(
+    label: str, nll: dict[str, torch.Tensor], uniform: dict[str, torch.Tensor] | None, head: int
+) -> str:
+    cells = [label, f"{math.exp(float(nll['val'].mean())):.3f}"]
+    if uniform is not None:
+        mean, two_se, verdict = paired(uniform["val"], nll["val"])
+        cells.append(f"{mean:+.4f} (±{two_se:.4f}) {verdict.replace('B ', 'OWL ')}")
+    if "eval" in nll:
+        cells += [
+            f"{math.exp(float(nll['eval'][:head].mean())):.3f}",
+            f"{math.exp(float(nll['eval'].mean())):.3f}",
+        ]
+        if uniform is not None:
+            mean, two_se, verdict = paired(uniform["eval"], nll["eval"])
+            cells.append(f"{mean:+.4f} (±{two_se:.4f}) {verdict.replace('B ', 'OWL ')}")
+    return "| " + " | ".join(cells) + " |"
 
 
 def main() -> None:
@@ -122,20 +150,21 @@ def main() -> None:
     eval_tokens = None
     if args.eval is not None:
         eval_tokens = eval_ids(tokenizer, spec.evaluation(args.eval[1], args.eval[0]))
+        if len(eval_tokens) < args.eval[0] * args.eval[1]:
+            raise ValueError(
+                f"--eval {args.eval[0]}x{args.eval[1]}: the evaluation slice holds "
+                f"{len(eval_tokens) // args.eval[1]} windows of {args.eval[1]}"
+            )
     v_count, v_seq = args.validation
-    print(
-        f"{args.model}, SparseGPT {args.sparsity:.0%}, OWL M={args.owl_m}; calibration "
-        f"{args.calibration[0]}x{args.calibration[1]} from the text's start, validation "
-        f"{v_count}x{v_seq} right after it"
-        + (
-            f", evaluation {args.eval[0]}x{args.eval[1]} from character {spec.eval_char_start}"
-            if args.eval
-            else ""
-        )  # fmt: skip
-    )
-    print("\n| owl_lmbda | validation ppl | evaluation ppl |\n|---|---|---|")
-    scores: dict[float, float] = {}
+    stored: dict[str, dict[str, list[float]]] = {}
+    if args.nll is not None and args.nll.exists():
+        stored = json.loads(args.nll.read_text())
+    nll: dict[float, dict[str, torch.Tensor]] = {}
     for lmbda in args.lambdas:
+        key = f"{args.sparsity:g}/{lmbda:g}"
+        if key in stored and ("eval" in stored[key]) == (eval_tokens is not None):
+            nll[lmbda] = {k: torch.tensor(v, dtype=torch.float64) for k, v in stored[key].items()}
+            continue
         model = oneshot(
             copy.deepcopy(base),
             recipe_text(args.sparsity, lmbda, args.owl_m),
@@ -144,14 +173,37 @@ def main() -> None:
             num_calibration_samples=len(rows),
             max_seq_length=args.calibration[1],
         )
-        scores[lmbda] = float(window_nll(model, val, v_seq, v_count).mean())
-        ev = "-"
+        nll[lmbda] = {"val": window_nll(model, val, v_seq, v_count)}
         if eval_tokens is not None:
-            ev = f"{math.exp(float(window_nll(model, eval_tokens, args.eval[1], args.eval[0]).mean())):.3f}"
-        label = f"{lmbda:g}" + (" (uniform)" if lmbda == 0 else "")
-        print(f"| {label} | {math.exp(scores[lmbda]):.3f} | {ev} |", flush=True)
+            nll[lmbda]["eval"] = window_nll(model, eval_tokens, args.eval[1], args.eval[0])
         del model
-    best = min(scores, key=scores.__getitem__)
+        if args.nll is not None:
+            stored[key] = {k: v.tolist() for k, v in nll[lmbda].items()}
+            args.nll.write_text(json.dumps(stored))
+    head = min(args.eval_head, args.eval[0]) if args.eval else 0
+    print(
+        f"{args.model}, SparseGPT {args.sparsity:.0%}, OWL M={args.owl_m}; calibration "
+        f"{args.calibration[0]}x{args.calibration[1]} tokens from the text's start, validation "
+        f"{v_count}x{v_seq} right after them"
+        + (
+            f", evaluation {args.eval[0]}x{args.eval[1]} from character {spec.eval_char_start}"
+            if args.eval
+            else ""
+        )  # fmt: skip
+    )
+    uniform = nll.get(0.0)
+    header = ["owl_lmbda", "validation ppl"]
+    if uniform is not None:
+        header.append("validation: log ppl minus uniform's (±2 SE)")
+    if eval_tokens is not None:
+        header += [f"evaluation ppl, first {head}", f"evaluation ppl, {args.eval[0]}"]
+        if uniform is not None:
+            header.append(f"evaluation, {args.eval[0]}: log ppl minus uniform's (±2 SE)")
+    print("\n| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+    for lmbda in args.lambdas:
+        label = f"{lmbda:g}" + (" (uniform)" if lmbda == 0 else "")
+        print(_row(label, nll[lmbda], uniform if lmbda != 0 else None, head))
+    best = min(nll, key=lambda k: float(nll[k]["val"].mean()))
     print(f"\nchosen on validation: owl_lmbda = {best:g}")
 
 
