@@ -50,7 +50,8 @@ def ours_whole(spec: dict[str, Any], phases: Phases) -> dict[str, Any]:
     with phases("compress"):
         model = oneshot(model, Path(spec["recipe"]), dataset, **kwargs)
     with phases("save"):
-        save_compressed(model, spec["output_dir"])
+        # nothing reads the model after the save (llm-compressor too leaves it compressed)
+        save_compressed(model, spec["output_dir"], decompress=False)
     return {"checkpoint_mb": dir_size_mb(spec["output_dir"])}
 
 

@@ -47,6 +47,21 @@ def test_cli_oneshot_then_eval(tmp_path, capsys, stories_model_path, tinystories
     assert sorted(os.listdir(tmp_path)) == ["calib.txt", "out", "recipe.yaml"]
 
 
+def test_cli_oneshot_does_not_decompress_the_model_it_saved(tmp_path, capfd, stories_model_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        "quant_stage:\n  quant_modifiers:\n    QuantizationModifier:\n      ignore: [lm_head]\n"
+        "      config_groups:\n        g: {targets: [Linear], weights: {num_bits: 4, "
+        "strategy: channel}}\n"
+    )
+    out = tmp_path / "out"
+    args = ["--model", str(stories_model_path), "--recipe", str(recipe), "--output", str(out)]
+    assert main(["oneshot", *args, "--verbose"]) == 0
+    # the process ends after the save: no work is spent giving the model its weights back
+    assert "left compressed as written (decompress=False)" in capfd.readouterr().err
+    assert "pack-quantized" in (out / "config.json").read_text()
+
+
 def test_cli_reports_bad_input(tmp_path, capsys):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(RECIPE)

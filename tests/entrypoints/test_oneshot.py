@@ -113,7 +113,7 @@ def test_a_run_that_fails_midway_writes_nothing_and_removes_its_hooks(tiny_llama
     assert failing.num_hooks == 0 and not HooksMixin._HOOKS_DISABLED
 
 
-def _failing_write(model, directory, compressed):
+def _failing_write(model, directory, compressed, decompress):
     (directory / "model.safetensors").write_bytes(b"half")
     raise OSError("disk full")
 
@@ -187,6 +187,29 @@ def test_a_quantized_model_is_saved_compressed_and_reloads(tiny_llama, tmp_path)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "packed")
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, quantized_logits, rtol=1e-4, atol=1e-4)
+
+
+def test_a_caller_done_with_the_model_gets_the_same_checkpoint_without_decompressing(
+    tiny_llama, tmp_path
+):
+    from compressed_tensors.quantization import QuantizationStatus
+
+    from compressor import QuantizationModifier
+
+    weights = {"num_bits": 4, "strategy": "group", "group_size": 16}
+
+    def run(name, **kwargs):
+        groups = {"g": {"targets": ["Linear"], "weights": weights}}
+        recipe = [QuantizationModifier(config_groups=groups, ignore=["lm_head"])]
+        model = oneshot(copy.deepcopy(tiny_llama), recipe, output_dir=tmp_path / name, **kwargs)
+        return model.model.layers[0].self_attn.q_proj
+
+    kept = run("kept")
+    left = run("left", decompress_after_save=False)  # what the CLI passes
+    assert kept.quantization_status == QuantizationStatus.DECOMPRESSED
+    assert left.quantization_status == QuantizationStatus.COMPRESSED  # left as written
+    for name in ("model.safetensors", "config.json", "README.md", "recipe.yaml"):
+        assert (tmp_path / "kept" / name).read_bytes() == (tmp_path / "left" / name).read_bytes()
 
 
 def test_one_recipe_object_can_compress_two_models_alike(tiny_llama):

@@ -14,21 +14,35 @@ from loguru import logger
 
 from compressor.checkpoint.model_card import MODEL_CARD_FILE, is_model_card
 from compressor.checkpoint.offloaded import written_shard_by_shard
-from compressor.checkpoint.sparsity import sparsity_config, write_sparsity_config
+from compressor.checkpoint.packing import pack_quantized_modules
+from compressor.checkpoint.reload_limits import (
+    has_experts,
+    unpacked_embeddings,
+    warn_expert_activations,
+    warn_unloadable_zero_points,
+)
+from compressor.checkpoint.sparsity import (
+    WeightZeros,
+    config_of_zeros,
+    linear_zeros,
+    sparsity_config,
+    write_sparsity_config,
+)
 from compressor.checkpoint.transforms import has_online_transforms
 from compressor.core.session import CompressionSession
-from compressor.modifiers.moe import LinearExperts
 from compressor.modifiers.pruning.oneshot import OneShotSparsityModifier
 from compressor.modifiers.pruning.sparse import SparsePruningModifier
 from compressor.modifiers.quantization.kv_cache import kv_cache_scheme_of
 from compressor.recipe import Recipe, resolve_recipe
 from compressor.utils.conv1d import conv1d_layout_state_dict
+from compressor.utils.threads import one_cpu_thread
 
 __all__ = [
     "RECIPE_FILE",
     "enable_compressed_save_pretrained",
     "save_compressed",
     "save_pretrained_compressed_after",
+    "write_compressed",
 ]
 
 RECIPE_FILE = "recipe.yaml"
@@ -42,6 +56,7 @@ def save_compressed(
     recipe: Any = None,
     *,
     tokenizer: Any = None,
+    decompress: bool = True,
     **save_kwargs: Any,
 ) -> Path:
     """Write ``model`` to ``output_dir`` in compressed-tensors format, loadable by
@@ -55,7 +70,7 @@ def save_compressed(
     sparse Linears (pruned, measured on its weights) gets compressed-tensors'
     ``sparsity_config`` under ``quantization_config`` (structure, sparse modules, global
     fraction; format ``dense``, see ``checkpoint.sparsity``), quantized or not. The model is
-    unchanged afterwards (it is compressed for the write, then decompressed).
+    compressed for the write, then decompressed (unless ``decompress`` is False).
 
     :param model: a transformers model, typically after a compression session
     :param output_dir: the folder to write (created when missing)
@@ -64,14 +79,38 @@ def save_compressed(
         (``README.md`` that compressor wrote) left in ``output_dir`` by an earlier save are
         removed first (logged), so they never describe another model; other files stay
     :param tokenizer: also saved into ``output_dir`` when given
+    :param decompress: after writing, give a quantized model its (dequantized) weights back,
+        as they were before the save. False, for a caller that does not use the model
+        afterwards (the CLI): it is left compressed as written, which saves the time of
+        decompressing it; a forward pass would still decompress it first (compressed-tensors'
+        hook). The checkpoint is the same either way
     :param save_kwargs: passed to transformers' ``save_pretrained`` (``max_shard_size``, ...)
     :return: the output folder
     """
+    write_compressed(
+        model, output_dir, recipe, tokenizer=tokenizer, decompress=decompress, **save_kwargs
+    )
+    return Path(output_dir)
+
+
+def write_compressed(
+    model: torch.nn.Module,
+    output_dir: str | Path,
+    recipe: Any = None,
+    *,
+    tokenizer: Any = None,
+    decompress: bool = True,
+    **save_kwargs: Any,
+) -> dict[str, WeightZeros]:
+    """``save_compressed``, returning the zeros it counted in every Linear's weight (by
+    module name; ``checkpoint.sparsity.linear_zeros``), for a model card to describe without
+    reading the weights again."""
     if not hasattr(model, "save_pretrained"):
         raise TypeError(
             f"save_compressed needs a transformers model with save_pretrained, got "
             f"{type(model).__name__}"
         )
+    _refuse_compressed(model)
     conv1d_state = conv1d_layout_state_dict(model)  # refuses quantized Conv1D before writing
     if conv1d_state is not None:
         save_kwargs = {**save_kwargs, "state_dict": conv1d_state}
@@ -79,7 +118,7 @@ def save_compressed(
     output.mkdir(parents=True, exist_ok=True)
     _remove_stale_descriptions(output)
     kv_cache_scheme = kv_cache_scheme_of(model)
-    _unpacked_embeddings(model)
+    unpacked_embeddings(model)
     compressor = ModelCompressor.from_pretrained_model(model) if is_model_quantized(model) else None
     if compressor is None and kv_cache_scheme is not None:  # only the cache is quantized
         compressor = ModelCompressor(
@@ -97,30 +136,15 @@ def save_compressed(
         # compressed-tensors finds the scheme only on attention modules it hooked itself
         assert compressor.quantization_config is not None
         compressor.quantization_config.kv_cache_scheme = kv_cache_scheme.model_copy(deep=True)
-    if compressor is None:
-        logger.info("the model holds no quantized layers: saving it dense to {}", output)
-        _dense_save(model, output, save_kwargs)
-    elif compressor.quantization_config is None:
-        logger.info("saving dense with online rotations (transform_config) to {}", output)
-        _dense_save(model, output, save_kwargs)
-        compressor.update_config(str(output))
-    else:
-        assert compressor.quantization_config is not None
-        _warn_unloadable_zero_points(model, str(compressor.quantization_config.format))
-        _warn_expert_activations(model, str(compressor.quantization_config.format))
-        logger.info(
-            "saving compressed ({} format) to {}", compressor.quantization_config.format, output
-        )
-        compressor.compress_model(model)
-        try:
-            _dense_save(model, output, save_kwargs)
-            compressor.update_config(str(output))
-        finally:
-            compressor.decompress_model(model)
-    # measured after the save: a quantized model is then decompressed, and its weights are the
-    # checkpoint's and what it computes with as they are (no second quantization pass)
-    sparsity = sparsity_config(model)
-    if sparsity is not None and compressor is None and _has_experts(model):
+    # memory-bound passes over every weight: on one thread, which a second core barely
+    # speeds up, and which does not stall when other processes share the cores (utils.threads)
+    with one_cpu_thread():
+        measured = _write_model(model, output, compressor, save_kwargs, decompress)
+        # the rest measured after the save: a quantized model is then decompressed, and its
+        # weights are the checkpoint's and what it computes with as they are
+        zeros = linear_zeros(model, measured)
+    sparsity = config_of_zeros(zeros)
+    if sparsity is not None and compressor is None and has_experts(model):
         # transformers (5.24) reloads the experts of a compressed-tensors checkpoint through
         # its dequantizing converter, which fails on a config without quantization
         logger.info(
@@ -146,7 +170,64 @@ def save_compressed(
         recipe.save(output / RECIPE_FILE)
     elif recipe is not None:
         resolve_recipe(recipe).save(output / RECIPE_FILE)
-    return output
+    return zeros
+
+
+def _write_model(
+    model: torch.nn.Module,
+    output: Path,
+    compressor: ModelCompressor | None,
+    save_kwargs: dict[str, Any],
+    decompress: bool,
+) -> dict[str, WeightZeros]:
+    """Write the model's weights and config (compressed by ``compressor`` when it quantizes);
+    return the zeros of the Linears counted on the way (those packed here, and every one when
+    the model is left compressed)."""
+    measured: dict[str, WeightZeros] = {}
+    if compressor is None:
+        logger.info("the model holds no quantized layers: saving it dense to {}", output)
+        _dense_save(model, output, save_kwargs)
+    elif compressor.quantization_config is None:
+        logger.info("saving dense with online rotations (transform_config) to {}", output)
+        _dense_save(model, output, save_kwargs)
+        compressor.update_config(str(output))
+    else:
+        assert compressor.quantization_config is not None
+        warn_unloadable_zero_points(model, str(compressor.quantization_config.format))
+        warn_expert_activations(model, str(compressor.quantization_config.format))
+        logger.info(
+            "saving compressed ({} format) to {}", compressor.quantization_config.format, output
+        )
+        try:
+            # int weights packed here in one pass each, their zeros counted on the way; the
+            # rest (other formats) by compressed-tensors
+            measured = pack_quantized_modules(model, compressor.force_compression_format)
+            if not decompress:  # weights compressed next are not read back after the write
+                measured = linear_zeros(model, measured)
+            compressor.compress_model(model, skip_compressed=True)
+            _dense_save(model, output, save_kwargs)
+            compressor.update_config(str(output))
+        finally:
+            if decompress:
+                compressor.decompress_model(model)
+            else:
+                logger.info(
+                    "the model is left compressed as written (decompress=False); a forward "
+                    "pass decompresses it first"
+                )
+    return measured
+
+
+def _refuse_compressed(model: torch.nn.Module) -> None:
+    """A model left compressed by an earlier save (``decompress=False``) has no weights to
+    compress again; it is refused before anything is written."""
+    for name, module in model.named_modules():
+        if getattr(module, "quantization_status", None) == QuantizationStatus.COMPRESSED:
+            raise ValueError(
+                f"module {name!r} is compressed (quantization_status 'compressed', left so by "
+                "a save with decompress=False): save it before such a save, or run a forward "
+                "pass first (it decompresses the model)"
+            )
 
 
 def _remove_stale_descriptions(output: Path) -> None:
@@ -199,84 +280,3 @@ def save_pretrained_compressed_after(session: CompressionSession) -> None:
         or (prunes and sparsity_config(model) is not None)
     ):
         enable_compressed_save_pretrained(model, session.recipe)
-
-
-def _unpacked_embeddings(model: torch.nn.Module) -> None:
-    """Give quantized embeddings a format that keeps their ``weight`` tensor.
-
-    A packed format replaces ``weight`` by ``weight_packed``; transformers, reloading, then
-    initialises the embedding's missing ``weight`` and fails. The unpacked formats store the
-    integer (or fp8) codes as ``weight`` with their scales, which it reloads: larger than
-    packed below 8 bits, still smaller than the dense embedding.
-    """
-    for name, module in model.named_modules():
-        scheme = getattr(module, "quantization_scheme", None)
-        if not isinstance(module, torch.nn.Embedding) or scheme is None or scheme.weights is None:
-            continue
-        unpacked = "naive-quantized" if scheme.weights.type == "int" else "float-quantized"
-        if scheme.format != unpacked:
-            logger.info(
-                "quantized embedding {} is saved in the {} format ({} codes unpacked): "
-                "transformers reloads embeddings only unpacked",
-                name,
-                unpacked,
-                scheme.weights.num_bits,
-            )
-            scheme.format = unpacked
-
-
-def _warn_unloadable_zero_points(model: torch.nn.Module, quantization_format: str) -> None:
-    """Asymmetric weights in the packed format store packed zero points, which
-    transformers (5.x, with compressed-tensors 0.20) cannot load back into a model: it
-    expects them unpacked and refuses the checkpoint (vllm-project/llm-compressor#1704).
-    The checkpoint is still written, for runtimes that read it (vLLM); the user is told."""
-    if "pack" not in quantization_format:
-        return
-    asymmetric = [
-        name
-        for name, module in model.named_modules()
-        if getattr(getattr(module, "quantization_scheme", None), "weights", None) is not None
-        and not module.quantization_scheme.weights.symmetric
-    ]
-    if asymmetric:
-        logger.warning(
-            "{} module(s) have asymmetric weights (e.g. {}): their zero points are saved packed, "
-            "which transformers' from_pretrained cannot load yet (llm-compressor issue #1704); "
-            "use symmetric weights for a checkpoint that transformers reloads",
-            len(asymmetric),
-            asymmetric[0],
-        )
-
-
-def _has_experts(model: torch.nn.Module) -> bool:
-    return any(isinstance(module, LinearExperts) for module in model.modules())
-
-
-def _warn_expert_activations(model: torch.nn.Module, quantization_format: str) -> None:
-    """transformers (5.x) reloads the per-expert Linears of a mixture-of-experts checkpoint
-    into its fused experts by dequantizing their weights: activation quantization of the
-    experts is not run after ``from_pretrained`` (their static input scales are unexpected
-    keys), and int-quantized experts (8-bit activations with int weights) do not load at all.
-    vLLM runs both. The checkpoint is written as it is; the user is told."""
-    quantized = [
-        f"{name}.{n}"
-        for name, experts in model.named_modules()
-        if isinstance(experts, LinearExperts)
-        for n, m in experts.named_modules()
-        if getattr(m, "quantization_scheme", None) is not None
-        and (m.quantization_scheme.input_activations or m.quantization_scheme.output_activations)
-    ]
-    if not quantized:
-        return
-    logger.warning(
-        "{} expert Linear(s) quantize activations (e.g. {}; format {}): transformers' "
-        "from_pretrained {}; vLLM runs them quantized. For a checkpoint that transformers "
-        "reloads exactly, quantize the experts' weights only (e.g. W4A16)",
-        len(quantized),
-        quantized[0],
-        quantization_format,
-        "cannot load int-quantized experts"
-        if "int" in quantization_format
-        else "dequantizes expert weights into its fused experts and runs their activations "
-        "in full precision",
-    )

@@ -16,9 +16,9 @@ import torch
 from loguru import logger
 from pydantic import BaseModel, ConfigDict
 
-from compressor.checkpoint.compressed import RECIPE_FILE
-from compressor.checkpoint.compressed import save_compressed as write_compressed
+from compressor.checkpoint.compressed import RECIPE_FILE, write_compressed
 from compressor.checkpoint.model_card import MODEL_CARD_FILE, is_model_card, model_card
+from compressor.checkpoint.sparsity import WeightZeros
 from compressor.checkpoint.swap import (
     make_partial_dir,
     recover_interrupted_saves,
@@ -42,6 +42,8 @@ class OutputArguments(BaseModel):
     :param save_compressed: write the compressed (packed) format rather than dense weights
     :param overwrite: replace an existing ``output_dir`` that is a checkpoint or empty
         (otherwise that is an error)
+    :param decompress_after_save: give a quantized model its weights back after writing
+        (``save_compressed``'s ``decompress``); False when nothing uses the model afterwards
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -49,6 +51,7 @@ class OutputArguments(BaseModel):
     output_dir: Path | None = None
     save_compressed: bool = True
     overwrite: bool = False
+    decompress_after_save: bool = True
 
 
 def output_target(output_dir: str | Path) -> Path:
@@ -142,6 +145,7 @@ def save_checkpoint(
     *,
     save_compressed: bool = True,
     overwrite: bool = False,
+    decompress: bool = True,
 ) -> Path:
     """Write model, tokenizer, ``recipe.yaml`` and a ``README.md`` model card to ``output_dir``
     atomically.
@@ -159,6 +163,8 @@ def save_checkpoint(
     :param tokenizer: saved beside the model when given
     :param save_compressed: write the compressed format rather than dense weights
     :param overwrite: replace an existing checkpoint at ``output_dir``
+    :param decompress: give a quantized model its weights back after writing (see
+        ``save_compressed``); False for a caller that does not use the model afterwards
     :return: the checkpoint directory
     """
     output_dir = Path(output_dir)
@@ -167,7 +173,7 @@ def save_checkpoint(
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = make_partial_dir(target)
     try:
-        _write(model, partial, recipe, tokenizer, save_compressed)
+        _write(model, partial, recipe, tokenizer, save_compressed, decompress)
         if target.exists():  # another process may have created it meanwhile
             _check_replaceable(output_dir, target, overwrite)
         swap_into_place(partial, target)
@@ -179,18 +185,28 @@ def save_checkpoint(
 
 
 def _write(
-    model: torch.nn.Module, directory: Path, recipe: Recipe, tokenizer: Any, compressed: bool
+    model: torch.nn.Module,
+    directory: Path,
+    recipe: Recipe,
+    tokenizer: Any,
+    compressed: bool,
+    decompress: bool,
 ) -> None:
-    _save_model(model, directory, compressed)
+    # the card describes the zeros the compressed save counted (the weights are read once)
+    zeros = _save_model(model, directory, compressed, decompress)
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
     recipe.save(directory / RECIPE_FILE)
-    (directory / MODEL_CARD_FILE).write_text(model_card(model, recipe), encoding="utf-8")
+    card = model_card(model, recipe, zeros)
+    (directory / MODEL_CARD_FILE).write_text(card, encoding="utf-8")
 
 
-def _save_model(model: Any, directory: Path, compressed: bool) -> None:
+def _save_model(
+    model: Any, directory: Path, compressed: bool, decompress: bool
+) -> dict[str, WeightZeros] | None:
+    """Write the weights and config; return the zeros a compressed save counted."""
     if compressed:
-        write_compressed(model, directory)
-    else:
-        # the class's own method: a quantizing run makes the instance's save compressed
-        type(model).save_pretrained(model, directory)
+        return write_compressed(model, directory, decompress=decompress)
+    # the class's own method: a quantizing run makes the instance's save compressed
+    type(model).save_pretrained(model, directory)
+    return None

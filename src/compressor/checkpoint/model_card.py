@@ -9,11 +9,18 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
-from compressor.checkpoint.sparsity import effective_weight, linear_sparsity, sparsity_config
+from compressor.checkpoint.sparsity import (
+    WeightZeros,
+    config_of_zeros,
+    effective_weight,
+    linear_sparsity,
+    linear_zeros,
+)
 from compressor.recipe import Recipe
 
 __all__ = [
@@ -58,21 +65,26 @@ def _modifier_line(modifier: Any) -> str:
     return f"- `{type(modifier).__name__}`: `{json.dumps(args, sort_keys=True)}`"
 
 
-def model_card(model: torch.nn.Module, recipe: Recipe) -> str:
+def model_card(
+    model: torch.nn.Module, recipe: Recipe, zeros: Mapping[str, WeightZeros] | None = None
+) -> str:
     """Markdown describing a compressed model: the recipe's modifiers (one line each), the
     measured sparsity of its Linear weights overall and per module type, and its quantization
     schemes when it has any.
 
     :param model: the compressed model
     :param recipe: the recipe that produced it
+    :param zeros: every Linear's zeros as the save counted them (``linear_zeros``), so the
+        weights are not read again; read from the model when None
     :return: the card's text
     """
-    overall, per_kind = linear_sparsity(model)
+    zeros = zeros if zeros is not None else linear_zeros(model)
+    overall, per_kind = linear_sparsity(model, zeros)
     schemes = _schemes(model)
     lines = ["# Compressed model", "", _PRODUCED_BY, ""]
     lines += [_modifier_line(m) for m in recipe.modifiers] or ["- (no modifiers)"]
     lines += ["", "## Sparsity", ""]
-    lines += _sparsity_lines(model, bool(schemes))
+    lines += _sparsity_lines(zeros, bool(schemes))
     lines += [
         "",
         "Fraction of exact zeros in the (effective) weights of the Linear layers, stored as "
@@ -88,8 +100,8 @@ def model_card(model: torch.nn.Module, recipe: Recipe) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _sparsity_lines(model: torch.nn.Module, quantized: bool) -> list[str]:
-    config = sparsity_config(model)
+def _sparsity_lines(zeros: Mapping[str, WeightZeros], quantized: bool) -> list[str]:
+    config = config_of_zeros(zeros)
     if config is None:
         return ["No Linear layer is sparse (`config.json` records no `sparsity_config`)."]
     structure = config.sparsity_structure or "unstructured"

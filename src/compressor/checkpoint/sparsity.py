@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from collections.abc import Mapping
 from pathlib import Path
+from typing import NamedTuple
 
 import compressed_tensors
 import torch
@@ -30,10 +32,14 @@ from compressed_tensors.quantization.lifecycle.forward import fake_quantize
 
 __all__ = [
     "SPARSE_MODULE_THRESHOLD",
+    "WeightZeros",
+    "config_of_zeros",
     "effective_weight",
     "linear_sparsity",
+    "linear_zeros",
     "n_m_structure",
     "sparsity_config",
+    "weight_zeros",
     "write_sparsity_config",
 ]
 
@@ -70,32 +76,37 @@ def effective_weight(module: torch.nn.Module) -> torch.Tensor:
     )
 
 
-def _linears(model: torch.nn.Module) -> list[tuple[str, torch.nn.Linear]]:
+def _linears(
+    model: torch.nn.Module, measured: Mapping[str, WeightZeros] | None = None
+) -> list[tuple[str, torch.nn.Linear]]:
     return [
         (name, module)
         for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear) and isinstance(module.weight, torch.Tensor)
+        if isinstance(module, torch.nn.Linear)
+        and ((measured is not None and name in measured) or isinstance(module.weight, torch.Tensor))
     ]
 
 
 @torch.no_grad()
-def linear_sparsity(model: torch.nn.Module) -> tuple[float, dict[str, float]]:
+def linear_sparsity(
+    model: torch.nn.Module, zeros: Mapping[str, WeightZeros] | None = None
+) -> tuple[float, dict[str, float]]:
     """Fraction of exact zeros in the effective weights of every ``nn.Linear``.
 
     :param model: the model
+    :param zeros: every Linear's zeros when already counted (``linear_zeros``), else read
     :return: the overall fraction, and one per module type (the last part of the name,
         such as ``q_proj``)
     """
-    zeros: dict[str, int] = defaultdict(int)
+    counts: dict[str, int] = defaultdict(int)
     sizes: dict[str, int] = defaultdict(int)
-    for name, module in _linears(model):
+    for name, (count, numel, _) in (zeros if zeros is not None else linear_zeros(model)).items():
         kind = name.rsplit(".", 1)[-1]
-        weight = effective_weight(module)
-        zeros[kind] += int((weight == 0).sum())
-        sizes[kind] += weight.numel()
+        counts[kind] += count
+        sizes[kind] += numel
     total = sum(sizes.values())
-    overall = sum(zeros.values()) / total if total else 0.0
-    return overall, {kind: zeros[kind] / sizes[kind] for kind in sorted(sizes)}
+    overall = sum(counts.values()) / total if total else 0.0
+    return overall, {kind: counts[kind] / sizes[kind] for kind in sorted(sizes)}
 
 
 def n_m_structure(weight: torch.Tensor) -> tuple[int, int] | None:
@@ -107,9 +118,13 @@ def n_m_structure(weight: torch.Tensor) -> tuple[int, int] | None:
     """
     if weight.dim() != 2:
         return None
-    zero = weight == 0
+    return _zeros_structure(weight == 0)
+
+
+def _zeros_structure(zero: torch.Tensor) -> tuple[int, int] | None:
+    """``n_m_structure`` of a weight given where it is zero (a 2-D bool tensor)."""
     for m in sorted({m for _, m in _STRUCTURES}):
-        if weight.shape[1] % m:
+        if zero.shape[1] % m:
             continue
         # the fewest zeros in any group decides every N at once: one pass per M
         per_group = zero.reshape(-1, m).sum(dim=1)
@@ -120,10 +135,61 @@ def n_m_structure(weight: torch.Tensor) -> tuple[int, int] | None:
     return None
 
 
+class WeightZeros(NamedTuple):
+    """What ``sparsity_config`` reads of one Linear's weight: its zeros, its size and the
+    N:M structure its zeros follow (None: none, or too few zeros for any)."""
+
+    count: int
+    numel: int
+    structure: tuple[int, int] | None
+
+
 @torch.no_grad()
-def sparsity_config(model: torch.nn.Module) -> SparsityCompressionConfig | None:
+def weight_zeros(zero: torch.Tensor) -> WeightZeros:
+    """The ``WeightZeros`` of a weight given where it is zero.
+
+    :param zero: a bool tensor, True where the weight is zero (2-D for a structure)
+    """
+    count = int(torch.count_nonzero(zero))
+    # a weight with too few zeros for any structure need not have its groups counted
+    structured = zero.dim() == 2 and count >= _LEAST_STRUCTURED * zero.numel()
+    return WeightZeros(count, zero.numel(), _zeros_structure(zero) if structured else None)
+
+
+@torch.no_grad()
+def linear_zeros(
+    model: torch.nn.Module, measured: Mapping[str, WeightZeros] | None = None
+) -> dict[str, WeightZeros]:
+    """The zeros of every ``nn.Linear``'s effective weight, by module name in the model's
+    order.
+
+    :param model: the model
+    :param measured: Linears already counted (by name: those packed for a save, whose
+        weights are gone from the model), taken as they are; the others are read
+    """
+    measured = measured or {}
+    return {
+        name: measured.get(name) or weight_zeros(effective_weight(module) == 0)
+        for name, module in _linears(model, measured)
+    }
+
+
+@torch.no_grad()
+def sparsity_config(
+    model: torch.nn.Module, measured: Mapping[str, WeightZeros] | None = None
+) -> SparsityCompressionConfig | None:
     """compressed-tensors' ``sparsity_config`` for ``model``, measured; None when no Linear is
-    sparse.
+    sparse (``config_of_zeros`` of ``linear_zeros``).
+
+    :param model: the model about to be saved
+    :param measured: Linears already counted, as ``linear_zeros`` takes them
+    """
+    return config_of_zeros(linear_zeros(model, measured))
+
+
+def config_of_zeros(zeros: Mapping[str, WeightZeros]) -> SparsityCompressionConfig | None:
+    """compressed-tensors' ``sparsity_config`` of a model whose Linears have these zeros;
+    None when no Linear is sparse.
 
     A Linear is sparse when its effective weight follows an N:M structure or is at least
     ``SPARSE_MODULE_THRESHOLD`` zero. ``sparsity_structure`` is the N:M structure every
@@ -133,19 +199,15 @@ def sparsity_config(model: torch.nn.Module) -> SparsityCompressionConfig | None:
     ``global_sparsity`` is the fraction of zeros over every Linear weight (the model card's
     overall figure). ``format`` is ``dense``: see the module docstring.
 
-    :param model: the model about to be saved
+    :param zeros: every Linear's zeros by name, in the model's order (``linear_zeros``)
     """
     sparse: list[str] = []
     dense: list[str] = []
     structures: set[tuple[int, int] | None] = set()
-    zeros = size = 0
-    for name, module in _linears(model):
-        weight = effective_weight(module)
-        count = int((weight == 0).sum())
-        zeros, size = zeros + count, size + weight.numel()
-        # a weight with too few zeros for any structure need not have its groups counted
-        structure = n_m_structure(weight) if count >= _LEAST_STRUCTURED * weight.numel() else None
-        if structure is not None or count >= SPARSE_MODULE_THRESHOLD * weight.numel():
+    total = size = 0
+    for name, (count, numel, structure) in zeros.items():
+        total, size = total + count, size + numel
+        if structure is not None or count >= SPARSE_MODULE_THRESHOLD * numel:
             sparse.append(name)
             structures.add(structure)
         else:
@@ -161,7 +223,7 @@ def sparsity_config(model: torch.nn.Module) -> SparsityCompressionConfig | None:
         CompressionFormat.dense.value,
         targets=targets,
         ignore=ignore,
-        global_sparsity=round(zeros / size, 6),
+        global_sparsity=round(total / size, 6),
         sparsity_structure=f"{common[0]}:{common[1]}" if common else "unstructured",
     )
 

@@ -102,6 +102,7 @@ def _oneshot(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         device=args.device,
         offload_folder=args.offload_folder,
+        decompress_after_save=False,  # the process ends after the save
     )
     print(f"saved the compressed model to {args.output} in {time.perf_counter() - began:.1f} s")
     return 0

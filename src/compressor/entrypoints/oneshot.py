@@ -49,6 +49,7 @@ def oneshot(
     overwrite: bool = False,
     device: str | None = None,
     offload_folder: str | Path | None = None,
+    decompress_after_save: bool = True,
 ) -> torch.nn.Module:
     """Compress ``model`` with ``recipe`` after training, calibrating on ``dataset``.
 
@@ -85,6 +86,11 @@ def oneshot(
     :param device: where the sequential pipeline computes, one layer at a time
     :param offload_folder: with a checkpoint directory as ``model``: load its decoder layers
         offloaded to disk in this folder (for a model larger than memory)
+    :param decompress_after_save: after writing ``output_dir``, give the quantized model its
+        (dequantized) weights back, as it had them before the save. False when the caller
+        does not use the returned model (the CLI): the save skips that work and leaves the
+        model compressed as written (a forward pass would decompress it first); the
+        checkpoint is the same
     :return: the compressed model
 
     Under an initialised process group (``torchrun``, ``accelerate launch``), each rank
@@ -104,6 +110,7 @@ def oneshot(
         save_compressed=save_compressed,
         overwrite=overwrite,
         offload_folder=offload_folder,
+        decompress_after_save=decompress_after_save,
     )
     parsed = _parse_recipe(recipe, dataset)
     check_recipe_for_ranks(parsed, calibration, output, model, offload_folder)
@@ -130,6 +137,7 @@ def _check_arguments(
     save_compressed: bool,
     overwrite: bool,
     offload_folder: str | Path | None,
+    decompress_after_save: bool = True,
 ) -> tuple[CalibrationArguments, OutputArguments]:
     """Validate every option and check the output directory (writable, replaceable, apart
     from ``offload_folder``), before anything is loaded."""
@@ -141,7 +149,10 @@ def _check_arguments(
         device=device,
     )
     output = OutputArguments(
-        output_dir=output_dir, save_compressed=save_compressed, overwrite=overwrite
+        output_dir=output_dir,
+        save_compressed=save_compressed,
+        overwrite=overwrite,
+        decompress_after_save=decompress_after_save,
     )
     if output.output_dir is not None:
         if offload_folder is not None:
@@ -288,4 +299,5 @@ def _save(model: torch.nn.Module, output: OutputArguments, recipe: Recipe, token
         tokenizer,
         save_compressed=output.save_compressed,
         overwrite=output.overwrite,
+        decompress=output.decompress_after_save,
     )

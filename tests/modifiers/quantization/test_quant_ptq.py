@@ -256,3 +256,31 @@ def test_conv2d_activations_are_rejected():
     }
     with create_session() as session, pytest.raises(ValueError, match="conv.*weights-only"):
         session.initialize(_TinyConvNet(), [QuantizationModifier(config_groups=groups)])
+
+
+def test_weight_scales_are_set_on_one_cpu_thread_with_the_same_result(tiny_llama, monkeypatch):
+    """A min and a max per weight: one thread gives the same scales, and does not stall when
+    other processes share the cores; the caller's thread count is restored."""
+    from compressor.modifiers.quantization import calibration
+
+    real = calibration.weight_range
+    seen: list[int] = []
+
+    def spied(weight, args):
+        seen.append(torch.get_num_threads())
+        return real(weight, args)
+
+    monkeypatch.setattr(calibration, "weight_range", spied)
+    groups = {"g": {"targets": ["Linear"], "weights": {"num_bits": 4, "group_size": 16}}}
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        model = _calibrate(tiny_llama, QuantizationModifier(config_groups=groups), [])
+        assert seen and set(seen) == {1}
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(previous)
+    q_proj = model.model.layers[0].self_attn.q_proj
+    grouped = q_proj.weight.detach().reshape(q_proj.weight.shape[0], -1, 16)
+    expected = grouped.abs().amax(dim=-1) / 7.5  # symmetric int4: the range over 15 steps
+    torch.testing.assert_close(q_proj.weight_scale, expected, rtol=1e-6, atol=0)

@@ -28,6 +28,7 @@ from compressor.modifiers.quantization.observers import (
     qparams_from_range,
     weight_range,
 )
+from compressor.utils.threads import one_cpu_thread
 
 __all__ = [
     "PostTrainingPathway",
@@ -248,9 +249,12 @@ class PostTrainingPathway:
         switch the quantized forwards off until each module's calibration ends."""
         apply_quantization(self.model, self.config, self.modules)
         held = held_by_compressed_tensors(self.modules)
-        for name, module in held.items():
-            update_weight_qparams(module, name)
-        share_fused_global_scales(held)
+        # a min, a max and a rounding per weight: exact on any thread count, and on one they
+        # do not stall when other processes share the cores (utils.threads)
+        with one_cpu_thread():
+            for name, module in held.items():
+                update_weight_qparams(module, name)
+            share_fused_global_scales(held)
         for name, module in held.items():
             for role, args in static_activation_roles(module).items():
                 self._observe(name, module, role, args)
