@@ -13,7 +13,8 @@ from loguru import logger
 from compressor.core.events import Event, EventType
 from compressor.core.lifecycle import Lifecycle
 from compressor.core.state import State
-from compressor.utils.sharding import check_not_fully_sharded, gather_sharded_model
+from compressor.utils.fsdp import check_fully_sharded, fully_sharded_modules
+from compressor.utils.sharding import gather_sharded_model
 
 __all__ = ["CompressionSession", "active_session", "create_session"]
 
@@ -49,6 +50,7 @@ class CompressionSession:
         self._lifecycle: Lifecycle | None = None
         self._optim_handles: list[Any] = []
         self._finalized = False
+        self._fully_sharded_at_initialize = False
 
     # ---------------------------------------------------------------- properties
     @property
@@ -115,7 +117,8 @@ class CompressionSession:
         if model is None:
             raise ValueError("model is required")
         if isinstance(model, torch.nn.Module):
-            check_not_fully_sharded(model)  # FSDP2: refused before any work
+            check_fully_sharded(model)  # FSDP2 layouts not supported: refused before any work
+            self._fully_sharded_at_initialize = bool(fully_sharded_modules(model))
         self.recipe = self._resolve_recipe(recipe)
         state = self._create_state_and_lifecycle(
             model,
@@ -303,12 +306,15 @@ class CompressionSession:
         into an ordinary model on every rank (``utils.sharding.gather_sharded_model``), so that
         the modifiers finalize (scales, masks, compressed-tensors quantization) on whole
         weights exactly as in one process, and the model saves and reloads as one. A model
-        sharded with FSDP2 (``fully_shard``) after ``initialize`` is refused here.
+        sharded with FSDP2 (``fully_shard``) is released from FSDP2 and gathered the same
+        way; one that ``fully_shard`` reached only after ``initialize`` is refused here (its
+        modifiers set up their hooks and parametrizations for an unsharded model).
         """
         self._require_lifecycle()
         state = self._require_state()
         assert self.recipe is not None
         if state.model is not None:
+            self._check_not_sharded_since_initialize(state.model)
             gather_sharded_model(state.model)
         errors: list[BaseException] = []
         for modifier in self.recipe.modifiers:
@@ -324,6 +330,17 @@ class CompressionSession:
             step(self)
         logger.info("session finalized")
         return state
+
+    def _check_not_sharded_since_initialize(self, model: torch.nn.Module) -> None:
+        sharded = fully_sharded_modules(model)
+        if sharded and not self._fully_sharded_at_initialize:
+            raise ValueError(
+                f"{sharded[0][0] or 'the model'} was sharded with FSDP2 (fully_shard) "
+                "after the compression session was initialized, which is not supported: the "
+                "modifiers set up quantization-aware training and masks for an unsharded "
+                "model; apply fully_shard first, then build the optimizer and initialize the "
+                "session"
+            )
 
     # ---------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:

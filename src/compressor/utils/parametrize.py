@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch.nn.utils import parametrize
 
+from compressor.utils.fsdp import is_fully_sharded_module
+
 __all__ = ["register_parametrization", "remove_parametrizations"]
 
 
@@ -63,8 +65,20 @@ def register_parametrization(
     removes every one on that tensor (torch has no single removal), so a second modifier
     would silently stop applying when the first one ends.
 
+    A weight FSDP2 (``fully_shard``) manages is refused too: FSDP2 sets the whole tensor it
+    gathers on the module for each forward, which a parametrization (computing from the
+    sharded parameter underneath) would never see.
+
     :param where: the module's name, for the error
     """
+    if is_fully_sharded_module(module):
+        raise ValueError(
+            f"{where or type(module).__name__}.{name} is sharded with FSDP2 (fully_shard), "
+            f"which a parametrization ({type(parametrization).__name__}) cannot apply to: "
+            "FSDP2 gathers the whole tensor for each forward and a parametrization would "
+            "compute from the shard; under fully_shard quantization-aware training and l1 "
+            "pruning masks are supported, learnable masks and scores are not"
+        )
     if parametrize.is_parametrized(module, name):
         existing = ", ".join(type(p).__name__ for p in module.parametrizations[name])
         raise ValueError(

@@ -7,6 +7,10 @@ weight is here: its layout (which dimension is split, and this rank's slice of i
 reduction over the ranks that share it, a full copy for statistics over the whole tensor,
 this rank's slice of a full tensor (a mask), and the in-place gathering of a whole model back
 into ordinary tensors once training ends. Every function leaves an ordinary tensor alone.
+
+FSDP2 (``fully_shard``) shards parameters as DTensors too (``Shard(0)``, a slice of rows per
+rank): masks and scores use the same functions on them; ``utils.fsdp`` holds what is FSDP2's
+own.
 """
 
 from __future__ import annotations
@@ -20,9 +24,10 @@ from loguru import logger
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
+from compressor.utils.fsdp import release_fully_sharded, remove_hooks_from
+
 __all__ = [
     "ShardLayout",
-    "check_not_fully_sharded",
     "full_tensor",
     "gather_sharded_model",
     "has_sharded_parameters",
@@ -130,51 +135,19 @@ def has_sharded_parameters(model: torch.nn.Module) -> bool:
     return any(isinstance(t, DTensor) for t in (*model.parameters(), *model.buffers()))
 
 
-def check_not_fully_sharded(model: torch.nn.Module) -> None:
-    """Refuse a model sharded with FSDP2 (``torch.distributed.fsdp.fully_shard``).
-
-    FSDP2 gathers each parameter before its module's forward and writes the whole tensor onto
-    the module attribute it sharded; a modifier that parametrizes the weight afterwards
-    (quantization-aware training) computes from the sharded one instead (torch's "mixed
-    torch.Tensor and DTensor" error in the first forward), masks held on the sharded
-    parameters miss FSDP2's gradients, and the model cannot be gathered back into an
-    ordinary one at finalize. Tensor parallelism (``parallelize_module``) is supported.
-
-    :raises ValueError: naming the first fully sharded module
-    """
-    from torch.distributed.fsdp import FSDPModule
-
-    for name, module in model.named_modules():
-        if isinstance(module, FSDPModule):
-            raise ValueError(
-                f"{name or type(module).__name__} is sharded with FSDP2 (fully_shard), which "
-                "compression-aware training does not support yet: quantization-aware training "
-                "and pruning masks need the weights whole or split by tensor parallelism "
-                "(parallelize_module with ColwiseParallel / RowwiseParallel); train with "
-                "tensor parallelism or DDP, or apply fully_shard without the compression "
-                "session"
-            )
-
-
-def _is_tensor_parallel_hook(hook: Any) -> bool:
-    # distribute_module (which parallelize_module calls) registers its input and output
-    # redistribution as lambdas defined in torch.distributed.tensor
-    return str(getattr(hook, "__module__", "")).startswith("torch.distributed.tensor")
-
-
 @torch.no_grad()
 def gather_sharded_model(model: torch.nn.Module) -> int:
-    """Turn a tensor-parallel model back into an ordinary one on every rank, in place: every
-    DTensor parameter and buffer becomes an ordinary one holding the whole tensor (parameters
-    stay trainable as they were; those under a parametrization too), and the input / output
-    redistribution hooks ``parallelize_module`` added are removed, so the model computes as
-    the same model never parallelised. The optimizer's references go stale: call it after the
-    last training step.
+    """Turn a tensor-parallel or FSDP2-sharded model back into an ordinary one on every rank,
+    in place: FSDP2's management is released first (``fsdp.release_fully_sharded``), then
+    every DTensor parameter and buffer becomes an ordinary one holding the whole tensor
+    (parameters stay trainable as they were; those under a parametrization too), and the
+    input / output redistribution hooks ``parallelize_module`` added are removed, so the model
+    computes as the same model never parallelised. The optimizer's references go stale: call
+    it after the last training step.
 
     :return: how many tensors were gathered
-    :raises ValueError: a model sharded with FSDP2 (``check_not_fully_sharded``)
     """
-    check_not_fully_sharded(model)
+    release_fully_sharded(model)
     gathered = 0
     for module in model.modules():
         for name, param in list(module._parameters.items()):
@@ -186,11 +159,11 @@ def gather_sharded_model(model: torch.nn.Module) -> int:
             if isinstance(buffer, DTensor):
                 module._buffers[name] = buffer.full_tensor()
                 gathered += 1
-        for hooks in (module._forward_pre_hooks, module._forward_hooks):
-            for key in [k for k, h in hooks.items() if _is_tensor_parallel_hook(h)]:
-                del hooks[key]
+        # distribute_module (which parallelize_module calls) registers its input and output
+        # redistribution as lambdas defined in torch.distributed.tensor
+        remove_hooks_from(module, ("torch.distributed.tensor",))
         if getattr(module, "_distribute_module_applied", False):
             del module._distribute_module_applied
     if gathered:
-        logger.info("gathered {} tensor-parallel tensor(s) into whole tensors", gathered)
+        logger.info("gathered {} sharded tensor(s) into whole tensors", gathered)
     return gathered

@@ -229,8 +229,8 @@ class PruningModifierBase(Modifier):
         return not SCORERS[self.method].own_schedule and super().should_end(event)
 
     def _check_sharded(self) -> None:
-        """Tensor-parallel (DTensor) weights are scored by ``l1`` only, whose scores every rank
-        gathers whole (``L1Scorer``)."""
+        """Tensor-parallel and FSDP2-sharded (DTensor) weights are scored by ``l1`` only, whose
+        scores every rank gathers whole (``L1Scorer``)."""
         sharded = [
             m.name
             for c in self._couplings
@@ -240,7 +240,8 @@ class PruningModifierBase(Modifier):
         if sharded and self.method != "l1":
             raise ValueError(
                 f"{type(self).__name__}: method {self.method!r} is not supported on "
-                f"tensor-parallel (DTensor) weights, such as {sharded[0]}'s; use method 'l1' "
+                f"tensor-parallel or FSDP2-sharded (DTensor) weights, such as {sharded[0]}'s; "
+                "use method 'l1' "
                 "(every rank gathers the whole weight's scores and keeps the same mask)"
             )
 

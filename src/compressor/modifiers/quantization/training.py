@@ -31,6 +31,7 @@ from compressor.modifiers.quantization.fake_quant import (
     is_per_tensor,
     low_bit_weight,
 )
+from compressor.modifiers.quantization.fully_sharded import QuantizeOnForward
 from compressor.modifiers.quantization.matching import apply_quantization
 from compressor.modifiers.quantization.observers import ActivationObservers
 from compressor.modifiers.quantization.progressive import (
@@ -39,6 +40,7 @@ from compressor.modifiers.quantization.progressive import (
     progressive_bits,
 )
 from compressor.modifiers.quantization.sharded import check_sharded_scheme
+from compressor.utils.fsdp import is_fully_sharded_module
 from compressor.utils.parametrize import register_parametrization, remove_parametrizations
 
 __all__ = ["TrainingPathway"]
@@ -59,7 +61,9 @@ class _ParametrizationHandle:
 
 class TrainingPathway:
     """QuantizationModifier during training: weights fake-quantized through a
-    parametrization and activations through hooks, both with straight-through gradients;
+    parametrization (or, on weights FSDP2 manages, in their module's forward:
+    ``fully_sharded.QuantizeOnForward``) and activations through hooks, both with
+    straight-through gradients;
     at finalize, compressed-tensors quantization with scales from the final weights and the
     observed ranges, frozen.
 
@@ -119,7 +123,7 @@ class TrainingPathway:
         self.start_step = event.global_step
         for name, module in self.modules.items():  # tensor-parallel weights: refused first
             args = self.schemes[name].weights
-            if args is not None:
+            if args is not None and not is_fully_sharded_module(module):
                 check_sharded_scheme(args, module.weight, name, self.low_bit_weights)
         for name, module in self.modules.items():
             scheme = self.schemes[name]
@@ -130,10 +134,8 @@ class TrainingPathway:
                     where=name,
                     levels=self.low_bit_weights,
                 )
-                register_parametrization(module, "weight", quantizer, unsafe=True, where=name)
-                self._handles.append(
-                    self.hooks.track_handle(_ParametrizationHandle(module, "weight"))  # type: ignore[arg-type]
-                )
+                handle = self._attach(name, module, quantizer)
+                self._handles.append(self.hooks.track_handle(handle))  # type: ignore[arg-type]
                 self._weight_quantizers[name] = quantizer
             for role, field in _ROLES.items():
                 args = getattr(scheme, field)
@@ -147,6 +149,16 @@ class TrainingPathway:
             "{}: quantization-aware training of {} module(s)", self.owner, len(self.modules)
         )
         self._maybe_start_activations(event)
+
+    @staticmethod
+    def _attach(name: str, module: torch.nn.Module, quantizer: WeightFakeQuantizer) -> Any:
+        """Fake-quantize ``module.weight`` from now on; a handle whose ``remove`` stops it.
+        FSDP2 gathers a weight it manages only for its module's forward: quantized there
+        (``QuantizeOnForward``); any other weight through a parametrization."""
+        if is_fully_sharded_module(module):
+            return QuantizeOnForward(module, quantizer, name)
+        register_parametrization(module, "weight", quantizer, unsafe=True, where=name)
+        return _ParametrizationHandle(module, "weight")
 
     def update(self, event: Event) -> None:
         """Lower the bits and the full-precision share on their schedules; switch activation
