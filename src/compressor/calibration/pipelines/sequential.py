@@ -191,7 +191,9 @@ def run_sequential(
             with _on_device(layer, target, home), layer_onloaded(offloaded):
                 if index == 0:  # checked once, before the first layer changes
                     inputs = _unmerged_unless_exact(layer, inputs, path)
-                    plan = _stage_plan(layer, inputs, rest) if shortcuts.in_stages else None
+                    # transforms alone (AWQ with its own scheme) calibrate whole layers
+                    staged = shortcuts.in_stages and (bool(rest) or not first)
+                    plan = _stage_plan(layer, inputs, rest) if staged else None
                 if first:
                     _transform_first(layer, inputs, session, first, index)
                 with HooksMixin.hooks_only_of(rest) if first else contextlib.nullcontext():
