@@ -36,6 +36,7 @@ RECIPES = {
     "RTN": "quant_w4_asym_channel",
     "GPTQ": "gptq_w4_asym_channel",
     "AWQ": "awq_w4_asym_channel",
+    "AWQ no clip": "awq_noclip_w4_asym_channel",
     "AWQ+GPTQ": "awq_gptq_w4_asym_channel",
     "W8A8": "quant_w8a8_static",
     "SQ+W8A8": "smoothquant_w8a8_static",
@@ -45,6 +46,8 @@ PAIRS = [
     ("GPTQ", "AWQ"),
     ("GPTQ", "AWQ+GPTQ"),
     ("AWQ", "AWQ+GPTQ"),
+    ("AWQ no clip", "AWQ+GPTQ"),
+    ("AWQ no clip", "AWQ"),
     ("W8A8", "SQ+W8A8"),
     ("FP", "W8A8"),
 ]

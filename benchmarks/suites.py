@@ -109,7 +109,8 @@ def quant_cases(size: str) -> list[Case]:
                 )
             )
         cases.extend(_fp4_and_kv_cache_cases(model, ev, repeats))
-    return cases + _awq_smoothquant_cases(size) + _whole_process("quant", size, rtn=True)
+    smollm2 = _awq_smoothquant_smollm2_cases() if size == "full" else []
+    return cases + _awq_smoothquant_cases(size) + smollm2 + _whole_process("quant", size, rtn=True)
 
 
 def _fp4_and_kv_cache_cases(model: str, ev: tuple[int, int | None], repeats: int) -> list[Case]:
@@ -137,6 +138,17 @@ def _fp4_and_kv_cache_cases(model: str, ev: tuple[int, int | None], repeats: int
 
 
 # ------------------------------------------------------------------ AWQ and SmoothQuant (issue 20)
+#: issue 20's rows: (case name, recipe, the modifier our side needs)
+AWQ_SMOOTHQUANT_ROWS = (
+    ("W4 asym channel RTN", "quant_w4_asym_channel", QUANT),
+    ("W4 asym channel GPTQ", "gptq_w4_asym_channel", GPTQ),
+    ("W4 asym channel AWQ", "awq_w4_asym_channel", AWQ),
+    ("W4 asym channel AWQ+GPTQ", "awq_gptq_w4_asym_channel", AWQ),
+    ("W8A8 static", "quant_w8a8_static", QUANT),
+    ("SmoothQuant 0.8 + W8A8 static", "smoothquant_w8a8_static", SMOOTHQUANT),
+)
+
+
 def _awq_smoothquant_cases(size: str) -> list[Case]:
     """Issue 20's table on stories260K: int4 asymmetric per-channel weights by rounding, GPTQ,
     AWQ and AWQ then GPTQ; int8 static per-tensor W8A8 with and without SmoothQuant 0.8. 32 rows
@@ -147,14 +159,7 @@ def _awq_smoothquant_cases(size: str) -> list[Case]:
     ev = (64, 2) if size == "smoke" else (128, 16)
     repeats = {"smoke": 1, "quick": 1, "full": 2}[size]
     cases = []
-    for name, recipe, modifier in (
-        ("W4 asym channel RTN", "quant_w4_asym_channel", QUANT),
-        ("W4 asym channel GPTQ", "gptq_w4_asym_channel", GPTQ),
-        ("W4 asym channel AWQ", "awq_w4_asym_channel", AWQ),
-        ("W4 asym channel AWQ+GPTQ", "awq_gptq_w4_asym_channel", AWQ),
-        ("W8A8 static", "quant_w8a8_static", QUANT),
-        ("SmoothQuant 0.8 + W8A8 static", "smoothquant_w8a8_static", SMOOTHQUANT),
-    ):
+    for name, recipe, modifier in AWQ_SMOOTHQUANT_ROWS:
         cases.append(
             Case(
                 "quant",
@@ -168,6 +173,22 @@ def _awq_smoothquant_cases(size: str) -> list[Case]:
                 repeats=repeats,
             )
         )
+    return cases
+
+
+def _awq_smoothquant_smollm2_cases() -> list[Case]:
+    """Issue 20's table on SmolLM2-135M, with the same recipes as stories260K and the prune
+    suite's SmolLM2 protocol (16 rows of 512 calibration tokens from the start of WikiText-2's
+    test text, 8 evaluation windows of 512 from its later, disjoint slice), once per side: small
+    enough for 2 shared cores. Its weights lie on a Q4_1 grid already, so the W4 rows compare
+    methods with each other, not with the full-precision row."""
+    model, calib, ev = "smollm2-135m", (16, 512), (512, 8)
+    # named apart from the suite's other SmolLM2 FP row (32 windows)
+    cases = [Case("quant", "FP 8 windows", model, "eval", {"ours": None}, eval=ev,
+                  key_phase="eval")]  # fmt: skip
+    for name, recipe, modifier in AWQ_SMOOTHQUANT_ROWS:
+        cases.append(Case("quant", name, model, "oneshot", _both(recipe), calibration=calib,
+                          eval=ev, requires=(ONESHOT, modifier)))  # fmt: skip
     return cases
 
 

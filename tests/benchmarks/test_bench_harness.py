@@ -224,3 +224,27 @@ def test_issue_23s_smollm2_cases_score_the_raw_text_from_its_start(tmp_path):
     stories = next(c for c in spinquant_cases("full") if c.model == "stories260K" and c.eval)
     spec = harness._spec(stories, "ours", tmp_path, tmp_path, settings, True)
     assert spec["eval"]["char_start"] == MODELS["stories260K"].eval_char_start
+
+
+def test_issue_20s_smollm2_table_uses_the_prune_suites_smollm2_rows(tmp_path):
+    """The AWQ/SmoothQuant table on SmolLM2 calibrates and scores on the very rows of the prune
+    suite's SmolLM2 cases (16x512 from the start of WikiText-2, 8 windows of 512 from its
+    held-out slice), every row on both sides but the FP one, each name selectable by --case."""
+    from benchmarks.suites import prune_cases, quant_cases
+
+    settings = harness.Settings(out=tmp_path)
+    ours = [c for c in quant_cases("full") if c.model == "smollm2-135m" and c.calibration]
+    ours = [c for c in ours if c.calibration == (16, 512)]
+    assert [c.name for c in ours] == [
+        "W4 asym channel RTN", "W4 asym channel GPTQ", "W4 asym channel AWQ",
+        "W4 asym channel AWQ+GPTQ", "W8A8 static", "SmoothQuant 0.8 + W8A8 static",
+    ]  # fmt: skip
+    owl = next(c for c in prune_cases("full") if c.model == "smollm2-135m" and c.calibration)
+    reference = harness._spec(owl, "ours", tmp_path, tmp_path, settings, True)
+    for case in ours:
+        assert case.sides == ["ours", "llmcompressor"] and "," not in case.name
+        spec = harness._spec(case, "ours", tmp_path, tmp_path, settings, True)
+        assert spec["calibration"] == reference["calibration"], case.name
+        assert spec["eval"] == reference["eval"], case.name
+    fp = [c for c in quant_cases("full") if c.name == "FP 8 windows"]
+    assert len(fp) == 1 and fp[0].eval == owl.eval

@@ -127,6 +127,28 @@ def test_the_plan_names_the_stage_modules_of_a_llama_layer():
     )
 
 
+def test_hooks_of_modifiers_calibrating_in_a_pass_of_their_own_do_not_stop_the_stages():
+    """AWQ's and SmoothQuant's hooks sit on the attention and the MLP (their whole inputs),
+    which no stage calibrates; they run in a pass of their own, so the stages are planned for
+    the other modifiers' hooks alone (counted with them, the layer would be calibrated
+    whole, and GPTQ after AWQ would lose its stages)."""
+    model = llama()
+    layer = model.model.layers[0]
+    captured = sequential.capture_layer_inputs(
+        model, layer, [{"input_ids": torch.randint(0, 128, (2, 16))}], torch.device("cpu")
+    )
+    staging, first = HooksMixin(), HooksMixin()
+    staging.register_hook(layer.self_attn.q_proj, lambda *_: None, "forward_pre")
+    first.register_hook(layer.self_attn, lambda *_: None, "forward_pre", with_kwargs=True)
+    try:
+        assert staged.plan_stages(layer, captured[0]) is None  # every owner's hooks counted
+        plan = staged.plan_stages(layer, captured[0], [staging])
+        assert plan is not None and plan.attention_output == "self_attn.o_proj"
+    finally:
+        staging.remove_hooks()
+        first.remove_hooks()
+
+
 def _opt():
     torch.manual_seed(0)
     return tiny_opt(num_hidden_layers=2).eval()

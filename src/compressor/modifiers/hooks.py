@@ -68,6 +68,7 @@ class HooksMixin:
             return hook(*args, **kw)
 
         wrapped._compressor_hook = True  # type: ignore[attr-defined]
+        wrapped._compressor_owner = owner_id  # type: ignore[attr-defined]
 
         if kind == "tensor":
             if not isinstance(target, torch.Tensor):
@@ -139,15 +140,20 @@ class HooksMixin:
             HooksMixin._HOOKS_ONLY_OF = previous
 
     @staticmethod
-    def has_hooks(module: torch.nn.Module) -> bool:
-        """Whether any object registered a forward, forward pre- or backward hook on
-        ``module`` through this mixin."""
+    def has_hooks(module: torch.nn.Module, owners: Iterable[object] | None = None) -> bool:
+        """Whether any object (one of ``owners``, when given) registered a forward, forward
+        pre- or backward hook on ``module`` through this mixin."""
         hooks = [
             *module._forward_pre_hooks.values(),
             *module._forward_hooks.values(),
             *module._backward_hooks.values(),
         ]
-        return any(getattr(hook, "_compressor_hook", False) for hook in hooks)
+        ids = None if owners is None else {id(owner) for owner in owners}
+        return any(
+            getattr(hook, "_compressor_hook", False)
+            and (ids is None or getattr(hook, "_compressor_owner", None) in ids)
+            for hook in hooks
+        )
 
     @staticmethod
     def call_forward_pre_hooks(module: torch.nn.Module, *args: Any) -> None:

@@ -185,6 +185,40 @@ def test_awq_composes_with_gptq_whose_codes_lie_on_the_grid(tmp_path):
     torch.testing.assert_close(logits(reloaded), logits(model), rtol=1e-4, atol=1e-4)
 
 
+def test_awq_then_gptq_is_gptq_on_the_smoothed_model(monkeypatch):
+    """What a user of the pair expects: AWQ's scales folded, then GPTQ exactly as it runs
+    alone on the smoothed model, with its own min-max scales of the smoothed weights and its
+    Hessians of the smoothed inputs (a Hessian gathered before the fold, on the inputs the
+    layer had before smoothing, would change every weight)."""
+    from compressor.modifiers.transform.smoothing import fold_smoothing_scales
+
+    folded: list[tuple[str, list[str], torch.Tensor]] = []
+    fold = AWQModifier._fold
+
+    def recording_fold(self, resolved, scales):
+        folded.append((resolved.smooth_name, list(resolved.balance_names), scales.clone()))
+        fold(self, resolved, scales)
+
+    monkeypatch.setattr(AWQModifier, "_fold", recording_fold)
+    gptq_asym = {"g": {"targets": ["Linear"], "weights": W4_ASYM}}
+    both = tiny_llama()
+    awq = Recipe.from_yaml(AWQ_THEN_RTN).modifiers[0]
+    oneshot(both, [awq, GPTQModifier(config_groups=gptq_asym, ignore=["lm_head"])], random_ids())
+    assert len(folded) == 6  # 2 layers x 3 mappings
+    assert any(not torch.allclose(s, torch.ones_like(s)) for _, _, s in folded)
+
+    smoothed = tiny_llama()
+    for smooth, balances, scales in folded:
+        fold_smoothing_scales(
+            smoothed.get_submodule(smooth), [smoothed.get_submodule(b) for b in balances], scales
+        )
+    oneshot(smoothed, [GPTQModifier(config_groups=gptq_asym, ignore=["lm_head"])], random_ids())
+    for (name, ours), (_, expected) in zip(
+        both.named_parameters(), smoothed.named_parameters(), strict=True
+    ):
+        torch.testing.assert_close(ours, expected, rtol=0, atol=1e-6, msg=name)
+
+
 def test_without_a_quantization_scheme_it_says_what_to_add():
     with pytest.raises(
         ValueError, match="give AWQModifier a scheme, or put a QuantizationModifier"

@@ -191,7 +191,9 @@ def run_sequential(
             with _on_device(layer, target, home), layer_onloaded(offloaded):
                 if index == 0:  # checked once, before the first layer changes
                     inputs = _unmerged_unless_exact(layer, inputs, path)
-                    plan = _stage_plan(layer, inputs) if shortcuts.in_stages else None
+                    # transforms alone (AWQ with its own scheme) calibrate whole layers
+                    staged = shortcuts.in_stages and (bool(rest) or not first)
+                    plan = _stage_plan(layer, inputs, rest) if staged else None
                 if first:
                     _transform_first(layer, inputs, session, first, index)
                 with HooksMixin.hooks_only_of(rest) if first else contextlib.nullcontext():
@@ -253,12 +255,16 @@ def _unmerged_unless_exact(
     return unmerge(inputs)
 
 
-def _stage_plan(layer: torch.nn.Module, inputs: list[MergedCalls]) -> StagePlan | None:
-    """The stages of every layer, planned on the first layer's first call; None (each layer
-    calibrated whole) when the layers are not Llama-style."""
+def _stage_plan(
+    layer: torch.nn.Module, inputs: list[MergedCalls], modifiers: list[Any]
+) -> StagePlan | None:
+    """The stages of every layer, planned on the first layer's first call for the
+    ``modifiers`` that calibrate in them (not those that transform first: their hooks run in
+    a pass of their own); None (each layer calibrated whole) when the layers are not
+    Llama-style."""
     if not inputs:
         return None
-    plan = plan_stages(layer, inputs[0].call)
+    plan = plan_stages(layer, inputs[0].call, modifiers)
     if plan is None:
         logger.info("{} layers are not Llama-style: each is calibrated whole", type(layer).__name__)
     return plan

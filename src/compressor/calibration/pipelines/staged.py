@@ -41,7 +41,7 @@ calibrated whole (``compressor.calibration.pipelines.sequential``).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,18 +82,27 @@ def _other_kwargs(call: LayerInputs) -> dict[str, Any]:
     return {key: value for key, value in call.kwargs.items() if key != "hidden_states"}
 
 
-def plan_stages(layer: torch.nn.Module, call: LayerInputs) -> StagePlan | None:
+def plan_stages(
+    layer: torch.nn.Module, call: LayerInputs, owners: Iterable[object] | None = None
+) -> StagePlan | None:
     """The stages of ``layer`` (see the module doc), or None when it does not have the
     Llama-style form: checked by running ``call`` through the layer both whole and
     decomposed, with every hook paused, and comparing the outputs exactly.
 
     Every module of the layer with a modifier's hook must be one of the stages' modules.
+
+    :param owners: the modifiers that calibrate in the stages; unset: every modifier with a
+        hook on the layer (the hooks of modifiers that calibrate in a pass of their own, such
+        as AWQ's on the attention and the MLP, do not run in the stages)
     """
     if len(call.args) > 1 or not all(hasattr(layer, part) for part in _PARTS):
         return None
     norm1, attention, norm2, mlp = (getattr(layer, part) for part in _PARTS)
     names = {id(module): name for name, module in layer.named_modules()}
-    hooked = {name for name, module in layer.named_modules() if HooksMixin.has_hooks(module)}
+    owners = None if owners is None else list(owners)
+    hooked = {
+        name for name, module in layer.named_modules() if HooksMixin.has_hooks(module, owners)
+    }
     inputs: list[tuple[str, Any]] = []
     outputs: dict[str, Any] = {}
 
