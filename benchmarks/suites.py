@@ -267,8 +267,10 @@ def spinquant_cases(size: str) -> list[Case]:
                 requires=(ONESHOT, *needs),
             )  # fmt: skip
         )
-    # learned rotations (issue 23): ours only, llm-compressor refuses them; 100 Cayley steps
-    # over 32 calibration rows of 128 tokens
+    # learned rotations (issue 23): ours only, llm-compressor refuses them; 100 Cayley steps of
+    # 8 rows each over 800 calibration rows of 128 tokens (each row seen once, as the paper's
+    # 100 steps x 8 over 800 samples), from the start of the text, far before the scored slice
+    learned_rows = (4, 32) if size == "smoke" else (800, 128)
     cases.append(
         Case(
             "spinquant",
@@ -276,7 +278,7 @@ def spinquant_cases(size: str) -> list[Case]:
             model,
             "oneshot",
             {"ours": "ours/spin_learned_r1r2_w4a4.yaml"},
-            calibration=(4, 32) if size == "smoke" else (32, 128),
+            calibration=learned_rows,
             eval=ev,
             requires=(ONESHOT, spin, QUANT),
         )  # fmt: skip
@@ -288,7 +290,7 @@ def spinquant_cases(size: str) -> list[Case]:
             model,
             "oneshot",
             {"ours": "ours/spin_learned_r1r2r4_w4a4.yaml"},
-            calibration=(4, 32) if size == "smoke" else (32, 128),
+            calibration=learned_rows,
             eval=ev,
             requires=(ONESHOT, spin, QUANT),
         )  # fmt: skip

@@ -13,6 +13,7 @@ from compressor import CompressionCallback, CompressionTrainer, Recipe, create_s
 from compressor.modifiers import SpinQuantModifier
 from compressor.modifiers.transform.spinquant import infer_mapping_from_model, rotation_matrix
 from compressor.modifiers.transform.spinquant.cayley import cayley_sgd_step, orthogonality_error
+from compressor.modifiers.transform.spinquant.learn_batches import step_batches
 from compressor.modifiers.transform.spinquant.learned import initial_rotations, learn_rotations
 from compressor.modifiers.transform.spinquant.rotated_model import (
     LoopQuantizers,
@@ -94,6 +95,63 @@ def test_training_lowers_the_quantized_loss_of_a_tiny_model():
     assert all(not p.grad_fn and p.grad is None for p in model.parameters())
 
 
+# ---------------------------------------------------------------- sequences per step
+def _tiny_setup():
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config(initializer_range=0.2)).eval()
+    plan = rotation_plan(model, infer_mapping_from_model(model), ["R1", "R2"])
+    start = initial_rotations(plan, "random-hadamard", {"R1": 32, "R2": 8}, randomize=True)
+    return (
+        model,
+        plan,
+        start,
+        LoopQuantizers(
+            weights=_learnable().learn_weights, activations=_learnable().learn_activations
+        ),
+    )
+
+
+def test_rows_regrouped_per_step_train_as_the_same_rows_batched(token_batches):
+    """Four steps of two rows regrouped from one-row batches take the very steps (losses and
+    rotations) that batches of those two rows take, and differ from one row per step."""
+    model, plan, start, quantizers = _tiny_setup()
+    singles = [{"input_ids": row[None]} for batch in token_batches for row in batch["input_ids"]]
+    regrouped = learn_rotations(
+        model, plan, start, singles, quantizers, steps=4, lr=1.0, batch_rows=2
+    )
+    batched = learn_rotations(model, plan, start, token_batches, quantizers, steps=4, lr=1.0)
+    one_row = learn_rotations(model, plan, start, singles, quantizers, steps=4, lr=1.0)
+    assert regrouped.losses == pytest.approx(batched.losses, abs=1e-6)
+    for key, rotation in batched.rotations.items():
+        assert (regrouped.rotations[key] - rotation).abs().max() < 1e-9
+        assert orthogonality_error(regrouped.rotations[key]) < 1e-10
+    assert abs(one_row.losses[1] - batched.losses[1]) > 1e-4
+
+
+def test_rows_of_different_lengths_are_padded_out_of_the_loss():
+    """Rows of 16 and 10 tokens (one with its own mask) in one step: right-padded, masked, and
+    the step's loss is the token-weighted mean of each row's own loss. (Weights quantized
+    only: the masked attention's last-bit differences would flip some 4-bit activation
+    roundings, and each flip moves the loss far more than the padding could.)"""
+    model, plan, start, quantizers = _tiny_setup()
+    quantizers = LoopQuantizers(weights=quantizers.weights)
+    long, short = IDS[0], IDS[1, :10]
+    masked = {"input_ids": IDS[1:2, :12], "attention_mask": torch.tensor([[1] * 10 + [0] * 2])}
+    batch = next(step_batches([{"input_ids": long[None]}, masked], rows=2))
+    assert batch["input_ids"].shape == (2, 16)
+    assert batch["attention_mask"].tolist() == [[1] * 16, [1] * 10 + [0] * 6]
+    assert torch.equal(batch["input_ids"][1, :10], short)
+    both = quantized_loss(model, plan, start, batch, quantizers).item()
+    each = [
+        quantized_loss(model, plan, start, {"input_ids": ids[None]}, quantizers).item()
+        for ids in (long, short)
+    ]
+    assert abs(both - (15 * each[0] + 9 * each[1]) / 24) < 1e-5
+    # rows of one length and no mask stack as they are
+    plain = next(step_batches([{"input_ids": IDS}], rows=3))
+    assert set(plain) == {"input_ids"} and torch.equal(plain["input_ids"][2], IDS[0])
+
+
 # ---------------------------------------------------------------- through the lifecycle
 def test_learned_rotations_fuse_exactly_and_stay_orthogonal(token_batches):
     model = _llama()
@@ -133,6 +191,22 @@ def test_oneshot_learns_on_its_calibration_data(token_batches):
     compressed = oneshot(model, [modifier], dataset=Dataset.from_dict({"input_ids": rows}))
     assert modifier.learned is not None and set(modifier.learned.rotations) == {"R1"}
     assert (compressed(IDS).logits - expected).abs().max() < 1e-4
+
+
+def test_learn_batch_size_regroups_oneshots_calibration_rows(token_batches):
+    """learn_batch_size=2 on one-row calibration batches trains as oneshot's batch_size=2 does
+    (the same losses), while the pipeline's own batches keep their size."""
+    from datasets import Dataset
+
+    rows = [row for batch in token_batches for row in batch["input_ids"].tolist()]
+    dataset = Dataset.from_dict({"input_ids": rows})
+    regrouped, batched = _learnable(learn_batch_size=2), _learnable()
+    oneshot(_llama(), [regrouped], dataset=dataset, batch_size=1)
+    oneshot(_llama(), [batched], dataset=dataset, batch_size=2)
+    assert regrouped.learned.losses == pytest.approx(batched.learned.losses, abs=1e-6)
+    one_row = _learnable()
+    oneshot(_llama(), [one_row], dataset=dataset, batch_size=1)
+    assert abs(one_row.learned.losses[1] - batched.learned.losses[1]) > 1e-4
 
 
 def test_under_the_trainer_rotations_are_learned_from_the_training_batches(tmp_path):
@@ -187,6 +261,8 @@ def test_learnable_without_calibration_data_is_refused():
         ({"learnable": True, "learn_weights": W4, "learn_steps": 0}, "learn_steps"),
         ({"learnable": True, "learn_weights": W4, "learn_lr": -1}, "learn_lr"),
         ({"learnable": True, "learn_weights": W4, "learn_momentum": 1.0}, "learn_momentum"),
+        ({"learnable": True, "learn_weights": W4, "learn_batch_size": 0}, "learn_batch_size"),
+        ({"learn_batch_size": 8}, "learn_batch_size set but learnable is False"),
         (
             {"learnable": True, "learn_weights": W4, "transform_block_size": 16},
             "learnable=True with transform_block_size",
@@ -209,6 +285,7 @@ spinquant_stage:
       learn_steps: 50
       learn_lr: 1.0
       learn_momentum: 0.5
+      learn_batch_size: 8
       learn_weights: {num_bits: 4, type: int, symmetric: true, strategy: channel}
 """
     )
@@ -216,6 +293,7 @@ spinquant_stage:
     assert again == recipe
     modifier = again.modifiers[0]
     assert modifier.learn_steps == 50 and modifier.learn_weights.num_bits == 4
+    assert modifier.learn_batch_size == 8
 
 
 def test_the_loop_computes_the_loss_of_the_model_it_fuses():

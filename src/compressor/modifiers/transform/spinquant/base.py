@@ -111,6 +111,7 @@ class SpinQuantModifier(Modifier):
           rotations: [R1, R2]
           learnable: true
           learn_steps: 100
+          learn_batch_size: 8
           learn_weights: {num_bits: 4, type: int, symmetric: true, strategy: channel}
           learn_activations: {num_bits: 4, type: int, symmetric: true, strategy: token,
                               dynamic: true}
@@ -134,6 +135,8 @@ class SpinQuantModifier(Modifier):
         decoder layer
     :param learnable: learn R1/R2 on calibration data (Cayley SGD) from the fixed start
     :param learn_steps: training steps, one calibration batch each (cycling)
+    :param learn_batch_size: sequences per training step, regrouped from the calibration
+        batches (SpinQuant's 8: one per GPU); None: each calibration batch as it comes
     :param learn_lr: Cayley SGD's learning rate, decayed linearly to 0 (the paper's 1.5)
     :param learn_momentum: Cayley SGD's momentum, in ``[0, 1)``
     :param learn_weights: the weight quantizer in the loop, on every Linear of the decoder
@@ -167,6 +170,7 @@ class SpinQuantModifier(Modifier):
     learn_steps: int = Field(default=100, gt=0)
     learn_lr: float = Field(default=1.5, gt=0)
     learn_momentum: float = Field(default=0.0, ge=0, lt=1)
+    learn_batch_size: int | None = Field(default=None, gt=0)
     learn_weights: QuantizationArgs | None = None
     learn_activations: QuantizationArgs | None = None
     precision: TorchDtype = torch.float64
@@ -346,6 +350,7 @@ class SpinQuantModifier(Modifier):
             steps=self.learn_steps,
             lr=self.learn_lr,
             momentum=self.learn_momentum,
+            batch_rows=self.learn_batch_size,
         )
 
     def _build_config(self, model: torch.nn.Module, mapping: SpinQuantMapping) -> TransformConfig:

@@ -15,7 +15,7 @@ the rotated model computes the same function, so at least one quantizer must be 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from compressor.modifiers.transform.spinquant.cayley import cayley_sgd_step, orthogonality_error
 from compressor.modifiers.transform.spinquant.fusion import rotate_input, rotate_output
+from compressor.modifiers.transform.spinquant.learn_batches import on_device, step_batches
 from compressor.modifiers.transform.spinquant.mappings import SpinQuantMapping
 from compressor.modifiers.transform.spinquant.matrices import TransformType, rotation_matrix
 from compressor.modifiers.transform.spinquant.rotated_model import (
@@ -126,29 +127,6 @@ def initial_rotations(
 
 
 # ---------------------------------------------------------------- training
-def _cycle(batches: Iterable[Any]) -> Iterator[Any]:
-    while True:
-        seen = False
-        for batch in batches:
-            seen = True
-            yield batch
-        if not seen:
-            raise ValueError("learned rotations need calibration batches, but none were given")
-
-
-def _on_device(batch: Any, device: torch.device) -> dict[str, Any]:
-    if not isinstance(batch, Mapping) or "input_ids" not in batch:
-        raise ValueError(
-            f"learned rotations need batches with input_ids (a dict of tensors); got "
-            f"{type(batch).__name__}"
-        )
-    return {
-        key: batch[key].to(device)
-        for key in ("input_ids", "attention_mask")
-        if batch.get(key) is not None
-    }
-
-
 def learn_rotations(
     model: torch.nn.Module,
     plan: list[RotatedSide],
@@ -159,16 +137,19 @@ def learn_rotations(
     steps: int,
     lr: float,
     momentum: float = 0.0,
+    batch_rows: int | None = None,
 ) -> LearnedRotations:
     """Train the rotations by Cayley SGD on the quantized model's cross-entropy.
 
-    One batch per step, cycling through ``batches``; the learning rate decays linearly to 0
+    One batch per step, cycling through ``batches`` (or ``batch_rows`` of their rows per step,
+    ``step_batches``); the learning rate decays linearly to 0
     over ``steps`` (as SpinQuant's training does). The model is left unchanged: its
     parameters' ``requires_grad`` are switched off during the loop and restored after.
 
     :param rotations: the starting rotations (``initial_rotations``)
     :param batches: dicts with ``input_ids`` (and ``attention_mask``); a list or a DataLoader
     :param steps: how many steps; ``lr``, ``momentum``: Cayley SGD's
+    :param batch_rows: sequences per step, regrouped from ``batches``; None: as they come
     :return: the trained rotations (orthogonal, float64), every step's loss and the wall time
     """
     device = next(model.parameters()).device
@@ -185,10 +166,10 @@ def learn_rotations(
         for param, _ in frozen:
             param.requires_grad_(False)
         model.eval()
-        data = _cycle(batches)
+        data = step_batches(batches, batch_rows)
         bar = tqdm(range(steps), desc="learning rotations")
         for step in bar:
-            batch = _on_device(next(data), device)
+            batch = on_device(next(data), device)
             loss = quantized_loss(model, plan, current, batch, quantizers, linears)
             grads = torch.autograd.grad(loss, list(current.values()))
             rate = lr * (1 - step / steps)
@@ -251,6 +232,7 @@ def learn_and_fuse(
     steps: int,
     lr: float,
     momentum: float,
+    batch_rows: int | None = None,
 ) -> LearnedRotations:
     """Learn the rotations from the fixed ones on ``batches``, then fuse them into the model
     (whose norms must already be fused and embeddings untied). The parameters are those of
@@ -258,7 +240,15 @@ def learn_and_fuse(
     plan = rotation_plan(model, mapping, rotations)
     start = initial_rotations(plan, transform_type, sizes, randomize=randomize)
     learned = learn_rotations(
-        model, plan, start, batches, quantizers, steps=steps, lr=lr, momentum=momentum
+        model,
+        plan,
+        start,
+        batches,
+        quantizers,
+        steps=steps,
+        lr=lr,
+        momentum=momentum,
+        batch_rows=batch_rows,
     )
     fuse_rotations(plan, learned.rotations, precision)
     return learned
