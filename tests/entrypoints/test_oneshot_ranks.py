@@ -124,33 +124,6 @@ def run(key: str, output_dir: Path | None = None, layers: int = 2) -> dict[str, 
     return {k: v.detach().clone() for k, v in net.state_dict().items()}
 
 
-def offloaded_or_not(out: Path | None = None) -> dict:
-    """``run("gptq_group")`` on the tiny Llama, in memory, or (given ``out``) from its
-    checkpoint in ``out / "fp"`` with the decoder layers loaded offloaded to disk in
-    ``out / "offload"``: the logits of the compressed model on two rows, and (offloaded)
-    where its layers are and the folders they were written to."""
-    from compressor import oneshot
-
-    recipe, pipeline = RECIPES["gptq_group"]
-    net = oneshot(
-        model() if out is None else out / "fp",
-        recipe,
-        rows(),
-        num_calibration_samples=ROWS,
-        max_seq_length=SEQ,
-        batch_size=BATCH,
-        pipeline=pipeline,
-        offload_folder=None if out is None else out / "offload",
-    )
-    with torch.no_grad():
-        result = {"logits": net(input_ids=torch.tensor(rows()["input_ids"][:2])).logits}
-    if out is not None:
-        layers = net.model.layers
-        result["devices"] = [str(m.self_attn.q_proj._parameters.offload_device) for m in layers]
-        result["folders"] = sorted(p.name for p in (out / "offload").iterdir())
-    return result
-
-
 def hessians_of_share(rank: int = 0, world: int = 1) -> dict[str, tuple[torch.Tensor, int]]:
     """``SharedHessians`` of three Linears over this rank's share of 6 random inputs (q and k
     read the same tensors, as a layer's projections do), reduced over the ranks."""
@@ -196,10 +169,6 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         for key in RECIPES:
             saved = Path(out) / "ckpt" if key == SAVED else None
             torch.save(run(key, saved), f"{out}/{key}{rank}.pt")
-        if rank == 0:
-            model().save_pretrained(Path(out) / "fp")
-        dist.barrier()
-        torch.save(offloaded_or_not(Path(out)), f"{out}/offloaded{rank}.pt")
         errors = {}
         attempts = {
             # refused before the model (which does not exist) is loaded
@@ -208,6 +177,10 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
             "model": lambda: oneshot(model(2 + rank), [SparseGPTModifier(sparsity=0.5)], rows()),
             "batches": lambda: oneshot(
                 model(), [SparseGPTModifier(sparsity=0.5)], rows(), num_calibration_samples=1
+            ),
+            "offload": lambda: oneshot(
+                Path(out) / "no-model", [SparseGPTModifier(sparsity=0.5)], rows(),
+                offload_folder=Path(out) / "offload",
             ),
         }  # fmt: skip
         for key, attempt in attempts.items():
@@ -310,20 +283,8 @@ def test_what_cannot_run_on_several_ranks_is_refused_before_any_work(two_ranks):
         assert "disagree on the recipe" in errors["recipe"]
         assert "disagree on the model" in errors["model"]
         assert "1 calibration batch(es) for 2 ranks" in errors["batches"]
-        assert "offload" not in errors  # layers on disk run on several ranks (below)
-
-
-@pytest.mark.integration
-def test_layers_on_disk_compress_on_several_ranks_as_in_one_process(two_ranks):
-    """Each rank loads the checkpoint with its decoder layers offloaded to its own folder and
-    compresses one layer at a time; the result is one process's in memory."""
-    expected = offloaded_or_not()["logits"]
-    for rank in range(2):
-        result = torch.load(two_ranks / f"offloaded{rank}.pt")
-        assert result["devices"] == ["disk", "disk"]
-        assert result["folders"] == ["rank0", "rank1"]  # every rank wrote its own
-        # as one process offloaded against in memory (tests/entrypoints/test_offload.py)
-        torch.testing.assert_close(result["logits"], expected, rtol=0, atol=1e-6)
+        assert "offload_folder=" in errors["offload"]
+        assert "not supported under a process group" in errors["offload"]
 
 
 def test_awq_clipping_is_refused_under_a_process_group(monkeypatch):
@@ -341,6 +302,6 @@ def test_awq_clipping_is_refused_under_a_process_group(monkeypatch):
     clip = Recipe.from_modifiers([AWQModifier(scheme="W4A16", apply_clip=True)])
     with pytest.raises(RecipeError, match="AWQModifier: oneshot runs under a process group"):
         process_group.check_recipe_for_ranks(
-            clip, CalibrationArguments(), OutputArguments(), "model"
+            clip, CalibrationArguments(), OutputArguments(), "model", None
         )
     assert AWQModifier(scheme="W4A16").calibration_traits().reduces_across_ranks

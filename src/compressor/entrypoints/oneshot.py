@@ -22,7 +22,6 @@ from compressor.entrypoints.process_group import (
     check_model_agreement,
     check_recipe_for_ranks,
     on_first_rank,
-    rank_offload_folder,
     share_batches,
 )
 from compressor.recipe import Recipe, RecipeError, resolve_recipe
@@ -114,9 +113,8 @@ def oneshot(
         decompress_after_save=decompress_after_save,
     )
     parsed = _parse_recipe(recipe, dataset)
-    check_recipe_for_ranks(parsed, calibration, output, model)
+    check_recipe_for_ranks(parsed, calibration, output, model, offload_folder)
     dataset = resolve_dataset(dataset)  # a named dataset is loaded (or refused) before the model
-    offload_folder = rank_offload_folder(offload_folder)  # one per rank under a group
     loaded, tokenizer = _load(model, tokenizer, parsed, device, offload_folder)
     pipeline_name = resolve_pipeline(calibration.pipeline, parsed.modifiers, loaded)
     batches = _calibration_batches(pipeline_name, dataset, calibration, loaded, tokenizer)
