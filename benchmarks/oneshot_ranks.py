@@ -8,6 +8,7 @@ weights; the rows are seeded random tokens.
 
     python -m benchmarks.oneshot_ranks                 # the table, in Markdown, on stdout
     python -m benchmarks.oneshot_ranks --layers 2      # quicker
+    python -m benchmarks.oneshot_ranks --smollm2       # the real SmolLM2-135M (30 layers)
 """
 
 from __future__ import annotations
@@ -55,9 +56,13 @@ def _save_model(directory: Path, layers: int) -> None:
     LlamaForCausalLM(config).save_pretrained(directory)
 
 
-def _held_out(seq: int) -> torch.Tensor:
+def _vocab(model: str | Path) -> int:
+    return int(json.loads((Path(model) / "config.json").read_text())["vocab_size"])
+
+
+def _held_out(seq: int, vocab: int) -> torch.Tensor:
     """Two rows no run calibrated on, to compare the models' outputs."""
-    return torch.randint(0, 4096, (2, seq), generator=torch.Generator().manual_seed(2))
+    return torch.randint(0, vocab, (2, seq), generator=torch.Generator().manual_seed(2))
 
 
 def _child(args: argparse.Namespace) -> None:
@@ -85,7 +90,7 @@ def _child(args: argparse.Namespace) -> None:
 
     gptq_base.gptq_quantize_weights = timed
     ids = torch.randint(
-        0, 4096, (args.samples, args.seq), generator=torch.Generator().manual_seed(1)
+        0, _vocab(args.model), (args.samples, args.seq), generator=torch.Generator().manual_seed(1)
     )
     rows = Dataset.from_dict({"input_ids": ids.tolist()})
     began, cpu = time.perf_counter(), time.process_time()
@@ -103,7 +108,9 @@ def _child(args: argparse.Namespace) -> None:
         weights = {k: v for k, v in model.state_dict().items() if k.endswith("weight")}
         torch.save(weights, out / "weights.pt")
         with torch.no_grad():
-            torch.save(model(input_ids=_held_out(args.seq)).logits, out / "logits.pt")
+            torch.save(
+                model(input_ids=_held_out(args.seq, _vocab(args.model))).logits, out / "logits.pt"
+            )
     stats = {
         "wall_s": wall,
         "cpu_s": cpu,
@@ -145,13 +152,24 @@ def main() -> None:
     parser.add_argument("--model")
     parser.add_argument("--out")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--smollm2", action="store_true", help="the real SmolLM2-135M instead of a synthetic Llama"
+    )
     args = parser.parse_args()
     if args.child:
         _child(args)
         return
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        _save_model(root / "model", args.layers)
+        if args.smollm2:
+            from benchmarks.models import prepare
+
+            source = prepare("smollm2-135m", ROOT / "build" / "bench-models")
+            (root / "model").symlink_to(source, target_is_directory=True)
+            what = "SmolLM2-135M (30 layers)"
+        else:
+            _save_model(root / "model", args.layers)
+            what = f"synthetic Llama ({args.layers} layers of SmolLM2-135M's shapes)"
         runs = {
             "1 process, 1 thread": (1, 1),
             "1 process, 2 threads": (1, 2),
@@ -167,10 +185,12 @@ def main() -> None:
         from transformers import LlamaForCausalLM
 
         with torch.no_grad():  # what quantizing changed, to put the differences in scale
-            dense = LlamaForCausalLM.from_pretrained(root / "model")(input_ids=_held_out(args.seq))
+            dense = LlamaForCausalLM.from_pretrained(root / "model")(
+                input_ids=_held_out(args.seq, _vocab(root / "model"))
+            )
         quantization = (logits - dense.logits).pow(2).mean().sqrt()
-        print(f"oneshot GPTQ W4A16 (groups of 64), synthetic Llama ({args.layers} layers of SmolLM2-135M's "
-              f"shapes), {args.samples} rows of {args.seq} tokens\n")  # fmt: skip
+        print(f"oneshot GPTQ W4A16 (groups of 64), {what}, {args.samples} rows of {args.seq} "
+              "seeded random tokens\n")  # fmt: skip
         print(
             "| run | wall s | CPU s (per rank) | GPTQ solves: wall s; CPU s (per rank) | "
             "peak RSS MB (per rank) | "
