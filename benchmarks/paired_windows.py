@@ -38,6 +38,7 @@ RECIPES = {
     "AWQ": "awq_w4_asym_channel",
     "AWQ no clip": "awq_noclip_w4_asym_channel",
     "AWQ+GPTQ": "awq_gptq_w4_asym_channel",
+    "AWQ clip+GPTQ": "awq_clip_gptq_w4_asym_channel",
     "W8A8": "quant_w8a8_static",
     "SQ+W8A8": "smoothquant_w8a8_static",
 }
@@ -48,6 +49,9 @@ PAIRS = [
     ("AWQ", "AWQ+GPTQ"),
     ("AWQ no clip", "AWQ+GPTQ"),
     ("AWQ no clip", "AWQ"),
+    ("AWQ", "AWQ clip+GPTQ"),
+    ("AWQ+GPTQ", "AWQ clip+GPTQ"),
+    ("GPTQ", "AWQ clip+GPTQ"),
     ("W8A8", "SQ+W8A8"),
     ("FP", "W8A8"),
 ]

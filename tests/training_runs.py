@@ -199,7 +199,7 @@ STATIC_INPUTS = {
     "qkv": {
         "targets": ["re:.*layers\\.0\\.self_attn\\.(q|k|v)_proj"],
         "weights": {"num_bits": 8, "strategy": "channel"},
-        "input_activations": {"num_bits": 8, "strategy": "tensor", "observer": "minmax"},
+        "input_activations": {"num_bits": 8, "strategy": "tensor", "observer": "static_minmax"},
     },
 }
 MLP_TARGETS = ["re:.*mlp\\.(gate|up|down)_proj"]

@@ -40,7 +40,7 @@ quant_stage:
           targets: [Linear]
           weights: {num_bits: 8, type: int, symmetric: true, strategy: tensor}
           input_activations: {num_bits: 8, type: int, symmetric: true, strategy: tensor,
-                              dynamic: false, observer: minmax}
+                              dynamic: false, observer: static_minmax}
 """
 SPARSEGPT_THEN_WANDA = """
 sparsity_stage:

@@ -201,7 +201,7 @@ def activations_alike(mesh) -> dict[str, bool]:
     x = torch.randn(4, SEQ, 64, generator=torch.Generator().manual_seed(3))
     split = distribute_tensor(x, mesh, [Shard(2)], src_data_rank=None)
     token = {"num_bits": 8, "strategy": "token", "dynamic": True, "symmetric": True}
-    tensor = {"num_bits": 8, "strategy": "tensor", "observer": "minmax", "dynamic": False}
+    tensor = {"num_bits": 8, "strategy": "tensor", "observer": "static_minmax", "dynamic": False}
     alike = {}
     for key, fields in {"token": token, "tensor": tensor}.items():
         args = QuantizationArgs(**fields)

@@ -45,21 +45,23 @@ def test_gptq_and_quantization_declare_their_traits(true_sequential):
     )
 
 
-def test_quantization_merges_batches_only_when_its_ranges_are_extremes():
-    """Post-training static ranges are extremes observed in full precision: stacked batches
-    give the same; not a moving average, a cache quantized while it is observed, a dynamic
-    scale per forward, or training. Static outputs or the cache are read past the inputs."""
+def test_quantization_merges_batches_unless_a_forward_s_batches_matter():
+    """Post-training static ranges observed in full precision: extremes are the same over
+    stacked batches, and a per-batch range (moving average, last batch) splits them apart
+    again; not merged: a cache quantized while it is observed, a dynamic scale per forward,
+    or training. Static outputs or the cache are read past the inputs."""
     kv = {"num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False}
     outputs = {"g": {"targets": ["Linear"], "output_activations": {"num_bits": 8}}}
     per_forward = {"num_bits": 8, "strategy": "tensor", "dynamic": True}
     dynamic = {"g": {"targets": ["Linear"], "input_activations": per_forward}}
     for modifier, merges, reads in (
-        (QuantizationModifier(config_groups=_static_inputs("minmax")), True, False),
+        (QuantizationModifier(config_groups=_static_inputs("static_minmax")), True, False),
         (QuantizationModifier(config_groups=outputs), True, True),
-        (QuantizationModifier(config_groups=_static_inputs("moving_average")), False, False),
+        (QuantizationModifier(config_groups=_static_inputs("moving_average")), True, False),
+        (QuantizationModifier(config_groups=_static_inputs("minmax")), True, False),
         (QuantizationModifier(scheme="W8A8", targets=["Linear"], kv_cache_scheme=kv), False, True),
         (QuantizationModifier(config_groups=dynamic), False, False),
-        (QuantizationModifier(config_groups=_static_inputs("minmax"), start=0), False, True),
+        (QuantizationModifier(config_groups=_static_inputs("static_minmax"), start=0), False, True),
     ):
         traits = modifier.calibration_traits()
         assert (traits.merges_batches, traits.reads_outputs) == (merges, reads), modifier
@@ -84,8 +86,8 @@ def test_modifiers_that_calibrate_say_whether_ranks_can_share_the_data():
     )
 
     calibrating = [
-        GPTQModifier(config_groups=_static_inputs("minmax")),
-        QuantizationModifier(config_groups=_static_inputs("minmax")),
+        GPTQModifier(config_groups=_static_inputs("static_minmax")),
+        QuantizationModifier(config_groups=_static_inputs("static_minmax")),
         SparseGPTModifier(sparsity=0.5),
         WandaPruningModifier(sparsity=0.5),
         SparsePruningModifier(density=0.5, method="activation", targets=["Linear"]),
@@ -96,9 +98,24 @@ def test_modifiers_that_calibrate_say_whether_ranks_can_share_the_data():
     for modifier in calibrating:
         assert modifier.requires_calibration_data(), type(modifier).__name__
         assert modifier.calibration_traits().reduces_across_ranks, type(modifier).__name__
+    per_batch = ("moving_average", "minmax", "memoryless_minmax")  # llm-compressor's meanings
     for moving in (
-        GPTQModifier(config_groups=_static_inputs("moving_average")),
-        QuantizationModifier(config_groups=_static_inputs("moving_average")),
+        *(GPTQModifier(config_groups=_static_inputs(name)) for name in per_batch),
+        *(QuantizationModifier(config_groups=_static_inputs(name)) for name in per_batch),
     ):
         assert moving.requires_calibration_data()
         assert not moving.calibration_traits().reduces_across_ranks
+
+
+@pytest.mark.parametrize("modifier_cls", [QuantizationModifier, GPTQModifier])
+def test_per_batch_ranges_keep_batches_apart_on_models_with_experts(modifier_cls):
+    """An expert sees the tokens routed to it from every row of a stacked forward, so its
+    inputs cannot be split back into batches: a per-batch range keeps them apart there."""
+    from compressor import create_session
+    from moe_models import tiny_moe
+
+    for observer, merges in (("minmax", False), ("static_minmax", True)):
+        modifier = modifier_cls(config_groups=_static_inputs(observer), ignore=["lm_head"])
+        with create_session() as session:
+            session.initialize(tiny_moe("mixtral"), [modifier])
+            assert modifier.calibration_traits().merges_batches is merges, observer

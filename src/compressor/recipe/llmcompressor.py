@@ -169,7 +169,7 @@ def check_llmcompressor_fields(modifier: Modifier, fields: dict[str, Any], where
                 raise ValueError(
                     f"{where} -> observer: got {value!r}; llm-compressor's mapping of roles to "
                     "observer names is not supported: give a config group's own observer, or "
-                    "observer: minmax | moving_average for static activation ranges"
+                    "the modifier's observer: minmax | moving_average for static activation ranges"
                 )
             _log_once(name, field, value, "null: the scheme's own observers are used, as here")
             continue

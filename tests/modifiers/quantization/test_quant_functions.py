@@ -76,6 +76,28 @@ def test_make_observer_reads_args_and_rejects_unknown():
         make_observer(QuantizationArgs(observer="mse"), "minmax", 0.95)
 
 
+def test_make_observer_reads_llmcompressor_names():
+    """llm-compressor's names: minmax a moving average with averaging_constant (0.01 unless
+    given; 1 keeps the last batch), memoryless_minmax the last batch; a preset's names are
+    not read (prefer_args False), the modifier's kind is used."""
+    obs = make_observer(QuantizationArgs(observer="minmax"), "minmax", 0.95)
+    assert obs.kind == "moving_average" and obs.momentum == pytest.approx(0.99)
+    args = QuantizationArgs(observer="minmax", observer_kwargs={"averaging_constant": 0.25})
+    assert make_observer(args, "minmax", 0.95).momentum == pytest.approx(0.75)
+    args = QuantizationArgs(observer="minmax", observer_kwargs={"averaging_constant": 1.0})
+    assert make_observer(args, "minmax", 0.95).kind == "last"
+    assert make_observer(QuantizationArgs(observer="memoryless_minmax"), "minmax", 0.9).kind == (
+        "last"
+    )
+    assert make_observer(QuantizationArgs(observer="minmax"), "minmax", 0.9, False).kind == (
+        "minmax"
+    )
+    last = RangeObserver(kind="last")
+    for value in (3.0, 1.0):
+        last.update(torch.tensor([-value]), torch.tensor([value]))
+    assert last.range[1].item() == 1.0
+
+
 def test_progressive_bits_schedule():
     got = [progressive_bits(s, 8, 4, 3) for s in range(0, 50)]
     # DeepSpeed's updates: the forward of step s has seen s + 1; drops when that reaches

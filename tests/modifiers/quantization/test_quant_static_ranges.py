@@ -3,12 +3,16 @@ scales set when its calibration ends, its quantized outputs passed to the next l
 
 from __future__ import annotations
 
+import copy
+from unittest import mock
+
+import pytest
 import torch
 from compressed_tensors.quantization import QuantizationArgs
 from datasets import Dataset
 
 from compressor import oneshot
-from compressor.modifiers import QuantizationModifier
+from compressor.modifiers import GPTQModifier, QuantizationModifier
 from compressor.modifiers.quantization.observers import qparams_from_range
 
 INT8 = {"num_bits": 8, "symmetric": True}
@@ -16,7 +20,12 @@ STATIC_W8A8 = {
     "g": {
         "targets": ["Linear"],
         "weights": {**INT8, "strategy": "channel"},
-        "input_activations": {**INT8, "strategy": "tensor", "dynamic": False, "observer": "minmax"},
+        "input_activations": {
+            **INT8,
+            "strategy": "tensor",
+            "dynamic": False,
+            "observer": "static_minmax",
+        },
     }
 }
 
@@ -82,3 +91,115 @@ def test_the_ranges_do_not_depend_on_how_the_rows_are_batched(tiny_llama):
     for name, module in stacked.named_modules():
         if name in scales:
             torch.testing.assert_close(module.input_scale, scales[name], rtol=1e-4, atol=0)
+
+
+def _per_row_ranges(model: torch.nn.Module, module: torch.nn.Module, rows: Dataset) -> list:
+    """(min, max) of ``module``'s inputs for each row, fed one row at a time."""
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def record(_m: torch.nn.Module, args: tuple) -> None:
+        seen.append((args[0].detach().min().reshape(1), args[0].detach().max().reshape(1)))
+
+    handle = module.register_forward_pre_hook(record)
+    try:
+        with torch.no_grad():
+            for ids in rows["input_ids"]:
+                model(input_ids=torch.tensor(ids).unsqueeze(0))
+    finally:
+        handle.remove()
+    return seen
+
+
+def _llmcompressor_accumulate(ranges: list, observer: str, constant: float) -> tuple:
+    """What llm-compressor's observers of that name keep over the batches, written out:
+    static_minmax the extremes, minmax ``running + c * (batch - running)``, memoryless_minmax
+    the last batch's range."""
+    lo, hi = ranges[0]
+    for batch_lo, batch_hi in ranges[1:]:
+        if observer == "static_minmax":
+            lo, hi = torch.minimum(lo, batch_lo), torch.maximum(hi, batch_hi)
+        elif observer == "minmax":
+            lo, hi = lo + constant * (batch_lo - lo), hi + constant * (batch_hi - hi)
+        else:
+            lo, hi = batch_lo, batch_hi
+    return lo, hi
+
+
+@pytest.mark.parametrize(
+    ("observer", "kwargs", "constant"),
+    [
+        ("minmax", {}, 0.01),
+        ("minmax", {"averaging_constant": 0.3}, 0.3),
+        ("memoryless_minmax", {}, 1.0),
+        ("static_minmax", {}, 0.0),
+    ],
+)
+def test_config_group_observer_names_mean_what_llmcompressor_means(
+    tiny_llama, observer, kwargs, constant
+):
+    """A config group's ``observer`` as llm-compressor's recipes mean it, per calibration
+    batch (one row each): ``minmax`` a moving average with ``averaging_constant`` (0.01 by
+    default), ``memoryless_minmax`` the last batch, ``static_minmax`` the extremes. Checked on
+    layer 0's o_proj (its inputs do not depend on quantized earlier layers). It fails if the
+    names were all read as extremes, or if the batches were stacked for a moving average."""
+    rows = _rows()
+    reference = type(tiny_llama)(tiny_llama.config).eval()
+    reference.load_state_dict(tiny_llama.state_dict())
+    ranges = _per_row_ranges(reference, reference.model.layers[0].self_attn.o_proj, rows)
+    groups = copy.deepcopy(STATIC_W8A8)
+    groups["g"]["input_activations"].update(observer=observer, observer_kwargs=kwargs)
+    modifier = QuantizationModifier(config_groups=groups, ignore=["lm_head"])
+    model = oneshot(tiny_llama, [modifier], rows, pipeline="sequential", batch_size=1)
+    o_proj = model.model.layers[0].self_attn.o_proj
+    expected = _expected_scale(*_llmcompressor_accumulate(ranges, observer, constant), o_proj)
+    torch.testing.assert_close(o_proj.input_scale.reshape(-1), expected, rtol=1e-4, atol=0)
+    extremes = _expected_scale(*_llmcompressor_accumulate(ranges, "static_minmax", 0), o_proj)
+    if observer != "static_minmax":  # the rows differ enough to tell the observers apart
+        assert not torch.allclose(expected, extremes, rtol=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("activations", "message"),
+    [
+        ({"observer": "minmax", "observer_kwargs": {"averaging_constant": 0.0}}, r"\(0, 1\]"),
+        ({"observer": "minmax", "observer_kwargs": {"momentum": 0.5}}, "reads \\['averaging"),
+        ({"observer": "static_minmax", "observer_kwargs": {"averaging_constant": 0.1}}, "none"),
+        ({"observer": "mse"}, "observer='mse' is not supported"),
+    ],
+)
+def test_bad_observer_arguments_are_refused_naming_them(activations, message):
+    groups = copy.deepcopy(STATIC_W8A8)
+    groups["g"]["input_activations"].update(activations)
+    with pytest.raises(ValueError, match=message):
+        QuantizationModifier(config_groups=groups, ignore=["lm_head"]).resolve_quantization_config()
+
+
+@pytest.mark.parametrize("modifier_cls", [QuantizationModifier, GPTQModifier])
+def test_a_moving_average_takes_stacked_batches_one_by_one(tiny_llama, modifier_cls):
+    """The sequential pipeline stacks the cached batches into fewer forwards (faster on CPU);
+    llm-compressor's ``minmax`` moving average still sees each batch on its own, so every
+    layer's scales equal those of a run whose batches go one at a time (staged GPTQ with
+    static inputs as well). It fails if a stacked forward were observed as one batch."""
+    rows = _rows()
+    groups = copy.deepcopy(STATIC_W8A8)
+    groups["g"]["input_activations"].update(observer="minmax", observer_kwargs={})
+    apart = type(tiny_llama)(tiny_llama.config).eval()
+    apart.load_state_dict(tiny_llama.state_dict())
+    forwards: list[int] = []
+    layer = tiny_llama.model.layers[1]
+    handle = layer.register_forward_pre_hook(lambda _m, _a: forwards.append(1))
+    try:
+        oneshot(tiny_llama, [modifier_cls(config_groups=groups, ignore=["lm_head"])],
+                rows, pipeline="sequential", batch_size=1)  # fmt: skip
+    finally:
+        handle.remove()
+    assert len(forwards) < len(rows)  # calibration and outputs: stacked forwards
+
+    with mock.patch("compressor.calibration.pipelines.sequential.MERGE_TOKENS", 1):
+        oneshot(apart, [modifier_cls(config_groups=groups, ignore=["lm_head"])],
+                rows, pipeline="sequential", batch_size=1)  # fmt: skip
+    scales = {n: m.input_scale for n, m in apart.named_modules() if hasattr(m, "input_scale")}
+    assert len(scales) == 14
+    for name, module in tiny_llama.named_modules():
+        if name in scales:
+            torch.testing.assert_close(module.input_scale, scales[name], rtol=1e-5, atol=0)

@@ -33,7 +33,7 @@ quant_stage:
           targets: [Linear]
           weights: {num_bits: 8, type: int, symmetric: true, strategy: channel}
           input_activations: {num_bits: 8, type: int, symmetric: true, strategy: tensor,
-                              dynamic: false, observer: minmax}
+                              dynamic: false, observer: static_minmax}
 """
 
 

@@ -71,6 +71,7 @@ from compressor.modifiers.hooks import HooksMixin
 from compressor.modifiers.moe import LinearExperts
 from compressor.modifiers.transform.smoothing import quantized_forwards_off
 from compressor.utils.memory import keep_freed_tensors_in_heap, release_free_memory
+from compressor.utils.merged_batches import merged_batches
 from compressor.utils.offload import check_device_unset, is_offloaded, layer_onloaded
 
 __all__ = [
@@ -280,7 +281,7 @@ def _calibrate_whole(
 ) -> None:
     """Calibrate ``layer`` on every cached call, let the modifiers compress it, and (with
     ``outputs``) replace each call's hidden states by the compressed layer's outputs."""
-    _calibrate(layer, [merged.call for merged in inputs], cut_short, index)
+    _calibrate(layer, inputs, cut_short, index)
     # the calibration forwards' temporaries go back to the system before the modifiers' own
     # work; once per layer: trimming again after the outputs made the next layer's forwards
     # fault their memory in again (bench/results/2026-12-01-notes-pipelines.md)
@@ -301,33 +302,37 @@ def _transform_first(
     live and its quantized forwards off, and send them alone the layer's
     SEQUENTIAL_EPOCH_END, at which they change its weights (not its function)."""
     with HooksMixin.hooks_only_of(modifiers), quantized_forwards_off(layer):
-        _calibrate(layer, [merged.call for merged in inputs], False, index)
+        _calibrate(layer, inputs, False, index)
     release_free_memory()
     session.sequential_epoch_end(layer, only=modifiers)
 
 
 def _calibrate(
-    layer: torch.nn.Module, calls: list[LayerInputs], cut_short: bool, index: int
+    layer: torch.nn.Module, inputs: list[MergedCalls], cut_short: bool, index: int
 ) -> None:
-    """Run every cached call through ``layer`` with the modifiers' hooks live.
+    """Run every cached (merged) call through ``layer`` with the modifiers' hooks live; the
+    hooks can tell which calibration batches a merged call stacks (``merged_batches``).
 
     With ``cut_short``, the first forward runs whole to find the last module the layer calls;
     every later one stops at that module, once the modifiers' hooks have seen its inputs:
     what it and the layer would compute is discarded by calibration anyway (on a Llama layer
     this skips the down projection, a quarter of its matrix products).
     """
-    progress = tqdm(calls, desc=f"layer {index} calibration", leave=False)
+    progress = tqdm(inputs, desc=f"layer {index} calibration", leave=False)
     if not cut_short:
-        for call in progress:
-            layer(*call.args, **call.kwargs)
+        for merged in progress:
+            with merged_batches(merged.batch_sizes):
+                layer(*merged.call.args, **merged.call.kwargs)
         return
     last: torch.nn.Module | None = None
     with contextlib.ExitStack() as stopping:
-        for call in progress:
-            if last is not None:
-                run_until_stopped(layer, *call.args, **call.kwargs)
-                continue
-            last = _last_module_called(layer, call)
+        for merged in progress:
+            call = merged.call
+            with merged_batches(merged.batch_sizes):
+                if last is not None:
+                    run_until_stopped(layer, *call.args, **call.kwargs)
+                    continue
+                last = _last_module_called(layer, call)
             if last is not None:
                 # registered after the modifiers' hooks, so they still see its inputs
                 stopping.enter_context(stop_forward_at(last))

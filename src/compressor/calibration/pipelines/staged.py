@@ -58,6 +58,7 @@ from compressor.calibration.pipelines.layer_calls import LayerInputs, MergedCall
 from compressor.core.session import CompressionSession
 from compressor.modifiers.hooks import HooksMixin
 from compressor.utils.memory import release_free_memory
+from compressor.utils.merged_batches import merged_batches
 
 __all__ = ["StagePlan", "calibrate_in_stages", "plan_stages"]
 
@@ -270,7 +271,8 @@ class _Stages:
         """Stage 1: the attention's inputs, to q/k/v's hooks without running them."""
         with HooksMixin.hooks_only_on(self.attention_readers):
             for merged in self.inputs:
-                _feed(self.attention_readers, self.input_norm(merged.call.hidden_states))
+                with merged_batches(merged.batch_sizes):
+                    _feed(self.attention_readers, self.input_norm(merged.call.hidden_states))
                 self.progress.update()
 
     def stop_at_attention_output(self, kept: _Kept) -> _Kept:
@@ -288,7 +290,8 @@ class _Stages:
                 hidden = call.hidden_states + attended
                 del attended
                 self.inputs[position] = self.inputs[position].with_hidden_states(hidden)
-                _feed(self.mlp_readers, self.post_attention_norm(hidden))
+                with merged_batches(self.inputs[position].batch_sizes):
+                    _feed(self.mlp_readers, self.post_attention_norm(hidden))
                 self.progress.update()
 
     def stop_at_mlp_output(self, kept: _Kept) -> _Kept:
@@ -317,7 +320,8 @@ class _Stages:
         the inputs; they are kept within ``kept``'s budget."""
         with HooksMixin.hooks_only_on([module]), stop_forward_at(module):
             for merged in self.inputs:
-                caught = run_until_stopped(forward, merged.call)
+                with merged_batches(merged.batch_sizes):
+                    caught = run_until_stopped(forward, merged.call)
                 if caught is None:
                     raise RuntimeError(f"layer {self.index}: {name} was not called")
                 args, _kwargs = caught

@@ -15,6 +15,7 @@ from compressor.modifiers.base import CalibrationTraits, Modifier
 from compressor.modifiers.moe import (
     ExpertCalibrationFields,
     ExpertCoverage,
+    LinearExperts,
     keep_routing_exact,
     prepare_experts,
 )
@@ -121,8 +122,11 @@ class QuantizationModifier(QuantizationSchemeMixin, ExpertCalibrationFields, Mod
     :param scheme: see QuantizationSchemeMixin
     :param config_groups: see QuantizationSchemeMixin
     :param kv_cache_scheme: see QuantizationSchemeMixin (post-training only)
-    :param observer: how static activation ranges accumulate: ``minmax`` (extremes) or
-        ``moving_average`` (an explicit config group's own ``observer`` wins over it)
+    :param observer: how static activation ranges accumulate for args that name no
+        observer: ``minmax`` (extremes) or ``moving_average``. An explicit config group's own
+        ``observer`` wins over it, with llm-compressor's names (``static_minmax`` extremes,
+        ``minmax`` a moving average with ``averaging_constant`` 0.01, ``memoryless_minmax``
+        the last batch; see ``make_observer``)
     :param momentum: weight of the running range in the moving average
     :param rounding: ``nearest``, or ``stochastic`` (training only) for weights
     :param start_bits: progressive bit reduction: weight bits when training starts
@@ -170,6 +174,8 @@ class QuantizationModifier(QuantizationSchemeMixin, ExpertCalibrationFields, Mod
     _pathway: QuantizationPathway | None = PrivateAttr(default=None)
     _kv_modules: dict[str, torch.nn.Module] = PrivateAttr(default_factory=dict)
     _coverage: ExpertCoverage | None = PrivateAttr(default=None)
+    # experts see the tokens routed to them, rows mixed: per-batch ranges need batches alone
+    _routed_inputs: bool = PrivateAttr(default=False)
 
     @model_validator(mode="after")
     def _check_training_options(self) -> QuantizationModifier:
@@ -211,12 +217,14 @@ class QuantizationModifier(QuantizationSchemeMixin, ExpertCalibrationFields, Mod
         return CalibrationTraits(
             supports_offloaded_models=True,
             # a layer is observed with its quantized forwards off and its scales set once its
-            # calibration ends (PostTrainingPathway): extremes over tokens, however batched,
-            # unless a range is a moving average, the cache is quantized as it is observed,
-            # or the re-run quantizes an activation with one dynamic scale per forward
+            # calibration ends (PostTrainingPathway): extremes over tokens, however batched;
+            # a per-batch range (moving average, last batch) splits stacked batches apart
+            # again, which experts' routed tokens do not allow; not when the cache is
+            # quantized as it is observed, or the re-run quantizes an activation with one
+            # dynamic scale per forward
             reads_outputs=not post_training or reads_outputs(config),
             merges_batches=post_training
-            and not moving
+            and not (moving and self._routed_inputs)
             and config.kv_cache_scheme is None
             and not dynamic_per_forward(config),
             reduces_across_ranks=not moving,
@@ -236,6 +244,7 @@ class QuantizationModifier(QuantizationSchemeMixin, ExpertCalibrationFields, Mod
             state.model, list(config.ignore or []), type(self).__name__, tuple(self.moe_mappings)
         )
         self._config = keep_routing_exact(config, experts.exact)
+        self._routed_inputs = any(isinstance(m, LinearExperts) for m in state.model.modules())
         if self._config.kv_cache_scheme is not None:
             self._kv_modules = match_kv_cache_modules(state.model)
         if self._config.config_groups:

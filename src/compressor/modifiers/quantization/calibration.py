@@ -22,9 +22,9 @@ from compressor.modifiers.quantization.kv_cache import KVCacheCalibration
 from compressor.modifiers.quantization.matching import apply_quantization
 from compressor.modifiers.quantization.observers import (
     ActivationObservers,
-    activation_range,
     check_finite_range,
     global_scale,
+    observe_activation,
     qparams_from_range,
     weight_range,
 )
@@ -270,9 +270,7 @@ class PostTrainingPathway:
         label = f"{name} ({role} activations)"
 
         def update(value: torch.Tensor) -> None:
-            lo, hi = activation_range(value, args)
-            check_finite_range(lo, hi, label)
-            observer.update(lo, hi)
+            observe_activation(observer, value, args, label)
 
         if role == "input":
 

@@ -21,10 +21,14 @@ from compressed_tensors.quantization import (
 from compressed_tensors.quantization.utils import calculate_qparams, generate_gparam
 
 from compressor.utils import distributed
+from compressor.utils.merged_batches import split_into_batches
 
 __all__ = [
+    "LLMCOMPRESSOR_AVERAGING_CONSTANT",
+    "OBSERVER_KWARGS",
     "ActivationObservers",
     "ObserverKind",
+    "RangeKind",
     "RangeObserver",
     "activation_range",
     "averages_over_batches",
@@ -32,14 +36,25 @@ __all__ = [
     "dynamic_per_forward",
     "global_scale",
     "make_observer",
+    "observe_activation",
     "qparams_from_range",
     "reads_outputs",
     "weight_range",
 ]
 
 ObserverKind = Literal["minmax", "moving_average"]
-# compressed-tensors' names for a plain min-max observer
-_OBSERVER_ALIASES = {"static_minmax": "minmax", "memoryless_minmax": "minmax"}
+#: how a range accumulates over batches: the extremes, a moving average, or the last batch's
+RangeKind = Literal["minmax", "moving_average", "last"]
+#: llm-compressor's default ``averaging_constant`` for its ``minmax`` observer
+LLMCOMPRESSOR_AVERAGING_CONSTANT = 0.01
+#: the observer names a config group's args may give, and the ``observer_kwargs`` each reads
+OBSERVER_KWARGS: dict[str | None, tuple[str, ...]] = {
+    None: (),
+    "static_minmax": (),
+    "memoryless_minmax": (),
+    "minmax": ("averaging_constant",),
+    "moving_average": ("momentum",),
+}
 
 
 def _as_matrix(weight: torch.Tensor) -> torch.Tensor:
@@ -134,11 +149,12 @@ class RangeObserver:
     """Accumulates an activation range over batches.
 
     :param kind: ``minmax`` keeps the extreme min and max seen; ``moving_average`` keeps
-        ``momentum * running + (1 - momentum) * batch`` (the first batch initialises it)
+        ``momentum * running + (1 - momentum) * batch`` (the first batch initialises it);
+        ``last`` keeps the last batch's range
     :param momentum: weight of the running value in the moving average
     """
 
-    kind: ObserverKind = "moving_average"
+    kind: RangeKind = "moving_average"
     momentum: float = 0.95
     lo: torch.Tensor | None = field(default=None, repr=False)
     hi: torch.Tensor | None = field(default=None, repr=False)
@@ -149,6 +165,8 @@ class RangeObserver:
             self.lo, self.hi = lo.clone(), hi.clone()
         elif self.kind == "minmax":
             self.lo, self.hi = torch.minimum(self.lo, lo), torch.maximum(self.hi, hi)
+        elif self.kind == "last":
+            self.lo, self.hi = lo.clone(), hi.clone()
         else:
             m = self.momentum
             self.lo = m * self.lo + (1 - m) * lo
@@ -204,31 +222,80 @@ class RangeObserver:
         return self.lo, self.hi
 
 
+def observe_activation(
+    observer: RangeObserver, value: torch.Tensor, args: QuantizationArgs, where: str
+) -> None:
+    """Update ``observer`` with an activation a forward saw. A range that depends on the
+    batches (a moving average, the last batch's) takes each calibration batch the forward
+    stacked on its own, as if the batches had run one by one (``utils.merged_batches``).
+
+    :param where: the module and role, for errors
+    """
+    parts = [value] if observer.kind == "minmax" else split_into_batches(value, where)
+    for part in parts:
+        lo, hi = activation_range(part, args)
+        check_finite_range(lo, hi, where)
+        observer.update(lo, hi)
+
+
 def make_observer(
     args: QuantizationArgs, kind: ObserverKind, momentum: float, prefer_args: bool = True
 ) -> RangeObserver:
     """An observer for ``args``.
 
-    :param kind: the observer when ``args`` names none
+    A config group's ``observer`` names mean what they mean in llm-compressor, whose recipes
+    write them: ``static_minmax`` keeps the extremes over every batch; ``minmax`` is a
+    moving average of each batch's range, ``running + c * (batch - running)`` with
+    ``observer_kwargs.averaging_constant`` c (default 0.01, so the first batches weigh
+    most; c = 1 keeps the last batch's range); ``memoryless_minmax`` keeps the last batch's
+    range. ``moving_average`` is ours (``observer_kwargs.momentum``, default the modifier's).
+
+    :param kind: the observer when ``args`` names none (the modifier's ``observer``:
+        ``minmax`` keeps the extremes, ``moving_average`` averages with ``momentum``)
     :param prefer_args: whether ``args.observer`` / ``observer_kwargs`` win over ``kind``
         and ``momentum`` (they do for explicit config groups, not for a preset's defaults)
     """
     named = args.observer if prefer_args else None
-    chosen = _OBSERVER_ALIASES.get(named or kind, named or kind)
-    if chosen not in ("minmax", "moving_average"):
-        raise ValueError(f"observer={chosen!r} is not supported; use 'minmax' or 'moving_average'")
-    return RangeObserver(
-        kind=chosen,  # type: ignore[arg-type]
-        momentum=float(args.observer_kwargs.get("momentum", momentum) if prefer_args else momentum),
-    )
+    if named not in OBSERVER_KWARGS:
+        raise ValueError(f"observer={named!r} is not supported; use one of {list(OBSERVER_KWARGS)}")
+    kwargs = dict(args.observer_kwargs or {}) if prefer_args else {}
+    unknown = sorted(set(kwargs) - set(OBSERVER_KWARGS[named]))
+    if unknown:
+        raise ValueError(
+            f"observer={named!r}: observer_kwargs {unknown} are not read by this observer; "
+            f"it reads {list(OBSERVER_KWARGS[named]) or 'none'}"
+        )
+    if named is None:
+        return RangeObserver(kind=kind, momentum=momentum)
+    if named == "static_minmax":
+        return RangeObserver(kind="minmax")
+    if named == "memoryless_minmax":
+        return RangeObserver(kind="last")
+    if named == "minmax":
+        constant = float(kwargs.get("averaging_constant", LLMCOMPRESSOR_AVERAGING_CONSTANT))
+        if not 0.0 < constant <= 1.0:
+            raise ValueError(
+                f"observer='minmax': observer_kwargs.averaging_constant={constant!r} must lie "
+                "in (0, 1] (the weight of each new batch's range)"
+            )
+        if constant == 1.0:
+            return RangeObserver(kind="last")
+        return RangeObserver(kind="moving_average", momentum=1.0 - constant)
+    chosen = float(kwargs.get("momentum", momentum))
+    if not 0.0 < chosen < 1.0:
+        raise ValueError(
+            f"observer='moving_average': observer_kwargs.momentum={chosen!r} must lie in (0, 1)"
+        )
+    return RangeObserver(kind="moving_average", momentum=chosen)
 
 
 def averages_over_batches(
     config: QuantizationConfig, kind: ObserverKind, prefer_args: bool
 ) -> bool:
     """Whether a static activation range of ``config`` (inputs, outputs, the key/value cache)
-    is a moving average, as ``make_observer`` chooses: it depends on the order of the
-    batches, so no reduction over ranks reproduces what one process computes."""
+    depends on how the tokens fall into batches and in which order (a moving average, or the
+    last batch's range), as ``make_observer`` chooses: then batches must run one at a time,
+    and no reduction over ranks reproduces what one process computes."""
     static = [
         args
         for scheme in config.config_groups.values()
@@ -239,7 +306,7 @@ def averages_over_batches(
     if config.kv_cache_scheme is not None and not config.kv_cache_scheme.dynamic:
         static.append(config.kv_cache_scheme)
     chosen = (make_observer(args, kind, 0.5, prefer_args).kind for args in static)
-    return any(c == "moving_average" for c in chosen)
+    return any(c != "minmax" for c in chosen)
 
 
 def _activation_args(config: QuantizationConfig) -> list[QuantizationArgs]:

@@ -23,6 +23,7 @@ from compressed_tensors.quantization.quant_scheme import PRESET_SCHEMES
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
 from compressor.modifiers.quantization.kv_cache import check_kv_cache_args
+from compressor.modifiers.quantization.observers import OBSERVER_KWARGS, make_observer
 from compressor.utils.patterns import MatchPattern, check_match_pattern
 
 __all__ = [
@@ -42,8 +43,6 @@ _FLOAT_BITS = (4, 8)
 # its scales are per group, under a global scale (NVFP4, tensor_group) or powers of two (MX)
 _FP4_STRATEGIES = ("group", "tensor_group")
 _INT_BITS = range(2, 9)
-# compressed-tensors presets name plain min-max "static_minmax" / "memoryless_minmax"
-_OBSERVERS = (None, "minmax", "static_minmax", "memoryless_minmax", "moving_average")
 
 
 def check_args_supported(args: QuantizationArgs, role: str) -> None:
@@ -72,10 +71,16 @@ def check_args_supported(args: QuantizationArgs, role: str) -> None:
             )
         if not args.symmetric:
             raise ValueError(f"{role}: FP4 is symmetric only; set symmetric: true")
-    if args.observer not in _OBSERVERS:
+    if args.observer not in OBSERVER_KWARGS:
         raise ValueError(
-            f"{role}: observer={args.observer!r} is not supported; use one of {list(_OBSERVERS)}"
+            f"{role}: observer={args.observer!r} is not supported; use one of "
+            f"{list(OBSERVER_KWARGS)}"
         )
+    if role != "weights" and args.dynamic is not True:
+        try:  # the observer's own arguments (observer_kwargs), checked up front
+            make_observer(args, "minmax", 0.5)
+        except ValueError as error:
+            raise ValueError(f"{role}: {error}") from None
     if role == "weights":
         if args.observer == "moving_average":
             raise ValueError(

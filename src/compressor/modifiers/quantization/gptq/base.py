@@ -21,6 +21,7 @@ from compressor.modifiers.base import CalibrationTraits, Modifier
 from compressor.modifiers.moe import (
     ExpertCalibrationFields,
     ExpertCoverage,
+    LinearExperts,
     keep_routing_exact,
     prepare_experts,
 )
@@ -44,9 +45,8 @@ from compressor.modifiers.quantization.matching import (
 from compressor.modifiers.quantization.observers import (
     ActivationObservers,
     RangeObserver,
-    activation_range,
     averages_over_batches,
-    check_finite_range,
+    observe_activation,
 )
 from compressor.modifiers.quantization.scheme import QuantizationSchemeMixin
 from compressor.utils.finite import check_finite_weights
@@ -147,6 +147,8 @@ class GPTQModifier(QuantizationSchemeMixin, ExpertCalibrationFields, Modifier):
     _modules: dict[str, torch.nn.Module] = PrivateAttr(default_factory=dict)
     _schemes: dict[str, QuantizationScheme] = PrivateAttr(default_factory=dict)
     _hessians: SharedHessians = PrivateAttr(default_factory=SharedHessians)
+    # experts see the tokens routed to them, rows mixed: per-batch ranges need batches alone
+    _routed_inputs: bool = PrivateAttr(default=False)
     _quantized: set[str] = PrivateAttr(default_factory=set)
     _kv_modules: dict[str, torch.nn.Module] = PrivateAttr(default_factory=dict)
     _kv_cache: KVCacheCalibration | None = PrivateAttr(default=None)
@@ -216,10 +218,12 @@ class GPTQModifier(QuantizationSchemeMixin, ExpertCalibrationFields, Modifier):
             for args in (scheme.input_activations, scheme.output_activations):
                 if args is not None and args.dynamic and args.strategy == "tensor":
                     return False
-                # a moving average of ranges depends on how the tokens are batched
-                if args is not None and not args.dynamic and args.observer == "moving_average":
-                    return False
-        return True
+        # a moving average of ranges (or the last batch's) takes each stacked batch on its
+        # own (observers.observe_activation), which experts' routed tokens do not allow
+        return not (
+            self._routed_inputs
+            and averages_over_batches(self.resolve_quantization_config(), "minmax", True)
+        )
 
     def on_initialize(self, state: State) -> None:
         if state.model is None:
@@ -229,6 +233,7 @@ class GPTQModifier(QuantizationSchemeMixin, ExpertCalibrationFields, Modifier):
             state.model, list(config.ignore or []), "GPTQModifier", tuple(self.moe_mappings)
         )
         self._config = keep_routing_exact(config, experts.exact)
+        self._routed_inputs = any(isinstance(m, LinearExperts) for m in state.model.modules())
         if self._config.kv_cache_scheme is not None:
             self._kv_modules = match_kv_cache_modules(state.model)
         self._modules = match_quantizable_modules(state.model, self._config)
@@ -494,9 +499,7 @@ class GPTQModifier(QuantizationSchemeMixin, ExpertCalibrationFields, Modifier):
 def _observe_range(
     observer: RangeObserver, x: torch.Tensor, args: QuantizationArgs, name: str
 ) -> None:
-    lo, hi = activation_range(x, args)
-    check_finite_range(lo, hi, f"{name} (input activations)")
-    observer.update(lo, hi)
+    observe_activation(observer, x, args, f"{name} (input activations)")
 
 
 def _check_scheme_for_gptq(name: str, scheme: QuantizationScheme, actorder: str | None) -> None:
