@@ -226,3 +226,43 @@ def test_sparsegpt_calibrates_whole_layers_unless_gptq_in_the_run_needs_stages()
     whole = GPTQModifier(scheme="W4A16", ignore=["lm_head"], true_sequential=False)
     assert not _Shortcuts.of([sparsegpt, whole]).in_stages
     assert _Shortcuts.of([gptq]).in_stages and not _Shortcuts.of([whole]).in_stages
+
+
+def test_each_layer_form_gets_its_own_plan():
+    """A model whose first layer is dense and the other a mixture of experts (Qwen2-MoE's
+    ``mlp_only_layers``, as DeepSeek-V3's ``first_k_dense_replace``): the dense layer runs in
+    stages, the expert layer is planned on its own form (calibrated whole: not Llama-style),
+    and every Linear is quantized. It failed when the first layer's plan was reused for every
+    layer."""
+    from loguru import logger
+
+    from moe_models import tiny_moe
+
+    model = tiny_moe("qwen2_moe", mlp_only_layers=[0])
+    staged_layers: list[int] = []
+    real = sequential.calibrate_in_stages
+
+    def record(layer, inputs, plan, session, index, outputs):
+        staged_layers.append(index)
+        return real(layer, inputs, plan, session, index, outputs)
+
+    messages: list[str] = []
+    handle = logger.add(lambda m: messages.append(str(m)), level="INFO", format="{message}")
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(sequential, "calibrate_in_stages", record)
+            gptq = GPTQModifier(config_groups=GROUP16, ignore=["lm_head", "re:.*gate$"])
+            oneshot(model, [gptq], random_ids(), pipeline="sequential")
+    finally:
+        logger.remove(handle)
+    assert staged_layers == [0]
+    assert any("calibrated whole" in m for m in messages)
+    linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    unquantized = [
+        n
+        for n in linears
+        if n != "lm_head"
+        and not n.endswith("gate")  # routers, ignored
+        and not hasattr(model.get_submodule(n), "weight_scale")
+    ]
+    assert not unquantized

@@ -36,11 +36,14 @@ def test_gptq_and_quantization_declare_their_traits(true_sequential):
         in_stages=true_sequential,
         reduces_across_ranks=True,
     )
-    quantization = QuantizationModifier(scheme="W4A16", targets=["Linear"])
+    quantization = QuantizationModifier(
+        scheme="W4A16", targets=["Linear"], true_sequential=true_sequential
+    )
     assert quantization.calibration_traits() == CalibrationTraits(
         supports_offloaded_models=True,
         reads_outputs=False,
         merges_batches=True,
+        in_stages=true_sequential,
         reduces_across_ranks=True,
     )
 

@@ -56,12 +56,14 @@ def _expected_scale(lo: torch.Tensor, hi: torch.Tensor, module: torch.nn.Module)
 
 
 def test_a_layer_is_observed_in_full_precision_on_the_quantized_previous_layers(tiny_llama):
-    """o_proj's input scale is the range of its inputs when its own layer computes in full
-    precision (q/k/v not quantized) and the layers before it are quantized. It fails if the
-    layer's forwards were quantized while its ranges were observed, or if the previous layers
-    were not quantized when it was."""
+    """true_sequential false (llm-compressor's way): o_proj's input scale is the range of its
+    inputs when its own layer computes in full precision (q/k/v not quantized) and the layers
+    before it are quantized. It fails if the layer's forwards were quantized while its ranges
+    were observed, or if the previous layers were not quantized when it was."""
     rows = _rows()
-    modifier = QuantizationModifier(config_groups=STATIC_W8A8, ignore=["lm_head"])
+    modifier = QuantizationModifier(
+        config_groups=STATIC_W8A8, ignore=["lm_head"], true_sequential=False
+    )
     model = oneshot(tiny_llama, [modifier], rows, pipeline="sequential", batch_size=1)
     layers = model.model.layers
     for index, layer in enumerate(layers):
@@ -75,6 +77,35 @@ def test_a_layer_is_observed_in_full_precision_on_the_quantized_previous_layers(
             for module in later:
                 module.quantization_enabled = True
         torch.testing.assert_close(o_proj.input_scale.reshape(-1), expected, rtol=1e-4, atol=0)
+
+
+def test_in_stages_each_range_is_the_one_the_quantized_layer_sees(tiny_llama):
+    """true_sequential (the default): o_proj's input scale is the range of its inputs with the
+    layer's q/k/v already quantized (o_proj and the later modules not), and down_proj's with
+    everything before it quantized. It fails if the stages did not switch each group's
+    quantized forwards on before the next group was observed."""
+    rows = _rows()
+    modifier = QuantizationModifier(config_groups=STATIC_W8A8, ignore=["lm_head"])
+    model = oneshot(tiny_llama, [modifier], rows, pipeline="sequential", batch_size=1)
+    layers = model.model.layers
+    for index, layer in enumerate(layers):
+        for target, first_off in (
+            (layer.self_attn.o_proj, layer.self_attn.o_proj),
+            (layer.mlp.down_proj, layer.mlp.down_proj),
+        ):
+            # the target itself and every module called after it, in this layer and later
+            order = [
+                m for lay in layers[index:] for m in lay.modules() if hasattr(m, "input_scale")
+            ]
+            later = order[order.index(first_off) :]
+            for module in later:
+                module.quantization_enabled = False
+            try:
+                expected = _expected_scale(*_input_range(model, target, rows), target)
+            finally:
+                for module in later:
+                    module.quantization_enabled = True
+            torch.testing.assert_close(target.input_scale.reshape(-1), expected, rtol=1e-4, atol=0)
 
 
 def test_the_ranges_do_not_depend_on_how_the_rows_are_batched(tiny_llama):
@@ -140,20 +171,20 @@ def test_config_group_observer_names_mean_what_llmcompressor_means(
     """A config group's ``observer`` as llm-compressor's recipes mean it, per calibration
     batch (one row each): ``minmax`` a moving average with ``averaging_constant`` (0.01 by
     default), ``memoryless_minmax`` the last batch, ``static_minmax`` the extremes. Checked on
-    layer 0's o_proj (its inputs do not depend on quantized earlier layers). It fails if the
+    layer 0's q_proj (its inputs do not depend on anything quantized). It fails if the
     names were all read as extremes, or if the batches were stacked for a moving average."""
     rows = _rows()
     reference = type(tiny_llama)(tiny_llama.config).eval()
     reference.load_state_dict(tiny_llama.state_dict())
-    ranges = _per_row_ranges(reference, reference.model.layers[0].self_attn.o_proj, rows)
+    ranges = _per_row_ranges(reference, reference.model.layers[0].self_attn.q_proj, rows)
     groups = copy.deepcopy(STATIC_W8A8)
     groups["g"]["input_activations"].update(observer=observer, observer_kwargs=kwargs)
     modifier = QuantizationModifier(config_groups=groups, ignore=["lm_head"])
     model = oneshot(tiny_llama, [modifier], rows, pipeline="sequential", batch_size=1)
-    o_proj = model.model.layers[0].self_attn.o_proj
-    expected = _expected_scale(*_llmcompressor_accumulate(ranges, observer, constant), o_proj)
-    torch.testing.assert_close(o_proj.input_scale.reshape(-1), expected, rtol=1e-4, atol=0)
-    extremes = _expected_scale(*_llmcompressor_accumulate(ranges, "static_minmax", 0), o_proj)
+    q_proj = model.model.layers[0].self_attn.q_proj
+    expected = _expected_scale(*_llmcompressor_accumulate(ranges, observer, constant), q_proj)
+    torch.testing.assert_close(q_proj.input_scale.reshape(-1), expected, rtol=1e-4, atol=0)
+    extremes = _expected_scale(*_llmcompressor_accumulate(ranges, "static_minmax", 0), q_proj)
     if observer != "static_minmax":  # the rows differ enough to tell the observers apart
         assert not torch.allclose(expected, extremes, rtol=1e-3)
 

@@ -181,7 +181,8 @@ def run_sequential(
     logger.info("sequential pipeline over {} layers of {} on {}", len(layers), path, target)
     shortcuts = _Shortcuts.of(session.modifiers)
     first, rest = transforming_first(session.modifiers)
-    plan: StagePlan | None = None
+    staged = False
+    plans: dict[tuple[tuple[str, str], ...], StagePlan | None] = {}
     keep_freed_tensors_in_heap()  # no page faults for every activation (glibc)
     session.calibration_epoch_start(batches)
     with calibration_mode(model):
@@ -194,7 +195,12 @@ def run_sequential(
                     inputs = _unmerged_unless_exact(layer, inputs, path)
                     # transforms alone (AWQ with its own scheme) calibrate whole layers
                     staged = shortcuts.in_stages and (bool(rest) or not first)
-                    plan = _stage_plan(layer, inputs, rest) if staged else None
+                plan = None
+                if staged:  # planned once per layer form (a model may mix dense and MoE layers)
+                    form = _layer_form(layer)
+                    if form not in plans:
+                        plans[form] = _stage_plan(layer, inputs, rest)
+                    plan = plans[form]
                 if first:
                     _transform_first(layer, inputs, session, first, index)
                 with HooksMixin.hooks_only_of(rest) if first else contextlib.nullcontext():
@@ -256,10 +262,16 @@ def _unmerged_unless_exact(
     return unmerge(inputs)
 
 
+def _layer_form(layer: torch.nn.Module) -> tuple[tuple[str, str], ...]:
+    """A decoder layer's submodules by name and class: layers of one form share a stage
+    plan."""
+    return tuple((name, type(module).__name__) for name, module in layer.named_modules())
+
+
 def _stage_plan(
     layer: torch.nn.Module, inputs: list[MergedCalls], modifiers: list[Any]
 ) -> StagePlan | None:
-    """The stages of every layer, planned on the first layer's first call for the
+    """The stages of the layers of ``layer``'s form, planned on its first call for the
     ``modifiers`` that calibrate in them (not those that transform first: their hooks run in
     a pass of their own); None (each layer calibrated whole) when the layers are not
     Llama-style."""

@@ -94,8 +94,8 @@ class QuantizationModifier(QuantizationSchemeMixin, ExpertCalibrationFields, Mod
     - ``on_start`` on CALIBRATION_EPOCH_START (post-training): attach compressed-tensors
       quantization, set weight scales from the weights, observe static activation ranges
       with forward hooks (and the keys and values written to the cache) while the quantized
-      forwards stay off; every token runs through every expert for those ranges
-      (``calibrate_all_experts``)
+      forwards stay off (until each module's stage ends, with ``true_sequential``); every
+      token runs through every expert for those ranges (``calibrate_all_experts``)
     - ``on_start`` on BATCH_START (training): fake-quantize weights (a parametrization) and
       activations (hooks), both with straight-through gradients; observers update ranges
     - ``on_update`` at SEQUENTIAL_EPOCH_END (post-training): set the static scales of the
@@ -149,6 +149,15 @@ class QuantizationModifier(QuantizationSchemeMixin, ExpertCalibrationFields, Mod
         where it falls again; see ``full_precision_share``. Gradients reach ``w`` unchanged.
         Finalize always writes fully quantized weights (a warning says so if ``r`` had not
         reached 0)
+    :param true_sequential: post-training static activation ranges on the sequential
+        pipeline: observe a Llama-style layer's Linears group by group in the order it calls
+        them (q/k/v, o, gate/up, down), each group's scales set before the next is observed,
+        so every range is the one the quantized model's forward sees; it needs fewer matrix
+        products than observing the layer whole and running it again
+        (``compressor.calibration.pipelines.staged``). False observes every Linear of a layer
+        with the layer unquantized, as llm-compressor does (the layers before it are quantized
+        either way). Layers of another form, static outputs and a ``kv_cache_scheme`` are
+        always observed whole
     :param calibrate_all_experts: see ExpertCalibrationFields (static activations only)
     :param min_expert_tokens: see ExpertCalibrationFields
     :param moe_mappings: see ExpertCalibrationFields
@@ -160,6 +169,7 @@ class QuantizationModifier(QuantizationSchemeMixin, ExpertCalibrationFields, Mod
 
     observer: ObserverKind = "minmax"
     momentum: float = Field(default=0.95, gt=0.0, lt=1.0)
+    true_sequential: bool = True
     rounding: Literal["nearest", "stochastic"] = "nearest"
     start_bits: int | None = Field(default=None, ge=2, le=16)
     target_bits: int | None = Field(default=None, ge=2, le=8)
@@ -228,6 +238,9 @@ class QuantizationModifier(QuantizationSchemeMixin, ExpertCalibrationFields, Mod
             and config.kv_cache_scheme is None
             and not dynamic_per_forward(config),
             reduces_across_ranks=not moving,
+            # stages need each group's forward pre-hooks only, and its scales set at the
+            # stage's end (PostTrainingPathway._finish on SEQUENTIAL_EPOCH_END's modules)
+            in_stages=post_training and self.true_sequential and not reads_outputs(config),
         )
 
     @property
