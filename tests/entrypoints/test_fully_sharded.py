@@ -18,6 +18,7 @@ from test_tensor_parallel import (
     _free_port,
     data,
     model,
+    parallelize,
     qat_and_sparse,
     rows_and_heads,
     shape_of,
@@ -86,8 +87,9 @@ def released(net: torch.nn.Module) -> list[str]:
     return left
 
 
-def refusals(mesh) -> dict[str, str]:
-    """What FSDP2 cannot run, each refused with its reason."""
+def refusals(mesh, out: Path) -> dict[str, str]:
+    """What FSDP2 cannot run, each refused with its reason; and the Hugging Face Trainer with
+    our callback, given a model sharded by FSDP2 or tensor parallelism."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -130,6 +132,20 @@ def refusals(mesh) -> dict[str, str]:
             net.get_submodule(where), "weight", torch.nn.Identity(), where=where
         )
 
+    def trainer(cls, sharding) -> None:
+        from compressor import CompressionCallback
+        from training_runs import make_trainer
+
+        net = model().train()
+        sharding(net, mesh)
+        make_trainer(net, CompressionCallback(qat_and_sparse()), out / "trainer", cls=cls)
+
+    from transformers import Trainer
+
+    from compressor import CompressionTrainer
+
+    attempt("trainer_fsdp", lambda: trainer(Trainer, shard))
+    attempt("trainer_tp", lambda: trainer(CompressionTrainer, parallelize))
     attempt("topk", topk)
     attempt("parametrized", parametrized)
     attempt("later", sharded_later)
@@ -162,7 +178,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
                 result["logits"] = net(input_ids=data()[0]).logits
             save_checkpoint_once(net, Path(out) / key, recipe())
             torch.save(result, Path(out) / f"{key}{rank}.pt")
-        torch.save(refusals(mesh), Path(out) / f"errors{rank}.pt")
+        torch.save(refusals(mesh, Path(out)), Path(out) / f"errors{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -255,7 +271,13 @@ def test_rank_zeros_checkpoint_reloads_in_one_process(two_ranks, alone, key):
 @pytest.mark.integration
 def test_what_fsdp2_cannot_run_is_refused(two_ranks):
     for errors in _load(two_ranks, "errors"):
-        assert set(errors) == {"topk", "parametrized", "later", "hybrid"}, errors
+        keys = {"trainer_fsdp", "trainer_tp", "topk", "parametrized", "later", "hybrid"}
+        assert set(errors) == keys, errors
+        # the Trainer with our callback, refused when it is built: on CPU it would wrap the
+        # sharded model in DistributedDataParallel, which fails on DTensors
+        for key in ("trainer_fsdp", "trainer_tp"):
+            assert errors[key].startswith("ValueError: model: its parameters are DTensors")
+            assert "with CompressionSession in your own loop" in errors[key]
         assert "method 'topk' is not supported on tensor-parallel or FSDP2" in errors["topk"]
         assert errors["parametrized"].startswith(
             "ValueError: model.layers.0.mlp.up_proj.weight is sharded with FSDP2 (fully_shard), which a "

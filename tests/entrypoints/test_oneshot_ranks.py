@@ -1,6 +1,7 @@
 """``oneshot`` under a process group of two gloo processes: each rank calibrates on its half of
-the batches, and every rank ends with what one process computes from all of them; recipes
-that cannot be reduced, and ranks that disagree, are refused before any work."""
+the batches, and every rank ends with what one process computes from all of them, its decoder
+layers in memory or on disk; recipes that cannot be reduced, and ranks that disagree, are
+refused before any work."""
 
 from __future__ import annotations
 
@@ -11,7 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+from compressed_tensors.offload.cache import DiskCache, OffloadCache
+from pydantic import PrivateAttr
 
+from compressor.core.events import Event, EventType
+from compressor.core.state import State
+from compressor.modifiers.base import CalibrationTraits, Modifier
 from conftest import tiny_llama_config
 
 ROWS, SEQ, BATCH = 8, 16, 2
@@ -87,6 +93,7 @@ RECIPES = {
     "reduce": (LAYER_REDUCTION, "auto"),
 }
 SAVED = "gptq_tensor"  # the run whose checkpoint rank 0 writes
+ON_DISK = ("gptq_group", "sparse")  # also run with the decoder layers offloaded to disk
 
 
 def model(layers: int = 2) -> torch.nn.Module:
@@ -122,6 +129,92 @@ def run(key: str, output_dir: Path | None = None, layers: int = 2) -> dict[str, 
         output_dir=output_dir,
     )
     return {k: v.detach().clone() for k, v in net.state_dict().items()}
+
+
+@Modifier.register()
+class OnloadedOnRank(Modifier):
+    """At the end of each layer's (or stage's) turn: which layer, how many offloaded tensors
+    this rank holds in memory, and how many the layer has. It leaves the pipeline's choices
+    (stages, stacked batches) to the recipe's modifiers and gathers nothing from the data."""
+
+    _held: list = PrivateAttr(default_factory=list)
+
+    def requires_calibration_data(self) -> bool:
+        return True
+
+    def calibration_traits(self) -> CalibrationTraits:
+        return CalibrationTraits(
+            supports_offloaded_models=True,
+            reads_outputs=False,
+            merges_batches=True,
+            accepts_stages=True,
+            reduces_across_ranks=True,
+        )
+
+    def on_update(self, state: State, event: Event) -> None:
+        if event.type_ != EventType.SEQUENTIAL_EPOCH_END:
+            return
+        layers = state.model.model.layers
+        inside = [
+            i
+            for i, layer in enumerate(layers)
+            if any(p is m for m in layer.modules() for p in event.modules)
+        ]
+        if inside:
+            own = sum(len(m._parameters) + len(m._buffers) for m in layers[inside[0]].modules())
+            self._held.append((inside[0], len(OffloadCache.keep_onloaded_values), own))
+
+
+def on_disk(key: str, out: Path) -> dict:
+    """``run(key)`` on the tiny Llama's checkpoint in ``out / "fp"``, loaded with its decoder
+    layers offloaded to disk in ``out / f"offload_{key}"``: the state dict, where each layer's
+    weights live, the folders (relative to ``out``) of the files behind this rank's offloaded
+    tensors, and what ``OnloadedOnRank`` saw."""
+    from compressor import Recipe, oneshot
+
+    recipe, pipeline = RECIPES[key]
+    probe = OnloadedOnRank()
+    net = oneshot(
+        out / "fp",
+        [*Recipe.from_yaml(recipe).modifiers, probe],
+        rows(),
+        num_calibration_samples=ROWS,
+        max_seq_length=SEQ,
+        batch_size=BATCH,
+        pipeline=pipeline,
+        offload_folder=out / f"offload_{key}",
+    )
+    layers = net.model.layers
+    files = {
+        DiskCache.index[tensor]["safetensors_file"]
+        for module in layers.modules()
+        if isinstance(module._parameters, DiskCache)
+        for tensor in module._parameters.offloaded_values.values()
+        if tensor is not None
+    }
+    return {
+        "state": {k: v.detach().clone() for k, v in net.state_dict().items()},
+        "devices": [str(layer.self_attn.q_proj._parameters.offload_device) for layer in layers],
+        "folders": sorted({str(Path(f).parent.relative_to(out)) for f in files}),
+        "held": probe._held,
+    }
+
+
+def loaded_on_disk(out: Path, folder: Path, shared_by_compressed_tensors: bool = False):
+    """The tiny Llama's checkpoint as a user loads it under ``torchrun``: its decoder layers
+    offloaded by accelerate to ``folder``, and (if asked) dispatched by compressed-tensors
+    across the ranks, which shares rank 0's offload with every rank."""
+    from compressed_tensors.offload import from_accelerate
+    from transformers import AutoModelForCausalLM
+
+    from compressor.entrypoints.loading import layers_on_disk_map
+
+    net = AutoModelForCausalLM.from_pretrained(
+        out / "fp", device_map=layers_on_disk_map(out / "fp"), offload_folder=str(folder)
+    )
+    if shared_by_compressed_tensors:
+        from_accelerate(net)
+    return net
 
 
 def hessians_of_share(rank: int = 0, world: int = 1) -> dict[str, tuple[torch.Tensor, int]]:
@@ -169,6 +262,12 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         for key in RECIPES:
             saved = Path(out) / "ckpt" if key == SAVED else None
             torch.save(run(key, saved), f"{out}/{key}{rank}.pt")
+        if rank == 0:
+            model().save_pretrained(Path(out) / "fp")
+        dist.barrier()
+        for key in ON_DISK:
+            torch.save(on_disk(key, Path(out)), f"{out}/disk_{key}{rank}.pt")
+        gptq = RECIPES["gptq_group"][0]
         errors = {}
         attempts = {
             # refused before the model (which does not exist) is loaded
@@ -178,9 +277,12 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
             "batches": lambda: oneshot(
                 model(), [SparseGPTModifier(sparsity=0.5)], rows(), num_calibration_samples=1
             ),
-            "offload": lambda: oneshot(
-                Path(out) / "no-model", [SparseGPTModifier(sparsity=0.5)], rows(),
-                offload_folder=Path(out) / "offload",
+            # refused before calibration
+            "one_folder": lambda: oneshot(
+                loaded_on_disk(Path(out), Path(out) / "one_folder"), gptq, rows()
+            ),
+            "shared": lambda: oneshot(
+                loaded_on_disk(Path(out), Path(out) / f"shared{rank}", True), gptq, rows()
             ),
         }  # fmt: skip
         for key, attempt in attempts.items():
@@ -283,8 +385,33 @@ def test_what_cannot_run_on_several_ranks_is_refused_before_any_work(two_ranks):
         assert "disagree on the recipe" in errors["recipe"]
         assert "disagree on the model" in errors["model"]
         assert "1 calibration batch(es) for 2 ranks" in errors["batches"]
-        assert "offload_folder=" in errors["offload"]
-        assert "not supported under a process group" in errors["offload"]
+        # each rank rewrites its own offloaded layers: one folder for both is refused
+        assert errors["one_folder"].startswith("ValueError: offload_folder="), errors
+        assert "ranks [0, 1] offloaded their models to the same folder" in errors["one_folder"]
+        # as is compressed-tensors' offload shared across the ranks (rank 0's files)
+        assert errors["shared"].startswith("ValueError: model: on rank 0, "), errors
+        assert "offloaded by compressed-tensors across the ranks" in errors["shared"]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("key", ON_DISK)
+def test_layers_on_disk_compress_on_several_ranks_as_in_one_process(two_ranks, key):
+    """Each rank loads the checkpoint with its decoder layers on disk in its own folder and
+    compresses one layer at a time; the result is one process's in memory."""
+    results = [torch.load(two_ranks / f"disk_{key}{r}.pt") for r in range(2)]
+    single = run(key)
+    for rank, result in enumerate(results):
+        assert result["devices"] == ["disk", "disk"]  # still on disk after compressing
+        # every tensor behind this rank's layers is a file of its own folder: none is another
+        # rank's (compressed-tensors' dispatch under a process group points every rank at
+        # rank 0's files, which the ranks would then rewrite at once)
+        assert result["folders"] == [f"offload_{key}/rank{rank}"]
+        _assert_close(result["state"], single, f"{key} on disk, rank {rank}")
+        # a layer's worth in memory: at the end of each layer's turn only its own tensors
+        assert sorted({layer for layer, _, _ in result["held"]}) == [0, 1]
+        assert all(0 < held <= own for _, held, own in result["held"]), result["held"]
+    for name, value in results[0]["state"].items():  # the broadcast results: alike
+        assert torch.equal(value, results[1]["state"][name]), name
 
 
 def test_awq_clipping_is_refused_under_a_process_group(monkeypatch):
@@ -302,6 +429,6 @@ def test_awq_clipping_is_refused_under_a_process_group(monkeypatch):
     clip = Recipe.from_modifiers([AWQModifier(scheme="W4A16", apply_clip=True)])
     with pytest.raises(RecipeError, match="AWQModifier: oneshot runs under a process group"):
         process_group.check_recipe_for_ranks(
-            clip, CalibrationArguments(), OutputArguments(), "model", None
+            clip, CalibrationArguments(), OutputArguments(), "model"
         )
     assert AWQModifier(scheme="W4A16").calibration_traits().reduces_across_ranks

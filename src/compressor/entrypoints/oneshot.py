@@ -22,6 +22,7 @@ from compressor.entrypoints.process_group import (
     check_model_agreement,
     check_recipe_for_ranks,
     on_first_rank,
+    rank_offload_folder,
     share_batches,
 )
 from compressor.recipe import Recipe, RecipeError, resolve_recipe
@@ -85,7 +86,8 @@ def oneshot(
         ``recipe.yaml`` or our model card) or empty; anything else there is an error
     :param device: where the sequential pipeline computes, one layer at a time
     :param offload_folder: with a checkpoint directory as ``model``: load its decoder layers
-        offloaded to disk in this folder (for a model larger than memory)
+        offloaded to disk in this folder (for a model larger than memory); under a process
+        group each rank offloads to its own folder in it (``rank0``, ``rank1``, ...)
     :param decompress_after_save: after writing ``output_dir``, give the quantized model its
         (dequantized) weights back, as it had them before the save. False when the caller
         does not use the returned model (the CLI): the save skips that work and leaves the
@@ -113,8 +115,9 @@ def oneshot(
         decompress_after_save=decompress_after_save,
     )
     parsed = _parse_recipe(recipe, dataset)
-    check_recipe_for_ranks(parsed, calibration, output, model, offload_folder)
+    check_recipe_for_ranks(parsed, calibration, output, model)
     dataset = resolve_dataset(dataset)  # a named dataset is loaded (or refused) before the model
+    offload_folder = rank_offload_folder(offload_folder)  # one per rank under a process group
     loaded, tokenizer = _load(model, tokenizer, parsed, device, offload_folder)
     pipeline_name = resolve_pipeline(calibration.pipeline, parsed.modifiers, loaded)
     batches = _calibration_batches(pipeline_name, dataset, calibration, loaded, tokenizer)

@@ -31,6 +31,7 @@ __all__ = [
     "check_model_agreement",
     "check_recipe_for_ranks",
     "on_first_rank",
+    "rank_offload_folder",
     "save_checkpoint_once",
     "share_batches",
 ]
@@ -41,7 +42,6 @@ def check_recipe_for_ranks(
     calibration: CalibrationArguments,
     output: OutputArguments,
     model: Any,
-    offload_folder: str | Path | None,
 ) -> None:
     """Under a process group, before anything is loaded: refuse what cannot run on several
     ranks, and make sure every rank was given the same recipe and options. Nothing in one
@@ -49,8 +49,7 @@ def check_recipe_for_ranks(
 
     :raises RecipeError: a modifier that needs calibration data and cannot reduce its
         statistics over the ranks (``CalibrationTraits.reduces_across_ranks``), named
-    :raises ValueError: ``offload_folder`` given (not supported on several ranks); ranks given
-        different recipes, options or models (by path or id)
+    :raises ValueError: ranks given different recipes, options or models (by path or id)
     """
     if not distributed.is_distributed():
         return
@@ -68,12 +67,6 @@ def check_recipe_for_ranks(
             "AWQModifier's apply_clip search), so each rank would compress differently. Run "
             "this recipe in one process, or use minmax observers and apply_clip: false"
         )
-    if offload_folder is not None:
-        raise ValueError(
-            f"offload_folder={str(offload_folder)!r}: a model offloaded to disk is not "
-            "supported under a process group yet (every rank would write the same folder); "
-            "run it in one process"
-        )
     distributed.check_agreement("the recipe", recipe.to_yaml())
     options = {
         "calibration": calibration.model_dump(mode="json"),
@@ -82,6 +75,16 @@ def check_recipe_for_ranks(
     distributed.check_agreement("the oneshot options", json.dumps(options, sort_keys=True))
     if isinstance(model, str | Path):
         distributed.check_agreement("the model path or id", str(model))
+
+
+def rank_offload_folder(offload_folder: str | Path | None) -> Path | None:
+    """Where this rank offloads the layers of the model it loads: under a process group its
+    own folder in ``offload_folder`` (``rank0``, ``rank1``, ...), since every rank holds a
+    whole model and rewrites its offloaded layers with their compressed values; in one
+    process ``offload_folder`` itself."""
+    if offload_folder is None or not distributed.is_distributed():
+        return None if offload_folder is None else Path(offload_folder)
+    return Path(offload_folder) / f"rank{distributed.rank()}"
 
 
 def check_model_agreement(model: torch.nn.Module, batches: list[Batch]) -> None:

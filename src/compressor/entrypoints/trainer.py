@@ -42,6 +42,7 @@ from compressor.core.session import CompressionSession
 from compressor.recipe import resolve_recipe
 from compressor.utils import distributed
 from compressor.utils.optim import add_param_group, extend_lr_scheduler
+from compressor.utils.sharding import has_sharded_parameters
 
 __all__ = [
     "COMPRESSOR_STATE_NAME",
@@ -59,6 +60,9 @@ class CompressionCallback(TrainerCallback):
 
     **Lifecycle**
 
+    - ``on_init_end`` (the Trainer built with this callback) and ``on_train_begin``: a model
+      sharded with DTensors (FSDP2 ``fully_shard``, tensor parallelism) is refused
+      (``_refuse_sharded_model``)
     - ``on_train_begin``: a new session is initialized with the model, the optimizer (whose
       events this callback sends), ``batches_per_step`` = gradient accumulation steps and,
       with ``offsets="epochs"``, ``steps_per_epoch``, and the train dataloader (read by
@@ -114,6 +118,17 @@ class CompressionCallback(TrainerCallback):
         return self.session is not None and not self.session.finalized
 
     # ---------------------------------------------------------------- begin
+    def on_init_end(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: torch.nn.Module | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if model is not None:
+            _refuse_sharded_model(model)
+
     def on_train_begin(
         self,
         args: TrainingArguments,
@@ -129,6 +144,7 @@ class CompressionCallback(TrainerCallback):
             raise RuntimeError("CompressionCallback: training began while a run was still active")
         if model is None or optimizer is None:
             raise ValueError("CompressionCallback needs the Trainer's model and optimizer")
+        _refuse_sharded_model(model)
         accumulation = args.gradient_accumulation_steps
         steps_per_epoch = None
         if self.offsets == "epochs":
@@ -272,6 +288,32 @@ class CompressionCallback(TrainerCallback):
 
 
 _OPEN = (EventType.BATCH_START, EventType.LOSS_CALCULATED)
+
+
+def _refuse_sharded_model(model: torch.nn.Module) -> None:
+    """Refuse a model whose parameters are DTensors (FSDP2 ``fully_shard`` or tensor
+    parallelism, applied before the Trainer or by it), when the Trainer is built and again
+    when training begins.
+
+    On CPU (gloo) neither accelerate nor transformers trains such a model: accelerate ignores
+    the Trainer's FSDP options on CPU and wraps the model in DistributedDataParallel, which
+    fails on DTensors. On GPUs the Trainer's own FSDP2 is untested with this callback, whose
+    handling of the parameters modifiers add (broadcast, gradients averaged over the ranks)
+    is DDP's. Sharded training runs with a ``CompressionSession`` in your own loop
+    (docs/distributed.md).
+
+    :raises ValueError: naming the model and what is unsupported
+    """
+    if has_sharded_parameters(model):
+        raise ValueError(
+            "model: its parameters are DTensors (sharded with FSDP2 fully_shard or tensor "
+            "parallelism), which the Hugging Face Trainer with CompressionCallback does not "
+            "support: on CPU the Trainer wraps the model in DistributedDataParallel, which "
+            "cannot take DTensors, and its FSDP options are ignored there; its FSDP2 on GPUs "
+            "is untested with this callback. Train a sharded model with CompressionSession "
+            "in your own loop (docs/distributed.md), or give the Trainer the unsharded model "
+            "(DDP)"
+        )
 
 
 def _average_over_ranks(grad: torch.Tensor) -> torch.Tensor:
