@@ -226,3 +226,37 @@ def test_fp8_kv_cache_recipe_calibrates_the_cache_and_saves_its_scales(llama128,
     # the recipe written beside the checkpoint round-trips the field
     again = Recipe.from_file(tmp_path / "out" / "recipe.yaml")
     assert again.modifiers[0].kv_cache_scheme == modifier.kv_cache_scheme
+
+
+def test_static_observer_recipe_keeps_its_observers_meaning_and_reloads(llama128, tmp_path):
+    """The recipe's two observers as llm-compressor runs them: q_proj's range the extremes of
+    its inputs over the batches, down_proj's a moving average (constant 0.1) that starts at
+    the first batch; the checkpoint reloads to the same logits."""
+    from transformers import AutoModelForCausalLM
+
+    reference = LlamaForCausalLM(llama128.config).eval()
+    reference.load_state_dict(llama128.state_dict())
+    data = _data(n=6)
+    recipe = Recipe.from_file(DATA / "w8a8_static_observers.yaml")
+    model = oneshot(llama128, recipe, data, output_dir=tmp_path / "out")
+    q_proj = model.model.layers[0].self_attn.q_proj
+    q_args = q_proj.quantization_scheme.input_activations
+    assert (q_args.observer, q_args.symmetric) == ("static_minmax", False)
+    # layer 0's q_proj sees the input norm of the embeddings, unchanged by any quantization
+    seen: list[torch.Tensor] = []
+    ref_q = reference.model.layers[0].self_attn.q_proj
+    handle = ref_q.register_forward_pre_hook(lambda _m, a: seen.append(a[0].detach()))
+    with torch.no_grad():
+        for ids in data["input_ids"]:
+            reference(input_ids=torch.tensor(ids).unsqueeze(0))
+    handle.remove()
+    lo = torch.stack([s.min() for s in seen]).min().clamp(max=0)
+    hi = torch.stack([s.max() for s in seen]).max().clamp(min=0)
+    torch.testing.assert_close(q_proj.input_scale.reshape(()), (hi - lo) / 255, rtol=1e-4, atol=0)
+    down = model.model.layers[0].mlp.down_proj.quantization_scheme.input_activations
+    assert down.observer == "minmax" and down.observer_kwargs == {"averaging_constant": 0.1}
+    ids = torch.tensor(data["input_ids"][0]).unsqueeze(0)
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, before, rtol=1e-4, atol=1e-4)
