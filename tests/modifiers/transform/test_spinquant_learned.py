@@ -327,6 +327,77 @@ def test_the_loop_computes_the_loss_of_the_model_it_fuses():
         assert abs(fused(IDS, labels=IDS).loss.item() - loop.item()) < 1e-5
 
 
+def _r4_double_llama():
+    """The tiny Llama in float64 with the online R4 on down_proj (a Hadamard of order 64)."""
+    from compressed_tensors.transform import TransformConfig
+
+    from compressor.modifiers.transform.spinquant.online import r4_scheme
+    from compressor.modifiers.transform.spinquant.online_attention import apply_online_rotations
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config(initializer_range=0.2)).eval().double()
+    scheme = r4_scheme(
+        model,
+        ["re:.*down_proj$"],
+        "hadamard",
+        block_size=None,
+        randomize=False,
+        precision=torch.float64,
+    )
+    apply_online_rotations(model, TransformConfig(config_groups={"R4": scheme}))
+    return model
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_rotating_activations_takes_the_steps_rotating_weights_takes(masked):
+    """With activations only in the loop, the loss rotates the activations rather than the
+    weights (far cheaper): in float64 its loss, its gradient and the Cayley steps they give
+    equal those of the rotated weights, with the online R4 in place and padding masked."""
+    model = _r4_double_llama()
+    for param in model.parameters():
+        param.requires_grad_(False)
+    plan = rotation_plan(model, infer_mapping_from_model(model), ["R1", "R2"])
+    gen = torch.Generator().manual_seed(0)
+    start = {
+        side.key: rotation_matrix("random-matrix", 32 if side.key == "R1" else 8, generator=gen)
+        for side in plan
+    }
+    quantizers = LoopQuantizers(activations=_learnable().learn_activations)
+    batch = {"input_ids": IDS}
+    if masked:
+        batch["attention_mask"] = torch.ones_like(IDS).index_fill_(1, torch.arange(12, 16), 0)
+    paths = {}
+    for rotate_weights in (True, False):
+        current = {k: r.clone().requires_grad_(True) for k, r in start.items()}
+        losses = []
+        for _ in range(3):
+            loss = quantized_loss(
+                model, plan, current, batch, quantizers, rotate_weights=rotate_weights
+            )
+            grads = torch.autograd.grad(loss, list(current.values()))
+            losses.append(loss.item())
+            current = {
+                k: cayley_sgd_step(r.detach(), g, None, 0.5)[0].requires_grad_(True)
+                for (k, r), g in zip(current.items(), grads, strict=True)
+            }
+        paths[rotate_weights] = (losses, current)
+    (by_weights, rotated_weights), (by_inputs, rotated_inputs) = paths[True], paths[False]
+    assert by_inputs == pytest.approx(by_weights, abs=1e-6)  # the loss is taken in float32
+    assert by_weights[0] != pytest.approx(by_weights[-1], abs=1e-4)  # the steps moved it
+    for key, rotation in rotated_weights.items():
+        assert (rotated_inputs[key] - rotation).abs().max() < 1e-9
+        assert (rotation - start[key]).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="rotate_weights=False with a weight quantizer"):
+        quantized_loss(
+            model,
+            plan,
+            start,
+            batch,
+            LoopQuantizers(weights=_learnable().learn_weights),
+            rotate_weights=False,
+        )
+
+
 def test_tied_embeddings_must_be_untied_before_planning():
     torch.manual_seed(0)
     model = LlamaForCausalLM(tiny_llama_config(tie_word_embeddings=True))

@@ -7,6 +7,14 @@ differentiably in the rotations (``torch.func.functional_call``: the model itsel
 changed), with every Linear of the decoder layers fake-quantizing its weight and its input.
 Rounding is bypassed in the backward pass by a straight-through estimator (Bengio et al.
 2013), as SpinQuant does (Liu et al. 2024, arXiv:2405.16406, section 3.2).
+
+When no weight quantizer is in the loop (activations only), the rotated weights are never
+needed themselves: a Linear reading rotated inputs computes ``q(x) (W R)^T = (q(x) R^T) W^T``
+and one writing them ``y R``, so the loss rotates the activations instead (hooks around the
+unchanged modules). It is the same function of the rotations, with the same gradient (up to
+rounding: in float32 a last-bit difference can flip a 4-bit rounding, as any reordering of
+the products can), but a step costs products of the size of the tokens rather than of every
+weight matrix, and no gradient with respect to the rotated weights is formed.
 """
 
 from __future__ import annotations
@@ -177,6 +185,50 @@ def _quantized_inputs(
             handle.remove()
 
 
+def _rotate_last(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """``x``'s last dimension times ``rotation`` (block-diagonal when it is smaller)."""
+    r = rotation.to(x.dtype)
+    return (x.unflatten(-1, (-1, r.shape[0])) @ r).flatten(-2)
+
+
+@contextlib.contextmanager
+def _rotated_activations(
+    plan: list[RotatedSide], rotations: Mapping[str, torch.Tensor]
+) -> Iterator[None]:
+    """Inside the block, every module of ``plan`` computes what its rotated weights would:
+    an output side's output times ``R`` (an Embedding's rows, a Linear's output with its
+    bias: ``x (R^T W)^T + b R = (x W^T + b) R``), an input side's input times ``R^T`` (``x (W
+    R)^T = (x R^T) W^T``). Entered after ``_quantized_inputs``, so that an input is quantized
+    before it is turned back, as the rotated Linear quantizes it."""
+    seen: set[tuple[int, str]] = set()
+    handles = []
+    try:
+        for side in plan:
+            if (id(side.module), side.side) in seen:
+                raise ValueError(
+                    f"{side.name} is rotated twice on its {side.side} side; the loss with "
+                    "rotated activations takes one rotation a side"
+                )
+            seen.add((id(side.module), side.side))
+            rotation = rotations[side.key]
+            if side.side == "output":
+
+                def after(_m: Any, _i: Any, out: torch.Tensor, r: torch.Tensor = rotation) -> Any:
+                    return _rotate_last(out, r)
+
+                handles.append(side.module.register_forward_hook(after))
+            else:
+
+                def before(_m: Any, inputs: tuple[Any, ...], r: torch.Tensor = rotation) -> Any:
+                    return (_rotate_last(inputs[0], r.T), *inputs[1:])
+
+                handles.append(side.module.register_forward_pre_hook(before))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def quantized_loss(
     model: torch.nn.Module,
     plan: list[RotatedSide],
@@ -184,6 +236,7 @@ def quantized_loss(
     batch: Mapping[str, Any],
     quantizers: LoopQuantizers,
     linears: Mapping[str, torch.nn.Linear] | None = None,
+    rotate_weights: bool | None = None,
 ) -> torch.Tensor:
     """The next-token cross-entropy of the rotated, fake-quantized model on ``batch``
     (padding, where ``attention_mask`` is 0, left out), differentiable in ``rotations``.
@@ -194,16 +247,33 @@ def quantized_loss(
     :param batch: ``input_ids`` and optionally ``attention_mask``, on the model's device
     :param quantizers: the fake quantizers of the decoder layers' Linears
     :param linears: those Linears by name (``quantized_linears``), when already known
+    :param rotate_weights: rotate the weights (True) or the activations (False, the same
+        function; refused with a weight quantizer, which needs the rotated weights); None:
+        the weights only when a weight quantizer is in the loop
     """
+    if rotate_weights is None:
+        rotate_weights = quantizers.weights is not None
+    if not rotate_weights and quantizers.weights is not None:
+        raise ValueError(
+            "rotate_weights=False with a weight quantizer in the loop: the quantizer needs "
+            "the rotated weights; allowed: True or None"
+        )
     linears = quantized_linears(model) if linears is None else linears
-    params = _parameters(plan, rotations, linears, quantizers)
     ids = batch["input_ids"]
     mask = batch.get("attention_mask")
     kwargs: dict[str, Any] = {"input_ids": ids, "use_cache": False}
     if mask is not None:
         kwargs["attention_mask"] = mask
-    with _quantized_inputs(linears, quantizers.activations):
-        logits = torch.func.functional_call(model, params, args=(), kwargs=kwargs).logits
+    if rotate_weights:
+        params = _parameters(plan, rotations, linears, quantizers)
+        with _quantized_inputs(linears, quantizers.activations):
+            logits = torch.func.functional_call(model, params, args=(), kwargs=kwargs).logits
+    else:
+        with (
+            _quantized_inputs(linears, quantizers.activations),
+            _rotated_activations(plan, rotations),
+        ):
+            logits = model(**kwargs).logits
     targets = ids[:, 1:]
     if mask is not None:
         targets = targets.masked_fill(mask[:, 1:] == 0, -100)
