@@ -208,11 +208,15 @@ def markdown(report: dict[str, Any]) -> str:
             r = run["row"]
             if r["status"] == "partial":
                 p = r["phase_peak_rss_mb"]
+                # a stopped run's load figures are missing when it wrote no result
+                load_s, load_peak = (
+                    _maybe(r["phase_wall_s"].get("load"), ".1f"),
+                    _maybe(p.get("load"), ".0f"),
+                )
                 lines.append(
-                    f"| {m['model']} | {run['side']} | stopped: {r['reason']} | | "
-                    f"{r['phase_wall_s'].get('load', 0):.1f} | | "
+                    f"| {m['model']} | {run['side']} | stopped: {r['reason']} | | {load_s} | | "
                     f"{r['compress_s_per_layer']:.1f} | {_cpu_per_layer(r, m['shape'])} | | "
-                    f"{p.get('load') or 0:.0f} | "
+                    f"{load_peak} | "
                     f"{p.get('compress') or 0:.0f} | | {r['peak_rss_mb']:.0f} | "
                     f"{r.get('budget_mb', 0):.0f} | {r.get('peak_over_budget', 0):.2f} | "
                     f"{r['peak_rss_mb'] / m['shape']['model_mb']:.2f} | "
@@ -237,6 +241,10 @@ def markdown(report: dict[str, Any]) -> str:
     if report.get("notes"):
         lines += ["", *report["notes"]]
     return "\n".join(lines) + "\n"
+
+
+def _maybe(value: float | None, spec: str) -> str:
+    return "" if value is None else format(value, spec)
 
 
 def _cpu_per_layer(row: dict[str, Any], shape: dict[str, Any]) -> str:
