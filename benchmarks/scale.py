@@ -198,20 +198,25 @@ def markdown(report: dict[str, Any]) -> str:
         + "). Peaks per phase are each phase's own high-water mark. Load average (1 min) as "
         "each run started.",
         "",
-        "| model | side | process wall | process CPU | load | compress | s / layer | save "
-        "| peak load | peak compress | peak save | peak | budget | peak / budget "
-        "| peak / model | load avg |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | side | process wall | process CPU | load | compress | s / layer "
+        "| CPU s / layer | save | peak load | peak compress | peak save | peak | budget "
+        "| peak / budget | peak / model | load avg |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for m in report["models"]:
         for run in m["runs"]:
             r = run["row"]
             if r["status"] == "partial":
                 p = r["phase_peak_rss_mb"]
+                # a stopped run's load figures are missing when it wrote no result
+                load_s, load_peak = (
+                    _maybe(r["phase_wall_s"].get("load"), ".1f"),
+                    _maybe(p.get("load"), ".0f"),
+                )
                 lines.append(
-                    f"| {m['model']} | {run['side']} | stopped: {r['reason']} | | "
-                    f"{r['phase_wall_s'].get('load', 0):.1f} | | "
-                    f"{r['compress_s_per_layer']:.1f} | | {p.get('load') or 0:.0f} | "
+                    f"| {m['model']} | {run['side']} | stopped: {r['reason']} | | {load_s} | | "
+                    f"{r['compress_s_per_layer']:.1f} | {_cpu_per_layer(r, m['shape'])} | | "
+                    f"{load_peak} | "
                     f"{p.get('compress') or 0:.0f} | | {r['peak_rss_mb']:.0f} | "
                     f"{r.get('budget_mb', 0):.0f} | {r.get('peak_over_budget', 0):.2f} | "
                     f"{r['peak_rss_mb'] / m['shape']['model_mb']:.2f} | "
@@ -220,13 +225,14 @@ def markdown(report: dict[str, Any]) -> str:
                 continue
             if r["status"] != "ok":
                 lines.append(f"| {m['model']} | {run['side']} | {r['status']}: "
-                             f"{r['reason'][:200]} |" + " |" * 14)  # fmt: skip
+                             f"{r['reason'][:200]} |" + " |" * 15)  # fmt: skip
                 continue
             w, p = r["phase_wall_s"], r["phase_peak_rss_mb"]
             lines.append(
                 f"| {m['model']} | {run['side']} | {r['process_wall_s']:.1f} | "
                 f"{r['process_cpu_s']:.1f} | {w.get('load', 0):.1f} | {w['compress']:.1f} | "
-                f"{r['compress_s_per_layer']:.2f} | {w.get('save', 0):.1f} | "
+                f"{r['compress_s_per_layer']:.2f} | {_cpu_per_layer(r, m['shape'])} | "
+                f"{w.get('save', 0):.1f} | "
                 f"{p.get('load') or 0:.0f} | {p.get('compress') or 0:.0f} | "
                 f"{p.get('save') or 0:.0f} | {r['peak_rss_mb']:.0f} | {r['budget_mb']:.0f} | "
                 f"{r['peak_over_budget']:.2f} | {r['peak_over_model']:.2f} | "
@@ -235,6 +241,20 @@ def markdown(report: dict[str, Any]) -> str:
     if report.get("notes"):
         lines += ["", *report["notes"]]
     return "\n".join(lines) + "\n"
+
+
+def _maybe(value: float | None, spec: str) -> str:
+    return "" if value is None else format(value, spec)
+
+
+def _cpu_per_layer(row: dict[str, Any], shape: dict[str, Any]) -> str:
+    """The compress phase's CPU seconds per decoder layer (over the layers a stopped run
+    finished, which its row gives), as the table prints it; the figure that a busy machine
+    does not inflate as it does wall times."""
+    if "compress_cpu_s_per_layer" in row:
+        return f"{row['compress_cpu_s_per_layer']:.1f}"
+    cpu = row.get("phase_cpu_s", {}).get("compress")
+    return "" if cpu is None else f"{cpu / shape['layers']:.1f}"
 
 
 def chart(report: dict[str, Any], path: Path) -> bool:

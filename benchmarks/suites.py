@@ -56,8 +56,10 @@ def _whole_process(suite: str, size: str, rtn: bool) -> list[Case]:
     interpreter's start to its exit (runners/whole.py): import, load, W4A16 round-to-nearest
     (``rtn``) or GPTQ, save; and the library's import alone. The goal: the whole process at
     least 2x faster than llm-compressor's, with no higher peak."""
+    # llama-400m (1.6 GB in fp32, saved to disk): a model whose load, compress and save weigh
+    # more than the imports both sides pay
     models = {"smoke": ["llama-tiny"], "quick": ["llama-l" if rtn else "llama-m"]}.get(
-        size, ["llama-m", "llama-l", "smollm2-135m"]
+        size, ["llama-m", "llama-l", "llama-400m", "smollm2-135m"]
     )
     calib = None if rtn else {"smoke": (4, 32), "quick": (32, 256)}.get(size, (64, 256))
     repeats = {"smoke": 1, "quick": 2, "full": 3}[size]

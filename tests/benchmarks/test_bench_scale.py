@@ -81,3 +81,22 @@ def test_the_fixed_overhead_comes_from_the_smallest_model_and_each_side_has_its_
     ours_big, peer_big = (r["row"] for r in report["models"][0]["runs"])
     assert ours_big["budget_mb"] == 710.0 and peer_big["budget_mb"] == 810.0
     assert ours_big["peak_over_budget"] == pytest.approx(900 / 710)
+
+
+def test_the_table_gives_the_compress_phase_cpu_seconds_per_layer():
+    shape = {"params": 1e6, "model_mb": 4.0, "largest_layer_mb": 1.0, "embeddings_mb": 1.0,
+             "activations_mb": 0.5, "hessians_mb": 0.5, "layers": 16}  # fmt: skip
+    row = {"status": "ok", "process_wall_s": 90.0, "process_cpu_s": 60.0,
+           "phase_wall_s": {"load": 2.0, "compress": 80.0, "save": 1.0},
+           "phase_cpu_s": {"load": 1.0, "compress": 40.0, "save": 0.5},
+           "compress_s_per_layer": 5.0, "phase_peak_rss_mb": {"compress": 600.0},
+           "peak_rss_mb": 600.0, "peak_over_model": 150.0, "load_avg_before": [3.0, 3.0, 3.0]}  # fmt: skip
+    report = {"date": "d", "about": "", "command": "c", "calibration": "x", "threads": 2,
+              "machine": "m", "models": [{"model": "m16", "shape": shape,
+                                          "runs": [{"side": "ours", "row": row}]}]}  # fmt: skip
+    scale.apply_budgets(report)
+    line = next(x for x in scale.markdown(report).splitlines() if x.startswith("| m16 | ours"))
+    cells = [c.strip() for c in line.split("|")[1:-1]]
+    header = next(x for x in scale.markdown(report).splitlines() if "CPU s / layer" in x)
+    column = [c.strip() for c in header.split("|")[1:-1]].index("CPU s / layer")
+    assert cells[column] == "2.5"  # 40 CPU-s over 16 layers, not the 5 s of wall per layer

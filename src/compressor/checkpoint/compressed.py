@@ -35,6 +35,7 @@ from compressor.modifiers.pruning.sparse import SparsePruningModifier
 from compressor.modifiers.quantization.kv_cache import kv_cache_scheme_of
 from compressor.recipe import Recipe, resolve_recipe
 from compressor.utils.conv1d import conv1d_layout_state_dict
+from compressor.utils.memory import freed_memory_returned
 from compressor.utils.threads import one_cpu_thread
 
 __all__ = [
@@ -204,12 +205,16 @@ def _write_model(
             measured = pack_quantized_modules(model, compressor.force_compression_format)
             if not decompress:  # weights compressed next are not read back after the write
                 measured = linear_zeros(model, measured)
-            compressor.compress_model(model, skip_compressed=True)
+            # each weight is read (from disk, when offloaded) and freed once: given back as
+            # it goes, not kept resident in the heap until the pass ends (utils.memory)
+            with freed_memory_returned():
+                compressor.compress_model(model, skip_compressed=True)
             _dense_save(model, output, save_kwargs)
             compressor.update_config(str(output))
         finally:
             if decompress:
-                compressor.decompress_model(model)
+                with freed_memory_returned():
+                    compressor.decompress_model(model)
             else:
                 logger.info(
                     "the model is left compressed as written (decompress=False); a forward "

@@ -3,6 +3,7 @@ written over in place without paying for copy-on-write."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import functools
@@ -11,13 +12,19 @@ import os
 import platform
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 from loguru import logger
 
-__all__ = ["keep_freed_tensors_in_heap", "overwrite_", "overwrite_all_", "release_free_memory"]
+__all__ = [
+    "freed_memory_returned",
+    "keep_freed_tensors_in_heap",
+    "overwrite_",
+    "overwrite_all_",
+    "release_free_memory",
+]
 
 _MAP_FIXED = 0x10  # the same on x86-64 and arm64 Linux (absent from Python's mmap module)
 _REMAP_MIN_PAGES = 16
@@ -79,13 +86,51 @@ def keep_freed_tensors_in_heap() -> bool:
     :return: whether the thresholds were set
     """
     libc = _libc()
-    tunables = os.environ.get("GLIBC_TUNABLES", "")
-    if libc is None or "glibc.malloc" in tunables or any(v in os.environ for v in _USER_SETTINGS):
+    if libc is None or _user_tuned_malloc():
         return False
-    done = libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD) == 1
-    done = libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD) == 1 and done
+    done = _set_thresholds(libc, _MMAP_THRESHOLD, _TRIM_THRESHOLD)
     logger.debug("malloc keeps freed blocks up to {} MB: {}", _MMAP_THRESHOLD >> 20, done)
     return done
+
+
+def _user_tuned_malloc() -> bool:
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    return "glibc.malloc" in tunables or any(v in os.environ for v in _USER_SETTINGS)
+
+
+def _set_thresholds(libc: Any, mmap_threshold: int, trim_threshold: int) -> bool:
+    done = libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold) == 1
+    return libc.mallopt(_M_TRIM_THRESHOLD, trim_threshold) == 1 and done
+
+
+_RETURNED_FROM = 128 << 10
+"""glibc's default threshold: blocks from this size up are mapped on their own."""
+
+
+@contextlib.contextmanager
+def freed_memory_returned() -> Iterator[None]:
+    """Within the block, blocks of 128 KB and more are mapped on their own and given back to
+    the system when freed; after it, freed blocks up to 32 MB are kept in the heap again
+    (``keep_freed_tensors_in_heap``) and what is free is trimmed.
+
+    For a pass that brings each weight in once and frees it (compressed-tensors compressing a
+    model whose layers are on disk, as a save does): kept in the heap, those freed blocks
+    stay resident, fragmented, until the pass ends, and resident memory grows with the model
+    instead of one weight's worth (measurements: bench/results/2026-12-02-scale.md).
+    Nothing is changed when the user tuned malloc (``MALLOC_*_`` variables or a
+    ``glibc.malloc`` tunable), or outside glibc.
+    """
+    libc = _libc()
+    if libc is None or _user_tuned_malloc():
+        yield
+        return
+    _set_thresholds(libc, _RETURNED_FROM, _RETURNED_FROM)
+    try:
+        yield
+    finally:
+        _set_thresholds(libc, _MMAP_THRESHOLD, _TRIM_THRESHOLD)
+        keep_freed_tensors_in_heap()  # the same thresholds, recorded as set for the process
+        libc.malloc_trim(0)
 
 
 def release_free_memory() -> None:
