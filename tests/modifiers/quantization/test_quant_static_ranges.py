@@ -35,18 +35,29 @@ def _rows(count: int = 8, length: int = 32) -> Dataset:
     return Dataset.from_dict({"input_ids": torch.randint(0, 128, (count, length), generator=gen)})
 
 
-def _input_range(model: torch.nn.Module, module: torch.nn.Module, rows: Dataset) -> tuple:
-    """The extremes of ``module``'s inputs over ``rows``, fed one row at a time."""
-    seen: list[torch.Tensor] = []
-    handle = module.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach()))
+def _per_row_ranges(model: torch.nn.Module, module: torch.nn.Module, rows: Dataset) -> list:
+    """(min, max) of ``module``'s inputs for each row, fed one row at a time."""
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def record(_m: torch.nn.Module, args: tuple) -> None:
+        seen.append((args[0].detach().min().reshape(1), args[0].detach().max().reshape(1)))
+
+    handle = module.register_forward_pre_hook(record)
     try:
         with torch.no_grad():
             for ids in rows["input_ids"]:
                 model(input_ids=torch.tensor(ids).unsqueeze(0))
     finally:
         handle.remove()
-    values = torch.cat([s.flatten() for s in seen])
-    return values.min().reshape(1), values.max().reshape(1)
+    return seen
+
+
+def _input_range(model: torch.nn.Module, module: torch.nn.Module, rows: Dataset) -> tuple:
+    """The extremes of ``module``'s inputs over ``rows``, fed one row at a time."""
+    ranges = _per_row_ranges(model, module, rows)
+    lo = torch.stack([batch_lo for batch_lo, _ in ranges]).min()
+    hi = torch.stack([batch_hi for _, batch_hi in ranges]).max()
+    return lo.reshape(1), hi.reshape(1)
 
 
 def _expected_scale(lo: torch.Tensor, hi: torch.Tensor, module: torch.nn.Module) -> torch.Tensor:
@@ -122,23 +133,6 @@ def test_the_ranges_do_not_depend_on_how_the_rows_are_batched(tiny_llama):
     for name, module in stacked.named_modules():
         if name in scales:
             torch.testing.assert_close(module.input_scale, scales[name], rtol=1e-4, atol=0)
-
-
-def _per_row_ranges(model: torch.nn.Module, module: torch.nn.Module, rows: Dataset) -> list:
-    """(min, max) of ``module``'s inputs for each row, fed one row at a time."""
-    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
-
-    def record(_m: torch.nn.Module, args: tuple) -> None:
-        seen.append((args[0].detach().min().reshape(1), args[0].detach().max().reshape(1)))
-
-    handle = module.register_forward_pre_hook(record)
-    try:
-        with torch.no_grad():
-            for ids in rows["input_ids"]:
-                model(input_ids=torch.tensor(ids).unsqueeze(0))
-    finally:
-        handle.remove()
-    return seen
 
 
 def _llmcompressor_accumulate(ranges: list, observer: str, constant: float) -> tuple:
