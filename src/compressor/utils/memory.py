@@ -110,8 +110,9 @@ _RETURNED_FROM = 128 << 10
 @contextlib.contextmanager
 def freed_memory_returned() -> Iterator[None]:
     """Within the block, blocks of 128 KB and more are mapped on their own and given back to
-    the system when freed; after it, freed blocks up to 32 MB are kept in the heap again
-    (``keep_freed_tensors_in_heap``) and what is free is trimmed.
+    the system when freed; after it, the process's thresholds are back (freed blocks up to
+    32 MB kept in the heap if ``keep_freed_tensors_in_heap`` set them, else glibc's initial
+    ones) and what is free is trimmed.
 
     For a pass that brings each weight in once and frees it (compressed-tensors compressing a
     model whose layers are on disk, as a save does): kept in the heap, those freed blocks
@@ -124,12 +125,14 @@ def freed_memory_returned() -> Iterator[None]:
     if libc is None or _user_tuned_malloc():
         yield
         return
+    kept = keep_freed_tensors_in_heap.cache_info().currsize > 0  # set for this process
     _set_thresholds(libc, _RETURNED_FROM, _RETURNED_FROM)
     try:
         yield
     finally:
-        _set_thresholds(libc, _MMAP_THRESHOLD, _TRIM_THRESHOLD)
-        keep_freed_tensors_in_heap()  # the same thresholds, recorded as set for the process
+        if kept:
+            _set_thresholds(libc, _MMAP_THRESHOLD, _TRIM_THRESHOLD)
+        # else glibc's initial thresholds stay (only its adaptive rule is off once set)
         libc.malloc_trim(0)
 
 
