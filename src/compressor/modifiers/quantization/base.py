@@ -15,7 +15,6 @@ from compressor.modifiers.base import CalibrationTraits, Modifier
 from compressor.modifiers.moe import (
     ExpertCalibrationFields,
     ExpertCoverage,
-    LinearExperts,
     keep_routing_exact,
     prepare_experts,
 )
@@ -257,7 +256,7 @@ class QuantizationModifier(QuantizationSchemeMixin, ExpertCalibrationFields, Mod
             state.model, list(config.ignore or []), type(self).__name__, tuple(self.moe_mappings)
         )
         self._config = keep_routing_exact(config, experts.exact)
-        self._routed_inputs = any(isinstance(m, LinearExperts) for m in state.model.modules())
+        self._routed_inputs = bool(experts.experts)
         if self._config.kv_cache_scheme is not None:
             self._kv_modules = match_kv_cache_modules(state.model)
         if self._config.config_groups:

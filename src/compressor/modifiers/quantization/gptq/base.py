@@ -21,7 +21,6 @@ from compressor.modifiers.base import CalibrationTraits, Modifier
 from compressor.modifiers.moe import (
     ExpertCalibrationFields,
     ExpertCoverage,
-    LinearExperts,
     keep_routing_exact,
     prepare_experts,
 )
@@ -44,7 +43,6 @@ from compressor.modifiers.quantization.matching import (
 )
 from compressor.modifiers.quantization.observers import (
     ActivationObservers,
-    RangeObserver,
     averages_over_batches,
     observe_activation,
 )
@@ -233,7 +231,7 @@ class GPTQModifier(QuantizationSchemeMixin, ExpertCalibrationFields, Modifier):
             state.model, list(config.ignore or []), "GPTQModifier", tuple(self.moe_mappings)
         )
         self._config = keep_routing_exact(config, experts.exact)
-        self._routed_inputs = any(isinstance(m, LinearExperts) for m in state.model.modules())
+        self._routed_inputs = bool(experts.experts)
         if self._config.kv_cache_scheme is not None:
             self._kv_modules = match_kv_cache_modules(state.model)
         self._modules = match_quantizable_modules(state.model, self._config)
@@ -272,12 +270,13 @@ class GPTQModifier(QuantizationSchemeMixin, ExpertCalibrationFields, Modifier):
         hessians = self._hessians
         args = static_activation_roles(module).get("input")
         observer = self._input_observers.add(name, "input", args) if args is not None else None
+        where = f"{name} (input activations)"
 
         def hook(module: torch.nn.Module, inputs: tuple) -> None:
             hessians.observe(name, inputs[0])
             if observer is not None:
                 assert args is not None
-                _observe_range(observer, inputs[0], args, name)
+                observe_activation(observer, inputs[0], args, where)
 
         return hook
 
@@ -494,12 +493,6 @@ class GPTQModifier(QuantizationSchemeMixin, ExpertCalibrationFields, Modifier):
             set_qparams(module, "input", *observer.range, args, name)
         module.quantization_enabled = bool(scheme.input_activations or scheme.output_activations)
         self._quantized.add(name)
-
-
-def _observe_range(
-    observer: RangeObserver, x: torch.Tensor, args: QuantizationArgs, name: str
-) -> None:
-    observe_activation(observer, x, args, f"{name} (input activations)")
 
 
 def _check_scheme_for_gptq(name: str, scheme: QuantizationScheme, actorder: str | None) -> None:
