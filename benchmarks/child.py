@@ -17,7 +17,7 @@ from benchmarks.common import NotAvailable, Phases, set_threads, write_result
 
 # tasks timed from the interpreter's start (runners/whole.py): torch is imported inside
 # their import phase, so nothing imports it before
-WHOLE_PROCESS_TASKS = ("whole", "import")
+WHOLE_PROCESS_TASKS = ("whole", "import", "floor")
 RUNNERS = {
     "ours": "benchmarks.runners.ours",
     "llmcompressor": "benchmarks.runners.peer_llmcompressor",

@@ -11,7 +11,7 @@ from typing import Any
 
 NON_JOB_PHASES = {"eval", "latency"}  # phases after the job itself, excluded from its peak
 WHOLE_PHASES = ("import", "load", "compress", "save")  # a whole-process case, in order
-WHOLE_TASKS = ("whole", "import")  # cases timed from the interpreter's start to its exit
+WHOLE_TASKS = ("whole", "import", "floor")  # cases timed from the interpreter's start to its exit
 
 
 def _median(values: list[float]) -> float | None:

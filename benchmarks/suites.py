@@ -51,11 +51,15 @@ def _fp(suite: str, model: str, ev: tuple[int, int | None], eval_text: dict | No
                 eval_text=eval_text or {})  # fmt: skip
 
 
+FLOOR_CASE = "floor: torch + transformers import and load only"
+
+
 def _whole_process(suite: str, size: str, rtn: bool) -> list[Case]:
     """Issue 27's cases: what a user waits for, each side in a fresh process timed from the
     interpreter's start to its exit (runners/whole.py): import, load, W4A16 round-to-nearest
-    (``rtn``) or GPTQ, save; and the library's import alone. The goal: the whole process at
-    least 2x faster than llm-compressor's, with no higher peak."""
+    (``rtn``) or GPTQ, save; the library's import alone; and the floor under both sides
+    (torch and transformers imported and the same load, without either library). The goal:
+    the whole process at least 2x faster than llm-compressor's, with no higher peak."""
     # llama-400m (1.6 GB in fp32, saved to disk): a model whose load, compress and save weigh
     # more than the imports both sides pay
     models = {"smoke": ["llama-tiny"], "quick": ["llama-l" if rtn else "llama-m"]}.get(
@@ -78,6 +82,11 @@ def _whole_process(suite: str, size: str, rtn: bool) -> list[Case]:
         cases.append(
             Case(suite, name, model, "whole", _both(recipe), calibration=calib, requires=need,
                  save=True, repeats=repeats)
+        )  # fmt: skip
+        # the floor under both sides: torch + transformers imported, the same load, no library
+        cases.append(
+            Case(suite, FLOOR_CASE, model, "floor", {"ours": None}, calibration=calib,
+                 repeats=repeats, key_phase="load")
         )  # fmt: skip
     return cases
 

@@ -1,5 +1,7 @@
 """The whole process, as a user runs it, for each side: ``whole`` (import, load, compress,
-save to disk, nothing after) and ``import`` (the library's import alone).
+save to disk, nothing after) and ``import`` (the library's import alone); and ``floor``: torch
+and transformers imported and the same model, tokenizer and rows loaded, with no compression
+library, what any tool built on transformers pays before it compresses anything.
 
 The case process is timed by the harness from before the interpreter starts to its exit, so
 this module (and what the case process imports before a task starts: ``benchmarks.child``,
@@ -89,7 +91,18 @@ def peer_import(spec: dict[str, Any], phases: Phases) -> dict[str, Any]:
     return {"modules_imported": len(sys.modules)}
 
 
+def floor(spec: dict[str, Any], phases: Phases) -> dict[str, Any]:
+    """No library: what ``whole`` costs on either side before its compression starts."""
+    with phases("import"):
+        import torch  # noqa: F401
+        import transformers.modeling_utils  # noqa: F401  (every from_pretrained imports it)
+
+        set_threads(spec.get("threads"))
+    _load(spec, phases)
+    return {"modules_imported": len(sys.modules)}
+
+
 TASKS = {
-    "ours": {"whole": ours_whole, "import": ours_import},
+    "ours": {"whole": ours_whole, "import": ours_import, "floor": floor},
     "llmcompressor": {"whole": peer_whole, "import": peer_import},
 }

@@ -206,6 +206,22 @@ def test_whole_process_runner_imports_nothing_heavy_before_its_import_phase():
     assert out.stdout.strip().splitlines()[-1] == "[]"
 
 
+def test_every_whole_process_model_has_its_floor_measured_the_same_way():
+    """Beside each whole-process case, the floor under both sides (torch and transformers
+    imported, the same load and rows, no library) runs as a whole-process task: timed from the
+    interpreter's start, its heavy imports inside its import phase."""
+    from benchmarks.runners import whole
+    from benchmarks.suites import FLOOR_CASE, gptq_cases, quant_cases
+
+    from benchmarks import child
+
+    for cases in (quant_cases("full"), gptq_cases("full")):
+        compared = {(c.model, c.calibration) for c in cases if c.task == "whole"}
+        floors = {(c.model, c.calibration) for c in cases if c.name == FLOOR_CASE}
+        assert compared and floors == compared
+    assert "floor" in child.WHOLE_PROCESS_TASKS and whole.TASKS["ours"]["floor"] is whole.floor
+
+
 def test_issue_23s_smollm2_cases_score_the_raw_text_from_its_start(tmp_path):
     """The activation-only SmolLM2 table is scored as issue 23 measured it (raw WikiText-2, its
     first windows); a learned case calibrates on text away from those windows."""
