@@ -96,10 +96,15 @@ def distilled(mesh=None) -> torch.Tensor:
 
 
 def model() -> torch.nn.Module:
+    """The tiny Llama in float64: the ranks add partial products in another order than one
+    process, and in float32 such a last-bit difference can round a fake-quantized weight the
+    other way during training, after which the runs drift apart by an amount that depends on
+    the CPU's kernels (up to 7e-4 in the logits on an AVX2 machine); in float64 a rounding
+    tie that close is too rare to meet."""
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
-    return LlamaForCausalLM(tiny_llama_config())
+    return LlamaForCausalLM(tiny_llama_config()).to(torch.float64)
 
 
 def data() -> torch.Tensor:
