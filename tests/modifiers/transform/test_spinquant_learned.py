@@ -193,6 +193,36 @@ def test_oneshot_learns_on_its_calibration_data(token_batches):
     assert (compressed(IDS).logits - expected).abs().max() < 1e-4
 
 
+@pytest.mark.parametrize("observing", [False, True])
+def test_oneshot_runs_no_calibration_pass_that_nothing_observes(token_batches, observing):
+    """Alone (or with a dynamic-activation quantizer, which needs no data), learned rotations
+    use the data only at calibration start: the decoder layers run exactly the learning
+    steps' forwards, no layer-by-layer pass after. With a modifier that observes (static
+    input ranges), the pass still runs: every layer's first Linear sees the data again."""
+    from datasets import Dataset
+
+    from compressor.modifiers import QuantizationModifier
+
+    model = _llama()
+    rows = [row for batch in token_batches for row in batch["input_ids"].tolist()]
+    calls = []
+    for layer in model.model.layers:
+        layer.self_attn.q_proj.register_forward_pre_hook(lambda *_: calls.append(1))
+    activations = dict(A4, dynamic=not observing)
+    if observing:
+        activations.update(strategy="tensor", observer="minmax")
+    quantize = QuantizationModifier(
+        ignore=["lm_head"],
+        config_groups={"g": {"targets": ["Linear"], "input_activations": activations}},
+    )
+    modifier = _learnable(learn_steps=3)
+    oneshot(model, [modifier, quantize], dataset=Dataset.from_dict({"input_ids": rows}))
+    layers = len(model.model.layers)
+    assert len(modifier.learned.losses) == 3
+    # the pass may merge batches and stop forwards early: it runs, is all that is fixed
+    assert len(calls) > layers * 3 if observing else len(calls) == layers * 3
+
+
 def test_learn_batch_size_regroups_oneshots_calibration_rows(token_batches):
     """learn_batch_size=2 on one-row calibration batches trains as oneshot's batch_size=2 does
     (the same losses), while the pipeline's own batches keep their size."""
@@ -403,3 +433,4 @@ def test_tied_embeddings_must_be_untied_before_planning():
     model = LlamaForCausalLM(tiny_llama_config(tie_word_embeddings=True))
     with pytest.raises(ValueError, match="share one weight \\(tied embeddings\\)"):
         rotation_plan(model, infer_mapping_from_model(model), ["R1"])
+
