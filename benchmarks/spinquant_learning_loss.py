@@ -121,6 +121,7 @@ def main() -> None:
     parser.add_argument("--momentum", type=float, default=0.0)
     parser.add_argument("--val-rows", type=int, default=8)
     parser.add_argument("--val-seq", type=int, default=256)
+    parser.add_argument("--seed", type=int, default=0, help="the start rotations' draw")
     parser.add_argument("--no-score", action="store_true")
     parser.add_argument(
         "--slope", action="store_true", help="the loss along one Cayley step, before learning"
@@ -169,7 +170,7 @@ def main() -> None:
     plan = rotation_plan(model, spin._mapping, ["R1", "R2"])
     config = model.config
     sizes = {"R1": config.hidden_size, "R2": config.hidden_size // config.num_attention_heads}
-    start = initial_rotations(plan, "random-hadamard", sizes)
+    start = initial_rotations(plan, "random-hadamard", sizes, seed=opts.seed)
     quantizers = LoopQuantizers(activations=spin.learn_activations)
 
     micro = opts.rows * opts.accumulate
@@ -177,7 +178,9 @@ def main() -> None:
     val = _rows(tokenizer, 1_200_000, opts.val_rows, opts.val_seq)
     record: dict[str, Any] = vars(opts) | {"tokens_per_step": micro * opts.seq}
     # the start's validation depends only on the bits and the validation rows: computed once
-    cached = Path(opts.out).with_suffix(f".start-a{opts.bits}-{opts.val_rows}x{opts.val_seq}.json")
+    cached = Path(opts.out).with_suffix(
+        f".start-a{opts.bits}-{opts.val_rows}x{opts.val_seq}{f'-seed{opts.seed}' * bool(opts.seed)}.json"
+    )
     if opts.val_rows and cached.is_file():
         record["val_start"] = json.loads(cached.read_text())
     elif opts.val_rows:

@@ -198,8 +198,9 @@ def test_oneshot_learns_on_its_calibration_data(token_batches):
 def test_oneshot_runs_no_calibration_pass_that_nothing_observes(token_batches, observing):
     """Alone (or with a dynamic-activation quantizer, which needs no data), learned rotations
     use the data only at calibration start: the decoder layers run exactly the learning
-    steps' forwards, no layer-by-layer pass after. With a modifier that observes (static
-    input ranges), the pass still runs: every layer's first Linear sees the data again."""
+    steps' forwards, no layer-by-layer pass after, and the model is the one the sequential
+    pass gives. With a modifier that observes (static input ranges), the pass still runs:
+    every layer's first Linear sees the data again."""
     from datasets import Dataset
 
     from compressor.modifiers import QuantizationModifier
@@ -212,16 +213,26 @@ def test_oneshot_runs_no_calibration_pass_that_nothing_observes(token_batches, o
     activations = dict(A4, dynamic=not observing)
     if observing:
         activations.update(strategy="tensor", observer="minmax")
-    quantize = QuantizationModifier(
-        ignore=["lm_head"],
-        config_groups={"g": {"targets": ["Linear"], "input_activations": activations}},
-    )
+
+    def quantizer():
+        return QuantizationModifier(
+            ignore=["lm_head"],
+            config_groups={"g": {"targets": ["Linear"], "input_activations": activations}},
+        )
+
     modifier = _learnable(learn_steps=3)
-    oneshot(model, [modifier, quantize], dataset=Dataset.from_dict({"input_ids": rows}))
+    dataset = Dataset.from_dict({"input_ids": rows})
+    oneshot(model, [modifier, quantizer()], dataset=dataset)
     layers = len(model.model.layers)
     assert len(modifier.learned.losses) == 3
     # the pass may merge batches and stop forwards early: it runs, is all that is fixed
     assert len(calls) > layers * 3 if observing else len(calls) == layers * 3
+    if not observing:
+        with_pass = _llama()
+        recipe = [_learnable(learn_steps=3), quantizer()]
+        oneshot(with_pass, recipe, dataset=dataset, pipeline="sequential")
+        with torch.no_grad():
+            assert torch.equal(model(IDS).logits, with_pass(IDS).logits)
 
 
 def test_learn_batch_size_regroups_oneshots_calibration_rows(token_batches):

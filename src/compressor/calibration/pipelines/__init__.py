@@ -54,7 +54,7 @@ def resolve_pipeline(name: str, modifiers: Sequence[Modifier], model: torch.nn.M
         return "datafree"
     if not any(m.calibration_traits().observes_forwards for m in needing):
         logger.info(
-            "{} use calibration data only at calibration start and no modifier watches a "
+            "{}: calibration data used only at calibration start, and no modifier watches a "
             "forward: datafree pipeline, no calibration pass",
             ", ".join(sorted({type(m).__name__ for m in needing})),
         )
