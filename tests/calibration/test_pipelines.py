@@ -236,12 +236,19 @@ def test_datafree_and_basic_send_the_calibration_events(tiny_llama, token_batche
 
 
 def test_auto_picks_the_pipeline_from_the_modifiers(tiny_llama):
+    from compressor.modifiers import SpinQuantModifier
     from recording import RecordingModifier
+
+    A4 = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True}
 
     assert resolve_pipeline("auto", [RecordingModifier()], tiny_llama) == "datafree"
     assert resolve_pipeline("auto", [LayerInputRecorder()], tiny_llama) == "sequential"
     assert resolve_pipeline("auto", [LayerInputRecorder()], torch.nn.Linear(2, 2)) == "basic"
     assert resolve_pipeline("basic", [], tiny_llama) == "basic"
+    # learned rotations need data only at calibration start: no pass unless another observes
+    learned = SpinQuantModifier(learnable=True, learn_activations=A4)
+    assert resolve_pipeline("auto", [learned, RecordingModifier()], tiny_llama) == "datafree"
+    assert resolve_pipeline("auto", [learned, LayerInputRecorder()], tiny_llama) == "sequential"
     with pytest.raises(ValueError, match="pipeline='layered' is unknown"):
         resolve_pipeline("layered", [], tiny_llama)
 

@@ -120,7 +120,10 @@ def oneshot(
     offload_folder = rank_offload_folder(offload_folder)  # one per rank under a process group
     loaded, tokenizer = _load(model, tokenizer, parsed, device, offload_folder)
     pipeline_name = resolve_pipeline(calibration.pipeline, parsed.modifiers, loaded)
-    batches = _calibration_batches(pipeline_name, dataset, calibration, loaded, tokenizer)
+    needs_data = any(m.requires_calibration_data() for m in parsed.modifiers)
+    batches = _calibration_batches(
+        pipeline_name, dataset, calibration, loaded, tokenizer, needs_data
+    )
     check_model_agreement(loaded, batches)
     if batches:
         batches = share_batches(batches)
@@ -246,9 +249,11 @@ def _calibration_batches(
     calibration: CalibrationArguments,
     model: torch.nn.Module,
     tokenizer: Any,
+    needs_data: bool = False,
 ) -> list[Batch]:
-    """The batches ``pipeline`` runs through the model (none for the datafree one)."""
-    if pipeline == "datafree":
+    """The batches ``pipeline`` runs through the model (for the datafree one, none, or those
+    it only offers at calibration start when a modifier ``needs_data`` there)."""
+    if pipeline == "datafree" and not needs_data:
         if dataset is not None:
             logger.warning("the datafree pipeline runs no data; dataset is not used")
         return []

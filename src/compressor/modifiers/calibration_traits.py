@@ -52,6 +52,13 @@ class CalibrationTraits:
         quantized forward of the layer off, sends them alone a ``SEQUENTIAL_EPOCH_END`` for
         the layer, and only then calibrates the others on it (the basic pipeline does the same
         for the whole model). Default False
+    :param observes_forwards: the modifier's calibration watches the forward passes a pipeline
+        runs (its hooks, observers, statistics gathered layer by layer). False for a modifier
+        that needs calibration data only as the batches offered at calibration start
+        (``Event.batches``) and watches no pipeline forward, as learned rotations, trained
+        and fused there, do. When no modifier that needs data watches the forwards, the
+        ``auto`` pipeline is the datafree one, still offering the batches at calibration
+        start: the layer-by-layer pass would be computed and thrown away. Default True
     :param reduces_across_ranks: under a process group (``oneshot`` under ``torchrun``), where
         each rank calibrates on its share of the rows, every statistic the modifier gathers
         from the data is reduced over the ranks at the point it is used, so every rank
@@ -66,4 +73,5 @@ class CalibrationTraits:
     in_stages: bool = False
     accepts_stages: bool = False
     transforms_first: bool = False
+    observes_forwards: bool = True
     reduces_across_ranks: bool = False

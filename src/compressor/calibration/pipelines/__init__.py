@@ -38,8 +38,10 @@ PIPELINES: dict[str, Pipeline] = {
 
 
 def resolve_pipeline(name: str, modifiers: Sequence[Modifier], model: torch.nn.Module) -> str:
-    """The pipeline to run: ``name``, or for ``auto`` sequential when any modifier needs
-    calibration data (basic when the model's decoder layers cannot be found), else datafree.
+    """The pipeline to run: ``name``, or for ``auto`` sequential when a modifier needs
+    calibration data and watches the pipeline's forwards (basic when the model's decoder
+    layers cannot be found), else datafree (which still offers the batches at calibration
+    start to a modifier that needs data only there: ``CalibrationTraits.observes_forwards``).
     """
     if name != "auto":
         if name not in PIPELINES:
@@ -47,7 +49,15 @@ def resolve_pipeline(name: str, modifiers: Sequence[Modifier], model: torch.nn.M
                 f"pipeline={name!r} is unknown; expected one of auto, {', '.join(PIPELINES)}"
             )
         return name
-    if not any(m.requires_calibration_data() for m in modifiers):
+    needing = [m for m in modifiers if m.requires_calibration_data()]
+    if not needing:
+        return "datafree"
+    if not any(m.calibration_traits().observes_forwards for m in needing):
+        logger.info(
+            "{}: calibration data used only at calibration start, and no modifier watches a "
+            "forward: datafree pipeline, no calibration pass",
+            ", ".join(sorted({type(m).__name__ for m in needing})),
+        )
         return "datafree"
     try:
         find_decoder_layers(model)

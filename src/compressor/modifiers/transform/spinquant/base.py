@@ -254,10 +254,13 @@ class SpinQuantModifier(Modifier):
 
     def calibration_traits(self) -> CalibrationTraits:
         """Learned rotations are trained and fused at calibration start, before any forward
-        the pipeline runs, and put no hooks on them: every shortcut is allowed."""
+        the pipeline runs, and put no hooks on them: every shortcut is allowed, and alone
+        they need no calibration pass at all (``observes_forwards``)."""
         if not self.learnable:
             return super().calibration_traits()
-        return CalibrationTraits(reads_outputs=False, merges_batches=True, in_stages=True)
+        return CalibrationTraits(
+            reads_outputs=False, merges_batches=True, in_stages=True, observes_forwards=False
+        )
 
     # ---------------------------------------------------------------- lifecycle
     def on_initialize(self, state: State) -> None:

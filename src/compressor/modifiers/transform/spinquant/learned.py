@@ -30,6 +30,7 @@ from compressor.modifiers.transform.spinquant.learn_batches import on_device, st
 from compressor.modifiers.transform.spinquant.mappings import SpinQuantMapping
 from compressor.modifiers.transform.spinquant.matrices import TransformType, rotation_matrix
 from compressor.modifiers.transform.spinquant.rotated_model import (
+    LearnLoss,
     LoopQuantizers,
     RotatedSide,
     quantized_linears,
@@ -138,8 +139,10 @@ def learn_rotations(
     lr: float,
     momentum: float = 0.0,
     batch_rows: int | None = None,
+    loss: LearnLoss = "cross_entropy",
+    accumulate: int = 1,
 ) -> LearnedRotations:
-    """Train the rotations by Cayley SGD on the quantized model's cross-entropy.
+    """Train the rotations by Cayley SGD on the quantized model's loss (``quantized_loss``).
 
     One batch per step, cycling through ``batches`` (or ``batch_rows`` of their rows per step,
     ``step_batches``); the learning rate decays linearly to 0
@@ -150,6 +153,9 @@ def learn_rotations(
     :param batches: dicts with ``input_ids`` (and ``attention_mask``); a list or a DataLoader
     :param steps: how many steps; ``lr``, ``momentum``: Cayley SGD's
     :param batch_rows: sequences per step, regrouped from ``batches``; None: as they come
+    :param loss: ``cross_entropy`` or ``kl_to_full_precision`` (``quantized_loss``)
+    :param accumulate: batches per step, their gradients averaged (each run on its own, so
+        a step sees ``accumulate`` times the rows for the memory of one batch)
     :return: the trained rotations (orthogonal, float64), every step's loss and the wall time
     """
     device = next(model.parameters()).device
@@ -169,16 +175,23 @@ def learn_rotations(
         data = step_batches(batches, batch_rows)
         bar = tqdm(range(steps), desc="learning rotations")
         for step in bar:
-            batch = on_device(next(data), device)
-            loss = quantized_loss(model, plan, current, batch, quantizers, linears)
-            grads = torch.autograd.grad(loss, list(current.values()))
+            total = 0.0
+            grads: list[torch.Tensor] = []
+            for _ in range(accumulate):
+                batch = on_device(next(data), device)
+                value = quantized_loss(model, plan, current, batch, quantizers, linears, loss=loss)
+                parts = torch.autograd.grad(value / accumulate, list(current.values()))
+                grads = (
+                    list(parts) if not grads else [g + p for g, p in zip(grads, parts, strict=True)]
+                )
+                total += value.item() / accumulate
             rate = lr * (1 - step / steps)
             for (key, rotation), grad in zip(list(current.items()), grads, strict=True):
                 updated, buffers[key] = cayley_sgd_step(
                     rotation.detach(), grad, buffers[key], rate, momentum
                 )
                 current[key] = updated.requires_grad_(True)
-            losses.append(loss.item())
+            losses.append(total)
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
             if step % max(steps // 10, 1) == 0 or step == steps - 1:
                 logger.debug("rotation step {}/{}: loss {:.4f}", step + 1, steps, losses[-1])
@@ -233,6 +246,8 @@ def learn_and_fuse(
     lr: float,
     momentum: float,
     batch_rows: int | None = None,
+    loss: LearnLoss = "cross_entropy",
+    accumulate: int = 1,
 ) -> LearnedRotations:
     """Learn the rotations from the fixed ones on ``batches``, then fuse them into the model
     (whose norms must already be fused and embeddings untied). The parameters are those of
@@ -249,6 +264,8 @@ def learn_and_fuse(
         lr=lr,
         momentum=momentum,
         batch_rows=batch_rows,
+        loss=loss,
+        accumulate=accumulate,
     )
     fuse_rotations(plan, learned.rotations, precision)
     return learned

@@ -37,7 +37,23 @@ from compressor.modifiers.quantization.fake_quant import (
 )
 from compressor.modifiers.transform.spinquant.mappings import SpinQuantMapping
 
-__all__ = ["LoopQuantizers", "RotatedSide", "quantized_linears", "quantized_loss", "rotation_plan"]
+__all__ = [
+    "LEARN_LOSSES",
+    "LearnLoss",
+    "LoopQuantizers",
+    "RotatedSide",
+    "quantized_linears",
+    "quantized_loss",
+    "rotation_plan",
+]
+
+LearnLoss = Literal["cross_entropy", "kl_to_full_precision"]
+LEARN_LOSSES: tuple[str, ...] = ("cross_entropy", "kl_to_full_precision")
+"""What the rotations are learned on: the quantized model's next-token cross-entropy (the
+SpinQuant paper's), or the KL divergence from the full-precision model's next-token
+distribution to the quantized one's on the same tokens. The rotations leave the
+full-precision model unchanged, so the KL measures only what quantization loses: the
+difficulty of the text, which dominates each batch's cross-entropy, cancels out."""
 
 
 @dataclass(frozen=True)
@@ -237,9 +253,11 @@ def quantized_loss(
     quantizers: LoopQuantizers,
     linears: Mapping[str, torch.nn.Linear] | None = None,
     rotate_weights: bool | None = None,
+    loss: LearnLoss = "cross_entropy",
 ) -> torch.Tensor:
-    """The next-token cross-entropy of the rotated, fake-quantized model on ``batch``
-    (padding, where ``attention_mask`` is 0, left out), differentiable in ``rotations``.
+    """The loss of the rotated, fake-quantized model on ``batch`` (padding, where
+    ``attention_mask`` is 0, left out), differentiable in ``rotations``: its next-token
+    cross-entropy, or its KL divergence from the full-precision model (``LEARN_LOSSES``).
 
     :param model: the model, norms fused and embeddings untied; left unchanged
     :param plan: where the rotations go (``rotation_plan``)
@@ -250,7 +268,12 @@ def quantized_loss(
     :param rotate_weights: rotate the weights (True) or the activations (False, the same
         function; refused with a weight quantizer, which needs the rotated weights); None:
         the weights only when a weight quantizer is in the loop
+    :param loss: ``cross_entropy`` or ``kl_to_full_precision`` (``LEARN_LOSSES``): the mean
+        over the tokens of ``KL(p_full || p_quantized)`` of their next-token distributions,
+        the full-precision model (the model as given, no quantizer) run without gradient
     """
+    if loss not in LEARN_LOSSES:
+        raise ValueError(f"loss must be one of {', '.join(LEARN_LOSSES)}; got {loss!r}")
     if rotate_weights is None:
         rotate_weights = quantizers.weights is not None
     if not rotate_weights and quantizers.weights is not None:
@@ -264,6 +287,10 @@ def quantized_loss(
     kwargs: dict[str, Any] = {"input_ids": ids, "use_cache": False}
     if mask is not None:
         kwargs["attention_mask"] = mask
+    reference = None
+    if loss == "kl_to_full_precision":
+        with torch.no_grad():
+            reference = model(**kwargs).logits
     if rotate_weights:
         params = _parameters(plan, rotations, linears, quantizers)
         with _quantized_inputs(linears, quantizers.activations):
@@ -274,9 +301,29 @@ def quantized_loss(
             _rotated_activations(plan, rotations),
         ):
             logits = model(**kwargs).logits
+    if reference is not None:
+        return _kl_divergence(reference, logits, mask)
     targets = ids[:, 1:]
     if mask is not None:
         targets = targets.masked_fill(mask[:, 1:] == 0, -100)
     return torch.nn.functional.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100
+        _at_least_float32(logits[:, :-1].flatten(0, 1)), targets.flatten(), ignore_index=-100
     )
+
+
+def _kl_divergence(
+    reference: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor | None
+) -> torch.Tensor:
+    """Mean over the (unmasked) tokens of ``KL(softmax(reference) || softmax(logits))``."""
+    target = torch.log_softmax(_at_least_float32(reference), dim=-1)
+    log_q = torch.log_softmax(_at_least_float32(logits), dim=-1)
+    per_token = (target.exp() * (target - log_q)).sum(-1)
+    if mask is None:
+        return per_token.mean()
+    keep = mask.to(per_token.dtype)
+    return (per_token * keep).sum() / keep.sum()
+
+
+def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """Half-precision logits in float32 for the loss; float64 ones kept (gradient checks)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
