@@ -181,6 +181,11 @@ multiply-adds, as much time as keeping every input saves in W8A8 calibration
 time it was chosen on: bench/results/2026-12-01-notes-pipelines.md)."""
 
 
+KEEP_MLP_WITHIN_HEADROOM = True
+"""Whether stage 4 may keep more ``down_proj`` inputs than ``KEEP_MLP``, up to the process's
+headroom under its peak memory (``_Stages.mlp_headroom``)."""
+
+
 class _Kept:
     """Tensors kept from one stage for the next, one slot per call, within ``budget`` bytes
     (the calls past it get None, and are computed again).
@@ -260,7 +265,8 @@ def calibrate_in_stages(
     # 4, they no longer count on top of it (bench/results/2026-12-01-notes-pipelines.md)
     release_free_memory()
     tokens = [merged.call.hidden_states.shape[:-1].numel() for merged in inputs]
-    budget = max(KEEP_MLP * hidden_bytes, stages.mlp_headroom(tokens)) if outputs else 0
+    headroom = stages.mlp_headroom(tokens) if KEEP_MLP_WITHIN_HEADROOM else 0.0
+    budget = max(KEEP_MLP * hidden_bytes, headroom) if outputs else 0
     kept_down_inputs = stages.stop_at_mlp_output(_Kept(budget, tokens))
     # the stages' temporaries go back to the system before the layer's largest problem, as
     # the whole-layer path does once per layer
@@ -348,13 +354,15 @@ class _Stages:
     def mlp_headroom(self, tokens: list[int]) -> float:
         """Bytes of down_proj inputs stage 4 may keep without raising the process's peak
         memory: its headroom (``resident_headroom``, after the heap was trimmed) less what
-        the stage needs besides, the MLP's temporaries for the largest call (four tensors as
-        wide as down_proj's inputs) and a fake-quantized copy of its weights."""
+        the stage needs besides, the MLP's temporaries for the largest call (gate, up, their
+        product and its activation, as wide as down_proj's inputs; the normed and
+        fake-quantized inputs, narrower; counted as six of the first kind, the rest as slack
+        for the heap's fragmentation) and a fake-quantized copy of its weights."""
         width = getattr(self.mlp_output, "in_features", None)
         if not isinstance(width, int) or not tokens:
             return 0.0
         element = self.mlp_output.weight.element_size()
-        temporaries = 4 * max(tokens) * width * element
+        temporaries = 6 * max(tokens) * width * element
         weights = sum(p.numel() * p.element_size() for p in self.mlp.parameters())
         return float(resident_headroom() - temporaries - weights)
 
