@@ -8,8 +8,8 @@ matrix product it feeds (a 1024 x 1536 input: 27 ms against 29 ms for the produc
 bench/results/2026-12-02-w8a8-speed.md). For integer grids with one scale per tensor or per
 row (``tensor``, ``channel``), ``fake_quantize_int`` does the same operations in the same
 order in one buffer, in place: the result is the same (a test pins it bit for bit against
-compressed-tensors for each case, zeros' signs aside), in a tenth of the time. Other schemes, outputs,
-offloaded or compressed modules keep compressed-tensors' own forward.
+compressed-tensors for each case, zeros' signs aside), in a tenth of the time. Other schemes, static outputs,
+tensor-parallel (DTensor) or compressed modules keep compressed-tensors' own forward.
 
 ``CalibrationForwards`` puts this forward on the modules for the time of a calibration and
 gives compressed-tensors' back after it, so what is saved and run later is unchanged. Nothing
@@ -30,6 +30,7 @@ from compressed_tensors.quantization import (
     QuantizationType,
 )
 from compressed_tensors.quantization.utils import calculate_range
+from torch.distributed.tensor import DTensor
 
 __all__ = ["CalibrationForwards", "fake_quantize_int", "fast_fake_quantizable"]
 
@@ -125,6 +126,8 @@ def _calibration_forward(module: torch.nn.Linear, original: Any) -> Any:
         ):
             return original(input)
         weight = module.weight  # onloaded once, as compressed-tensors does
+        if isinstance(weight, DTensor) or isinstance(input, DTensor):  # tensor parallelism
+            return original(input)
         if scheme.input_activations is not None:
             input = _fake_quantize(module, input, "input", scheme.input_activations)
         if scheme.weights is not None:
