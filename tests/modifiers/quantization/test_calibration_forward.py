@@ -150,3 +150,41 @@ def test_only_plain_linears_with_compressed_tensors_forward_get_it():
     forwards = CalibrationForwards()
     assert forwards.install([linear, plain, custom]) == 1
     assert len(forwards) == 1
+
+
+def test_an_input_read_by_several_modules_is_fake_quantized_once_per_scale():
+    """q/k/v read one tensor: with equal input scales the result is computed once; another
+    scale, or the tensor changed in place, computes it again; values as compressed-tensors'."""
+    first, second, third = (_quantized_linear() for _ in range(3))
+    references = [copy.deepcopy(m) for m in (first, second, third)]
+    third.input_scale.data.mul_(2.0)
+    references[2].input_scale.data.mul_(2.0)
+    forwards = CalibrationForwards()
+    forwards.install([first, second, third])
+    x = torch.randn(6, 40) * 3
+    before = x.clone()
+    computed = []
+    import compressor.modifiers.quantization.calibration_forward as forward_module
+
+    original = forward_module.fake_quantize_int
+
+    def counting(value, *args):
+        computed.append(value)
+        return original(value, *args)
+
+    forward_module.fake_quantize_int = counting
+    try:
+        outputs = [m(x) for m in (first, second, third)]
+        inputs_quantized = sum(1 for v in computed if v is x)
+        x.mul_(1.5)  # in place: not the tensor the entry saw
+        again = first(x)
+        inputs_after = sum(1 for v in computed if v is x)
+    finally:
+        forward_module.fake_quantize_int = original
+    assert inputs_quantized == 2  # first (shared with second), third (its own scale)
+    assert inputs_after == 3
+    forwards.remove()
+    expected = [r(before) for r in references]
+    for got, want in zip(outputs, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(again, references[0](x), rtol=0, atol=0)

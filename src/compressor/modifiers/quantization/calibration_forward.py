@@ -109,7 +109,48 @@ def _is_compressed_tensors_forward(module: torch.nn.Module) -> bool:
     return code is not None and code.co_name == "quantized_forward"
 
 
-def _calibration_forward(module: torch.nn.Linear, original: Any) -> Any:
+class _LastInput:
+    """The last input fake-quantized on the fast path and its result: q/k/v (and gate/up)
+    read one tensor, and their input scales are usually equal (observed over the same
+    batches), so the second and third get the first's result. Reused only for the same
+    tensor object, unchanged since (its version), with equal scale, zero point and args."""
+
+    def __init__(self) -> None:
+        self.entry: tuple[Any, ...] | None = None
+
+    def fake_quantize(self, module: torch.nn.Module, value: torch.Tensor, args: Any):
+        scale = getattr(module, "input_scale", None)
+        zero_point = getattr(module, "input_zero_point", None)
+        global_scale = getattr(module, "input_global_scale", None)
+        if not (
+            value.numel() and fast_fake_quantizable(args, value, scale, zero_point, global_scale)
+        ):
+            return _fake_quantize(module, value, "input", args)
+        assert scale is not None
+        entry = self.entry
+        if (
+            entry is not None
+            and entry[0] is value
+            and entry[1] == value._version
+            and entry[4] == args
+            and torch.equal(entry[2], scale)
+            and (
+                (entry[3] is None and zero_point is None)
+                or (
+                    entry[3] is not None
+                    and zero_point is not None
+                    and torch.equal(entry[3], zero_point)
+                )
+            )
+        ):
+            return entry[5]
+        result = fake_quantize_int(value, scale, zero_point, args)
+        saved_zero = None if zero_point is None else zero_point.clone()
+        self.entry = (value, value._version, scale.clone(), saved_zero, args, result)
+        return result
+
+
+def _calibration_forward(module: torch.nn.Linear, original: Any, last: _LastInput) -> Any:
     """The forward of a quantized Linear during calibration: compressed-tensors' meaning
     (quantization off: the plain product; on: the input and weight fake-quantized), its
     arithmetic through ``_fake_quantize``; what it does not cover goes to ``original``."""
@@ -129,7 +170,7 @@ def _calibration_forward(module: torch.nn.Linear, original: Any) -> Any:
         if isinstance(weight, DTensor) or isinstance(input, DTensor):  # tensor parallelism
             return original(input)
         if scheme.input_activations is not None:
-            input = _fake_quantize(module, input, "input", scheme.input_activations)
+            input = last.fake_quantize(module, input, scheme.input_activations)
         if scheme.weights is not None:
             weight = _fake_quantize(module, weight.data, "weight", scheme.weights)
         return torch.nn.functional.linear(input, weight, module.bias)
@@ -146,6 +187,7 @@ class CalibrationForwards:
 
     def __init__(self) -> None:
         self._originals: list[tuple[torch.nn.Module, Any]] = []
+        self._last = _LastInput()
 
     def install(self, modules: Iterable[torch.nn.Module]) -> int:
         """Install the calibration forward on ``modules`` (those it suits).
@@ -160,7 +202,8 @@ class CalibrationForwards:
                 continue
             original = module.__dict__["forward"]
             self._originals.append((module, original))
-            module.forward = _calibration_forward(module, original)  # type: ignore[method-assign]
+            forward = _calibration_forward(module, original, self._last)
+            module.forward = forward  # type: ignore[method-assign]
             count += 1
         return count
 
@@ -169,6 +212,7 @@ class CalibrationForwards:
         while self._originals:
             module, original = self._originals.pop()
             module.forward = original  # type: ignore[method-assign]
+        self._last.entry = None
 
     def __len__(self) -> int:
         return len(self._originals)
