@@ -183,7 +183,9 @@ time it was chosen on: bench/results/2026-12-01-notes-pipelines.md)."""
 
 KEEP_MLP_WITHIN_HEADROOM = True
 """Whether stage 4 may keep more ``down_proj`` inputs than ``KEEP_MLP``, up to the process's
-headroom under its peak memory (``_Stages.mlp_headroom``)."""
+headroom under its peak memory (``_Stages.mlp_headroom``). The peak is not always held: on
+SmolLM2-135M W8A8 some runs peaked 40-90 MB higher than without it
+(bench/results/2026-12-02-w8a8-speed.md); False keeps ``KEEP_MLP`` alone."""
 
 
 class _Kept:
