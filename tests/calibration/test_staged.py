@@ -74,6 +74,7 @@ def test_stages_equal_the_whole_layer_run_once_per_group_bit_for_bit(
     monkeypatch.setattr(sequential, "MERGE_ELEMENTS", merge_elements)
     monkeypatch.setattr(staged, "KEEP_ATTENTION", keep_fraction)
     monkeypatch.setattr(staged, "KEEP_MLP", keep_fraction)
+    monkeypatch.setattr(staged, "resident_headroom", lambda: 0)  # the fixed budgets alone
     results, counts = [], []
     for stages in (staged.calibrate_in_stages, whole_layer_once_per_group):
         calls = []
@@ -92,6 +93,42 @@ def test_stages_equal_the_whole_layer_run_once_per_group_bit_for_bit(
     assert ours.keys() == reference.keys()
     for name in ours:
         assert torch.equal(ours[name], reference[name]), name
+
+
+def test_down_inputs_are_kept_within_the_memory_headroom_with_the_same_result(monkeypatch):
+    """With room under the process's peak memory, stage 4 keeps every down_proj input and
+    stage 5 runs no gate/up again; without room and without a budget, it runs them again for
+    every call; the weights and scales come out the same."""
+    from compressor.modifiers import QuantizationModifier
+
+    static = {
+        "g": {
+            "targets": ["Linear"],
+            "weights": {"num_bits": 8, "strategy": "channel", "symmetric": True},
+            "input_activations": {"num_bits": 8, "strategy": "tensor", "dynamic": False},
+        }
+    }
+    monkeypatch.setattr(sequential, "MERGE_ELEMENTS", 0)  # each row its own call
+    monkeypatch.setattr(staged, "KEEP_MLP", 0.0)
+    runs = []
+    for headroom in (10**12, 0):
+        monkeypatch.setattr(staged, "resident_headroom", lambda room=headroom: room)
+        model = llama(num_hidden_layers=2)
+        gate_calls = []
+        for layer in model.model.layers:
+            layer.mlp.gate_proj.register_forward_pre_hook(
+                lambda m, a, seen=gate_calls: seen.append(m)
+            )
+        quant = QuantizationModifier(config_groups=static, ignore=["lm_head"])
+        oneshot(model, [quant], random_ids(), pipeline="sequential")
+        runs.append((model.state_dict(), len(gate_calls)))
+    (roomy, roomy_calls), (tight, tight_calls) = runs
+    calls = 8  # rows, each its own call
+    # stage 4 on every call; stage 5 again on every call of the first layer (the last
+    # layer's outputs are not computed) only without room; plus the plan's checks, alike
+    assert tight_calls - roomy_calls == calls
+    assert roomy.keys() == tight.keys()
+    assert all(torch.equal(roomy[key], tight[key]) for key in roomy)
 
 
 def test_true_sequential_changes_what_later_modules_are_calibrated_on():

@@ -20,6 +20,7 @@ from loguru import logger
 
 __all__ = [
     "freed_memory_returned",
+    "resident_headroom",
     "keep_freed_tensors_in_heap",
     "overwrite_",
     "overwrite_all_",
@@ -134,6 +135,18 @@ def freed_memory_returned() -> Iterator[None]:
             _set_thresholds(libc, _MMAP_THRESHOLD, _TRIM_THRESHOLD)
         # else glibc's initial thresholds stay (only its adaptive rule is off once set)
         libc.malloc_trim(0)
+
+
+def resident_headroom() -> int:
+    """Bytes the process could hold now without raising its peak resident memory: its peak
+    so far (``VmHWM``) minus what it holds (``VmRSS``), read from ``/proc/self/status``;
+    0 where that is not available."""
+    try:
+        with open("/proc/self/status") as status:
+            fields = dict(line.split(":", 1) for line in status if line.startswith("Vm"))
+        return max(0, int(fields["VmHWM"].split()[0]) - int(fields["VmRSS"].split()[0])) * 1024
+    except (OSError, KeyError, ValueError):
+        return 0
 
 
 def release_free_memory() -> None:

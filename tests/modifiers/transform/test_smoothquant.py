@@ -151,3 +151,44 @@ def test_num_calibration_steps_is_accepted_and_said_to_have_no_effect():
 def test_without_calibration_data_it_is_a_clear_error():
     with pytest.raises(ValueError, match="dataset"):
         oneshot(tiny_llama(), [SmoothQuantModifier()], None)
+
+
+def test_the_smoothing_pass_stops_after_the_last_norm_with_the_same_result(monkeypatch):
+    """SmoothQuant's pass of its own ends each forward once the post-attention norm has run
+    (the MLP is not needed for its statistics); the smoothed and quantized model is exactly
+    the one a pass running every layer whole gives."""
+    from compressor.calibration.pipelines import sequential
+
+    static = {
+        "g": {
+            "targets": ["Linear"],
+            "weights": {"num_bits": 8, "strategy": "channel", "symmetric": True},
+            "input_activations": {"num_bits": 8, "strategy": "tensor", "dynamic": False},
+        }
+    }
+
+    def run() -> tuple[dict, int]:
+        model = tiny_llama()
+        mlp_calls = []
+        for layer in model.model.layers:
+            layer.mlp.register_forward_pre_hook(lambda m, a: mlp_calls.append(m))
+        recipe = [
+            SmoothQuantModifier(smoothing_strength=0.8),
+            QuantizationModifier(config_groups=static, ignore=["lm_head"]),
+        ]
+        oneshot(model, recipe, random_ids(count=6), pipeline="sequential")
+        return model.state_dict(), len(mlp_calls)
+
+    monkeypatch.setattr(sequential, "MERGE_TOKENS", 24)  # each row its own call
+    cut, cut_calls = run()
+
+    def run_whole(layer, call, owners):
+        layer(*call.args, **call.kwargs)
+
+    monkeypatch.setattr(sequential, "_last_hooked_module", run_whole)
+    whole, whole_calls = run()
+    assert cut.keys() == whole.keys()
+    assert all(torch.equal(cut[key], whole[key]) for key in cut)
+    layers = len(tiny_llama().model.layers)
+    # whole: every call runs each layer's MLP in the smoothing pass; cut: only the first
+    assert whole_calls - cut_calls == layers * (6 - 1)

@@ -18,6 +18,7 @@ __all__ = [
     "first_output",
     "model_device",
     "run_until_stopped",
+    "stop_forward_after",
     "stop_forward_at",
     "to_device",
 ]
@@ -92,6 +93,21 @@ def stop_forward_at(module: torch.nn.Module, *, before_other_hooks: bool = False
         raise StopForward(args, kwargs)
 
     handle = module.register_forward_pre_hook(stop, with_kwargs=True, prepend=before_other_hooks)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextlib.contextmanager
+def stop_forward_after(module: torch.nn.Module) -> Iterator[None]:
+    """End every forward there once ``module`` has returned and its other forward hooks (the
+    modifiers', registered before) have seen its output, until the block ends."""
+
+    def stop(_module: torch.nn.Module, args: tuple, _output: Any) -> None:
+        raise StopForward(args, {})
+
+    handle = module.register_forward_hook(stop)
     try:
         yield
     finally:

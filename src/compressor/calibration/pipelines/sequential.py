@@ -14,7 +14,8 @@ each layer ``i``:
 Modifiers that change a layer's weights without changing its function before the others
 calibrate it (``CalibrationTraits.transforms_first``: SmoothQuant, AWQ) get a pass of their own
 first, with every quantized forward of the layer off, and their own SEQUENTIAL_EPOCH_END; the
-other modifiers then calibrate the transformed layer in steps 1 to 3.
+other modifiers then calibrate the transformed layer in steps 1 to 3. That pass ends each
+forward once the last module they hook has returned (``_calibrate_until_hooks_done``).
 
 When every modifier calibrates in stages (``CalibrationTraits.in_stages``: GPTQ's
 ``true_sequential``; or accepts them, ``accepts_stages``: SparseGPT, when one asks) and the
@@ -55,6 +56,7 @@ from compressor.calibration.pipelines.common import (
     first_output,
     model_device,
     run_until_stopped,
+    stop_forward_after,
     stop_forward_at,
     to_device,
 )
@@ -314,9 +316,60 @@ def _transform_first(
     live and its quantized forwards off, and send them alone the layer's
     SEQUENTIAL_EPOCH_END, at which they change its weights (not its function)."""
     with HooksMixin.hooks_only_of(modifiers), quantized_forwards_off(layer):
-        _calibrate(layer, inputs, False, index)
+        _calibrate_until_hooks_done(layer, inputs, modifiers, index)
     release_free_memory()
     session.sequential_epoch_end(layer, only=modifiers)
+
+
+def _calibrate_until_hooks_done(
+    layer: torch.nn.Module, inputs: list[MergedCalls], owners: list[Any], index: int
+) -> None:
+    """Run every cached call through ``layer`` for the hooks of ``owners`` alone: the first
+    call whole, to find the hooked module that returns last; every later one ends once that
+    module has returned and its hooks have run. Nothing reads the layer's output here, so
+    what comes after is not needed: SmoothQuant's statistics (the norms' outputs) are all in
+    once the post-attention norm has run, which skips the MLP, three quarters of a Llama
+    layer's multiply-adds (bench/results/2026-12-02-w8a8-speed.md). Run whole when that
+    module returns more than once per call, or when routed experts may run in another order
+    from call to call."""
+    progress = tqdm(inputs, desc=f"layer {index} transform calibration", leave=False)
+    last: torch.nn.Module | None = None
+    with contextlib.ExitStack() as stopping:
+        for position, merged in enumerate(progress):
+            call = merged.call
+            with merged_batches(merged.batch_sizes):
+                if position == 0:
+                    last = _last_hooked_module(layer, call, owners)
+                    if last is not None:
+                        stopping.enter_context(stop_forward_after(last))
+                elif last is not None:
+                    run_until_stopped(layer, *call.args, **call.kwargs)
+                else:
+                    layer(*call.args, **call.kwargs)
+
+
+def _last_hooked_module(
+    layer: torch.nn.Module, call: LayerInputs, owners: list[Any]
+) -> torch.nn.Module | None:
+    """Run ``call`` through ``layer`` whole; the module with a hook of ``owners`` that
+    returned last, or None (see ``_calibrate_until_hooks_done``)."""
+    routed = any(
+        isinstance(m, LinearExperts) and m.all_experts_requests == 0 for m in layer.modules()
+    )
+    if routed or HooksMixin.has_hooks(layer, owners):  # a hook on the layer reads it whole
+        layer(*call.args, **call.kwargs)
+        return None
+    hooked = [m for m in layer.modules() if HooksMixin.has_hooks(m, owners)]
+    returned: list[torch.nn.Module] = []
+    handles = [m.register_forward_hook(lambda m, _a, _o: returned.append(m)) for m in hooked]
+    try:
+        layer(*call.args, **call.kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if not returned or returned.count(returned[-1]) > 1:
+        return None
+    return returned[-1]
 
 
 def _calibrate(

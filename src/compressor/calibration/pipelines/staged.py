@@ -57,7 +57,7 @@ from compressor.calibration.pipelines.common import (
 from compressor.calibration.pipelines.layer_calls import LayerInputs, MergedCalls
 from compressor.core.session import CompressionSession
 from compressor.modifiers.hooks import HooksMixin
-from compressor.utils.memory import release_free_memory
+from compressor.utils.memory import release_free_memory, resident_headroom
 from compressor.utils.merged_batches import merged_batches
 
 __all__ = ["StagePlan", "calibrate_in_stages", "plan_stages"]
@@ -173,25 +173,66 @@ of the layer's cached hidden states; past it, stage 3 runs the calls' attention 
 
 KEEP_MLP = 0.5
 """The same for the ``down_proj`` inputs kept from stage 4 for stage 5 (past it, stage 5 runs
-gate/up again). Less than for the attention: each kept value saves fewer multiply-adds
+gate/up again), or more, up to what the process can hold without raising its peak memory
+(``_Stages.mlp_headroom``): recomputing gate/up for every call costs a fifth of the stages'
+multiply-adds, as much time as keeping every input saves in W8A8 calibration
+(bench/results/2026-12-02-w8a8-speed.md). Less than for the attention: each kept value saves fewer multiply-adds
 (gate/up's outputs are wider), and stage 4's own temporaries are larger (the peak memory and
 time it was chosen on: bench/results/2026-12-01-notes-pipelines.md)."""
 
 
+KEEP_MLP_WITHIN_HEADROOM = True
+"""Whether stage 4 may keep more ``down_proj`` inputs than ``KEEP_MLP``, up to the process's
+headroom under its peak memory (``_Stages.mlp_headroom``). The peak is not always held: on
+SmolLM2-135M W8A8 some runs peaked 40-90 MB higher than without it
+(bench/results/2026-12-02-w8a8-speed.md); False keeps ``KEEP_MLP`` alone."""
+
+
 class _Kept:
     """Tensors kept from one stage for the next, one slot per call, within ``budget`` bytes
-    (the calls past it get None, and are computed again)."""
+    (the calls past it get None, and are computed again).
 
-    def __init__(self, budget: float) -> None:
+    :param tokens: each call's tokens, when the kept values go into one block allocated at
+        the first offer (each call's tensor is then copied into its slice): kept tensors
+        allocated one by one between a stage's temporaries leave the heap fragmented, which
+        cost as much memory again as they took (bench/results/2026-12-02-w8a8-speed.md)
+    """
+
+    def __init__(self, budget: float, tokens: list[int] | None = None) -> None:
         self.budget = budget
         self.slots: list[torch.Tensor | None] = []
+        self.tokens = tokens
+        self._block: torch.Tensor | None = None
+        self._used = 0
 
     def offer(self, tensor: torch.Tensor) -> None:
-        if tensor.nbytes <= self.budget:
-            self.budget -= tensor.nbytes
-            self.slots.append(tensor)
-        else:
+        if tensor.nbytes > self.budget:
             self.slots.append(None)
+            return
+        self.budget -= tensor.nbytes
+        if self.tokens is None:
+            self.slots.append(tensor)
+            return
+        if self._block is None:
+            self._block = self._allocate(tensor)
+        if self._used + tensor.numel() > self._block.numel():  # not sized by its tokens
+            self.slots.append(tensor)
+            return
+        piece = self._block[self._used : self._used + tensor.numel()]
+        self._used += tensor.numel()
+        self.slots.append(piece.view(tensor.shape).copy_(tensor))
+
+    def _allocate(self, first: torch.Tensor) -> torch.Tensor:
+        """One block for the calls the budget keeps, sized as ``offer`` will fill it."""
+        assert self.tokens is not None
+        width = first.numel() // max(self.tokens[len(self.slots)], 1)
+        budget, total = self.budget + first.nbytes, 0
+        for tokens in self.tokens[len(self.slots) :]:
+            nbytes = tokens * width * first.element_size()
+            if nbytes <= budget:
+                budget -= nbytes
+                total += tokens * width
+        return torch.empty(total, dtype=first.dtype, device=first.device)
 
     def take(self, position: int) -> torch.Tensor | None:
         """The call's tensor, given up (its memory is freed once the caller drops it)."""
@@ -225,7 +266,10 @@ def calibrate_in_stages(
     # states) are too small for the MLP's temporaries: returned to the system before stage
     # 4, they no longer count on top of it (bench/results/2026-12-01-notes-pipelines.md)
     release_free_memory()
-    kept_down_inputs = stages.stop_at_mlp_output(_Kept(KEEP_MLP * hidden_bytes if outputs else 0))
+    tokens = [merged.call.hidden_states.shape[:-1].numel() for merged in inputs]
+    headroom = stages.mlp_headroom(tokens) if KEEP_MLP_WITHIN_HEADROOM else 0.0
+    budget = max(KEEP_MLP * hidden_bytes, headroom) if outputs else 0
+    kept_down_inputs = stages.stop_at_mlp_output(_Kept(budget, tokens))
     # the stages' temporaries go back to the system before the layer's largest problem, as
     # the whole-layer path does once per layer
     release_free_memory()
@@ -308,6 +352,21 @@ class _Stages:
                 hidden = call.hidden_states + update
                 self.inputs[position] = self.inputs[position].with_hidden_states(hidden)
                 self.progress.update()
+
+    def mlp_headroom(self, tokens: list[int]) -> float:
+        """Bytes of down_proj inputs stage 4 may keep without raising the process's peak
+        memory: its headroom (``resident_headroom``, after the heap was trimmed) less what
+        the stage needs besides, the MLP's temporaries for the largest call (gate, up, their
+        product and its activation, as wide as down_proj's inputs; the normed and
+        fake-quantized inputs, narrower; counted as six of the first kind, the rest as slack
+        for the heap's fragmentation) and a fake-quantized copy of its weights."""
+        width = getattr(self.mlp_output, "in_features", None)
+        if not isinstance(width, int) or not tokens:
+            return 0.0
+        element = self.mlp_output.weight.element_size()
+        temporaries = 6 * max(tokens) * width * element
+        weights = sum(p.numel() * p.element_size() for p in self.mlp.parameters())
+        return float(resident_headroom() - temporaries - weights)
 
     def _stop_at(
         self,

@@ -18,6 +18,7 @@ from loguru import logger
 
 from compressor.core.events import Event, EventType
 from compressor.modifiers.hooks import HooksMixin
+from compressor.modifiers.quantization.calibration_forward import CalibrationForwards
 from compressor.modifiers.quantization.kv_cache import KVCacheCalibration
 from compressor.modifiers.quantization.matching import apply_quantization
 from compressor.modifiers.quantization.observers import (
@@ -241,6 +242,8 @@ class PostTrainingPathway:
         self.observers, self.hooks, self.owner = observers, hooks, owner
         self.kv_cache = kv_cache
         self._handles: list[Any] = []
+        # the fast quantized forward while calibrating (compressed-tensors' own after)
+        self._forwards = CalibrationForwards()
         # modules whose calibration has not ended: quantized forwards off, scales not set
         self._calibrating: dict[str, torch.nn.Module] = {}
 
@@ -255,6 +258,7 @@ class PostTrainingPathway:
             for name, module in held.items():
                 update_weight_qparams(module, name)
             share_fused_global_scales(held)
+        self._forwards.install(held.values())
         for name, module in held.items():
             for role, args in static_activation_roles(module).items():
                 self._observe(name, module, role, args)
@@ -322,6 +326,7 @@ class PostTrainingPathway:
         if self.kv_cache is not None:
             self.kv_cache.end()
         self._finish(list(self._calibrating))
+        self._forwards.remove()
         bake_convolutions(self.modules, self.schemes)
         for module in held_by_compressed_tensors(self.modules).values():
             freeze_quantization(module)
