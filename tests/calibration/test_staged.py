@@ -110,6 +110,7 @@ def test_down_inputs_are_kept_within_the_memory_headroom_with_the_same_result(mo
     }
     monkeypatch.setattr(sequential, "MERGE_ELEMENTS", 0)  # each row its own call
     monkeypatch.setattr(staged, "KEEP_MLP", 0.0)
+    monkeypatch.setattr(staged, "KEEP_MLP_WITHIN_HEADROOM", True)  # off by default
     runs = []
     for headroom in (10**12, 0):
         monkeypatch.setattr(staged, "resident_headroom", lambda room=headroom: room)

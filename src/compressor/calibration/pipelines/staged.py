@@ -181,11 +181,13 @@ multiply-adds, as much time as keeping every input saves in W8A8 calibration
 time it was chosen on: bench/results/2026-12-01-notes-pipelines.md)."""
 
 
-KEEP_MLP_WITHIN_HEADROOM = True
+KEEP_MLP_WITHIN_HEADROOM = False
 """Whether stage 4 may keep more ``down_proj`` inputs than ``KEEP_MLP``, up to the process's
-headroom under its peak memory (``_Stages.mlp_headroom``). The peak is not always held: on
-SmolLM2-135M W8A8 some runs peaked 40-90 MB higher than without it
-(bench/results/2026-12-02-w8a8-speed.md); False keeps ``KEEP_MLP`` alone."""
+headroom under its peak memory (``_Stages.mlp_headroom``). Off by default: the peak is not
+always held (quiet machine, 2026-12-02: SmolLM2-135M W8A8 static peaked at 1116 MB against
+llm-compressor's 1063, GPTQ W4A16 on llama-m at 727 MB against 712 and our 675 without it;
+bench/results/2026-12-02-final-quiet.md); True trades that memory for up to a fifth of the
+stages' multiply-adds (bench/results/2026-12-02-w8a8-speed.md)."""
 
 
 class _Kept:
