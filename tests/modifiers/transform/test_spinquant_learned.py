@@ -390,11 +390,9 @@ def _r4_double_llama():
     return model
 
 
-@pytest.mark.parametrize("masked", [False, True])
-def test_rotating_activations_takes_the_steps_rotating_weights_takes(masked):
-    """With activations only in the loop, the loss rotates the activations rather than the
-    weights (far cheaper): in float64 its loss, its gradient and the Cayley steps they give
-    equal those of the rotated weights, with the online R4 in place and padding masked."""
+def _frozen_r4_llama_and_random_starts():
+    """The float64 tiny Llama with R4, its weights frozen, its R1/R2 plan and random
+    orthogonal starts (seeded)."""
     model = _r4_double_llama()
     for param in model.parameters():
         param.requires_grad_(False)
@@ -404,6 +402,15 @@ def test_rotating_activations_takes_the_steps_rotating_weights_takes(masked):
         side.key: rotation_matrix("random-matrix", 32 if side.key == "R1" else 8, generator=gen)
         for side in plan
     }
+    return model, plan, start
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_rotating_activations_takes_the_steps_rotating_weights_takes(masked):
+    """With activations only in the loop, the loss rotates the activations rather than the
+    weights (far cheaper): in float64 its loss, its gradient and the Cayley steps they give
+    equal those of the rotated weights, with the online R4 in place and padding masked."""
+    model, plan, start = _frozen_r4_llama_and_random_starts()
     quantizers = LoopQuantizers(activations=_learnable().learn_activations)
     batch = {"input_ids": IDS}
     if masked:
@@ -492,15 +499,7 @@ def test_the_cayley_step_descends_at_the_rate_its_gradient_predicts(
 
     monkeypatch.setattr(modeling_llama.LlamaRMSNorm, "forward", rms_norm_in_float64)
     monkeypatch.setattr(rotated_model, "_fake_quant", _smooth_quantizer(kind))
-    model = _r4_double_llama()
-    for param in model.parameters():
-        param.requires_grad_(False)
-    plan = rotation_plan(model, infer_mapping_from_model(model), ["R1", "R2"])
-    gen = torch.Generator().manual_seed(0)
-    start = {
-        side.key: rotation_matrix("random-matrix", 32 if side.key == "R1" else 8, generator=gen)
-        for side in plan
-    }
+    model, plan, start = _frozen_r4_llama_and_random_starts()
     quantizers = LoopQuantizers(
         weights=_learnable().learn_weights if rotate_weights else None,
         activations=_learnable().learn_activations,
