@@ -87,15 +87,27 @@ def fake_quantize_int(
     return out.sub_(offset).mul_(scale)
 
 
-def _fake_quantize(module: torch.nn.Module, value: torch.Tensor, base: str, args: Any):
-    """``value`` fake-quantized with ``module``'s static ``base`` (``input`` or ``weight``)
-    qparams: the fast path when it is exact, compressed-tensors' otherwise."""
+def _fast_qparams(
+    module: torch.nn.Module, value: torch.Tensor, base: str, args: Any
+) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """``module``'s static ``base`` (``input`` or ``weight``) scale and zero point when
+    ``fake_quantize_int`` computes exactly what compressed-tensors does for ``value``; None
+    when compressed-tensors' own path must."""
     scale = getattr(module, f"{base}_scale", None)
     zero_point = getattr(module, f"{base}_zero_point", None)
     global_scale = getattr(module, f"{base}_global_scale", None)
-    if value.numel() and fast_fake_quantizable(args, value, scale, zero_point, global_scale):
-        assert scale is not None
-        return fake_quantize_int(value, scale, zero_point, args)
+    if not value.numel() or not fast_fake_quantizable(args, value, scale, zero_point, global_scale):
+        return None
+    assert scale is not None
+    return scale, zero_point
+
+
+def _fake_quantize(module: torch.nn.Module, value: torch.Tensor, base: str, args: Any):
+    """``value`` fake-quantized with ``module``'s static ``base`` (``input`` or ``weight``)
+    qparams: the fast path when it is exact, compressed-tensors' otherwise."""
+    qparams = _fast_qparams(module, value, base, args)
+    if qparams is not None:
+        return fake_quantize_int(value, *qparams, args)
     from compressed_tensors.quantization.lifecycle.forward import forward_quantize
 
     return forward_quantize(module, value, base, args)
@@ -119,14 +131,10 @@ class _LastInput:
         self.entry: tuple[Any, ...] | None = None
 
     def fake_quantize(self, module: torch.nn.Module, value: torch.Tensor, args: Any):
-        scale = getattr(module, "input_scale", None)
-        zero_point = getattr(module, "input_zero_point", None)
-        global_scale = getattr(module, "input_global_scale", None)
-        if not (
-            value.numel() and fast_fake_quantizable(args, value, scale, zero_point, global_scale)
-        ):
+        qparams = _fast_qparams(module, value, "input", args)
+        if qparams is None:
             return _fake_quantize(module, value, "input", args)
-        assert scale is not None
+        scale, zero_point = qparams
         entry = self.entry
         if (
             entry is not None
@@ -134,20 +142,19 @@ class _LastInput:
             and entry[1] == value._version
             and entry[4] == args
             and torch.equal(entry[2], scale)
-            and (
-                (entry[3] is None and zero_point is None)
-                or (
-                    entry[3] is not None
-                    and zero_point is not None
-                    and torch.equal(entry[3], zero_point)
-                )
-            )
+            and _equal_or_both_none(entry[3], zero_point)
         ):
             return entry[5]
         result = fake_quantize_int(value, scale, zero_point, args)
         saved_zero = None if zero_point is None else zero_point.clone()
         self.entry = (value, value._version, scale.clone(), saved_zero, args, result)
         return result
+
+
+def _equal_or_both_none(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return torch.equal(a, b)
 
 
 def _calibration_forward(module: torch.nn.Linear, original: Any, last: _LastInput) -> Any:
