@@ -333,6 +333,13 @@ def _activation_only_cases() -> list[Case]:
                       {"ours": "ours/spin_learned_r1r2r4_a4.yaml"}, calibration=(12, 256),
                       calibration_text=WIKITEXT_CALIBRATION_AWAY, eval=ev, eval_text=text,
                       requires=(ONESHOT, spin, QUANT)))  # fmt: skip
+    # learned on the ranges of the rotated inputs (learn_loss: input_range), ours only: the
+    # inputs of 8 calibration rows of 512 tokens, away from the scored windows, 200 steps
+    for bits in (4, 6):
+        cases.append(Case("spinquant", f"R1R2 learned on input ranges + R4 + A{bits}", model,
+                          "oneshot", {"ours": f"ours/spin_ranges_r1r2r4_a{bits}.yaml"},
+                          calibration=(8, 512), calibration_text=WIKITEXT_CALIBRATION_AWAY,
+                          eval=ev, eval_text=text, requires=(ONESHOT, spin, QUANT)))  # fmt: skip
     cases.append(Case("spinquant", "R1R2R4 blocks of 64 + A4", model, "oneshot",
                       _both("spin_r1r2r4_b64_a4"), eval=ev, eval_text=text,
                       requires=(ONESHOT, spin, QUANT)))  # fmt: skip

@@ -142,6 +142,12 @@ class SpinQuantModifier(Modifier):
     :param learn_weights: the weight quantizer in the loop, on every Linear of the decoder
         layers (compressed-tensors ``QuantizationArgs``; normally the recipe's own)
     :param learn_activations: the input quantizer in the loop, on the same Linears; dynamic
+    :param learn_loss: what the rotations are learned on: ``cross_entropy`` (the quantized
+        model's next-token loss, the paper's), ``kl_to_full_precision`` (its divergence from
+        the full-precision model's predictions: the text's difficulty cancels), or
+        ``input_range`` (the expected rounding noise of per-token dynamic activation
+        quantization, from the ranges of the rotated inputs, collected once: smooth and
+        cheap, activations only; ``spinquant.input_ranges``)
     :param precision: dtype the rotations are built and fused in (float64 by default); online
         rotations run in float32 when this is float64, else in this dtype
     :param transform_block_size: R1 and R4 as block-diagonal Hadamards of this order (it must
@@ -173,6 +179,7 @@ class SpinQuantModifier(Modifier):
     learn_batch_size: int | None = Field(default=None, gt=0)
     learn_weights: QuantizationArgs | None = None
     learn_activations: QuantizationArgs | None = None
+    learn_loss: Literal["cross_entropy", "kl_to_full_precision", "input_range"] = "cross_entropy"
     precision: TorchDtype = torch.float64
     transform_block_size: int | None = Field(default=None, gt=0)
     mappings: SpinQuantMapping | None = None
@@ -209,6 +216,8 @@ class SpinQuantModifier(Modifier):
             has_transform_config=self.transform_config is not None,
             weights=self.learn_weights,
             activations=self.learn_activations,
+            loss=self.learn_loss,
+            batch_size=self.learn_batch_size,
         )
         if self.learnable and self.transform_block_size is not None:
             raise ValueError(
@@ -354,6 +363,7 @@ class SpinQuantModifier(Modifier):
             lr=self.learn_lr,
             momentum=self.learn_momentum,
             batch_rows=self.learn_batch_size,
+            loss=self.learn_loss,
         )
 
     def _build_config(self, model: torch.nn.Module, mapping: SpinQuantMapping) -> TransformConfig:

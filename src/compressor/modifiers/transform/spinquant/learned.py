@@ -17,15 +17,19 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
-from compressed_tensors.quantization import QuantizationArgs
+from compressed_tensors.quantization import QuantizationArgs, QuantizationStrategy
 from loguru import logger
 from tqdm.auto import tqdm
 
 from compressor.modifiers.transform.spinquant.cayley import cayley_sgd_step, orthogonality_error
 from compressor.modifiers.transform.spinquant.fusion import rotate_input, rotate_output
+from compressor.modifiers.transform.spinquant.input_ranges import (
+    TOKENS_PER_STEP,
+    learn_on_input_ranges,
+)
 from compressor.modifiers.transform.spinquant.learn_batches import on_device, step_batches
 from compressor.modifiers.transform.spinquant.mappings import SpinQuantMapping
 from compressor.modifiers.transform.spinquant.matrices import TransformType, rotation_matrix
@@ -69,10 +73,13 @@ def check_learning_arguments(
     has_transform_config: bool,
     weights: QuantizationArgs | None,
     activations: QuantizationArgs | None,
+    loss: str = "cross_entropy",
+    batch_size: int | None = None,
 ) -> None:
     """SpinQuantModifier's rules for its ``learn_*`` fields.
 
     :param learn_fields: the ``learn_*`` fields the recipe set
+    :param loss: ``learn_loss``; ``batch_size``: ``learn_batch_size``
     :raises ValueError: naming the field and what is allowed
     """
     if not learnable:
@@ -94,6 +101,26 @@ def check_learning_arguments(
         raise ValueError(
             "learn_activations.dynamic must be true: the loop computes each input's scale "
             "from the input itself (no observed static ranges)"
+        )
+    if loss != "input_range":
+        return
+    if weights is not None:
+        raise ValueError(
+            "learn_loss input_range learns on the ranges of the activations only; drop "
+            "learn_weights (the recipe's weight scheme still applies after), or use learn_loss "
+            "cross_entropy or kl_to_full_precision to learn with the weights quantized"
+        )
+    if activations is None or activations.strategy != QuantizationStrategy.TOKEN:
+        got = None if activations is None else activations.strategy
+        raise ValueError(
+            "learn_loss input_range needs learn_activations with strategy token (per-token "
+            f"dynamic ranges, which it minimises); got strategy {got}"
+        )
+    if batch_size is not None:
+        raise ValueError(
+            "learn_batch_size regroups the sequences of a cross-entropy step; learn_loss "
+            f"input_range draws {TOKENS_PER_STEP} tokens of each input per step: drop "
+            "learn_batch_size"
         )
 
 
@@ -246,14 +273,32 @@ def learn_and_fuse(
     lr: float,
     momentum: float,
     batch_rows: int | None = None,
-    loss: LearnLoss = "cross_entropy",
+    loss: LearnLoss | Literal["input_range"] = "cross_entropy",
     accumulate: int = 1,
 ) -> LearnedRotations:
     """Learn the rotations from the fixed ones on ``batches``, then fuse them into the model
     (whose norms must already be fused and embeddings untied). The parameters are those of
-    ``rotation_plan``, ``initial_rotations``, ``learn_rotations`` and ``fuse_rotations``."""
+    ``rotation_plan``, ``initial_rotations``, ``learn_rotations`` and ``fuse_rotations``;
+    ``loss`` ``input_range`` learns on the ranges of the rotated inputs instead
+    (``input_ranges.learn_on_input_ranges``, activation quantizer only)."""
     plan = rotation_plan(model, mapping, rotations)
     start = initial_rotations(plan, transform_type, sizes, randomize=randomize)
+    if loss == "input_range":
+        if quantizers.activations is None or quantizers.activations.num_bits is None:
+            raise ValueError("learn_loss input_range needs learn_activations")
+        ranges = learn_on_input_ranges(
+            model,
+            plan,
+            start,
+            batches,
+            quantized_linears(model),
+            2 ** (quantizers.activations.num_bits - 1) - 1,
+            steps=steps,
+            lr=lr,
+            momentum=momentum,
+        )
+        fuse_rotations(plan, ranges.rotations, precision)
+        return LearnedRotations(ranges.rotations, ranges.losses, ranges.seconds)
     learned = learn_rotations(
         model,
         plan,
