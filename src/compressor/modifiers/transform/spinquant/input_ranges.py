@@ -84,15 +84,17 @@ def collect_reader_inputs(
     linears: Mapping[str, torch.nn.Module],
     batches: Iterable[Any],
     *,
-    max_tokens: int = TOKENS_PER_SITE,
+    max_tokens: int | None = None,
 ) -> list[ReaderInputs]:
     """The full-precision inputs of every input side of ``plan`` that a quantized Linear
-    (``linears``) reads, over ``batches`` until ``max_tokens`` are in (padding left out).
+    (``linears``) reads, over ``batches`` until ``max_tokens`` (default ``TOKENS_PER_SITE``)
+    are in (padding left out).
 
     Linears handed the same tensor in a forward (q/k/v, gate/up) share one entry.
 
     :raises ValueError: when no rotated input is read by a quantized Linear, or no token came
     """
+    max_tokens = TOKENS_PER_SITE if max_tokens is None else max_tokens
     names = {id(module): name for name, module in linears.items()}
     sides = [s for s in plan if s.side == "input" and id(s.module) in names]
     if not sides:
