@@ -162,6 +162,7 @@ def test_the_plan_names_the_stage_modules_of_a_llama_layer():
         attention_output="self_attn.o_proj",
         mlp_readers=("mlp.gate_proj", "mlp.up_proj"),
         mlp_output="mlp.down_proj",
+        gated_mlp=("mlp.gate_proj", "mlp.up_proj", "mlp.act_fn"),
     )
 
 
@@ -304,3 +305,83 @@ def test_each_layer_form_gets_its_own_plan():
         and not hasattr(model.get_submodule(n), "weight_scale")
     ]
     assert not unquantized
+
+
+def _gated_parts(model):
+    mlp = model.model.layers[0].mlp
+    return mlp, (mlp.gate_proj, mlp.up_proj, mlp.act_fn)
+
+
+@torch.no_grad()  # as calibration runs
+def test_the_gated_down_input_is_the_mlps_own_bit_for_bit_with_two_temporaries_fewer():
+    """``act(gate(x)) * up(x)`` as Llama's MLP hands it to down_proj, bit for bit, whether
+    written into a given slot or into the activated gate (the activation in place: the
+    result is the gate's own output tensor, no MLP-wide temporary besides gate and up)."""
+    model = llama()
+    mlp, (gate, up, act) = _gated_parts(model)
+    x = torch.randn(3, 5, 64) * 4
+    seen = []
+    mlp.down_proj.register_forward_pre_hook(lambda m, a: seen.append(a[0].clone()))
+    gate_outputs = []
+    gate.register_forward_hook(lambda m, a, out: gate_outputs.append(out))
+    mlp(x)
+    in_place = staged.gated_down_input(gate, up, act, x)
+    assert torch.equal(in_place, seen[0])
+    assert in_place.data_ptr() == gate_outputs[-1].data_ptr()
+    slot = torch.full((3, 5, 128), float("nan"))
+    placed = staged.gated_down_input(gate, up, act, x, lambda like: slot)
+    assert placed is slot and torch.equal(slot, seen[0])
+    refused = staged.gated_down_input(gate, up, act, x, lambda like: None)
+    assert torch.equal(refused, seen[0])
+
+
+def test_an_mlp_of_another_forward_is_not_planned_as_gated_and_gives_the_same_weights():
+    """An MLP with Llama's module names but another forward (here its product halved) keeps
+    the MLP's own forward in stage 4 (no gated plan); the weights are those of the whole
+    layer run once per group."""
+    import types
+
+    def halved(self, x):
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x) * 0.5)
+
+    def make():
+        model = llama(num_hidden_layers=2)
+        for layer in model.model.layers:
+            layer.mlp.forward = types.MethodType(halved, layer.mlp)
+        return model
+
+    model = make()
+    layer = model.model.layers[0]
+    captured = sequential.capture_layer_inputs(
+        model, layer, [{"input_ids": torch.randint(0, 128, (2, 16))}], torch.device("cpu")
+    )
+    plan = staged.plan_stages(layer, captured[0])
+    assert plan is not None and plan.gated_mlp is None
+    results = []
+    with pytest.MonkeyPatch.context() as patch:
+        for stages in (staged.calibrate_in_stages, whole_layer_once_per_group):
+            patch.setattr(sequential, "calibrate_in_stages", stages)
+            model = make()
+            oneshot(
+                model, [GPTQModifier(config_groups=GROUP16)], random_ids(), pipeline="sequential"
+            )
+            results.append(weights(model))
+    assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])
+
+
+def test_kept_slots_are_reserved_in_one_block_allocated_first_within_the_budget():
+    """``allocate`` sizes one block for the calls the budget keeps, before any of them;
+    ``reserve`` hands out its pieces in order, None past the budget (a smaller later call
+    that fits is kept)."""
+    tokens = [4, 4, 4, 2]
+    width = 3
+    kept = staged._Kept(budget=(4 + 4 + 2) * width * 4, tokens=tokens)
+    kept.allocate(width, torch.float32, torch.device("cpu"))
+    block = kept._block
+    assert block is not None and block.numel() == (4 + 4 + 2) * width
+    slots = [kept.reserve(torch.empty(n, width)) for n in tokens]
+    assert [s is None for s in slots] == [False, False, True, False]
+    for slot in (slots[0], slots[1], slots[3]):
+        assert slot.untyped_storage().data_ptr() == block.untyped_storage().data_ptr()
+    assert slots[3].data_ptr() == block.data_ptr() + 8 * width * 4
+    assert kept.take(2) is None and kept.take(3) is slots[3]

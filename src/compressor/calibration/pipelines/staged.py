@@ -60,7 +60,7 @@ from compressor.modifiers.hooks import HooksMixin
 from compressor.utils.memory import release_free_memory, resident_headroom
 from compressor.utils.merged_batches import merged_batches
 
-__all__ = ["StagePlan", "calibrate_in_stages", "plan_stages"]
+__all__ = ["StagePlan", "calibrate_in_stages", "gated_down_input", "plan_stages"]
 
 _PARTS = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
 
@@ -77,6 +77,10 @@ class StagePlan:
     """Modules reading the MLP's input (gate/up)."""
     mlp_output: str
     """The MLP's last module (down_proj)."""
+    gated_mlp: tuple[str, str, str] | None = None
+    """The gate, up and activation modules when the MLP computes ``down_proj``'s input as
+    ``act(gate(x)) * up(x)`` (Llama's), checked exactly: stage 4 then computes it with the
+    activation and the product in place (``gated_down_input``)."""
 
 
 def _other_kwargs(call: LayerInputs) -> dict[str, Any]:
@@ -136,6 +140,7 @@ def plan_stages(
             finally:
                 for handle in handles:
                     handle.remove()
+            gated = _gated_form(mlp, names, normed2, mlp_calls[-1][1] if mlp_calls else None)
     except Exception as error:  # a signature or structure other than Llama's
         logger.debug("{} cannot be calibrated in stages: {}", type(layer).__name__, error)
         return None
@@ -147,6 +152,7 @@ def plan_stages(
         attention_output=attention_output,
         mlp_readers=tuple(name for name, arg in mlp_calls if arg is normed2),
         mlp_output=mlp_output,
+        gated_mlp=gated,
     )
     staged = {*plan.attention_readers, attention_output, *plan.mlp_readers, mlp_output}
     checks = {
@@ -165,6 +171,79 @@ def plan_stages(
         logger.debug("{} cannot be calibrated in stages: not {}", type(layer).__name__, failed)
         return None
     return plan
+
+
+def _gated_form(
+    mlp: torch.nn.Module,
+    names: dict[int, str],
+    normed: torch.Tensor,
+    down_input: Any,
+) -> tuple[str, str, str] | None:
+    """The names of ``mlp``'s gate, up and activation when ``gated_down_input`` gives
+    ``down_input`` (what the MLP's forward handed its down projection) exactly; else None.
+    Called with every hook paused."""
+    parts = [getattr(mlp, part, None) for part in ("gate_proj", "up_proj", "act_fn")]
+    modules = [p for p in parts if isinstance(p, torch.nn.Module) and id(p) in names]
+    if not isinstance(down_input, torch.Tensor) or len(modules) != len(parts):
+        return None
+    gate, up, act = modules
+    try:
+        ours = gated_down_input(gate, up, act, normed)
+    except Exception as error:  # an activation or projection of another signature
+        logger.debug("{}: not a gated MLP: {}", type(mlp).__name__, error)
+        return None
+    if not torch.equal(ours, down_input):
+        return None
+    return names[id(gate)], names[id(up)], names[id(act)]
+
+
+def _silu_(tensor: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.silu(tensor, inplace=True)
+
+
+def _activation_in_place(act: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """``act`` applied in place, for activations whose forward is known to be SiLU's (the
+    plan compares the result with the module's own forward exactly); None for the others."""
+    if type(act).forward in (torch.nn.SiLU.forward, _TRANSFORMERS_SILU_FORWARD):
+        return _silu_
+    return None
+
+
+def _transformers_silu_forward() -> Any:
+    try:
+        from transformers.activations import SiLUActivation
+    except ImportError:  # an older transformers: its SiLU is torch's
+        return None
+    return SiLUActivation.forward
+
+
+_TRANSFORMERS_SILU_FORWARD = _transformers_silu_forward()
+
+
+def gated_down_input(
+    gate: torch.nn.Module,
+    up: torch.nn.Module,
+    act: torch.nn.Module,
+    x: torch.Tensor,
+    place: Callable[[torch.Tensor], torch.Tensor | None] | None = None,
+) -> torch.Tensor:
+    """``act(gate(x)) * up(x)``, in the order Llama's MLP computes it, with the activation
+    in place (when ``_activation_in_place`` knows it) and the product written into
+    ``place(activated)`` when that gives a tensor (a kept slot), else into the activation:
+    two MLP-wide temporaries fewer than the MLP's own forward, and no copy into the kept
+    block (bench/results/2026-12-02-w8a8-peak.md).
+
+    :param place: where the product goes, asked with the activated gate (its shape and
+        dtype); None or returning None: in place of the activated gate
+    """
+    in_place = _activation_in_place(act)
+    gated = gate(x)
+    gated = in_place(gated) if in_place is not None else act(gated)
+    out = place(gated) if place is not None else None
+    upped = up(x)
+    if out is None:
+        return gated.mul_(upped)
+    return torch.mul(gated, upped, out=out)
 
 
 KEEP_ATTENTION = 1.0
@@ -194,10 +273,12 @@ class _Kept:
     """Tensors kept from one stage for the next, one slot per call, within ``budget`` bytes
     (the calls past it get None, and are computed again).
 
-    :param tokens: each call's tokens, when the kept values go into one block allocated at
-        the first offer (each call's tensor is then copied into its slice): kept tensors
+    :param tokens: each call's tokens, when the kept values go into one block (each call's
+        tensor is then copied into its slice, or written there by ``reserve``): kept tensors
         allocated one by one between a stage's temporaries leave the heap fragmented, which
-        cost as much memory again as they took (bench/results/2026-12-02-w8a8-speed.md)
+        cost as much memory again as they took (bench/results/2026-12-02-w8a8-speed.md). The
+        block is allocated at the first offer, or by ``allocate`` before the stage's first
+        temporaries
     """
 
     def __init__(self, budget: float, tokens: list[int] | None = None) -> None:
@@ -215,26 +296,59 @@ class _Kept:
         if self.tokens is None:
             self.slots.append(tensor)
             return
-        if self._block is None:
-            self._block = self._allocate(tensor)
-        if self._used + tensor.numel() > self._block.numel():  # not sized by its tokens
-            self.slots.append(tensor)
-            return
-        piece = self._block[self._used : self._used + tensor.numel()]
-        self._used += tensor.numel()
-        self.slots.append(piece.view(tensor.shape).copy_(tensor))
+        piece = self._piece(tensor.shape, tensor)
+        self.slots.append(tensor if piece is None else piece.copy_(tensor))
 
-    def _allocate(self, first: torch.Tensor) -> torch.Tensor:
-        """One block for the calls the budget keeps, sized as ``offer`` will fill it."""
+    def reserve(self, like: torch.Tensor) -> torch.Tensor | None:
+        """The next call's slot, empty, shaped and typed as ``like``, for the caller to fill;
+        None when the budget does not keep it (its slot stays None)."""
+        if like.nbytes > self.budget:
+            self.slots.append(None)
+            return None
+        self.budget -= like.nbytes
+        piece = None if self.tokens is None else self._piece(like.shape, like)
+        slot = torch.empty_like(like) if piece is None else piece
+        self.slots.append(slot)
+        return slot
+
+    def allocate(self, width: int, dtype: torch.dtype, device: torch.device) -> None:
+        """Allocate the block now, before any call is offered, for the calls the budget
+        keeps, as tensors of ``width`` values per token (no-op without ``tokens``)."""
+        if self.tokens is not None and self._block is None and not self.slots:
+            self._block = self._sized_block(width, dtype, device, self.budget)
+
+    def _sized_block(
+        self, width: int, dtype: torch.dtype, device: torch.device, budget: float
+    ) -> torch.Tensor:
+        """One block for the calls from the next one on that ``budget`` keeps, sized as the
+        offers will fill it."""
         assert self.tokens is not None
-        width = first.numel() // max(self.tokens[len(self.slots)], 1)
-        budget, total = self.budget + first.nbytes, 0
+        element = torch.empty((), dtype=dtype).element_size()
+        total = 0
         for tokens in self.tokens[len(self.slots) :]:
-            nbytes = tokens * width * first.element_size()
+            nbytes = tokens * width * element
             if nbytes <= budget:
                 budget -= nbytes
                 total += tokens * width
-        return torch.empty(total, dtype=first.dtype, device=first.device)
+        return torch.empty(total, dtype=dtype, device=device)
+
+    def _piece(self, shape: torch.Size, like: torch.Tensor) -> torch.Tensor | None:
+        """The block's next ``shape`` values, or None when the block cannot hold them (not
+        sized by its tokens, or of another dtype). Called once the call's bytes are taken
+        from the budget: the block, when not allocated yet, is sized from this call on."""
+        assert self.tokens is not None
+        if self._block is None:
+            width = like.numel() // max(self.tokens[len(self.slots)], 1)
+            budget = self.budget + like.nbytes
+            self._block = self._sized_block(width, like.dtype, like.device, budget)
+        numel = shape.numel()
+        if self._block.dtype != like.dtype or self._block.device != like.device:
+            return None
+        if self._used + numel > self._block.numel():
+            return None
+        piece = self._block[self._used : self._used + numel]
+        self._used += numel
+        return piece.view(shape)
 
     def take(self, position: int) -> torch.Tensor | None:
         """The call's tensor, given up (its memory is freed once the caller drops it)."""
@@ -307,6 +421,9 @@ class _Stages:
         self.attention_output = layer.get_submodule(plan.attention_output)
         self.mlp_readers = [layer.get_submodule(name) for name in plan.mlp_readers]
         self.mlp_output = layer.get_submodule(plan.mlp_output)
+        self.gated = (
+            None if plan.gated_mlp is None else [layer.get_submodule(n) for n in plan.gated_mlp]
+        )
         self.plan = plan
         self.inputs = inputs
         self.index = index
@@ -342,8 +459,26 @@ class _Stages:
 
     def stop_at_mlp_output(self, kept: _Kept) -> _Kept:
         """Stage 4: the MLP on the compressed gate/up, stopped at down_proj's inputs, which
-        down_proj's hooks see; they are kept within ``kept``'s budget."""
-        return self._stop_at(self.mlp_output, self.plan.mlp_output, self._mlp_on, kept)
+        down_proj's hooks see; they are kept within ``kept``'s budget. A gated MLP's
+        down_proj inputs are computed by ``gated_down_input``, straight into their kept
+        slot, in a block allocated before the stage's first temporaries."""
+        if self.gated is None:
+            return self._stop_at(self.mlp_output, self.plan.mlp_output, self._mlp_on, kept)
+        gate, up, act = self.gated
+        width = getattr(self.mlp_output, "in_features", None)
+        if isinstance(width, int) and self.inputs:
+            hidden = self.inputs[0].call.hidden_states
+            kept.allocate(width, hidden.dtype, hidden.device)
+        with HooksMixin.hooks_only_on([self.mlp_output]):
+            for merged in self.inputs:
+                with merged_batches(merged.batch_sizes):
+                    normed = self.post_attention_norm(merged.call.hidden_states)
+                    down_input = gated_down_input(gate, up, act, normed, kept.reserve)
+                    del normed
+                    HooksMixin.call_forward_pre_hooks(self.mlp_output, down_input)
+                del down_input
+                self.progress.update()
+        return kept
 
     def add_mlp(self, kept_down_inputs: _Kept) -> None:
         """Stage 5: each call's hidden states become the layer's outputs, every hook paused."""
