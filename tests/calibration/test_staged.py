@@ -1,5 +1,7 @@
 """The sequential pipeline's staged ("true sequential") calibration of Llama-style layers."""
 
+import weakref
+
 import pytest
 import torch
 from datasets import Dataset
@@ -110,7 +112,7 @@ def test_down_inputs_are_kept_within_the_memory_headroom_with_the_same_result(mo
     }
     monkeypatch.setattr(sequential, "MERGE_ELEMENTS", 0)  # each row its own call
     monkeypatch.setattr(staged, "KEEP_MLP", 0.0)
-    monkeypatch.setattr(staged, "KEEP_MLP_WITHIN_HEADROOM", True)  # off by default
+    monkeypatch.setattr(staged, "KEEP_MLP_WITHIN_HEADROOM", True)
     runs = []
     for headroom in (10**12, 0):
         monkeypatch.setattr(staged, "resident_headroom", lambda room=headroom: room)
@@ -385,3 +387,79 @@ def test_kept_slots_are_reserved_in_one_block_allocated_first_within_the_budget(
         assert slot.untyped_storage().data_ptr() == block.untyped_storage().data_ptr()
     assert slots[3].data_ptr() == block.data_ptr() + 8 * width * 4
     assert kept.take(2) is None and kept.take(3) is slots[3]
+    block_alive = weakref.ref(block)
+    del block, slots, slot
+    kept.take(0)
+    assert block_alive() is not None  # a kept piece not taken yet
+    kept.take(1)
+    assert block_alive() is None  # every piece taken and dropped: the block is freed
+
+
+def test_o_proj_inputs_kept_in_stage_2_are_freed_before_stage_4(monkeypatch):
+    """The block of kept o_proj inputs is freed once stage 3 has read them all, not held
+    through the MLP's stages."""
+    alive: list[weakref.ref] = []
+    real_allocate = staged._Kept.allocate
+
+    def allocate(self, *args):
+        real_allocate(self, *args)
+        alive.append(weakref.ref(self._block))
+
+    seen_in_stage_4 = []
+    real_stage_4 = staged._Stages.stop_at_mlp_output
+
+    def stage_4(self, kept):
+        seen_in_stage_4.append([ref() is not None for ref in alive])
+        return real_stage_4(self, kept)
+
+    monkeypatch.setattr(staged._Kept, "allocate", allocate)
+    monkeypatch.setattr(staged._Stages, "stop_at_mlp_output", stage_4)
+    oneshot(llama(num_hidden_layers=2), [GPTQModifier(config_groups=GROUP16)], random_ids(),
+            pipeline="sequential")  # fmt: skip
+    assert seen_in_stage_4 and all(not any(seen) for seen in seen_in_stage_4)
+
+
+def test_stage_4_keeps_what_the_headroom_leaves_after_its_reserve_and_runs_with_freed_memory_returned(
+    monkeypatch,
+):
+    """The down_proj inputs kept within the headroom: exactly as many calls as fit in the
+    headroom less the reserve (four MLP-wide temporaries of the largest call and the MLP's
+    largest weight, for a gated MLP); stage 4 runs with freed blocks returned to the system
+    (so its temporaries hold no memory once freed and the reserve holds)."""
+    import contextlib
+
+    monkeypatch.setattr(sequential, "MERGE_ELEMENTS", 0)  # each row (32 tokens) its own call
+    monkeypatch.setattr(staged, "KEEP_MLP", 0.0)
+    monkeypatch.setattr(staged, "KEEP_MLP_WITHIN_HEADROOM", True)
+    call_bytes = 32 * 128 * 4  # tokens x intermediate width x fp32
+    reserve = 4 * call_bytes + 128 * 64 * 4
+    monkeypatch.setattr(staged, "resident_headroom", lambda: reserve + 3 * call_bytes + 1)
+    returning = []
+
+    @contextlib.contextmanager
+    def returned():
+        returning.append(True)
+        yield
+        returning.append(False)
+
+    monkeypatch.setattr(staged, "freed_memory_returned", returned)
+    kept, inside = [], []
+    real_reserve, real_gated = staged._Kept.reserve, staged.gated_down_input
+
+    def reserve_spy(self, like):
+        slot = real_reserve(self, like)
+        kept.append(slot is not None)
+        return slot
+
+    def gated_spy(*args, **kwargs):
+        if len(args) == 5:  # stage 4's calls (the plan's check passes no place)
+            inside.append(bool(returning) and returning[-1])
+        return real_gated(*args, **kwargs)
+
+    monkeypatch.setattr(staged._Kept, "reserve", reserve_spy)
+    monkeypatch.setattr(staged, "gated_down_input", gated_spy)
+    oneshot(llama(num_hidden_layers=2), [GPTQModifier(config_groups=GROUP16)], random_ids(),
+            pipeline="sequential")  # fmt: skip
+    # the first layer keeps 3 of its 8 calls; the last keeps none (no outputs to compute)
+    assert kept == [True] * 3 + [False] * 5 + [False] * 8
+    assert inside and all(inside)

@@ -57,7 +57,7 @@ from compressor.calibration.pipelines.common import (
 from compressor.calibration.pipelines.layer_calls import LayerInputs, MergedCalls
 from compressor.core.session import CompressionSession
 from compressor.modifiers.hooks import HooksMixin
-from compressor.utils.memory import release_free_memory, resident_headroom
+from compressor.utils.memory import freed_memory_returned, release_free_memory, resident_headroom
 from compressor.utils.merged_batches import merged_batches
 
 __all__ = ["StagePlan", "calibrate_in_stages", "gated_down_input", "plan_stages"]
@@ -260,13 +260,17 @@ multiply-adds, as much time as keeping every input saves in W8A8 calibration
 time it was chosen on: bench/results/2026-12-01-notes-pipelines.md)."""
 
 
-KEEP_MLP_WITHIN_HEADROOM = False
+KEEP_MLP_WITHIN_HEADROOM = True
 """Whether stage 4 may keep more ``down_proj`` inputs than ``KEEP_MLP``, up to the process's
-headroom under its peak memory (``_Stages.mlp_headroom``). Off by default: the peak is not
-always held (quiet machine, 2026-12-02: SmolLM2-135M W8A8 static peaked at 1116 MB against
-llm-compressor's 1063, GPTQ W4A16 on llama-m at 727 MB against 712 and our 675 without it;
-bench/results/2026-12-02-final-quiet.md); True trades that memory for up to a fifth of the
-stages' multiply-adds (bench/results/2026-12-02-w8a8-speed.md)."""
+headroom under its peak memory (``_Stages.mlp_headroom``), saving stage 5 the gate/up
+products of the calls it keeps (up to a fifth of the stages' multiply-adds:
+bench/results/2026-12-02-w8a8-speed.md). It was off for a while: stage 4's freed
+temporaries stayed resident in the heap past the reserve the rule counts for them, each
+layer raised the peak a little and the next layer's headroom with it (SmolLM2-135M W8A8
+static at 1116 MB against llm-compressor's 1063, bench/results/2026-12-02-final-quiet.md).
+Stage 4 now returns its temporaries to the system as they are freed and computes a gated
+MLP's inputs with two temporaries fewer, so the reserve holds
+(bench/results/2026-12-02-w8a8-peak.md)."""
 
 
 class _Kept:
@@ -287,6 +291,7 @@ class _Kept:
         self.tokens = tokens
         self._block: torch.Tensor | None = None
         self._used = 0
+        self._held = 0  # slots holding a tensor
 
     def offer(self, tensor: torch.Tensor) -> None:
         if tensor.nbytes > self.budget:
@@ -295,9 +300,11 @@ class _Kept:
         self.budget -= tensor.nbytes
         if self.tokens is None:
             self.slots.append(tensor)
+            self._held += 1
             return
         piece = self._piece(tensor.shape, tensor)
         self.slots.append(tensor if piece is None else piece.copy_(tensor))
+        self._held += 1
 
     def reserve(self, like: torch.Tensor) -> torch.Tensor | None:
         """The next call's slot, empty, shaped and typed as ``like``, for the caller to fill;
@@ -309,6 +316,7 @@ class _Kept:
         piece = None if self.tokens is None else self._piece(like.shape, like)
         slot = torch.empty_like(like) if piece is None else piece
         self.slots.append(slot)
+        self._held += 1
         return slot
 
     def allocate(self, width: int, dtype: torch.dtype, device: torch.device) -> None:
@@ -351,8 +359,13 @@ class _Kept:
         return piece.view(shape)
 
     def take(self, position: int) -> torch.Tensor | None:
-        """The call's tensor, given up (its memory is freed once the caller drops it)."""
+        """The call's tensor, given up (its memory is freed once the caller drops it; the
+        block's, once every kept tensor was taken and dropped)."""
         tensor, self.slots[position] = self.slots[position], None
+        if tensor is not None:
+            self._held -= 1
+            if self._held == 0:
+                self._block = None
         return tensor
 
 
@@ -372,6 +385,7 @@ def calibrate_in_stages(
     """
     stages = _Stages(layer, plan, inputs, index, outputs)
     hidden_bytes = sum(merged.call.hidden_states.nbytes for merged in inputs)
+    tokens = [merged.call.hidden_states.shape[:-1].numel() for merged in inputs]
     stages.feed_attention_readers()
     session.sequential_epoch_end(stages.attention_readers)
     kept_o_inputs = stages.stop_at_attention_output(_Kept(KEEP_ATTENTION * hidden_bytes))
@@ -382,10 +396,13 @@ def calibrate_in_stages(
     # states) are too small for the MLP's temporaries: returned to the system before stage
     # 4, they no longer count on top of it (bench/results/2026-12-01-notes-pipelines.md)
     release_free_memory()
-    tokens = [merged.call.hidden_states.shape[:-1].numel() for merged in inputs]
     headroom = stages.mlp_headroom(tokens) if KEEP_MLP_WITHIN_HEADROOM else 0.0
     budget = max(KEEP_MLP * hidden_bytes, headroom) if outputs else 0
-    kept_down_inputs = stages.stop_at_mlp_output(_Kept(budget, tokens))
+    # stage 4's temporaries are mapped on their own and returned to the system when freed:
+    # kept in the heap, what they left resident grew past the reserve ``mlp_headroom``
+    # counts for them, and the peak with it (bench/results/2026-12-02-w8a8-peak.md)
+    with freed_memory_returned():
+        kept_down_inputs = stages.stop_at_mlp_output(_Kept(budget, tokens))
     # the stages' temporaries go back to the system before the layer's largest problem, as
     # the whole-layer path does once per layer
     release_free_memory()
@@ -493,16 +510,22 @@ class _Stages:
     def mlp_headroom(self, tokens: list[int]) -> float:
         """Bytes of down_proj inputs stage 4 may keep without raising the process's peak
         memory: its headroom (``resident_headroom``, after the heap was trimmed) less what
-        the stage needs besides, the MLP's temporaries for the largest call (gate, up, their
-        product and its activation, as wide as down_proj's inputs; the normed and
-        fake-quantized inputs, narrower; counted as six of the first kind, the rest as slack
-        for the heap's fragmentation) and a fake-quantized copy of its weights."""
+        the stage needs besides for the largest call. A gated MLP (``gated_down_input``):
+        gate and up, as wide as down_proj's inputs, two more of that width for the normed
+        and fake-quantized inputs (narrower) and slack, and one weight fake-quantized at a
+        time. Another MLP: six of that width (gate, up, their product and activation) and a
+        fake-quantized copy of all its weights. Stage 4 returns its temporaries to the
+        system as they are freed (``freed_memory_returned``), so these are all it holds
+        besides the kept inputs."""
         width = getattr(self.mlp_output, "in_features", None)
         if not isinstance(width, int) or not tokens:
             return 0.0
         element = self.mlp_output.weight.element_size()
-        temporaries = 6 * max(tokens) * width * element
-        weights = sum(p.numel() * p.element_size() for p in self.mlp.parameters())
+        sizes = [p.numel() * p.element_size() for p in self.mlp.parameters()]
+        if self.gated is not None:  # gate, up and slack; one weight fake-quantized at a time
+            temporaries, weights = 4 * max(tokens) * width * element, max(sizes, default=0)
+        else:
+            temporaries, weights = 6 * max(tokens) * width * element, sum(sizes)
         return float(resident_headroom() - temporaries - weights)
 
     def _stop_at(
