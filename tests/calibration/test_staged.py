@@ -37,7 +37,7 @@ def weights(model):
     return {k: v.clone() for k, v in model.state_dict().items() if k.endswith("weight")}
 
 
-def whole_layer_once_per_group(layer, inputs, plan, session, index, outputs=True):
+def whole_layer_once_per_group(layer, inputs, plan, session, index, outputs=True, memory=None):
     """The GPTQ authors' scheme, the reference: the whole layer runs over every call once
     per group, only that group's hooks live, then the group is compressed."""
     groups = [
@@ -116,7 +116,7 @@ def test_down_inputs_are_kept_within_the_memory_headroom_with_the_same_result(mo
     runs = []
     for headroom in (10**12, 0):
         monkeypatch.setattr(staged, "resident_headroom", lambda room=headroom: room)
-        model = llama(num_hidden_layers=2)
+        model = llama(num_hidden_layers=3)
         gate_calls = []
         for layer in model.model.layers:
             layer.mlp.gate_proj.register_forward_pre_hook(
@@ -127,8 +127,10 @@ def test_down_inputs_are_kept_within_the_memory_headroom_with_the_same_result(mo
         runs.append((model.state_dict(), len(gate_calls)))
     (roomy, roomy_calls), (tight, tight_calls) = runs
     calls = 8  # rows, each its own call
-    # stage 4 on every call; stage 5 again on every call of the first layer (the last
-    # layer's outputs are not computed) only without room; plus the plan's checks, alike
+    # stage 4 on every call; stage 5 again on every call of the second layer only without
+    # room (the first keeps nothing beyond KEEP_MLP before a layer has measured what
+    # down_proj's compression adds; the last layer's outputs are not computed); plus the
+    # plan's checks, alike
     assert tight_calls - roomy_calls == calls
     assert roomy.keys() == tight.keys()
     assert all(torch.equal(roomy[key], tight[key]) for key in roomy)
@@ -283,9 +285,9 @@ def test_each_layer_form_gets_its_own_plan():
     staged_layers: list[int] = []
     real = sequential.calibrate_in_stages
 
-    def record(layer, inputs, plan, session, index, outputs):
+    def record(layer, inputs, plan, session, index, outputs, memory=None):
         staged_layers.append(index)
-        return real(layer, inputs, plan, session, index, outputs)
+        return real(layer, inputs, plan, session, index, outputs, memory)
 
     messages: list[str] = []
     handle = logger.add(lambda m: messages.append(str(m)), level="INFO", format="{message}")
@@ -419,14 +421,18 @@ def test_o_proj_inputs_kept_in_stage_2_are_freed_before_stage_4(monkeypatch):
     assert seen_in_stage_4 and all(not any(seen) for seen in seen_in_stage_4)
 
 
+@pytest.mark.parametrize("compression_calls", [0, 2])
 def test_stage_4_keeps_what_the_headroom_leaves_after_its_reserve_and_runs_with_freed_memory_returned(
-    monkeypatch,
+    monkeypatch, compression_calls
 ):
     """The down_proj inputs kept within the headroom: exactly as many calls as fit in the
-    headroom less the reserve (four MLP-wide temporaries of the largest call and the MLP's
-    largest weight, for a gated MLP); stage 4 runs with freed blocks returned to the system
-    (so its temporaries hold no memory once freed and the reserve holds)."""
+    headroom less the larger of the stage's reserve (four MLP-wide temporaries of the
+    largest call and the MLP's largest weight, for a gated MLP) and what down_proj's
+    compression added on earlier layers (measured; nothing kept beyond KEEP_MLP before the
+    first measurement); stage 4 runs with freed blocks returned to the system (so its
+    temporaries hold no memory once freed and the reserve holds)."""
     import contextlib
+    import itertools
 
     monkeypatch.setattr(sequential, "MERGE_ELEMENTS", 0)  # each row (32 tokens) its own call
     monkeypatch.setattr(staged, "KEEP_MLP", 0.0)
@@ -434,6 +440,10 @@ def test_stage_4_keeps_what_the_headroom_leaves_after_its_reserve_and_runs_with_
     call_bytes = 32 * 128 * 4  # tokens x intermediate width x fp32
     reserve = 4 * call_bytes + 128 * 64 * 4
     monkeypatch.setattr(staged, "resident_headroom", lambda: reserve + 3 * call_bytes + 1)
+    # resident memory before and after each down_proj compression
+    added = reserve + compression_calls * call_bytes if compression_calls else 0
+    readings = itertools.cycle([10**9, 10**9 + added])
+    monkeypatch.setattr(staged, "resident_bytes", lambda: next(readings))
     returning = []
 
     @contextlib.contextmanager
@@ -458,8 +468,10 @@ def test_stage_4_keeps_what_the_headroom_leaves_after_its_reserve_and_runs_with_
 
     monkeypatch.setattr(staged._Kept, "reserve", reserve_spy)
     monkeypatch.setattr(staged, "gated_down_input", gated_spy)
-    oneshot(llama(num_hidden_layers=2), [GPTQModifier(config_groups=GROUP16)], random_ids(),
+    oneshot(llama(num_hidden_layers=3), [GPTQModifier(config_groups=GROUP16)], random_ids(),
             pipeline="sequential")  # fmt: skip
-    # the first layer keeps 3 of its 8 calls; the last keeps none (no outputs to compute)
-    assert kept == [True] * 3 + [False] * 5 + [False] * 8
+    # the second layer keeps 3 of its 8 calls (1 when the compression takes the room of 2
+    # beyond the reserve); the first keeps none (nothing measured yet), the last none
+    second = 3 - compression_calls
+    assert kept == [False] * 8 + [True] * second + [False] * (8 - second) + [False] * 8
     assert inside and all(inside)

@@ -57,10 +57,15 @@ from compressor.calibration.pipelines.common import (
 from compressor.calibration.pipelines.layer_calls import LayerInputs, MergedCalls
 from compressor.core.session import CompressionSession
 from compressor.modifiers.hooks import HooksMixin
-from compressor.utils.memory import freed_memory_returned, release_free_memory, resident_headroom
+from compressor.utils.memory import (
+    freed_memory_returned,
+    release_free_memory,
+    resident_bytes,
+    resident_headroom,
+)
 from compressor.utils.merged_batches import merged_batches
 
-__all__ = ["StagePlan", "calibrate_in_stages", "gated_down_input", "plan_stages"]
+__all__ = ["StageMemory", "StagePlan", "calibrate_in_stages", "gated_down_input", "plan_stages"]
 
 _PARTS = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
 
@@ -369,6 +374,19 @@ class _Kept:
         return tensor
 
 
+@dataclass
+class StageMemory:
+    """What the stages of the layers calibrated so far measured, for the next layers'
+    budgets (one per run of the pipeline)."""
+
+    down_compression: int | None = None
+    """The most resident memory the compression of a down_proj added (a GPTQ solve's
+    Hessian copies), with the kept down_proj inputs held: the headroom must hold it too.
+    None until a layer has measured it (until then nothing is kept within the headroom).
+    Temporaries mapped on their own and unmapped when freed are not seen (blocks of 32 MB
+    and more, ``keep_freed_tensors_in_heap``)."""
+
+
 def calibrate_in_stages(
     layer: torch.nn.Module,
     inputs: list[MergedCalls],
@@ -376,12 +394,15 @@ def calibrate_in_stages(
     session: CompressionSession,
     index: int,
     outputs: bool = True,
+    memory: StageMemory | None = None,
 ) -> None:
     """Calibrate and compress ``layer`` stage by stage (see the module doc).
 
     :param inputs: the layer's cached calls; each one's hidden states are replaced by the
         layer's compressed outputs (when ``outputs``)
     :param outputs: compute the outputs (False for the last layer when nothing reads them)
+    :param memory: what earlier layers measured, updated by this one; unset: nothing is
+        kept within the headroom (``KEEP_MLP`` alone)
     """
     stages = _Stages(layer, plan, inputs, index, outputs)
     hidden_bytes = sum(merged.call.hidden_states.nbytes for merged in inputs)
@@ -396,7 +417,9 @@ def calibrate_in_stages(
     # states) are too small for the MLP's temporaries: returned to the system before stage
     # 4, they no longer count on top of it (bench/results/2026-12-01-notes-pipelines.md)
     release_free_memory()
-    headroom = stages.mlp_headroom(tokens) if KEEP_MLP_WITHIN_HEADROOM else 0.0
+    measured = None if memory is None else memory.down_compression
+    within = KEEP_MLP_WITHIN_HEADROOM and measured is not None
+    headroom = stages.mlp_headroom(tokens, measured or 0) if within else 0.0
     budget = max(KEEP_MLP * hidden_bytes, headroom) if outputs else 0
     # stage 4's temporaries are mapped on their own and returned to the system when freed:
     # kept in the heap, what they left resident grew past the reserve ``mlp_headroom``
@@ -406,7 +429,11 @@ def calibrate_in_stages(
     # the stages' temporaries go back to the system before the layer's largest problem, as
     # the whole-layer path does once per layer
     release_free_memory()
+    before = resident_bytes()
     session.sequential_epoch_end([stages.mlp_output])
+    if memory is not None:  # what the compression left resident, freed or not (the heap's)
+        added = max(0, resident_bytes() - before)
+        memory.down_compression = max(memory.down_compression or 0, added)
     if outputs:
         stages.add_mlp(kept_down_inputs)
     stages.progress.close()
@@ -507,7 +534,7 @@ class _Stages:
                 self.inputs[position] = self.inputs[position].with_hidden_states(hidden)
                 self.progress.update()
 
-    def mlp_headroom(self, tokens: list[int]) -> float:
+    def mlp_headroom(self, tokens: list[int], compression: int = 0) -> float:
         """Bytes of down_proj inputs stage 4 may keep without raising the process's peak
         memory: its headroom (``resident_headroom``, after the heap was trimmed) less what
         the stage needs besides for the largest call. A gated MLP (``gated_down_input``):
@@ -516,7 +543,11 @@ class _Stages:
         time. Another MLP: six of that width (gate, up, their product and activation) and a
         fake-quantized copy of all its weights. Stage 4 returns its temporaries to the
         system as they are freed (``freed_memory_returned``), so these are all it holds
-        besides the kept inputs."""
+        besides the kept inputs. The kept inputs are held through down_proj's compression
+        too: ``compression`` (bytes it adds, ``StageMemory``) is reserved when larger.
+
+        :param compression: what down_proj's compression adds, as measured on earlier layers
+        """
         width = getattr(self.mlp_output, "in_features", None)
         if not isinstance(width, int) or not tokens:
             return 0.0
@@ -526,7 +557,7 @@ class _Stages:
             temporaries, weights = 4 * max(tokens) * width * element, max(sizes, default=0)
         else:
             temporaries, weights = 6 * max(tokens) * width * element, sum(sizes)
-        return float(resident_headroom() - temporaries - weights)
+        return float(resident_headroom() - max(temporaries + weights, compression))
 
     def _stop_at(
         self,
