@@ -41,6 +41,7 @@ calibrated whole (``compressor.calibration.pipelines.sequential``).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -265,17 +266,17 @@ multiply-adds, as much time as keeping every input saves in W8A8 calibration
 time it was chosen on: bench/results/2026-12-01-notes-pipelines.md)."""
 
 
-KEEP_MLP_WITHIN_HEADROOM = True
+KEEP_MLP_WITHIN_HEADROOM = False
 """Whether stage 4 may keep more ``down_proj`` inputs than ``KEEP_MLP``, up to the process's
 headroom under its peak memory (``_Stages.mlp_headroom``), saving stage 5 the gate/up
 products of the calls it keeps (up to a fifth of the stages' multiply-adds:
-bench/results/2026-12-02-w8a8-speed.md). It was off for a while: stage 4's freed
-temporaries stayed resident in the heap past the reserve the rule counts for them, each
-layer raised the peak a little and the next layer's headroom with it (SmolLM2-135M W8A8
-static at 1116 MB against llm-compressor's 1063, bench/results/2026-12-02-final-quiet.md).
-Stage 4 now returns its temporaries to the system as they are freed and computes a gated
-MLP's inputs with two temporaries fewer, so the reserve holds
-(bench/results/2026-12-02-w8a8-peak.md)."""
+bench/results/2026-12-02-w8a8-speed.md). When on, stage 4 returns its temporaries to the
+system as they are freed, and the headroom also leaves room for down_proj's compression as
+measured on the layers before (``StageMemory``; nothing is kept within the headroom on the
+first staged layer). Off by default: it holds SmolLM2-135M W8A8 static's peak (1040-1073 MB
+against 1038-1099 without it, 174-228 of 240 inputs kept) but not GPTQ W4A16's (1196-1224
+against 1149-1161: stage 5 runs down_proj on the kept inputs with the whole block held, in
+the heap; bench/results/2026-12-02-w8a8-peak.md)."""
 
 
 class _Kept:
@@ -418,13 +419,14 @@ def calibrate_in_stages(
     # 4, they no longer count on top of it (bench/results/2026-12-01-notes-pipelines.md)
     release_free_memory()
     measured = None if memory is None else memory.down_compression
-    within = KEEP_MLP_WITHIN_HEADROOM and measured is not None
+    within = KEEP_MLP_WITHIN_HEADROOM and outputs and measured is not None
     headroom = stages.mlp_headroom(tokens, measured or 0) if within else 0.0
     budget = max(KEEP_MLP * hidden_bytes, headroom) if outputs else 0
-    # stage 4's temporaries are mapped on their own and returned to the system when freed:
-    # kept in the heap, what they left resident grew past the reserve ``mlp_headroom``
-    # counts for them, and the peak with it (bench/results/2026-12-02-w8a8-peak.md)
-    with freed_memory_returned():
+    # within the headroom, stage 4's temporaries are mapped on their own and returned to the
+    # system when freed: kept in the heap, what they left resident grew past the reserve
+    # ``mlp_headroom`` counts for them, and the peak with it; otherwise the heap keeps them
+    # (no page faults: bench/results/2026-12-02-w8a8-peak.md)
+    with freed_memory_returned() if within else contextlib.nullcontext():
         kept_down_inputs = stages.stop_at_mlp_output(_Kept(budget, tokens))
     # the stages' temporaries go back to the system before the layer's largest problem, as
     # the whole-layer path does once per layer
@@ -537,13 +539,15 @@ class _Stages:
     def mlp_headroom(self, tokens: list[int], compression: int = 0) -> float:
         """Bytes of down_proj inputs stage 4 may keep without raising the process's peak
         memory: its headroom (``resident_headroom``, after the heap was trimmed) less what
-        the stage needs besides for the largest call. A gated MLP (``gated_down_input``):
-        gate and up, as wide as down_proj's inputs, two more of that width for the normed
-        and fake-quantized inputs (narrower) and slack, and one weight fake-quantized at a
-        time. Another MLP: six of that width (gate, up, their product and activation) and a
-        fake-quantized copy of all its weights. Stage 4 returns its temporaries to the
-        system as they are freed (``freed_memory_returned``), so these are all it holds
-        besides the kept inputs. The kept inputs are held through down_proj's compression
+        the stage needs besides for the largest call: six tensors as wide as down_proj's
+        inputs (gate, up, their product and activation; a gated MLP, ``gated_down_input``,
+        holds two, the rest is room for the normed and fake-quantized inputs) and a
+        fake-quantized copy of the MLP's weights (compressed-tensors' fake quantization of
+        grouped weights, as GPTQ's W4A16 runs it, holds several copies of one weight: with
+        a reserve of four MLP-wide temporaries and one weight, GPTQ's peak rose from 1149
+        to 1222 MB, bench/results/2026-12-02-w8a8-peak.md). Stage 4 returns its temporaries
+        to the system as they are freed (``freed_memory_returned``), so these are all it
+        holds besides the kept inputs. The kept inputs are held through down_proj's compression
         too: ``compression`` (bytes it adds, ``StageMemory``) is reserved when larger.
 
         :param compression: what down_proj's compression adds, as measured on earlier layers
@@ -552,11 +556,12 @@ class _Stages:
         if not isinstance(width, int) or not tokens:
             return 0.0
         element = self.mlp_output.weight.element_size()
-        sizes = [p.numel() * p.element_size() for p in self.mlp.parameters()]
-        if self.gated is not None:  # gate, up and slack; one weight fake-quantized at a time
-            temporaries, weights = 4 * max(tokens) * width * element, max(sizes, default=0)
-        else:
-            temporaries, weights = 6 * max(tokens) * width * element, sum(sizes)
+        temporaries = 6 * max(tokens) * width * element
+        weights = sum(
+            weight.nbytes
+            for module in self.mlp.modules()
+            if isinstance(weight := getattr(module, "weight", None), torch.Tensor)
+        )
         return float(resident_headroom() - max(temporaries + weights, compression))
 
     def _stop_at(
