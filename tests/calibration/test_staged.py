@@ -1,5 +1,7 @@
 """The sequential pipeline's staged ("true sequential") calibration of Llama-style layers."""
 
+import weakref
+
 import pytest
 import torch
 from datasets import Dataset
@@ -35,7 +37,7 @@ def weights(model):
     return {k: v.clone() for k, v in model.state_dict().items() if k.endswith("weight")}
 
 
-def whole_layer_once_per_group(layer, inputs, plan, session, index, outputs=True):
+def whole_layer_once_per_group(layer, inputs, plan, session, index, outputs=True, memory=None):
     """The GPTQ authors' scheme, the reference: the whole layer runs over every call once
     per group, only that group's hooks live, then the group is compressed."""
     groups = [
@@ -110,11 +112,11 @@ def test_down_inputs_are_kept_within_the_memory_headroom_with_the_same_result(mo
     }
     monkeypatch.setattr(sequential, "MERGE_ELEMENTS", 0)  # each row its own call
     monkeypatch.setattr(staged, "KEEP_MLP", 0.0)
-    monkeypatch.setattr(staged, "KEEP_MLP_WITHIN_HEADROOM", True)  # off by default
+    monkeypatch.setattr(staged, "KEEP_MLP_WITHIN_HEADROOM", True)
     runs = []
     for headroom in (10**12, 0):
         monkeypatch.setattr(staged, "resident_headroom", lambda room=headroom: room)
-        model = llama(num_hidden_layers=2)
+        model = llama(num_hidden_layers=3)
         gate_calls = []
         for layer in model.model.layers:
             layer.mlp.gate_proj.register_forward_pre_hook(
@@ -125,8 +127,10 @@ def test_down_inputs_are_kept_within_the_memory_headroom_with_the_same_result(mo
         runs.append((model.state_dict(), len(gate_calls)))
     (roomy, roomy_calls), (tight, tight_calls) = runs
     calls = 8  # rows, each its own call
-    # stage 4 on every call; stage 5 again on every call of the first layer (the last
-    # layer's outputs are not computed) only without room; plus the plan's checks, alike
+    # stage 4 on every call; stage 5 again on every call of the second layer only without
+    # room (the first keeps nothing beyond KEEP_MLP before a layer has measured what
+    # down_proj's compression adds; the last layer's outputs are not computed); plus the
+    # plan's checks, alike
     assert tight_calls - roomy_calls == calls
     assert roomy.keys() == tight.keys()
     assert all(torch.equal(roomy[key], tight[key]) for key in roomy)
@@ -162,6 +166,7 @@ def test_the_plan_names_the_stage_modules_of_a_llama_layer():
         attention_output="self_attn.o_proj",
         mlp_readers=("mlp.gate_proj", "mlp.up_proj"),
         mlp_output="mlp.down_proj",
+        gated_mlp=("mlp.gate_proj", "mlp.up_proj", "mlp.act_fn"),
     )
 
 
@@ -280,9 +285,9 @@ def test_each_layer_form_gets_its_own_plan():
     staged_layers: list[int] = []
     real = sequential.calibrate_in_stages
 
-    def record(layer, inputs, plan, session, index, outputs):
+    def record(layer, inputs, plan, session, index, outputs, memory=None):
         staged_layers.append(index)
-        return real(layer, inputs, plan, session, index, outputs)
+        return real(layer, inputs, plan, session, index, outputs, memory)
 
     messages: list[str] = []
     handle = logger.add(lambda m: messages.append(str(m)), level="INFO", format="{message}")
@@ -304,3 +309,170 @@ def test_each_layer_form_gets_its_own_plan():
         and not hasattr(model.get_submodule(n), "weight_scale")
     ]
     assert not unquantized
+
+
+def _gated_parts(model):
+    mlp = model.model.layers[0].mlp
+    return mlp, (mlp.gate_proj, mlp.up_proj, mlp.act_fn)
+
+
+@torch.no_grad()  # as calibration runs
+def test_the_gated_down_input_is_the_mlps_own_bit_for_bit_with_two_temporaries_fewer():
+    """``act(gate(x)) * up(x)`` as Llama's MLP hands it to down_proj, bit for bit, whether
+    written into a given slot or into the activated gate (the activation in place: the
+    result is the gate's own output tensor, no MLP-wide temporary besides gate and up)."""
+    model = llama()
+    mlp, (gate, up, act) = _gated_parts(model)
+    x = torch.randn(3, 5, 64) * 4
+    seen = []
+    mlp.down_proj.register_forward_pre_hook(lambda m, a: seen.append(a[0].clone()))
+    gate_outputs = []
+    gate.register_forward_hook(lambda m, a, out: gate_outputs.append(out))
+    mlp(x)
+    in_place = staged.gated_down_input(gate, up, act, x)
+    assert torch.equal(in_place, seen[0])
+    assert in_place.data_ptr() == gate_outputs[-1].data_ptr()
+    slot = torch.full((3, 5, 128), float("nan"))
+    placed = staged.gated_down_input(gate, up, act, x, lambda like: slot)
+    assert placed is slot and torch.equal(slot, seen[0])
+    refused = staged.gated_down_input(gate, up, act, x, lambda like: None)
+    assert torch.equal(refused, seen[0])
+
+
+def test_an_mlp_of_another_forward_is_not_planned_as_gated_and_gives_the_same_weights():
+    """An MLP with Llama's module names but another forward (here its product halved) keeps
+    the MLP's own forward in stage 4 (no gated plan); the weights are those of the whole
+    layer run once per group."""
+    import types
+
+    def halved(self, x):
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x) * 0.5)
+
+    def make():
+        model = llama(num_hidden_layers=2)
+        for layer in model.model.layers:
+            layer.mlp.forward = types.MethodType(halved, layer.mlp)
+        return model
+
+    model = make()
+    layer = model.model.layers[0]
+    captured = sequential.capture_layer_inputs(
+        model, layer, [{"input_ids": torch.randint(0, 128, (2, 16))}], torch.device("cpu")
+    )
+    plan = staged.plan_stages(layer, captured[0])
+    assert plan is not None and plan.gated_mlp is None
+    results = []
+    with pytest.MonkeyPatch.context() as patch:
+        for stages in (staged.calibrate_in_stages, whole_layer_once_per_group):
+            patch.setattr(sequential, "calibrate_in_stages", stages)
+            model = make()
+            oneshot(
+                model, [GPTQModifier(config_groups=GROUP16)], random_ids(), pipeline="sequential"
+            )
+            results.append(weights(model))
+    assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])
+
+
+def test_kept_slots_are_reserved_in_one_block_allocated_first_within_the_budget():
+    """``allocate`` sizes one block for the calls the budget keeps, before any of them;
+    ``reserve`` hands out its pieces in order, None past the budget (a smaller later call
+    that fits is kept)."""
+    tokens = [4, 4, 4, 2]
+    width = 3
+    kept = staged._Kept(budget=(4 + 4 + 2) * width * 4, tokens=tokens)
+    kept.allocate(width, torch.float32, torch.device("cpu"))
+    block = kept._block
+    assert block is not None and block.numel() == (4 + 4 + 2) * width
+    slots = [kept.reserve(torch.empty(n, width)) for n in tokens]
+    assert [s is None for s in slots] == [False, False, True, False]
+    for slot in (slots[0], slots[1], slots[3]):
+        assert slot.untyped_storage().data_ptr() == block.untyped_storage().data_ptr()
+    assert slots[3].data_ptr() == block.data_ptr() + 8 * width * 4
+    assert kept.take(2) is None and kept.take(3) is slots[3]
+    block_alive = weakref.ref(block)
+    del block, slots, slot
+    kept.take(0)
+    assert block_alive() is not None  # a kept piece not taken yet
+    kept.take(1)
+    assert block_alive() is None  # every piece taken and dropped: the block is freed
+
+
+def test_o_proj_inputs_kept_in_stage_2_are_freed_before_stage_4(monkeypatch):
+    """The block of kept o_proj inputs is freed once stage 3 has read them all, not held
+    through the MLP's stages."""
+    alive: list[weakref.ref] = []
+    real_allocate = staged._Kept.allocate
+
+    def allocate(self, *args):
+        real_allocate(self, *args)
+        alive.append(weakref.ref(self._block))
+
+    seen_in_stage_4 = []
+    real_stage_4 = staged._Stages.stop_at_mlp_output
+
+    def stage_4(self, kept):
+        seen_in_stage_4.append([ref() is not None for ref in alive])
+        return real_stage_4(self, kept)
+
+    monkeypatch.setattr(staged._Kept, "allocate", allocate)
+    monkeypatch.setattr(staged._Stages, "stop_at_mlp_output", stage_4)
+    oneshot(llama(num_hidden_layers=2), [GPTQModifier(config_groups=GROUP16)], random_ids(),
+            pipeline="sequential")  # fmt: skip
+    assert seen_in_stage_4 and all(not any(seen) for seen in seen_in_stage_4)
+
+
+@pytest.mark.parametrize("compression_calls", [0, 2])
+def test_stage_4_keeps_what_the_headroom_leaves_after_its_reserve_and_runs_with_freed_memory_returned(
+    monkeypatch, compression_calls
+):
+    """The down_proj inputs kept within the headroom: exactly as many calls as fit in the
+    headroom less the larger of the stage's reserve (six MLP-wide temporaries of the
+    largest call and the MLP's weights) and what down_proj's
+    compression added on earlier layers (measured; nothing kept beyond KEEP_MLP before the
+    first measurement); stage 4 then runs with freed blocks returned to the system (so its
+    temporaries hold no memory once freed and the reserve holds), and only then."""
+    import contextlib
+    import itertools
+
+    monkeypatch.setattr(sequential, "MERGE_ELEMENTS", 0)  # each row (32 tokens) its own call
+    monkeypatch.setattr(staged, "KEEP_MLP", 0.0)
+    monkeypatch.setattr(staged, "KEEP_MLP_WITHIN_HEADROOM", True)
+    call_bytes = 32 * 128 * 4  # tokens x intermediate width x fp32
+    reserve = 6 * call_bytes + 3 * 128 * 64 * 4  # and the MLP's three weights
+    monkeypatch.setattr(staged, "resident_headroom", lambda: reserve + 3 * call_bytes + 1)
+    # resident memory before and after each down_proj compression
+    added = reserve + compression_calls * call_bytes if compression_calls else 0
+    readings = itertools.cycle([10**9, 10**9 + added])
+    monkeypatch.setattr(staged, "resident_bytes", lambda: next(readings))
+    returning = []
+
+    @contextlib.contextmanager
+    def returned():
+        returning.append(True)
+        yield
+        returning.append(False)
+
+    monkeypatch.setattr(staged, "freed_memory_returned", returned)
+    kept, inside = [], []
+    real_reserve, real_gated = staged._Kept.reserve, staged.gated_down_input
+
+    def reserve_spy(self, like):
+        slot = real_reserve(self, like)
+        kept.append(slot is not None)
+        return slot
+
+    def gated_spy(*args, **kwargs):
+        if len(args) == 5:  # stage 4's calls (the plan's check passes no place)
+            inside.append(bool(returning) and returning[-1])
+        return real_gated(*args, **kwargs)
+
+    monkeypatch.setattr(staged._Kept, "reserve", reserve_spy)
+    monkeypatch.setattr(staged, "gated_down_input", gated_spy)
+    oneshot(llama(num_hidden_layers=3), [GPTQModifier(config_groups=GROUP16)], random_ids(),
+            pipeline="sequential")  # fmt: skip
+    # the second layer keeps 3 of its 8 calls (1 when the compression takes the room of 2
+    # beyond the reserve); the first keeps none (nothing measured yet), the last none
+    second = 3 - compression_calls
+    assert kept == [False] * 8 + [True] * second + [False] * (8 - second) + [False] * 8
+    # with freed memory returned only where inputs are kept within the headroom
+    assert inside == [False] * 8 + [True] * 8 + [False] * 8

@@ -79,3 +79,26 @@ def test_gptq_dampening_frac_must_be_finite_and_at_most_one(value):
     text = text.replace("inf", ".inf").replace("nan", ".nan")
     with pytest.raises(RecipeError, match="GPTQModifier -> dampening_frac"):
         Recipe.from_yaml(text)
+
+
+def test_a_large_weight_is_checked_a_slice_at_a_time_and_every_slice_is_read(monkeypatch):
+    from compressor.utils import finite
+
+    monkeypatch.setattr(finite, "_CHUNK_ELEMENTS", 64)
+    seen: list[int] = []
+    isfinite = torch.isfinite
+    monkeypatch.setattr(torch, "isfinite", lambda t: seen.append(t.numel()) or isfinite(t))
+    net = torch.nn.Linear(16, 40, bias=False)  # 640 entries: 10 slices of 4 rows
+    check_finite_weights(net.named_modules(), "Test")
+    assert seen == [64] * 10
+    for bad in (float("nan"), float("-inf")):
+        with torch.no_grad():
+            net.weight[39, 15] = bad  # the last entry of the last slice
+        with pytest.raises(ValueError, match=r"Test: weight holds"):
+            check_finite_weights(net.named_modules(), "Test")
+        with torch.no_grad():
+            net.weight[39, 15] = 0.0
+    scalar = torch.nn.Module()
+    scalar.register_parameter("t", torch.nn.Parameter(torch.tensor(float("nan"))))
+    with pytest.raises(ValueError, match=r"Test: t holds 1 NaN"):
+        check_finite_weights([("", scalar)], "Test")

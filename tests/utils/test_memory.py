@@ -3,6 +3,7 @@
 import copy
 import hashlib
 import mmap
+import sys
 
 import pytest
 import torch
@@ -200,3 +201,15 @@ def test_freed_blocks_go_back_to_the_system_inside_the_block_and_stay_in_the_hea
     # a process that never kept freed blocks (a save without the pipeline) gets glibc's back
     inside, after = measure("default")
     assert inside < 8 and after < 8, (inside, after)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_resident_bytes_follows_memory_the_process_touches_and_frees():
+    before = memory.resident_bytes()
+    block = torch.ones(64 << 18)  # 64 MB, every page written
+    held = memory.resident_bytes()
+    del block
+    memory.release_free_memory()
+    after = memory.resident_bytes()
+    assert held - before >= 56 << 20
+    assert held - after >= 56 << 20

@@ -14,6 +14,20 @@ import torch
 
 __all__ = ["check_finite_weights"]
 
+_CHUNK_ELEMENTS = 1 << 20
+"""Elements checked at a time: ``torch.isfinite`` on a whole weight holds temporaries of
+about twice its size (an absolute value and three masks), 190 MB for SmolLM2-135M's
+embedding, which raised GPTQ's peak memory at initialize above the rest of its run
+(bench/results/2026-12-02-w8a8-peak.md)."""
+
+
+def _all_finite(value: torch.Tensor) -> bool:
+    """Whether every entry of ``value`` is finite, checked a slice of rows at a time."""
+    if value.dim() == 0:
+        return bool(torch.isfinite(value))
+    rows = max(1, _CHUNK_ELEMENTS // max(1, value[0].numel()))
+    return all(bool(torch.isfinite(part).all()) for part in value.split(rows))
+
 
 @torch.no_grad()
 def check_finite_weights(
@@ -38,7 +52,7 @@ def check_finite_weights(
                 continue
             if not value.is_floating_point() or value.is_meta:
                 continue
-            if torch.isfinite(value).all():
+            if _all_finite(value):
                 continue
             nans = int(torch.isnan(value).sum())
             infs = int(torch.isinf(value).sum())

@@ -20,6 +20,7 @@ from loguru import logger
 
 __all__ = [
     "freed_memory_returned",
+    "resident_bytes",
     "resident_headroom",
     "keep_freed_tensors_in_heap",
     "overwrite_",
@@ -135,6 +136,19 @@ def freed_memory_returned() -> Iterator[None]:
             _set_thresholds(libc, _MMAP_THRESHOLD, _TRIM_THRESHOLD)
         # else glibc's initial thresholds stay (only its adaptive rule is off once set)
         libc.malloc_trim(0)
+
+
+def resident_bytes() -> int:
+    """Bytes the process holds now (``VmRSS`` of ``/proc/self/status``); 0 where that is
+    not available."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return 0
 
 
 def resident_headroom() -> int:

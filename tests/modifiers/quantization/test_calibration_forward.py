@@ -188,3 +188,25 @@ def test_an_input_read_by_several_modules_is_fake_quantized_once_per_scale():
     for got, want in zip(outputs, expected, strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
     torch.testing.assert_close(again, references[0](x), rtol=0, atol=0)
+
+
+def test_the_shared_input_and_its_result_are_not_held_once_the_input_is_dropped():
+    """The entry that lets q/k/v share one fake-quantized input lives as long as the input:
+    dropped, the input's memory (a view keeps its whole base alive) and the result's go
+    back at once (no garbage collection needed)."""
+    import weakref
+
+    first, second = _quantized_linear(), _quantized_linear()
+    forwards = CalibrationForwards()
+    forwards.install([first, second])
+    base = torch.randn(10, 40) * 3
+    x = base[2:8]
+    first(x)
+    entry = forwards._last.entry
+    assert entry is not None
+    result = weakref.ref(entry[5])
+    held = weakref.ref(base)
+    del entry, x, base
+    assert forwards._last.entry is None
+    assert held() is None and result() is None
+    forwards.remove()

@@ -67,7 +67,12 @@ from compressor.calibration.pipelines.layer_calls import (
     merging_is_exact,
     unmerge,
 )
-from compressor.calibration.pipelines.staged import StagePlan, calibrate_in_stages, plan_stages
+from compressor.calibration.pipelines.staged import (
+    StageMemory,
+    StagePlan,
+    calibrate_in_stages,
+    plan_stages,
+)
 from compressor.core.session import CompressionSession
 from compressor.modifiers.hooks import HooksMixin
 from compressor.modifiers.moe import LinearExperts
@@ -185,6 +190,7 @@ def run_sequential(
     first, rest = transforming_first(session.modifiers)
     staged = False
     plans: dict[tuple[tuple[str, str], ...], StagePlan | None] = {}
+    memory = StageMemory()  # what each staged layer measured, for the next one's budgets
     keep_freed_tensors_in_heap()  # no page faults for every activation (glibc)
     session.calibration_epoch_start(batches)
     with calibration_mode(model):
@@ -207,7 +213,9 @@ def run_sequential(
                     _transform_first(layer, inputs, session, first, index)
                 with HooksMixin.hooks_only_of(rest) if first else contextlib.nullcontext():
                     if plan is not None:
-                        calibrate_in_stages(layer, inputs, plan, session, index, outputs)
+                        calibrate_in_stages(
+                            layer, inputs, plan, session, index, outputs, memory=memory
+                        )
                     else:
                         _calibrate_whole(
                             layer, inputs, session, shortcuts.cut_short, index, outputs

@@ -41,6 +41,7 @@ calibrated whole (``compressor.calibration.pipelines.sequential``).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -57,10 +58,15 @@ from compressor.calibration.pipelines.common import (
 from compressor.calibration.pipelines.layer_calls import LayerInputs, MergedCalls
 from compressor.core.session import CompressionSession
 from compressor.modifiers.hooks import HooksMixin
-from compressor.utils.memory import release_free_memory, resident_headroom
+from compressor.utils.memory import (
+    freed_memory_returned,
+    release_free_memory,
+    resident_bytes,
+    resident_headroom,
+)
 from compressor.utils.merged_batches import merged_batches
 
-__all__ = ["StagePlan", "calibrate_in_stages", "plan_stages"]
+__all__ = ["StageMemory", "StagePlan", "calibrate_in_stages", "gated_down_input", "plan_stages"]
 
 _PARTS = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
 
@@ -77,6 +83,10 @@ class StagePlan:
     """Modules reading the MLP's input (gate/up)."""
     mlp_output: str
     """The MLP's last module (down_proj)."""
+    gated_mlp: tuple[str, str, str] | None = None
+    """The gate, up and activation modules when the MLP computes ``down_proj``'s input as
+    ``act(gate(x)) * up(x)`` (Llama's), checked exactly: stage 4 then computes it with the
+    activation and the product in place (``gated_down_input``)."""
 
 
 def _other_kwargs(call: LayerInputs) -> dict[str, Any]:
@@ -136,6 +146,7 @@ def plan_stages(
             finally:
                 for handle in handles:
                     handle.remove()
+            gated = _gated_form(mlp, names, normed2, mlp_calls[-1][1] if mlp_calls else None)
     except Exception as error:  # a signature or structure other than Llama's
         logger.debug("{} cannot be calibrated in stages: {}", type(layer).__name__, error)
         return None
@@ -147,6 +158,7 @@ def plan_stages(
         attention_output=attention_output,
         mlp_readers=tuple(name for name, arg in mlp_calls if arg is normed2),
         mlp_output=mlp_output,
+        gated_mlp=gated,
     )
     staged = {*plan.attention_readers, attention_output, *plan.mlp_readers, mlp_output}
     checks = {
@@ -167,6 +179,79 @@ def plan_stages(
     return plan
 
 
+def _gated_form(
+    mlp: torch.nn.Module,
+    names: dict[int, str],
+    normed: torch.Tensor,
+    down_input: Any,
+) -> tuple[str, str, str] | None:
+    """The names of ``mlp``'s gate, up and activation when ``gated_down_input`` gives
+    ``down_input`` (what the MLP's forward handed its down projection) exactly; else None.
+    Called with every hook paused."""
+    parts = [getattr(mlp, part, None) for part in ("gate_proj", "up_proj", "act_fn")]
+    modules = [p for p in parts if isinstance(p, torch.nn.Module) and id(p) in names]
+    if not isinstance(down_input, torch.Tensor) or len(modules) != len(parts):
+        return None
+    gate, up, act = modules
+    try:
+        ours = gated_down_input(gate, up, act, normed)
+    except Exception as error:  # an activation or projection of another signature
+        logger.debug("{}: not a gated MLP: {}", type(mlp).__name__, error)
+        return None
+    if not torch.equal(ours, down_input):
+        return None
+    return names[id(gate)], names[id(up)], names[id(act)]
+
+
+def _silu_(tensor: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.silu(tensor, inplace=True)
+
+
+def _activation_in_place(act: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """``act`` applied in place, for activations whose forward is known to be SiLU's (the
+    plan compares the result with the module's own forward exactly); None for the others."""
+    if type(act).forward in (torch.nn.SiLU.forward, _TRANSFORMERS_SILU_FORWARD):
+        return _silu_
+    return None
+
+
+def _transformers_silu_forward() -> Any:
+    try:
+        from transformers.activations import SiLUActivation
+    except ImportError:  # an older transformers: its SiLU is torch's
+        return None
+    return SiLUActivation.forward
+
+
+_TRANSFORMERS_SILU_FORWARD = _transformers_silu_forward()
+
+
+def gated_down_input(
+    gate: torch.nn.Module,
+    up: torch.nn.Module,
+    act: torch.nn.Module,
+    x: torch.Tensor,
+    place: Callable[[torch.Tensor], torch.Tensor | None] | None = None,
+) -> torch.Tensor:
+    """``act(gate(x)) * up(x)``, in the order Llama's MLP computes it, with the activation
+    in place (when ``_activation_in_place`` knows it) and the product written into
+    ``place(activated)`` when that gives a tensor (a kept slot), else into the activation:
+    two MLP-wide temporaries fewer than the MLP's own forward, and no copy into the kept
+    block (bench/results/2026-12-02-w8a8-peak.md).
+
+    :param place: where the product goes, asked with the activated gate (its shape and
+        dtype); None or returning None: in place of the activated gate
+    """
+    in_place = _activation_in_place(act)
+    gated = gate(x)
+    gated = in_place(gated) if in_place is not None else act(gated)
+    out = place(gated) if place is not None else None
+    upped = up(x)
+    if out is None:
+        return gated.mul_(upped)
+    return torch.mul(gated, upped, out=out)
+
+
 KEEP_ATTENTION = 1.0
 """How much memory the ``o_proj`` inputs kept from stage 2 for stage 3 may take, as a fraction
 of the layer's cached hidden states; past it, stage 3 runs the calls' attention again."""
@@ -183,21 +268,27 @@ time it was chosen on: bench/results/2026-12-01-notes-pipelines.md)."""
 
 KEEP_MLP_WITHIN_HEADROOM = False
 """Whether stage 4 may keep more ``down_proj`` inputs than ``KEEP_MLP``, up to the process's
-headroom under its peak memory (``_Stages.mlp_headroom``). Off by default: the peak is not
-always held (quiet machine, 2026-12-02: SmolLM2-135M W8A8 static peaked at 1116 MB against
-llm-compressor's 1063, GPTQ W4A16 on llama-m at 727 MB against 712 and our 675 without it;
-bench/results/2026-12-02-final-quiet.md); True trades that memory for up to a fifth of the
-stages' multiply-adds (bench/results/2026-12-02-w8a8-speed.md)."""
+headroom under its peak memory (``_Stages.mlp_headroom``), saving stage 5 the gate/up
+products of the calls it keeps (up to a fifth of the stages' multiply-adds:
+bench/results/2026-12-02-w8a8-speed.md). When on, stage 4 returns its temporaries to the
+system as they are freed, and the headroom also leaves room for down_proj's compression as
+measured on the layers before (``StageMemory``; nothing is kept within the headroom on the
+first staged layer). Off by default: it holds SmolLM2-135M W8A8 static's peak (1040-1073 MB
+against 1038-1099 without it, 174-228 of 240 inputs kept) but not GPTQ W4A16's (1196-1224
+against 1149-1161: stage 5 runs down_proj on the kept inputs with the whole block held, in
+the heap; bench/results/2026-12-02-w8a8-peak.md)."""
 
 
 class _Kept:
     """Tensors kept from one stage for the next, one slot per call, within ``budget`` bytes
     (the calls past it get None, and are computed again).
 
-    :param tokens: each call's tokens, when the kept values go into one block allocated at
-        the first offer (each call's tensor is then copied into its slice): kept tensors
+    :param tokens: each call's tokens, when the kept values go into one block (each call's
+        tensor is then copied into its slice, or written there by ``reserve``): kept tensors
         allocated one by one between a stage's temporaries leave the heap fragmented, which
-        cost as much memory again as they took (bench/results/2026-12-02-w8a8-speed.md)
+        cost as much memory again as they took (bench/results/2026-12-02-w8a8-speed.md). The
+        block is allocated at the first offer, or by ``allocate`` before the stage's first
+        temporaries
     """
 
     def __init__(self, budget: float, tokens: list[int] | None = None) -> None:
@@ -206,6 +297,7 @@ class _Kept:
         self.tokens = tokens
         self._block: torch.Tensor | None = None
         self._used = 0
+        self._held = 0  # slots holding a tensor
 
     def offer(self, tensor: torch.Tensor) -> None:
         if tensor.nbytes > self.budget:
@@ -214,32 +306,86 @@ class _Kept:
         self.budget -= tensor.nbytes
         if self.tokens is None:
             self.slots.append(tensor)
+            self._held += 1
             return
-        if self._block is None:
-            self._block = self._allocate(tensor)
-        if self._used + tensor.numel() > self._block.numel():  # not sized by its tokens
-            self.slots.append(tensor)
-            return
-        piece = self._block[self._used : self._used + tensor.numel()]
-        self._used += tensor.numel()
-        self.slots.append(piece.view(tensor.shape).copy_(tensor))
+        piece = self._piece(tensor.shape, tensor)
+        self.slots.append(tensor if piece is None else piece.copy_(tensor))
+        self._held += 1
 
-    def _allocate(self, first: torch.Tensor) -> torch.Tensor:
-        """One block for the calls the budget keeps, sized as ``offer`` will fill it."""
+    def reserve(self, like: torch.Tensor) -> torch.Tensor | None:
+        """The next call's slot, empty, shaped and typed as ``like``, for the caller to fill;
+        None when the budget does not keep it (its slot stays None)."""
+        if like.nbytes > self.budget:
+            self.slots.append(None)
+            return None
+        self.budget -= like.nbytes
+        piece = None if self.tokens is None else self._piece(like.shape, like)
+        slot = torch.empty_like(like) if piece is None else piece
+        self.slots.append(slot)
+        self._held += 1
+        return slot
+
+    def allocate(self, width: int, dtype: torch.dtype, device: torch.device) -> None:
+        """Allocate the block now, before any call is offered, for the calls the budget
+        keeps, as tensors of ``width`` values per token (no-op without ``tokens``)."""
+        if self.tokens is not None and self._block is None and not self.slots:
+            self._block = self._sized_block(width, dtype, device, self.budget)
+
+    def _sized_block(
+        self, width: int, dtype: torch.dtype, device: torch.device, budget: float
+    ) -> torch.Tensor:
+        """One block for the calls from the next one on that ``budget`` keeps, sized as the
+        offers will fill it."""
         assert self.tokens is not None
-        width = first.numel() // max(self.tokens[len(self.slots)], 1)
-        budget, total = self.budget + first.nbytes, 0
+        element = torch.empty((), dtype=dtype).element_size()
+        total = 0
         for tokens in self.tokens[len(self.slots) :]:
-            nbytes = tokens * width * first.element_size()
+            nbytes = tokens * width * element
             if nbytes <= budget:
                 budget -= nbytes
                 total += tokens * width
-        return torch.empty(total, dtype=first.dtype, device=first.device)
+        return torch.empty(total, dtype=dtype, device=device)
+
+    def _piece(self, shape: torch.Size, like: torch.Tensor) -> torch.Tensor | None:
+        """The block's next ``shape`` values, or None when the block cannot hold them (not
+        sized by its tokens, or of another dtype). Called once the call's bytes are taken
+        from the budget: the block, when not allocated yet, is sized from this call on."""
+        assert self.tokens is not None
+        if self._block is None:
+            width = like.numel() // max(self.tokens[len(self.slots)], 1)
+            budget = self.budget + like.nbytes
+            self._block = self._sized_block(width, like.dtype, like.device, budget)
+        numel = shape.numel()
+        if self._block.dtype != like.dtype or self._block.device != like.device:
+            return None
+        if self._used + numel > self._block.numel():
+            return None
+        piece = self._block[self._used : self._used + numel]
+        self._used += numel
+        return piece.view(shape)
 
     def take(self, position: int) -> torch.Tensor | None:
-        """The call's tensor, given up (its memory is freed once the caller drops it)."""
+        """The call's tensor, given up (its memory is freed once the caller drops it; the
+        block's, once every kept tensor was taken and dropped)."""
         tensor, self.slots[position] = self.slots[position], None
+        if tensor is not None:
+            self._held -= 1
+            if self._held == 0:
+                self._block = None
         return tensor
+
+
+@dataclass
+class StageMemory:
+    """What the stages of the layers calibrated so far measured, for the next layers'
+    budgets (one per run of the pipeline)."""
+
+    down_compression: int | None = None
+    """The most resident memory the compression of a down_proj added (a GPTQ solve's
+    Hessian copies), with the kept down_proj inputs held: the headroom must hold it too.
+    None until a layer has measured it (until then nothing is kept within the headroom).
+    Temporaries mapped on their own and unmapped when freed are not seen (blocks of 32 MB
+    and more, ``keep_freed_tensors_in_heap``)."""
 
 
 def calibrate_in_stages(
@@ -249,15 +395,19 @@ def calibrate_in_stages(
     session: CompressionSession,
     index: int,
     outputs: bool = True,
+    memory: StageMemory | None = None,
 ) -> None:
     """Calibrate and compress ``layer`` stage by stage (see the module doc).
 
     :param inputs: the layer's cached calls; each one's hidden states are replaced by the
         layer's compressed outputs (when ``outputs``)
     :param outputs: compute the outputs (False for the last layer when nothing reads them)
+    :param memory: what earlier layers measured, updated by this one; unset: nothing is
+        kept within the headroom (``KEEP_MLP`` alone)
     """
     stages = _Stages(layer, plan, inputs, index, outputs)
     hidden_bytes = sum(merged.call.hidden_states.nbytes for merged in inputs)
+    tokens = [merged.call.hidden_states.shape[:-1].numel() for merged in inputs]
     stages.feed_attention_readers()
     session.sequential_epoch_end(stages.attention_readers)
     kept_o_inputs = stages.stop_at_attention_output(_Kept(KEEP_ATTENTION * hidden_bytes))
@@ -268,14 +418,24 @@ def calibrate_in_stages(
     # states) are too small for the MLP's temporaries: returned to the system before stage
     # 4, they no longer count on top of it (bench/results/2026-12-01-notes-pipelines.md)
     release_free_memory()
-    tokens = [merged.call.hidden_states.shape[:-1].numel() for merged in inputs]
-    headroom = stages.mlp_headroom(tokens) if KEEP_MLP_WITHIN_HEADROOM else 0.0
+    measured = None if memory is None else memory.down_compression
+    within = KEEP_MLP_WITHIN_HEADROOM and outputs and measured is not None
+    headroom = stages.mlp_headroom(tokens, measured or 0) if within else 0.0
     budget = max(KEEP_MLP * hidden_bytes, headroom) if outputs else 0
-    kept_down_inputs = stages.stop_at_mlp_output(_Kept(budget, tokens))
+    # within the headroom, stage 4's temporaries are mapped on their own and returned to the
+    # system when freed: kept in the heap, what they left resident grew past the reserve
+    # ``mlp_headroom`` counts for them, and the peak with it; otherwise the heap keeps them
+    # (no page faults: bench/results/2026-12-02-w8a8-peak.md)
+    with freed_memory_returned() if within else contextlib.nullcontext():
+        kept_down_inputs = stages.stop_at_mlp_output(_Kept(budget, tokens))
     # the stages' temporaries go back to the system before the layer's largest problem, as
     # the whole-layer path does once per layer
     release_free_memory()
+    before = resident_bytes()
     session.sequential_epoch_end([stages.mlp_output])
+    if memory is not None:  # what the compression left resident, freed or not (the heap's)
+        added = max(0, resident_bytes() - before)
+        memory.down_compression = max(memory.down_compression or 0, added)
     if outputs:
         stages.add_mlp(kept_down_inputs)
     stages.progress.close()
@@ -307,6 +467,9 @@ class _Stages:
         self.attention_output = layer.get_submodule(plan.attention_output)
         self.mlp_readers = [layer.get_submodule(name) for name in plan.mlp_readers]
         self.mlp_output = layer.get_submodule(plan.mlp_output)
+        self.gated = (
+            None if plan.gated_mlp is None else [layer.get_submodule(n) for n in plan.gated_mlp]
+        )
         self.plan = plan
         self.inputs = inputs
         self.index = index
@@ -342,8 +505,26 @@ class _Stages:
 
     def stop_at_mlp_output(self, kept: _Kept) -> _Kept:
         """Stage 4: the MLP on the compressed gate/up, stopped at down_proj's inputs, which
-        down_proj's hooks see; they are kept within ``kept``'s budget."""
-        return self._stop_at(self.mlp_output, self.plan.mlp_output, self._mlp_on, kept)
+        down_proj's hooks see; they are kept within ``kept``'s budget. A gated MLP's
+        down_proj inputs are computed by ``gated_down_input``, straight into their kept
+        slot, in a block allocated before the stage's first temporaries."""
+        if self.gated is None:
+            return self._stop_at(self.mlp_output, self.plan.mlp_output, self._mlp_on, kept)
+        gate, up, act = self.gated
+        width = getattr(self.mlp_output, "in_features", None)
+        if isinstance(width, int) and self.inputs:
+            hidden = self.inputs[0].call.hidden_states
+            kept.allocate(width, hidden.dtype, hidden.device)
+        with HooksMixin.hooks_only_on([self.mlp_output]):
+            for merged in self.inputs:
+                with merged_batches(merged.batch_sizes):
+                    normed = self.post_attention_norm(merged.call.hidden_states)
+                    down_input = gated_down_input(gate, up, act, normed, kept.reserve)
+                    del normed
+                    HooksMixin.call_forward_pre_hooks(self.mlp_output, down_input)
+                del down_input
+                self.progress.update()
+        return kept
 
     def add_mlp(self, kept_down_inputs: _Kept) -> None:
         """Stage 5: each call's hidden states become the layer's outputs, every hook paused."""
@@ -355,20 +536,33 @@ class _Stages:
                 self.inputs[position] = self.inputs[position].with_hidden_states(hidden)
                 self.progress.update()
 
-    def mlp_headroom(self, tokens: list[int]) -> float:
+    def mlp_headroom(self, tokens: list[int], compression: int = 0) -> float:
         """Bytes of down_proj inputs stage 4 may keep without raising the process's peak
         memory: its headroom (``resident_headroom``, after the heap was trimmed) less what
-        the stage needs besides, the MLP's temporaries for the largest call (gate, up, their
-        product and its activation, as wide as down_proj's inputs; the normed and
-        fake-quantized inputs, narrower; counted as six of the first kind, the rest as slack
-        for the heap's fragmentation) and a fake-quantized copy of its weights."""
+        the stage needs besides for the largest call: six tensors as wide as down_proj's
+        inputs (gate, up, their product and activation; a gated MLP, ``gated_down_input``,
+        holds two, the rest is room for the normed and fake-quantized inputs) and a
+        fake-quantized copy of the MLP's weights (compressed-tensors' fake quantization of
+        grouped weights, as GPTQ's W4A16 runs it, holds several copies of one weight: with
+        a reserve of four MLP-wide temporaries and one weight, GPTQ's peak rose from 1149
+        to 1222 MB, bench/results/2026-12-02-w8a8-peak.md). Stage 4 returns its temporaries
+        to the system as they are freed (``freed_memory_returned``), so these are all it
+        holds besides the kept inputs. The kept inputs are held through down_proj's compression
+        too: ``compression`` (bytes it adds, ``StageMemory``) is reserved when larger.
+
+        :param compression: what down_proj's compression adds, as measured on earlier layers
+        """
         width = getattr(self.mlp_output, "in_features", None)
         if not isinstance(width, int) or not tokens:
             return 0.0
         element = self.mlp_output.weight.element_size()
         temporaries = 6 * max(tokens) * width * element
-        weights = sum(p.numel() * p.element_size() for p in self.mlp.parameters())
-        return float(resident_headroom() - temporaries - weights)
+        weights = sum(
+            weight.nbytes
+            for module in self.mlp.modules()
+            if isinstance(weight := getattr(module, "weight", None), torch.Tensor)
+        )
+        return float(resident_headroom() - max(temporaries + weights, compression))
 
     def _stop_at(
         self,

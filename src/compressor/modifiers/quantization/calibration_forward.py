@@ -19,6 +19,7 @@ is read afresh by the next forward.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable
 from typing import Any
 
@@ -125,10 +126,19 @@ class _LastInput:
     """The last input fake-quantized on the fast path and its result: q/k/v (and gate/up)
     read one tensor, and their input scales are usually equal (observed over the same
     batches), so the second and third get the first's result. Reused only for the same
-    tensor object, unchanged since (its version), with equal scale, zero point and args."""
+    tensor object, unchanged since (its version), with equal scale, zero point and args.
+
+    The input is held by a weak reference, and the entry dropped with it: held strongly, the
+    last input of a stage and its result outlived the stage (a kept down_proj input is a
+    view of the block of every kept input, which then stayed in memory through the next
+    layer's first stages: bench/results/2026-12-02-w8a8-peak.md)."""
 
     def __init__(self) -> None:
         self.entry: tuple[Any, ...] | None = None
+
+    def _forget(self, reference: weakref.ref) -> None:
+        if self.entry is not None and self.entry[0] is reference:
+            self.entry = None
 
     def fake_quantize(self, module: torch.nn.Module, value: torch.Tensor, args: Any):
         qparams = _fast_qparams(module, value, "input", args)
@@ -138,7 +148,7 @@ class _LastInput:
         entry = self.entry
         if (
             entry is not None
-            and entry[0] is value
+            and entry[0]() is value
             and entry[1] == value._version
             and entry[4] == args
             and torch.equal(entry[2], scale)
@@ -147,7 +157,8 @@ class _LastInput:
             return entry[5]
         result = fake_quantize_int(value, scale, zero_point, args)
         saved_zero = None if zero_point is None else zero_point.clone()
-        self.entry = (value, value._version, scale.clone(), saved_zero, args, result)
+        held = weakref.ref(value, self._forget)
+        self.entry = (held, value._version, scale.clone(), saved_zero, args, result)
         return result
 
 
