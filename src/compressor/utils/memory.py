@@ -138,29 +138,32 @@ def freed_memory_returned() -> Iterator[None]:
         libc.malloc_trim(0)
 
 
+def _status_kib() -> dict[str, int]:
+    """The ``Vm*`` fields of ``/proc/self/status``, in KiB; empty where that is not available."""
+    try:
+        with open("/proc/self/status") as status:
+            return {
+                name: int(value.split()[0])
+                for name, value in (line.split(":", 1) for line in status if line.startswith("Vm"))
+            }
+    except (OSError, ValueError, IndexError):
+        return {}
+
+
 def resident_bytes() -> int:
     """Bytes the process holds now (``VmRSS`` of ``/proc/self/status``); 0 where that is
     not available."""
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError):
-        pass
-    return 0
+    return _status_kib().get("VmRSS", 0) * 1024
 
 
 def resident_headroom() -> int:
     """Bytes the process could hold now without raising its peak resident memory: its peak
     so far (``VmHWM``) minus what it holds (``VmRSS``), read from ``/proc/self/status``;
     0 where that is not available."""
-    try:
-        with open("/proc/self/status") as status:
-            fields = dict(line.split(":", 1) for line in status if line.startswith("Vm"))
-        return max(0, int(fields["VmHWM"].split()[0]) - int(fields["VmRSS"].split()[0])) * 1024
-    except (OSError, KeyError, ValueError):
+    fields = _status_kib()
+    if "VmHWM" not in fields or "VmRSS" not in fields:
         return 0
+    return max(0, fields["VmHWM"] - fields["VmRSS"]) * 1024
 
 
 def release_free_memory() -> None:

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from compressor.modifiers.transform.spinquant.cayley import cayley_sgd_step, orthogonality_error
 from compressor.modifiers.transform.spinquant.learn_batches import on_device
-from compressor.modifiers.transform.spinquant.rotated_model import RotatedSide
+from compressor.modifiers.transform.spinquant.rotated_model import RotatedSide, rotate_last
 
 __all__ = [
     "TOKENS_PER_SITE",
@@ -70,11 +70,6 @@ class ReaderInputs:
     names: list[str]
     weight: float
     tokens: torch.Tensor
-
-
-def _rotate_last(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
-    d = rotation.shape[0]
-    return (x.unflatten(-1, (-1, d)) @ rotation.to(x.dtype)).flatten(-2)
 
 
 @torch.no_grad()
@@ -138,7 +133,7 @@ def collect_reader_inputs(
         chunks[index].append(rows.to("cpu", torch.bfloat16))
 
     handles = [s.module.register_forward_pre_hook(lambda m, i, s=s: hook(m, i, s)) for s in sides]
-    taken, was_training = 0, model.training
+    was_training = model.training
     model.eval()
     try:
         for batch in batches:
@@ -176,7 +171,7 @@ def input_range_loss(
     for position, entry in enumerate(inputs):
         x = entry.tokens if rows is None else entry.tokens[rows[position]]
         dtype = torch.promote_types(x.dtype, torch.float32)  # float32 for bfloat16 storage
-        z = _rotate_last(x.to(dtype), rotations[entry.key].to(dtype))
+        z = rotate_last(x.to(dtype), rotations[entry.key].to(dtype))
         spread = z.abs().amax(-1).double().pow(2).mean()
         loss = loss + entry.weight / total * spread / (12 * levels**2)
     return loss

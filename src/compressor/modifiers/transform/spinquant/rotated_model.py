@@ -44,6 +44,7 @@ __all__ = [
     "RotatedSide",
     "quantized_linears",
     "quantized_loss",
+    "rotate_last",
     "rotation_plan",
 ]
 
@@ -201,7 +202,7 @@ def _quantized_inputs(
             handle.remove()
 
 
-def _rotate_last(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+def rotate_last(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
     """``x``'s last dimension times ``rotation`` (block-diagonal when it is smaller)."""
     r = rotation.to(x.dtype)
     return (x.unflatten(-1, (-1, r.shape[0])) @ r).flatten(-2)
@@ -230,13 +231,13 @@ def _rotated_activations(
             if side.side == "output":
 
                 def after(_m: Any, _i: Any, out: torch.Tensor, r: torch.Tensor = rotation) -> Any:
-                    return _rotate_last(out, r)
+                    return rotate_last(out, r)
 
                 handles.append(side.module.register_forward_hook(after))
             else:
 
                 def before(_m: Any, inputs: tuple[Any, ...], r: torch.Tensor = rotation) -> Any:
-                    return (_rotate_last(inputs[0], r.T), *inputs[1:])
+                    return (rotate_last(inputs[0], r.T), *inputs[1:])
 
                 handles.append(side.module.register_forward_pre_hook(before))
         yield
