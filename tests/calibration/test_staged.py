@@ -37,7 +37,9 @@ def weights(model):
     return {k: v.clone() for k, v in model.state_dict().items() if k.endswith("weight")}
 
 
-def whole_layer_once_per_group(layer, inputs, plan, session, index, outputs=True, memory=None):
+def whole_layer_once_per_group(
+    layer, inputs, plan, session, index, outputs=True, memory=None, light=False
+):
     """The GPTQ authors' scheme, the reference: the whole layer runs over every call once
     per group, only that group's hooks live, then the group is compressed."""
     groups = [
@@ -134,6 +136,70 @@ def test_down_inputs_are_kept_within_the_memory_headroom_with_the_same_result(mo
     assert tight_calls - roomy_calls == calls
     assert roomy.keys() == tight.keys()
     assert all(torch.equal(roomy[key], tight[key]) for key in roomy)
+
+
+@pytest.mark.parametrize(
+    ("recipe", "within"),
+    [("rtn", True), ("gptq", False), ("rtn_then_gptq", False), ("forced_off", False)],
+)
+def test_down_inputs_are_kept_within_the_headroom_only_when_every_compression_is_light(
+    monkeypatch, recipe, within
+):
+    """By default stage 4 keeps down_proj inputs within the memory headroom when every
+    modifier compresses lightly (post-training quantization's rounding), never with GPTQ in
+    the run (its Hessian solve on down_proj needs the room), and never when the rule is
+    forced off: seen by whether the headroom is asked and stage 4 runs with freed memory
+    returned; the weights come out the same as with the rule forced either way."""
+    import contextlib
+
+    from compressor.modifiers import QuantizationModifier
+
+    static = {
+        "g": {
+            "targets": ["Linear"],
+            "weights": {"num_bits": 8, "strategy": "channel", "symmetric": True},
+            "input_activations": {"num_bits": 8, "strategy": "tensor", "dynamic": False},
+        }
+    }
+
+    def modifiers():
+        rtn = QuantizationModifier(config_groups=static, ignore=["lm_head"])
+        gptq = GPTQModifier(config_groups=GROUP16, ignore=["lm_head"])
+        return {"rtn": [rtn], "forced_off": [rtn], "gptq": [gptq], "rtn_then_gptq": [
+            QuantizationModifier(config_groups={"g": {**static["g"], "targets": [
+                "re:.*mlp.*"]}}),
+            GPTQModifier(config_groups={"g": {**GROUP16["g"], "targets": [
+                "re:.*self_attn.*"]}}),
+        ]}[recipe]  # fmt: skip
+
+    asked, returning = [], []
+    real_headroom = staged._Stages.mlp_headroom
+
+    def headroom_spy(self, tokens, compression=0):
+        asked.append(self.index)
+        return real_headroom(self, tokens, compression)
+
+    @contextlib.contextmanager
+    def returned():
+        returning.append(True)
+        yield
+
+    monkeypatch.setattr(staged._Stages, "mlp_headroom", headroom_spy)
+    monkeypatch.setattr(staged, "freed_memory_returned", returned)
+    if recipe == "forced_off":
+        monkeypatch.setattr(staged, "KEEP_MLP_WITHIN_HEADROOM", False)
+    model = llama(num_hidden_layers=3)
+    oneshot(model, modifiers(), random_ids(), pipeline="sequential")
+    # the first layer measures down_proj's compression, the last computes no outputs
+    assert asked == ([1] if within else [])
+    assert returning == ([True] if within else [])
+    monkeypatch.setattr(staged, "KEEP_MLP_WITHIN_HEADROOM", not within)
+    monkeypatch.setattr(staged, "KEEP_MLP", 0.0)
+    reference = llama(num_hidden_layers=3)
+    oneshot(reference, modifiers(), random_ids(), pipeline="sequential")
+    ours, theirs = model.state_dict(), reference.state_dict()
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[key], theirs[key]) for key in ours)
 
 
 def test_true_sequential_changes_what_later_modules_are_calibrated_on():
@@ -285,9 +351,9 @@ def test_each_layer_form_gets_its_own_plan():
     staged_layers: list[int] = []
     real = sequential.calibrate_in_stages
 
-    def record(layer, inputs, plan, session, index, outputs, memory=None):
+    def record(layer, inputs, plan, session, index, outputs, memory=None, light=False):
         staged_layers.append(index)
-        return real(layer, inputs, plan, session, index, outputs, memory)
+        return real(layer, inputs, plan, session, index, outputs, memory, light)
 
     messages: list[str] = []
     handle = logger.add(lambda m: messages.append(str(m)), level="INFO", format="{message}")

@@ -45,7 +45,10 @@ def test_gptq_and_quantization_declare_their_traits(true_sequential):
         merges_batches=True,
         in_stages=true_sequential,
         reduces_across_ranks=True,
+        compresses_lightly=True,  # weights rounded to observed scales, no solve
     )
+    training = QuantizationModifier(scheme="W4A16", targets=["Linear"], start=0)
+    assert not training.calibration_traits().compresses_lightly
 
 
 def test_quantization_merges_batches_unless_a_forward_s_batches_matter():

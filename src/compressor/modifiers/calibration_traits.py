@@ -65,6 +65,13 @@ class CalibrationTraits:
         computes what one process would from all the rows. ``oneshot`` refuses, before any
         work, a modifier that needs calibration data and does not say so (each rank would
         compress differently). Default False
+    :param compresses_lightly: the modifier's ``SEQUENTIAL_EPOCH_END`` compresses a module
+        with little memory beyond a copy of its weights (rounding them to ranges already
+        observed, as post-training quantization does), unlike a solve over the module's
+        inputs (GPTQ's and SparseGPT's Hessians). When every modifier calibrating in stages
+        says so, the staged pipeline keeps more ``down_proj`` inputs from stage 4 for stage 5,
+        up to the process's headroom under its peak memory, instead of running gate/up again
+        (``compressor.calibration.pipelines.staged.KEEP_MLP_WITHIN_HEADROOM``). Default False
     """
 
     supports_offloaded_models: bool = False
@@ -75,3 +82,4 @@ class CalibrationTraits:
     transforms_first: bool = False
     observes_forwards: bool = True
     reduces_across_ranks: bool = False
+    compresses_lightly: bool = False

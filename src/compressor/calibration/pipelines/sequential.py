@@ -111,6 +111,9 @@ class _Shortcuts:
     """Cached calls may run merged."""
     in_stages: bool
     """Llama-style layers may be calibrated in stages."""
+    light: bool
+    """Every modifier calibrating here compresses a module with little memory beyond its
+    weights (``CalibrationTraits.compresses_lightly``)."""
 
     @classmethod
     def of(cls, modifiers: Iterable[Any]) -> _Shortcuts:
@@ -127,6 +130,7 @@ class _Shortcuts:
             in_stages=cut_short
             and all(t.in_stages or t.accepts_stages for t in rest)
             and (not rest or any(t.in_stages for t in rest)),
+            light=all(t.compresses_lightly for t in rest),
         )
 
 
@@ -214,7 +218,14 @@ def run_sequential(
                 with HooksMixin.hooks_only_of(rest) if first else contextlib.nullcontext():
                     if plan is not None:
                         calibrate_in_stages(
-                            layer, inputs, plan, session, index, outputs, memory=memory
+                            layer,
+                            inputs,
+                            plan,
+                            session,
+                            index,
+                            outputs,
+                            memory=memory,
+                            light=shortcuts.light,
                         )
                     else:
                         _calibrate_whole(

@@ -266,17 +266,20 @@ multiply-adds, as much time as keeping every input saves in W8A8 calibration
 time it was chosen on: bench/results/2026-12-01-notes-pipelines.md)."""
 
 
-KEEP_MLP_WITHIN_HEADROOM = False
+KEEP_MLP_WITHIN_HEADROOM: bool | None = None
 """Whether stage 4 may keep more ``down_proj`` inputs than ``KEEP_MLP``, up to the process's
 headroom under its peak memory (``_Stages.mlp_headroom``), saving stage 5 the gate/up
 products of the calls it keeps (up to a fifth of the stages' multiply-adds:
 bench/results/2026-12-02-w8a8-speed.md). When on, stage 4 returns its temporaries to the
 system as they are freed, and the headroom also leaves room for down_proj's compression as
 measured on the layers before (``StageMemory``; nothing is kept within the headroom on the
-first staged layer). Off by default: it holds SmolLM2-135M W8A8 static's peak (1040-1073 MB
-against 1038-1099 without it, 174-228 of 240 inputs kept) but not GPTQ W4A16's (1196-1224
-against 1149-1161: stage 5 runs down_proj on the kept inputs with the whole block held, in
-the heap; bench/results/2026-12-02-w8a8-peak.md)."""
+first staged layer). None (the default): on when every modifier calibrating in stages
+compresses lightly (``CalibrationTraits.compresses_lightly``: post-training quantization's
+rounding), off otherwise. It holds SmolLM2-135M W8A8 static's peak (1040-1073 MB against
+1038-1099 without it, 174-228 of 240 inputs kept) but not GPTQ W4A16's (1196-1224 against
+1149-1161: stage 5 runs down_proj's Hessian solve with the whole kept block held, and its
+largest temporaries are mapped on their own, where ``StageMemory`` does not see them;
+bench/results/2026-12-02-w8a8-peak.md). True or False forces it either way."""
 
 
 class _Kept:
@@ -396,6 +399,7 @@ def calibrate_in_stages(
     index: int,
     outputs: bool = True,
     memory: StageMemory | None = None,
+    light: bool = False,
 ) -> None:
     """Calibrate and compress ``layer`` stage by stage (see the module doc).
 
@@ -404,6 +408,9 @@ def calibrate_in_stages(
     :param outputs: compute the outputs (False for the last layer when nothing reads them)
     :param memory: what earlier layers measured, updated by this one; unset: nothing is
         kept within the headroom (``KEEP_MLP`` alone)
+    :param light: every modifier compresses lightly (``CalibrationTraits.compresses_lightly``):
+        stage 4 keeps down_proj inputs within the headroom, unless ``KEEP_MLP_WITHIN_HEADROOM``
+        says otherwise
     """
     stages = _Stages(layer, plan, inputs, index, outputs)
     hidden_bytes = sum(merged.call.hidden_states.nbytes for merged in inputs)
@@ -419,7 +426,8 @@ def calibrate_in_stages(
     # 4, they no longer count on top of it (bench/results/2026-12-01-notes-pipelines.md)
     release_free_memory()
     measured = None if memory is None else memory.down_compression
-    within = KEEP_MLP_WITHIN_HEADROOM and outputs and measured is not None
+    rule = light if KEEP_MLP_WITHIN_HEADROOM is None else KEEP_MLP_WITHIN_HEADROOM
+    within = rule and outputs and measured is not None
     headroom = stages.mlp_headroom(tokens, measured or 0) if within else 0.0
     budget = max(KEEP_MLP * hidden_bytes, headroom) if outputs else 0
     # within the headroom, stage 4's temporaries are mapped on their own and returned to the

@@ -240,6 +240,8 @@ class QuantizationModifier(QuantizationSchemeMixin, ExpertCalibrationFields, Mod
             # stages need each group's forward pre-hooks only, and its scales set at the
             # stage's end (PostTrainingPathway._finish on SEQUENTIAL_EPOCH_END's modules)
             in_stages=post_training and self.true_sequential and not reads_outputs(config),
+            # a module's weights rounded to their observed scales at its stage's end
+            compresses_lightly=post_training,
         )
 
     @property
