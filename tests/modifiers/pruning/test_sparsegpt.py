@@ -21,9 +21,11 @@ def correlated_layer(n_in=64, n_out=24, tokens=512, seed=0):
     return torch.randn(n_out, n_in, generator=gen), x
 
 
-def paper_sparsegpt(w, h, sparsity, n_m, block, damp=0.01):
+def paper_sparsegpt(w, h, sparsity, n_m, block, damp=0.01, keep=None):
     """Algorithm 1 of Frantar & Alistarh (2023), written out in float64 without lazy updates:
-    every column's error goes to every later column at once."""
+    every column's error goes to every later column at once. ``keep``: positions pruned
+    whatever their saliency, chosen first (llm-compressor's preserve_sparsity_mask)."""
+    first = torch.zeros_like(w, dtype=torch.bool) if keep is None else keep
     w = w.double().clone()
     h = h.double() + damp * h.double().diagonal().mean() * torch.eye(
         h.shape[0], dtype=torch.float64
@@ -34,19 +36,21 @@ def paper_sparsegpt(w, h, sparsity, n_m, block, damp=0.01):
         stop = min(start + block, w.shape[1])
         if n_m is None:  # the block's least salient weights, over all its rows
             saliency = w[:, start:stop] ** 2 / u.diagonal()[start:stop] ** 2
+            saliency[first[:, start:stop]] = -1.0
             count = int(sparsity * saliency.numel())
             order = saliency.flatten().argsort()[:count]
             block_mask = torch.zeros(saliency.numel(), dtype=torch.bool)
             block_mask[order] = True
-            pruned[:, start:stop] = block_mask.view_as(saliency)
+            pruned[:, start:stop] = block_mask.view_as(saliency) | first[:, start:stop]
         for j in range(start, stop):
             if n_m is not None and (j - start) % n_m[1] == 0:
                 n, m = n_m
                 saliency = w[:, j : j + m] ** 2 / u.diagonal()[j : j + m] ** 2
+                saliency[first[:, j : j + m]] = -1.0
                 drop = saliency.argsort(dim=1)[:, : m - n]
                 pruned[:, j : j + m] = torch.zeros_like(saliency, dtype=torch.bool).scatter(
                     1, drop, True
-                )
+                ) | first[:, j : j + m]
             q = w[:, j].masked_fill(pruned[:, j], 0.0)
             err = (w[:, j] - q) / u[j, j]
             w[:, j:] -= err.unsqueeze(1) * u[j, j:].unsqueeze(0)
@@ -75,6 +79,45 @@ def test_sparsegpt_equals_the_papers_algorithm_on_the_same_hessian(structure):
     magnitude = w * (w.abs() > w.abs().flatten().kthvalue(w.numel() // 2).values)
     if structure is None:
         assert ((w - result.weight) @ x.T).norm() < 0.9 * ((w - magnitude) @ x.T).norm()
+
+
+@pytest.mark.parametrize(
+    ("structure", "prior", "target"),
+    [(None, 0.5, 0.7), (None, 0.3, 0.3), ((2, 4), 0.25, 0.5), ((1, 4), 0.6, 0.75)],
+    ids=["50%->70%", "30%->30%", "25%->2:4", "60%->1:4"],
+)
+def test_preserve_sparsity_mask_extends_the_zeros_the_weight_has(structure, prior, target):
+    """llm-compressor's preserve_sparsity_mask: the weight's zeros stay pruned and count
+    towards the target; the rest is chosen and compensated as SparseGPT does (the paper's
+    algorithm with those positions pruned first); without it, the compensation fills some
+    of them again."""
+    w, x = correlated_layer()
+    h, _ = accumulate_hessian(x, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(3)
+    zeros = torch.rand(w.shape, generator=gen) < prior
+    w = w.masked_fill(zeros, 0.0)
+    result = sparsegpt_prune(w, h, target, mask_structure=structure, block_size=16, keep_zeros=True)
+    assert result.mask[zeros].all() and (result.weight[zeros] == 0).all()
+    assert (result.weight[result.mask] == 0).all()
+    if structure is None:
+        assert result.mask.float().mean() == pytest.approx(target, abs=1 / 16)
+    else:
+        n, m = structure
+        assert ((result.weight.reshape(-1, m) != 0).sum(dim=1) <= n).all()
+    expected, expected_mask = paper_sparsegpt(w, h, target, structure, block=16, keep=zeros)
+    assert (result.mask != expected_mask).float().mean() < 0.01  # a rare float32 tie at most
+    same = (result.mask == expected_mask).all(dim=1)
+    torch.testing.assert_close(result.weight.double()[same], expected[same], rtol=1e-3, atol=1e-3)
+    regrown = sparsegpt_prune(w, h, target, mask_structure=structure, block_size=16)
+    assert (regrown.weight[zeros] != 0).any()
+
+
+def test_preserve_sparsity_mask_refuses_a_target_below_the_present_sparsity():
+    w, x = correlated_layer()
+    h, _ = accumulate_hessian(x)
+    w = w.masked_fill(torch.rand(w.shape, generator=torch.Generator().manual_seed(0)) < 0.8, 0.0)
+    with pytest.raises(ValueError, match=r"already 0\.[78]\d* sparse.*preserve_sparsity_mask"):
+        sparsegpt_prune(w, h, 0.5, keep_zeros=True)
 
 
 def test_sparsegpt_bad_arguments_name_the_problem():
@@ -120,6 +163,49 @@ sparsity_stage:
         kept = module.weight != 0
         assert not torch.equal(module.weight[kept], before[name][kept]), name  # compensated
     assert (model.lm_head.weight != 0).all()
+
+
+def test_llmcompressor_additional_sparsity_recipe_extends_the_first_stage_mask(tiny_llama):
+    """llm-compressor's "additional sparsity" layout: a first stage prunes layer 0 to 50%, a
+    second to 70% with preserve_sparsity_mask; every zero of the first stays, the layer ends
+    at 70%, the other layers are untouched. A second stage below the first's sparsity is
+    refused, naming the module."""
+    first = """
+first_stage:
+  obcq_modifiers:
+    SparseGPTModifier:
+      sparsity: 0.5
+      block_size: 16
+      mask_structure: "0:0"
+      targets: ["re:.*model.layers.0$"]
+"""
+    second = """
+second_stage:
+  obcq_modifiers:
+    SparseGPTModifier:
+      sparsity: {sparsity}
+      block_size: 16
+      dampening_frac: 0.01
+      mask_structure: "0:0"
+      targets: ["re:.*model.layers.0$"]
+      preserve_sparsity_mask: True
+"""
+    untouched = {n: m.weight.detach().clone() for n, m in _linears(tiny_llama).items()}
+    model = oneshot(tiny_llama, Recipe.from_yaml(first), random_data(), pipeline="sequential")
+    after_first = {n: m.weight.detach() == 0 for n, m in _linears(model).items()}
+    model = oneshot(
+        model, Recipe.from_yaml(second.format(sparsity=0.7)), random_data(), pipeline="sequential"
+    )
+    for name, module in _linears(model).items():
+        zeros = module.weight == 0
+        if name.startswith("model.layers.0."):
+            assert after_first[name].float().mean().item() == pytest.approx(0.5, abs=0.02), name
+            assert zeros[after_first[name]].all(), name  # the first stage's mask is kept
+            assert zeros.float().mean().item() == pytest.approx(0.7, abs=0.02), name
+        else:
+            assert torch.equal(module.weight, untouched[name]), name
+    with pytest.raises(ValueError, match=r"model\.layers\.0\..*already 0\.\d+ sparse"):
+        oneshot(model, Recipe.from_yaml(second.format(sparsity=0.5)), random_data())
 
 
 def test_two_of_four_sparsegpt_then_gptq_stays_two_of_four(tiny_llama):

@@ -76,8 +76,10 @@ class SparseGPTModifier(OneShotSparsityModifier):
         with N:M a multiple of M
     :param dampening_frac: fraction of the mean Hessian diagonal added to the diagonal before
         inversion (raised, with a warning, when the Hessian is not positive definite)
-    :param preserve_sparsity_mask: llm-compressor's option to extend the zeros a weight
-        already has; not supported yet (refused when true)
+    :param preserve_sparsity_mask: the zeros a weight already has (an earlier pruning
+        stage's) stay pruned and count towards the sparsity, as in llm-compressor: SparseGPT
+        extends that mask instead of choosing a new one. Unstructured, a weight already sparser
+        than its target is refused at pruning, naming it
     :param offload_hessians: llm-compressor's option to keep Hessians in CPU memory; not
         supported (refused when true)
     (and the fields of ``OneShotSparsityModifier``: ``sparsity``, ``mask_structure``,
@@ -99,8 +101,6 @@ class SparseGPTModifier(OneShotSparsityModifier):
                 f"block_size={self.block_size} must be a multiple of M={n_m[1]} "
                 f"(mask_structure {self.mask_structure!r}), so no group straddles two blocks"
             )
-        if self.preserve_sparsity_mask:
-            raise ValueError("preserve_sparsity_mask=True is not supported yet; leave it false")
         if self.offload_hessians:
             raise ValueError(
                 "offload_hessians=True is not supported: Hessians live with their layer; "
@@ -178,15 +178,19 @@ class SparseGPTModifier(OneShotSparsityModifier):
 
     def _solve(self, name: str, hessian: torch.Tensor, count: int) -> torch.Tensor:
         module, sparsity = self._modules[name].module, self._modules[name].sparsity
-        result = sparsegpt_prune(
-            module.weight.data,
-            hessian,
-            sparsity,
-            mask_structure=self.n_m(),
-            block_size=self.block_size,
-            dampening_frac=self.dampening_frac,
-            overwrite_hessian=True,  # popped: its own, or a copy
-        )
+        try:
+            result = sparsegpt_prune(
+                module.weight.data,
+                hessian,
+                sparsity,
+                mask_structure=self.n_m(),
+                block_size=self.block_size,
+                dampening_frac=self.dampening_frac,
+                overwrite_hessian=True,  # popped: its own, or a copy
+                keep_zeros=self.preserve_sparsity_mask,
+            )
+        except ValueError as error:
+            raise ValueError(f"SparseGPTModifier, {name}: {error}") from error
         logger.debug(
             "SparseGPT {}: {} samples, sparsity {:.3f}, error {:.4g}",
             name,

@@ -79,6 +79,7 @@ def sparsegpt_prune(
     block_size: int = 128,
     dampening_frac: float = 0.01,
     overwrite_hessian: bool = False,
+    keep_zeros: bool = False,
 ) -> SparseGPTResult:
     """Prune a ``(rows, columns)`` weight with SparseGPT.
 
@@ -101,6 +102,14 @@ def sparsegpt_prune(
     :param dampening_frac: fraction of the mean Hessian diagonal added to its diagonal
     :param overwrite_hessian: the caller no longer needs ``hessian``: it may be changed in
         place instead of copied
+    :param keep_zeros: the weight's zeros stay pruned and count towards the sparsity
+        (llm-compressor's ``preserve_sparsity_mask``: a second pass extends the mask of a
+        first): they are chosen first, before any weight of least saliency, in each block
+        (unstructured) or N:M group; a block or group with more zeros than its share keeps
+        them all. Their updates by the compensation are pruned with them, as any pruned
+        weight's are
+    :raises ValueError: with ``keep_zeros``, unstructured, when the weight is already
+        sparser than ``sparsity``
     """
     _check(weight, hessian, sparsity, mask_structure, block_size)
     columns = weight.shape[1]
@@ -113,8 +122,16 @@ def sparsegpt_prune(
     if bool(dead.any()):
         h[dead, dead] = 1.0
         wt[dead] = 0.0
+    pruned = wt == 0 if keep_zeros else torch.zeros_like(wt, dtype=torch.bool)
+    if keep_zeros and mask_structure is None:
+        already = float(pruned.float().mean())
+        if already > sparsity:
+            raise ValueError(
+                f"the weight is already {already:.3f} sparse, more than the target sparsity "
+                f"{sparsity}: preserve_sparsity_mask keeps every zero; raise sparsity to at "
+                "least that, or set preserve_sparsity_mask false"
+            )
     hinv, frac = inverse_hessian_cholesky(h, dampening_frac, overwrite=True)
-    pruned = torch.zeros_like(wt, dtype=torch.bool)
     losses = torch.zeros((), dtype=torch.float64, device=wt.device)
     for start in range(0, columns, block_size):
         stop = min(start + block_size, columns)
@@ -150,19 +167,22 @@ def sparsegpt_prune(
 def _unstructured_block_mask_(
     mask: torch.Tensor, block: torch.Tensor, diag: torch.Tensor, sparsity: float
 ) -> None:
-    """Prune the ``int(sparsity * size)`` weights of least saliency in the block."""
+    """Prune the ``int(sparsity * size)`` weights of least saliency in the block; those
+    ``mask`` already prunes (zeros kept) come first and stay pruned."""
     count = int(sparsity * block.numel())
     if count == 0:
         return
     saliency = block.square() / diag.square().unsqueeze(1)
+    saliency.masked_fill_(mask, -1.0)
     smallest = saliency.flatten().topk(count, largest=False).indices
     mask.view(-1)[smallest] = True
 
 
 def _nm_group_mask_(mask: torch.Tensor, group: torch.Tensor, diag: torch.Tensor, n: int) -> None:
     """In each row of an ``(m, rows)`` group of columns, prune the ``m - n`` weights of least
-    saliency."""
+    saliency; those ``mask`` already prunes (zeros kept) come first and stay pruned."""
     m = group.shape[0]
     saliency = group.square() / diag.square().unsqueeze(1)
+    saliency.masked_fill_(mask, -1.0)
     smallest = saliency.topk(m - n, dim=0, largest=False).indices
     mask.scatter_(0, smallest, True)
