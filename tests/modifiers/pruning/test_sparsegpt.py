@@ -48,9 +48,10 @@ def paper_sparsegpt(w, h, sparsity, n_m, block, damp=0.01, keep=None):
                 saliency = w[:, j : j + m] ** 2 / u.diagonal()[j : j + m] ** 2
                 saliency[first[:, j : j + m]] = -1.0
                 drop = saliency.argsort(dim=1)[:, : m - n]
-                pruned[:, j : j + m] = torch.zeros_like(saliency, dtype=torch.bool).scatter(
-                    1, drop, True
-                ) | first[:, j : j + m]
+                pruned[:, j : j + m] = (
+                    torch.zeros_like(saliency, dtype=torch.bool).scatter(1, drop, True)
+                    | first[:, j : j + m]
+                )
             q = w[:, j].masked_fill(pruned[:, j], 0.0)
             err = (w[:, j] - q) / u[j, j]
             w[:, j:] -= err.unsqueeze(1) * u[j, j:].unsqueeze(0)
