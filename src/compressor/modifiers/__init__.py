@@ -25,7 +25,12 @@ from compressor.modifiers.quantization import (
     QuantizationModifier,
     QuantizationSchemeMixin,
 )
-from compressor.modifiers.transform import AWQModifier, SmoothQuantModifier, SpinQuantModifier
+from compressor.modifiers.transform import (
+    AWQModifier,
+    LogarithmicEqualizationModifier,
+    SmoothQuantModifier,
+    SpinQuantModifier,
+)
 
 __all__ = [
     "AWQModifier",
@@ -43,6 +48,7 @@ __all__ = [
     "QuantizationModifier",
     "QuantizationSchemeMixin",
     "RowPruningModifier",
+    "LogarithmicEqualizationModifier",
     "SmoothQuantModifier",
     "SparseGPTModifier",
     "SparsePruningModifier",

@@ -192,3 +192,59 @@ def test_the_smoothing_pass_stops_after_the_last_norm_with_the_same_result(monke
     layers = len(tiny_llama().model.layers)
     # whole: every call runs each layer's MLP in the smoothing pass; cut: only the first
     assert whole_calls - cut_calls == layers * (6 - 1)
+
+
+# llm-compressor's logarithmic equalization recipe layouts (the deprecated modifier and its
+# replacement), written here for the tests
+LOG_EQUALIZATION = """
+quant_stage:
+  quant_modifiers:
+    {modifier}:
+      mappings:
+        - [["re:.*q_proj", "re:.*k_proj", "re:.*v_proj"], "re:.*input_layernorm"]
+        - [["re:.*gate_proj", "re:.*up_proj"], "re:.*post_attention_layernorm"]
+"""
+
+
+@pytest.mark.parametrize(
+    "modifier",
+    ["LogarithmicEqualizationModifier", "SmoothQuantModifier:\n      algorithm: log_equalization"],
+    ids=["deprecated-name", "algorithm"],
+)
+def test_logarithmic_equalization_folds_range_over_log_range_keeping_the_function(modifier):
+    """Both of llm-compressor's spellings: each smoothed channel is divided by
+    ``r / log2(2 + r)``, ``r`` its observed range (max - min), whatever the weights; the
+    model's function is unchanged."""
+    head, _, rest = modifier.partition(":\n")
+    text = LOG_EQUALIZATION.replace("{modifier}", head)
+    if rest:
+        text = text.replace(f"    {head}:\n", f"    {head}:\n{rest}\n")
+    recipe = Recipe.from_yaml(text)
+    (smooth,) = recipe.modifiers
+    assert isinstance(smooth, SmoothQuantModifier) and smooth.algorithm == "log_equalization"
+    model = tiny_llama()
+    norm = model.model.layers[0].input_layernorm
+    before_norm = norm.weight.detach().clone()
+    seen = []
+    handle = norm.register_forward_hook(lambda m, a, out: seen.append(out.detach()))
+    before = logits(model)
+    data = random_ids()
+    with torch.no_grad():
+        for row in data["input_ids"]:
+            model(torch.tensor([row]))
+    handle.remove()
+    outputs = torch.cat([o.reshape(-1, o.shape[-1]) for o in seen[1:]])  # the data's rows
+    r = (outputs.amax(0) - outputs.amin(0)).double()
+    expected = (r / torch.log2(2 + r)).float()
+    oneshot(model, recipe, data)
+    torch.testing.assert_close(before_norm / norm.weight.detach(), expected, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(logits(model), before, rtol=0, atol=1e-4)
+
+
+def test_logarithmic_equalization_says_smoothing_strength_has_no_effect():
+    with captured_logs() as lines:
+        oneshot(tiny_llama(), [SmoothQuantModifier(algorithm="log_equalization",
+                                                   smoothing_strength=0.8)], random_ids())  # fmt: skip
+    assert any("smoothing_strength=0.8 has no effect" in line for line in lines)
+    with pytest.raises(ValidationError, match="smoothquant.*log_equalization"):
+        SmoothQuantModifier(algorithm="log")

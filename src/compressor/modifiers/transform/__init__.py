@@ -2,7 +2,15 @@
 (SpinQuant) and per-channel scales (SmoothQuant, AWQ)."""
 
 from compressor.modifiers.transform.awq import AWQModifier
-from compressor.modifiers.transform.smoothquant import SmoothQuantModifier
+from compressor.modifiers.transform.smoothquant import (
+    LogarithmicEqualizationModifier,
+    SmoothQuantModifier,
+)
 from compressor.modifiers.transform.spinquant import SpinQuantModifier
 
-__all__ = ["AWQModifier", "SmoothQuantModifier", "SpinQuantModifier"]
+__all__ = [
+    "AWQModifier",
+    "LogarithmicEqualizationModifier",
+    "SmoothQuantModifier",
+    "SpinQuantModifier",
+]

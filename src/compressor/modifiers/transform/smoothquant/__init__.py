@@ -1,6 +1,17 @@
 """SmoothQuant: activation outliers moved into the weights by per-channel scales."""
 
-from compressor.modifiers.transform.smoothquant.base import SmoothQuantModifier
-from compressor.modifiers.transform.smoothquant.scales import smoothquant_scales
+from compressor.modifiers.transform.smoothquant.base import (
+    LogarithmicEqualizationModifier,
+    SmoothQuantModifier,
+)
+from compressor.modifiers.transform.smoothquant.scales import (
+    log_equalization_scales,
+    smoothquant_scales,
+)
 
-__all__ = ["SmoothQuantModifier", "smoothquant_scales"]
+__all__ = [
+    "LogarithmicEqualizationModifier",
+    "SmoothQuantModifier",
+    "log_equalization_scales",
+    "smoothquant_scales",
+]

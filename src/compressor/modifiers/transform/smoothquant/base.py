@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 from loguru import logger
@@ -13,10 +13,13 @@ from compressor.core.state import State
 from compressor.modifiers.base import Modifier
 from compressor.modifiers.transform.layerwise import LayerSmoothingModifier
 from compressor.modifiers.transform.smoothing import ResolvedSmoothing, smoothed_width
-from compressor.modifiers.transform.smoothquant.scales import smoothquant_scales
+from compressor.modifiers.transform.smoothquant.scales import (
+    log_equalization_scales,
+    smoothquant_scales,
+)
 from compressor.utils import distributed
 
-__all__ = ["SmoothQuantModifier"]
+__all__ = ["LogarithmicEqualizationModifier", "SmoothQuantModifier"]
 
 
 @Modifier.register("SmoothQuant")
@@ -61,9 +64,15 @@ class SmoothQuantModifier(LayerSmoothingModifier):
     :param num_calibration_steps: accepted for llm-compressor's recipes, whose 0.14 code does
         not use it either: every calibration batch is observed (a warning says so); give
         oneshot fewer samples to calibrate on fewer
+    :param algorithm: ``smoothquant`` (the scales above) or ``log_equalization``
+        (llm-compressor's name for logarithmic equalization, Li et al. 2023,
+        arXiv:2308.15987: ``s = range(X) / log2(2 + range(X))``, from the activation alone;
+        ``smoothing_strength`` does not enter it, and a warning says so when the recipe sets
+        it)
     """
 
     smoothing_strength: float = Field(default=0.5)
+    algorithm: Literal["smoothquant", "log_equalization"] = "smoothquant"
     ignore: list[str] = Field(default_factory=list)
     num_calibration_steps: int | None = Field(default=None, ge=1)
 
@@ -97,6 +106,13 @@ class SmoothQuantModifier(LayerSmoothingModifier):
                 "llm-compressor 0.14): every calibration batch is observed",
                 self.num_calibration_steps,
             )
+        if self.algorithm == "log_equalization" and "smoothing_strength" in self.model_fields_set:
+            logger.warning(
+                "{}: smoothing_strength={} has no effect with algorithm log_equalization (its "
+                "scales come from the activation ranges alone)",
+                type(self).__name__,
+                self.smoothing_strength,
+            )
         super().on_initialize(state)
 
     def _observe(self, resolved: ResolvedSmoothing) -> None:
@@ -128,5 +144,16 @@ class SmoothQuantModifier(LayerSmoothingModifier):
         lo = distributed.reduce_optional(local_lo, (width,), "min", device=device)
         hi = distributed.reduce_optional(local_hi, (width,), "max", device=device)
         assert lo is not None and hi is not None  # some rank observed it
+        if self.algorithm == "log_equalization":
+            return log_equalization_scales(hi - lo)
         weights = [balance.weight for balance in resolved.balances]
         return smoothquant_scales(hi - lo, weights, self.smoothing_strength)
+
+
+@Modifier.register("LogarithmicEqualization")
+class LogarithmicEqualizationModifier(SmoothQuantModifier):
+    """llm-compressor's ``LogarithmicEqualizationModifier`` (deprecated there in favour of
+    ``SmoothQuantModifier(algorithm: log_equalization)``): the same modifier with that
+    algorithm by default, so its recipes run unchanged."""
+
+    algorithm: Literal["smoothquant", "log_equalization"] = "log_equalization"

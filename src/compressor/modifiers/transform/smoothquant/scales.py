@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["MINIMUM_SMOOTHING_SCALE", "smoothquant_scales"]
+__all__ = ["MINIMUM_SMOOTHING_SCALE", "log_equalization_scales", "smoothquant_scales"]
 
 MINIMUM_SMOOTHING_SCALE = 1e-5
 """Scales never fall below this, so a channel that is always zero divides by no zero."""
@@ -35,4 +35,18 @@ def smoothquant_scales(
     weight_range = 2.0 * columns.amax(dim=0)
     scales = act.pow(alpha) / weight_range.pow(1.0 - alpha)
     scales = torch.where(weight_range > 0, scales, act)
+    return scales.clamp(min=MINIMUM_SMOOTHING_SCALE).float()
+
+
+def log_equalization_scales(activation_range: torch.Tensor) -> torch.Tensor:
+    """``s_j = a_j / log2(2 + a_j)`` for each channel ``j``: logarithmic equalization (Li et
+    al. 2023, "FPTQ: Fine-grained Post-Training Quantization for Large Language Models",
+    arXiv:2308.15987), as llm-compressor computes it (``SmoothQuantModifier(algorithm:
+    log_equalization)``): from the activation's range alone, no weight and no strength.
+
+    :param activation_range: ``(channels,)`` max - min of the activation per channel
+    :return: ``(channels,)`` scales, at least ``MINIMUM_SMOOTHING_SCALE``
+    """
+    act = activation_range.detach().double()
+    scales = act / torch.log2(2.0 + act)
     return scales.clamp(min=MINIMUM_SMOOTHING_SCALE).float()
