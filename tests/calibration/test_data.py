@@ -29,6 +29,37 @@ def test_dataset_of_input_ids_is_truncated_counted_and_batched():
     assert batches[0]["input_ids"][0].tolist() == list(range(1, 9))
 
 
+def test_dataset_padding_is_removed_and_unread_columns_are_named():
+    """A pre-padded dataset (tokenized with padding, either side) calibrates on its real
+    tokens only; a ``loss_mask`` column (llm-compressor's AWQ) is not used, and a warning says
+    so; other unread columns are named; a mask with holes is refused naming the row."""
+    from loguru import logger
+
+    ds = Dataset.from_dict(
+        {
+            "input_ids": [[0, 0, 5, 6, 7, 8], [1, 2, 3, 4, 0, 0], [1, 2, 3, 4, 5, 6]],
+            "attention_mask": [[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0], [1] * 6],
+            "loss_mask": [[0, 0, 0, 1, 1, 1]] * 3,
+            "messages": ["a", "b", "c"],
+        }
+    )
+    lines: list[str] = []
+    handle = logger.add(lambda m: lines.append(str(m)), level="INFO", format="{message}")
+    try:
+        batches = build_calibration_batches(
+            ds, _args(num_calibration_samples=3, max_seq_length=8, batch_size=1)
+        )
+    finally:
+        logger.remove(handle)
+    assert [b["input_ids"].tolist() for b in batches] == [[[5, 6, 7, 8]], [[1, 2, 3, 4]],
+                                                          [[1, 2, 3, 4, 5, 6]]]  # fmt: skip
+    assert any("'loss_mask' column is not used" in line for line in lines)
+    assert any("['messages'] are not used" in line for line in lines)
+    holes = Dataset.from_dict({"input_ids": [[1, 2, 3, 4]], "attention_mask": [[1, 0, 1, 1]]})
+    with pytest.raises(ValueError, match="row 0: its attention_mask has zeros between ones"):
+        build_calibration_batches(holes, _args(num_calibration_samples=1, max_seq_length=8))
+
+
 def test_dataloader_batches_are_used_as_given_up_to_the_sample_count():
     rows = torch.randint(0, 100, (10, 6))
     loader = DataLoader([{"input_ids": r} for r in rows], batch_size=4)

@@ -220,18 +220,68 @@ def _sequences_from_file(path: Path, args: CalibrationArguments, tokenizer: Any)
     return [w for w in windows[: args.num_calibration_samples] if w.numel() > 0]
 
 
+_READ_COLUMNS = ("input_ids", "attention_mask", "text")
+"""The dataset columns calibration reads; the others are named in a log line (a ``labels``
+column, the raw columns a tokenizing ``map`` kept), ``loss_mask`` in a warning."""
+
+
 def _sequences_from_dataset(dataset: Any, args: CalibrationArguments, tokenizer: Any) -> list:
     rows = dataset.select(range(min(len(dataset), args.num_calibration_samples)))
-    if "input_ids" in dataset.column_names:
-        return [
-            torch.as_tensor(row, dtype=torch.long)[: args.max_seq_length]
-            for row in rows["input_ids"]
-        ]
-    if "text" in dataset.column_names:
+    columns = list(dataset.column_names)
+    _say_unread_columns(columns)
+    if "input_ids" in columns:
+        masks = rows["attention_mask"] if "attention_mask" in columns else None
+        sequences = []
+        for position, row in enumerate(rows["input_ids"]):
+            ids = torch.as_tensor(row, dtype=torch.long)
+            if masks is not None:
+                ids = _unpadded(ids, torch.as_tensor(masks[position]), position)
+            sequences.append(ids[: args.max_seq_length])
+        return sequences
+    if "text" in columns:
         return _tokenize(list(rows["text"]), args, tokenizer)
     raise ValueError(
         f"dataset columns are {dataset.column_names}; expected an 'input_ids' or a 'text' column"
     )
+
+
+def _say_unread_columns(columns: list[str]) -> None:
+    unread = [c for c in columns if c not in _READ_COLUMNS]
+    if "input_ids" in columns and "text" in columns:
+        unread.append("text")  # the token ids are used
+    if "loss_mask" in unread:
+        logger.warning(
+            "the dataset's 'loss_mask' column is not used: every token of each row calibrates "
+            "(llm-compressor's AWQ restricts its loss to the masked tokens; not supported here)"
+        )
+    others = [c for c in unread if c != "loss_mask"]
+    if others:
+        logger.info("dataset column(s) {} are not used for calibration", others)
+
+
+def _unpadded(ids: torch.Tensor, mask: torch.Tensor, position: int) -> torch.Tensor:
+    """A dataset row's tokens where its ``attention_mask`` is 1 (padding on either side
+    removed): a padded row would otherwise calibrate on its pad tokens.
+
+    :raises ValueError: the mask's shape is not the row's, or its ones are not contiguous
+    """
+    if mask.shape != ids.shape:
+        raise ValueError(
+            f"dataset row {position}: attention_mask has shape {tuple(mask.shape)}, input_ids "
+            f"{tuple(ids.shape)}; they must match"
+        )
+    kept = mask.nonzero().flatten()
+    if kept.numel() == ids.numel():
+        return ids
+    if kept.numel() == 0:
+        raise ValueError(f"dataset row {position}: its attention_mask is all zeros")
+    first, last = int(kept[0]), int(kept[-1])
+    if last - first + 1 != kept.numel():
+        raise ValueError(
+            f"dataset row {position}: its attention_mask has zeros between ones; calibration "
+            "takes padding at either end of a row only (drop the row or its inner padding)"
+        )
+    return ids[first : last + 1]
 
 
 def _batches_from_loader(loader: Iterable[Any], args: CalibrationArguments) -> list[Batch]:
