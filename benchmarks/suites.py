@@ -157,6 +157,8 @@ AWQ_SMOOTHQUANT_ROWS = (
     ("W4 asym channel AWQ+GPTQ", "awq_gptq_w4_asym_channel", AWQ),
     ("W8A8 static", "quant_w8a8_static", QUANT),
     ("SmoothQuant 0.8 + W8A8 static", "smoothquant_w8a8_static", SMOOTHQUANT),
+    # llm-compressor's SmoothQuant W8A8 recipes quantize with GPTQ
+    ("SmoothQuant 0.8 + GPTQ W8A8 static", "smoothquant_gptq_w8a8_static", SMOOTHQUANT),
 )
 
 

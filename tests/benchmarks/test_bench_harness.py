@@ -254,6 +254,7 @@ def test_issue_20s_smollm2_table_uses_the_prune_suites_smollm2_rows(tmp_path):
     assert [c.name for c in ours] == [
         "W4 asym channel RTN", "W4 asym channel GPTQ", "W4 asym channel AWQ",
         "W4 asym channel AWQ+GPTQ", "W8A8 static", "SmoothQuant 0.8 + W8A8 static",
+        "SmoothQuant 0.8 + GPTQ W8A8 static",
     ]  # fmt: skip
     owl = next(c for c in prune_cases("full") if c.model == "smollm2-135m" and c.calibration)
     reference = harness._spec(owl, "ours", tmp_path, tmp_path, settings, True)

@@ -210,3 +210,48 @@ def test_the_shared_input_and_its_result_are_not_held_once_the_input_is_dropped(
     assert forwards._last.entry is None
     assert held() is None and result() is None
     forwards.remove()
+
+
+@pytest.mark.parametrize("inputs", ["static", "dynamic", "none"])
+def test_gptq_calibrates_with_the_fast_forward_and_the_same_result(monkeypatch, inputs):
+    """GPTQ with static int8 input activations (SmoothQuant's W8A8 recipes) runs its
+    calibration's quantized forwards on the fast path, and the weights, scales and zero points
+    come out bit for bit as with compressed-tensors' forward; the modules get
+    compressed-tensors' forward back at the end."""
+    from datasets import Dataset
+    from transformers import LlamaForCausalLM
+
+    import compressor.modifiers.quantization.calibration_forward as calibration_forward
+    from compressor import oneshot
+    from compressor.modifiers import GPTQModifier
+    from conftest import tiny_llama_config
+
+    group = {"targets": ["Linear"], "weights": {"num_bits": 8, "strategy": "channel"}}
+    if inputs != "none":
+        group["input_activations"] = {"num_bits": 8, "strategy": "tensor" if inputs == "static"
+                                      else "token", "dynamic": inputs == "dynamic"}  # fmt: skip
+    gen = torch.Generator().manual_seed(1)
+    data = Dataset.from_dict({"input_ids": torch.randint(0, 128, (8, 32), generator=gen)})
+    fast_calls = []
+    real = calibration_forward.fake_quantize_int
+
+    def counted(*args, **kwargs):
+        fast_calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(calibration_forward, "fake_quantize_int", counted)
+    states = []
+    for fast in (True, False):
+        if not fast:
+            monkeypatch.setattr(CalibrationForwards, "install", lambda self, modules: 0)
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(tiny_llama_config()).eval()
+        oneshot(model, [GPTQModifier(config_groups={"g": group}, ignore=["lm_head"])], data)
+        q_proj = model.model.layers[0].self_attn.q_proj
+        assert q_proj.forward.__func__.__code__.co_name == "quantized_forward"
+        states.append(model.state_dict())
+        if fast:
+            assert bool(fast_calls) == (inputs == "static")
+    ours, reference = states
+    assert ours.keys() == reference.keys()
+    assert all(torch.equal(ours[key], reference[key]) for key in ours)

@@ -34,6 +34,7 @@ from compressor.modifiers.quantization.gptq import (
     gptq_quantize_weights,
     round_to_nearest,
 )
+from compressor.modifiers.quantization.calibration_forward import CalibrationForwards
 from compressor.modifiers.quantization.gptq.ranks import reduce_hessians, solve_gptq_shared
 from compressor.modifiers.quantization.kv_cache import KVCacheCalibration, match_kv_cache_modules
 from compressor.modifiers.quantization.matching import (
@@ -152,6 +153,9 @@ class GPTQModifier(QuantizationSchemeMixin, ExpertCalibrationFields, Modifier):
     _kv_cache: KVCacheCalibration | None = PrivateAttr(default=None)
     _coverage: ExpertCoverage | None = PrivateAttr(default=None)
     _hessian_tokens: dict[str, int] = PrivateAttr(default_factory=dict)
+    # the fast quantized forward of static int inputs while calibrating (compressed-tensors'
+    # own after): the layer's later stages and re-run read the quantized Linears
+    _forwards: CalibrationForwards = PrivateAttr(default_factory=CalibrationForwards)
     _input_observers: ActivationObservers = PrivateAttr(
         default_factory=lambda: ActivationObservers("minmax", 0.95, prefer_args=True)
     )
@@ -263,6 +267,7 @@ class GPTQModifier(QuantizationSchemeMixin, ExpertCalibrationFields, Modifier):
     def _attach(self, state: State) -> None:
         assert self._config is not None
         apply_quantization(state.model, self._config, self._modules)
+        self._forwards.install(self._modules.values())
         for module in self._modules.values():
             module.quantization_enabled = False  # calibrate on the unquantized weights
 
@@ -307,6 +312,7 @@ class GPTQModifier(QuantizationSchemeMixin, ExpertCalibrationFields, Modifier):
             self._kv_cache.end()
         self.remove_hooks()
         self._hessians.clear()
+        self._forwards.remove()
         for module in self._modules.values():
             module.quantization_enabled = True
 
