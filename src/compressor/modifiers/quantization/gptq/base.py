@@ -29,12 +29,12 @@ from compressor.modifiers.quantization.calibration import (
     set_qparams,
     static_activation_roles,
 )
+from compressor.modifiers.quantization.calibration_forward import CalibrationForwards
 from compressor.modifiers.quantization.gptq import (
     SharedHessians,
     gptq_quantize_weights,
     round_to_nearest,
 )
-from compressor.modifiers.quantization.calibration_forward import CalibrationForwards
 from compressor.modifiers.quantization.gptq.ranks import reduce_hessians, solve_gptq_shared
 from compressor.modifiers.quantization.kv_cache import KVCacheCalibration, match_kv_cache_modules
 from compressor.modifiers.quantization.matching import (
