@@ -22,7 +22,7 @@ import torch
 import yaml
 
 from benchmarks.common import calibration_dataset, calibration_ids
-from benchmarks.models import smollm2_package_dir
+from benchmarks.models import WIKITEXT, smollm2_package_dir
 
 RECIPE = Path(__file__).parent / "recipes" / "ours" / "smoothquant_gptq_w8a8_static.yaml"
 
@@ -53,7 +53,7 @@ def main() -> None:
     path = gguf_checkpoint(gguf, "build/gguf")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
-    spec = {"file": "/work/shared/data/wikitext2_test.txt", "samples": 16, "seq_len": 512}
+    spec = {"file": str(WIKITEXT), "samples": 16, "seq_len": 512}
     rows = calibration_ids(tokenizer, spec)
     wall, cpu = time.perf_counter(), time.process_time()
     oneshot(model=model, recipe=yaml.safe_load(RECIPE.read_text()),

@@ -43,9 +43,13 @@ import torch
 import yaml
 
 from benchmarks.common import calibration_dataset, calibration_ids, evaluate
-from benchmarks.models import WIKITEXT_CALIBRATION_AWAY, smollm2_package_dir
+from benchmarks.models import (
+    WIKITEXT,
+    WIKITEXT_CALIBRATION_AWAY,
+    WIKITEXT_RAW_FROM_START,
+    smollm2_package_dir,
+)
 
-WIKITEXT = "/work/shared/data/wikitext2_test.txt"
 RECIPE = Path(__file__).parent / "recipes" / "ours" / "spin_ranges_r1r2r4_a4.yaml"
 LEVELS = 7  # int4 symmetric: 2**3 - 1
 
@@ -215,14 +219,13 @@ def main() -> None:
         log.update(noise_steps=args.noise_steps, noise_lr=args.noise_lr)
 
     recipe = yaml.safe_load(RECIPE.read_text())
-    spec = {"file": WIKITEXT, "samples": 8, "seq_len": 512, **WIKITEXT_CALIBRATION_AWAY}
+    spec = {"file": str(WIKITEXT), "samples": 8, "seq_len": 512, **WIKITEXT_CALIBRATION_AWAY}
     rows = calibration_ids(tokenizer, spec)
     began = time.perf_counter()
     oneshot(model=model, recipe=recipe, dataset=calibration_dataset(rows), tokenizer=tokenizer,
             num_calibration_samples=len(rows), max_seq_length=512)  # fmt: skip
     log["compress_s"] = round(time.perf_counter() - began, 1)
-    scored = {"file": WIKITEXT, "char_start": 0, "char_end": None,
-              "collapse_blank_lines": False, "window": 512, "max_windows": 6}  # fmt: skip
+    scored = {"file": str(WIKITEXT), **WIKITEXT_RAW_FROM_START, "window": 512, "max_windows": 6}
     log["ppl"] = evaluate(model, tokenizer, scored)
     with open(args.out, "a") as out:
         out.write(json.dumps(log) + "\n")
